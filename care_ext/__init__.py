@@ -1,0 +1,91 @@
+"""care_ext: CARE active label acquisition for RL with verifiable rewards.
+
+The compiled library ``care_ext._C`` registers the ops under ``torch.ops.care_ext``; the typed
+public functions live in :mod:`care_ext.ops` and fall back to the pure-torch twins in
+:mod:`care_ext.reference` where no native kernel exists.
+
+Environment:
+    CARE_EXT_REQUIRE_NATIVE=1   failing to load the native library is an error (CI, GPU checks).
+    CARE_EXT_DISABLE_NATIVE=1   do not load it at all (everything runs on the reference).
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+__version__ = "0.1.0"
+
+HAS_NATIVE = False
+"""True when the compiled library loaded and its ops are registered."""
+NATIVE_ERROR: str | None = None
+"""Why the native library did not load (None when it did)."""
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _load_native() -> None:
+    global HAS_NATIVE, NATIVE_ERROR
+    if _env_flag("CARE_EXT_DISABLE_NATIVE"):
+        if _env_flag("CARE_EXT_REQUIRE_NATIVE"):
+            raise RuntimeError("CARE_EXT_REQUIRE_NATIVE=1 and CARE_EXT_DISABLE_NATIVE=1 contradict")
+        NATIVE_ERROR = "disabled by CARE_EXT_DISABLE_NATIVE=1"
+        return
+    import torch  # noqa: F401  (loads libtorch before the extension)
+
+    try:
+        from . import _C  # noqa: F401
+    except ImportError as exc:
+        NATIVE_ERROR = f"{type(exc).__name__}: {exc}"
+        if _env_flag("CARE_EXT_REQUIRE_NATIVE"):
+            raise ImportError(
+                "care_ext: the native library care_ext._C could not be loaded and "
+                f"CARE_EXT_REQUIRE_NATIVE=1 ({NATIVE_ERROR}). Rebuild with "
+                "`pip install --no-build-isolation .` against the installed torch.") from exc
+        warnings.warn(
+            f"care_ext: native library unavailable ({NATIVE_ERROR}); using the pure-torch "
+            "reference ops (slower). Set CARE_EXT_REQUIRE_NATIVE=1 to make this an error.",
+            RuntimeWarning, stacklevel=3)
+        return
+    HAS_NATIVE = True
+    from . import _fake  # noqa: F401  (register_fake for torch.compile)
+
+
+_load_native()
+
+
+def build_info() -> dict:
+    """What the native library was built with.
+
+    Returns:
+        dict with keys torch (version built against), cuda (bool), cuda_version, archs, git,
+        max_group_size, debug; or ``{"native": False, "error": ...}`` when it is not loaded.
+    """
+    if not HAS_NATIVE:
+        return {"native": False, "error": NATIVE_ERROR}
+    import torch
+
+    info = json.loads(torch.ops.care_ext.build_info())
+    info["native"] = True
+    return info
+
+
+from . import ops, reference  # noqa: E402
+from .ops import (  # noqa: E402
+    acquisition_step,
+    cag,
+    classifier_forward,
+    classwise_cag,
+    cluster_stats,
+    expected_cag,
+    group_advantage,
+    group_features,
+)
+
+__all__ = [
+    "HAS_NATIVE", "NATIVE_ERROR", "build_info", "ops", "reference", "acquisition_step", "cag",
+    "classifier_forward", "classwise_cag", "cluster_stats", "expected_cag", "group_advantage",
+    "group_features",
+]

@@ -1,0 +1,126 @@
+"""Typed public entry points of the care_ext ops.
+
+Each function calls ``torch.ops.care_ext.<name>`` when the native library is loaded and has a
+kernel for the inputs' device (CPU always; CUDA when built with CUDA), and the pure-torch twin in
+:mod:`care_ext.reference` otherwise. Semantics, shapes and dtypes are documented on the reference
+functions and in ARCHITECTURE.md §3; the defaults below are the project's conventions:
+
+    adv_eps=1e-6, adv_unbiased=False   GRPO advantage of the pseudo labels (population std + 1e-6)
+    cag_eps=0.0,  cag_unbiased=False   advantage inside CAG (population std, no eps; the official
+                                       code's convention, where the closed form of ARCHITECTURE.md holds)
+    max_len=4000.0                     length normaliser (the official code hard-codes 4000)
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .reference import AcquisitionOutputs, GroupFeatures
+
+ADV_EPS = 1e-6
+ADV_UNBIASED = False
+CAG_EPS = 0.0
+CAG_UNBIASED = False
+MAX_LEN = 4000.0
+
+
+def _native_devices() -> frozenset[str]:
+    from . import HAS_NATIVE, build_info
+
+    if not HAS_NATIVE:
+        return frozenset()
+    return frozenset({"cpu", "meta", "cuda"} if build_info().get("cuda") else {"cpu", "meta"})
+
+
+_NATIVE_DEVICES: frozenset[str] | None = None
+
+
+def native_available(device: torch.device | str) -> bool:
+    """Whether a native kernel serves tensors on ``device`` (else the reference does)."""
+    global _NATIVE_DEVICES
+    if _NATIVE_DEVICES is None:
+        _NATIVE_DEVICES = _native_devices()
+    return torch.device(device).type in _NATIVE_DEVICES
+
+
+def cluster_stats(ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Answer clusters per prompt: ids int64 [B, G] (-1 invalid) -> (rank int64 [B, G], sizes int64 [B, G]).
+
+    See :func:`care_ext.reference.cluster_stats`: size descending, ties by first occurrence.
+    """
+    if native_available(ids.device):
+        return tuple(torch.ops.care_ext.cluster_stats(ids))
+    return reference.cluster_stats(ids)
+
+
+def group_advantage(rewards: Tensor, eps: float = ADV_EPS, unbiased: bool = ADV_UNBIASED) -> Tensor:
+    """GRPO advantage per prompt: rewards float [B, G] -> (r - mean) / (std + eps), 0 for constant rows."""
+    if native_available(rewards.device):
+        return torch.ops.care_ext.group_advantage(rewards, eps, unbiased)
+    return reference.group_advantage(rewards, eps, unbiased)
+
+
+def cag(r_gt: Tensor, r_ps: Tensor, eps: float = CAG_EPS, unbiased: bool = CAG_UNBIASED) -> Tensor:
+    """Corrective Advantage Gap: ||A(r_gt) - A(r_ps)||_2 per prompt; [B, G] x2 -> [B]."""
+    if native_available(r_gt.device):
+        return torch.ops.care_ext.cag(r_gt, r_ps, eps, unbiased)
+    return reference.cag(r_gt, r_ps, eps, unbiased)
+
+
+def classwise_cag(sizes: Tensor, eps: float = CAG_EPS,
+                  unbiased: bool = CAG_UNBIASED) -> tuple[Tensor, Tensor]:
+    """CAG of each count class: sizes int64 [B, G] -> (cag float32 [B, G+1], admissible bool [B, G+1])."""
+    if native_available(sizes.device):
+        return tuple(torch.ops.care_ext.classwise_cag(sizes, eps, unbiased))
+    return reference.classwise_cag(sizes, eps, unbiased)
+
+
+def expected_cag(logits: Tensor, cag_values: Tensor, admissible: Tensor) -> tuple[Tensor, Tensor]:
+    """Softmax over admissible classes and expected CAG: [B, C] x3 -> (probs [B, C], ecag [B])."""
+    if native_available(logits.device):
+        return tuple(torch.ops.care_ext.expected_cag(logits, cag_values, admissible))
+    return reference.expected_cag(logits, cag_values, admissible)
+
+
+def group_features(ids: Tensor, lengths: Tensor, max_len: float = MAX_LEN,
+                   cag_eps: float = CAG_EPS, cag_unbiased: bool = CAG_UNBIASED,
+                   adv_eps: float = ADV_EPS, adv_unbiased: bool = ADV_UNBIASED) -> GroupFeatures:
+    """All per-prompt quantities CARE derives from ids [B, G] and lengths [B, G]; see
+    :func:`care_ext.reference.group_features` for each field."""
+    if native_available(ids.device):
+        return GroupFeatures(*torch.ops.care_ext.group_features(
+            ids, lengths, max_len, cag_eps, cag_unbiased, adv_eps, adv_unbiased))
+    return reference.group_features(ids, lengths, max_len, cag_eps, cag_unbiased, adv_eps,
+                                    adv_unbiased)
+
+
+def classifier_forward(h_prompt: Tensor, prompt_feat: Tensor, h_resp: Tensor,
+                       resp_feat: Tensor | None, resp_mask: Tensor | None,
+                       weights: Sequence[Tensor]) -> Tensor:
+    """Folded CARE classifier forward -> float32 logits [B, C]; see
+    :func:`care_ext.reference.classifier_forward` for shapes and the weight layout."""
+    if native_available(h_prompt.device):
+        return torch.ops.care_ext.classifier_forward(h_prompt, prompt_feat, h_resp, resp_feat,
+                                                     resp_mask, list(weights))
+    return reference.classifier_forward(h_prompt, prompt_feat, h_resp, resp_feat, resp_mask, weights)
+
+
+def acquisition_step(ids: Tensor, lengths: Tensor, h_prompt: Tensor, h_resp: Tensor,
+                     stage1: Sequence[Tensor], stage2: Sequence[Tensor], max_len: float = MAX_LEN,
+                     cag_eps: float = CAG_EPS, cag_unbiased: bool = CAG_UNBIASED,
+                     adv_eps: float = ADV_EPS, adv_unbiased: bool = ADV_UNBIASED
+                     ) -> AcquisitionOutputs:
+    """The fused acquisition step (features, both classifiers, expected CAG, pseudo advantages).
+
+    Args and outputs as :func:`care_ext.reference.acquisition_step`; hidden states may be float32
+    or bfloat16 and are read once.
+    """
+    if native_available(ids.device):
+        return AcquisitionOutputs(*torch.ops.care_ext.acquisition_step(
+            ids, lengths, h_prompt, h_resp, list(stage1), list(stage2), max_len, cag_eps,
+            cag_unbiased, adv_eps, adv_unbiased))
+    return reference.acquisition_step(ids, lengths, h_prompt, h_resp, stage1, stage2, max_len,
+                                      cag_eps, cag_unbiased, adv_eps, adv_unbiased)

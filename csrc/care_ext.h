@@ -1,0 +1,99 @@
+// care_ext: declarations shared by the registration file and the CPU / CUDA kernels.
+//
+// Every op validates its arguments in one device-agnostic "prepare" function (op_contracts.cpp),
+// which checks ranks, dtypes, devices and G, makes inputs contiguous and allocates the outputs.
+// The CPU and CUDA kernels then only loop over rows with the shared math of group_math.h.
+#pragma once
+
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "group_math.h"
+
+namespace care_ext {
+
+using at::Tensor;
+
+// ---- contracts (op_contracts.cpp) ---------------------------------------------------------------
+struct ClusterArgs {
+  Tensor ids;  // int64 [B, G], contiguous
+  Tensor rank, sizes;
+  int64_t B, G;
+};
+ClusterArgs prepare_cluster_stats(const Tensor& ids);
+
+struct AdvantageArgs {
+  Tensor rewards, out;  // [B, G] float32|float64, contiguous; out same dtype
+  int64_t B, G;
+};
+AdvantageArgs prepare_group_advantage(const Tensor& rewards);
+
+struct CagArgs {
+  Tensor r_gt, r_ps, out;  // [B, G] same floating dtype; out [B]
+  int64_t B, G;
+};
+CagArgs prepare_cag(const Tensor& r_gt, const Tensor& r_ps);
+
+struct ClasswiseArgs {
+  Tensor sizes;            // int64 [B, G]
+  Tensor cag, admissible;  // float32 [B, G+1], bool [B, G+1]
+  int64_t B, G;
+};
+ClasswiseArgs prepare_classwise_cag(const Tensor& sizes);
+
+struct ExpectedArgs {
+  Tensor logits, cag, admissible;  // [B, C] float32|float64 (same), bool
+  Tensor probs, ecag;
+  int64_t B, C;
+};
+ExpectedArgs prepare_expected_cag(const Tensor& logits, const Tensor& cag, const Tensor& admissible);
+
+struct FeatureArgs {
+  Tensor ids, lengths;  // int64 [B, G]; float32 [B, G]
+  Tensor rank, sizes, prompt_feat, len_norm, minority_mask, cag, admissible, pseudo_rewards,
+      pseudo_adv;
+  int64_t B, G;
+};
+FeatureArgs prepare_group_features(const Tensor& ids, const Tensor& lengths, double max_len);
+
+using FeatureTuple =
+    std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+inline FeatureTuple feature_tuple(const FeatureArgs& a) {
+  return {a.rank,          a.sizes,      a.prompt_feat,    a.len_norm,  a.minority_mask,
+          a.cag,           a.admissible, a.pseudo_rewards, a.pseudo_adv};
+}
+
+// Grain for at::parallel_for over rows whose cost grows like G^2.
+inline int64_t row_grain(int64_t G) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, G * G)); }
+
+// ---- CPU kernels (csrc/cpu) -----------------------------------------------------------------------
+std::tuple<Tensor, Tensor> cluster_stats_cpu(const Tensor& ids);
+Tensor group_advantage_cpu(const Tensor& rewards, double eps, bool unbiased);
+Tensor cag_cpu(const Tensor& r_gt, const Tensor& r_ps, double eps, bool unbiased);
+std::tuple<Tensor, Tensor> classwise_cag_cpu(const Tensor& sizes, double eps, bool unbiased);
+std::tuple<Tensor, Tensor> expected_cag_cpu(const Tensor& logits, const Tensor& cag,
+                                            const Tensor& admissible);
+FeatureTuple group_features_cpu(const Tensor& ids, const Tensor& lengths, double max_len,
+                                double cag_eps, bool cag_unbiased, double adv_eps,
+                                bool adv_unbiased);
+
+// ---- device-generic composites (classifier.cpp) ---------------------------------------------------
+Tensor classifier_forward(const Tensor& h_prompt, const Tensor& prompt_feat, const Tensor& h_resp,
+                          const std::optional<Tensor>& resp_feat,
+                          const std::optional<Tensor>& resp_mask, at::TensorList weights);
+
+using StepTuple = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                             Tensor>;
+StepTuple acquisition_step(const Tensor& ids, const Tensor& lengths, const Tensor& h_prompt,
+                           const Tensor& h_resp, at::TensorList stage1, at::TensorList stage2,
+                           double max_len, double cag_eps, bool cag_unbiased, double adv_eps,
+                           bool adv_unbiased);
+
+std::string build_info();
+
+}  // namespace care_ext

@@ -1,0 +1,193 @@
+// Device-generic composites: the CARE classifier forward (BatchNorm folded into the Linear layers)
+// and the fused acquisition step. Registered for CompositeExplicitAutograd, so the same code runs on
+// CPU (MKL/oneDNN GEMMs) and CUDA (cuBLAS GEMMs); the per-prompt parts go through the dispatcher to
+// the device's own group_features / expected_cag kernels.
+#include "care_ext.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+
+namespace care_ext {
+namespace {
+
+constexpr const char* kWeightNames[10] = {"prompt_w", "prompt_b", "resp1_w", "resp1_b", "resp2_w",
+                                          "resp2_b",  "head1_w",  "head1_b", "head2_w", "head2_b"};
+
+struct Weights {
+  Tensor pw, pb, r1w, r1b, r2w, r2b, h1w, h1b, h2w, h2b;
+  int64_t P, R1, R2, K, C;
+};
+
+// Checks the 10 folded weights of one classifier against the input sizes H, Fp, Fr.
+// expect_classes < 0 accepts any number of output classes.
+Weights check_weights(at::TensorList w, int64_t H, int64_t Fp, int64_t Fr, int64_t expect_classes,
+                      const at::Device& device, const char* op, const char* arg) {
+  TORCH_CHECK(w.size() == 10, "care_ext.", op, ": ", arg,
+              " must hold 10 tensors (prompt_w, prompt_b, resp1_w, resp1_b, resp2_w, resp2_b, "
+              "head1_w, head1_b, head2_w, head2_b), got ",
+              w.size());
+  for (size_t i = 0; i < 10; ++i) {
+    TORCH_CHECK(w[i].defined(), "care_ext.", op, ": ", arg, "[", i, "] (", kWeightNames[i],
+                ") is undefined");
+    TORCH_CHECK(w[i].scalar_type() == at::kFloat, "care_ext.", op, ": ", arg, "[", i, "] (",
+                kWeightNames[i], ") must be float32, got ", w[i].scalar_type());
+    TORCH_CHECK(w[i].device() == device, "care_ext.", op, ": ", arg, "[", i, "] (",
+                kWeightNames[i], ") is on ", w[i].device(), " but the inputs are on ", device);
+    TORCH_CHECK(w[i].dim() == (i % 2 == 0 ? 2 : 1), "care_ext.", op, ": ", arg, "[", i, "] (",
+                kWeightNames[i], ") must be ", (i % 2 == 0 ? "2-D" : "1-D"), ", got shape ",
+                w[i].sizes());
+  }
+  Weights r{w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8], w[9], 0, 0, 0, 0, 0};
+  r.P = r.pw.size(0);
+  r.R1 = r.r1w.size(0);
+  r.R2 = r.r2w.size(0);
+  r.K = r.h1w.size(0);
+  r.C = r.h2w.size(0);
+  auto expect = [&](size_t i, at::IntArrayRef want, const char* what) {
+    TORCH_CHECK(w[i].sizes() == want, "care_ext.", op, ": ", arg, "[", i, "] (", kWeightNames[i],
+                ") must have shape ", want, " (", what, "), got ", w[i].sizes());
+  };
+  expect(0, {r.P, H + Fp}, "[P, H + prompt features]");
+  expect(1, {r.P}, "[P]");
+  expect(2, {r.R1, H + Fr}, "[R1, H + rollout features]");
+  expect(3, {r.R1}, "[R1]");
+  expect(4, {r.R2, r.R1}, "[R2, R1]");
+  expect(5, {r.R2}, "[R2]");
+  expect(6, {r.K, r.P + r.R2}, "[K, P + R2]");
+  expect(7, {r.K}, "[K]");
+  expect(8, {r.C, r.K}, "[C, K]");
+  expect(9, {r.C}, "[C]");
+  if (expect_classes >= 0) {
+    TORCH_CHECK(r.C == expect_classes, "care_ext.", op, ": ", arg, " has ", r.C,
+                " output classes, expected ", expect_classes);
+  }
+  return r;
+}
+
+void check_hidden(const Tensor& t, int64_t dim, const char* op, const char* name,
+                  const char* shape) {
+  TORCH_CHECK(t.defined() && t.dim() == dim, "care_ext.", op, ": ", name, " must be a ", dim, "-D ",
+              shape, " tensor, got shape ", t.defined() ? t.sizes() : at::IntArrayRef{});
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, "care_ext.", op, ": ",
+              name, " must be float32, bfloat16 or float16, got ", st);
+}
+
+// logits [B, C] from folded weights. resp_pre = h_resp[BG, H] @ resp1_w[:, :H]^T (the big GEMM),
+// rf = rollout features [BG, Fr] (may have Fr = 0), mask = [B, G] bool or undefined (plain mean).
+Tensor head_logits(const Weights& w, const Tensor& hp, const Tensor& pf, const Tensor& resp_pre,
+                   const Tensor& rf, const Tensor& mask, int64_t B, int64_t G) {
+  const int64_t H = hp.size(1);
+  Tensor p = w.pb.addmm(hp, w.pw.narrow(1, 0, H).t());
+  p.addmm_(pf, w.pw.narrow(1, H, pf.size(1)).t()).relu_();
+  Tensor r1 = resp_pre.add(w.r1b);
+  r1.addmm_(rf, w.r1w.narrow(1, H, rf.size(1)).t()).relu_();
+  Tensor r2 = w.r2b.addmm(r1, w.r2w.t()).relu_().view({B, G, w.R2});
+  Tensor pool;
+  if (mask.defined()) {
+    Tensor m = mask.to(at::kFloat);
+    pool = r2.mul(m.unsqueeze(-1)).sum({1}).div_(m.sum({1}, true).clamp_min_(1.0));
+  } else {
+    pool = r2.mean({1});
+  }
+  Tensor z = w.h1b.addmm(p, w.h1w.narrow(1, 0, w.P).t());
+  z.addmm_(pool, w.h1w.narrow(1, w.P, w.R2).t()).relu_();
+  return w.h2b.addmm(z, w.h2w.t());
+}
+
+Tensor first_layer(const Tensor& h_flat, const Weights& w) {
+  return h_flat.mm(w.r1w.narrow(1, 0, h_flat.size(1)).t());
+}
+
+}  // namespace
+
+Tensor classifier_forward(const Tensor& h_prompt, const Tensor& prompt_feat, const Tensor& h_resp,
+                          const std::optional<Tensor>& resp_feat,
+                          const std::optional<Tensor>& resp_mask, at::TensorList weights) {
+  const char* op = "classifier_forward";
+  check_hidden(h_prompt, 2, op, "h_prompt", "[B, H]");
+  check_hidden(h_resp, 3, op, "h_resp", "[B, G, H]");
+  const int64_t B = h_prompt.size(0), H = h_prompt.size(1), G = h_resp.size(1);
+  TORCH_CHECK(h_resp.size(0) == B && h_resp.size(2) == H, "care_ext.", op,
+              ": h_resp must have shape [B, G, H] = [", B, ", G, ", H, "], got ", h_resp.sizes());
+  TORCH_CHECK(G >= 1, "care_ext.", op, ": h_resp must have G >= 1 rollouts, got ", G);
+  TORCH_CHECK(prompt_feat.dim() == 2 && prompt_feat.size(0) == B && prompt_feat.is_floating_point(),
+              "care_ext.", op, ": prompt_feat must be a floating [B, Fp] tensor with B = ", B,
+              ", got ", prompt_feat.scalar_type(), " ", prompt_feat.sizes());
+  const auto dev = h_prompt.device();
+  for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&h_resp, "h_resp"},
+                                {&prompt_feat, "prompt_feat"}}) {
+    TORCH_CHECK(t->device() == dev, "care_ext.", op, ": ", name, " is on ", t->device(),
+                " but h_prompt is on ", dev);
+  }
+  Tensor rf;
+  if (resp_feat.has_value() && resp_feat->defined()) {
+    const Tensor& f = *resp_feat;
+    TORCH_CHECK(f.dim() == 3 && f.size(0) == B && f.size(1) == G && f.is_floating_point(),
+                "care_ext.", op, ": resp_feat must be a floating [B, G, Fr] tensor with B = ", B,
+                ", G = ", G, ", got ", f.scalar_type(), " ", f.sizes());
+    TORCH_CHECK(f.device() == dev, "care_ext.", op, ": resp_feat is on ", f.device(),
+                " but h_prompt is on ", dev);
+    rf = f.reshape({B * G, f.size(2)}).to(at::kFloat);
+  } else {
+    rf = h_prompt.new_empty({B * G, 0}, h_prompt.options().dtype(at::kFloat));
+  }
+  Tensor mask;
+  if (resp_mask.has_value() && resp_mask->defined()) {
+    mask = *resp_mask;
+    TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(0) == B &&
+                    mask.size(1) == G,
+                "care_ext.", op, ": resp_mask must be a bool [B, G] tensor with B = ", B,
+                ", G = ", G, ", got ", mask.scalar_type(), " ", mask.sizes());
+    TORCH_CHECK(mask.device() == dev, "care_ext.", op, ": resp_mask is on ", mask.device(),
+                " but h_prompt is on ", dev);
+  }
+  const Weights w =
+      check_weights(weights, H, prompt_feat.size(1), rf.size(1), -1, dev, op, "weights");
+  const Tensor hp = h_prompt.to(at::kFloat);
+  const Tensor hr = h_resp.reshape({B * G, H}).to(at::kFloat);
+  return head_logits(w, hp, prompt_feat.to(at::kFloat), first_layer(hr, w), rf, mask, B, G);
+}
+
+StepTuple acquisition_step(const Tensor& ids, const Tensor& lengths, const Tensor& h_prompt,
+                           const Tensor& h_resp, at::TensorList stage1, at::TensorList stage2,
+                           double max_len, double cag_eps, bool cag_unbiased, double adv_eps,
+                           bool adv_unbiased) {
+  const char* op = "acquisition_step";
+  static auto features_op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("care_ext::group_features", "")
+          .typed<FeatureTuple(const Tensor&, const Tensor&, double, double, bool, double, bool)>();
+  static auto expected_op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("care_ext::expected_cag", "")
+          .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&)>();
+  check_hidden(h_prompt, 2, op, "h_prompt", "[B, H]");
+  check_hidden(h_resp, 3, op, "h_resp", "[B, G, H]");
+  TORCH_CHECK(ids.dim() == 2, "care_ext.", op, ": ids must be a 2-D [B, G] tensor, got shape ",
+              ids.sizes());
+  const int64_t B = ids.size(0), G = ids.size(1), H = h_prompt.size(1);
+  TORCH_CHECK(h_prompt.size(0) == B, "care_ext.", op, ": h_prompt must have B = ", B,
+              " rows (ids has shape ", ids.sizes(), "), got ", h_prompt.sizes());
+  TORCH_CHECK(h_resp.size(0) == B && h_resp.size(1) == G && h_resp.size(2) == H, "care_ext.", op,
+              ": h_resp must have shape [B, G, H] = [", B, ", ", G, ", ", H, "], got ",
+              h_resp.sizes());
+  const auto dev = ids.device();
+  TORCH_CHECK(h_prompt.device() == dev && h_resp.device() == dev, "care_ext.", op,
+              ": h_prompt (", h_prompt.device(), ") and h_resp (", h_resp.device(),
+              ") must be on the device of ids (", dev, ")");
+  auto [rank, sizes, prompt_feat, len_norm, minority, cag, admissible, pseudo, pseudo_adv] =
+      features_op.call(ids, lengths, max_len, cag_eps, cag_unbiased, adv_eps, adv_unbiased);
+  const Weights w1 = check_weights(stage1, H, G + 1, 1, 2, dev, op, "stage1");
+  const Weights w2 = check_weights(stage2, H, G + 1, 0, G + 1, dev, op, "stage2");
+  const Tensor hp = h_prompt.to(at::kFloat);
+  const Tensor hr = h_resp.reshape({B * G, H}).to(at::kFloat);  // bf16 read once, here
+  const Tensor logits1 = head_logits(w1, hp, prompt_feat, first_layer(hr, w1),
+                                     len_norm.reshape({B * G, 1}), Tensor(), B, G);
+  const Tensor no_feat = hp.new_empty({B * G, 0});
+  const Tensor logits2 = head_logits(w2, hp, prompt_feat, first_layer(hr, w2), no_feat, minority, B, G);
+  auto [probs, ecag] = expected_op.call(logits2, cag, admissible);
+  Tensor reliability = logits1.softmax(1).select(1, 1).contiguous();
+  return {rank, sizes, reliability, logits1, probs, ecag, cag, admissible, pseudo, pseudo_adv};
+}
+
+}  // namespace care_ext

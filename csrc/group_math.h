@@ -1,0 +1,232 @@
+// Per-prompt ("row") math shared by the CPU and CUDA kernels.
+//
+// Every function here works on one prompt's G rollouts and is compiled both for the host
+// (csrc/cpu/*.cpp) and for the device (csrc/cuda/*.cu), so the two backends cannot drift apart.
+// Semantics are those of ARCHITECTURE.md §3 and of care_ext/reference.py; keep the three in sync.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define CARE_HD __host__ __device__ __forceinline__
+#else
+#define CARE_HD inline
+#endif
+
+namespace care_ext {
+
+// Largest supported group size G (rollouts per prompt). Kernels keep per-row scratch of this size.
+constexpr int kMaxGroupSize = 64;
+
+// Mean and the divisor (std + eps) of one row of rewards, in double.
+// constant == true when every value equals the first one (then std == 0 and the advantage row is
+// exactly zero, whatever eps is). unbiased selects the sample (n-1) over the population (n) std.
+struct RowMoments {
+  double mean;
+  double denom;
+  bool constant;
+};
+
+template <typename T>
+CARE_HD RowMoments row_moments(const T* r, int G, double eps, bool unbiased) {
+  RowMoments m{0.0, 1.0, true};
+  double sum = 0.0;
+  for (int i = 0; i < G; ++i) {
+    sum += static_cast<double>(r[i]);
+    if (!(r[i] == r[0])) m.constant = false;  // NaN is never equal: a NaN row is not constant
+  }
+  if (m.constant || G < 2) {
+    m.constant = true;
+    return m;
+  }
+  m.mean = sum / G;
+  double ss = 0.0;
+  for (int i = 0; i < G; ++i) {
+    const double d = static_cast<double>(r[i]) - m.mean;
+    ss += d * d;
+  }
+  const double var = ss / (unbiased ? (G - 1) : G);
+  m.denom = sqrt(var) + eps;
+  return m;
+}
+
+template <typename T>
+CARE_HD double advantage_of(const RowMoments& m, T r) {
+  return m.constant ? 0.0 : (static_cast<double>(r) - m.mean) / m.denom;
+}
+
+// A = (r - mean) / (std + eps); a constant row gives exactly 0.
+template <typename T>
+CARE_HD void advantage_row(const T* r, int G, double eps, bool unbiased, T* out) {
+  const RowMoments m = row_moments(r, G, eps, unbiased);
+  for (int i = 0; i < G; ++i) out[i] = static_cast<T>(advantage_of(m, r[i]));
+}
+
+// ||A(r_gt) - A(r_ps)||_2 over the row (paper Eq. 4).
+template <typename T>
+CARE_HD double cag_row(const T* r_gt, const T* r_ps, int G, double eps, bool unbiased) {
+  const RowMoments mg = row_moments(r_gt, G, eps, unbiased);
+  const RowMoments mp = row_moments(r_ps, G, eps, unbiased);
+  double ss = 0.0;
+  for (int i = 0; i < G; ++i) {
+    const double d = advantage_of(mg, r_gt[i]) - advantage_of(mp, r_ps[i]);
+    ss += d * d;
+  }
+  return sqrt(ss);
+}
+
+// Advantages of a 0/1 reward vector with `ones` ones out of G: (value at a 1, value at a 0).
+struct BinaryAdvantage {
+  double at_one;
+  double at_zero;
+};
+
+CARE_HD BinaryAdvantage binary_advantage(int G, int ones, double eps, bool unbiased) {
+  if (ones <= 0 || ones >= G) return {0.0, 0.0};  // constant row
+  const double mean = static_cast<double>(ones) / G;
+  const double ss = static_cast<double>(ones) * (G - ones) / G;  // sum of squared deviations
+  const double denom = sqrt(ss / (unbiased ? (G - 1) : G)) + eps;
+  return {(1.0 - mean) / denom, -mean / denom};
+}
+
+// CAG between a pseudo reward vector with x ones (the majority) and a true reward vector with k
+// ones on k *other* positions, under the same advantage convention. Requires 0 <= x, 0 <= k,
+// x + k <= G. Three position groups: majority (x), the correct cluster (k), the rest.
+CARE_HD double binary_cag(int G, int x, int k, double eps, bool unbiased) {
+  const BinaryAdvantage p = binary_advantage(G, x, eps, unbiased);
+  const BinaryAdvantage t = binary_advantage(G, k, eps, unbiased);
+  const double d_major = t.at_zero - p.at_one;
+  const double d_true = t.at_one - p.at_zero;
+  const double d_rest = t.at_zero - p.at_zero;
+  const double ss = x * d_major * d_major + k * d_true * d_true + (G - x - k) * d_rest * d_rest;
+  return sqrt(ss);
+}
+
+// Answer clusters of one row. ids: G answer ids, negative = invalid. Clusters are the sets of equal
+// valid ids, ordered by size descending, ties by smaller first-occurrence index. Writes
+// rank[i] (cluster rank of response i, -1 if invalid) and sizes[0..G) (sizes in rank order,
+// zero-padded). Returns the number of clusters.
+CARE_HD int cluster_row(const int64_t* ids, int G, int64_t* rank, int64_t* sizes) {
+  int first[kMaxGroupSize];  // first occurrence of response i's id, -1 if invalid
+  int count[kMaxGroupSize];  // size of the cluster represented by index i (0 unless i is a rep)
+  for (int i = 0; i < G; ++i) {
+    count[i] = 0;
+    first[i] = -1;
+    if (ids[i] < 0) continue;
+    int f = i;
+    for (int j = 0; j < i; ++j) {
+      if (ids[j] == ids[i]) {
+        f = j;
+        break;
+      }
+    }
+    first[i] = f;
+    count[f] += 1;
+  }
+  int n_clusters = 0;
+  int crank[kMaxGroupSize];
+  for (int r = 0; r < G; ++r) {
+    sizes[r] = 0;
+    crank[r] = -1;
+    if (first[r] != r) continue;
+    int above = 0;
+    for (int q = 0; q < G; ++q) {
+      if (first[q] != q || q == r) continue;
+      if (count[q] > count[r] || (count[q] == count[r] && q < r)) ++above;
+    }
+    crank[r] = above;
+    ++n_clusters;
+  }
+  for (int r = 0; r < G; ++r) {
+    if (crank[r] >= 0) sizes[crank[r]] = count[r];
+  }
+  for (int i = 0; i < G; ++i) rank[i] = first[i] < 0 ? -1 : crank[first[i]];
+  return n_clusters;
+}
+
+// Class-wise CAG of one row. sizes: G cluster sizes in rank order (as cluster_row writes them);
+// writes cag[0..G] and admissible[0..G]. Class k = number of correct responses outside a wrong
+// majority of size x = sizes[0]. Admissible: k = 0 always; k = sizes[j] (j >= 1) when
+// 0 < k <= x and x + k <= G (always true for a real partition). Inadmissible entries are 0.
+// An x outside [0, G] is treated as 0 (no valid answer), so no input reads out of bounds.
+template <typename F>
+CARE_HD void classwise_cag_row(const int64_t* sizes, int G, double eps, bool unbiased, F* cag,
+                               bool* admissible) {
+  int64_t x = sizes[0];
+  if (x < 0 || x > G) x = 0;
+  for (int k = 0; k <= G; ++k) {
+    cag[k] = F(0);
+    admissible[k] = false;
+  }
+  admissible[0] = true;
+  cag[0] = static_cast<F>(binary_cag(G, static_cast<int>(x), 0, eps, unbiased));
+  for (int j = 1; j < G; ++j) {
+    const int64_t k = sizes[j];
+    if (k <= 0 || k > x || x + k > G) continue;
+    admissible[k] = true;
+    cag[k] = static_cast<F>(binary_cag(G, static_cast<int>(x), static_cast<int>(k), eps, unbiased));
+  }
+}
+
+// Softmax of logits over the admissible classes only, and the expected CAG. Inadmissible classes
+// get probability 0; a row with no admissible class gets all-zero probs and ecag 0.
+template <typename F>
+CARE_HD void expected_cag_row(const F* logits, const F* cag, const bool* admissible, int C, F* probs,
+                              F* ecag) {
+  double mx = -INFINITY;
+  bool any = false;
+  for (int k = 0; k < C; ++k) {
+    if (!admissible[k]) continue;
+    const double v = static_cast<double>(logits[k]);
+    if (!any || v > mx || v != v) mx = v;
+    any = true;
+  }
+  if (!any) {
+    for (int k = 0; k < C; ++k) probs[k] = F(0);
+    *ecag = F(0);
+    return;
+  }
+  double z = 0.0;
+  for (int k = 0; k < C; ++k) {
+    if (admissible[k]) z += exp(static_cast<double>(logits[k]) - mx);
+  }
+  double e = 0.0;
+  for (int k = 0; k < C; ++k) {
+    const double p = admissible[k] ? exp(static_cast<double>(logits[k]) - mx) / z : 0.0;
+    probs[k] = static_cast<F>(p);
+    e += p * static_cast<double>(cag[k]);
+  }
+  *ecag = static_cast<F>(e);
+}
+
+// Everything the acquisition step derives per prompt from answer ids and lengths (one row).
+// prompt_feat: [1+G] = valid ratio, sizes / G. len_norm: clamp(length / max_len, 0, 1).
+// minority: valid and not in the majority. pseudo: 1 on the majority cluster. adv: its advantage.
+struct FeatureParams {
+  double max_len, cag_eps, adv_eps;
+  bool cag_unbiased, adv_unbiased;
+};
+
+CARE_HD void group_features_row(const int64_t* ids, const float* lengths, int G,
+                                const FeatureParams& p, int64_t* rank, int64_t* sizes,
+                                float* prompt_feat, float* len_norm, bool* minority, float* cag,
+                                bool* admissible, float* pseudo, float* adv) {
+  cluster_row(ids, G, rank, sizes);
+  int64_t valid = 0;
+  for (int j = 0; j < G; ++j) valid += sizes[j];
+  const float g = static_cast<float>(G);
+  prompt_feat[0] = static_cast<float>(valid) / g;
+  for (int j = 0; j < G; ++j) prompt_feat[1 + j] = static_cast<float>(sizes[j]) / g;
+  for (int i = 0; i < G; ++i) {
+    double l = static_cast<double>(lengths[i]) / p.max_len;
+    l = l < 0.0 ? 0.0 : (l > 1.0 ? 1.0 : l);
+    len_norm[i] = static_cast<float>(l);
+    minority[i] = rank[i] > 0;
+    pseudo[i] = rank[i] == 0 ? 1.0f : 0.0f;
+  }
+  classwise_cag_row(sizes, G, p.cag_eps, p.cag_unbiased, cag, admissible);
+  advantage_row(pseudo, G, p.adv_eps, p.adv_unbiased, adv);
+}
+
+}  // namespace care_ext

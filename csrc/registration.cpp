@@ -1,0 +1,92 @@
+// The one registration file: every care_ext op schema, the CPU kernels, the device-generic
+// composites, and build_info. CUDA kernels register themselves in csrc/cuda/register_cuda.cpp.
+// Importing care_ext._C runs these static registrations; the module itself is empty.
+#include "care_ext.h"
+
+#include <Python.h>
+#include <torch/library.h>
+
+#include <sstream>
+
+#ifndef CARE_EXT_TORCH_VERSION
+#define CARE_EXT_TORCH_VERSION "unknown"
+#endif
+#ifndef CARE_EXT_GIT_HASH
+#define CARE_EXT_GIT_HASH "unknown"
+#endif
+#ifndef CARE_EXT_CUDA_ARCHS
+#define CARE_EXT_CUDA_ARCHS ""
+#endif
+#ifndef CARE_EXT_CUDA_VERSION
+#define CARE_EXT_CUDA_VERSION ""
+#endif
+
+extern "C" {
+// An empty module: `import care_ext._C` loads the library and runs the registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace care_ext {
+
+std::string build_info() {
+  std::ostringstream s;
+  s << "{\"torch\": \"" << CARE_EXT_TORCH_VERSION << "\", "
+#ifdef CARE_EXT_WITH_CUDA
+    << "\"cuda\": true, "
+#else
+    << "\"cuda\": false, "
+#endif
+    << "\"cuda_version\": \"" << CARE_EXT_CUDA_VERSION << "\", "
+    << "\"archs\": \"" << CARE_EXT_CUDA_ARCHS << "\", "
+    << "\"git\": \"" << CARE_EXT_GIT_HASH << "\", "
+    << "\"max_group_size\": " << kMaxGroupSize << ", "
+#ifdef NDEBUG
+    << "\"debug\": false"
+#else
+    << "\"debug\": true"
+#endif
+    << "}";
+  return s.str();
+}
+
+TORCH_LIBRARY(care_ext, m) {
+  m.def("cluster_stats(Tensor ids) -> (Tensor rank, Tensor sizes)");
+  m.def("group_advantage(Tensor rewards, float eps, bool unbiased) -> Tensor");
+  m.def("cag(Tensor r_gt, Tensor r_ps, float eps, bool unbiased) -> Tensor");
+  m.def("classwise_cag(Tensor sizes, float eps, bool unbiased) -> (Tensor cag, Tensor admissible)");
+  m.def("expected_cag(Tensor logits, Tensor cag, Tensor admissible) -> (Tensor probs, Tensor ecag)");
+  m.def(
+      "group_features(Tensor ids, Tensor lengths, float max_len, float cag_eps, bool cag_unbiased, "
+      "float adv_eps, bool adv_unbiased) -> (Tensor rank, Tensor sizes, Tensor prompt_feat, "
+      "Tensor len_norm, Tensor minority_mask, Tensor cag, Tensor admissible, "
+      "Tensor pseudo_rewards, Tensor pseudo_adv)");
+  m.def(
+      "classifier_forward(Tensor h_prompt, Tensor prompt_feat, Tensor h_resp, Tensor? resp_feat, "
+      "Tensor? resp_mask, Tensor[] weights) -> Tensor");
+  m.def(
+      "acquisition_step(Tensor ids, Tensor lengths, Tensor h_prompt, Tensor h_resp, "
+      "Tensor[] stage1, Tensor[] stage2, float max_len, float cag_eps, bool cag_unbiased, "
+      "float adv_eps, bool adv_unbiased) -> (Tensor rank, Tensor sizes, Tensor reliability, "
+      "Tensor stage1_logits, Tensor probs, Tensor ecag, Tensor cag, Tensor admissible, "
+      "Tensor pseudo_rewards, Tensor pseudo_adv)");
+  m.def("build_info() -> str", &build_info);
+}
+
+TORCH_LIBRARY_IMPL(care_ext, CPU, m) {
+  m.impl("cluster_stats", &cluster_stats_cpu);
+  m.impl("group_advantage", &group_advantage_cpu);
+  m.impl("cag", &cag_cpu);
+  m.impl("classwise_cag", &classwise_cag_cpu);
+  m.impl("expected_cag", &expected_cag_cpu);
+  m.impl("group_features", &group_features_cpu);
+}
+
+TORCH_LIBRARY_IMPL(care_ext, CompositeExplicitAutograd, m) {
+  m.impl("classifier_forward", &classifier_forward);
+  m.impl("acquisition_step", &acquisition_step);
+}
+
+}  // namespace care_ext

@@ -1,0 +1,118 @@
+"""Build of care_ext: `pip install --no-build-isolation .` (torch must already be installed).
+
+Environment switches:
+    CARE_EXT_CUDA=auto|0|1   (alias FORCE_CUDA) build the CUDA kernels: auto = when the installed
+                             torch has CUDA and a CUDA toolkit is found; 1 = must, 0 = never.
+    CARE_EXT_SKIP_BUILD=1    no native extension at all (pure-Python install; the reference serves).
+    DEBUG=1                  -O0 -g instead of -O3.
+    TORCH_CUDA_ARCH_LIST     defaults to "9.0" (H100/H200/H20).
+    CUDA_HOME                defaults to the toolkit root that `nvcc` on PATH resolves to.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _toolkit_root() -> str | None:
+    """The CUDA toolkit root: nvcc on PATH may be a wrapper script that `exec`s the real one."""
+    nvcc = shutil.which("nvcc")
+    if not nvcc:
+        return None
+    real = Path(nvcc).resolve()
+    try:
+        text = real.read_text(errors="ignore")[:4096] if real.stat().st_size < 65536 else ""
+    except OSError:
+        text = ""
+    m = re.search(r"(/\S+)/bin/nvcc", text)
+    if m and Path(m.group(1), "include", "cuda_runtime.h").exists():
+        return m.group(1)
+    root = real.parent.parent
+    return str(root) if (root / "include" / "cuda_runtime.h").exists() else None
+
+
+if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ:
+    _root = _toolkit_root()
+    if _root:
+        os.environ["CUDA_HOME"] = _root  # before importing cpp_extension, which reads it at import
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+
+try:
+    import torch
+    from torch.utils import cpp_extension as cpp_ext
+except ImportError as exc:  # pragma: no cover - exercised by users, not tests
+    sys.exit(
+        "care_ext needs torch installed before it is built: `pip install torch==2.13.0` (CPU) or use "
+        "the CUDA build you run, then `pip install --no-build-isolation .`\n(" + str(exc) + ")"
+    )
+
+
+def _git_hash() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT,
+                                       stderr=subprocess.DEVNULL, text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _extensions():
+    if os.environ.get("CARE_EXT_SKIP_BUILD", "0") == "1":
+        return []
+    flag = os.environ.get("CARE_EXT_CUDA", os.environ.get("FORCE_CUDA", "auto")).lower()
+    possible = torch.version.cuda is not None and cpp_ext.CUDA_HOME is not None
+    if flag == "auto":
+        use_cuda = possible
+    elif flag in ("1", "true", "yes", "on"):
+        if not possible:
+            raise RuntimeError(
+                f"CARE_EXT_CUDA={flag} but CUDA cannot be built: torch.version.cuda="
+                f"{torch.version.cuda!r}, CUDA_HOME={cpp_ext.CUDA_HOME!r}")
+        use_cuda = True
+    elif flag in ("0", "false", "no", "off"):
+        use_cuda = False
+    else:
+        raise RuntimeError(f"CARE_EXT_CUDA must be auto, 0 or 1, got {flag!r}")
+
+    debug = os.environ.get("DEBUG", "0") == "1"
+    opt = ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
+    archs = os.environ["TORCH_CUDA_ARCH_LIST"] if use_cuda else ""
+    defines = [
+        f'-DCARE_EXT_TORCH_VERSION="{torch.__version__}"',
+        f'-DCARE_EXT_GIT_HASH="{_git_hash()}"',
+        f'-DCARE_EXT_CUDA_ARCHS="{archs}"',
+        f'-DCARE_EXT_CUDA_VERSION="{torch.version.cuda or ""}"',
+    ]
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cxx = opt + defines + ["-Wall", "-Wextra", "-Wno-unused-parameter"]
+    if not use_cuda:
+        return [cpp_ext.CppExtension("care_ext._C", sources, extra_compile_args={"cxx": cxx},
+                                     py_limited_api=True)]
+    sources += sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
+    nvcc = opt + defines + ["-lineinfo", "-DCARE_EXT_WITH_CUDA"]
+    return [cpp_ext.CUDAExtension("care_ext._C", sources,
+                                  extra_compile_args={"cxx": cxx + ["-DCARE_EXT_WITH_CUDA"],
+                                                      "nvcc": nvcc},
+                                  py_limited_api=True)]
+
+
+setup(
+    name="care_ext",
+    version="0.1.0",
+    description="CARE active label acquisition for RL with verifiable rewards: fused C++/CUDA ops",
+    packages=find_packages(include=["care_ext", "care_ext.*", "training", "training.*"]),
+    package_data={"care_ext": ["py.typed"]},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.10", "numpy"],
+    ext_modules=_extensions(),
+    cmdclass={"build_ext": cpp_ext.BuildExtension.with_options(use_ninja=True)},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+)
