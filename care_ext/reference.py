@@ -84,11 +84,9 @@ def group_advantage(rewards: Tensor, eps: float, unbiased: bool) -> Tensor:
         [B, G] of rewards' dtype: (r - mean) / (std + eps); a constant row (std == 0, which
         includes G == 1) is exactly 0.
     """
-    if rewards.shape[1] == 0:
-        return rewards.clone()
-    constant = (rewards == rewards[:, :1]).all(dim=1, keepdim=True)
-    if rewards.shape[1] < 2:
+    if rewards.shape[1] < 2 or rewards.shape[0] == 0:
         return torch.zeros_like(rewards)
+    constant = (rewards == rewards[:, :1]).all(dim=1, keepdim=True)
     mean = rewards.mean(dim=1, keepdim=True)
     std = rewards.std(dim=1, keepdim=True, correction=1 if unbiased else 0)
     adv = (rewards - mean) / (std + eps)

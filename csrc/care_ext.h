@@ -82,6 +82,17 @@ FeatureTuple group_features_cpu(const Tensor& ids, const Tensor& lengths, double
                                 double cag_eps, bool cag_unbiased, double adv_eps,
                                 bool adv_unbiased);
 
+// ---- CUDA kernels (csrc/cuda; compiled and registered only when built with CUDA) ----------------
+std::tuple<Tensor, Tensor> cluster_stats_cuda(const Tensor& ids);
+Tensor group_advantage_cuda(const Tensor& rewards, double eps, bool unbiased);
+Tensor cag_cuda(const Tensor& r_gt, const Tensor& r_ps, double eps, bool unbiased);
+std::tuple<Tensor, Tensor> classwise_cag_cuda(const Tensor& sizes, double eps, bool unbiased);
+std::tuple<Tensor, Tensor> expected_cag_cuda(const Tensor& logits, const Tensor& cag,
+                                             const Tensor& admissible);
+FeatureTuple group_features_cuda(const Tensor& ids, const Tensor& lengths, double max_len,
+                                 double cag_eps, bool cag_unbiased, double adv_eps,
+                                 bool adv_unbiased);
+
 // ---- device-generic composites (classifier.cpp) ---------------------------------------------------
 Tensor classifier_forward(const Tensor& h_prompt, const Tensor& prompt_feat, const Tensor& h_resp,
                           const std::optional<Tensor>& resp_feat,

@@ -1,0 +1,68 @@
+"""Input generators and comparison helpers for the op tests (native vs reference)."""
+from __future__ import annotations
+
+import torch
+
+from care_ext import reference as R
+
+G_GRID = [1, 2, 5, 8, 16, 64]
+B_GRID = [0, 1, 7, 64, 1000]
+
+
+def random_ids(B: int, G: int, gen: torch.Generator, p_invalid: float = 0.2,
+               device: str = "cpu") -> torch.Tensor:
+    """int64 [B, G] answer ids with a random number of distinct answers per row, sparse large
+    labels, and about p_invalid of them -1."""
+    n = torch.randint(1, G + 1, (B, 1), generator=gen)
+    ids = (torch.rand(B, G, generator=gen) * n).long() * 7919 + 11
+    ids[torch.rand(B, G, generator=gen) < p_invalid] = -1
+    return ids.to(device)
+
+
+def random_rewards(B: int, G: int, gen: torch.Generator, device: str = "cpu") -> torch.Tensor:
+    """float32 [B, G] rewards: a mix of 0/1 rows (some constant) and real-valued rows."""
+    binary = (torch.rand(B, G, generator=gen) < torch.rand(B, 1, generator=gen)).float()
+    real = torch.randn(B, G, generator=gen)
+    use_real = torch.rand(B, 1, generator=gen) < 0.3
+    return torch.where(use_real, real, binary).to(device)
+
+
+def assert_exact(native: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    """Integer/bool outputs must match exactly; print the first mismatching rows on failure."""
+    assert native.dtype == ref.dtype, f"{what}: dtype {native.dtype} != {ref.dtype}"
+    assert native.shape == ref.shape, f"{what}: shape {tuple(native.shape)} != {tuple(ref.shape)}"
+    native, ref = native.cpu(), ref.cpu()
+    if not torch.equal(native, ref):
+        bad = (native != ref).reshape(native.shape[0], -1).any(1).nonzero().flatten()[:3]
+        raise AssertionError(f"{what}: {len(bad)}+ rows differ, e.g. rows {bad.tolist()}:\n"
+                             f"native={native[bad]}\nref={ref[bad]}")
+
+
+def assert_close(native: torch.Tensor, ref64: torch.Tensor, what: str, rtol: float = 1e-5,
+                 atol: float = 1e-6) -> None:
+    """Float outputs against a float64 reference, to float32 tolerance."""
+    assert native.shape == ref64.shape, f"{what}: shape {tuple(native.shape)} != {tuple(ref64.shape)}"
+    torch.testing.assert_close(native.cpu().double(), ref64.cpu().double(), rtol=rtol, atol=atol,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def random_weights(H: int, Fp: int, Fr: int, C: int, gen: torch.Generator, P: int = 128,
+                   R1: int = 64, R2: int = 512, K: int = 256, device: str = "cpu"
+                   ) -> list[torch.Tensor]:
+    """10 folded float32 classifier weights (CLASSIFIER_WEIGHT_NAMES order), scaled so activations
+    stay O(1) and the ReLUs are mixed on and off."""
+    shapes = [(P, H + Fp), (P,), (R1, H + Fr), (R1,), (R2, R1), (R2,), (K, P + R2), (K,), (C, K),
+              (C,)]
+    out = []
+    for s in shapes:
+        fan_in = s[1] if len(s) == 2 else 1
+        out.append((torch.randn(*s, generator=gen) / fan_in ** 0.5).to(device))
+    return out
+
+
+def to64(ts):
+    return [t.double() for t in ts]
+
+
+__all__ = ["R", "G_GRID", "B_GRID", "random_ids", "random_rewards", "assert_exact", "assert_close",
+           "random_weights", "to64"]

@@ -1,0 +1,141 @@
+"""group_features, classifier_forward and the fused acquisition_step against the reference twins."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ops_testutil import (B_GRID, G_GRID, R, assert_close, assert_exact, random_ids,
+                          random_weights, to64)
+
+pytestmark = pytest.mark.native
+
+
+def _lengths(B, G, gen):
+    return torch.randint(0, 6000, (B, G), generator=gen)
+
+
+@pytest.mark.parametrize("G", G_GRID)
+@pytest.mark.parametrize("B", B_GRID)
+def test_group_features_grid(device, B, G):
+    gen = torch.Generator().manual_seed(B * 5 + G)
+    ids, lengths = random_ids(B, G, gen), _lengths(B, G, gen)
+    got = torch.ops.care_ext.group_features(ids.to(device), lengths.to(device), 4000.0, 0.0, False,
+                                            1e-6, True)
+    ref = R.group_features(ids, lengths, 4000.0, 0.0, False, 1e-6, True, dtype=torch.float64)
+    for name, g, r in zip(R.GroupFeatures._fields, got, ref):
+        if r.dtype in (torch.int64, torch.bool):
+            assert_exact(g, r, name)
+        else:
+            assert g.dtype == torch.float32, name
+            assert_close(g, r, name)
+
+
+def test_group_features_length_dtypes(device):
+    gen = torch.Generator().manual_seed(1)
+    ids = random_ids(9, 8, gen)
+    lengths = _lengths(9, 8, gen)
+    outs = [torch.ops.care_ext.group_features(ids.to(device), lengths.to(dt).to(device), 1000.0,
+                                              0.0, False, 1e-6, False)[3]
+            for dt in (torch.int64, torch.int32, torch.float32, torch.float64)]
+    for o in outs[1:]:
+        assert torch.equal(o, outs[0])
+    assert float(outs[0].max()) <= 1.0 and float(outs[0].min()) >= 0.0
+
+
+def _classifier_case(B, G, H, dtype, gen, device, masked, with_feat):
+    h_p = torch.randn(B, H, generator=gen).to(dtype)
+    h_r = torch.randn(B, G, H, generator=gen).to(dtype)
+    Fp, Fr = G + 1, (1 if with_feat else 0)
+    pf = torch.rand(B, Fp, generator=gen)
+    rf = torch.rand(B, G, Fr, generator=gen) if with_feat else None
+    mask = (torch.rand(B, G, generator=gen) < 0.5) if masked else None
+    w = random_weights(H, Fp, Fr, G + 1, gen)
+    got = torch.ops.care_ext.classifier_forward(
+        h_p.to(device), pf.to(device), h_r.to(device), None if rf is None else rf.to(device),
+        None if mask is None else mask.to(device), [t.to(device) for t in w])
+    ref64 = R.classifier_forward(h_p, pf, h_r, rf, mask, to64(w))
+    ref32 = R.classifier_forward(h_p, pf, h_r, rf, mask, w)
+    return got, ref32, ref64
+
+
+def _assert_like_torch(got, ref32, ref64, what):
+    """Native error vs float64 at most 2x torch's own float32 error + 1e-5 (flash-attn's rule)."""
+    assert got.shape == ref64.shape and got.dtype == torch.float32
+    err = (got.cpu().double() - ref64).abs().max().item() if got.numel() else 0.0
+    base = (ref32.double() - ref64).abs().max().item() if got.numel() else 0.0
+    assert err <= 2 * base + 1e-5, f"{what}: max error {err:.3g} vs torch fp32 {base:.3g}"
+
+
+@pytest.mark.parametrize("masked,with_feat", [(False, True), (True, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,G,H", [(0, 8, 64), (1, 1, 64), (7, 5, 130), (64, 8, 64),
+                                   (16, 16, 2048), (4, 64, 130), (3, 8, 4096)])
+def test_classifier_forward(device, B, G, H, dtype, masked, with_feat):
+    gen = torch.Generator().manual_seed(B + G + H)
+    got, ref32, ref64 = _classifier_case(B, G, H, dtype, gen, device, masked, with_feat)
+    _assert_like_torch(got, ref32, ref64, "logits")
+
+
+def test_classifier_forward_non_contiguous(device):
+    gen = torch.Generator().manual_seed(4)
+    B, G, H = 6, 8, 96
+    h_p = torch.randn(H, B, generator=gen).T  # transposed view
+    h_r = torch.randn(B, 2 * G, H, generator=gen)[:, ::2]
+    pf = torch.rand(B, G + 1, generator=gen)
+    w = random_weights(H, G + 1, 0, 3, gen)
+    w[0] = torch.randn(H + G + 1, 128, generator=gen).T / 10  # non-contiguous weight
+    assert not (h_p.is_contiguous() or h_r.is_contiguous() or w[0].is_contiguous())
+    got = torch.ops.care_ext.classifier_forward(h_p.to(device), pf.to(device), h_r.to(device),
+                                                None, None, [t.to(device) for t in w])
+    _assert_like_torch(got, R.classifier_forward(h_p, pf, h_r, None, None, w),
+                       R.classifier_forward(h_p, pf, h_r, None, None, to64(w)), "non-contiguous")
+
+
+def test_empty_mask_row_pools_to_zero(device):
+    gen = torch.Generator().manual_seed(8)
+    B, G, H = 2, 4, 32
+    w = random_weights(H, 1, 0, 2, gen)
+    h_p, h_r, pf = torch.randn(B, H), torch.randn(B, G, H), torch.rand(B, 1)
+    mask = torch.tensor([[False] * 4, [True, False, True, False]])
+    got = torch.ops.care_ext.classifier_forward(h_p.to(device), pf.to(device), h_r.to(device), None,
+                                                mask.to(device), [t.to(device) for t in w])
+    # row 0 must equal a forward whose pooled vector is zero: change its rollouts, same result
+    h_r2 = h_r.clone()
+    h_r2[0] = torch.randn(G, H)
+    got2 = torch.ops.care_ext.classifier_forward(h_p.to(device), pf.to(device), h_r2.to(device),
+                                                 None, mask.to(device), [t.to(device) for t in w])
+    assert torch.equal(got[0], got2[0])
+    assert_close(got, R.classifier_forward(h_p, pf, h_r, None, mask, to64(w)), "masked",
+                 rtol=1e-4, atol=1e-5)
+
+
+def _step_inputs(B, G, H, dtype, gen):
+    ids = random_ids(B, G, gen)
+    lengths = torch.randint(1, 5000, (B, G), generator=gen)
+    h_p = torch.randn(B, H, generator=gen).to(dtype)
+    h_r = torch.randn(B, G, H, generator=gen).to(dtype)
+    s1 = random_weights(H, G + 1, 1, 2, gen)
+    s2 = random_weights(H, G + 1, 0, G + 1, gen)
+    return ids, lengths, h_p, h_r, s1, s2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,G,H", [(0, 8, 64), (1, 1, 32), (7, 5, 130), (64, 8, 256),
+                                   (33, 16, 130), (5, 64, 64)])
+def test_acquisition_step_matches_composition(device, B, G, H, dtype):
+    gen = torch.Generator().manual_seed(B * G + H)
+    ids, lengths, h_p, h_r, s1, s2 = _step_inputs(B, G, H, dtype, gen)
+    got = torch.ops.care_ext.acquisition_step(
+        ids.to(device), lengths.to(device), h_p.to(device), h_r.to(device),
+        [t.to(device) for t in s1], [t.to(device) for t in s2], 4000.0, 0.0, False, 1e-6, False)
+    ref64 = R.acquisition_step(ids, lengths, h_p, h_r, to64(s1), to64(s2), 4000.0, 0.0, False,
+                               1e-6, False)
+    ref32 = R.acquisition_step(ids, lengths, h_p, h_r, s1, s2, 4000.0, 0.0, False, 1e-6, False)
+    assert len(got) == len(R.AcquisitionOutputs._fields)
+    for name, g, r64, r32 in zip(R.AcquisitionOutputs._fields, got, ref64, ref32):
+        if r64.dtype in (torch.int64, torch.bool):
+            assert_exact(g, r64, name)
+        elif name in ("reliability", "stage1_logits", "probs", "ecag"):
+            _assert_like_torch(g, r32, r64.double(), name)
+        else:
+            assert_close(g, r64, name)
