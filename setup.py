@@ -5,6 +5,7 @@ Environment switches:
                              torch has CUDA and a CUDA toolkit is found; 1 = must, 0 = never.
     CARE_EXT_SKIP_BUILD=1    no native extension at all (pure-Python install; the reference serves).
     DEBUG=1                  -O0 -g instead of -O3.
+    CARE_EXT_PTXAS_VERBOSE=1 pass -Xptxas -v to nvcc (register/spill report per kernel).
     TORCH_CUDA_ARCH_LIST     defaults to "9.0" (H100/H200/H20).
     CUDA_HOME                defaults to the toolkit root that `nvcc` on PATH resolves to.
 """
@@ -98,6 +99,8 @@ def _extensions():
                                      py_limited_api=True)]
     sources += sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
     nvcc = opt + defines + ["-lineinfo", "-DCARE_EXT_WITH_CUDA"]
+    if os.environ.get("CARE_EXT_PTXAS_VERBOSE", "0") == "1":
+        nvcc += ["-Xptxas", "-v"]  # registers, stack and spills per kernel (bench/gpu_check.sh)
     return [cpp_ext.CUDAExtension("care_ext._C", sources,
                                   extra_compile_args={"cxx": cxx + ["-DCARE_EXT_WITH_CUDA"],
                                                       "nvcc": nvcc},

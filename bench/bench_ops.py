@@ -1,0 +1,219 @@
+"""Microbenchmarks of the care_ext ops and the whole acquisition step.
+
+Providers, measured side by side in one process on one machine:
+    native          torch.ops.care_ext.* (the compiled kernels)
+    reference       care_ext.reference, plain torch eager (the "eager" anchor of ARCHITECTURE §8)
+    compile         torch.compile(reference) (after warm-up)
+    cudagraph       a CUDA-graph replay of the reference (CUDA only; the launch-free floor of eager)
+
+Headline numbers are host-inclusive (synchronise, N calls, synchronise; divided by N), which is what
+a trainer pays at CARE's sizes. Results go to --out as JSON lines and CSV with the device name,
+torch version and care_ext.build_info().
+
+    python bench/bench_ops.py --device cpu --threads 2
+    python bench/bench_ops.py --device cuda --out $OUT/bench_ops
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import care_ext
+from care_ext import reference as R
+
+SHAPES = {"cpu": ["64x8x2048", "64x8x3072", "64x8x4096", "512x16x4096"],
+          "cuda": ["64x8x2048", "64x8x3072", "64x8x4096", "512x16x4096", "1024x64x4096"]}
+
+
+def make_inputs(B: int, G: int, H: int, device: str, hidden_dtype: torch.dtype, seed: int = 0):
+    """Realistic step inputs: clustered answer ids, lengths, hidden states, CARE-sized weights."""
+    gen = torch.Generator().manual_seed(seed)
+    n = torch.randint(1, G + 1, (B, 1), generator=gen)
+    ids = (torch.rand(B, G, generator=gen) * n).long()
+    ids[torch.rand(B, G, generator=gen) < 0.1] = -1
+    lengths = torch.randint(50, 4000, (B, G), generator=gen)
+    h_p = torch.randn(B, H, generator=gen).to(hidden_dtype)
+    h_r = torch.randn(B, G, H, generator=gen).to(hidden_dtype)
+
+    def weights(Fp, Fr, C):
+        shapes = [(128, H + Fp), (128,), (64, H + Fr), (64,), (512, 64), (512,), (256, 640), (256,),
+                  (C, 256), (C,)]
+        return [torch.randn(*s, generator=gen) / math.sqrt(s[-1] if len(s) == 2 else 1)
+                for s in shapes]
+
+    s1, s2 = weights(G + 1, 1, 2), weights(G + 1, 0, G + 1)
+    r = (torch.rand(B, G, generator=gen) < 0.4).float()
+    r2 = (torch.rand(B, G, generator=gen) < 0.4).float()
+    to = lambda t: t.to(device)  # noqa: E731
+    return dict(ids=to(ids), lengths=to(lengths), h_p=to(h_p), h_r=to(h_r),
+                s1=[to(t) for t in s1], s2=[to(t) for t in s2], r=to(r), r2=to(r2),
+                sizes=to(R.cluster_stats(ids)[1]), logits=to(torch.randn(B, G + 1, generator=gen)))
+
+
+def op_calls(x, impl):
+    """name -> zero-argument callable running that op with implementation `impl` (module-like)."""
+    cag, adm = R.classwise_cag(x["sizes"], 0.0, False)
+    return {
+        "cluster_stats": lambda: impl.cluster_stats(x["ids"]),
+        "group_advantage": lambda: impl.group_advantage(x["r"], 1e-6, False),
+        "cag": lambda: impl.cag(x["r"], x["r2"], 0.0, False),
+        "classwise_cag": lambda: impl.classwise_cag(x["sizes"], 0.0, False),
+        "expected_cag": lambda: impl.expected_cag(x["logits"], cag, adm),
+        "group_features": lambda: impl.group_features(x["ids"], x["lengths"], 4000.0, 0.0, False,
+                                                      1e-6, False),
+        "acquisition_step": lambda: impl.acquisition_step(
+            x["ids"], x["lengths"], x["h_p"], x["h_r"], x["s1"], x["s2"], 4000.0, 0.0, False, 1e-6,
+            False),
+    }
+
+
+class _Native:
+    """torch.ops.care_ext with the reference's call signature."""
+
+    def __getattr__(self, name):
+        op = getattr(torch.ops.care_ext, name)
+        if name == "acquisition_step":
+            return lambda ids, l, hp, hr, s1, s2, *a: op(ids, l, hp, hr, list(s1), list(s2), *a)
+        return op
+
+
+class _Compiled:
+    """torch.compile of each reference op, compiled on first use."""
+
+    def __init__(self):
+        self.cache = {}
+
+    def __getattr__(self, name):
+        if name not in self.cache:
+            self.cache[name] = torch.compile(getattr(R, name))
+        return self.cache[name]
+
+
+def host_time(fn, device: str, min_time: float) -> list[float]:
+    """Per-call host-inclusive seconds over several blocks (sync, N calls, sync)."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(3):
+        fn()
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    one = max(time.perf_counter() - t0, 1e-7)
+    n = max(1, min(2000, int(0.05 / one)))
+    samples, spent = [], 0.0
+    while spent < min_time or len(samples) < 5:
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        sync()
+        dt = time.perf_counter() - t0
+        samples.append(dt / n)
+        spent += dt
+    return samples
+
+
+def graph_time(fn, min_time: float) -> list[float]:
+    """Per-call seconds of replaying fn captured in a CUDA graph (launch-free device time)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return host_time(g.replay, "cuda", min_time)
+
+
+def memory_floor_us(x, device: str) -> float | None:
+    """Time to read the step's inputs once (a same-size device copy), the bandwidth floor."""
+    if device != "cuda":
+        return None
+    src = torch.cat([x["h_r"].reshape(-1).view(torch.uint8), x["h_p"].reshape(-1).view(torch.uint8)])
+    dst = torch.empty_like(src)
+    # a copy reads and writes: half of it is the read floor
+    return statistics.median(graph_time(lambda: dst.copy_(src), 0.2)) * 1e6 / 2
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--shapes", nargs="*", help="BxGxH, default per device")
+    ap.add_argument("--ops", nargs="*", help="subset of ops (default: all)")
+    ap.add_argument("--providers", nargs="*", default=["native", "reference", "compile", "cudagraph"])
+    ap.add_argument("--hidden-dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--min-time", type=float, default=0.5, help="seconds per measurement")
+    ap.add_argument("--out", default="bench/out/bench_ops", help="output path prefix")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not care_ext.HAS_NATIVE:
+        print(f"native library not loaded: {care_ext.NATIVE_ERROR}", file=sys.stderr)
+        return 2
+    dev = args.device
+    dev_name = torch.cuda.get_device_name() if dev == "cuda" else platform.processor() or "cpu"
+    meta = dict(device=dev, device_name=dev_name, torch=torch.__version__,
+                threads=torch.get_num_threads(), build_info=care_ext.build_info(),
+                hidden_dtype=args.hidden_dtype, date=time.strftime("%Y-%m-%d %H:%M:%S"))
+    rows = []
+    native, compiled = _Native(), _Compiled()
+    for shape in args.shapes or SHAPES[dev]:
+        B, G, H = map(int, shape.split("x"))
+        x = make_inputs(B, G, H, dev, getattr(torch, args.hidden_dtype))
+        floor = memory_floor_us(x, dev)
+        calls = {"native": op_calls(x, native), "reference": op_calls(x, R)}
+        for op in args.ops or list(calls["native"]):
+            result = dict(shape=shape, op=op, floor_us=floor)
+            for prov in args.providers:
+                try:
+                    if prov in ("native", "reference"):
+                        t = host_time(calls[prov][op], dev, args.min_time)
+                    elif prov == "compile":
+                        t = host_time(op_calls(x, compiled)[op], dev, args.min_time)
+                    elif prov == "cudagraph" and dev == "cuda":
+                        t = graph_time(calls["reference"][op], args.min_time)
+                    else:
+                        continue
+                except Exception as exc:  # a provider that cannot run this op is reported, not fatal
+                    result[f"{prov}_error"] = f"{type(exc).__name__}: {exc}"[:200]
+                    continue
+                result[f"{prov}_us"] = statistics.median(t) * 1e6
+                q = statistics.quantiles(t, n=4) if len(t) >= 4 else [min(t), max(t)]
+                result[f"{prov}_iqr_us"] = (q[-1] - q[0]) * 1e6
+            if "native_us" in result and "reference_us" in result:
+                result["speedup_vs_reference"] = result["reference_us"] / result["native_us"]
+            rows.append(result)
+            cols = [f"{p}={result[p + '_us']:.1f}us" for p in args.providers if p + "_us" in result]
+            print(f"{dev} {shape:>13} {op:<17} " + "  ".join(cols)
+                  + (f"  x{result['speedup_vs_reference']:.1f}" if "speedup_vs_reference" in result else "")
+                  + (f"  floor={floor:.1f}us" if floor else ""), flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_suffix(".jsonl"), "w") as f:
+        for r in rows:
+            f.write(json.dumps({**meta, **r}) + "\n")
+    keys = sorted({k for r in rows for k in r})
+    with open(out.with_suffix(".csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["device_name", "torch", "threads"] + keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow({"device_name": dev_name, "torch": torch.__version__,
+                        "threads": meta["threads"], **r})
+    print(f"wrote {out.with_suffix('.jsonl')} and .csv  ({json.dumps(meta['build_info'])})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
