@@ -6,7 +6,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
-#include <sstream>
+#include <string>
 
 #ifndef CARE_EXT_TORCH_VERSION
 #define CARE_EXT_TORCH_VERSION "unknown"
@@ -31,25 +31,25 @@ PyObject* PyInit__C(void) {
 
 namespace care_ext {
 
+// Built with plain string concatenation: an std::ostringstream here crashed inside libstdc++'s
+// ostream on the GPU machine (torch 2.11 image), seen 2026-11-26.
 std::string build_info() {
-  std::ostringstream s;
-  s << "{\"torch\": \"" << CARE_EXT_TORCH_VERSION << "\", "
+  std::string s = "{\"torch\": \"" CARE_EXT_TORCH_VERSION "\", ";
 #ifdef CARE_EXT_WITH_CUDA
-    << "\"cuda\": true, "
+  s += "\"cuda\": true, ";
 #else
-    << "\"cuda\": false, "
+  s += "\"cuda\": false, ";
 #endif
-    << "\"cuda_version\": \"" << CARE_EXT_CUDA_VERSION << "\", "
-    << "\"archs\": \"" << CARE_EXT_CUDA_ARCHS << "\", "
-    << "\"git\": \"" << CARE_EXT_GIT_HASH << "\", "
-    << "\"max_group_size\": " << kMaxGroupSize << ", "
+  s += "\"cuda_version\": \"" CARE_EXT_CUDA_VERSION "\", ";
+  s += "\"archs\": \"" CARE_EXT_CUDA_ARCHS "\", ";
+  s += "\"git\": \"" CARE_EXT_GIT_HASH "\", ";
+  s += "\"max_group_size\": " + std::to_string(kMaxGroupSize) + ", ";
 #ifdef NDEBUG
-    << "\"debug\": false"
+  s += "\"debug\": false}";
 #else
-    << "\"debug\": true"
+  s += "\"debug\": true}";
 #endif
-    << "}";
-  return s.str();
+  return s;
 }
 
 TORCH_LIBRARY(care_ext, m) {
