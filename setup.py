@@ -92,11 +92,15 @@ def _extensions():
         f'-DCARE_EXT_CUDA_ARCHS="{archs}"',
         f'-DCARE_EXT_CUDA_VERSION="{torch.version.cuda or ""}"',
     ]
+    # Link the shared libstdc++ explicitly, ahead of any static copy a toolchain's specs add: the GPU
+    # machine's /opt/gcc g++ linked libstdc++ statically into _C, whose uninitialised stream
+    # locale then crashed every TORCH_CHECK message with a number in it (seen 2026-11-26).
+    link = ["-l:libstdc++.so.6"] if sys.platform.startswith("linux") else []
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = opt + defines + ["-Wall", "-Wextra", "-Wno-unused-parameter"]
     if not use_cuda:
         return [cpp_ext.CppExtension("care_ext._C", sources, extra_compile_args={"cxx": cxx},
-                                     py_limited_api=True)]
+                                     extra_link_args=link, py_limited_api=True)]
     sources += sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
     nvcc = opt + defines + ["-lineinfo", "-DCARE_EXT_WITH_CUDA"]
     if os.environ.get("CARE_EXT_PTXAS_VERBOSE", "0") == "1":
@@ -104,7 +108,7 @@ def _extensions():
     return [cpp_ext.CUDAExtension("care_ext._C", sources,
                                   extra_compile_args={"cxx": cxx + ["-DCARE_EXT_WITH_CUDA"],
                                                       "nvcc": nvcc},
-                                  py_limited_api=True)]
+                                  extra_link_args=link, py_limited_api=True)]
 
 
 setup(

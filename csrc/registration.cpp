@@ -6,6 +6,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <iostream>  // runs std::ios_base::Init: see the note above build_info
 #include <string>
 
 #ifndef CARE_EXT_TORCH_VERSION
@@ -31,8 +32,10 @@ PyObject* PyInit__C(void) {
 
 namespace care_ext {
 
-// Built with plain string concatenation: an std::ostringstream here crashed inside libstdc++'s
-// ostream on the GPU machine (torch 2.11 image), seen 2026-11-26.
+// Built with plain string concatenation. On the GPU machine's image (torch 2.11) the linked .so
+// carries its own copy of libstdc++'s stream code, and formatting a number through an ostream
+// (std::ostringstream here, c10::str in every TORCH_CHECK message) crashed until <iostream> was
+// included, whose std::ios_base::Init sets up the stream locale (seen 2026-11-26).
 std::string build_info() {
   std::string s = "{\"torch\": \"" CARE_EXT_TORCH_VERSION "\", ";
 #ifdef CARE_EXT_WITH_CUDA
