@@ -4,7 +4,8 @@ The key removes LaTeX noise that never changes the value (spacing commands, ``\\
 ``\\dfrac``, ``\\text{}`` wrappers, a trailing period, degree marks, a lone ``x=`` prefix,
 thousands separators) and turns integers, terminating decimals and fractions of two integers into
 their exact reduced value, so "025" and "25" share a key and so do "0.5", ".50", "1/2" and
-"\\frac{1}{2}". It never maps two different integers to one key (the official code's sympy
+"\\frac{1}{2}". Word answers ("none", "\\text{Evelyn}") are lower-cased and match only the
+same words. It never maps two different integers to one key (the official code's sympy
 normalisation maps "025" and "007" to "0"; this one works on the digit string).
 """
 
@@ -44,6 +45,10 @@ _INT = re.compile(r"^([+-]?)(\d+)$")
 _DEC = re.compile(r"^[+-]?(?:\d+\.\d*|\.\d+)$")
 _SLASH_FRAC = re.compile(r"^([+-]?)(\d+)/(\d+)$")
 _TEX_FRAC = re.compile(r"^([+-]?)\\frac\{([+-]?\d+)\}\{([+-]?\d+)\}$")
+# a word answer ("none", "no solution", "Evelyn"): letters, spaces, ' and - only, with a run of
+# at least 4 letters (so "p-q", "mn", "x" stay algebra)
+_WORDS = re.compile(r"[A-Za-z][A-Za-z '\-]*")
+_LONG_WORD = re.compile(r"[A-Za-z]{4,}")
 # a numeric power tower of height >= 3 (2^{2^{2^{100}}}, 10^{10^{10}}): sympy evaluates it
 _NUMERIC_TOWER = re.compile(r"\d\s*\^\s*\{?\s*\(?\s*\d+\s*\^\s*\{?\s*\(?\s*\d")
 
@@ -161,6 +166,11 @@ def math_key(
     value = _rational(s)
     if value is not None:
         return _number_key(value)
+    if _WORDS.fullmatch(s) and _LONG_WORD.search(s):
+        # words parse as products of one-letter symbols in math-verify ("four" = f*o*u*r), which
+        # is meaningless and slow: word answers match only the same words (case-insensitive)
+        text = " ".join(s.lower().split())
+        return CanonicalKey(text=text, number=False, symbolic=False, latex=text)
     symbolic = not is_pathological_math(s, max_symbolic_chars)
     return CanonicalKey(
         text=s, number=False, symbolic=symbolic, latex=s, value=evaluate_constant(s) if symbolic else None

@@ -81,8 +81,15 @@ def run_symbolic_job(job: SymbolicJob) -> SymbolicResult:
     return SymbolicResult(clusters, gold_cluster, new, exhausted)
 
 
+#: answer shapes parsed once by each worker at start: the parser builds its tables lazily per
+#: shape, so the first tuple/interval/equation costs 100+ ms; better before the first job
+WARM_UP_FORMS = ("(1,2)", "[0,1)", "x^2+1", "y=2x+1", "\\{1,2\\}", "3\\pi", "\\sqrt{2}", "10\\%", "\\text{A}")
+
+
 def warm_up_math() -> None:
-    """Worker warm-up: import math-verify and run one check."""
+    """Worker warm-up: import math-verify, run one check, parse :data:`WARM_UP_FORMS`."""
     from .tasks import MATH_EQUIVALENCE
 
     MATH_EQUIVALENCE.warm_up()
+    for f in WARM_UP_FORMS:
+        MATH_EQUIVALENCE.parsed(f)
