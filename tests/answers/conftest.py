@@ -41,5 +41,7 @@ def pooled():
     from care_ext.answers import AnswerClusterer
 
     c = AnswerClusterer(workers=2, job_timeout_s=30.0)
+    c.start()
+    assert len(c._pool._workers) == 2 and all(w.proc.is_alive() for w in c._pool._workers)
     yield c
     c.close()
