@@ -51,7 +51,7 @@ def deployable(source: Tensor, rewards: Tensor, weight: Tensor, sizes: Tensor,
         m["care/reliability_mean"] = _mean(reliability)
     if ecag is not None:
         m["care/ecag_mean"] = _mean(ecag)
-    return m
+    return {k: v for k, v in m.items() if v == v}  # an empty selection logs nothing, not NaN
 
 
 def simulation(source: Tensor, rewards: Tensor, true_rewards: Tensor, majority_correct: Tensor,
