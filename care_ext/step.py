@@ -132,7 +132,7 @@ class CareController:
             mean_prob = _mean_token_prob(logprobs, logprob_mask, B, G)
             named["logprobs"] = mean_prob
         for name, t in named.items():
-            fin = torch.isfinite(t.reshape(B, -1).float()).all(1) if B else bad
+            fin = torch.isfinite(t.reshape(B, -1)).all(1) if B else bad
             if name == "lengths":
                 fin = fin & (t >= 0).all(1)
             if not bool(fin.all()):

@@ -123,3 +123,18 @@ def test_cached_labels_are_free_and_train_again_next_epoch():
     assert c.store.spent()[0] == d1.labels_bought + d2.labels_bought  # nothing paid twice
     assert not (d2.source[~was_bought] == 2).any()
     assert m["train/samples"] == int(was_bought.sum()) + d2.labels_bought
+
+
+def test_stage2_can_exclude_correct_majorities():
+    world = make_world(B=B, G=G, H=H)
+    gold = {}
+    c = CareController(CareConfig(strategy="care", group_size=G, warmup_steps=0,
+                                  stage2_correct_majority="exclude"), GoldOracle(gold))
+    for s in range(3):
+        b = make_batch(world, s)
+        gold.update(b.gold)
+        c.decide(b.uids, b.ids, **b.kwargs())
+        c.update()
+    r1, r2 = c.trainer.replay1.items, c.trainer.replay2.items
+    assert any(x.majority_correct for x in r1)
+    assert len(r2) == sum(1 for x in r1 if not x.majority_correct) and not any(x.majority_correct for x in r2)
