@@ -28,6 +28,7 @@ from .decision import BOUGHT, CACHED, DROPPED, TRUSTED, Decision
 from .labels import LabelStore, Oracle, OracleResult, SimulationOnlyError
 from .replay import Sample
 from .strategies import StepContext, Strategy, get_strategy
+from .strategies.base import gold_correct
 from .trainer import ClassifierTrainer
 
 ResolveLabel = Callable[[Any, Any], int]
@@ -250,7 +251,7 @@ class CareController:
         gold = torch.full((B,), -1, dtype=torch.long)
         for i in labelled.nonzero().flatten().tolist():
             gold[i] = self._resolve(labels[uids[i]], payloads[i])
-        true_r = ((ids_c == gold[:, None]) & (gold[:, None] >= 0)).float()
+        true_r = gold_correct(ids_c, gold).float()
         rewards = torch.where(labelled[:, None], true_r, gf.pseudo_rewards)
         weight = torch.zeros(B)
         weight[labelled] = 1.0
@@ -345,7 +346,7 @@ class CareController:
         if self.cfg.audit_frac <= 0:
             return
         rows = audited.nonzero().flatten()
-        correct = ((rank[rows] == 0) & (ids[rows] == gold[rows, None]) & (gold[rows, None] >= 0)).any(1)
+        correct = ((rank[rows] == 0) & gold_correct(ids[rows], gold[rows])).any(1)
         self._audit[0] += int(correct.sum())
         self._audit[1] += len(rows)
         mets["audit/n_step"] = float(len(rows))
@@ -487,7 +488,7 @@ def _buy_order(score: Tensor, priority: Tensor | None, eligible: Tensor) -> Tens
 
 def _make_sample(parts: dict, gold: int) -> Sample:
     """A training sample from a row's features and its gold answer id."""
-    correct = (parts["ids"] == gold) & (gold >= 0)
+    correct = gold_correct(parts["ids"], torch.tensor(gold))
     maj = bool((correct & (parts["rank"] == 0)).any())
     count = 0 if maj else int((correct & (parts["rank"] > 0)).sum())
     if not bool(parts["admissible"][count]):

@@ -1,5 +1,4 @@
 """Label store, ledger, crash safety, oracles (callable with retries/timeouts, async queue), audit."""
-import json
 import math
 import os
 import signal
@@ -9,7 +8,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from care_ext.config import CareConfig
 from care_ext.decision import BOUGHT, CACHED, DROPPED, TRUSTED
