@@ -118,7 +118,7 @@ setup(
     packages=find_packages(include=["care_ext", "care_ext.*", "training", "training.*"]),
     package_data={"care_ext": ["py.typed"]},
     python_requires=">=3.10",
-    install_requires=["torch>=2.10", "numpy"],
+    install_requires=["torch>=2.10", "numpy", "math-verify[antlr4_13_2]>=0.9.0,<0.10"],
     ext_modules=_extensions(),
     cmdclass={"build_ext": cpp_ext.BuildExtension.with_options(use_ninja=True)},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},

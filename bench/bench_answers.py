@@ -29,8 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[1]  # for the data folder; care_ext is the installed package
 
 from care_ext.answers import AnswerClusterer  # noqa: E402
 from care_ext.answers.extract import last_braced_command  # noqa: E402

@@ -1,16 +1,13 @@
-"""Fixtures of the answers tests: repo root on sys.path, the data folder, shared clusterers."""
+"""Fixtures of the answers tests: the data folder, shared clusterers (tests import the installed care_ext)."""
 
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 
 def _data_dir() -> Path:
