@@ -45,6 +45,9 @@ stamp "benchmarks"
 timeout 240 python3 "$REPO/bench/bench_ops.py" --device cuda --min-time 0.3 \
   --out "$OUT/bench_ops" > "$OUT/bench.log" 2>&1
 stamp "bench exit $?"
+timeout 120 python3 "$REPO/bench/bench_step.py" --device cuda --out "$OUT/bench_step" \
+  > "$OUT/bench_step.log" 2>&1
+stamp "bench_step exit $? : $(grep -E 'decide' "$OUT/bench_step.log" | tr '\n' ' ')"
 
 stamp "compute-sanitizer (memcheck) on every kernel"
 cat > /tmp/sanitize_ops.py <<'PY'

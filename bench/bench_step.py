@@ -1,0 +1,99 @@
+"""End-to-end cost of the CARE core per RL step: CareController.decide + update.
+
+Synthetic batches of CARE's shapes (answer ids with a planted majority, lengths, bf16 hidden
+states), fresh prompt uids every step so labels are really bought (GoldOracle, in-memory store).
+Reports the median decide and update wall times after a warm-up, per (device, B, G, H), and the
+share of the step that the classifier update takes.
+
+    python bench/bench_step.py --device cpu --shapes 64x8x4096 --threads 1
+    python bench/bench_step.py --device cuda --out $OUT/bench_step
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import care_ext
+from care_ext.config import CareConfig
+from care_ext.labels import GoldOracle
+from care_ext.step import CareController
+
+
+def batch(step: int, B: int, G: int, H: int, gen: torch.Generator, device: str):
+    """One step's inputs: ids with a majority answer, gold ids, lengths, bf16 hidden states."""
+    n = torch.randint(1, 4, (B, 1), generator=gen)
+    ids = (torch.rand(B, G, generator=gen) * n).long()
+    ids[torch.rand(B, G, generator=gen) < 0.1] = -1
+    gold = torch.randint(0, 3, (B,), generator=gen)
+    uids = [f"s{step}-p{b}" for b in range(B)]
+    lengths = torch.randint(50, 4000, (B, G), generator=gen)
+    h_p = torch.randn(B, H, generator=gen).to(torch.bfloat16).to(device)
+    h_r = torch.randn(B, G, H, generator=gen).to(torch.bfloat16).to(device)
+    return uids, ids, gold, lengths, h_p, h_r
+
+
+def run(device: str, B: int, G: int, H: int, steps: int, warmup: int, strategy: str) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    gold: dict[str, int] = {}
+    ctl = CareController(CareConfig(strategy=strategy, group_size=G, device=device,
+                                    warmup_steps=2), GoldOracle(gold))
+    t_decide, t_update = [], []
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for step in range(warmup + steps):
+        uids, ids, g, lengths, h_p, h_r = batch(step, B, G, H, gen, device)
+        gold.update({u: int(x) for u, x in zip(uids, g)})
+        sync()
+        t0 = time.perf_counter()
+        ctl.decide(uids, ids, lengths=lengths, h_prompt=h_p, h_resp=h_r)
+        sync()
+        t1 = time.perf_counter()
+        ctl.update()
+        sync()
+        t2 = time.perf_counter()
+        if step >= warmup:
+            t_decide.append(t1 - t0)
+            t_update.append(t2 - t1)
+    d, u = statistics.median(t_decide) * 1e3, statistics.median(t_update) * 1e3
+    return dict(device=device, shape=f"{B}x{G}x{H}", strategy=strategy, decide_ms=d, update_ms=u,
+                update_share=u / (d + u), steps=steps)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--shapes", nargs="*", default=["64x8x4096", "512x16x4096"])
+    ap.add_argument("--strategy", default="care")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default="bench/out/bench_step")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
+    rows = []
+    for shape in args.shapes:
+        B, G, H = map(int, shape.split("x"))
+        r = run(args.device, B, G, H, args.steps, args.warmup, args.strategy)
+        r.update(device_name=name, torch=torch.__version__, threads=torch.get_num_threads(),
+                 native=care_ext.HAS_NATIVE, date=time.strftime("%Y-%m-%d %H:%M:%S"))
+        rows.append(r)
+        print(f"{args.device} {shape:>12} {args.strategy}: decide {r['decide_ms']:.1f} ms, "
+              f"update {r['update_ms']:.1f} ms ({100 * r['update_share']:.0f}% of the step)",
+              flush=True)
+    out = Path(args.out).with_suffix(".jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
