@@ -71,7 +71,10 @@ def test_sigkill_between_requested_and_stored_then_resume(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     with sqlite3.connect(store) as db:  # the crash left paid-but-unstored requests at step 1
         rows = dict(db.execute("SELECT status, COUNT(*) FROM ledger WHERE step = 1 GROUP BY status").fetchall())
-    assert rows.get("requested", 0) >= 1 and rows.get("stored", 0) == 2
+    # every purchase of step 1 was entered in the ledger before the judge ran; the blocked 3rd
+    # call (and any whose result the main thread had not stored yet) stays "requested"
+    assert sum(rows.values()) == math.ceil(0.25 * B)
+    assert rows.get("requested", 0) >= 1 and rows.get("stored", 0) <= 2
     resumed = core_crash_worker.run("resume", store, ckpt)
     for s in (1, 2):
         assert resumed[s] == straight[s]
