@@ -25,7 +25,8 @@
 extern "C" {
 // An empty module: `import care_ext._C` loads the library and runs the registrations below.
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr,
+                                          nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&module_def);
 }
 }
