@@ -70,3 +70,20 @@ def test_kk_rows(prepared):
     # test prompts render exactly like the train prompts around the puzzle
     head = tr["prompt"].split("A very special island")[0]
     assert e["prompt"].startswith(head)
+
+
+def test_eval_scoring_reads_the_same_files(prepared, tmp_path):
+    out, _ = prepared
+    rows = _rows(out / "eval_math.jsonl")[:2] + _rows(out / "eval_kk.jsonl")[:1]
+    gold0 = parse_label(rows[0]["label"], "").answer
+    gens = [dict(rows[0], responses=[f"\\boxed{{{gold0}}}", "\\boxed{-1}", "none", f"so \\boxed{{{gold0}}}"]),
+            dict(rows[1], responses=["\\boxed{-1}"] * 4),
+            dict(rows[2], responses=["<answer> nobody </answer>"] * 2)]
+    g = tmp_path / "gens.jsonl"
+    g.write_text("".join(json.dumps(r) + "\n" for r in gens))
+    res_path = tmp_path / "res.json"
+    r = subprocess.run([sys.executable, str(REPO / "training/openrlhf/eval_vllm.py"), "--generations", str(g),
+                        "--out", str(res_path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(res_path.read_text())
+    assert res["aime24/avg@4"] == pytest.approx(0.25) and res["kk3ppl/avg@2"] == 0.0 and res["n_prompts"] == 3

@@ -79,3 +79,11 @@ def test_launcher_installs_care_classes_in_ray_workers(tmp_path):
     assert opts.core == {"strategy": "care", "alpha": 0.1} and opts.feature_dtype == "bfloat16"
     # the trainer actor ran CARE's __init__ in its worker (the stock part then fails on bogus args)
     assert "care_ext/integrations/openrlhf/trainer.py" in res["trainer_error"]
+
+
+def test_import_care_ext_does_not_import_openrlhf():
+    code = ("import sys, care_ext, care_ext.integrations.openrlhf, care_ext.integrations.openrlhf.cli, "
+            "care_ext.integrations.openrlhf.capture, care_ext.integrations.openrlhf.runner; "
+            "assert 'openrlhf' not in sys.modules, 'openrlhf imported'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/")
+    assert r.returncode == 0, r.stderr[-2000:]
