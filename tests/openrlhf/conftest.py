@@ -40,6 +40,15 @@ if _SKIP is None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def skip_reason():
+    """Why the OpenRLHF tests are skipped (None when they run)."""
+    return _SKIP
+
+
+def pytest_report_header(config):
+    return f"openrlhf adapter tests: {'SKIPPED - ' + _SKIP if _SKIP else 'openrlhf 0.11.2 found'}"
+
+
 def pytest_collection_modifyitems(config, items):
     if _SKIP is None:
         return
@@ -52,6 +61,7 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_ignore_collect(collection_path, config):
     # test modules import openrlhf at module level: do not even import them without it
-    if _SKIP is not None and collection_path.name.startswith("test_openrlhf_"):
+    if (_SKIP is not None and collection_path.name.startswith("test_openrlhf_")
+            and collection_path.name != "test_openrlhf_available.py"):
         return True
     return None
