@@ -1,0 +1,84 @@
+"""The launcher: ``python -m care_ext.integrations.openrlhf <stock train_ppo_ray flags> --care.*``
+(console script ``care-openrlhf``).
+
+1. Split ``--care.*`` from the stock flags and parse them (:mod:`.config`); ``--help-care`` lists them.
+2. Check the pinned OpenRLHF version and the stock flags CARE depends on (a group advantage
+   estimator with G > 1, sync mode, no dynamic filtering, ...).
+3. :func:`.install.install` the CARE classes and route the options to the Ray actors.
+4. Run ``openrlhf.cli.train_ppo_ray`` as ``__main__`` with the stock flags (``runpy``), exactly as
+   ``python -m openrlhf.cli.train_ppo_ray`` would.
+"""
+from __future__ import annotations
+
+import runpy
+import sys
+import warnings
+
+from .config import OpenRLHFCareOptions, care_argument_parser, parse_care_args, split_care_argv
+
+STOCK_MODULE = "openrlhf.cli.train_ppo_ray"
+GROUP_ESTIMATORS = ("group_norm", "dr_grpo", "rloo", "reinforce_baseline")
+
+
+def _flag_value(argv: list[str], name: str):
+    """Last value of ``--name v`` / ``--name=v`` in argv, True for a bare flag, None if absent."""
+    val = None
+    for i, a in enumerate(argv):
+        if a == name:
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            val = nxt if nxt is not None and not nxt.startswith("--") else True
+        elif a.startswith(name + "="):
+            val = a.split("=", 1)[1]
+    return val
+
+
+def check_stock_flags(argv: list[str], options: OpenRLHFCareOptions) -> list[str]:
+    """Reject stock-flag combinations CARE cannot run with; return warnings for risky ones.
+
+    Raises:
+        SystemExit: with a message naming the flag.
+    """
+    est = _flag_value(argv, "--algo.advantage.estimator") or "gae"
+    if est not in GROUP_ESTIMATORS:
+        raise SystemExit(f"CARE needs a group estimator: --algo.advantage.estimator one of {GROUP_ESTIMATORS} "
+                         f"(got {est!r}; OpenRLHF's default is gae)")
+    g = _flag_value(argv, "--rollout.n_samples_per_prompt")
+    if g is None or int(g) < 2:
+        raise SystemExit("CARE needs --rollout.n_samples_per_prompt G >= 2 (the rollouts of one prompt)")
+    if _flag_value(argv, "--train.async_enable"):
+        raise SystemExit("CARE supports OpenRLHF's sync/hybrid mode only, not --train.async_enable")
+    if options.drop_mode == "remove" and _flag_value(argv, "--train.dynamic_batch_enable"):
+        raise SystemExit("--care.drop_mode remove does not support --train.dynamic_batch_enable")
+    ring = _flag_value(argv, "--ds.ring_attn_size")
+    if ring not in (None, True) and int(ring) > 1 and options.needs_hidden_states():
+        raise SystemExit("CARE hidden-state capture does not support --ds.ring_attn_size > 1")
+    notes = []
+    if _flag_value(argv, "--algo.dynamic_filtering_enable"):
+        notes.append("--algo.dynamic_filtering_enable filters prompts on the reward function's score "
+                      "before CARE sees them (it reads gold labels and removes prompts CARE never decides)")
+    kl = _flag_value(argv, "--algo.kl.init_coef")
+    if kl not in (None, True) and float(kl) > 0 and not _flag_value(argv, "--algo.kl.use_loss"):
+        notes.append("KL is in the reward (--algo.kl.use_loss off): CARE's prompt weights scale the KL "
+                     "penalty too; use --algo.kl.use_loss for exact weights")
+    if not _flag_value(argv, "--data.label_key"):
+        notes.append("no --data.label_key: prompts get hash uids and no gold answer (the gold oracle "
+                     "then fails and those prompts are dropped)")
+    return notes
+
+
+def main(argv: list[str] | None = None, stock_module: str = STOCK_MODULE) -> None:
+    """Entry point of ``care-openrlhf`` / ``python -m care_ext.integrations.openrlhf``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--help-care" in argv:
+        care_argument_parser().print_help()
+        return
+    care_argv, stock_argv = split_care_argv(argv)
+    options = parse_care_args(care_argv)
+    if "-h" not in stock_argv and "--help" not in stock_argv:
+        for note in check_stock_flags(stock_argv, options):
+            warnings.warn("care_ext: " + note, RuntimeWarning, stacklevel=2)
+    from .install import install
+
+    install(options)
+    sys.argv = [stock_module] + stock_argv
+    runpy.run_module(stock_module, run_name="__main__", alter_sys=True)

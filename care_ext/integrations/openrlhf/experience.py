@@ -1,0 +1,139 @@
+"""CARE in OpenRLHF's experience-making stage: :class:`CareExperienceMaker`.
+
+A subclass of ``openrlhf.trainer.ppo_utils.experience_maker.RemoteExperienceMaker`` (0.11.2):
+
+* ``make_experience``: the stock forwards (policy, reference, critic), then the policy workers'
+  captured hidden states are fetched, and :meth:`CareRunner.decide` regroups the rows by
+  ``index // G``, reads and clusters the answers, runs the CARE core, and overwrites ``rewards`` /
+  ``info["reward"]``; ``info["care/weight"]`` holds each row's prompt weight.
+* ``compute_advantages_and_returns``: the stock advantages (group_norm etc.), then ``advantages``
+  and ``returns`` of each row times its prompt weight. Exact when the KL term is a loss
+  (``--algo.kl.use_loss``) or off; with KL in the reward the weight scales that penalty too.
+* ``make_experience_batch``: with ``--care.drop_mode remove`` the dropped prompts' rows leave the
+  batch (see :func:`remove_dropped`).
+"""
+from __future__ import annotations
+
+import math
+from typing import List
+
+import torch
+
+from .version import check_openrlhf_version
+
+check_openrlhf_version()
+
+from openrlhf.trainer.ppo_utils.experience import Experience  # noqa: E402
+from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker  # noqa: E402
+
+WEIGHT_KEY = "care/weight"
+
+
+def select_row(e: Experience, r: int) -> Experience:
+    """A one-row Experience holding row ``r`` of ``e`` (tensors keep a leading dim of 1)."""
+    n = e.sequences.shape[0]
+    kw = {}
+    for name in Experience.__dataclass_fields__:
+        v = getattr(e, name)
+        if isinstance(v, torch.Tensor):
+            kw[name] = v[r:r + 1]
+        elif name == "info":
+            kw[name] = {k: (t[r:r + 1] if isinstance(t, torch.Tensor) else [t[r]] if isinstance(t, list) and len(t) == n else t)
+                        for k, t in v.items()}
+        elif isinstance(v, list):
+            kw[name] = [v[r]] if len(v) == n else list(v)
+        else:
+            kw[name] = v
+    return Experience(**kw)
+
+
+def remove_dropped(experiences: List[Experience], granularity: int, rows_per_experience: int,
+                   pad_token_id: int) -> List[Experience]:
+    """Remove the rows of dropped prompts (``info["care/weight"] == 0``) from the batch.
+
+    OpenRLHF splits the experience list into contiguous chunks per DP rank, and every rank must
+    run the same number of micro-batches. So the kept rows are topped up with the fewest
+    zero-weight rows (zero advantage) that make the count a positive multiple of ``granularity``
+    (DP ranks x ``--train.micro_batch_size``), and repacked into experiences of
+    ``rows_per_experience`` rows (a divisor of ``granularity`` makes every rank's share equal).
+
+    Args:
+        experiences: after ``compute_advantages_and_returns``.
+        granularity: the sample count must be a multiple of this.
+        rows_per_experience: rows per returned Experience.
+        pad_token_id: right-padding id of ``sequences``.
+
+    Returns:
+        The new experience list; rows keep their order of ``index``.
+    """
+    kept, filler = [], []
+    for e in experiences:
+        w = e.info[WEIGHT_KEY]
+        for r in range(e.sequences.shape[0]):
+            (kept if float(w[r]) != 0.0 else filler).append((int(e.index[r]), e, r))
+    total = len(kept) + len(filler)
+    target = max(granularity, math.ceil(len(kept) / granularity) * granularity)
+    target = min(target, total)
+    chosen = sorted(kept + filler[: target - len(kept)], key=lambda t: t[0])
+    singles = [select_row(e, r) for _, e, r in chosen]
+    return [Experience.concat_experiences(singles[i:i + rows_per_experience], pad_token_id)
+            for i in range(0, len(singles), rows_per_experience)]
+
+
+class CareExperienceMaker(RemoteExperienceMaker):
+    """RemoteExperienceMaker with CARE labels, weights and drops (see the module docstring).
+
+    Args: those of ``RemoteExperienceMaker`` plus ``care`` (a :class:`CareRunner`) and
+    ``capture`` (bool: the policy workers capture hidden states, fetch them each step).
+    """
+
+    def __init__(self, *args, care=None, capture: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        if care is None:
+            raise ValueError("CareExperienceMaker needs care= (a CareRunner)")
+        self.care = care
+        self.capture = bool(capture)
+
+    def _fetch_features(self, n_micro: int):
+        """The policy workers' captured features, one per micro-batch, in dispatch order."""
+        import itertools
+
+        import ray
+
+        args = self.strategy.args
+        dup = args.ds.ring_attn_size * args.ds.tensor_parallel_size
+        per_actor = ray.get(self.actor_model_group.async_run_method(method_name="care_pop_features"))
+        feats = list(itertools.chain.from_iterable(per_actor[::dup]))
+        if len(feats) != n_micro:
+            raise RuntimeError(f"policy workers returned {len(feats)} captured feature blocks for "
+                               f"{n_micro} micro-batches")
+        return feats
+
+    @torch.no_grad()
+    def make_experience(self, samples_list: List[Experience]) -> List[Experience]:
+        experiences = super().make_experience(samples_list)
+        feats = self._fetch_features(len(experiences)) if self.capture else None
+        self.care.decide(experiences, feats)
+        return experiences
+
+    @torch.no_grad()
+    def compute_advantages_and_returns(self, experiences: List[Experience]) -> List[Experience]:
+        experiences = super().compute_advantages_and_returns(experiences)
+        for e in experiences:
+            w = e.info[WEIGHT_KEY].to(e.advantages.device)
+            e.advantages = e.advantages * w[:, None].to(e.advantages.dtype)
+            if e.returns is not None:
+                e.returns = e.returns * w[:, None].to(e.returns.dtype)
+        return experiences
+
+    @torch.no_grad()
+    def make_experience_batch(self, rollout_samples) -> List[Experience]:
+        experiences = super().make_experience_batch(rollout_samples)
+        if self.care.options.drop_mode != "remove":
+            return experiences
+        a = self.strategy.args
+        dp = a.actor.num_nodes * a.actor.num_gpus_per_node // a.ds.ring_attn_size // a.ds.tensor_parallel_size
+        m = int(a.train.micro_batch_size)
+        out = remove_dropped(experiences, max(1, dp) * m, m, self.tokenizer.pad_token_id)
+        self.care.last_metrics["care/rows_trained"] = float(sum(e.sequences.shape[0] for e in out))
+        return out

@@ -1,0 +1,92 @@
+"""How the CARE classes reach OpenRLHF's Ray actors, without a fork.
+
+OpenRLHF builds every actor inside ``openrlhf.cli.train_ppo_ray.train()`` from two module
+attributes and offers no flag to choose the classes:
+
+* ``openrlhf.trainer.ppo_trainer.PPOTrainer`` (imported inside ``train()``),
+* ``openrlhf.trainer.ray.ppo_actor.PolicyModelActor`` (imported at the top of ``train_ppo_ray``).
+
+:func:`install` replaces both with the CARE actor classes before the launcher runs the stock CLI
+module fresh (``runpy``), so its imports pick them up. The CARE classes subclass the undecorated
+stock classes (``__ray_metadata__.modified_class``) and are wrapped with the same ``ray.remote``
+options; Ray pickles them with a by-reference link to ``care_ext.integrations.openrlhf.trainer`` /
+``.workers``, so each worker process imports care_ext (installed on every node) and rebuilds them.
+
+The ``--care.*`` options reach the actors through the environment variable
+:data:`~.config.ENV_VAR`, which :func:`install` adds to the ``runtime_env`` of the job's
+``ray.init`` call (``train()`` makes it; under ``ray job submit`` it connects to the cluster).
+"""
+from __future__ import annotations
+
+import functools
+
+from .config import ENV_VAR, OpenRLHFCareOptions
+from .version import check_openrlhf_version
+
+_INSTALLED: dict = {}
+
+
+def _wrap_ray_init(options_json: str) -> None:
+    import ray
+
+    if getattr(ray.init, "_care_wrapped", False):
+        ray.init._care_options = options_json
+        return
+    orig = ray.init
+
+    @functools.wraps(orig)
+    def init(*args, **kwargs):
+        runtime_env = dict(kwargs.get("runtime_env") or {})
+        env_vars = dict(runtime_env.get("env_vars") or {})
+        env_vars[ENV_VAR] = init._care_options
+        runtime_env["env_vars"] = env_vars
+        kwargs["runtime_env"] = runtime_env
+        return orig(*args, **kwargs)
+
+    init._care_wrapped = True
+    init._care_options = options_json
+    init._care_orig = orig
+    ray.init = init
+
+
+def install(options: OpenRLHFCareOptions) -> dict:
+    """Put the CARE classes in place of OpenRLHF's and route ``options`` to every actor.
+
+    Sets ``os.environ[ENV_VAR]`` (for actors of a local cluster this process starts), wraps
+    ``ray.init`` so the job's ``runtime_env`` carries it, and patches the two module attributes.
+    Returns ``{"PPOTrainer": cls, "PolicyModelActor": cls}`` (the classes now installed).
+    """
+    import os
+
+    check_openrlhf_version()
+    text = options.to_json()
+    os.environ[ENV_VAR] = text
+    _wrap_ray_init(text)
+
+    import openrlhf.trainer.ppo_trainer as ppo_trainer
+    import openrlhf.trainer.ray.ppo_actor as ppo_actor
+
+    from .trainer import CarePPOTrainer
+    from .workers import CarePolicyModelActor
+
+    if "stock" not in _INSTALLED:
+        _INSTALLED["stock"] = (ppo_trainer.PPOTrainer, ppo_actor.PolicyModelActor)
+    ppo_trainer.PPOTrainer = CarePPOTrainer
+    ppo_actor.PolicyModelActor = CarePolicyModelActor
+    return {"PPOTrainer": CarePPOTrainer, "PolicyModelActor": CarePolicyModelActor}
+
+
+def uninstall() -> None:
+    """Restore the stock classes and ``ray.init`` (tests)."""
+    import os
+
+    import ray
+
+    if "stock" in _INSTALLED:
+        import openrlhf.trainer.ppo_trainer as ppo_trainer
+        import openrlhf.trainer.ray.ppo_actor as ppo_actor
+
+        ppo_trainer.PPOTrainer, ppo_actor.PolicyModelActor = _INSTALLED.pop("stock")
+    if getattr(ray.init, "_care_wrapped", False):
+        ray.init = ray.init._care_orig
+    os.environ.pop(ENV_VAR, None)

@@ -1,0 +1,89 @@
+"""The launcher: --care.* parsing, stock-flag checks, and the CARE classes reaching Ray workers
+of a local CPU Ray cluster (2 CPUs) with the job's --care.* options."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from care_ext.integrations.openrlhf.cli import check_stock_flags
+from care_ext.integrations.openrlhf.config import OpenRLHFCareOptions, parse_care_args, split_care_argv
+
+GRPO = ["--algo.advantage.estimator", "group_norm", "--rollout.n_samples_per_prompt", "8",
+        "--data.label_key", "label", "--algo.kl.use_loss"]
+
+
+def test_split_and_parse_care_flags():
+    care, rest = split_care_argv(["--actor.model_name_or_path", "m", "--care.strategy", "care",
+                                  "--care.budget_frac=0.1", "--care.drop_mode", "remove", "--algo.kl.use_loss",
+                                  "--care.class_weight_clip", "0.5,2", "--care.global_budget", "none"])
+    assert rest == ["--actor.model_name_or_path", "m", "--algo.kl.use_loss"]
+    o = parse_care_args(care)
+    assert o.drop_mode == "remove"
+    assert o.core == {"strategy": "care", "budget_frac": 0.1, "class_weight_clip": (0.5, 2.0), "global_budget": None}
+    cfg = o.care_config(8)
+    assert cfg.group_size == 8 and cfg.budget_frac == 0.1 and cfg.alpha == 0.25
+    assert OpenRLHFCareOptions.from_json(o.to_json()) == OpenRLHFCareOptions.from_json(json.dumps(json.loads(o.to_json())))
+    with pytest.raises(SystemExit):
+        parse_care_args(["--care.no_such_flag", "1"])
+    with pytest.raises(ValueError, match="group_size"):
+        split_care_argv(["--care.group_size", "4"])
+    with pytest.raises(ValueError):
+        parse_care_args(["--care.drop_mode", "sometimes"])
+    with pytest.raises(ValueError):
+        parse_care_args(["--care.alpha", "1.5"])  # validated by the core config, before any actor starts
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--algo.advantage.estimator", "gae"], "group estimator"),
+    (["--train.async_enable"], "sync"),
+    (["--rollout.n_samples_per_prompt", "1"], "G >= 2"),
+    (["--ds.ring_attn_size", "2"], "ring"),
+])
+def test_stock_flag_checks(extra, msg):
+    with pytest.raises(SystemExit, match=msg):
+        check_stock_flags(GRPO + extra, OpenRLHFCareOptions())
+    assert check_stock_flags(GRPO, OpenRLHFCareOptions()) == []
+    notes = check_stock_flags(GRPO[:-1] + ["--algo.kl.init_coef", "0.01", "--algo.dynamic_filtering_enable"],
+                              OpenRLHFCareOptions())
+    assert any("KL" in n for n in notes) and any("dynamic_filtering" in n for n in notes)
+
+
+def test_help_runs_the_stock_cli_through_runpy():
+    r = subprocess.run([sys.executable, "-m", "care_ext.integrations.openrlhf", "--care.strategy", "ttrl", "--help"],
+                       capture_output=True, text=True, timeout=300, cwd="/")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "--rollout.n_samples_per_prompt" in r.stdout  # the stock parser's help
+    r = subprocess.run([sys.executable, "-m", "care_ext.integrations.openrlhf", "--help-care"],
+                       capture_output=True, text=True, timeout=300, cwd="/")
+    assert r.returncode == 0 and "--care.drop_mode" in r.stdout and "--care.budget_frac" in r.stdout
+
+
+def test_launcher_installs_care_classes_in_ray_workers(tmp_path):
+    out = tmp_path / "result.json"
+    code = ("from care_ext.integrations.openrlhf.cli import main; import sys; "
+            "main(sys.argv[1:], stock_module='fake_train_ppo_ray')")
+    env = dict(os.environ, RAY_DEDUP_LOGS="0")
+    r = subprocess.run([sys.executable, "-c", code, *GRPO, "--care.strategy", "care", "--care.alpha", "0.1",
+                        "--care.feature_dtype", "bfloat16", "--out", str(out)],
+                       capture_output=True, text=True, timeout=540, cwd=str(tmp_path), env=env)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    res = json.loads(out.read_text())
+    assert res["driver_policy"] == "CarePolicyModelActorImpl"
+    assert res["driver_trainer"] == "CarePPOTrainerImpl"
+    w = res["worker"]
+    assert w["class"] == "CarePolicyModelActorImpl" and "PolicyModelActor" in w["mro"]
+    assert w["capture"] is True  # the care strategy needs hidden states
+    opts = OpenRLHFCareOptions.from_json(w["options"])  # the --care.* flags reached the worker
+    assert opts.core == {"strategy": "care", "alpha": 0.1} and opts.feature_dtype == "bfloat16"
+    # the trainer actor ran CARE's __init__ in its worker (the stock part then fails on bogus args)
+    assert "care_ext/integrations/openrlhf/trainer.py" in res["trainer_error"]
+
+
+def test_import_care_ext_does_not_import_openrlhf():
+    code = ("import sys, care_ext, care_ext.integrations.openrlhf, care_ext.integrations.openrlhf.cli, "
+            "care_ext.integrations.openrlhf.capture, care_ext.integrations.openrlhf.runner; "
+            "assert 'openrlhf' not in sys.modules, 'openrlhf imported'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/")
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -1,0 +1,83 @@
+"""CARE state saved with OpenRLHF's checkpoints and restored on resume: a resumed run decides
+exactly as the uninterrupted one; the trainer hooks save/load at OpenRLHF's checkpoint steps."""
+import pytest
+import torch
+from types import SimpleNamespace as NS
+
+from test_openrlhf_experience import G, _after_forward, _args, _maker, _rollouts, tok, clusterer  # noqa: F401
+
+from care_ext.integrations.openrlhf.capture import CapturedFeatures, sequence_checksum
+from care_ext.integrations.openrlhf.config import OpenRLHFCareOptions
+from care_ext.integrations.openrlhf.runner import CareRunner
+
+H = 8
+
+
+def _step(tok, runner, seed):
+    maker = _maker(tok, _args(), runner)
+    exps = _after_forward(maker.split_rollout_samples(_rollouts(tok)))
+    g = torch.Generator().manual_seed(seed)
+    feats = [CapturedFeatures(torch.randn(e.sequences.shape[0], H, generator=g),
+                              torch.randn(e.sequences.shape[0], H, generator=g),
+                              sequence_checksum(e.sequences, e.attention_mask)) for e in exps]
+    return runner.decide(exps, feats)
+
+
+def _runner(tok, clusterer, tmp_path):
+    opts = OpenRLHFCareOptions(core={"strategy": "care", "warmup_steps": 0, "alpha": 0.34,
+                                     "budget_frac": 0.34, "seed": 3})
+    return CareRunner(opts, G, tok, str(tmp_path), clusterer=clusterer)
+
+
+def test_state_round_trip_resumes_identically(tok, clusterer, tmp_path):
+    a = _runner(tok, clusterer, tmp_path)
+    _step(tok, a, seed=0)
+    a.after_policy_update()
+    path = a.save(global_step=1)
+    assert path.name == "care_state_global_step1.pt" and path.exists()
+    d_a = _step(tok, a, seed=1)
+    m_a = a.after_policy_update()
+
+    b = _runner(tok, clusterer, tmp_path)  # same label store (it persists by itself)
+    assert b.load(global_step=1)
+    d_b = _step(tok, b, seed=1)
+    m_b = b.after_policy_update()
+    assert torch.equal(d_a.source, d_b.source)
+    assert torch.equal(d_a.rewards, d_b.rewards) and torch.equal(d_a.weight, d_b.weight)
+    assert torch.equal(d_a.reliability, d_b.reliability)
+    assert {k: v for k, v in m_a.items() if "classifier" in k} == {k: v for k, v in m_b.items() if "classifier" in k}
+    a.close()
+    b.close()
+
+
+def test_missing_state_on_resume(tok, clusterer, tmp_path):
+    r = _runner(tok, clusterer, tmp_path)
+    with pytest.raises(FileNotFoundError, match="no CARE state"):
+        r.load(global_step=7)
+    r.options.require_state_on_resume = False
+    with pytest.warns(RuntimeWarning):
+        assert r.load(global_step=7) is False
+
+
+def test_trainer_saves_with_checkpoints_and_loads_on_resume(tok, clusterer, tmp_path, monkeypatch):
+    from care_ext.integrations.openrlhf import trainer as T
+
+    saved_steps = []
+    monkeypatch.setattr(T._STOCK_TRAINER, "save_logs_and_checkpoints", lambda self, *a, **k: saved_steps.append(a[0]))
+    monkeypatch.setattr(T._STOCK_TRAINER, "init_checkpoint_states", lambda self: {"global_step": 2, "episode": 0})
+    t = T.CarePPOTrainerImpl.__new__(T.CarePPOTrainerImpl)
+    t.args = NS(ckpt=NS(save_steps=2, max_num=1))
+    t.care = _runner(tok, clusterer, tmp_path)
+    _step(tok, t.care, seed=0)
+    t.care.after_policy_update()
+    for step in (1, 2, 3, 4):
+        t.save_logs_and_checkpoints(step, {}, {})
+    assert saved_steps == [1, 2, 3, 4]
+    files = sorted(p.name for p in t.care.state_dir.glob("care_state_*.pt"))
+    assert files == ["care_state_global_step4.pt"]  # every save_steps, newest --ckpt.max_num kept
+    with pytest.raises(FileNotFoundError):  # resuming step 2, whose CARE state was pruned
+        t.init_checkpoint_states()
+    t.care.save(2)
+    assert t.init_checkpoint_states()["global_step"] == 2
+    assert t.care.controller.step == 1
+    t.care.close()
