@@ -119,6 +119,15 @@ setup(
     package_data={"care_ext": ["py.typed"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.10", "numpy", "math-verify[antlr4_13_2]>=0.9.0,<0.10"],
+    extras_require={
+        # GPU machines: openrlhf pulls flash-attn, which needs CUDA to install. On a CPU machine use
+        # requirements-openrlhf.txt plus `pip install --no-deps openrlhf==0.11.2` (scripts/test.sh).
+        "openrlhf": ["openrlhf==0.11.2", "ray[default]==2.55.0", "deepspeed==0.19.6",
+                     "transformers==5.15.0"],
+    },
+    entry_points={"console_scripts": [
+        "care-openrlhf = care_ext.integrations.openrlhf.__main__:main",
+    ]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": cpp_ext.BuildExtension.with_options(use_ninja=True)},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},

@@ -10,6 +10,9 @@ PY=${PYTHON:-python3}
 . .venv/bin/activate
 pip install -q torch==2.13.0
 pip install -q -r requirements-dev.txt
+# OpenRLHF 0.11.2 without its GPU-only packages, for the adapter tests (docs/openrlhf.md)
+pip install -q -r requirements-openrlhf.txt
+pip install -q --no-deps openrlhf==0.11.2
 CARE_EXT_CUDA=0 MAX_JOBS=${MAX_JOBS:-2} pip install -q --no-build-isolation .
 
 run_pytest() {  # pytest exit 5 = "no tests collected": an error for the main run, fine for a filter
