@@ -208,11 +208,12 @@ struct FeatureParams {
   bool cag_unbiased, adv_unbiased;
 };
 
-CARE_HD void group_features_row(const int64_t* ids, const float* lengths, int G,
-                                const FeatureParams& p, int64_t* rank, int64_t* sizes,
-                                float* prompt_feat, float* len_norm, bool* minority, float* cag,
-                                bool* admissible, float* pseudo, float* adv) {
-  cluster_row(ids, G, rank, sizes);
+// The part of group_features_row after clustering: reads rank/sizes of the row.
+CARE_HD void group_features_from_clusters(const int64_t* rank, const int64_t* sizes,
+                                          const float* lengths, int G, const FeatureParams& p,
+                                          float* prompt_feat, float* len_norm, bool* minority,
+                                          float* cag, bool* admissible, float* pseudo,
+                                          float* adv) {
   int64_t valid = 0;
   for (int j = 0; j < G; ++j) valid += sizes[j];
   const float g = static_cast<float>(G);
@@ -227,6 +228,15 @@ CARE_HD void group_features_row(const int64_t* ids, const float* lengths, int G,
   }
   classwise_cag_row(sizes, G, p.cag_eps, p.cag_unbiased, cag, admissible);
   advantage_row(pseudo, G, p.adv_eps, p.adv_unbiased, adv);
+}
+
+CARE_HD void group_features_row(const int64_t* ids, const float* lengths, int G,
+                                const FeatureParams& p, int64_t* rank, int64_t* sizes,
+                                float* prompt_feat, float* len_norm, bool* minority, float* cag,
+                                bool* admissible, float* pseudo, float* adv) {
+  cluster_row(ids, G, rank, sizes);
+  group_features_from_clusters(rank, sizes, lengths, G, p, prompt_feat, len_norm, minority, cag,
+                               admissible, pseudo, adv);
 }
 
 }  // namespace care_ext

@@ -1,4 +1,4 @@
-// CUDA kernel: answer-cluster statistics (cluster_stats), one thread per prompt.
+// CUDA kernel: answer-cluster statistics (cluster_stats), one warp per prompt.
 #include "common.cuh"
 
 namespace care_ext {
@@ -6,9 +6,9 @@ namespace {
 
 __global__ void cluster_stats_kernel(const int64_t* __restrict__ ids, int64_t* __restrict__ rank,
                                      int64_t* __restrict__ sizes, int64_t B, int G) {
-  const int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (b >= B) return;
-  cluster_row(ids + b * G, G, rank + b * G, sizes + b * G);
+  const int64_t b = blockIdx.x * static_cast<int64_t>(kWarpRowsPerBlock) + (threadIdx.x >> 5);
+  if (b >= B) return;  // uniform per warp
+  cluster_row_warp(ids + b * G, G, threadIdx.x & 31, rank + b * G, sizes + b * G);
 }
 
 }  // namespace
@@ -17,7 +17,7 @@ std::tuple<Tensor, Tensor> cluster_stats_cuda(const Tensor& ids) {
   ClusterArgs a = prepare_cluster_stats(ids);
   if (a.B == 0) return {a.rank, a.sizes};
   const c10::cuda::CUDAGuard guard(a.ids.device());
-  cluster_stats_kernel<<<rows_to_blocks(a.B), kRowThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  cluster_stats_kernel<<<warp_rows_to_blocks(a.B), kRowThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       a.ids.data_ptr<int64_t>(), a.rank.data_ptr<int64_t>(), a.sizes.data_ptr<int64_t>(), a.B,
       static_cast<int>(a.G));
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -1,4 +1,5 @@
-// CUDA kernel: per-prompt features of the acquisition step (group_features), one thread per prompt.
+// CUDA kernel: per-prompt features of the acquisition step (group_features): one warp per prompt
+// clusters the row cooperatively, then its lane 0 derives the O(G) rest.
 #include "common.cuh"
 
 namespace care_ext {
@@ -19,12 +20,15 @@ struct FeaturePtrs {
 };
 
 __global__ void group_features_kernel(FeaturePtrs p, int64_t B, int G, FeatureParams fp) {
-  const int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (b >= B) return;
+  const int64_t b = blockIdx.x * static_cast<int64_t>(kWarpRowsPerBlock) + (threadIdx.x >> 5);
+  if (b >= B) return;  // uniform per warp
+  const int lane = threadIdx.x & 31;
   const int64_t o = b * G, o1 = b * (G + 1);
-  group_features_row(p.ids + o, p.lengths + o, G, fp, p.rank + o, p.sizes + o, p.prompt_feat + o1,
-                     p.len_norm + o, p.minority + o, p.cag + o1, p.admissible + o1, p.pseudo + o,
-                     p.adv + o);
+  cluster_row_warp(p.ids + o, G, lane, p.rank + o, p.sizes + o);
+  if (lane != 0) return;
+  group_features_from_clusters(p.rank + o, p.sizes + o, p.lengths + o, G, fp, p.prompt_feat + o1,
+                               p.len_norm + o, p.minority + o, p.cag + o1, p.admissible + o1,
+                               p.pseudo + o, p.adv + o);
 }
 
 }  // namespace
@@ -42,7 +46,7 @@ FeatureTuple group_features_cuda(const Tensor& ids, const Tensor& lengths, doubl
                       a.admissible.data_ptr<bool>(),   a.pseudo_rewards.data_ptr<float>(),
                       a.pseudo_adv.data_ptr<float>()};
   const FeatureParams fp{max_len, cag_eps, adv_eps, cag_unbiased, adv_unbiased};
-  group_features_kernel<<<rows_to_blocks(a.B), kRowThreads, 0,
+  group_features_kernel<<<warp_rows_to_blocks(a.B), kRowThreads, 0,
                           c10::cuda::getCurrentCUDAStream()>>>(p, a.B, static_cast<int>(a.G), fp);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return feature_tuple(a);
