@@ -37,15 +37,15 @@ cuobjdump --dump-sass "$SO" > "$OUT/sass.txt" 2>&1
 grep -c -E "LDL|STL" "$OUT/sass.txt" | sed 's/^/local-memory instructions (LDL|STL): /' >> "$OUT/summary.txt"
 
 stamp "op tests (CPU and CUDA)"
-CARE_EXT_REQUIRE_NATIVE=1 timeout 300 python3 -m pytest -q -x -p no:cacheprovider \
+CARE_EXT_REQUIRE_NATIVE=1 timeout 200 python3 -m pytest -q -x -p no:cacheprovider \
   --rootdir "$REPO" "$REPO/tests/ops" > "$OUT/tests.log" 2>&1
 stamp "tests exit $? : $(tail -1 "$OUT/tests.log")"
 
 stamp "benchmarks"
-timeout 240 python3 "$REPO/bench/bench_ops.py" --device cuda --min-time 0.3 \
+timeout 150 python3 "$REPO/bench/bench_ops.py" --device cuda --min-time 0.2 \
   --out "$OUT/bench_ops" > "$OUT/bench.log" 2>&1
 stamp "bench exit $?"
-timeout 120 python3 "$REPO/bench/bench_step.py" --device cuda --out "$OUT/bench_step" \
+timeout 90 python3 "$REPO/bench/bench_step.py" --device cuda --steps 4 --warmup 2 --out "$OUT/bench_step" \
   > "$OUT/bench_step.log" 2>&1
 stamp "bench_step exit $? : $(grep -E 'decide' "$OUT/bench_step.log" | tr '\n' ' ')"
 
