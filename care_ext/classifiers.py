@@ -152,11 +152,11 @@ def class_weights(labels: Tensor, n_classes: int, power: float, clip: tuple[floa
     """
     counts = torch.bincount(labels, minlength=n_classes).float()
     present = counts > 0
-    w = torch.zeros(n_classes)
+    w = torch.zeros(n_classes, device=labels.device)
     if present.any():
         raw = counts[present].pow(-power)
         w[present] = (raw / raw.mean()).clamp(clip[0], clip[1])
-    return w.to(labels.device)
+    return w
 
 
 def balanced_ce(logits: Tensor, labels: Tensor, power: float, clip: tuple[float, float],
