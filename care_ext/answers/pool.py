@@ -1,0 +1,205 @@
+"""A small process pool with a hard per-job deadline, for the symbolic step.
+
+Why not ``concurrent.futures.ProcessPoolExecutor``: a job stuck in C code (a huge integer power
+inside sympy) cannot be interrupted by a signal, and killing one executor worker breaks the whole
+executor. Here each worker has its own pipe; a job that overruns ``job_timeout_s`` gets its worker
+killed (by its pid, a process this pool started) and replaced, and that job alone reports
+failure. Workers run each job on their own main thread, so signal-based time limits
+(:mod:`care_ext.answers.timelimit`) work inside them whatever thread the caller is on.
+
+Worker start method: ``"forkserver"`` by default (a clean server process, safe when the caller
+has CUDA or many threads); ``"spawn"`` and ``"fork"`` are accepted.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import threading
+import time
+import traceback
+from multiprocessing.connection import Connection, wait
+from typing import Any, Callable, Sequence
+
+__all__ = ["WorkerPool", "JobFailed"]
+
+
+class JobFailed:
+    """Result placeholder for a job that timed out or whose worker died or raised."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"JobFailed({self.reason!r})"
+
+
+def _worker_main(conn: Connection, warm_up: Callable[[], None] | None) -> None:
+    try:
+        if warm_up is not None:
+            warm_up()
+    except Exception:  # noqa: BLE001 - a failed warm-up must not kill the worker
+        pass
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError, KeyboardInterrupt):
+            return
+        if msg is None:
+            return
+        fn, arg = msg
+        try:
+            out = ("ok", fn(arg))
+        except BaseException as e:  # noqa: BLE001 - report, keep serving
+            out = ("err", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}")
+        try:
+            conn.send(out)
+        except Exception as e:  # noqa: BLE001 - e.g. unpicklable result
+            conn.send(("err", f"cannot send result: {e}"))
+
+
+class _Worker:
+    __slots__ = ("proc", "conn")
+
+    def __init__(self, ctx, warm_up):
+        parent, child = ctx.Pipe(duplex=True)
+        self.proc = ctx.Process(target=_worker_main, args=(child, warm_up), daemon=True)
+        self.proc.start()
+        child.close()
+        self.conn = parent
+
+    def kill(self) -> None:
+        try:
+            self.proc.kill()
+        except Exception:  # noqa: BLE001
+            pass
+        self.proc.join(timeout=5)
+        try:
+            self.conn.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+    def stop(self) -> None:
+        try:
+            self.conn.send(None)
+        except Exception:  # noqa: BLE001
+            pass
+        self.proc.join(timeout=2)
+        if self.proc.is_alive():
+            self.kill()
+        else:
+            self.conn.close()
+
+
+class WorkerPool:
+    """``n_workers`` long-lived processes running module-level functions with a deadline.
+
+    Args:
+        n_workers: number of worker processes (>= 1). Started lazily on the first :meth:`map`.
+        job_timeout_s: hard wall-clock limit of one job, measured from when it is sent to a
+            worker; past it the worker is killed and replaced and the job returns
+            :class:`JobFailed`.
+        mp_context: multiprocessing start method ("forkserver", "spawn" or "fork").
+        warm_up: optional picklable module-level callable each worker runs once at start
+            (e.g. import math-verify), not counted against any job.
+
+    Thread-safe: concurrent :meth:`map` calls are serialised.
+    """
+
+    def __init__(
+        self,
+        n_workers: int,
+        job_timeout_s: float = 30.0,
+        mp_context: str = "forkserver",
+        warm_up: Callable[[], None] | None = None,
+    ):
+        if n_workers < 1:
+            raise ValueError("n_workers must be >= 1")
+        self.n_workers = n_workers
+        self.job_timeout_s = job_timeout_s
+        self._ctx = mp.get_context(mp_context)
+        self._warm_up = warm_up
+        self._workers: list[_Worker] = []
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self.killed = 0  #: workers killed for overrunning a deadline (monitoring)
+
+    def _ensure(self) -> None:
+        if self._pid != os.getpid():  # used after a fork: the old workers belong to the parent
+            self._workers = []
+            self._pid = os.getpid()
+        self._workers = [w for w in self._workers if w.proc.is_alive()]
+        while len(self._workers) < self.n_workers:
+            self._workers.append(_Worker(self._ctx, self._warm_up))
+
+    def map(self, fn: Callable[[Any], Any], args: Sequence[Any]) -> list[Any]:
+        """Run ``fn(arg)`` for each arg in the workers; results in input order.
+
+        A result is :class:`JobFailed` when the job overran ``job_timeout_s``, raised, or its
+        worker died. Never raises for a job's failure.
+        """
+        if not args:
+            return []
+        with self._lock:
+            self._ensure()
+            results: list[Any] = [None] * len(args)
+            pending = list(range(len(args)))[::-1]
+            busy: dict[Connection, tuple[_Worker, int, float]] = {}
+            idle = list(self._workers)
+            while pending or busy:
+                while pending and idle:
+                    w = idle.pop()
+                    i = pending.pop()
+                    try:
+                        w.conn.send((fn, args[i]))
+                    except Exception as e:  # noqa: BLE001 - dead pipe or unpicklable job
+                        results[i] = JobFailed(f"send failed: {e}")
+                        idle.append(self._replace(w))
+                        continue
+                    busy[w.conn] = (w, i, time.monotonic() + self.job_timeout_s)
+                if not busy:
+                    continue
+                now = time.monotonic()
+                next_deadline = min(d for _, _, d in busy.values())
+                ready = wait(list(busy), timeout=max(0.0, next_deadline - now))
+                for conn in ready:
+                    w, i, _ = busy.pop(conn)
+                    try:
+                        status, payload = conn.recv()
+                    except Exception:  # noqa: BLE001 - worker died (EOF) or garbage
+                        results[i] = JobFailed("worker died")
+                        idle.append(self._replace(w))
+                        continue
+                    results[i] = payload if status == "ok" else JobFailed(payload)
+                    idle.append(w)
+                now = time.monotonic()
+                for conn in [c for c, (_, _, d) in busy.items() if d <= now]:
+                    w, i, _ = busy.pop(conn)
+                    results[i] = JobFailed(f"timed out after {self.job_timeout_s} s")
+                    self.killed += 1
+                    idle.append(self._replace(w))
+            return results
+
+    def _replace(self, w: _Worker) -> _Worker:
+        w.kill()
+        if w in self._workers:
+            self._workers.remove(w)
+        nw = _Worker(self._ctx, self._warm_up)
+        self._workers.append(nw)
+        return nw
+
+    def close(self) -> None:
+        """Stop all workers (idempotent)."""
+        with self._lock:
+            if self._pid == os.getpid():
+                for w in self._workers:
+                    w.stop()
+            self._workers = []
+
+    def __del__(self):  # best effort; workers are daemons anyway
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001
+            pass

@@ -1,0 +1,54 @@
+"""A float-seconds time limit for pure-Python work on a process's main thread.
+
+math-verify's own timeouts use ``signal.alarm`` (whole seconds, main thread only). The worker
+processes of :mod:`care_ext.answers.pool` run every symbolic check on their main thread under this
+limit instead; the parent additionally kills a worker that overruns its hard deadline (work stuck
+inside C code, where no signal handler runs).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+__all__ = ["SymbolicTimeout", "time_limit", "can_time_limit"]
+
+
+class SymbolicTimeout(BaseException):
+    """Raised inside a :func:`time_limit` block when the limit expires.
+
+    Derives from ``BaseException`` on purpose, so that the ``except Exception`` clauses inside
+    math-verify and sympy cannot swallow it and keep working past the limit.
+    """
+
+
+def can_time_limit() -> bool:
+    """True when :func:`time_limit` can interrupt work here (POSIX and the main thread)."""
+    return hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+
+
+@contextmanager
+def time_limit(seconds: float | None) -> Iterator[None]:
+    """Raise :class:`SymbolicTimeout` in the block after ``seconds`` of wall time.
+
+    ``None`` or ``<= 0`` means no limit. Must run on the main thread of its process (check with
+    :func:`can_time_limit`); raises ``RuntimeError`` otherwise instead of silently not limiting.
+    """
+    if seconds is None or seconds <= 0:
+        yield
+        return
+    if not can_time_limit():
+        raise RuntimeError("time_limit needs the main thread of a POSIX process")
+
+    def _fire(signum, frame):  # noqa: ARG001
+        raise SymbolicTimeout(f"symbolic check exceeded {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, _fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
