@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from care_ext.answers import answer_ids as _answer_ids
 from care_ext.ops import cluster_stats
 
 from .model import TinyGPT
@@ -15,6 +16,15 @@ from .task import Problems, TaskConfig, decode_responses, encode_prompts, sample
 
 AnswerIds = Callable[[list[list[str]], list[int]], tuple[Tensor, Tensor]]
 """(responses: B groups of G texts, gold: B ints) -> (ids int64 [B, G], gold_ids int64 [B])."""
+
+ANSWER_TASK = "arith"
+"""The care_ext.answers task that parses the lab's responses ("v1,...,vK#a$")."""
+
+
+def arith_answer_ids(texts: list[list[str]], gold: list[int]) -> tuple[Tensor, Tensor]:
+    """care_ext.answers on the lab's responses: (ids int64 [B, G] cluster ids local to each row,
+    -1 = unparseable; gold_ids int64 [B], the id of the gold's cluster or -1 if no response has it)."""
+    return _answer_ids(texts, ANSWER_TASK, gold)
 
 
 @dataclass
@@ -54,7 +64,8 @@ def correctness(texts: list[list[str]], gold: Tensor, answer_ids: AnswerIds) -> 
 
 
 @torch.no_grad()
-def evaluate(model: TinyGPT, evalset: EvalSet, answer_ids: AnswerIds, n_samples: int = 8,
+def evaluate(model: TinyGPT, evalset: EvalSet, answer_ids: AnswerIds = arith_answer_ids,
+             n_samples: int = 8,
              temperature: float = 1.0, max_new_tokens: int = 9, seed: int = 0) -> dict[str, float]:
     """Greedy, mean@n and maj@n accuracy on the held-out set, overall and split by contains-'*'.
 

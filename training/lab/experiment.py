@@ -11,10 +11,11 @@ import torch
 
 from care_ext.ops import cluster_stats, group_advantage
 
-from .evaluate import evaluate, make_eval_set
+from .evaluate import arith_answer_ids, evaluate, make_eval_set
 from .grpo import GRPOConfig, grpo_update, make_optimizer
 from .rollout import sample_rollouts
-from .scaffold import scaffold_answer_ids, scaffold_decide
+from .scaffold import scaffold_decide
+from .strategies import is_budgeted
 from .sft import load_checkpoint
 from .task import TaskConfig, decode_responses, encode_prompts, sample_problems, true_answers
 
@@ -87,7 +88,7 @@ def run(spec: RunSpec, out_dir: Path | str, on_step: Callable[[int], None] | Non
     sample_gen = torch.Generator().manual_seed(2000 + spec.seed)
     decide_gen = torch.Generator().manual_seed(3000 + spec.seed)
     shuffle_gen = torch.Generator().manual_seed(4000 + spec.seed)
-    answer_ids = scaffold_answer_ids
+    answer_ids = arith_answer_ids
     evals, labels_total, t_start = [], 0, time.time()
 
     def do_eval(step: int) -> None:
@@ -127,7 +128,7 @@ def run(spec: RunSpec, out_dir: Path | str, on_step: Callable[[int], None] | Non
                 do_eval(step)
             if on_step is not None:
                 on_step(step)
-    result = {"spec": spec.to_dict(), "evals": evals, "labels_total": labels_total,
+    result = {"spec": spec.to_dict(), "budgeted": is_budgeted(spec.method), "evals": evals, "labels_total": labels_total,
               "wall_s": time.time() - t_start}
     with open(folder / "evals.jsonl", "w") as f:
         for e in evals:

@@ -126,7 +126,7 @@ def grpo_update(model: TinyGPT, optimizer: torch.optim.Optimizer, rollouts: Roll
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         clips.append(st["clip_frac"])
     out.update(loss=sum(losses) / len(losses), clip_frac=sum(clips) / len(clips),
                updates=len(losses))

@@ -1,6 +1,6 @@
-"""TEMPORARY development scaffold: lab-local answer ids and GT/TTRL/Random/Oracle decisions.
+"""TEMPORARY development scaffold: lab-local GT/TTRL/TTRL-mask/Random/Oracle decisions.
 
-Exists only until care_ext.answers and the CARE core's step API are merged; then it is deleted so
+Exists only until the CARE core's step API is merged; then it is deleted so
 that no lab-specific decision code remains.
 """
 from __future__ import annotations
@@ -11,20 +11,6 @@ import torch
 from torch import Tensor
 
 from care_ext.ops import cag, cluster_stats, group_advantage
-
-
-def scaffold_answer_ids(texts: list[list[str]], gold: list[int]) -> tuple[Tensor, Tensor]:
-    """Digit between '#' and '$' (else -1) as the id itself; gold ids = gold digits."""
-    def one(t: str) -> int:
-        cut = t.find("$")
-        if cut < 0:
-            return -1
-        body = t[:cut]
-        pos = body.rfind("#")
-        ans = body[pos + 1:] if pos >= 0 else ""
-        return int(ans) if ans.isdigit() else -1
-    return (torch.tensor([[one(t) for t in row] for row in texts], dtype=torch.long),
-            torch.tensor(gold, dtype=torch.long))
 
 
 @dataclass
