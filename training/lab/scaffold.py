@@ -32,7 +32,7 @@ def scaffold_decide(method: str, ids: Tensor, gold_ids: Tensor, budget: float,
     k = round(budget * b)
     if method == "gt":
         bought[:] = True
-    elif method == "ttrl_mask":
+    elif method == "ttrl-mask":
         keep = (r_ps == r_gt).all(dim=1)
     elif method == "random":
         bought[torch.randperm(b, generator=gen)[:k]] = True

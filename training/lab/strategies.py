@@ -1,12 +1,12 @@
 """Bridge from the lab to the strategies of the CARE core (TEMPORARY: scaffold until the core lands)."""
 from __future__ import annotations
 
-UNBUDGETED = ("gt", "ttrl", "ttrl_mask")
+UNBUDGETED = ("gt", "ttrl", "ttrl-mask")
 
 
 def available_methods() -> tuple[str, ...]:
     """Every strategy the lab can run."""
-    return ("gt", "ttrl", "ttrl_mask", "random", "oracle")
+    return ("gt", "ttrl", "ttrl-mask", "random", "oracle")
 
 
 def is_budgeted(method: str) -> bool:

@@ -6,10 +6,17 @@ writes the K intermediate values separated by commas, then '#', the answer digit
 '$': "1,6,8#8$". Tokens are single characters (19 symbols including BOS and PAD).
 
 The supervised data is noisy (tiny_lab.md §1): on a '*' step the value is computed with the wrong
-rule (x + a) mod 10 with probability ``p_sys``; otherwise, on every step, it is replaced by a
-uniformly random digit with probability ``eps``; later steps continue from the (possibly wrong)
-value, and the answer always equals the last written value. With p_sys = 0.5 the wrong rule is the
-per-step mode of '*' (0.505 vs 0.455), which is what makes the majority confidently wrong.
+rule (x + a) mod 10 with probability ``p_sys``; otherwise it is the correct value, replaced by a
+uniformly random digit with probability ``eps`` (every step) and, on a '*' step, once more with
+probability ``mul_eps``. Later steps continue from the (possibly wrong) value, and the answer always
+equals the last written value.
+
+Why ``mul_eps``: tiny_lab.md states the per-step odds on '*' as 50% wrong rule vs ~41% correct
+(p_sys = 0.5) and 40% vs ~50% (p_sys = 0.4), i.e. correct = (1 - p_sys)(1 - eps)^2, and its
+Monte-Carlo check of the ideal distribution gives mean@8 0.46 / maj@8 0.57. Only a second random
+error on the non-systematic '*' branch reproduces those figures (0.461 / 0.572 here; 0.484 / 0.603
+and a 0.505 vs 0.455 per-step margin with ``mul_eps`` = 0, where the trained model's greedy answer
+on '*' problems is then right 26% of the time instead of ~9%).
 """
 from __future__ import annotations
 
@@ -38,12 +45,15 @@ class TaskConfig:
         p_sys: probability that a '*' step of an SFT trace uses the wrong rule (x + a) mod 10
             (0.5 = main setting, the wrong rule is the per-step mode; 0.4 = variation).
         eps: probability that a step not hit by the systematic error is a uniform random digit.
+        mul_eps: extra probability that a '*' step not hit by the systematic error is (again) a
+            uniform random digit (see the module docstring; 0 = the plain reading of the recipe).
         modulus: values are taken mod this (10: every value is one digit token).
     """
 
     num_ops: int = 3
     p_sys: float = 0.5
     eps: float = 0.1
+    mul_eps: float = 0.1
     modulus: int = 10
 
     @property
@@ -123,12 +133,13 @@ def noisy_trace(problems: Problems, cfg: TaskConfig, gen: torch.Generator) -> Te
         op, a = problems.ops[:, j], problems.operands[:, j]
         correct = _apply(x, op, a, m)
         wrong_rule = torch.remainder(x + a, m)
-        u_sys = torch.rand(n, generator=gen)
-        u_eps = torch.rand(n, generator=gen)
-        rand_digit = torch.randint(0, m, (n,), generator=gen)
-        sys_hit = (op == OP_MUL) & (u_sys < cfg.p_sys)
-        x = torch.where(sys_hit, wrong_rule,
-                        torch.where(u_eps < cfg.eps, rand_digit, correct))
+        is_mul = op == OP_MUL
+        sys_hit = is_mul & (torch.rand(n, generator=gen) < cfg.p_sys)
+        noisy = torch.where(torch.rand(n, generator=gen) < cfg.eps,
+                            torch.randint(0, m, (n,), generator=gen), correct)
+        noisy = torch.where(is_mul & (torch.rand(n, generator=gen) < cfg.mul_eps),
+                            torch.randint(0, m, (n,), generator=gen), noisy)
+        x = torch.where(sys_hit, wrong_rule, noisy)
         values.append(x)
     return torch.stack(values, dim=1)
 
