@@ -1,0 +1,147 @@
+"""One dataclass holding every semantic choice of a CARE run (ARCHITECTURE.md §1, §5, §6).
+
+Where the paper and the official code (``Lumina04/CARE``) differ, the field says which one is the
+default and how to get the other. Every field is plain data, so a config round-trips through
+``dataclasses.asdict`` / ``CareConfig(**d)`` and is stored inside checkpoints.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+
+def ceil_frac(frac: float, n: int) -> int:
+    """ceil(frac * n), robust to float noise (0.2 * 5 -> 1, not 2), within [0, n]."""
+    return min(n, max(0, math.ceil(frac * n - 1e-9)))
+
+
+@dataclass
+class CareConfig:
+    """Configuration of one acquisition run (one :class:`care_ext.step.CareController`).
+
+    Shapes: every batch has B prompts x ``group_size`` rollouts; hidden states have
+    ``hidden_size`` columns.
+    """
+
+    # --- what to run -------------------------------------------------------------------------
+    strategy: str = "care"
+    """Registry name (see :data:`care_ext.strategies.STRATEGIES`): gt, ttrl, ttrl-mask, random,
+    entropy, prob, oracle (each of the last four also with ``-mask``), oracle-decay, care,
+    care-regression, care-no-pseudo, care-no-stage2, care-no-aux, care-no-balance."""
+    group_size: int = 8
+    """G, rollouts per prompt. A batch with another G is rejected."""
+    hidden_size: int | None = None
+    """H of the hidden states. None: taken from the first batch that carries hidden states."""
+    seed: int = 0
+    """Seeds classifier init, replay sampling, Random's picks and the audit slice."""
+    device: str = "cpu"
+    """Where the classifiers live and the fused step runs (inputs are moved there)."""
+
+    # --- budget --------------------------------------------------------------------------------
+    budget_frac: float = 0.2
+    """p: at most ceil(p * B) labels are paid per step (GT ignores it and buys all B)."""
+    global_budget: int | None = None
+    """Optional cap on labels paid over the whole run (all steps, all resumes). None = no cap."""
+    audit_frac: float = 0.0
+    """Share of each step's cap spent on a uniformly random audit slice (round(share * cap)
+    prompts) that estimates pseudo-label accuracy without bias (``audit/*`` metrics). Audited
+    prompts are bought like any other. 0 = paper parity (no audit)."""
+    use_cached_labels: bool = True
+    """A prompt whose label was bought at an earlier step trains on it for free (source CACHED).
+    False: cached prompts are treated as TRUSTED/DROPPED like unlabelled ones, still never re-paid."""
+
+    # --- CARE selection and weighting -----------------------------------------------------------
+    alpha: float = 0.25
+    """Stage-I gate: the top ceil(alpha * B) prompts by reliability are trusted (0.10 suggested
+    for small models). The gate ranks only prompts without a known label."""
+    warmup_steps: int = 20
+    """The Stage-I gate is off for the first ``warmup_steps`` decide calls (step index <
+    warmup_steps); the official code hard-codes 20 (steps 1..20 1-based)."""
+    trust_weight: str = "reliability"
+    """Advantage weight of a trusted (pseudo-labelled) prompt under CARE:
+    'reliability' = the Stage-I score P(majority correct) (paper Eq. 7, default);
+    'official' = clip(soft_adv * E[CAG], 0, 1) as in the official code (effectively 1)."""
+    soft_adv: float = 1.0
+    """Coefficient of the 'official' trust-weight rule."""
+    buy_trusted_if_short: bool = True
+    """If fewer than the cap non-trusted prompts exist, trusted ones are bought next (official)."""
+    decay_lambda: float = 1.0
+    """Oracle-decay: a non-bought prompt's weight is exp(-decay_lambda * true CAG)."""
+    stage2_correct_majority: str = "class0"
+    """Stage-II training on prompts whose majority is correct: 'class0' = included with count
+    label 0 (official code, default); 'exclude' = Stage-II trains only on wrong-majority prompts
+    (its classes then mean exactly "k correct outside a wrong majority")."""
+
+    # --- advantage conventions (ARCHITECTURE.md §3) ------------------------------------------
+    adv_eps: float = 1e-6
+    adv_unbiased: bool = False
+    """Group advantage of ``Decision.advantages``/``pseudo_adv``: (r - mean) / (std + adv_eps),
+    population std by default (a host may use its own normalisation instead)."""
+    cag_eps: float = 0.0
+    cag_unbiased: bool = False
+    """Advantage convention inside CAG (official: population std, no eps)."""
+    max_len: float = 4000.0
+    """Length normaliser of the Stage-I length feature (official: a literal 4000)."""
+
+    # --- classifiers (§5) ---------------------------------------------------------------------
+    prompt_dim: int = 128
+    resp_hidden_dim: int = 64
+    resp_out_dim: int = 512
+    head_dim: int = 256
+    aux_weight: float = 1.5
+    """Weight of Stage-I's per-rollout correctness head in its loss (0 = no aux head)."""
+    class_balance_power: float = 0.5
+    """Class weights count^-power, normalised to mean 1 over present classes (0 = unweighted)."""
+    class_weight_clip: tuple[float, float] = (0.25, 4.0)
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    train_steps: int = 3
+    """Gradient steps per RL step, each on this step's labels plus a fresh replay draw."""
+    replay_capacity: int = 2048
+    """FIFO capacity of each stage's replay buffer."""
+    replay_batch: int = 16
+    """History samples drawn per gradient step (Stage-II: stratified by count label)."""
+    train_on_cached: bool = True
+    """Cached labels (bought at an earlier step, new rollouts now) also train the classifiers."""
+
+    # --- inputs and monitoring ------------------------------------------------------------------
+    nonfinite: str = "error"
+    """NaN/Inf in hidden states, lengths or log-probs: 'error' (ValueError naming the rows) or
+    'drop' (those prompts are DROPPED, never bought or trained on)."""
+    sim_metrics: bool = True
+    """With a simulation oracle, also log ``sim/*`` metrics that read every prompt's gold."""
+
+    extra: dict = field(default_factory=dict)
+    """Free-form host data stored with the config (never read by the core)."""
+
+    def __post_init__(self) -> None:
+        self.class_weight_clip = tuple(self.class_weight_clip)
+        if self.group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
+        for name in ("budget_frac", "alpha", "audit_frac"):
+            v = getattr(self, name)
+            if not (0.0 <= v <= 1.0):
+                raise ValueError(f"{name} must be in [0, 1], got {v}")
+        if self.global_budget is not None and self.global_budget < 0:
+            raise ValueError(f"global_budget must be >= 0 or None, got {self.global_budget}")
+        choices = {"trust_weight": ("reliability", "official"),
+                   "stage2_correct_majority": ("class0", "exclude"),
+                   "nonfinite": ("error", "drop")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not (math.isfinite(self.max_len) and self.max_len > 0):
+            raise ValueError(f"max_len must be finite and > 0, got {self.max_len}")
+
+    def step_cap(self, batch_size: int) -> int:
+        """Per-step label cap ceil(p * B)."""
+        return ceil_frac(self.budget_frac, batch_size)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CareConfig":
+        return cls(**d)

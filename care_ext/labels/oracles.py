@@ -1,0 +1,236 @@
+"""Oracles: where bought labels come from, behind one interface (§6).
+
+A label is any JSON-serialisable value (typically the gold answer). The controller turns it into
+this step's gold answer id with the host's ``resolve_label(label, payload) -> int`` (default: the
+label *is* the answer id, which holds when answer ids are stable, e.g. integer answers).
+
+* :class:`GoldOracle` - the dataset's gold column (simulation). The only kind whose ``peek`` works,
+  so simulation-only strategies and ``sim/*`` metrics require it.
+* :class:`CallableOracle` - a user callable ``fn(uid, payload) -> label`` (verifier, LLM judge),
+  with retries and a per-call timeout.
+* :class:`QueueOracle` - asynchronous: requests are queued for an annotator, labels arrive later
+  through :meth:`QueueOracle.deliver` (from any thread); the controller polls at every decide.
+* :class:`DelayedGoldOracle` - a simulated asynchronous queue whose gold labels arrive a fixed
+  number of steps later.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping
+
+
+class SimulationOnlyError(RuntimeError):
+    """Something that reads unbought gold was asked of a non-simulation oracle."""
+
+
+@dataclass
+class OracleResult:
+    """One answer of an oracle: status 'ok' (label set), 'failed' (error set) or 'pending'."""
+
+    uid: str
+    status: str
+    label: Any = None
+    error: str | None = None
+
+
+class Oracle:
+    """Base class. Subclasses implement :meth:`request` (and :meth:`poll` if asynchronous).
+
+    Attributes:
+        simulation: True only for oracles backed by a dataset's gold (enables ``peek``).
+        asynchronous: requests answer 'pending'; labels come back through :meth:`poll`.
+        cost: cost recorded per label (budget caps count labels; cost is for accounting).
+        name: recorded as the label's source in the store.
+    """
+
+    simulation = False
+    asynchronous = False
+    cost = 1.0
+    name = "oracle"
+
+    def request(self, uid: str, payload: Any) -> OracleResult:
+        raise NotImplementedError
+
+    def request_many(self, items: list[tuple[str, Any]]) -> Iterator[OracleResult]:
+        """Results of several requests, yielded as each completes (default: one by one)."""
+        for uid, payload in items:
+            yield self.request(uid, payload)
+
+    def poll(self, step: int) -> list[OracleResult]:
+        """Asynchronous results that arrived since the last poll ('ok' or 'failed')."""
+        return []
+
+    def peek(self, uid: str, payload: Any) -> Any:
+        """The gold label without buying it (simulation only)."""
+        raise SimulationOnlyError(
+            f"{type(self).__name__} is not a simulation oracle: reading the gold of an unbought "
+            "prompt is only possible in simulation (GoldOracle)")
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, sd: dict) -> None:
+        pass
+
+
+class GoldOracle(Oracle):
+    """The dataset's gold labels (simulation).
+
+    Args:
+        gold: mapping uid -> label, or a callable (uid, payload) -> label.
+        cost: recorded cost per label.
+    """
+
+    simulation = True
+    name = "gold"
+
+    def __init__(self, gold: Mapping[str, Any] | Callable[[str, Any], Any], cost: float = 1.0) -> None:
+        self._gold, self.cost = gold, cost
+
+    def _get(self, uid: str, payload: Any) -> Any:
+        return self._gold(uid, payload) if callable(self._gold) else self._gold[uid]
+
+    def request(self, uid: str, payload: Any) -> OracleResult:
+        try:
+            return OracleResult(uid, "ok", self._get(uid, payload))
+        except KeyError:
+            return OracleResult(uid, "failed", error=f"no gold for uid {uid!r}")
+
+    def peek(self, uid: str, payload: Any) -> Any:
+        return self._get(uid, payload)
+
+
+class CallableOracle(Oracle):
+    """A user callable ``fn(uid, payload) -> label`` (a verifier, an LLM judge, a remote API).
+
+    Each request is tried up to ``1 + retries`` times; a try that raises or exceeds ``timeout_s``
+    (measured off the main thread, so it works inside Ray actors and worker threads) counts as a
+    failure, and ``backoff_s * 2**attempt`` seconds pass before the next. A timed-out call cannot
+    be killed: its thread finishes in the background and its result is ignored. Requests of one
+    step run on ``max_workers`` threads.
+    """
+
+    name = "callable"
+
+    def __init__(self, fn: Callable[[str, Any], Any], retries: int = 2, timeout_s: float = 60.0,
+                 backoff_s: float = 0.5, cost: float = 1.0, max_workers: int = 4,
+                 name: str = "callable") -> None:
+        self.fn, self.retries, self.timeout_s, self.backoff_s = fn, retries, timeout_s, backoff_s
+        self.cost, self.max_workers, self.name = cost, max_workers, name
+        self._pool = cf.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="care-oracle")
+
+    def _once(self, uid: str, payload: Any) -> Any:
+        fut = self._pool.submit(self.fn, uid, payload)
+        return fut.result(timeout=self.timeout_s)
+
+    def request(self, uid: str, payload: Any) -> OracleResult:
+        err = ""
+        for attempt in range(self.retries + 1):
+            try:
+                return OracleResult(uid, "ok", self._once(uid, payload))
+            except cf.TimeoutError:
+                err = f"timed out after {self.timeout_s}s"
+            except Exception as exc:  # noqa: BLE001 - any failure of user code drops the prompt
+                err = f"{type(exc).__name__}: {exc}"
+            if attempt < self.retries and self.backoff_s > 0:
+                time.sleep(self.backoff_s * 2 ** attempt)
+        return OracleResult(uid, "failed", error=f"{self.retries + 1} tries: {err}")
+
+    def request_many(self, items: list[tuple[str, Any]]) -> Iterator[OracleResult]:
+        if len(items) <= 1:
+            yield from super().request_many(items)
+            return
+        with cf.ThreadPoolExecutor(max_workers=self.max_workers) as ex:
+            futs = [ex.submit(self.request, u, p) for u, p in items]
+            for f in cf.as_completed(futs):
+                yield f.result()
+
+
+class QueueOracle(Oracle):
+    """Asynchronous labels (a human annotator): requests are queued, labels arrive later.
+
+    The annotator side reads :meth:`take_requests` (or ``on_request``, called for each new
+    request) and answers with :meth:`deliver` / :meth:`fail` from any thread. A prompt waiting
+    for its label is DROPPED at the steps it appears in; when its label arrives it is stored
+    (later epochs get it free) and trains the classifiers with the features of the step that
+    requested it.
+    """
+
+    asynchronous = True
+    name = "queue"
+
+    def __init__(self, on_request: Callable[[str, Any], None] | None = None, cost: float = 1.0) -> None:
+        self.on_request, self.cost = on_request, cost
+        self._requests: queue.Queue = queue.Queue()
+        self._arrived: queue.Queue = queue.Queue()
+
+    def request(self, uid: str, payload: Any) -> OracleResult:
+        self._requests.put((uid, payload))
+        if self.on_request is not None:
+            self.on_request(uid, payload)
+        return OracleResult(uid, "pending")
+
+    def take_requests(self) -> list[tuple[str, Any]]:
+        """Requests not yet handed out (annotator side)."""
+        out = []
+        while True:
+            try:
+                out.append(self._requests.get_nowait())
+            except queue.Empty:
+                return out
+
+    def deliver(self, uid: str, label: Any) -> None:
+        """A label arrived (thread-safe)."""
+        self._arrived.put(OracleResult(uid, "ok", label))
+
+    def fail(self, uid: str, error: str = "annotator gave up") -> None:
+        """The annotator will not label this prompt: its charge is refunded."""
+        self._arrived.put(OracleResult(uid, "failed", error=error))
+
+    def poll(self, step: int) -> list[OracleResult]:
+        out = []
+        while True:
+            try:
+                out.append(self._arrived.get_nowait())
+            except queue.Empty:
+                return out
+
+
+class DelayedGoldOracle(GoldOracle):
+    """Simulated asynchronous queue: the gold label requested at step t arrives at step
+    t + ``delay_steps`` (visible to the decide call of that step)."""
+
+    asynchronous = True
+    name = "delayed-gold"
+
+    def __init__(self, gold, delay_steps: int = 1, cost: float = 1.0) -> None:
+        super().__init__(gold, cost)
+        self.delay_steps = delay_steps
+        self._due: list[tuple[int, str, Any]] = []
+        self._step = 0
+        self._lock = threading.Lock()
+
+    def request(self, uid: str, payload: Any) -> OracleResult:
+        res = super().request(uid, payload)
+        if res.status == "ok":
+            with self._lock:
+                self._due.append((self._step + self.delay_steps, uid, res.label))
+            return OracleResult(uid, "pending")
+        return res
+
+    def poll(self, step: int) -> list[OracleResult]:
+        with self._lock:
+            self._step = step
+            ready = [d for d in self._due if d[0] <= step]
+            self._due = [d for d in self._due if d[0] > step]
+        return [OracleResult(u, "ok", lab) for _, u, lab in ready]
+
+    def state_dict(self) -> dict:
+        return {"due": list(self._due), "step": self._step}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self._due, self._step = [tuple(d) for d in sd["due"]], sd["step"]

@@ -1,0 +1,212 @@
+"""The label store and budget ledger: one SQLite file (WAL), keyed by a stable prompt uid (§6).
+
+Two tables:
+
+* ``labels(uid, label, source, cost, step, time)`` - every label ever obtained. ``label`` is the
+  oracle's answer as JSON text; a uid present here is never paid again (a later epoch gets it
+  free).
+* ``ledger(uid, status, step, cost, kind, time, attempts)`` - every paid request. A row is written
+  with status ``requested`` (synchronous oracle) or ``pending`` (asynchronous queue) *before* the
+  oracle is called, in the same transaction that checks the caps; it becomes ``stored`` in the
+  transaction that writes the label, or ``failed`` (cost refunded to 0) when the oracle gives
+  up. A crash between "requested" and "stored" leaves a ``requested`` row: the label counts as
+  paid, and a later request for that uid is a free retry. Charges are therefore never doubled and
+  the caps hold across crashes and resumes.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+SCHEMA_VERSION = "1"
+CHARGED = ("requested", "pending", "stored")
+"""Ledger statuses that count against the budget."""
+
+
+class LabelStoreError(RuntimeError):
+    """The store file is unreadable, corrupted, or from an incompatible schema."""
+
+
+@dataclass(frozen=True)
+class StoredLabel:
+    """A label in the store: the oracle's value (decoded JSON), how and when it was obtained."""
+
+    label: Any
+    source: str
+    cost: float
+    step: int
+    time: float
+
+
+@dataclass(frozen=True)
+class LedgerRow:
+    """A paid request: status in requested/pending/stored/failed, the step that paid it."""
+
+    status: str
+    step: int
+    cost: float
+    kind: str
+
+
+class LabelStore:
+    """SQLite label store + ledger. ``path=":memory:"`` keeps it in memory (tests, dry runs).
+
+    Raises:
+        LabelStoreError: when the file is not a healthy care_ext store (it is never replaced
+            silently: move it aside or restore a backup).
+    """
+
+    def __init__(self, path: str | Path = ":memory:") -> None:
+        self.path = str(path)
+        self._lock = threading.RLock()
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
+                                       timeout=30.0)
+            ok = self._db.execute("PRAGMA quick_check").fetchone()[0]
+            if ok != "ok":
+                raise sqlite3.DatabaseError(f"quick_check: {ok}")
+            if self.path != ":memory:":
+                self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._create()
+        except sqlite3.DatabaseError as exc:
+            raise LabelStoreError(
+                f"label store {self.path!r} is corrupted or not a care_ext SQLite store ({exc}); "
+                "move it aside or restore a backup - it is not replaced automatically, since "
+                "that would forget which labels were paid for") from exc
+
+    def _create(self) -> None:
+        with self._tx():
+            self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS labels (uid TEXT PRIMARY KEY, label TEXT NOT NULL, "
+                "source TEXT NOT NULL, cost REAL NOT NULL, step INTEGER NOT NULL, time REAL NOT NULL)")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS ledger (uid TEXT PRIMARY KEY, status TEXT NOT NULL "
+                "CHECK (status IN ('requested','pending','stored','failed')), step INTEGER NOT NULL, "
+                "cost REAL NOT NULL, kind TEXT NOT NULL, time REAL NOT NULL, attempts INTEGER NOT NULL)")
+            self._db.execute("CREATE INDEX IF NOT EXISTS ledger_step ON ledger(step)")
+            row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if row is None:
+                self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+            elif row[0] != SCHEMA_VERSION:
+                raise sqlite3.DatabaseError(f"schema version {row[0]}, expected {SCHEMA_VERSION}")
+
+    class _Tx:
+        def __init__(self, store: "LabelStore") -> None:
+            self.s = store
+
+        def __enter__(self):
+            self.s._lock.acquire()
+            self.s._db.execute("BEGIN IMMEDIATE")
+            return self.s._db
+
+        def __exit__(self, et, ev, tb):
+            try:
+                self.s._db.execute("COMMIT" if et is None else "ROLLBACK")
+            finally:
+                self.s._lock.release()
+
+    def _tx(self) -> "LabelStore._Tx":
+        return LabelStore._Tx(self)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # --- reads -----------------------------------------------------------------------------------
+    def _select(self, table: str, cols: str, uids: Iterable[str]) -> list[tuple]:
+        uids = list(uids)
+        out: list[tuple] = []
+        with self._lock:
+            for i in range(0, len(uids), 500):
+                chunk = uids[i:i + 500]
+                q = f"SELECT uid, {cols} FROM {table} WHERE uid IN ({','.join('?' * len(chunk))})"
+                out.extend(self._db.execute(q, chunk).fetchall())
+        return out
+
+    def get(self, uids: Iterable[str]) -> dict[str, StoredLabel]:
+        """Stored labels of those uids that have one."""
+        return {u: StoredLabel(json.loads(lab), src, c, st, t)
+                for u, lab, src, c, st, t in self._select("labels", "label, source, cost, step, time", uids)}
+
+    def ledger(self, uids: Iterable[str]) -> dict[str, LedgerRow]:
+        """Ledger rows of those uids that were ever requested."""
+        return {u: LedgerRow(s, st, c, k)
+                for u, s, st, c, k in self._select("ledger", "status, step, cost, kind", uids)}
+
+    def spent(self, step: int | None = None, exclude_step: int | None = None) -> tuple[int, float]:
+        """(labels, cost) charged: in total, at one ``step``, or at every step but ``exclude_step``."""
+        q = f"SELECT COUNT(*), COALESCE(SUM(cost), 0) FROM ledger WHERE status IN {CHARGED}"
+        args: tuple = ()
+        if step is not None:
+            q, args = q + " AND step = ?", (step,)
+        elif exclude_step is not None:
+            q, args = q + " AND step != ?", (exclude_step,)
+        with self._lock:
+            n, c = self._db.execute(q, args).fetchone()
+        return int(n), float(c)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM labels").fetchone()[0])
+
+    def export(self) -> list[dict]:
+        """Every label with its ledger status (an audit log)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT l.uid, l.label, l.source, l.cost, l.step, l.time, g.status FROM labels l "
+                "LEFT JOIN ledger g ON g.uid = l.uid ORDER BY l.time").fetchall()
+        return [dict(uid=u, label=json.loads(lab), source=s, cost=c, step=st, time=t, status=g)
+                for u, lab, s, c, st, t, g in rows]
+
+    # --- writes ----------------------------------------------------------------------------------
+    def reserve(self, uids: list[str], step: int, cost_each: float, kind: str,
+                step_cap: int, global_cap: int | None) -> list[str]:
+        """Charge new requests, in order, while both caps allow; returns the uids charged.
+
+        A uid with a charged ledger row or a stored label is never charged again (it is skipped
+        here; the caller retries it for free). ``kind`` is 'sync' (status requested) or 'async'
+        (status pending). Caps: labels charged at ``step`` <= step_cap and, if given, labels
+        charged in total <= global_cap.
+        """
+        status = "pending" if kind == "async" else "requested"
+        now = time.time()
+        taken: list[str] = []
+        with self._tx() as db:
+            n_step = db.execute(f"SELECT COUNT(*) FROM ledger WHERE status IN {CHARGED} AND step = ?",
+                                (step,)).fetchone()[0]
+            n_all = db.execute(f"SELECT COUNT(*) FROM ledger WHERE status IN {CHARGED}").fetchone()[0]
+            for u in uids:
+                if n_step >= step_cap or (global_cap is not None and n_all >= global_cap):
+                    break
+                row = db.execute("SELECT status, attempts FROM ledger WHERE uid = ?", (u,)).fetchone()
+                if (row is not None and row[0] in CHARGED) or db.execute(
+                        "SELECT 1 FROM labels WHERE uid = ?", (u,)).fetchone():
+                    continue
+                attempts = (row[1] if row else 0) + 1
+                db.execute("INSERT OR REPLACE INTO ledger VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           (u, status, step, float(cost_each), kind, now, attempts))
+                taken.append(u)
+                n_step += 1
+                n_all += 1
+        return taken
+
+    def put(self, uid: str, label: Any, source: str, cost: float, step: int) -> None:
+        """Store a label (JSON-serialisable) and mark its ledger row stored, atomically."""
+        text = json.dumps(label)
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO labels VALUES (?, ?, ?, ?, ?, ?)",
+                       (uid, text, source, float(cost), int(step), time.time()))
+            db.execute("UPDATE ledger SET status = 'stored' WHERE uid = ?", (uid,))
+
+    def release(self, uid: str) -> None:
+        """The oracle gave up on a charged request: mark it failed and refund its cost."""
+        with self._tx() as db:
+            db.execute("UPDATE ledger SET status = 'failed', cost = 0 WHERE uid = ? AND status != 'stored'",
+                       (uid,))

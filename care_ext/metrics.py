@@ -1,0 +1,79 @@
+"""Per-step monitors (§6). Deployable ones never read unbought gold; ``sim/*`` ones do and are
+computed only with a simulation oracle.
+
+Deployable (``care/*``, ``budget/*``, ``audit/*``): majority ratio, valid ratio, answer entropy,
+zero-std fraction of the kept prompts' rewards, mean length, the share of each source, classifier
+scores, labels and cost spent, and pseudo-label accuracy estimated on the random audit slice
+(unbiased because the slice is uniform over the batch's fresh prompts).
+Simulation-only (``sim/*``): true pseudo-label accuracy, reward accuracy of the kept rollouts,
+trust precision/recall, CAG recall of the bought set, wrong-majority share of the bought set.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .strategies.base import top_rows
+
+from .decision import BOUGHT, CACHED, DROPPED, TRUSTED
+
+
+def _mean(x: Tensor) -> float:
+    return float(x.float().mean()) if x.numel() else float("nan")
+
+
+def deployable(source: Tensor, rewards: Tensor, weight: Tensor, sizes: Tensor,
+               lengths: Tensor | None, reliability: Tensor | None, ecag: Tensor | None
+               ) -> dict[str, float]:
+    """Monitors from what the host gave and what was decided (no gold of unbought prompts).
+
+    Args: source int8 [B]; rewards float32 [B, G]; weight float32 [B]; sizes int64 [B, G];
+    lengths [B, G] or None; reliability / ecag float32 [B] or None.
+    """
+    B, G = sizes.shape
+    kept = source != DROPPED
+    p = sizes.double() / sizes.sum(1, keepdim=True).clamp(min=1).double()
+    ent = -(torch.where(p > 0, p * p.log(), torch.zeros_like(p))).sum(1)
+    m = {
+        "care/majority_ratio": _mean(sizes[:, 0].double() / G),
+        "care/valid_ratio": _mean(sizes.sum(1).double() / G),
+        "care/answer_entropy": _mean(ent),
+        "care/zero_std_frac": _mean((rewards[kept] == rewards[kept][:, :1]).all(1)),
+        "care/frac_trusted": _mean(source == TRUSTED),
+        "care/frac_bought": _mean(source == BOUGHT),
+        "care/frac_cached": _mean(source == CACHED),
+        "care/frac_dropped": _mean(source == DROPPED),
+        "care/weight_mean_kept": _mean(weight[kept]),
+    }
+    if lengths is not None:
+        m["care/length_mean"] = _mean(lengths.double())
+    if reliability is not None:
+        m["care/reliability_mean"] = _mean(reliability)
+    if ecag is not None:
+        m["care/ecag_mean"] = _mean(ecag)
+    return m
+
+
+def simulation(source: Tensor, rewards: Tensor, true_rewards: Tensor, majority_correct: Tensor,
+               true_cag: Tensor, fresh: Tensor, bought_by_strategy: Tensor) -> dict[str, float]:
+    """``sim/*`` monitors; every argument [B] or [B, G] on the CPU.
+
+    ``bought_by_strategy`` excludes the audit slice, so CAG recall measures the strategy.
+    """
+    kept = source != DROPPED
+    trusted = source == TRUSTED
+    bought = source == BOUGHT
+    m = {"sim/label_acc": _mean(majority_correct),
+         "sim/reward_acc": _mean(rewards[kept] == true_rewards[kept])}
+    if trusted.any():
+        m["sim/trust_precision"] = _mean(majority_correct[trusted])
+    good = majority_correct & fresh
+    if good.any():
+        m["sim/trust_recall"] = _mean(trusted[good])
+    k = int(bought_by_strategy.sum())
+    if k:
+        best = top_rows(true_cag, fresh, k)
+        m["sim/cag_recall"] = float((best & bought_by_strategy).sum()) / k
+    if bought.any():
+        m["sim/bought_wrong_majority"] = _mean(~majority_correct[bought])
+    return m

@@ -1,0 +1,492 @@
+"""The step API: one :class:`CareController` per run, ``decide`` then ``update`` per RL step.
+
+The controller knows nothing of the training framework. It takes one step's batch (prompt uids,
+answer ids, lengths, hidden states, log-probs), runs the strategy, buys labels through the oracle
+under the ledger's caps, and returns a :class:`~care_ext.decision.Decision`; after the policy
+update, :meth:`CareController.update` trains the classifiers on the labels obtained at that step
+(plus replay). Everything it owns - classifiers, optimisers, replay buffers, RNG, step counter,
+labels waiting for the next update or for an asynchronous oracle - saves and restores; the label
+store and ledger persist on their own (SQLite).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from . import metrics as M
+from . import ops
+from .config import CareConfig
+from .decision import BOUGHT, CACHED, DROPPED, TRUSTED, Decision
+from .labels import LabelStore, Oracle, OracleResult, SimulationOnlyError
+from .replay import Sample
+from .strategies import StepContext, Strategy, get_strategy
+from .trainer import ClassifierTrainer
+
+ResolveLabel = Callable[[Any, Any], int]
+
+
+def identity_label(label: Any, payload: Any) -> int:
+    """Default ``resolve_label``: the label is this row's gold answer id (stable integer ids)."""
+    if isinstance(label, bool) or not isinstance(label, int):
+        raise TypeError(f"label {label!r} is not an integer answer id; pass resolve_label="
+                        "fn(label, payload) -> gold answer id in the row's id space")
+    return label
+
+
+class CareController:
+    """One CARE (or baseline) run.
+
+    Args:
+        config: the run's :class:`CareConfig` (``config.strategy`` picks the strategy; an
+            ablation's pinned fields override the config's).
+        oracle: where bought labels come from (:mod:`care_ext.labels.oracles`).
+        store: a :class:`LabelStore`, a path to its SQLite file, or None (in memory).
+        resolve_label: ``fn(label, payload) -> int``: the id, in the row's answer-id space, of
+            the cluster equal to ``label`` (-1 if none); ``payload`` is the host's per-prompt
+            object given to decide. Default: the label is the id.
+
+    Raises:
+        SimulationOnlyError: a simulation-only strategy with a non-simulation oracle.
+    """
+
+    def __init__(self, config: CareConfig, oracle: Oracle, store: LabelStore | str | Path | None = None,
+                 resolve_label: ResolveLabel | None = None) -> None:
+        self.strategy: Strategy = get_strategy(config.strategy)
+        if self.strategy.simulation_only and not oracle.simulation:
+            raise SimulationOnlyError(
+                f"strategy {config.strategy!r} reads the gold of unbought prompts and runs only "
+                f"with a simulation oracle (GoldOracle), not {type(oracle).__name__}")
+        self.config = config
+        self.cfg = dataclasses.replace(config, **self.strategy.config_overrides)
+        self.oracle = oracle
+        self.store = store if isinstance(store, LabelStore) else LabelStore(store or ":memory:")
+        self.resolve_label = resolve_label or identity_label
+        self.rng = torch.Generator().manual_seed(config.seed)
+        self.step = 0
+        self.trainer: ClassifierTrainer | None = None
+        if self.strategy.learned and config.hidden_size is not None:
+            self._build_trainer(config.hidden_size)
+        self._samples: list[Sample] = []
+        self._awaiting: dict[str, tuple[dict, Any]] = {}
+        self._need_update = False
+        self._audit = [0, 0]  # majority-correct count, audited prompts (cumulative)
+
+    def _build_trainer(self, hidden_size: int) -> None:
+        self.trainer = ClassifierTrainer(self.cfg, hidden_size, regression=self.strategy.regression)
+
+    # ------------------------------------------------------------------------------------------
+    # input checks
+    # ------------------------------------------------------------------------------------------
+    def _check(self, uids, ids, lengths, h_prompt, h_resp, logprobs, logprob_mask, payloads):
+        cfg, st = self.cfg, self.strategy
+        if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.dtype != torch.int64:
+            raise ValueError(f"ids must be an int64 [B, G] tensor, got {getattr(ids, 'dtype', type(ids))} "
+                             f"{tuple(getattr(ids, 'shape', ()))}")
+        B, G = ids.shape
+        if G != cfg.group_size:
+            raise ValueError(f"ids has G = {G} rollouts per prompt but the config says group_size = "
+                             f"{cfg.group_size}")
+        uids = [str(u) for u in uids]
+        if len(uids) != B:
+            raise ValueError(f"{len(uids)} uids for a batch of B = {B} prompts")
+        if len(set(uids)) != B:
+            dup = sorted(u for u, n in Counter(uids).items() if n > 1)
+            raise ValueError(f"duplicate prompt uids in one batch: {dup[:10]} "
+                             "(each prompt must appear once, with its G rollouts)")
+        if payloads is not None and len(payloads) != B:
+            raise ValueError(f"{len(payloads)} payloads for B = {B}")
+        if lengths is None:
+            if st.learned:
+                raise ValueError(f"strategy {cfg.strategy!r} needs lengths [B, G]")
+            lengths = torch.zeros(B, G)
+        elif tuple(lengths.shape) != (B, G):
+            raise ValueError(f"lengths must be [B, G] = {(B, G)}, got {tuple(lengths.shape)}")
+        bad = torch.zeros(B, dtype=torch.bool)
+        named = {"lengths": lengths.double()}
+        if st.learned:
+            if h_prompt is None or h_resp is None:
+                raise ValueError(f"strategy {cfg.strategy!r} needs h_prompt [B, H] and h_resp [B, G, H]")
+            H = h_prompt.shape[-1] if h_prompt.dim() == 2 else -1
+            want_h = self.trainer.hidden_size if self.trainer else (cfg.hidden_size or H)
+            if h_prompt.dim() != 2 or tuple(h_prompt.shape) != (B, want_h):
+                raise ValueError(f"h_prompt must be [B, H] = {(B, want_h)}, got {tuple(h_prompt.shape)}")
+            if tuple(h_resp.shape) != (B, G, want_h):
+                raise ValueError(f"h_resp must be [B, G, H] = {(B, G, want_h)}, got {tuple(h_resp.shape)}")
+            for name, h in (("h_prompt", h_prompt), ("h_resp", h_resp)):
+                if h.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                    raise ValueError(f"{name} must be float32/bfloat16/float16, got {h.dtype}")
+            named["h_prompt"], named["h_resp"] = h_prompt, h_resp
+        mean_prob = None
+        if st.needs_logprobs:
+            if logprobs is None:
+                raise ValueError(f"strategy {cfg.strategy!r} needs logprobs: per-rollout mean token "
+                                 "log-prob [B, G], or token log-probs [B, G, T] with logprob_mask")
+            mean_prob = _mean_token_prob(logprobs, logprob_mask, B, G)
+            named["logprobs"] = mean_prob
+        for name, t in named.items():
+            fin = torch.isfinite(t.reshape(B, -1).float()).all(1) if B else bad
+            if name == "lengths":
+                fin = fin & (t >= 0).all(1)
+            if not bool(fin.all()):
+                rows = (~fin).nonzero().flatten().tolist()
+                if cfg.nonfinite == "error":
+                    raise ValueError(f"{name} has NaN/Inf{' or negative values' if name == 'lengths' else ''} "
+                                     f"in rows {rows[:10]}; fix the input or set nonfinite='drop'")
+                bad |= ~fin
+        return uids, lengths, bad, mean_prob
+
+    # ------------------------------------------------------------------------------------------
+    # decide
+    # ------------------------------------------------------------------------------------------
+    def decide(self, uids: Sequence[str], ids: Tensor, *, lengths: Tensor | None = None,
+               h_prompt: Tensor | None = None, h_resp: Tensor | None = None,
+               logprobs: Tensor | None = None, logprob_mask: Tensor | None = None,
+               payloads: Sequence[Any] | None = None) -> Decision:
+        """Decide every prompt of one RL step and buy its labels.
+
+        Args:
+            uids: B stable prompt ids (str; the label store's key). No duplicates.
+            ids: int64 [B, G] answer ids (-1 = no answer); G must equal ``group_size``.
+            lengths: [B, G] response lengths in tokens (required by the CARE family).
+            h_prompt: [B, H] final-norm hidden state at the last prompt token; h_resp: [B, G, H]
+                at the last response token (float32/bf16; required by the CARE family).
+            logprobs: Prob only: mean token log-prob per rollout [B, G], or token log-probs
+                [B, G, T] with ``logprob_mask`` bool [B, G, T] (True = a response token).
+            payloads: B host objects passed to the oracle and to ``resolve_label`` (e.g. the
+                prompt, its responses, the task). Must be picklable for save/load.
+
+        Returns:
+            :class:`Decision`. An empty batch (B = 0) returns an empty decision.
+
+        Raises:
+            ValueError: bad shapes/dtypes, G != group_size, duplicate uids, non-finite features
+                (with ``nonfinite='error'``). RuntimeError: decide twice without update.
+        """
+        if self._need_update:
+            raise RuntimeError("decide() called twice without update(); call update() after the "
+                               "policy update of each step (it is cheap for baselines)")
+        has_lengths = lengths is not None
+        uids, lengths, bad, mean_prob = self._check(uids, ids, lengths, h_prompt, h_resp, logprobs,
+                                                    logprob_mask, payloads)
+        B, G = ids.shape
+        cfg, t = self.cfg, self.step
+        payloads = list(payloads) if payloads is not None else [None] * B
+        arrivals = self._poll()
+
+        # ---- features (fused op for the CARE family) ---------------------------------------
+        ids_c = ids.detach().cpu()
+        gf = ops.group_features(ids_c, lengths.cpu(), cfg.max_len, cfg.cag_eps, cfg.cag_unbiased,
+                                cfg.adv_eps, cfg.adv_unbiased)
+        reliability = ecag = None
+        if self.strategy.learned and B:
+            reliability, ecag = self._classify(ids_c, lengths, h_prompt, h_resp, gf, bad)
+
+        # ---- row status -------------------------------------------------------------------
+        known = self.store.get(uids)
+        ledger = self.store.ledger(uids)
+        # a label stored at this very step is a purchase of a resumed rerun, not a cache hit
+        earlier = torch.tensor([u in known and known[u].step != t for u in uids], dtype=torch.bool)
+        waiting = torch.tensor([u not in known and u in ledger and ledger[u].status == "pending"
+                                for u in uids], dtype=torch.bool)
+        cached = earlier & ~bad if cfg.use_cached_labels else torch.zeros(B, dtype=torch.bool)
+        fresh = ~bad & ~waiting & ~cached
+        buyable = fresh & ~earlier
+
+        gold_cache: dict[str, Tensor] = {}
+
+        def gold_ids() -> Tensor:
+            if "g" not in gold_cache:
+                gold_cache["g"] = torch.tensor(
+                    [self._resolve(self.oracle.peek(u, p), p) for u, p in zip(uids, payloads)],
+                    dtype=torch.long)
+            return gold_cache["g"]
+
+        ctx = StepContext(cfg, t, ids_c, gf.rank, gf.sizes, gf.cag, gf.admissible,
+                          gf.pseudo_rewards, fresh, self.rng, gold_ids, reliability, ecag, mean_prob)
+        plan = self.strategy.plan(ctx) if B else None
+
+        # ---- selection under the caps -------------------------------------------------------
+        cap = B if (plan is not None and plan.buy_all) else cfg.step_cap(B)
+        ledger_cap = cap
+        if cfg.global_budget is not None:
+            cap = min(cap, max(0, cfg.global_budget - self.store.spent(exclude_step=t)[0]))
+        audit = self._audit_rows(buyable, cap)
+        strat_buy = torch.zeros(B, dtype=torch.bool)
+        if plan is not None and plan.score is not None:
+            eligible = buyable & ~audit & ~torch.isnan(plan.score)
+            order = _buy_order(plan.score, plan.priority, eligible)
+            strat_buy[order[: max(0, cap - int(audit.sum()))]] = True
+        selected = audit | strat_buy
+
+        # ---- ledger and oracle ------------------------------------------------------------
+        labels: dict[str, Any] = {u: known[u].label for u in uids if u in known}
+        retry = [i for i, u in enumerate(uids) if fresh[i] and u not in known and u in ledger
+                 and ledger[u].status == "requested"]
+        new = [uids[i] for i in selected.nonzero().flatten().tolist()
+               if uids[i] not in known and (uids[i] not in ledger or ledger[uids[i]].status == "failed")]
+        kind = "async" if self.oracle.asynchronous else "sync"
+        charged = self.store.reserve(new, t, self.oracle.cost, kind, ledger_cap, cfg.global_budget)
+        index = {u: i for i, u in enumerate(uids)}
+        ask = sorted({index[u] for u in charged} | set(retry))
+        ok, failed, pending = self._ask(uids, payloads, ask, labels, t)
+
+        # ---- sources, rewards, weights ----------------------------------------------------
+        source = torch.full((B,), DROPPED, dtype=torch.int8)
+        if plan is not None:
+            source[fresh & plan.trusted] = TRUSTED
+        got = torch.tensor([u in labels for u in uids], dtype=torch.bool) if B else torch.zeros(0, dtype=torch.bool)
+        bought_now = torch.zeros(B, dtype=torch.bool)
+        for i in ok:
+            bought_now[i] = True
+        bought_now |= selected & got & ~earlier  # labels stored at this very step (a resumed rerun)
+        source[bought_now] = BOUGHT
+        source[cached & got] = CACHED
+        for i in failed + pending:
+            source[i] = DROPPED
+        source[selected & ~bought_now] = DROPPED
+        source[bad | waiting] = DROPPED
+
+        labelled = (source == BOUGHT) | (source == CACHED)
+        gold = torch.full((B,), -1, dtype=torch.long)
+        for i in labelled.nonzero().flatten().tolist():
+            gold[i] = self._resolve(labels[uids[i]], payloads[i])
+        true_r = ((ids_c == gold[:, None]) & (gold[:, None] >= 0)).float()
+        rewards = torch.where(labelled[:, None], true_r, gf.pseudo_rewards)
+        weight = torch.zeros(B)
+        weight[labelled] = 1.0
+        trusted = source == TRUSTED
+        if plan is not None:
+            weight[trusted] = plan.trust_weight[trusted].float()
+        advantages = ops.group_advantage(rewards, cfg.adv_eps, cfg.adv_unbiased) * weight[:, None]
+
+        # ---- training samples (CARE family) -----------------------------------------------
+        if self.trainer is not None:
+            rows = (source == BOUGHT) | ((source == CACHED) if cfg.train_on_cached else False)
+            for i in rows.nonzero().flatten().tolist():
+                self._samples.append(_make_sample(self._parts(i, ids_c, gf, h_prompt, h_resp), int(gold[i])))
+            for i in pending:
+                self._awaiting[uids[i]] = (self._parts(i, ids_c, gf, h_prompt, h_resp), payloads[i])
+
+        # ---- metrics ------------------------------------------------------------------------
+        mets = M.deployable(source, rewards, weight, gf.sizes, lengths if has_lengths else None,
+                            reliability, ecag)
+        n_step, _ = self.store.spent(step=t)
+        n_all, cost_all = self.store.spent()
+        mets.update({"budget/labels_step": float(n_step), "budget/labels_total": float(n_all),
+                     "budget/cost_total": cost_all, "budget/cap_step": float(cap),
+                     "budget/failed": float(len(failed)), "budget/pending": float(len(pending)),
+                     "budget/waiting": float(int(waiting.sum())), "budget/arrived": float(arrivals)})
+        self._audit_metrics(mets, audit & labelled, ids_c, gold, gf.rank)
+        if self.oracle.simulation and cfg.sim_metrics and B:
+            mets.update(M.simulation(source, rewards, ctx.true_rewards(), ctx.majority_correct(),
+                                     ctx.true_cag(), fresh, strat_buy & bought_now))
+        score = plan.score.float().clone() if plan is not None and plan.score is not None \
+            else torch.full((B,), math.nan)
+
+        self.step += 1
+        self._need_update = True
+        return Decision(t, source, rewards, weight, advantages, gf.pseudo_adv, gold, score,
+                        reliability, int(bought_now.sum()) if B else 0, mets)
+
+    # ------------------------------------------------------------------------------------------
+    def _classify(self, ids, lengths, h_prompt, h_resp, gf, bad):
+        """(reliability [B], Stage-II score [B]) through the fused op with folded weights."""
+        cfg = self.cfg
+        if self.trainer is None:
+            self._build_trainer(h_prompt.shape[1])
+        w1, w2 = self.trainer.folded()
+        dev = cfg.device
+        hp, hr = h_prompt.detach(), h_resp.detach()
+        if bad.any():  # keep non-finite rows out of the kernels (they are dropped anyway)
+            hp, hr = hp.clone(), hr.clone()
+            hp[bad], hr[bad] = 0, 0
+        hp, hr = hp.to(dev), hr.to(dev)
+        lens = torch.where(bad[:, None], torch.zeros_like(lengths), lengths).to(dev)
+        if not self.strategy.regression:
+            out = ops.acquisition_step(ids.to(dev), lens, hp, hr, w1, w2, cfg.max_len, cfg.cag_eps,
+                                       cfg.cag_unbiased, cfg.adv_eps, cfg.adv_unbiased)
+            return out.reliability.cpu(), out.ecag.cpu()
+        logits1 = ops.classifier_forward(hp, gf.prompt_feat.to(dev), hr, gf.len_norm[..., None].to(dev),
+                                         None, w1)
+        pred = ops.classifier_forward(hp, gf.prompt_feat.to(dev), hr, None,
+                                      gf.minority_mask.to(dev), w2)
+        return torch.softmax(logits1, 1)[:, 1].cpu(), pred[:, 0].clamp(min=0.0).cpu()
+
+    def _resolve(self, label: Any, payload: Any) -> int:
+        g = self.resolve_label(label, payload)
+        if isinstance(g, bool) or not isinstance(g, int):
+            raise TypeError(f"resolve_label returned {g!r}; it must return an int answer id (-1: none)")
+        return g
+
+    def _audit_rows(self, buyable: Tensor, cap: int) -> Tensor:
+        """bool [B]: a uniform random slice of round(audit_frac * cap) buyable rows."""
+        out = torch.zeros_like(buyable)
+        n = min(int(math.floor(self.cfg.audit_frac * cap + 0.5)), int(buyable.sum()))
+        if n > 0:
+            rows = buyable.nonzero().flatten()
+            out[rows[torch.randperm(len(rows), generator=self.rng)[:n]]] = True
+        return out
+
+    def _audit_metrics(self, mets, audited, ids, gold, rank) -> None:
+        if self.cfg.audit_frac <= 0:
+            return
+        rows = audited.nonzero().flatten()
+        correct = ((rank[rows] == 0) & (ids[rows] == gold[rows, None]) & (gold[rows, None] >= 0)).any(1)
+        self._audit[0] += int(correct.sum())
+        self._audit[1] += len(rows)
+        mets["audit/n_step"] = float(len(rows))
+        mets["audit/n_total"] = float(self._audit[1])
+        if self._audit[1]:
+            mets["audit/pseudo_label_acc"] = self._audit[0] / self._audit[1]
+
+    def _ask(self, uids, payloads, rows, labels, t) -> tuple[list[int], list[int], list[int]]:
+        """Call the oracle for those rows; store what arrives. Returns (ok, failed, pending) rows."""
+        ok, failed, pending = [], [], []
+        if not rows:
+            return ok, failed, pending
+        index = {uids[i]: i for i in rows}
+        answered: set[str] = set()
+        try:
+            for res in self.oracle.request_many([(uids[i], payloads[i]) for i in rows]):
+                if res.uid not in index or res.uid in answered:
+                    continue
+                answered.add(res.uid)
+                self._record(res, t, labels)
+                {"ok": ok, "failed": failed, "pending": pending}.get(res.status, failed).append(index[res.uid])
+        except Exception as exc:  # noqa: BLE001 - a broken oracle drops the rest, uncharged
+            warnings.warn(f"care_ext: oracle {type(self.oracle).__name__} raised {exc!r}; the "
+                          "prompts it did not answer are dropped and not charged", RuntimeWarning)
+        for u, i in index.items():
+            if u not in answered:
+                self.store.release(u)
+                failed.append(i)
+        return ok, failed, pending
+
+    def _record(self, res: OracleResult, t: int, labels: dict) -> None:
+        if res.status == "ok":
+            row = self.store.ledger([res.uid]).get(res.uid)
+            self.store.put(res.uid, res.label, self.oracle.name,
+                           row.cost if row else self.oracle.cost, row.step if row else t)
+            labels[res.uid] = res.label
+        elif res.status != "pending":
+            self.store.release(res.uid)
+
+    def _poll(self) -> int:
+        """Store asynchronous labels that arrived; queue their samples for the next update."""
+        n = 0
+        for res in self.oracle.poll(self.step):
+            self._record(res, self.step, {})
+            parts = self._awaiting.pop(res.uid, None)
+            if res.status == "ok":
+                n += 1
+                if parts is not None and self.trainer is not None:
+                    self._samples.append(_make_sample(parts[0], self._resolve(res.label, parts[1])))
+        return n
+
+    @staticmethod
+    def _parts(i, ids, gf, h_prompt, h_resp) -> dict:
+        return {"ids": ids[i].clone(), "rank": gf.rank[i].clone(),
+                "h_prompt": h_prompt[i].detach().cpu().clone(), "h_resp": h_resp[i].detach().cpu().clone(),
+                "prompt_feat": gf.prompt_feat[i].clone(), "len_norm": gf.len_norm[i].clone(),
+                "minority": gf.minority_mask[i].clone(), "admissible": gf.admissible[i].clone(),
+                "cag": gf.cag[i].clone()}
+
+    # ------------------------------------------------------------------------------------------
+    # update, state
+    # ------------------------------------------------------------------------------------------
+    def update(self) -> dict[str, float]:
+        """Train the classifiers on the labels obtained since the last update (bought, cached,
+        arrived asynchronously) plus replay; call once after each decide, after the policy
+        update. Returns ``train/*`` metrics (empty for strategies without classifiers)."""
+        if not self._need_update:
+            raise RuntimeError("update() without a preceding decide()")
+        m: dict[str, float] = {}
+        if self.trainer is not None:
+            m = self.trainer.train(self._samples)
+        self._samples = []
+        self._need_update = False
+        return m
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue identically (the label store persists separately)."""
+        return {
+            "version": 1, "config": self.config.to_dict(), "step": self.step,
+            "rng": self.rng.get_state(), "need_update": self._need_update,
+            "trainer": self.trainer.state_dict() if self.trainer is not None else None,
+            "samples": [s.to_dict() for s in self._samples],
+            "awaiting": dict(self._awaiting), "audit": list(self._audit),
+            "oracle": self.oracle.state_dict(),
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Restore a state; the strategy and group size must match this controller's config
+        (other fields, e.g. ``global_budget``, follow the current config)."""
+        saved = sd["config"]
+        for key in ("strategy", "group_size"):
+            if saved[key] != getattr(self.config, key):
+                raise ValueError(f"checkpoint has {key}={saved[key]!r}, this run {getattr(self.config, key)!r}")
+        self.step, self._need_update = sd["step"], sd["need_update"]
+        self.rng.set_state(sd["rng"])
+        if sd["trainer"] is not None:
+            self._build_trainer(sd["trainer"]["hidden_size"])
+            self.trainer.load_state_dict(sd["trainer"])
+        self._samples = [Sample(**d) for d in sd["samples"]]
+        self._awaiting = dict(sd["awaiting"])
+        self._audit = list(sd["audit"])
+        self.oracle.load_state_dict(sd["oracle"])
+
+    def save(self, path: str | Path) -> None:
+        """Write :meth:`state_dict` atomically (temp file + rename)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+
+    def load(self, path: str | Path) -> None:
+        """Restore from :meth:`save` (a pickle: load only checkpoints you wrote)."""
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+
+
+# ----------------------------------------------------------------------------------------------
+def _mean_token_prob(logprobs: Tensor, mask: Tensor | None, B: int, G: int) -> Tensor:
+    """float32 [B, G] per-rollout mean token probability from [B, G] mean log-probs (exp of the
+    mean) or [B, G, T] token log-probs with a bool mask (mean of exp over masked tokens)."""
+    if logprobs.dim() == 2 and tuple(logprobs.shape) == (B, G):
+        return logprobs.double().exp().float()
+    if logprobs.dim() == 3 and tuple(logprobs.shape[:2]) == (B, G):
+        m = torch.ones_like(logprobs, dtype=torch.bool) if mask is None else mask.bool()
+        if tuple(m.shape) != tuple(logprobs.shape):
+            raise ValueError(f"logprob_mask must have the shape of logprobs {tuple(logprobs.shape)}")
+        p = torch.where(m, logprobs.double().exp(), torch.zeros((), dtype=torch.float64))
+        return (p.sum(2) / m.sum(2).clamp(min=1)).float()
+    raise ValueError(f"logprobs must be [B, G] or [B, G, T] with B, G = {(B, G)}, got {tuple(logprobs.shape)}")
+
+
+def _buy_order(score: Tensor, priority: Tensor | None, eligible: Tensor) -> Tensor:
+    """Eligible row indices ordered by (priority desc, score desc, index asc)."""
+    s = score.double()
+    order = torch.sort(-s, stable=True).indices
+    if priority is not None:
+        order = order[torch.sort((~priority[order]).to(torch.int8), stable=True).indices]
+    return order[eligible[order]]
+
+
+def _make_sample(parts: dict, gold: int) -> Sample:
+    """A training sample from a row's features and its gold answer id."""
+    correct = (parts["ids"] == gold) & (gold >= 0)
+    maj = bool((correct & (parts["rank"] == 0)).any())
+    count = 0 if maj else int((correct & (parts["rank"] > 0)).sum())
+    if not bool(parts["admissible"][count]):
+        raise ValueError(f"count label {count} is not admissible for cluster sizes of this prompt")
+    true_cag = 0.0 if maj else float(parts["cag"][count])
+    return Sample(parts["h_prompt"], parts["h_resp"], parts["prompt_feat"], parts["len_norm"],
+                  parts["minority"], parts["admissible"], parts["cag"], correct, int(maj), count,
+                  true_cag)

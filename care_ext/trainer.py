@@ -1,0 +1,158 @@
+"""Online training of CARE's two classifiers on bought labels plus replay (§5).
+
+Per RL step (after the policy update), ``train_steps`` times: Stage-I takes one AdamW step on this
+step's samples plus ``replay_batch`` uniform history samples, then Stage-II on this step's samples
+plus ``replay_batch`` history samples stratified by count label. The step's samples join the FIFO
+buffers only afterwards, so history never contains the current step. Nothing here ever sees a
+prompt whose label was not bought: samples are built only from labelled prompts.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .classifiers import CareClassifier, balanced_ce, stage1_classifier, stage2_classifier
+from .config import CareConfig
+from .replay import ReplayBuffer, Sample, stack
+
+
+class ClassifierTrainer:
+    """Owns both classifiers, their AdamW optimisers, the two replay buffers and the replay RNG.
+
+    Args:
+        cfg: the run config (dims, losses, optimiser, replay).
+        hidden_size: H. regression: Stage-II predicts CAG (C = 1, MSE) instead of count classes.
+    """
+
+    def __init__(self, cfg: CareConfig, hidden_size: int, regression: bool = False) -> None:
+        self.cfg, self.hidden_size, self.regression = cfg, hidden_size, regression
+        G = cfg.group_size
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            self.stage1: CareClassifier = stage1_classifier(hidden_size, G, cfg).to(cfg.device)
+            self.stage2: CareClassifier = stage2_classifier(hidden_size, G, cfg, regression).to(cfg.device)
+        self.stage1.eval()
+        self.stage2.eval()
+        self.opt1 = torch.optim.AdamW(self.stage1.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.opt2 = torch.optim.AdamW(self.stage2.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.replay1 = ReplayBuffer(cfg.replay_capacity)
+        self.replay2 = ReplayBuffer(cfg.replay_capacity)
+        self.gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.updates = 0
+        self._folded: tuple[list[Tensor], list[Tensor]] | None = None
+
+    # ------------------------------------------------------------------------------------------
+    def folded(self) -> tuple[list[Tensor], list[Tensor]]:
+        """(Stage-I, Stage-II) folded weights of the eval-mode modules (cached between updates)."""
+        if self._folded is None:
+            self._folded = (self.stage1.fold(), self.stage2.fold())
+        return self._folded
+
+    def _batch(self, samples: list[Sample]) -> dict[str, Tensor]:
+        return {k: v.to(self.cfg.device) for k, v in stack(samples).items()}
+
+    def _stage1_loss(self, b: dict[str, Tensor]) -> tuple[Tensor, float]:
+        cfg = self.cfg
+        logits, aux = self.stage1(b["h_prompt"], b["prompt_feat"], b["h_resp"],
+                                  b["len_norm"][..., None], None)
+        loss = balanced_ce(logits, b["majority_correct"], cfg.class_balance_power, cfg.class_weight_clip)
+        aux_loss = 0.0
+        if aux is not None and cfg.aux_weight > 0:
+            a = F.cross_entropy(aux.reshape(-1, 2), b["correct"].reshape(-1).long())
+            loss = loss + cfg.aux_weight * a
+            aux_loss = float(a.detach())
+        return loss, aux_loss
+
+    def _stage2_loss(self, b: dict[str, Tensor]) -> Tensor:
+        cfg = self.cfg
+        out, _ = self.stage2(b["h_prompt"], b["prompt_feat"], b["h_resp"], None, b["minority"])
+        if self.regression:
+            return F.mse_loss(out[:, 0], b["true_cag"])
+        return balanced_ce(out, b["count"], cfg.class_balance_power, cfg.class_weight_clip,
+                           admissible=b["admissible"])
+
+    def _step(self, module, opt, loss: Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(module.parameters(), self.cfg.grad_clip)
+        opt.step()
+
+    def train(self, samples: list[Sample]) -> dict[str, float]:
+        """One RL step of classifier training on ``samples`` (this step's labels) plus replay.
+
+        Returns metrics (means over the gradient steps): ``train/stage1_loss``,
+        ``train/stage1_aux_loss``, ``train/stage2_loss``, ``train/samples``. A stage whose batch
+        has fewer than 2 samples skips its step (BatchNorm needs 2). No samples: no training.
+        """
+        cfg = self.cfg
+        cur1 = list(samples)
+        cur2 = [s for s in samples if cfg.stage2_correct_majority == "class0" or not s.majority_correct]
+        m = {"train/samples": float(len(cur1))}
+        if not cur1:
+            return m
+        l1, la, l2, n1, n2 = 0.0, 0.0, 0.0, 0, 0
+        self.stage1.train()
+        self.stage2.train()
+        try:
+            for _ in range(cfg.train_steps):
+                b1 = cur1 + self.replay1.sample(cfg.replay_batch, self.gen)
+                if len(b1) >= 2:
+                    loss, aux = self._stage1_loss(self._batch(b1))
+                    self._step(self.stage1, self.opt1, loss)
+                    l1, la, n1 = l1 + float(loss.detach()), la + aux, n1 + 1
+                b2 = cur2 + self.replay2.sample_stratified(cfg.replay_batch, self.gen)
+                if len(b2) >= 2 and cur2:
+                    loss = self._stage2_loss(self._batch(b2))
+                    self._step(self.stage2, self.opt2, loss)
+                    l2, n2 = l2 + float(loss.detach()), n2 + 1
+        finally:
+            self.stage1.eval()
+            self.stage2.eval()
+        self.replay1.extend(cur1)
+        self.replay2.extend(cur2)
+        self.updates += 1
+        self._folded = None
+        if n1:
+            m["train/stage1_loss"], m["train/stage1_aux_loss"] = l1 / n1, la / n1
+        if n2:
+            m["train/stage2_loss"] = l2 / n2
+        return m
+
+    # ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Modules, optimisers, both replay buffers (samples stored once) and the replay RNG."""
+        pool: list[Sample] = []
+        index: dict[int, int] = {}
+        for s in list(self.replay1.items) + list(self.replay2.items):
+            if id(s) not in index:
+                index[id(s)] = len(pool)
+                pool.append(s)
+        return {
+            "hidden_size": self.hidden_size, "regression": self.regression,
+            "stage1": self.stage1.state_dict(), "stage2": self.stage2.state_dict(),
+            "opt1": self.opt1.state_dict(), "opt2": self.opt2.state_dict(),
+            "samples": [s.to_dict() for s in pool],
+            "replay1": [index[id(s)] for s in self.replay1.items],
+            "replay2": [index[id(s)] for s in self.replay2.items],
+            "gen": self.gen.get_state(), "updates": self.updates,
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        if sd["hidden_size"] != self.hidden_size or sd["regression"] != self.regression:
+            raise ValueError(f"checkpoint classifiers have H={sd['hidden_size']}, regression="
+                             f"{sd['regression']}; this run has H={self.hidden_size}, "
+                             f"regression={self.regression}")
+        self.stage1.load_state_dict(sd["stage1"])
+        self.stage2.load_state_dict(sd["stage2"])
+        self.opt1.load_state_dict(sd["opt1"])
+        self.opt2.load_state_dict(sd["opt2"])
+        pool = [Sample(**d) for d in sd["samples"]]
+        self.replay1.items.clear()
+        self.replay2.items.clear()
+        self.replay1.extend([pool[i] for i in sd["replay1"]])
+        self.replay2.extend([pool[i] for i in sd["replay2"]])
+        self.gen.set_state(sd["gen"])
+        self.updates = sd["updates"]
+        self._folded = None

@@ -1,0 +1,90 @@
+"""The torch classifiers, their BatchNorm folding into the fused op, and the class-balanced loss."""
+import pytest
+import torch
+
+from care_ext import ops
+from care_ext.classifiers import balanced_ce, class_weights, stage1_classifier, stage2_classifier
+from care_ext.config import CareConfig
+
+from core_synth import make_batch, make_world
+
+
+def _trained_pair(H, G, regression=False):
+    """Modules with non-trivial BatchNorm statistics and affine parameters."""
+    cfg = CareConfig(group_size=G, hidden_size=H, prompt_dim=16, resp_hidden_dim=8, resp_out_dim=12,
+                     head_dim=10)
+    torch.manual_seed(0)
+    s1, s2 = stage1_classifier(H, G, cfg), stage2_classifier(H, G, cfg, regression)
+    for m in (s1, s2):
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm1d):
+                mod.weight.data.uniform_(0.5, 1.5)
+                mod.bias.data.normal_()
+        m.train()
+    world = make_world(B=24, G=G, H=H)
+    for step in range(3):  # a few train-mode forwards move the running statistics
+        b = make_batch(world, step)
+        gf = ops.group_features(b.ids, b.lengths)
+        with torch.no_grad():
+            s1(b.h_prompt * 3 + 1, gf.prompt_feat, b.h_resp * 2 - 1, gf.len_norm[..., None])
+            s2(b.h_prompt * 3 + 1, gf.prompt_feat, b.h_resp * 2 - 1, None, gf.minority_mask)
+    s1.eval()
+    s2.eval()
+    return s1, s2, world
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_folded_fused_op_matches_module_eval_forward(dtype):
+    H, G = 16, 8
+    s1, s2, world = _trained_pair(H, G)
+    b = make_batch(world, 7)
+    hp, hr = b.h_prompt.to(dtype), b.h_resp.to(dtype)
+    out = ops.acquisition_step(b.ids, b.lengths, hp, hr, s1.fold(), s2.fold())
+    gf = ops.group_features(b.ids, b.lengths)
+    with torch.no_grad():
+        l1, aux = s1(hp, gf.prompt_feat, hr, gf.len_norm[..., None])
+        l2, _ = s2(hp, gf.prompt_feat, hr, None, gf.minority_mask)
+    ref_probs, ref_ecag = ops.expected_cag(l2, gf.cag, gf.admissible)
+    torch.testing.assert_close(out.stage1_logits, l1, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.reliability, torch.softmax(l1, 1)[:, 1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.probs, ref_probs, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.ecag, ref_ecag, rtol=1e-4, atol=1e-5)
+    assert aux.shape == (b.ids.shape[0], G, 2)
+    assert out.ecag.std() > 0 and out.reliability.std() > 0  # a non-degenerate comparison
+
+
+def test_regression_head_folds_through_classifier_forward():
+    H, G = 16, 8
+    _, s2, world = _trained_pair(H, G, regression=True)
+    b = make_batch(world, 3)
+    gf = ops.group_features(b.ids, b.lengths)
+    got = ops.classifier_forward(b.h_prompt, gf.prompt_feat, b.h_resp, None, gf.minority_mask, s2.fold())
+    with torch.no_grad():
+        want, _ = s2(b.h_prompt, gf.prompt_feat, b.h_resp, None, gf.minority_mask)
+    assert got.shape == (b.ids.shape[0], 1)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_class_weights_balance_normalise_and_clip():
+    labels = torch.tensor([0] * 16 + [1] * 4 + [3])
+    w = class_weights(labels, 5, 0.5, (0.0, 100.0))
+    assert w[2] == 0 and w[4] == 0  # absent classes
+    present = w[[0, 1, 3]]
+    torch.testing.assert_close(present.mean(), torch.tensor(1.0))
+    torch.testing.assert_close(w[1] / w[0], torch.tensor(2.0))  # (16 / 4) ** 0.5
+    clipped = class_weights(labels, 5, 0.5, (0.25, 1.2))
+    assert clipped.max() <= 1.2 and clipped[[0, 1, 3]].min() >= 0.25
+    torch.testing.assert_close(class_weights(labels, 5, 0.0, (0.25, 4.0))[[0, 1, 3]], torch.ones(3))
+
+
+def test_balanced_ce_masks_inadmissible_classes_and_rejects_inadmissible_labels():
+    logits = torch.tensor([[0.0, 5.0, 0.0], [1.0, 1.0, 1.0]])
+    adm = torch.tensor([[True, False, True], [True, True, True]])
+    labels = torch.tensor([0, 1])
+    loss = balanced_ce(logits, labels, 0.5, (0.25, 4.0), admissible=adm)
+    # row 0: the large inadmissible logit must not matter -> CE over two equal logits = log 2
+    w = torch.tensor([1.0, 1.0])
+    row1 = torch.nn.functional.cross_entropy(logits[1:], labels[1:])
+    torch.testing.assert_close(loss, (w[0] * torch.log(torch.tensor(2.0)) + w[1] * row1) / 2)
+    with pytest.raises(ValueError, match="not admissible"):
+        balanced_ce(logits, torch.tensor([1, 1]), 0.5, (0.25, 4.0), admissible=adm)
