@@ -76,3 +76,11 @@ def test_errors_propagate_and_answer_equals_last_value():
     assert tokens.shape == (4, 17) and mask.shape == (4, 16)
     assert mask[:, :8].sum() == 0 and mask[:, 8:].all()  # loss on the 8 response tokens only
     assert torch.equal(tokens[:, -2], tokens[:, -4])  # answer digit == last intermediate value
+
+
+def test_distinct_problems_have_unique_prompts():
+    from training.lab.task import format_prompt, sample_distinct_problems
+    cfg = TaskConfig(num_ops=1)  # only 300 distinct problems: 200 draws collide for sure
+    pr = sample_distinct_problems(200, cfg, _gen(7))
+    texts = format_prompt(pr, cfg)
+    assert len(set(texts)) == 200

@@ -132,8 +132,9 @@ def _band_plot(ax, groups: dict[str, list[tuple[list, list]]], ylabel: str, titl
 def write_plots(runs: list[dict], out_dir: Path | str) -> list[Path]:
     """PNG plots (lines = mean over seeds, bands = min..max over seeds):
     accuracy.png (held-out mean@8 and greedy vs step), pseudo_label.png (batch pseudo-label
-    accuracy), budget.png (labels bought, cumulative), classifier.png (CARE's Stage-I AUC and
-    bought-set precision vs Oracle's, when logged). Returns the written paths."""
+    accuracy), budget.png (labels bought, cumulative), classifier.png (Stage-I AUC of the CARE
+    family, and for every buying strategy the share of its bought set that Oracle would also have
+    bought, and the share with a wrong majority). Returns the written paths."""
     out = Path(out_dir)
     written = []
     by = defaultdict(list)
@@ -189,8 +190,8 @@ def write_plots(runs: list[dict], out_dir: Path | str) -> list[Path]:
     plt.close(fig)
 
     cls_metrics = [("stage1_auc", "Stage-I AUC (majority correct)"),
-                   ("bought_wrong_major", "bought prompts with a wrong majority"),
-                   ("bought_cag_ratio", "true CAG of bought / Oracle's")]
+                   ("sim/cag_recall", "bought set ∩ Oracle's top-k / k"),
+                   ("sim/bought_wrong_majority", "bought prompts with a wrong majority")]
     present = [(m, t) for m, t in cls_metrics if any(s.get(m) is not None for r in runs for s in r["steps"])]
     if present:
         fig, axes = plt.subplots(1, len(present), figsize=(5.2 * len(present), 4.6), squeeze=False)

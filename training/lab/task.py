@@ -102,6 +102,26 @@ def sample_problems(n: int, cfg: TaskConfig, gen: torch.Generator) -> Problems:
                     torch.randint(0, m, (n, k), generator=gen))
 
 
+def sample_distinct_problems(n: int, cfg: TaskConfig, gen: torch.Generator) -> Problems:
+    """Like :func:`sample_problems`, but no problem appears twice in the batch (a repeated row is
+    redrawn), so the prompt text can serve as the label store's uid within one step."""
+    pr = sample_problems(n, cfg, gen)
+    while True:
+        keys = (pr.x0 * 10 ** (2 * cfg.num_ops)).clone()
+        for j in range(cfg.num_ops):
+            keys += (pr.ops[:, j] * cfg.modulus + pr.operands[:, j]) * (10 ** (2 * (cfg.num_ops - 1 - j)))
+        first = torch.zeros(n, dtype=torch.bool)
+        seen: set[int] = set()
+        for i, k in enumerate(keys.tolist()):
+            first[i] = k not in seen
+            seen.add(k)
+        if bool(first.all()):
+            return pr
+        dup = (~first).nonzero().flatten()
+        fresh = sample_problems(len(dup), cfg, gen)
+        pr.x0[dup], pr.ops[dup], pr.operands[dup] = fresh.x0, fresh.ops, fresh.operands
+
+
 def _apply(x: Tensor, op: Tensor, a: Tensor, modulus: int) -> Tensor:
     out = torch.where(op == OP_ADD, x + a, torch.where(op == OP_SUB, x - a, x * a))
     return torch.remainder(out, modulus)
