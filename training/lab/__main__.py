@@ -18,7 +18,7 @@ from tqdm import tqdm
 from .presets import PRESETS
 from .report import write_report
 from .runner import build_specs, override_steps, run_grid
-from .sft import default_cache_dir, load_or_train_sft
+from .sft import checkpoint_path, default_cache_dir, load_or_train_sft
 from .strategies import available_methods
 
 
@@ -72,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
               f"budgets {list(preset.budgets)}")
     if not args.report_only:
         t0 = time.time()
-        bar = tqdm(total=preset.sft.steps, desc="SFT", unit="step", disable=args.no_progress,
-                   dynamic_ncols=True)
+        cached = checkpoint_path(preset.sft, args.cache_dir).exists()
+        bar = tqdm(total=preset.sft.steps, desc="SFT", unit="step",
+                   disable=args.no_progress or cached, dynamic_ncols=True)
         sft_path, info = load_or_train_sft(preset.sft, args.cache_dir,
                                            progress=lambda s, loss: bar.update(1),
                                            log=lambda m: tqdm.write(m))

@@ -120,7 +120,8 @@ def _band_plot(ax, groups: dict[str, list[tuple[list, list]]], ylabel: str, titl
         ys = [[s[1][j] for s in series] for j in range(n)]
         mid = [mean(v) for v in ys]
         color = f"C{i % 10}"
-        ax.plot(xs[:n], mid, label=f"{k} (n={len(series)})", color=color, lw=1.6)
+        style = ("-", "--", "-.", ":")[(i // 2) % 4]  # overlapping curves stay distinguishable
+        ax.plot(xs[:n], mid, label=f"{k} (n={len(series)})", color=color, lw=1.6, ls=style)
         if len(series) > 1:
             ax.fill_between(xs[:n], [min(v) for v in ys], [max(v) for v in ys], color=color, alpha=0.15)
     ax.set_xlabel("GRPO step")
