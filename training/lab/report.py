@@ -85,6 +85,44 @@ def results_table(runs: list[dict], order: list[str] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+CLASSIFIER_COLUMNS = (("stage1_auc", "Stage-I AUC"), ("sim/trust_precision", "trusted: majority right"),
+                      ("sim/cag_recall", "bought ∩ Oracle top-k / k"),
+                      ("sim/bought_wrong_majority", "bought: majority wrong"))
+"""Per-step columns summarised by :func:`classifier_table` (all simulation-only monitors)."""
+
+
+def classifier_table(runs: list[dict], windows: int = 4) -> str:
+    """Markdown: for every strategy that buys a subset, the mean of each CLASSIFIER_COLUMNS metric
+    over ``windows`` equal step windows (mean over seeds of the per-run window means; NaN steps,
+    e.g. an AUC when every majority is right, are skipped)."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in runs:
+        if r.get("budgeted", True):
+            groups[group_key(r)].append(r)
+    if not groups:
+        return ""
+    n_steps = max(len(r["steps"]) for rs in groups.values() for r in rs)
+    edges = [round(i * n_steps / windows) for i in range(windows + 1)]
+    head = "| method | metric | " + " | ".join(f"steps {edges[i] + 1}–{edges[i + 1]}" for i in range(windows)) + " |"
+    lines = ["### Selection quality over time (simulation-only monitors)", "", head,
+             "|" + "---|" * (windows + 2)]
+    for k in sorted(groups):
+        for col, label in CLASSIFIER_COLUMNS:
+            cells, any_val = [], False
+            for i in range(windows):
+                per_run = []
+                for r in groups[k]:
+                    vals = [s.get(col) for s in r["steps"][edges[i]:edges[i + 1]]]
+                    vals = [v for v in vals if v is not None and not math.isnan(v)]
+                    if vals:
+                        per_run.append(mean(vals))
+                any_val |= bool(per_run)
+                cells.append(_fmt(mean(per_run), 2) if per_run else "–")
+            if any_val:
+                lines.append(f"| {k} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_tables(runs: list[dict], out_dir: Path | str) -> dict[str, Path]:
     """Write steps.csv (every logged step), evals.csv, all_runs.json; returns their paths."""
     out = Path(out_dir)
@@ -212,7 +250,7 @@ def write_report(out_dir: Path | str, title: str, header: str = "", order: list[
     Returns the path of results.md (which embeds the plots)."""
     out = Path(out_dir)
     runs = load_runs(out)
-    table = results_table(runs, order) if runs else "(no finished runs)\n"
+    table = results_table(runs, order) + "\n" + classifier_table(runs) if runs else "(no finished runs)\n"
     plots = write_plots(runs, out) if runs else []
     write_tables(runs, out)
     md = [f"# {title}", "", header, "", table, ""] + [f"![{p.stem}]({p.name})" for p in plots]
