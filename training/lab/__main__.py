@@ -7,6 +7,7 @@ and prints the table.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import replace
@@ -26,12 +27,20 @@ def _csv(kind):
     return lambda s: tuple(kind(x) for x in s.split(",") if x.strip())
 
 
+def _override(text: str) -> tuple[str, object]:
+    key, _, raw = text.partition("=")
+    try:
+        return key.strip(), json.loads(raw)
+    except json.JSONDecodeError:
+        return key.strip(), raw
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line (see --help)."""
     p = argparse.ArgumentParser(prog="python -m training.lab", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("preset", nargs="?", default="quick", choices=sorted(PRESETS),
-                   help="; ".join(f"{k}: {v.description}" for k, v in PRESETS.items()))
+                   help="; ".join(f"{k}: {v.description}" for k, v in PRESETS.items()).replace("%", "%%"))
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/lab/<preset>)")
     p.add_argument("--methods", type=_csv(str), default=None,
                    help="comma-separated strategies (default: the preset's; 'all' = every one)")
@@ -39,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budgets", type=_csv(float), default=None, help="comma-separated budgets p")
     p.add_argument("--steps", type=int, default=None, help="GRPO steps per run")
     p.add_argument("--jobs", type=int, default=None, help="worker processes (one thread each)")
+    p.add_argument("--care", action="append", default=[], metavar="FIELD=VALUE",
+                   help="CareConfig override for every run, e.g. --care alpha=0.1 (repeatable; "
+                        "values parsed as JSON, else kept as strings)")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help=f"SFT checkpoint cache (default $CARE_LAB_CACHE or {default_cache_dir()})")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -69,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path("runs") / "lab" / preset.name
     out.mkdir(parents=True, exist_ok=True)
     header = (f"preset `{preset.name}`: methods {', '.join(methods)}; seeds {list(preset.seeds)}; "
-              f"budgets {list(preset.budgets)}")
+              f"budgets {list(preset.budgets)}" + (f"; CARE overrides {args.care}" if args.care else ""))
     if not args.report_only:
         t0 = time.time()
         cached = checkpoint_path(preset.sft, args.cache_dir).exists()
@@ -82,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[lab] SFT checkpoint {sft_path} ({'cached' if info['cached'] else 'trained'}; "
               f"final loss {info['final_loss']:.3f})")
         grpo = override_steps(preset, args.steps)
-        specs = build_specs(preset, methods, str(sft_path), grpo)
+        care = tuple(_override(c) for c in args.care)
+        specs = build_specs(preset, methods, str(sft_path), grpo, care)
         jobs = args.jobs if args.jobs is not None else preset.jobs
         print(f"[lab] {len(specs)} runs x {grpo.steps} steps on {jobs} process(es) -> {out}")
         run_grid(specs, out, jobs=jobs, progress=not args.no_progress)

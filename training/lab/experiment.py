@@ -69,8 +69,9 @@ class RunSpec:
 
     @property
     def name(self) -> str:
-        """Folder name: <method>-p<budget%>-s<seed>."""
-        return f"{self.method}-p{round(self.budget * 100):02d}-s{self.seed}"
+        """Folder name: <method>-p<budget%>-s<seed>[-<field><value>...] (overrides appended)."""
+        extra = "".join(f"-{k}{v}" for k, v in self.care)
+        return f"{self.method}-p{round(self.budget * 100):02d}-s{self.seed}{extra}"
 
     def to_dict(self) -> dict:
         """Nested plain dict."""

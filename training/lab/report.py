@@ -33,7 +33,9 @@ def load_runs(out_dir: Path | str) -> list[dict]:
 def group_key(run: dict) -> str:
     """Row label of a run: the method, plus the budget for strategies that buy a subset."""
     spec = run["spec"]
-    return spec["method"] if not run.get("budgeted", True) else f"{spec['method']} @{round(spec['budget'] * 100)}%"
+    key = spec["method"] if not run.get("budgeted", True) else f"{spec['method']} @{round(spec['budget'] * 100)}%"
+    extra = " ".join(f"{k}={v}" for k, v in spec.get("care", []))
+    return f"{key} [{extra}]" if extra else key
 
 
 def run_summary(run: dict) -> dict:

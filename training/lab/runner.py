@@ -16,9 +16,10 @@ from .strategies import is_budgeted
 
 
 def build_specs(preset: Preset, methods: Iterable[str], sft_path: str,
-                grpo: GRPOConfig | None = None) -> list[RunSpec]:
+                grpo: GRPOConfig | None = None, care: tuple = ()) -> list[RunSpec]:
     """One spec per (method, budget, seed); budget-free methods get one spec per seed (their
-    budget field is the first budget, which they ignore)."""
+    budget field is the first budget, which they ignore). ``care``: CareConfig overrides as
+    (field, value) pairs applied to every run."""
     specs = []
     for method in methods:
         budgets = preset.budgets if is_budgeted(method) else preset.budgets[:1]
@@ -27,7 +28,7 @@ def build_specs(preset: Preset, methods: Iterable[str], sft_path: str,
                 specs.append(RunSpec(method=method, seed=seed, budget=budget, sft_path=sft_path,
                                      grpo=grpo or preset.grpo, task=preset.sft.task,
                                      eval_every=preset.eval_every, eval_size=preset.eval_size,
-                                     eval_samples=preset.eval_samples))
+                                     eval_samples=preset.eval_samples, care=tuple(care)))
     return specs
 
 
