@@ -10,10 +10,9 @@ trust precision/recall, CAG recall of the bought set, wrong-majority share of th
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from .strategies.base import top_rows
+from .strategies.base import cluster_entropy, top_rows
 
 from .decision import BOUGHT, CACHED, DROPPED, TRUSTED
 
@@ -32,12 +31,10 @@ def deployable(source: Tensor, rewards: Tensor, weight: Tensor, sizes: Tensor,
     """
     B, G = sizes.shape
     kept = source != DROPPED
-    p = sizes.double() / sizes.sum(1, keepdim=True).clamp(min=1).double()
-    ent = -(torch.where(p > 0, p * p.log(), torch.zeros_like(p))).sum(1)
     m = {
         "care/majority_ratio": _mean(sizes[:, 0].double() / G),
         "care/valid_ratio": _mean(sizes.sum(1).double() / G),
-        "care/answer_entropy": _mean(ent),
+        "care/answer_entropy": _mean(cluster_entropy(sizes)),
         "care/zero_std_frac": _mean((rewards[kept] == rewards[kept][:, :1]).all(1)),
         "care/frac_trusted": _mean(source == TRUSTED),
         "care/frac_bought": _mean(source == BOUGHT),
@@ -51,7 +48,7 @@ def deployable(source: Tensor, rewards: Tensor, weight: Tensor, sizes: Tensor,
         m["care/reliability_mean"] = _mean(reliability)
     if ecag is not None:
         m["care/ecag_mean"] = _mean(ecag)
-    return m
+    return {k: v for k, v in m.items() if v == v}  # an empty selection logs nothing, not NaN
 
 
 def simulation(source: Tensor, rewards: Tensor, true_rewards: Tensor, majority_correct: Tensor,

@@ -28,6 +28,7 @@ from .decision import BOUGHT, CACHED, DROPPED, TRUSTED, Decision
 from .labels import LabelStore, Oracle, OracleResult, SimulationOnlyError
 from .replay import Sample
 from .strategies import StepContext, Strategy, get_strategy
+from .strategies.base import gold_correct
 from .trainer import ClassifierTrainer
 
 ResolveLabel = Callable[[Any, Any], int]
@@ -132,7 +133,7 @@ class CareController:
             mean_prob = _mean_token_prob(logprobs, logprob_mask, B, G)
             named["logprobs"] = mean_prob
         for name, t in named.items():
-            fin = torch.isfinite(t.reshape(B, -1).float()).all(1) if B else bad
+            fin = torch.isfinite(t.reshape(B, -1)).all(1) if B else bad
             if name == "lengths":
                 fin = fin & (t >= 0).all(1)
             if not bool(fin.all()):
@@ -214,16 +215,8 @@ class CareController:
         plan = self.strategy.plan(ctx) if B else None
 
         # ---- selection under the caps -------------------------------------------------------
-        cap = B if (plan is not None and plan.buy_all) else cfg.step_cap(B)
-        ledger_cap = cap
-        if cfg.global_budget is not None:
-            cap = min(cap, max(0, cfg.global_budget - self.store.spent(exclude_step=t)[0]))
-        audit = self._audit_rows(buyable, cap)
-        strat_buy = torch.zeros(B, dtype=torch.bool)
-        if plan is not None and plan.score is not None:
-            eligible = buyable & ~audit & ~torch.isnan(plan.score)
-            order = _buy_order(plan.score, plan.priority, eligible)
-            strat_buy[order[: max(0, cap - int(audit.sum()))]] = True
+        step_cap = B if (plan is not None and plan.buy_all) else cfg.step_cap(B)
+        cap, audit, strat_buy = self._select(plan, buyable, step_cap, t)
         selected = audit | strat_buy
 
         # ---- ledger and oracle ------------------------------------------------------------
@@ -233,7 +226,7 @@ class CareController:
         new = [uids[i] for i in selected.nonzero().flatten().tolist()
                if uids[i] not in known and (uids[i] not in ledger or ledger[uids[i]].status == "failed")]
         kind = "async" if self.oracle.asynchronous else "sync"
-        charged = self.store.reserve(new, t, self.oracle.cost, kind, ledger_cap, cfg.global_budget)
+        charged = self.store.reserve(new, t, self.oracle.cost, kind, step_cap, cfg.global_budget)
         index = {u: i for i, u in enumerate(uids)}
         ask = sorted({index[u] for u in charged} | set(retry))
         ok, failed, pending = self._ask(uids, payloads, ask, labels, t)
@@ -242,7 +235,7 @@ class CareController:
         source = torch.full((B,), DROPPED, dtype=torch.int8)
         if plan is not None:
             source[fresh & plan.trusted] = TRUSTED
-        got = torch.tensor([u in labels for u in uids], dtype=torch.bool) if B else torch.zeros(0, dtype=torch.bool)
+        got = torch.tensor([u in labels for u in uids], dtype=torch.bool)
         bought_now = torch.zeros(B, dtype=torch.bool)
         for i in ok:
             bought_now[i] = True
@@ -258,7 +251,7 @@ class CareController:
         gold = torch.full((B,), -1, dtype=torch.long)
         for i in labelled.nonzero().flatten().tolist():
             gold[i] = self._resolve(labels[uids[i]], payloads[i])
-        true_r = ((ids_c == gold[:, None]) & (gold[:, None] >= 0)).float()
+        true_r = gold_correct(ids_c, gold).float()
         rewards = torch.where(labelled[:, None], true_r, gf.pseudo_rewards)
         weight = torch.zeros(B)
         weight[labelled] = 1.0
@@ -294,9 +287,23 @@ class CareController:
         self.step += 1
         self._need_update = True
         return Decision(t, source, rewards, weight, advantages, gf.pseudo_adv, gold, score,
-                        reliability, int(bought_now.sum()) if B else 0, mets)
+                        reliability, int(bought_now.sum()), mets)
 
     # ------------------------------------------------------------------------------------------
+    def _select(self, plan, buyable: Tensor, step_cap: int, t: int) -> tuple[int, Tensor, Tensor]:
+        """(cap, audit rows, strategy rows) for this step. The global remainder ignores what step
+        t itself already charged, so a rerun of step t after a crash selects the same rows."""
+        cap = step_cap
+        if self.cfg.global_budget is not None:
+            cap = min(cap, max(0, self.cfg.global_budget - self.store.spent(exclude_step=t)[0]))
+        audit = self._audit_rows(buyable, cap)
+        strat_buy = torch.zeros_like(buyable)
+        if plan is not None and plan.score is not None:
+            eligible = buyable & ~audit & ~torch.isnan(plan.score)
+            order = _buy_order(plan.score, plan.priority, eligible)
+            strat_buy[order[: max(0, cap - int(audit.sum()))]] = True
+        return cap, audit, strat_buy
+
     def _classify(self, ids, lengths, h_prompt, h_resp, gf, bad):
         """(reliability [B], Stage-II score [B]) through the fused op with folded weights."""
         cfg = self.cfg
@@ -339,7 +346,7 @@ class CareController:
         if self.cfg.audit_frac <= 0:
             return
         rows = audited.nonzero().flatten()
-        correct = ((rank[rows] == 0) & (ids[rows] == gold[rows, None]) & (gold[rows, None] >= 0)).any(1)
+        correct = ((rank[rows] == 0) & gold_correct(ids[rows], gold[rows])).any(1)
         self._audit[0] += int(correct.sum())
         self._audit[1] += len(rows)
         mets["audit/n_step"] = float(len(rows))
@@ -481,7 +488,7 @@ def _buy_order(score: Tensor, priority: Tensor | None, eligible: Tensor) -> Tens
 
 def _make_sample(parts: dict, gold: int) -> Sample:
     """A training sample from a row's features and its gold answer id."""
-    correct = (parts["ids"] == gold) & (gold >= 0)
+    correct = gold_correct(parts["ids"], torch.tensor(gold))
     maj = bool((correct & (parts["rank"] == 0)).any())
     count = 0 if maj else int((correct & (parts["rank"] > 0)).sum())
     if not bool(parts["admissible"][count]):

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .base import Plan, StepContext, Strategy, ceil_frac, top_rows
+from ..config import ceil_frac
+from .base import Plan, StepContext, Strategy, top_rows
 from .baselines import GT, TTRL, Entropy, Prob, Random
 from .care import Care
 from .oracle import OracleCAG, OracleDecay, TTRLMask

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..config import CareConfig, ceil_frac  # noqa: F401 (re-exported)
+from ..config import CareConfig
 
 
 def top_rows(score: Tensor, eligible: Tensor, k: int) -> Tensor:
@@ -31,6 +31,18 @@ def top_rows(score: Tensor, eligible: Tensor, k: int) -> Tensor:
     k = min(k, int(eligible.sum()))
     out[order[:k]] = True
     return out
+
+
+def gold_correct(ids: Tensor, gold: Tensor) -> Tensor:
+    """bool [..., G]: rollouts whose answer id equals the gold id ``gold`` [...] (-1: no gold)."""
+    return (ids == gold[..., None]) & (gold[..., None] >= 0)
+
+
+def cluster_entropy(sizes: Tensor) -> Tensor:
+    """float64 [B]: Shannon entropy (nats) of the cluster-size distribution over valid answers
+    (sizes int64 [B, G] as ``cluster_stats`` returns; 0 when nothing is valid)."""
+    p = sizes.double() / sizes.sum(1, keepdim=True).clamp(min=1).double()
+    return -(torch.where(p > 0, p * p.log(), torch.zeros_like(p))).sum(1)
 
 
 @dataclass
@@ -71,8 +83,7 @@ class StepContext:
 
     def true_rewards(self) -> Tensor:
         """float32 [B, G] gold rewards of every row (simulation only)."""
-        g = self.gold_ids()
-        return ((self.ids == g[:, None]) & (g[:, None] >= 0)).float()
+        return gold_correct(self.ids, self.gold_ids()).float()
 
     def majority_correct(self) -> Tensor:
         """bool [B]: the majority cluster matches the gold (simulation only)."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Plan, StepContext, Strategy, all_trusted
+from .base import Plan, StepContext, Strategy, all_trusted, cluster_entropy
 
 
 class GT(Strategy):
@@ -61,9 +61,7 @@ class Entropy(_Ranked):
     base_name = "entropy"
 
     def score(self, ctx: StepContext) -> torch.Tensor:
-        sizes = ctx.sizes.double()
-        p = sizes / sizes.sum(1, keepdim=True).clamp(min=1.0)
-        return -(torch.where(p > 0, p * p.log(), torch.zeros_like(p))).sum(1).float()
+        return cluster_entropy(ctx.sizes).float()
 
 
 class Prob(_Ranked):

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import math
 
-import torch
 
-from .base import Plan, StepContext, Strategy, ceil_frac, top_rows
+from ..config import ceil_frac
+from .base import Plan, StepContext, Strategy, top_rows
 
 
 class Care(Strategy):

@@ -1,0 +1,201 @@
+"""Label store, ledger, crash safety, oracles (callable with retries/timeouts, async queue), audit."""
+import math
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from care_ext.config import CareConfig
+from care_ext.decision import BOUGHT, CACHED, DROPPED, TRUSTED
+from care_ext.labels import (CallableOracle, DelayedGoldOracle, GoldOracle, LabelStore,
+                             LabelStoreError, Oracle, QueueOracle)
+from care_ext.step import CareController
+
+import core_crash_worker
+from core_synth import make_batch, make_world
+
+B, G, H = 20, 8, 16
+HERE = os.path.dirname(__file__)
+
+
+def test_store_persists_and_never_charges_a_uid_twice(tmp_path):
+    path = tmp_path / "labels.sqlite"
+    s = LabelStore(path)
+    assert s.reserve(["a", "b", "c"], step=0, cost_each=2.0, kind="sync", step_cap=2, global_cap=None) == ["a", "b"]
+    s.put("a", {"answer": "42"}, "judge", 2.0, 0)
+    s.release("b")  # the oracle gave up: refunded
+    assert s.spent() == (1, 2.0)
+    assert s.reserve(["a", "b", "d"], step=1, cost_each=1.0, kind="sync", step_cap=5, global_cap=2) == ["b"]
+    s.close()
+    s = LabelStore(path)  # reopened from disk
+    assert s.get(["a", "zz"])["a"].label == {"answer": "42"} and s.spent() == (2, 3.0)
+    assert s.spent(step=1) == (1, 1.0) and s.spent(exclude_step=1) == (1, 2.0)
+    assert [r["uid"] for r in s.export()] == ["a"]
+    assert s.ledger(["b"])["b"].status == "requested"
+
+
+def test_corrupted_store_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "labels.sqlite"
+    s = LabelStore(path)
+    s.reserve([f"u{i}" for i in range(200)], 0, 1.0, "sync", 1000, None)
+    s.close()
+    with open(path, "r+b") as f:  # clobber the header and the first pages
+        f.write(b"\x00garbage" * 512)
+    with pytest.raises(LabelStoreError, match="corrupted"):
+        LabelStore(path)
+    bad = tmp_path / "not_a_db.sqlite"
+    bad.write_text("hello, I am a text file" * 100)
+    with pytest.raises(LabelStoreError):
+        LabelStore(bad)
+
+
+def test_sigkill_between_requested_and_stored_then_resume(tmp_path):
+    """A real process is killed inside the oracle call; the resumed run pays nothing twice,
+    exceeds no cap and makes the same decisions as an uninterrupted run."""
+    straight = core_crash_worker.run("straight", str(tmp_path / "straight.sqlite"), "")
+    store, ckpt, marker = (str(tmp_path / n) for n in ("crash.sqlite", "ckpt.pt", "marker"))
+    env = dict(os.environ, CARE_EXT_REQUIRE_NATIVE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "core_crash_worker.py"), "crash",
+                             store, ckpt, marker], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not os.path.exists(marker):
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    with sqlite3.connect(store) as db:  # the crash left paid-but-unstored requests at step 1
+        rows = dict(db.execute("SELECT status, COUNT(*) FROM ledger WHERE step = 1 GROUP BY status").fetchall())
+    assert rows.get("requested", 0) >= 1 and rows.get("stored", 0) == 2
+    resumed = core_crash_worker.run("resume", store, ckpt)
+    for s in (1, 2):
+        assert resumed[s] == straight[s]
+    st, ss = LabelStore(store), LabelStore(str(tmp_path / "straight.sqlite"))
+    assert st.spent() == ss.spent()
+    cap = math.ceil(0.25 * B)
+    for s in range(3):
+        assert st.spent(step=s)[0] <= cap
+    assert st.spent()[0] <= 12
+    with sqlite3.connect(store) as db:
+        assert db.execute("SELECT COUNT(*) FROM ledger WHERE status != 'stored'").fetchone()[0] == 0
+
+
+def _gold_batch(step=0):
+    return make_batch(make_world(B=B, G=G, H=H), step)
+
+
+def test_callable_oracle_retries_then_succeeds_and_failures_are_dropped_uncharged():
+    b = _gold_batch()
+    tries = {}
+
+    def flaky(uid, payload):
+        tries[uid] = tries.get(uid, 0) + 1
+        if tries[uid] < 3:
+            raise ConnectionError("judge busy")
+        return b.gold[uid]
+
+    c = CareController(CareConfig(strategy="random", group_size=G), CallableOracle(flaky, retries=2, backoff_s=0))
+    d = c.decide(b.uids, b.ids)
+    assert d.labels_bought == 4 and set(tries.values()) == {3}
+
+    def broken(uid, payload):
+        raise RuntimeError("judge down")
+
+    c = CareController(CareConfig(strategy="random", group_size=G), CallableOracle(broken, retries=1, backoff_s=0))
+    d = c.decide(b.uids, b.ids)
+    assert d.labels_bought == 0 and d.metrics["budget/failed"] == 4
+    assert int((d.source == DROPPED).sum()) == 4 and c.store.spent() == (0, 0.0) and len(c.store) == 0
+
+    def slow(uid, payload):
+        time.sleep(0.5)
+        return b.gold[uid]
+
+    c = CareController(CareConfig(strategy="gt", group_size=G, budget_frac=0.1),
+                       CallableOracle(slow, retries=0, timeout_s=0.02, max_workers=8))
+    d = c.decide(b.uids, b.ids)
+    assert (d.source == DROPPED).all() and c.store.spent() == (0, 0.0)
+
+
+def test_an_oracle_that_raises_drops_its_prompts_uncharged():
+    class Exploding(Oracle):
+        def request(self, uid, payload):
+            raise OSError("network unreachable")
+
+    b = _gold_batch()
+    c = CareController(CareConfig(strategy="entropy", group_size=G), Exploding())
+    with pytest.warns(RuntimeWarning, match="not charged"):
+        d = c.decide(b.uids, b.ids)
+    assert int((d.source == DROPPED).sum()) == 4 and int((d.source == TRUSTED).sum()) == B - 4
+    assert c.store.spent() == (0, 0.0)
+
+
+def test_async_queue_labels_arrive_later_train_and_are_cached():
+    world = make_world(B=B, G=G, H=H)
+    b0 = make_batch(world, 0)
+    q = QueueOracle()
+    c = CareController(CareConfig(strategy="care", group_size=G, warmup_steps=0), q)
+    d0 = c.decide(b0.uids, b0.ids, **b0.kwargs())
+    asked = [u for u, _ in q.take_requests()]
+    cap = math.ceil(0.2 * B)
+    assert len(asked) == cap and d0.labels_bought == 0 and d0.metrics["budget/pending"] == cap
+    idx = [b0.uids.index(u) for u in asked]
+    assert (d0.source[idx] == DROPPED).all() and c.store.spent()[0] == cap
+    assert c.update()["train/samples"] == 0
+    # step 1: the same prompts come back before any label arrived: dropped, not paid again
+    b1 = make_batch(world, 1)
+    b1.uids = b0.uids
+    d1 = c.decide(b1.uids, b1.ids, **b1.kwargs())
+    assert (d1.source[idx] == DROPPED).all() and d1.metrics["budget/waiting"] == cap
+    assert c.store.spent(step=1)[0] == cap and c.store.spent()[0] == 2 * cap  # no repeat charges
+    c.update()
+    step1_asked = [u for u, _ in q.take_requests()]
+    for u in asked:
+        q.deliver(u, b0.gold[u])
+    q.fail(step1_asked[0])
+    b2 = make_batch(world, 2)
+    b2.uids = b0.uids
+    d2 = c.decide(b2.uids, b2.ids, **b2.kwargs())
+    assert d2.metrics["budget/arrived"] == cap
+    assert (d2.source[idx] == CACHED).all()  # arrived labels are cached and free
+    assert c.store.spent()[0] == 3 * cap - 1  # step 2 bought cap more; the failure was refunded
+    m = c.update()
+    # the arrivals (with their step-0 features), the cached rows and the new purchases of step 2
+    assert m["train/samples"] == cap + cap + d2.labels_bought
+
+
+def test_delayed_gold_oracle_delivers_after_n_steps():
+    world = make_world(B=B, G=G, H=H)
+    batches = [make_batch(world, s) for s in range(4)]
+    gold = {u: g for b in batches for u, g in b.gold.items()}
+    c = CareController(CareConfig(strategy="random", group_size=G), DelayedGoldOracle(gold, delay_steps=2))
+    arrived = []
+    for b in batches:
+        d = c.decide(b.uids, b.ids)
+        c.update()
+        arrived.append(d.metrics["budget/arrived"])
+        assert not (d.source == BOUGHT).any()
+    assert arrived == [0, 0, 4, 4] and len(c.store) == 8
+
+
+def test_audit_slice_estimates_pseudo_label_accuracy_without_bias():
+    world = make_world(B=40, G=G, H=H)
+    gold, n_ok, n = {}, 0, 0
+    c = CareController(CareConfig(strategy="ttrl", group_size=G, audit_frac=1.0, budget_frac=0.25),
+                       GoldOracle(gold))
+    for s in range(6):
+        b = make_batch(world, s)
+        gold.update(b.gold)
+        d = c.decide(b.uids, b.ids)
+        c.update()
+        audited = d.source == BOUGHT
+        assert int(audited.sum()) == 10
+        n_ok += int(b.majority_correct[audited].sum())
+        n += 10
+    assert d.metrics["audit/n_total"] == n
+    assert d.metrics["audit/pseudo_label_acc"] == pytest.approx(n_ok / n)
+    assert abs(d.metrics["audit/pseudo_label_acc"] - 0.6) < 0.15  # p_wrong = 0.4 in the batches
