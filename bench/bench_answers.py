@@ -6,8 +6,8 @@ forms, near-misses and garbage. Measured, on the same groups:
 
 * ours, per-group latency: one group per call, symbolic work in the worker pool;
 * ours, throughput: whole batches of B groups per call (one training step);
-  "cold" = fresh clusterer and fresh workers (started and warmed on one dummy group before the
-  clock starts); "warm" = the same groups again (cross-step verdict cache, worker parse caches);
+  "cold" = fresh clusterer and fresh workers (started with their warm-up, plus one dummy group,
+  before the clock starts; empty verdict cache); "warm" = the same groups again (cross-step verdict cache, worker parse caches);
 * comparison ("official style", written here from the description in
   shared/design/notes/care_official_code.md §2a): responses in order, each joins the first
   cluster whose first member it "grades" equal to (equal stripped strings, or math-verify
@@ -138,7 +138,8 @@ WARM = [["\\boxed{\\frac{\\sqrt{2}}{2}}", "\\boxed{x+1}", "\\boxed{(1,2)}", "\\b
 
 def _fresh(workers: int) -> AnswerClusterer:
     cl = AnswerClusterer(workers=workers)
-    cl(WARM, "math", ["1"])  # start the workers (and their warm-up) outside the timings
+    cl.start()  # start every worker and wait for its warm-up, outside the timings
+    cl(WARM, "math", ["1"])
     cl.clear_cache()
     return cl
 

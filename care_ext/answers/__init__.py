@@ -25,8 +25,11 @@ Tasks
   rationals, so "0.5" = "1/2" = "\\frac{1}{2}"). Distinct keys are then compared with math-verify
   (each parsed as ``\\boxed{key}``; equal only if ``verify`` holds in both directions), except
   two exact numbers, which are equal only if their values are (stricter than math-verify for a
-  rounded decimal: "0.333333" is not "1/3"). Answers longer than 200 characters or holding a
-  numeric power tower are exact-match only.
+  rounded decimal: "0.333333" is not "1/3"), and two constants whose values (a small strict
+  evaluator of ``\\frac``/``\\sqrt``/``\\pi``/arithmetic) differ by more than a relative 1e-4,
+  which are unequal without a math-verify call. Word answers ("none", "\\text{Evelyn}") match
+  only the same words, case-insensitive. Answers longer than 200 characters or holding a numeric
+  power tower are exact-match only.
 * kk: the last ``<answer>...</answer>``; every puzzle name must get exactly one role
   ("X is a knight", "X: knave", "x=knight"); key ``"a=knave|b=knight|..."`` (lower-case, sorted).
 * arith: the CPU miniature's digits between the last ``#`` and the first end mark ``$``;
@@ -54,6 +57,11 @@ unparsable answers end up as their own cluster; non-text responses (None, undeco
 are invalid.
 
 Adding a task: ``register_task(AnswerTask(name, extract, key, gold_key, equivalence=None))``.
+
+Runtime requirements: ``math-verify[antlr4_13_2]==0.9.0`` (brings sympy 1.14.0,
+latex2sympy2_extended 1.11.0, antlr4-python3-runtime 4.13.2) and torch (for the returned
+tensors only; worker processes never import it). Worker processes use the "forkserver" start
+method, so a script that calls this must guard its entry point with ``if __name__ == "__main__"``.
 """
 
 from __future__ import annotations

@@ -136,17 +136,26 @@ class AnswerClusterer:
                         out[pk] = v
         return out
 
-    def _run_jobs(self, jobs: list[SymbolicJob]) -> list[SymbolicResult | JobFailed]:
-        if not jobs:
-            return []
-        if self.workers == 0 and can_time_limit():
-            return [run_symbolic_job(j) for j in jobs]
+    def _get_pool(self) -> WorkerPool:
         if self._pool is None:
             self._pool = WorkerPool(
                 max(1, self.workers), job_timeout_s=self.job_timeout_s, mp_context=self.mp_context,
                 warm_up=warm_up_math,
             )
-        return self._pool.map(run_symbolic_job, jobs)
+        return self._pool
+
+    def start(self) -> None:
+        """Start the worker processes now and wait until all are warm (optional: otherwise they
+        start on the first group that needs a symbolic check). No-op with ``workers=0``."""
+        if self.workers > 0:
+            self._get_pool().start()
+
+    def _run_jobs(self, jobs: list[SymbolicJob]) -> list[SymbolicResult | JobFailed]:
+        if not jobs:
+            return []
+        if self.workers == 0 and can_time_limit():
+            return [run_symbolic_job(j) for j in jobs]
+        return self._get_pool().map(run_symbolic_job, jobs)
 
     def cluster_groups(self, task: AnswerTask, groups: Sequence[GroupKeys]) -> list[tuple[list[int], int]]:
         """Apply the clustering rule to keyed groups: per group (ids, gold_id)."""

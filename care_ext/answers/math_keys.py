@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from fractions import Fraction
+from functools import lru_cache
 
 from .extract import last_braced_command
 from .keys import CanonicalKey
@@ -141,6 +142,10 @@ def is_pathological_math(key_text: str, max_symbolic_chars: int = DEFAULT_MAX_SY
     return len(key_text) > max_symbolic_chars or _NUMERIC_TOWER.search(key_text) is not None
 
 
+#: extracted answers whose keys are remembered (the key is a pure function of the string)
+KEY_CACHE_SIZE = 262_144
+
+
 def math_key(
     answer: str, context: object = None, *, max_symbolic_chars: int = DEFAULT_MAX_SYMBOLIC_CHARS
 ) -> CanonicalKey | None:
@@ -152,8 +157,15 @@ def math_key(
         max_symbolic_chars: answers longer than this are exact-match only (``symbolic=False``).
 
     Returns:
-        a :class:`CanonicalKey`, or ``None`` when the normalised answer is empty.
+        a :class:`CanonicalKey`, or ``None`` when the normalised answer is empty. Results for
+        answers up to 1,000 characters are cached (LRU, :data:`KEY_CACHE_SIZE` entries).
     """
+    if len(answer) <= 1000:
+        return _math_key_cached(answer, max_symbolic_chars)
+    return _math_key(answer, max_symbolic_chars)
+
+
+def _math_key(answer: str, max_symbolic_chars: int) -> CanonicalKey | None:
     if len(answer) > 50 * max_symbolic_chars:  # huge: do not even normalise, exact match only
         return CanonicalKey(text=answer, number=False, symbolic=False, latex=answer)
     s = _normalise(answer)
@@ -175,3 +187,6 @@ def math_key(
     return CanonicalKey(
         text=s, number=False, symbolic=symbolic, latex=s, value=evaluate_constant(s) if symbolic else None
     )
+
+
+_math_key_cached = lru_cache(maxsize=KEY_CACHE_SIZE)(_math_key)

@@ -60,6 +60,10 @@ def _worker_main(conn: Connection, warm_up: Callable[[], None] | None) -> None:
             conn.send(("err", f"cannot send result: {e}"))
 
 
+def _noop(_: object) -> None:
+    return None
+
+
 class _Worker:
     __slots__ = ("proc", "conn")
 
@@ -181,6 +185,10 @@ class WorkerPool:
                     self.killed += 1
                     idle.append(self._replace(w))
             return results
+
+    def start(self) -> None:
+        """Start every worker now and return once each has finished its warm-up."""
+        self.map(_noop, [None] * self.n_workers)
 
     def _replace(self, w: _Worker) -> _Worker:
         w.kill()
