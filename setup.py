@@ -118,7 +118,8 @@ setup(
     packages=find_packages(include=["care_ext", "care_ext.*", "training", "training.*"]),
     package_data={"care_ext": ["py.typed"]},
     python_requires=">=3.10",
-    install_requires=["torch>=2.10", "numpy", "math-verify[antlr4_13_2]>=0.9.0,<0.10"],
+    install_requires=["torch>=2.10", "numpy", "math-verify[antlr4_13_2]>=0.9.0,<0.10", "matplotlib",
+                      "tqdm"],
     extras_require={
         # GPU machines: openrlhf pulls flash-attn, which needs CUDA to install. On a CPU machine use
         # requirements-openrlhf.txt plus `pip install --no-deps openrlhf==0.11.2` (scripts/test.sh).
@@ -127,6 +128,7 @@ setup(
     },
     entry_points={"console_scripts": [
         "care-openrlhf = care_ext.integrations.openrlhf.__main__:main",
+        "care-lab = training.lab.__main__:main",
     ]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": cpp_ext.BuildExtension.with_options(use_ninja=True)},
