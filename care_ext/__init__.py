@@ -39,6 +39,12 @@ def _load_native() -> None:
         from . import _C  # noqa: F401
     except ImportError as exc:
         NATIVE_ERROR = f"{type(exc).__name__}: {exc}"
+        here = os.path.dirname(os.path.abspath(__file__))
+        if not any(f.startswith("_C") and f.endswith((".so", ".pyd")) for f in os.listdir(here)):
+            NATIVE_ERROR = (f"no compiled library in {here}: this is probably the source tree "
+                            "shadowing the installed package (run from another directory or use "
+                            "the console scripts, or build in place with `python setup.py "
+                            f"build_ext --inplace`) [{NATIVE_ERROR}]")
         if _env_flag("CARE_EXT_REQUIRE_NATIVE"):
             raise ImportError(
                 "care_ext: the native library care_ext._C could not be loaded and "
