@@ -7,7 +7,9 @@ Providers, measured side by side in one process on one machine:
     cudagraph       a CUDA-graph replay of the reference (CUDA only; the launch-free floor of eager)
 
 Headline numbers are host-inclusive (synchronise, N calls, synchronise; divided by N), which is what
-a trainer pays at CARE's sizes. Results go to --out as JSON lines and CSV with the device name,
+a trainer pays at CARE's sizes. On the CPU the acquisition_step row also carries its GEMM FLOPs
+(dense, as the reference computes them, and as the blocked CPU kernel does) and a FLOP floor: those
+FLOPs at the measured rate of one [256, H] x [H, 64] float32 GEMM times the thread count. Results go to --out as JSON lines and CSV with the device name,
 torch version and care_ext.build_info().
 
     python bench/bench_ops.py --device cpu --threads 2
@@ -146,6 +148,34 @@ def memory_floor_us(x, device: str) -> float | None:
     return statistics.median(graph_time(lambda: dst.copy_(src), 0.2)) * 1e6 / 2
 
 
+def step_flops(x) -> dict:
+    """Multiply-add FLOPs of the acquisition step's classifier GEMMs (2 per multiply-add).
+
+    dense: every layer over all B*G rows for both stages (the reference, and the CUDA path);
+    native_cpu: Stage-II's rollout layers only over its masked rows (the valid non-majority
+    rollouts), as csrc/cpu/rollout_pool.cpp computes them.
+    """
+    B, G, H = x["h_r"].shape
+    m = int(R.group_features(x["ids"].cpu(), x["lengths"].cpu(), 4000.0, 0.0, False, 1e-6,
+                             False).minority_mask.sum())
+    s1, s2 = x["s1"], x["s2"]
+    P, R1, R2, K = s1[0].shape[0], s1[2].shape[0], s1[4].shape[0], s1[6].shape[0]
+    prompt = sum(2 * B * w[0].shape[1] * P for w in (s1, s2))
+    head = sum(2 * B * ((P + R2) * K + K * w[8].shape[0]) for w in (s1, s2))
+    rollout = lambda rows, Fr: 2 * rows * ((H + Fr) * R1 + R1 * R2)  # noqa: E731
+    return dict(flops_dense=prompt + head + rollout(B * G, 1) + rollout(B * G, 0),
+                flops_native_cpu=prompt + head + rollout(B * G, 1) + rollout(m, 0),
+                minority_fraction=m / max(1, B * G))
+
+
+def cpu_gemm_rate(H: int, min_time: float) -> float:
+    """FLOP/s of one float32 [256, H] x [H, 64] GEMM on this machine's current threads: the rate of
+    the blocked CPU step's dominant GEMM, used for its FLOP floor."""
+    a, w = torch.randn(256, H), torch.randn(64, H)
+    t = statistics.median(host_time(lambda: a @ w.T, "cpu", min_time))
+    return 2 * 256 * H * 64 / t
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -173,9 +203,21 @@ def main(argv=None) -> int:
         B, G, H = map(int, shape.split("x"))
         x = make_inputs(B, G, H, dev, getattr(torch, args.hidden_dtype))
         floor = memory_floor_us(x, dev)
+        extra = {}
+        if "acquisition_step" in (args.ops or ["acquisition_step"]):
+            extra = step_flops(x)
+            if dev == "cpu":
+                # one BLAS thread per block: the rate of all cores is threads x the 1-thread rate
+                threads = torch.get_num_threads()
+                torch.set_num_threads(1)
+                rate = cpu_gemm_rate(H, args.min_time) * threads
+                torch.set_num_threads(threads)
+                extra.update(cpu_gemm_gflops=rate / 1e9,
+                             gemm_floor_us=extra["flops_native_cpu"] / rate * 1e6)
         calls = {"native": op_calls(x, native), "reference": op_calls(x, R)}
         for op in args.ops or list(calls["native"]):
-            result = dict(shape=shape, op=op, floor_us=floor)
+            result = dict(shape=shape, op=op, floor_us=floor,
+                          **(extra if op == "acquisition_step" else {}))
             for prov in args.providers:
                 try:
                     if prov in ("native", "reference"):
@@ -198,7 +240,9 @@ def main(argv=None) -> int:
             cols = [f"{p}={result[p + '_us']:.1f}us" for p in args.providers if p + "_us" in result]
             print(f"{dev} {shape:>13} {op:<17} " + "  ".join(cols)
                   + (f"  x{result['speedup_vs_reference']:.1f}" if "speedup_vs_reference" in result else "")
-                  + (f"  floor={floor:.1f}us" if floor else ""), flush=True)
+                  + (f"  floor={floor:.1f}us" if floor else "")
+                  + (f"  gemm-floor={result['gemm_floor_us']:.0f}us" if "gemm_floor_us" in result
+                     else ""), flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.with_suffix(".jsonl"), "w") as f:

@@ -133,7 +133,7 @@ class CareController:
             mean_prob = _mean_token_prob(logprobs, logprob_mask, B, G)
             named["logprobs"] = mean_prob
         for name, t in named.items():
-            fin = torch.isfinite(t.reshape(B, -1)).all(1) if B else bad
+            fin = _finite_rows(t.reshape(B, -1)) if B else bad
             if name == "lengths":
                 fin = fin & (t >= 0).all(1)
             if not bool(fin.all()):
@@ -463,6 +463,22 @@ class CareController:
 
 
 # ----------------------------------------------------------------------------------------------
+def _finite_rows(t: Tensor) -> Tensor:
+    """bool [B]: rows of a [B, N] tensor without NaN/Inf.
+
+    One summing pass (float32 accumulation, float64 for float64) decides the common case: a row
+    whose sum is finite has no NaN/Inf. Only rows whose sum is not finite (a NaN/Inf, or finite
+    values that overflow the sum) get the exact element-wise check. isfinite on a bf16 [64, 32768]
+    hidden-state batch took ~9 ms on one CPU thread, as long as the fused acquisition step.
+    """
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    fin = torch.isfinite(t.sum(1, dtype=acc))
+    if not bool(fin.all()):
+        rows = (~fin).nonzero().flatten()
+        fin[rows] = torch.isfinite(t[rows]).all(1)
+    return fin
+
+
 def _mean_token_prob(logprobs: Tensor, mask: Tensor | None, B: int, G: int) -> Tensor:
     """float32 [B, G] per-rollout mean token probability from [B, G] mean log-probs (exp of the
     mean) or [B, G, T] token log-probs with a bool mask (mean of exp over masked tokens)."""

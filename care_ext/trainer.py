@@ -17,6 +17,13 @@ from .config import CareConfig
 from .replay import ReplayBuffer, Sample, stack
 
 
+def _adamw(module: torch.nn.Module, cfg: CareConfig) -> torch.optim.AdamW:
+    """AdamW with the fused kernel (one pass over all parameters instead of ~10 per-tensor ops per
+    parameter in Python: the optimiser was a third of the update's time on one CPU thread)."""
+    return torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                             fused=True)
+
+
 class ClassifierTrainer:
     """Owns both classifiers, their AdamW optimisers, the two replay buffers and the replay RNG.
 
@@ -34,8 +41,8 @@ class ClassifierTrainer:
             self.stage2: CareClassifier = stage2_classifier(hidden_size, G, cfg, regression).to(cfg.device)
         self.stage1.eval()
         self.stage2.eval()
-        self.opt1 = torch.optim.AdamW(self.stage1.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.opt2 = torch.optim.AdamW(self.stage2.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.opt1 = _adamw(self.stage1, cfg)
+        self.opt2 = _adamw(self.stage2, cfg)
         self.replay1 = ReplayBuffer(cfg.replay_capacity)
         self.replay2 = ReplayBuffer(cfg.replay_capacity)
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)

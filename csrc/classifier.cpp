@@ -1,8 +1,10 @@
 // Device-generic composites: the CARE classifier forward (BatchNorm folded into the Linear layers)
 // and the fused acquisition step. Registered for CompositeExplicitAutograd, so the same code runs on
-// CPU (MKL/oneDNN GEMMs) and CUDA (cuBLAS GEMMs); the per-prompt parts go through the dispatcher to
-// the device's own group_features / expected_cag kernels.
-#include "care_ext.h"
+// CPU (MKL GEMMs) and CUDA (cuBLAS GEMMs); the per-prompt parts go through the dispatcher to the
+// device's own group_features / expected_cag kernels, and the rollout branch (the GEMMs over all
+// B*G hidden states, the bulk of the FLOPs) runs blocked on the CPU (cpu/rollout_pool.cpp) and
+// dense elsewhere.
+#include "classifier_parts.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
 
@@ -12,15 +14,20 @@ namespace {
 constexpr const char* kWeightNames[10] = {"prompt_w", "prompt_b", "resp1_w", "resp1_b", "resp2_w",
                                           "resp2_b",  "head1_w",  "head1_b", "head2_w", "head2_b"};
 
-struct Weights {
-  Tensor pw, pb, r1w, r1b, r2w, r2b, h1w, h1b, h2w, h2b;
-  int64_t P, R1, R2, K, C;
-};
+// CPU: the blocked rollout branch; other devices: dense ATen ops (one GEMM per layer over all rows).
+void rollout_pools(const Tensor& h_resp, int64_t B, int64_t G, std::vector<RolloutBranch>& branches) {
+  if (h_resp.device().is_cpu()) {
+    rollout_pools_cpu(h_resp, B, G, branches);
+  } else {
+    rollout_pools_dense(h_resp, B, G, branches);
+  }
+}
 
-// Checks the 10 folded weights of one classifier against the input sizes H, Fp, Fr.
-// expect_classes < 0 accepts any number of output classes.
+}  // namespace
+
 Weights check_weights(at::TensorList w, int64_t H, int64_t Fp, int64_t Fr, int64_t expect_classes,
                       const at::Device& device, const char* op, const char* arg) {
+
   TORCH_CHECK(w.size() == 10, "care_ext.", op, ": ", arg,
               " must hold 10 tensors (prompt_w, prompt_b, resp1_w, resp1_b, resp2_w, resp2_b, "
               "head1_w, head1_b, head2_w, head2_b), got ",
@@ -63,8 +70,7 @@ Weights check_weights(at::TensorList w, int64_t H, int64_t Fp, int64_t Fr, int64
   return r;
 }
 
-void check_hidden(const Tensor& t, int64_t dim, const char* op, const char* name,
-                  const char* shape) {
+void check_hidden(const Tensor& t, int64_t dim, const char* op, const char* name, const char* shape) {
   TORCH_CHECK(t.defined() && t.dim() == dim, "care_ext.", op, ": ", name, " must be a ", dim, "-D ",
               shape, " tensor, got shape ", t.defined() ? t.sizes() : at::IntArrayRef{});
   const auto st = t.scalar_type();
@@ -72,33 +78,34 @@ void check_hidden(const Tensor& t, int64_t dim, const char* op, const char* name
               name, " must be float32, bfloat16 or float16, got ", st);
 }
 
-// logits [B, C] from folded weights. resp_pre = h_resp[BG, H] @ resp1_w[:, :H]^T (the big GEMM),
-// rf = rollout features [BG, Fr] (may have Fr = 0), mask = [B, G] bool or undefined (plain mean).
-Tensor head_logits(const Weights& w, const Tensor& hp, const Tensor& pf, const Tensor& resp_pre,
-                   const Tensor& rf, const Tensor& mask, int64_t B, int64_t G) {
+Tensor prompt_and_head(const Weights& w, const Tensor& h_prompt, const Tensor& prompt_feat,
+                       const Tensor& pool) {
+  const Tensor hp = h_prompt.to(at::kFloat);
   const int64_t H = hp.size(1);
   Tensor p = w.pb.addmm(hp, w.pw.narrow(1, 0, H).t());
-  p.addmm_(pf, w.pw.narrow(1, H, pf.size(1)).t()).relu_();
-  Tensor r1 = resp_pre.add(w.r1b);
-  r1.addmm_(rf, w.r1w.narrow(1, H, rf.size(1)).t()).relu_();
-  Tensor r2 = w.r2b.addmm(r1, w.r2w.t()).relu_().view({B, G, w.R2});
-  Tensor pool;
-  if (mask.defined()) {
-    Tensor m = mask.to(at::kFloat);
-    pool = r2.mul(m.unsqueeze(-1)).sum({1}).div_(m.sum({1}, true).clamp_min_(1.0));
-  } else {
-    pool = r2.mean({1});
-  }
+  p.addmm_(prompt_feat, w.pw.narrow(1, H, prompt_feat.size(1)).t()).relu_();
   Tensor z = w.h1b.addmm(p, w.h1w.narrow(1, 0, w.P).t());
   z.addmm_(pool, w.h1w.narrow(1, w.P, w.R2).t()).relu_();
   return w.h2b.addmm(z, w.h2w.t());
 }
 
-Tensor first_layer(const Tensor& h_flat, const Weights& w) {
-  return h_flat.mm(w.r1w.narrow(1, 0, h_flat.size(1)).t());
+void rollout_pools_dense(const Tensor& h_resp, int64_t B, int64_t G,
+                         std::vector<RolloutBranch>& branches) {
+  const Tensor hr = h_resp.to(at::kFloat);  // a bf16 input is read once, here
+  const int64_t H = hr.size(1);
+  for (RolloutBranch& br : branches) {
+    const Weights& w = *br.w;
+    Tensor r1 = w.r1b.addmm(hr, w.r1w.narrow(1, 0, H).t());
+    r1.addmm_(br.feat, w.r1w.narrow(1, H, br.feat.size(1)).t()).relu_();
+    Tensor r2 = w.r2b.addmm(r1, w.r2w.t()).relu_().view({B, G, w.R2});
+    if (br.mask.defined()) {
+      Tensor m = br.mask.to(at::kFloat);
+      br.pool = r2.mul(m.unsqueeze(-1)).sum({1}).div_(m.sum({1}, true).clamp_min_(1.0));
+    } else {
+      br.pool = r2.mean({1});
+    }
+  }
 }
-
-}  // namespace
 
 Tensor classifier_forward(const Tensor& h_prompt, const Tensor& prompt_feat, const Tensor& h_resp,
                           const std::optional<Tensor>& resp_feat,
@@ -143,9 +150,9 @@ Tensor classifier_forward(const Tensor& h_prompt, const Tensor& prompt_feat, con
   }
   const Weights w =
       check_weights(weights, H, prompt_feat.size(1), rf.size(1), -1, dev, op, "weights");
-  const Tensor hp = h_prompt.to(at::kFloat);
-  const Tensor hr = h_resp.reshape({B * G, H}).to(at::kFloat);
-  return head_logits(w, hp, prompt_feat.to(at::kFloat), first_layer(hr, w), rf, mask, B, G);
+  std::vector<RolloutBranch> branch{{&w, rf, mask, Tensor()}};
+  rollout_pools(h_resp.reshape({B * G, H}), B, G, branch);
+  return prompt_and_head(w, h_prompt, prompt_feat.to(at::kFloat), branch[0].pool);
 }
 
 StepTuple acquisition_step(const Tensor& ids, const Tensor& lengths, const Tensor& h_prompt,
@@ -179,12 +186,14 @@ StepTuple acquisition_step(const Tensor& ids, const Tensor& lengths, const Tenso
       features_op.call(ids, lengths, max_len, cag_eps, cag_unbiased, adv_eps, adv_unbiased);
   const Weights w1 = check_weights(stage1, H, G + 1, 1, 2, dev, op, "stage1");
   const Weights w2 = check_weights(stage2, H, G + 1, 0, G + 1, dev, op, "stage2");
-  const Tensor hp = h_prompt.to(at::kFloat);
-  const Tensor hr = h_resp.reshape({B * G, H}).to(at::kFloat);  // bf16 read once, here
-  const Tensor logits1 = head_logits(w1, hp, prompt_feat, first_layer(hr, w1),
-                                     len_norm.reshape({B * G, 1}), Tensor(), B, G);
-  const Tensor no_feat = hp.new_empty({B * G, 0});
-  const Tensor logits2 = head_logits(w2, hp, prompt_feat, first_layer(hr, w2), no_feat, minority, B, G);
+  // Stage-I pools all G rollouts with the normalised length as their feature; Stage-II pools the
+  // valid non-majority rollouts with no rollout feature. Both read the hidden states once.
+  std::vector<RolloutBranch> branches{
+      {&w1, len_norm.reshape({B * G, 1}), Tensor(), Tensor()},
+      {&w2, len_norm.new_empty({B * G, 0}), minority, Tensor()}};
+  rollout_pools(h_resp.reshape({B * G, H}), B, G, branches);
+  const Tensor logits1 = prompt_and_head(w1, h_prompt, prompt_feat, branches[0].pool);
+  const Tensor logits2 = prompt_and_head(w2, h_prompt, prompt_feat, branches[1].pool);
   auto [probs, ecag] = expected_op.call(logits2, cag, admissible);
   Tensor reliability = logits1.softmax(1).select(1, 1).contiguous();
   return {rank, sizes, reliability, logits1, probs, ecag, cag, admissible, pseudo, pseudo_adv};

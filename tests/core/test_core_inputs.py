@@ -37,6 +37,20 @@ def test_nonfinite_features_error_or_drop(batch, field):
     assert batch.uids[3] not in c.store.get(batch.uids)  # never bought
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_large_finite_hidden_states_are_not_flagged(batch, dtype):
+    """The finiteness check sums each row first; a finite row whose sum overflows (float16 max
+    65504, bf16/fp32 values near 3e38) must still pass, a NaN in an overflowing row must not."""
+    kw = batch.kwargs()
+    big = torch.finfo(dtype).max
+    kw["h_resp"] = kw["h_resp"].to(dtype).clone()
+    kw["h_resp"][2] = big
+    kw["h_resp"][4] = big
+    kw["h_resp"][4, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"h_resp has NaN/Inf in rows \[4\]"):
+        care(batch).decide(batch.uids, batch.ids, **kw)
+
+
 def test_negative_lengths_are_rejected(batch):
     kw = batch.kwargs()
     kw["lengths"] = kw["lengths"].clone()

@@ -139,3 +139,66 @@ def test_acquisition_step_matches_composition(device, B, G, H, dtype):
             _assert_like_torch(g, r32, r64.double(), name)
         else:
             assert_close(g, r64, name)
+
+
+# ---- the blocked CPU rollout branch (csrc/cpu/rollout_pool.cpp): blocks of ~256 rows of whole
+# prompts, run in parallel; Stage-II multiplies only its masked rows ------------------------------
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("B,G", [(300, 8), (9, 64), (70, 5), (257, 1)])
+def test_acquisition_step_many_blocks(device, B, G, threads):
+    """Sizes that span several blocks (and a last partial block) on 1 and 2 intra-op threads."""
+    gen = torch.Generator().manual_seed(B + G + threads)
+    ids, lengths, h_p, h_r, s1, s2 = _step_inputs(B, G, 48, torch.bfloat16, gen)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = torch.ops.care_ext.acquisition_step(
+            ids.to(device), lengths.to(device), h_p.to(device), h_r.to(device),
+            [t.to(device) for t in s1], [t.to(device) for t in s2], 4000.0, 0.0, False, 1e-6, False)
+    finally:
+        torch.set_num_threads(before)
+    ref64 = R.acquisition_step(ids, lengths, h_p, h_r, to64(s1), to64(s2), 4000.0, 0.0, False,
+                               1e-6, False)
+    ref32 = R.acquisition_step(ids, lengths, h_p, h_r, s1, s2, 4000.0, 0.0, False, 1e-6, False)
+    for name in ("stage1_logits", "probs", "ecag"):
+        i = R.AcquisitionOutputs._fields.index(name)
+        _assert_like_torch(got[i], ref32[i], ref64[i].double(), name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_classifier_forward_masked_blocks_non_contiguous_mask(device, dtype):
+    """A transposed (non-contiguous) mask, float16 hidden states, rows with 0, 1 and all G masked."""
+    gen = torch.Generator().manual_seed(21)
+    B, G, H = 100, 16, 40
+    h_p = torch.randn(B, H, generator=gen).to(dtype)
+    h_r = torch.randn(B, G, H, generator=gen).to(dtype)
+    pf = torch.rand(B, 3, generator=gen)
+    rf = torch.rand(B, G, 2, generator=gen)
+    mask = (torch.rand(G, B, generator=gen) < 0.4).T
+    mask[0] = False
+    mask[1] = True
+    mask[2] = False
+    mask[2, 5] = True
+    assert not mask.is_contiguous()
+    w = random_weights(H, 3, 2, 4, gen)
+    got = torch.ops.care_ext.classifier_forward(h_p.to(device), pf.to(device), h_r.to(device),
+                                                rf.to(device), mask.to(device),
+                                                [t.to(device) for t in w])
+    _assert_like_torch(got, R.classifier_forward(h_p, pf, h_r, rf, mask, w),
+                       R.classifier_forward(h_p, pf, h_r, rf, mask, to64(w)), "masked blocks")
+
+
+def test_cpu_masked_rows_are_never_read():
+    """CPU: Stage-II multiplies only its masked rows, so a NaN hidden state outside the mask does not
+    reach the pool (the dense path and the reference multiply such rows by zero: NaN * 0 = NaN)."""
+    gen = torch.Generator().manual_seed(5)
+    B, G, H = 40, 8, 32
+    h_p, h_r, pf = torch.randn(B, H, generator=gen), torch.randn(B, G, H, generator=gen), torch.rand(B, 1)
+    mask = torch.rand(B, G, generator=gen) < 0.5
+    w = random_weights(H, 1, 0, 3, gen)
+    clean = torch.ops.care_ext.classifier_forward(h_p, pf, h_r, None, mask, w)
+    poisoned = h_r.clone()
+    poisoned[~mask] = float("nan")
+    got = torch.ops.care_ext.classifier_forward(h_p, pf, poisoned, None, mask, w)
+    assert torch.equal(got, clean)
+    assert R.classifier_forward(h_p, pf, poisoned, None, mask, w).isnan().any()

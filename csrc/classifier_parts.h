@@ -1,0 +1,61 @@
+// The pieces of the CARE classifier forward (BatchNorm folded into the Linear layers) shared by the
+// device-generic composite (classifier.cpp) and the blocked CPU rollout branch (cpu/rollout_pool.cpp).
+//
+//   p      = relu(prompt_w [h_p ; f_p] + prompt_b)                       prompt branch   [B, P]
+//   r_i    = relu(resp2_w relu(resp1_w [h_i ; f_i] + resp1_b) + resp2_b) rollout branch  [B, G, R2]
+//   pool   = (masked) mean of r_i over the G rollouts of each prompt                     [B, R2]
+//   logits = head2_w relu(head1_w [p ; pool] + head1_b) + head2_b                        [B, C]
+#pragma once
+
+#include "care_ext.h"
+
+#include <vector>
+
+namespace care_ext {
+
+// The 10 folded weights of one classifier (float32, on the inputs' device) and their sizes.
+struct Weights {
+  Tensor pw, pb, r1w, r1b, r2w, r2b, h1w, h1b, h2w, h2b;
+  int64_t P, R1, R2, K, C;
+};
+
+// Checks the 10 folded weights against the input sizes H, Fp (prompt features) and Fr (rollout
+// features); expect_classes < 0 accepts any number of output classes. Messages name `op` and `arg`.
+Weights check_weights(at::TensorList w, int64_t H, int64_t Fp, int64_t Fr, int64_t expect_classes,
+                      const at::Device& device, const char* op, const char* arg);
+
+// Checks a float32/bfloat16/float16 hidden-state tensor of rank `dim`.
+void check_hidden(const Tensor& t, int64_t dim, const char* op, const char* name, const char* shape);
+
+// Prompt branch and head: float32 [B, C] logits from h_prompt [B, H] (any float dtype), prompt
+// features [B, Fp] float32 and the pooled rollout branch [B, R2] float32.
+Tensor prompt_and_head(const Weights& w, const Tensor& h_prompt, const Tensor& prompt_feat,
+                       const Tensor& pool);
+
+// One classifier's rollout branch as input to the pooled computation:
+//   w    its weights;
+//   feat float32 [B*G, Fr] rollout features (Fr may be 0);
+//   mask bool [B, G] rollouts that enter the pool (masked mean, count clamped to >= 1), or an
+//        undefined tensor for the plain mean over all G;
+//   pool output, float32 [B, R2], written by the functions below.
+struct RolloutBranch {
+  const Weights* w;
+  Tensor feat;
+  Tensor mask;
+  Tensor pool;
+};
+
+// Dense rollout branch on any device (ATen ops over all B*G rows: what the CUDA path runs).
+// h_resp: [B*G, H] any float dtype.
+void rollout_pools_dense(const Tensor& h_resp, int64_t B, int64_t G,
+                         std::vector<RolloutBranch>& branches);
+
+// Blocked CPU rollout branch (cpu/rollout_pool.cpp): the hidden states are read once, a block of
+// whole prompts at a time (converted to float32 per block, so a bf16 input never exists as a full
+// float32 copy), every branch consumes the block while it is in cache, rows outside a branch's mask
+// are skipped (never multiplied), and blocks run in parallel on the intra-op thread pool.
+// Same results as rollout_pools_dense up to float32 summation order.
+void rollout_pools_cpu(const Tensor& h_resp, int64_t B, int64_t G,
+                       std::vector<RolloutBranch>& branches);
+
+}  // namespace care_ext
