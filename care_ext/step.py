@@ -466,13 +466,14 @@ class CareController:
 def _finite_rows(t: Tensor) -> Tensor:
     """bool [B]: rows of a [B, N] tensor without NaN/Inf.
 
-    One summing pass (float32 accumulation, float64 for float64) decides the common case: a row
-    whose sum is finite has no NaN/Inf. Only rows whose sum is not finite (a NaN/Inf, or finite
-    values that overflow the sum) get the exact element-wise check. isfinite on a bf16 [64, 32768]
-    hidden-state batch took ~9 ms on one CPU thread, as long as the fused acquisition step.
+    One summing pass decides the common case: a row whose sum is finite has no NaN/Inf. Only rows
+    whose sum is not finite (a NaN/Inf, or finite values that overflow the sum) get the exact
+    element-wise check. bf16/float32/float64 are summed in their own dtype (torch accumulates
+    bf16 in float32, and the range is float32's); float16 with a float32 result, whose range it
+    needs (sum(dtype=...) converts the whole input first, 20x slower than a bf16 sum). On one CPU
+    thread at 512x16x4096 bf16: isfinite 322 ms, sum(dtype=float32) 147 ms, bf16 sum 7 ms.
     """
-    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
-    fin = torch.isfinite(t.sum(1, dtype=acc))
+    fin = torch.isfinite(t.sum(1, dtype=torch.float32) if t.dtype == torch.float16 else t.sum(1))
     if not bool(fin.all()):
         rows = (~fin).nonzero().flatten()
         fin[rows] = torch.isfinite(t[rows]).all(1)
