@@ -64,6 +64,7 @@ def make_inputs(B: int, G: int, H: int, device: str, hidden_dtype: torch.dtype, 
 def op_calls(x, impl):
     """name -> zero-argument callable running that op with implementation `impl` (module-like)."""
     cag, adm = R.classwise_cag(x["sizes"], 0.0, False)
+    fused = getattr(impl, "_acquisition_step_fused", None) or impl.acquisition_step
     return {
         "cluster_stats": lambda: impl.cluster_stats(x["ids"]),
         "group_advantage": lambda: impl.group_advantage(x["r"], 1e-6, False),
@@ -75,6 +76,10 @@ def op_calls(x, impl):
         "acquisition_step": lambda: impl.acquisition_step(
             x["ids"], x["lengths"], x["h_p"], x["h_r"], x["s1"], x["s2"], 4000.0, 0.0, False, 1e-6,
             False),
+        # the private fused step (native only; the other providers run the reference step)
+        "acquisition_step_fused": lambda: fused(
+            x["ids"], x["lengths"], x["h_p"], x["h_r"], x["s1"], x["s2"], 4000.0, 0.0, False, 1e-6,
+            False),
     }
 
 
@@ -83,7 +88,7 @@ class _Native:
 
     def __getattr__(self, name):
         op = getattr(torch.ops.care_ext, name)
-        if name == "acquisition_step":
+        if name in ("acquisition_step", "_acquisition_step_fused"):
             return lambda ids, l, hp, hr, s1, s2, *a: op(ids, l, hp, hr, list(s1), list(s2), *a)
         return op
 
@@ -204,7 +209,7 @@ def main(argv=None) -> int:
         x = make_inputs(B, G, H, dev, getattr(torch, args.hidden_dtype))
         floor = memory_floor_us(x, dev)
         extra = {}
-        if "acquisition_step" in (args.ops or ["acquisition_step"]):
+        if {"acquisition_step", "acquisition_step_fused"} & set(args.ops or ["acquisition_step"]):
             extra = step_flops(x)
             if dev == "cpu":
                 # one BLAS thread per block: the rate of all cores is threads x the 1-thread rate
@@ -217,7 +222,7 @@ def main(argv=None) -> int:
         calls = {"native": op_calls(x, native), "reference": op_calls(x, R)}
         for op in args.ops or list(calls["native"]):
             result = dict(shape=shape, op=op, floor_us=floor,
-                          **(extra if op == "acquisition_step" else {}))
+                          **(extra if op.startswith("acquisition_step") else {}))
             for prov in args.providers:
                 try:
                     if prov in ("native", "reference"):

@@ -62,6 +62,12 @@ for B, G in ((0, 8), (1, 1), (37, 8), (5, 64)):
     cag, adm = torch.ops.care_ext.classwise_cag(sizes, 0., False)
     torch.ops.care_ext.expected_cag(torch.randn(B, G + 1, device="cuda"), cag, adm)
     torch.ops.care_ext.group_features(ids, torch.ones(B, G, device="cuda"), 10., 0., False, 1e-6, False)
+    H = 40
+    w = lambda Fp, Fr, C: [t.cuda() for t in (torch.randn(128, H + Fp), torch.randn(128), torch.randn(64, H + Fr),
+                          torch.randn(64), torch.randn(512, 64), torch.randn(512), torch.randn(256, 640),
+                          torch.randn(256), torch.randn(C, 256), torch.randn(C))]
+    torch.ops.care_ext._acquisition_step_fused(ids, torch.ones(B, G, device="cuda"), torch.randn(B, H, device="cuda"),
+        torch.randn(B, G, H, device="cuda").bfloat16(), w(G + 1, 1, 2), w(G + 1, 0, G + 1), 10., 0., False, 1e-6, False)
 torch.cuda.synchronize(); print("sanitize script ok")
 PY
 timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 python3 /tmp/sanitize_ops.py \

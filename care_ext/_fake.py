@@ -75,6 +75,7 @@ def _classifier_forward(h_prompt: Tensor, prompt_feat: Tensor, h_resp: Tensor, r
     return h_prompt.new_empty((h_prompt.shape[0], weights[8].shape[0]), dtype=torch.float32)
 
 
+@torch.library.register_fake(_LIB + "_acquisition_step_fused")
 @torch.library.register_fake(_LIB + "acquisition_step")
 def _acquisition_step(ids: Tensor, lengths: Tensor, h_prompt: Tensor, h_resp: Tensor, stage1,
                       stage2, max_len: float, cag_eps: float, cag_unbiased: bool, adv_eps: float,

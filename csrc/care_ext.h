@@ -105,6 +105,19 @@ StepTuple acquisition_step(const Tensor& ids, const Tensor& lengths, const Tenso
                            double max_len, double cag_eps, bool cag_unbiased, double adv_eps,
                            bool adv_unbiased);
 
+// The fused step as a private op (care_ext::_acquisition_step_fused): host part in step_fused.cpp,
+// per-prompt tail as a loop over prompts (CPU) or one kernel with one block per prompt (CUDA).
+StepTuple acquisition_step_fused_cpu(const Tensor& ids, const Tensor& lengths,
+                                     const Tensor& h_prompt, const Tensor& h_resp,
+                                     at::TensorList stage1, at::TensorList stage2, double max_len,
+                                     double cag_eps, bool cag_unbiased, double adv_eps,
+                                     bool adv_unbiased);
+StepTuple acquisition_step_fused_cuda(const Tensor& ids, const Tensor& lengths,
+                                      const Tensor& h_prompt, const Tensor& h_resp,
+                                      at::TensorList stage1, at::TensorList stage2, double max_len,
+                                      double cag_eps, bool cag_unbiased, double adv_eps,
+                                      bool adv_unbiased);
+
 std::string build_info();
 
 }  // namespace care_ext

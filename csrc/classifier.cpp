@@ -155,19 +155,8 @@ Tensor classifier_forward(const Tensor& h_prompt, const Tensor& prompt_feat, con
   return prompt_and_head(w, h_prompt, prompt_feat.to(at::kFloat), branch[0].pool);
 }
 
-StepTuple acquisition_step(const Tensor& ids, const Tensor& lengths, const Tensor& h_prompt,
-                           const Tensor& h_resp, at::TensorList stage1, at::TensorList stage2,
-                           double max_len, double cag_eps, bool cag_unbiased, double adv_eps,
-                           bool adv_unbiased) {
-  const char* op = "acquisition_step";
-  static auto features_op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("care_ext::group_features", "")
-          .typed<FeatureTuple(const Tensor&, const Tensor&, double, double, bool, double, bool)>();
-  static auto expected_op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("care_ext::expected_cag", "")
-          .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&)>();
+void check_step_inputs(const Tensor& ids, const Tensor& h_prompt, const Tensor& h_resp,
+                       const char* op) {
   check_hidden(h_prompt, 2, op, "h_prompt", "[B, H]");
   check_hidden(h_resp, 3, op, "h_resp", "[B, G, H]");
   TORCH_CHECK(ids.dim() == 2, "care_ext.", op, ": ids must be a 2-D [B, G] tensor, got shape ",
@@ -182,6 +171,24 @@ StepTuple acquisition_step(const Tensor& ids, const Tensor& lengths, const Tenso
   TORCH_CHECK(h_prompt.device() == dev && h_resp.device() == dev, "care_ext.", op,
               ": h_prompt (", h_prompt.device(), ") and h_resp (", h_resp.device(),
               ") must be on the device of ids (", dev, ")");
+}
+
+StepTuple acquisition_step(const Tensor& ids, const Tensor& lengths, const Tensor& h_prompt,
+                           const Tensor& h_resp, at::TensorList stage1, at::TensorList stage2,
+                           double max_len, double cag_eps, bool cag_unbiased, double adv_eps,
+                           bool adv_unbiased) {
+  const char* op = "acquisition_step";
+  static auto features_op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("care_ext::group_features", "")
+          .typed<FeatureTuple(const Tensor&, const Tensor&, double, double, bool, double, bool)>();
+  static auto expected_op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("care_ext::expected_cag", "")
+          .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&)>();
+  check_step_inputs(ids, h_prompt, h_resp, op);
+  const int64_t B = ids.size(0), G = ids.size(1), H = h_prompt.size(1);
+  const auto dev = ids.device();
   auto [rank, sizes, prompt_feat, len_norm, minority, cag, admissible, pseudo, pseudo_adv] =
       features_op.call(ids, lengths, max_len, cag_eps, cag_unbiased, adv_eps, adv_unbiased);
   const Weights w1 = check_weights(stage1, H, G + 1, 1, 2, dev, op, "stage1");

@@ -8,6 +8,7 @@
 #pragma once
 
 #include "care_ext.h"
+#include "step_tail.h"
 
 #include <vector>
 
@@ -57,5 +58,27 @@ void rollout_pools_dense(const Tensor& h_resp, int64_t B, int64_t G,
 // Same results as rollout_pools_dense up to float32 summation order.
 void rollout_pools_cpu(const Tensor& h_resp, int64_t B, int64_t G,
                        std::vector<RolloutBranch>& branches);
+
+// Shape, device and dtype checks shared by acquisition_step and _acquisition_step_fused.
+void check_step_inputs(const Tensor& ids, const Tensor& h_prompt, const Tensor& h_resp,
+                       const char* op);
+
+// The fused acquisition step after its host-side part (step_fused.cpp): features from the
+// device's group_features kernel, the four first-layer GEMM outputs (float32, contiguous), the
+// allocated outputs, and the raw-pointer arguments of the per-prompt tail (step_tail.h). `keep`
+// holds the contiguous weight copies the pointers refer to.
+struct FusedStep {
+  Tensor rank, sizes, prompt_feat, len_norm, minority, cag, admissible, pseudo, pseudo_adv;
+  Tensor pre_r1, pre_r2, pre_p1, pre_p2;
+  Tensor reliability, logits1, probs, ecag;
+  std::vector<Tensor> keep;
+  StepTailArgs args{};
+  int64_t B = 0;
+  StepTuple outputs() const;
+};
+FusedStep prepare_fused_step(const Tensor& ids, const Tensor& lengths, const Tensor& h_prompt,
+                             const Tensor& h_resp, at::TensorList stage1, at::TensorList stage2,
+                             double max_len, double cag_eps, bool cag_unbiased, double adv_eps,
+                             bool adv_unbiased);
 
 }  // namespace care_ext

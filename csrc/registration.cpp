@@ -76,6 +76,14 @@ TORCH_LIBRARY(care_ext, m) {
       "float adv_eps, bool adv_unbiased) -> (Tensor rank, Tensor sizes, Tensor reliability, "
       "Tensor stage1_logits, Tensor probs, Tensor ecag, Tensor cag, Tensor admissible, "
       "Tensor pseudo_rewards, Tensor pseudo_adv)");
+  // Private: the fused step (first-layer GEMMs + one per-prompt kernel on CUDA), same semantics as
+  // acquisition_step; benchmarked and tested next to it before it becomes its CUDA path.
+  m.def(
+      "_acquisition_step_fused(Tensor ids, Tensor lengths, Tensor h_prompt, Tensor h_resp, "
+      "Tensor[] stage1, Tensor[] stage2, float max_len, float cag_eps, bool cag_unbiased, "
+      "float adv_eps, bool adv_unbiased) -> (Tensor rank, Tensor sizes, Tensor reliability, "
+      "Tensor stage1_logits, Tensor probs, Tensor ecag, Tensor cag, Tensor admissible, "
+      "Tensor pseudo_rewards, Tensor pseudo_adv)");
   m.def("build_info() -> str", &build_info);
 }
 
@@ -86,6 +94,7 @@ TORCH_LIBRARY_IMPL(care_ext, CPU, m) {
   m.impl("classwise_cag", &classwise_cag_cpu);
   m.impl("expected_cag", &expected_cag_cpu);
   m.impl("group_features", &group_features_cpu);
+  m.impl("_acquisition_step_fused", &acquisition_step_fused_cpu);
 }
 
 TORCH_LIBRARY_IMPL(care_ext, CompositeExplicitAutograd, m) {

@@ -1,4 +1,5 @@
-"""group_features, classifier_forward and the fused acquisition_step against the reference twins."""
+"""group_features, classifier_forward and the acquisition step (public and private fused) against
+the reference twins."""
 from __future__ import annotations
 
 import pytest
@@ -119,13 +120,19 @@ def _step_inputs(B, G, H, dtype, gen):
     return ids, lengths, h_p, h_r, s1, s2
 
 
+STEP_OPS = ["acquisition_step", "_acquisition_step_fused"]
+"""The public step and the private fused one (first-layer GEMMs + one per-prompt tail: a CUDA
+kernel, or on the CPU the same arithmetic on one thread per prompt), same semantics."""
+
+
+@pytest.mark.parametrize("op", STEP_OPS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B,G,H", [(0, 8, 64), (1, 1, 32), (7, 5, 130), (64, 8, 256),
-                                   (33, 16, 130), (5, 64, 64)])
-def test_acquisition_step_matches_composition(device, B, G, H, dtype):
+                                   (33, 16, 130), (5, 64, 64), (3, 8, 4096)])
+def test_acquisition_step_matches_composition(device, B, G, H, dtype, op):
     gen = torch.Generator().manual_seed(B * G + H)
     ids, lengths, h_p, h_r, s1, s2 = _step_inputs(B, G, H, dtype, gen)
-    got = torch.ops.care_ext.acquisition_step(
+    got = getattr(torch.ops.care_ext, op)(
         ids.to(device), lengths.to(device), h_p.to(device), h_r.to(device),
         [t.to(device) for t in s1], [t.to(device) for t in s2], 4000.0, 0.0, False, 1e-6, False)
     ref64 = R.acquisition_step(ids, lengths, h_p, h_r, to64(s1), to64(s2), 4000.0, 0.0, False,
@@ -143,16 +150,17 @@ def test_acquisition_step_matches_composition(device, B, G, H, dtype):
 
 # ---- the blocked CPU rollout branch (csrc/cpu/rollout_pool.cpp): blocks of ~256 rows of whole
 # prompts, run in parallel; Stage-II multiplies only its masked rows ------------------------------
+@pytest.mark.parametrize("op", STEP_OPS)
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("B,G", [(300, 8), (9, 64), (70, 5), (257, 1)])
-def test_acquisition_step_many_blocks(device, B, G, threads):
+def test_acquisition_step_many_blocks(device, B, G, threads, op):
     """Sizes that span several blocks (and a last partial block) on 1 and 2 intra-op threads."""
     gen = torch.Generator().manual_seed(B + G + threads)
     ids, lengths, h_p, h_r, s1, s2 = _step_inputs(B, G, 48, torch.bfloat16, gen)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        got = torch.ops.care_ext.acquisition_step(
+        got = getattr(torch.ops.care_ext, op)(
             ids.to(device), lengths.to(device), h_p.to(device), h_r.to(device),
             [t.to(device) for t in s1], [t.to(device) for t in s2], 4000.0, 0.0, False, 1e-6, False)
     finally:
@@ -202,3 +210,34 @@ def test_cpu_masked_rows_are_never_read():
     got = torch.ops.care_ext.classifier_forward(h_p, pf, poisoned, None, mask, w)
     assert torch.equal(got, clean)
     assert R.classifier_forward(h_p, pf, poisoned, None, mask, w).isnan().any()
+
+
+def test_fused_step_tail_sees_every_input():
+    """The fused tail must use each input it is given: perturbing one rollout's hidden state, a
+    minority rollout, a length or one weight of each kind changes the outputs it feeds."""
+    gen = torch.Generator().manual_seed(3)
+    B, G, H = 4, 8, 32
+    ids, lengths, h_p, h_r, s1, s2 = _step_inputs(B, G, H, torch.float32, gen)
+    ids[0] = torch.tensor([1, 1, 1, 1, 2, 2, 3, -1])  # prompt 0: minority rollouts 4, 5, 6
+    run = lambda **kw: torch.ops.care_ext._acquisition_step_fused(  # noqa: E731
+        kw.get("ids", ids), kw.get("lengths", lengths), h_p, kw.get("h_r", h_r),
+        kw.get("s1", s1), kw.get("s2", s2), 4000.0, 0.0, False, 1e-6, False)
+    base = run()
+    h2 = h_r.clone()
+    h2[0, 5] += 1.0  # a minority rollout: both stages' logits move
+    out = run(h_r=h2)
+    assert not torch.equal(out[3][0], base[3][0]) and not torch.equal(out[4][0], base[4][0])
+    assert torch.equal(out[3][1:], base[3][1:])
+    h3 = h_r.clone()
+    h3[0, 0] += 1.0  # a majority rollout: Stage-I moves, Stage-II (minority pool) does not
+    out = run(h_r=h3)
+    assert not torch.equal(out[3][0], base[3][0]) and torch.equal(out[4][0], base[4][0])
+    l2 = lengths.clone()
+    l2[0, 0] += 500  # Stage-I's rollout feature
+    assert not torch.equal(run(lengths=l2)[3][0], base[3][0])
+    for k in range(10):
+        for stage, idx in (("s1", 3), ("s2", 4)):
+            w = [t.clone() for t in (s1 if stage == "s1" else s2)]
+            w[k].mul_(1 + torch.rand(w[k].shape, generator=gen))
+            out = run(**{stage: w})
+            assert not torch.equal(out[idx], base[idx]), f"{stage} weight {k} unused"

@@ -34,11 +34,12 @@ def _samples(device):
             (h_p, torch.rand(B, G + 1, device=device), h_r, None, None, s2))
         out.setdefault("acquisition_step", []).append(
             (ids, lengths, h_p, h_r, s1, s2, 50.0, 0.0, False, 1e-6, False))
+        out["_acquisition_step_fused"] = out["acquisition_step"]
     return out
 
 
 OPS = ["cluster_stats", "group_advantage", "cag", "classwise_cag", "expected_cag",
-       "group_features", "classifier_forward", "acquisition_step"]
+       "group_features", "classifier_forward", "acquisition_step", "_acquisition_step_fused"]
 
 
 @pytest.mark.parametrize("name", OPS)

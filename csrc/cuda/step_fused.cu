@@ -1,0 +1,50 @@
+// CUDA backend of the private fused step: after the host part (group_features kernel + four cuBLAS
+// GEMMs, step_fused.cpp), one kernel runs the whole per-prompt tail of step_tail.h, one block of
+// kTailThreads threads per prompt, its scratch in dynamic shared memory.
+#include "common.cuh"
+
+#include "../classifier_parts.h"
+
+namespace care_ext {
+namespace {
+
+constexpr int kTailThreads = 256;
+constexpr int64_t kMaxTailSmem = 48 * 1024;  // default dynamic shared-memory limit per block
+
+struct BlockSync {
+  CARE_HD void operator()() const {
+#if defined(__CUDA_ARCH__)
+    __syncthreads();
+#endif
+  }
+};
+
+__global__ void __launch_bounds__(kTailThreads) step_tail_kernel(StepTailArgs a) {
+  extern __shared__ float scratch[];
+  step_tail(a, static_cast<int64_t>(blockIdx.x), scratch, static_cast<int>(threadIdx.x),
+            static_cast<int>(blockDim.x), BlockSync{});
+}
+
+}  // namespace
+
+StepTuple acquisition_step_fused_cuda(const Tensor& ids, const Tensor& lengths,
+                                      const Tensor& h_prompt, const Tensor& h_resp,
+                                      at::TensorList stage1, at::TensorList stage2, double max_len,
+                                      double cag_eps, bool cag_unbiased, double adv_eps,
+                                      bool adv_unbiased) {
+  const c10::cuda::CUDAGuard guard(ids.device());
+  const FusedStep f = prepare_fused_step(ids, lengths, h_prompt, h_resp, stage1, stage2, max_len,
+                                         cag_eps, cag_unbiased, adv_eps, adv_unbiased);
+  if (f.B == 0) return f.outputs();
+  const int64_t smem = step_tail_scratch_floats(f.args) * static_cast<int64_t>(sizeof(float));
+  TORCH_CHECK(smem <= kMaxTailSmem, "care_ext._acquisition_step_fused: the classifiers need ", smem,
+              " bytes of per-prompt scratch (G * R1 + R2 + P + K + C floats), more than the ",
+              kMaxTailSmem, " bytes of shared memory this kernel uses; use acquisition_step");
+  TORCH_CHECK(f.B <= 2147483647LL, "care_ext._acquisition_step_fused: B = ", f.B, " is too large");
+  step_tail_kernel<<<static_cast<unsigned>(f.B), kTailThreads, static_cast<size_t>(smem),
+                     c10::cuda::getCurrentCUDAStream()>>>(f.args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return f.outputs();
+}
+
+}  // namespace care_ext

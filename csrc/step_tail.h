@@ -1,0 +1,148 @@
+// The per-prompt tail of the fused acquisition step, compiled for host and device.
+//
+// After the two big first-layer GEMMs (rollouts: h_resp @ resp1_w[:, :H]^T, prompts:
+// h_prompt @ prompt_w[:, :H]^T, for both classifiers), everything else of the step is small,
+// per-prompt work: feature columns, biases and ReLUs of the first layers, the 64 -> 512 rollout
+// layer, the (masked) mean pool, the head, the Stage-I softmax and Stage-II's expected CAG over the
+// admissible classes. step_tail runs all of it for one prompt, cooperatively over the threads of
+// one block (CUDA: one block per prompt, sync = __syncthreads) or on one thread (CPU: tid 0,
+// nth 1, sync = no-op), so the CPU build tests exactly the arithmetic that the kernel runs.
+// Semantics are those of care_ext.reference.acquisition_step (see classifier_parts.h).
+#pragma once
+
+#include "group_math.h"
+
+namespace care_ext {
+
+// One classifier's folded weights as float32 row-major (contiguous) pointers and its sizes.
+struct HeadWeights {
+  const float *pw, *pb, *r1w, *r1b, *r2w, *r2b, *h1w, *h1b, *h2w, *h2b;
+  int H, Fp, Fr, P, R1, R2, K, C;
+};
+
+// Per-prompt scratch of one classifier: r1 [G*R1], pool [R2], p [P], z [K], logits [C].
+struct HeadScratch {
+  float *r1, *pool, *p, *z, *logits;
+};
+
+CARE_HD int head_scratch_floats(const HeadWeights& w, int G) {
+  return G * w.R1 + w.R2 + w.P + w.K + w.C;
+}
+
+CARE_HD HeadScratch head_scratch(float* base, const HeadWeights& w, int G) {
+  HeadScratch s;
+  s.r1 = base;
+  s.pool = s.r1 + G * w.R1;
+  s.p = s.pool + w.R2;
+  s.z = s.p + w.P;
+  s.logits = s.z + w.K;
+  return s;
+}
+
+CARE_HD float relu_f(float v) { return v > 0.f ? v : 0.f; }
+
+// Logits of one classifier for one prompt, left in s.logits (all threads may read them after the
+// final sync). pre_r [G, R1] and pre_p [P] are the first-layer GEMM outputs without bias;
+// rfeat [G, Fr] (nullptr when Fr = 0), pfeat [Fp]; mask [G] or nullptr (pool all G).
+template <class Sync>
+CARE_HD void classifier_tail(const HeadWeights& w, int G, const float* pre_r, const float* rfeat,
+                             const bool* mask, const float* pre_p, const float* pfeat,
+                             HeadScratch s, int tid, int nth, Sync sync) {
+  for (int i = tid; i < G * w.R1; i += nth) {  // rollout layer 1: bias, features, ReLU
+    const int g = i / w.R1, k = i - g * w.R1;
+    float v = pre_r[i] + w.r1b[k];
+    const float* wf = w.r1w + static_cast<int64_t>(k) * (w.H + w.Fr) + w.H;
+    for (int f = 0; f < w.Fr; ++f) v += wf[f] * rfeat[g * w.Fr + f];
+    s.r1[i] = relu_f(v);
+  }
+  for (int i = tid; i < w.P; i += nth) {  // prompt branch: bias, features, ReLU
+    float v = pre_p[i] + w.pb[i];
+    const float* wf = w.pw + static_cast<int64_t>(i) * (w.H + w.Fp) + w.H;
+    for (int f = 0; f < w.Fp; ++f) v += wf[f] * pfeat[f];
+    s.p[i] = relu_f(v);
+  }
+  sync();
+  int count = 0;
+  for (int g = 0; g < G; ++g) count += (mask == nullptr || mask[g]) ? 1 : 0;
+  const float inv = count > 0 ? 1.f / static_cast<float>(count) : 0.f;  // empty mask: pool 0
+  for (int j = tid; j < w.R2; j += nth) {  // rollout layer 2 + ReLU + (masked) mean pool
+    const float* wr = w.r2w + static_cast<int64_t>(j) * w.R1;
+    float acc = 0.f;
+    for (int g = 0; g < G; ++g) {
+      if (mask != nullptr && !mask[g]) continue;
+      const float* r1 = s.r1 + g * w.R1;
+      float v = w.r2b[j];
+      for (int k = 0; k < w.R1; ++k) v += wr[k] * r1[k];
+      acc += relu_f(v);
+    }
+    s.pool[j] = acc * inv;
+  }
+  sync();
+  for (int i = tid; i < w.K; i += nth) {  // head layer 1 on [p ; pool]
+    const float* wh = w.h1w + static_cast<int64_t>(i) * (w.P + w.R2);
+    float v = w.h1b[i];
+    for (int j = 0; j < w.P; ++j) v += wh[j] * s.p[j];
+    for (int j = 0; j < w.R2; ++j) v += wh[w.P + j] * s.pool[j];
+    s.z[i] = relu_f(v);
+  }
+  sync();
+  for (int c = tid; c < w.C; c += nth) {  // head layer 2
+    const float* wh = w.h2w + static_cast<int64_t>(c) * w.K;
+    float v = w.h2b[c];
+    for (int i = 0; i < w.K; ++i) v += wh[i] * s.z[i];
+    s.logits[c] = v;
+  }
+  sync();
+}
+
+// Inputs and outputs of the tail for all B prompts (row-major, contiguous).
+struct StepTailArgs {
+  HeadWeights w1, w2;  // Stage-I (Fr = 1, C = 2) and Stage-II (Fr = 0, C = G+1)
+  int G;
+  const float* pre_r1;       // [B*G, R1 of stage 1]
+  const float* pre_r2;       // [B*G, R1 of stage 2]
+  const float* pre_p1;       // [B, P of stage 1]
+  const float* pre_p2;       // [B, P of stage 2]
+  const float* prompt_feat;  // [B, G+1]
+  const float* len_norm;     // [B, G]
+  const bool* minority;      // [B, G]
+  const float* cag;          // [B, G+1]
+  const bool* admissible;    // [B, G+1]
+  float* reliability;        // [B]
+  float* logits1;            // [B, 2]
+  float* probs;              // [B, G+1]
+  float* ecag;               // [B]
+};
+
+// Scratch floats one prompt needs (both stages reuse the same scratch, one after the other).
+CARE_HD int step_tail_scratch_floats(const StepTailArgs& a) {
+  const int s1 = head_scratch_floats(a.w1, a.G), s2 = head_scratch_floats(a.w2, a.G);
+  return s1 > s2 ? s1 : s2;
+}
+
+template <class Sync>
+CARE_HD void step_tail(const StepTailArgs& a, int64_t b, float* scratch, int tid, int nth,
+                       Sync sync) {
+  const int G = a.G, C2 = G + 1;
+  const int64_t o = b * G, o1 = b * C2;
+  HeadScratch s = head_scratch(scratch, a.w1, G);
+  classifier_tail(a.w1, G, a.pre_r1 + o * a.w1.R1, a.len_norm + o, nullptr,
+                  a.pre_p1 + b * a.w1.P, a.prompt_feat + o1, s, tid, nth, sync);
+  if (tid == 0) {
+    const float l0 = s.logits[0], l1 = s.logits[1];
+    const float m = l0 > l1 ? l0 : l1;
+    const float e0 = expf(l0 - m), e1 = expf(l1 - m);
+    a.logits1[2 * b] = l0;
+    a.logits1[2 * b + 1] = l1;
+    a.reliability[b] = e1 / (e0 + e1);
+  }
+  sync();  // stage 2 reuses the scratch
+  s = head_scratch(scratch, a.w2, G);
+  classifier_tail(a.w2, G, a.pre_r2 + o * a.w2.R1, nullptr, a.minority + o,
+                  a.pre_p2 + b * a.w2.P, a.prompt_feat + o1, s, tid, nth, sync);
+  if (tid == 0) {
+    expected_cag_row(s.logits, a.cag + o1, a.admissible + o1, C2, a.probs + o1, a.ecag + b);
+  }
+}
+
+}  // namespace care_ext
