@@ -173,15 +173,21 @@ void check_step_inputs(const Tensor& ids, const Tensor& h_prompt, const Tensor& 
               ") must be on the device of ids (", dev, ")");
 }
 
+FeatureTuple group_features_dispatch(const Tensor& ids, const Tensor& lengths, double max_len,
+                                     double cag_eps, bool cag_unbiased, double adv_eps,
+                                     bool adv_unbiased) {
+  static auto features_op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("care_ext::group_features", "")
+          .typed<FeatureTuple(const Tensor&, const Tensor&, double, double, bool, double, bool)>();
+  return features_op.call(ids, lengths, max_len, cag_eps, cag_unbiased, adv_eps, adv_unbiased);
+}
+
 StepTuple acquisition_step(const Tensor& ids, const Tensor& lengths, const Tensor& h_prompt,
                            const Tensor& h_resp, at::TensorList stage1, at::TensorList stage2,
                            double max_len, double cag_eps, bool cag_unbiased, double adv_eps,
                            bool adv_unbiased) {
   const char* op = "acquisition_step";
-  static auto features_op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("care_ext::group_features", "")
-          .typed<FeatureTuple(const Tensor&, const Tensor&, double, double, bool, double, bool)>();
   static auto expected_op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("care_ext::expected_cag", "")
@@ -190,7 +196,7 @@ StepTuple acquisition_step(const Tensor& ids, const Tensor& lengths, const Tenso
   const int64_t B = ids.size(0), G = ids.size(1), H = h_prompt.size(1);
   const auto dev = ids.device();
   auto [rank, sizes, prompt_feat, len_norm, minority, cag, admissible, pseudo, pseudo_adv] =
-      features_op.call(ids, lengths, max_len, cag_eps, cag_unbiased, adv_eps, adv_unbiased);
+      group_features_dispatch(ids, lengths, max_len, cag_eps, cag_unbiased, adv_eps, adv_unbiased);
   const Weights w1 = check_weights(stage1, H, G + 1, 1, 2, dev, op, "stage1");
   const Weights w2 = check_weights(stage2, H, G + 1, 0, G + 1, dev, op, "stage2");
   // Stage-I pools all G rollouts with the normalised length as their feature; Stage-II pools the

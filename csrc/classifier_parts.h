@@ -59,6 +59,11 @@ void rollout_pools_dense(const Tensor& h_resp, int64_t B, int64_t G,
 void rollout_pools_cpu(const Tensor& h_resp, int64_t B, int64_t G,
                        std::vector<RolloutBranch>& branches);
 
+// group_features through the dispatcher (the inputs' device's kernel).
+FeatureTuple group_features_dispatch(const Tensor& ids, const Tensor& lengths, double max_len,
+                                     double cag_eps, bool cag_unbiased, double adv_eps,
+                                     bool adv_unbiased);
+
 // Shape, device and dtype checks shared by acquisition_step and _acquisition_step_fused.
 void check_step_inputs(const Tensor& ids, const Tensor& h_prompt, const Tensor& h_resp,
                        const char* op);

@@ -5,8 +5,6 @@
 // acquisition_step, in ~8 launches on CUDA instead of ~30.
 #include "classifier_parts.h"
 
-#include <ATen/core/dispatch/Dispatcher.h>
-
 namespace care_ext {
 namespace {
 
@@ -45,10 +43,6 @@ FusedStep prepare_fused_step(const Tensor& ids, const Tensor& lengths, const Ten
                              double max_len, double cag_eps, bool cag_unbiased, double adv_eps,
                              bool adv_unbiased) {
   const char* op = "_acquisition_step_fused";
-  static auto features_op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("care_ext::group_features", "")
-          .typed<FeatureTuple(const Tensor&, const Tensor&, double, double, bool, double, bool)>();
   check_step_inputs(ids, h_prompt, h_resp, op);
   const int64_t B = ids.size(0), G = ids.size(1), H = h_prompt.size(1);
   const auto dev = ids.device();
@@ -56,7 +50,7 @@ FusedStep prepare_fused_step(const Tensor& ids, const Tensor& lengths, const Ten
   f.B = B;
   std::tie(f.rank, f.sizes, f.prompt_feat, f.len_norm, f.minority, f.cag, f.admissible, f.pseudo,
            f.pseudo_adv) =
-      features_op.call(ids, lengths, max_len, cag_eps, cag_unbiased, adv_eps, adv_unbiased);
+      group_features_dispatch(ids, lengths, max_len, cag_eps, cag_unbiased, adv_eps, adv_unbiased);
   const Weights w1 = check_weights(stage1, H, G + 1, 1, 2, dev, op, "stage1");
   const Weights w2 = check_weights(stage2, H, G + 1, 0, G + 1, dev, op, "stage2");
   const Tensor hp = h_prompt.to(at::kFloat);
