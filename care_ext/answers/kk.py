@@ -4,8 +4,11 @@ The names come from the *puzzle* (its ``names`` list or the "You meet N inhabita
 C." sentence of its text), never from the gold label. An answer is valid only if every puzzle
 name gets exactly one role; the key is the ``name=knight|name=knave`` pairs, names lower-cased and
 sorted. Accepted phrasings per person: "Zoey is a knight", "Zoey is knave", "(2) Zoey is a
-knave", "Zoey: knight", "zoey=knight". A person given two different roles, or left out,
-makes the whole answer invalid. "Zoey is not a knight" is not read as a role.
+knave", "Zoey: knight", "zoey=knight", and for several people at once "Zoey and Oliver are
+knights", "Zoey, Oliver, and Max are both/all knaves" (every puzzle name between the start of the
+statement and "are" gets the role; a statement starts after the last ".", ";", newline, "(n)" or
+role word). A person given two different roles, or left out, makes the whole answer invalid.
+"Zoey is not a knight" and "Zoey and Oliver are not knights" are not read as roles.
 """
 
 from __future__ import annotations
@@ -67,14 +70,34 @@ def _name_pattern(name: str) -> re.Pattern:
     )
 
 
+_PLURAL = re.compile(r"\bare\s+(?:both\s+|all\s+)?(knight|knave)s(?![a-z])", re.I)
+_STATEMENT_CUT = re.compile(r"[.;\n]|\(\d+\)|\b(?:knight|knave)s?\b", re.I)
+
+
+def _plural_roles(text: str, names: Sequence[str]) -> dict[str, set[str]]:
+    """Roles given to several names at once ("A and B are knights"): lower-cased name -> roles."""
+    out: dict[str, set[str]] = {}
+    for m in _PLURAL.finditer(text):
+        start = 0
+        for cut in _STATEMENT_CUT.finditer(text, 0, m.start()):
+            start = cut.end()
+        subject = text[start:m.start()]
+        for name in names:
+            if re.search(r"(?<![\w])" + re.escape(name) + r"(?![\w])", subject, re.I):
+                out.setdefault(name.lower(), set()).add(m.group(1).lower())
+    return out
+
+
 def kk_roles(text: str, names: Sequence[str]) -> dict[str, str] | None:
     """``{lower-cased name: "knight"|"knave"}`` for every name, or ``None``.
 
     ``None`` when a name has no role statement or two different ones.
     """
     out: dict[str, str] = {}
+    plural = _plural_roles(text, names)
     for name in names:
         found = {m.group(1).lower() for m in _name_pattern(name).finditer(text)}
+        found |= plural.get(name.lower(), set())
         if len(found) != 1:
             return None
         out[name.lower()] = found.pop()

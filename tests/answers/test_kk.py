@@ -40,6 +40,27 @@ def test_phrasings_give_one_key(text):
 
 
 @pytest.mark.parametrize(
+    "text,key",
+    [
+        ("Zoey and Oliver are knights.", "max=None"),  # Max missing
+        ("Zoey and Oliver are knights, and Max is a knave", "max=knave|oliver=knight|zoey=knight"),
+        ("Both Zoey and Max are knaves; Oliver is a knight", "max=knave|oliver=knight|zoey=knave"),
+        ("Zoey, Oliver, and Max are all knaves.", "max=knave|oliver=knave|zoey=knave"),
+        ("Zoey is a knight and Oliver and Max are knaves", "max=knave|oliver=knave|zoey=knight"),
+        ("(1) Max is a knave (2) Zoey and Oliver are both knights", "max=knave|oliver=knight|zoey=knight"),
+        ("Zoey and Oliver are not knights, Max is a knave", None),  # negation: no role
+        ("Zoey and Oliver are knights. Zoey and Max are knaves.", None),  # Zoey twice, differently
+    ],
+)
+def test_plural_statements(text, key):
+    got = kk_key(text, ["Zoey", "Oliver", "Max"])
+    if key is None or key.endswith("None"):
+        assert got is None
+    else:
+        assert got.text == key
+
+
+@pytest.mark.parametrize(
     "text",
     [
         "Zoey is a knave",  # Oliver missing
