@@ -41,42 +41,31 @@ struct BranchPlan {
 
 void run_block(const Tensor& x, int64_t p0, int64_t n, int64_t G, const BranchPlan& bp) {
   const int64_t rows = n * G;
-  if (bp.mask == nullptr) {
-    Tensor a = bp.b1.addmm(x, bp.w1h_t);
-    if (bp.Fr > 0) a.addmm_(bp.feat.narrow(0, p0 * G, rows), bp.w1f_t);
-    a.relu_();
-    const Tensor r = bp.b2.addmm(a, bp.w2_t).relu_().contiguous();
-    const float* rp = r.data_ptr<float>();
-    const float inv = 1.0f / static_cast<float>(G);
-    for (int64_t i = 0; i < n; ++i) {
-      float* out = bp.pool + (p0 + i) * bp.R2;
-      for (int64_t g = 0; g < G; ++g) {
-        const float* row = rp + (i * G + g) * bp.R2;
-        for (int64_t c = 0; c < bp.R2; ++c) out[c] += row[c];
-      }
-      for (int64_t c = 0; c < bp.R2; ++c) out[c] *= inv;
-    }
-    return;
-  }
-  // masked mean: gather the block's masked rows, multiply only those
+  // The rows that enter this branch's pool: all rows of the block, or only its masked rows,
+  // gathered so that nothing else is multiplied.
+  Tensor xs = x;
+  Tensor fs = bp.Fr > 0 ? bp.feat.narrow(0, p0 * G, rows) : Tensor();
   std::vector<int64_t> idx;
-  idx.reserve(static_cast<size_t>(rows));
-  const bool* m = bp.mask + p0 * G;
-  for (int64_t j = 0; j < rows; ++j) {
-    if (m[j]) idx.push_back(j);
+  if (bp.mask != nullptr) {
+    const bool* m = bp.mask + p0 * G;
+    for (int64_t j = 0; j < rows; ++j) {
+      if (m[j]) idx.push_back(j);
+    }
+    if (idx.empty()) return;  // every prompt of the block pools to zero
+    Tensor it = x.new_empty({static_cast<int64_t>(idx.size())}, x.options().dtype(at::kLong));
+    std::copy(idx.begin(), idx.end(), it.data_ptr<int64_t>());
+    xs = x.index_select(0, it);
+    if (bp.Fr > 0) fs = fs.index_select(0, it);
   }
-  if (idx.empty()) return;  // every prompt of the block pools to zero
-  const int64_t k = static_cast<int64_t>(idx.size());
-  Tensor it = x.new_empty({k}, x.options().dtype(at::kLong));
-  std::copy(idx.begin(), idx.end(), it.data_ptr<int64_t>());
-  Tensor a = bp.b1.addmm(x.index_select(0, it), bp.w1h_t);
-  if (bp.Fr > 0) a.addmm_(bp.feat.narrow(0, p0 * G, rows).index_select(0, it), bp.w1f_t);
+  Tensor a = bp.b1.addmm(xs, bp.w1h_t);
+  if (bp.Fr > 0) a.addmm_(fs, bp.w1f_t);
   a.relu_();
   const Tensor r = bp.b2.addmm(a, bp.w2_t).relu_().contiguous();
   const float* rp = r.data_ptr<float>();
+  // (masked) mean per prompt: sum the rows in order, then divide by the count clamped to >= 1
   std::vector<int64_t> count(static_cast<size_t>(n), 0);
-  for (int64_t j = 0; j < k; ++j) {
-    const int64_t i = idx[static_cast<size_t>(j)] / G;
+  for (int64_t j = 0; j < r.size(0); ++j) {
+    const int64_t i = (bp.mask == nullptr ? j : idx[static_cast<size_t>(j)]) / G;
     ++count[static_cast<size_t>(i)];
     float* out = bp.pool + (p0 + i) * bp.R2;
     const float* row = rp + j * bp.R2;
@@ -84,7 +73,7 @@ void run_block(const Tensor& x, int64_t p0, int64_t n, int64_t G, const BranchPl
   }
   for (int64_t i = 0; i < n; ++i) {
     const int64_t c_i = count[static_cast<size_t>(i)];
-    if (c_i <= 1) continue;  // count clamped to >= 1: one row or none needs no division
+    if (c_i <= 1) continue;  // one row or none needs no division
     const float inv = 1.0f / static_cast<float>(c_i);
     float* out = bp.pool + (p0 + i) * bp.R2;
     for (int64_t c = 0; c < bp.R2; ++c) out[c] *= inv;
