@@ -37,7 +37,6 @@ def test_split_and_parse_care_flags():
 
 @pytest.mark.parametrize("extra,msg", [
     (["--algo.advantage.estimator", "gae"], "group estimator"),
-    (["--train.async_enable"], "sync"),
     (["--rollout.n_samples_per_prompt", "1"], "G >= 2"),
     (["--ds.ring_attn_size", "2"], "ring"),
 ])
@@ -60,25 +59,31 @@ def test_help_runs_the_stock_cli_through_runpy():
     assert r.returncode == 0 and "--care.drop_mode" in r.stdout and "--care.budget_frac" in r.stdout
 
 
-def test_launcher_installs_care_classes_in_ray_workers(tmp_path):
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_launcher_installs_care_classes_in_ray_workers(tmp_path, mode):
     out = tmp_path / "result.json"
     code = ("from care_ext.integrations.openrlhf.cli import main; import sys; "
             "main(sys.argv[1:], stock_module='fake_train_ppo_ray')")
     env = dict(os.environ, RAY_DEDUP_LOGS="0")
-    r = subprocess.run([sys.executable, "-c", code, *GRPO, "--care.strategy", "care", "--care.alpha", "0.1",
+    extra = ["--train.async_enable"] if mode == "async" else []
+    r = subprocess.run([sys.executable, "-c", code, *GRPO, *extra, "--care.strategy", "care", "--care.alpha", "0.1",
                         "--care.feature_dtype", "bfloat16", "--out", str(out)],
                        capture_output=True, text=True, timeout=540, cwd=str(tmp_path), env=env)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     res = json.loads(out.read_text())
     assert res["driver_policy"] == "CarePolicyModelActorImpl"
-    assert res["driver_trainer"] == "CarePPOTrainerImpl"
+    assert res["driver_trainer"] == ("CarePPOTrainerAsyncImpl" if mode == "async" else "CarePPOTrainerImpl")
     w = res["worker"]
     assert w["class"] == "CarePolicyModelActorImpl" and "PolicyModelActor" in w["mro"]
     assert w["capture"] is True  # the care strategy needs hidden states
     opts = OpenRLHFCareOptions.from_json(w["options"])  # the --care.* flags reached the worker
     assert opts.core == {"strategy": "care", "alpha": 0.1} and opts.feature_dtype == "bfloat16"
-    # the trainer actor ran CARE's __init__ in its worker (the stock part then fails on bogus args)
-    assert "care_ext/integrations/openrlhf/trainer.py" in res["trainer_error"]
+    # the trainer actor ran CARE's __init__ in its worker (the stock part then fails on bogus args);
+    # in async mode that actor is the TrainingActor that PPOTrainerAsync built in its own worker
+    err = res["trainer_error"]
+    assert "care_ext/integrations/openrlhf/trainer.py" in err, err[-3000:]
+    if mode == "async":  # got as far as loading the (bogus) model's tokenizer
+        assert "CareTrainingActorImpl" in err and "nonexistent-model" in err
 
 
 def test_import_care_ext_does_not_import_openrlhf():

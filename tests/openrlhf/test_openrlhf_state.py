@@ -59,13 +59,16 @@ def test_missing_state_on_resume(tok, clusterer, tmp_path):
         assert r.load(global_step=7) is False
 
 
-def test_trainer_saves_with_checkpoints_and_loads_on_resume(tok, clusterer, tmp_path, monkeypatch):
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_trainer_saves_with_checkpoints_and_loads_on_resume(tok, clusterer, tmp_path, monkeypatch, mode):
     from care_ext.integrations.openrlhf import trainer as T
 
+    impl, stock = ((T.CarePPOTrainerImpl, T._STOCK_TRAINER) if mode == "sync"
+                   else (T.CareTrainingActorImpl, T._STOCK_TRAINING_ACTOR))
     saved_steps = []
-    monkeypatch.setattr(T._STOCK_TRAINER, "save_logs_and_checkpoints", lambda self, *a, **k: saved_steps.append(a[0]))
-    monkeypatch.setattr(T._STOCK_TRAINER, "init_checkpoint_states", lambda self: {"global_step": 2, "episode": 0})
-    t = T.CarePPOTrainerImpl.__new__(T.CarePPOTrainerImpl)
+    monkeypatch.setattr(stock, "save_logs_and_checkpoints", lambda self, *a, **k: saved_steps.append(a[0]))
+    monkeypatch.setattr(stock, "init_checkpoint_states", lambda self: {"global_step": 2, "episode": 0})
+    t = impl.__new__(impl)
     t.args = NS(ckpt=NS(save_steps=2, max_num=1))
     t.care = _runner(tok, clusterer, tmp_path)
     _step(tok, t.care, seed=0)

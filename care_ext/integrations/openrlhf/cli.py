@@ -3,7 +3,7 @@
 
 1. Split ``--care.*`` from the stock flags and parse them (:mod:`.config`); ``--help-care`` lists them.
 2. Check the pinned OpenRLHF version and the stock flags CARE depends on (a group advantage
-   estimator with G > 1, sync mode, no dynamic filtering, ...).
+   estimator with G > 1, no ring attention with capture, ...).
 3. :func:`.install.install` the CARE classes and route the options to the Ray actors.
 4. Run ``openrlhf.cli.train_ppo_ray`` as ``__main__`` with the stock flags (``runpy``), exactly as
    ``python -m openrlhf.cli.train_ppo_ray`` would.
@@ -45,8 +45,6 @@ def check_stock_flags(argv: list[str], options: OpenRLHFCareOptions) -> list[str
     g = _flag_value(argv, "--rollout.n_samples_per_prompt")
     if g is None or int(g) < 2:
         raise SystemExit("CARE needs --rollout.n_samples_per_prompt G >= 2 (the rollouts of one prompt)")
-    if _flag_value(argv, "--train.async_enable"):
-        raise SystemExit("CARE supports OpenRLHF's sync/hybrid mode only, not --train.async_enable")
     if options.drop_mode == "remove" and _flag_value(argv, "--train.dynamic_batch_enable"):
         raise SystemExit("--care.drop_mode remove does not support --train.dynamic_batch_enable")
     ring = _flag_value(argv, "--ds.ring_attn_size")

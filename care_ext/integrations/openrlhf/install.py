@@ -1,12 +1,14 @@
 """How the CARE classes reach OpenRLHF's Ray actors, without a fork.
 
-OpenRLHF builds every actor inside ``openrlhf.cli.train_ppo_ray.train()`` from two module
+OpenRLHF builds every actor inside ``openrlhf.cli.train_ppo_ray.train()`` from module
 attributes and offers no flag to choose the classes:
 
-* ``openrlhf.trainer.ppo_trainer.PPOTrainer`` (imported inside ``train()``),
+* ``openrlhf.trainer.ppo_trainer.PPOTrainer`` (sync mode; imported inside ``train()``),
+* ``openrlhf.trainer.ppo_trainer_async.PPOTrainerAsync`` (``--train.async_enable``; imported
+  inside ``train()``; its own worker then builds the ``TrainingActor``, see :mod:`.trainer`),
 * ``openrlhf.trainer.ray.ppo_actor.PolicyModelActor`` (imported at the top of ``train_ppo_ray``).
 
-:func:`install` replaces both with the CARE actor classes before the launcher runs the stock CLI
+:func:`install` replaces them with the CARE actor classes before the launcher runs the stock CLI
 module fresh (``runpy``), so its imports pick them up. The CARE classes subclass the undecorated
 stock classes (``__ray_metadata__.modified_class``) and are wrapped with the same ``ray.remote``
 options; Ray pickles them with a by-reference link to ``care_ext.integrations.openrlhf.trainer`` /
@@ -53,8 +55,9 @@ def install(options: OpenRLHFCareOptions) -> dict:
     """Put the CARE classes in place of OpenRLHF's and route ``options`` to every actor.
 
     Sets ``os.environ[ENV_VAR]`` (for actors of a local cluster this process starts), wraps
-    ``ray.init`` so the job's ``runtime_env`` carries it, and patches the two module attributes.
-    Returns ``{"PPOTrainer": cls, "PolicyModelActor": cls}`` (the classes now installed).
+    ``ray.init`` so the job's ``runtime_env`` carries it, and patches the three module attributes.
+    Returns ``{"PPOTrainer": cls, "PPOTrainerAsync": cls, "PolicyModelActor": cls}`` (the classes
+    now installed).
     """
     import os
 
@@ -64,16 +67,19 @@ def install(options: OpenRLHFCareOptions) -> dict:
     _wrap_ray_init(text)
 
     import openrlhf.trainer.ppo_trainer as ppo_trainer
+    import openrlhf.trainer.ppo_trainer_async as ppo_trainer_async
     import openrlhf.trainer.ray.ppo_actor as ppo_actor
 
-    from .trainer import CarePPOTrainer
+    from .trainer import CarePPOTrainer, CarePPOTrainerAsync
     from .workers import CarePolicyModelActor
 
     if "stock" not in _INSTALLED:
-        _INSTALLED["stock"] = (ppo_trainer.PPOTrainer, ppo_actor.PolicyModelActor)
+        _INSTALLED["stock"] = (ppo_trainer.PPOTrainer, ppo_trainer_async.PPOTrainerAsync, ppo_actor.PolicyModelActor)
     ppo_trainer.PPOTrainer = CarePPOTrainer
+    ppo_trainer_async.PPOTrainerAsync = CarePPOTrainerAsync
     ppo_actor.PolicyModelActor = CarePolicyModelActor
-    return {"PPOTrainer": CarePPOTrainer, "PolicyModelActor": CarePolicyModelActor}
+    return {"PPOTrainer": CarePPOTrainer, "PPOTrainerAsync": CarePPOTrainerAsync,
+            "PolicyModelActor": CarePolicyModelActor}
 
 
 def uninstall() -> None:
@@ -84,9 +90,11 @@ def uninstall() -> None:
 
     if "stock" in _INSTALLED:
         import openrlhf.trainer.ppo_trainer as ppo_trainer
+        import openrlhf.trainer.ppo_trainer_async as ppo_trainer_async
         import openrlhf.trainer.ray.ppo_actor as ppo_actor
 
-        ppo_trainer.PPOTrainer, ppo_actor.PolicyModelActor = _INSTALLED.pop("stock")
+        (ppo_trainer.PPOTrainer, ppo_trainer_async.PPOTrainerAsync,
+         ppo_actor.PolicyModelActor) = _INSTALLED.pop("stock")
     if getattr(ray.init, "_care_wrapped", False):
         ray.init = ray.init._care_orig
     os.environ.pop(ENV_VAR, None)

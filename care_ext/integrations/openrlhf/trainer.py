@@ -1,5 +1,7 @@
-"""The CARE trainer: OpenRLHF's ``PPOTrainer`` (the single controller, a CPU-only Ray actor) that
-owns the CARE state.
+"""The CARE trainers: OpenRLHF's ``PPOTrainer`` (sync/hybrid mode: the single controller, a
+CPU-only Ray actor) and, for ``--train.async_enable``, its ``TrainingActor`` (the async mode's
+experience maker and PPO driver), each owning the CARE state. Both get the same additions
+(:class:`CareTrainerMixin`):
 
 * ``__init__``: the stock trainer, then a :class:`~.runner.CareRunner` and the
   :class:`~.experience.CareExperienceMaker` in place of the stock maker.
@@ -11,6 +13,14 @@ owns the CARE state.
   kept); the SQLite label store persists by itself.
 * ``init_checkpoint_states``: on resume (``--ckpt.load_enable``) the CARE state of the resumed
   step is loaded.
+
+Async mode: the driver builds ``PPOTrainerAsync``, whose ``__init__`` (in its own Ray worker)
+builds the generator and the ``TrainingActor`` from module attributes of
+``openrlhf.trainer.ppo_trainer_async``. :class:`CarePPOTrainerAsyncImpl` points that worker's
+``TrainingActor`` attribute at :data:`CareTrainingActor` before the stock ``__init__`` runs; the
+generator (vLLM sampling, evaluation) stays stock. The policy forward that captures hidden states
+runs in the training actor's ``make_experience``, so CARE sees the same inputs as in sync mode;
+rollouts may be one policy version old (``--train.async_queue_size``), as for the stock trainer.
 """
 from __future__ import annotations
 
@@ -19,14 +29,27 @@ from .version import check_openrlhf_version
 check_openrlhf_version()
 
 import ray  # noqa: E402
+import openrlhf.trainer.ppo_trainer_async as _async_module  # noqa: E402
 from openrlhf.trainer.ppo_trainer import PPOTrainer as _StockPPOTrainer  # noqa: E402
 
 from .config import OpenRLHFCareOptions  # noqa: E402
 from .experience import CareExperienceMaker  # noqa: E402
 from .runner import CareRunner  # noqa: E402
 
-_STOCK_TRAINER = getattr(_StockPPOTrainer, "__ray_metadata__").modified_class
-_STOCK_TRAINER_OPTIONS = dict(getattr(_StockPPOTrainer, "_default_options", {}) or {})
+
+def _unwrap(actor_cls):
+    """(the undecorated class, its ``ray.remote`` options) of a stock ``@ray.remote`` class."""
+    return (getattr(actor_cls, "__ray_metadata__").modified_class,
+            dict(getattr(actor_cls, "_default_options", {}) or {}))
+
+
+def _remote(cls, options: dict):
+    return ray.remote(**options)(cls) if options else ray.remote(cls)
+
+
+_STOCK_TRAINER, _STOCK_TRAINER_OPTIONS = _unwrap(_StockPPOTrainer)
+_STOCK_TRAINING_ACTOR, _STOCK_TRAINING_ACTOR_OPTIONS = _unwrap(_async_module.TrainingActor)
+_STOCK_ASYNC_TRAINER, _STOCK_ASYNC_TRAINER_OPTIONS = _unwrap(_async_module.PPOTrainerAsync)
 
 
 def attach_care(trainer, options: OpenRLHFCareOptions, runner: CareRunner | None = None) -> CareRunner:
@@ -48,8 +71,9 @@ def attach_care(trainer, options: OpenRLHFCareOptions, runner: CareRunner | None
     return runner
 
 
-class CarePPOTrainerImpl(_STOCK_TRAINER):
-    """Stock ``PPOTrainer`` + CARE (see the module docstring)."""
+class CareTrainerMixin:
+    """The CARE additions to a ``BasePPOTrainer`` subclass (see the module docstring). Put it
+    first in the bases: ``class X(CareTrainerMixin, StockTrainer)``."""
 
     def __init__(self, *args, **kwargs):
         options = OpenRLHFCareOptions.from_env()
@@ -77,6 +101,33 @@ class CarePPOTrainerImpl(_STOCK_TRAINER):
         return {"class": type(self).__name__, "options": self.care.options.to_json()}
 
 
-CarePPOTrainer = ray.remote(**_STOCK_TRAINER_OPTIONS)(CarePPOTrainerImpl) \
-    if _STOCK_TRAINER_OPTIONS else ray.remote(CarePPOTrainerImpl)
+class CarePPOTrainerImpl(CareTrainerMixin, _STOCK_TRAINER):
+    """Stock ``PPOTrainer`` (sync/hybrid mode) + CARE."""
+
+
+class CareTrainingActorImpl(CareTrainerMixin, _STOCK_TRAINING_ACTOR):
+    """Stock async-mode ``TrainingActor`` + CARE."""
+
+
+CarePPOTrainer = _remote(CarePPOTrainerImpl, _STOCK_TRAINER_OPTIONS)
 """The Ray actor class the launcher puts in place of ``PPOTrainer``."""
+
+CareTrainingActor = _remote(CareTrainingActorImpl, _STOCK_TRAINING_ACTOR_OPTIONS)
+"""The async training actor that :class:`CarePPOTrainerAsyncImpl` builds."""
+
+
+class CarePPOTrainerAsyncImpl(_STOCK_ASYNC_TRAINER):
+    """Stock ``PPOTrainerAsync`` whose training actor is :data:`CareTrainingActor`."""
+
+    def __init__(self, *args, **kwargs):
+        # This actor's own worker process: the stock __init__ reads the module attribute.
+        _async_module.TrainingActor = CareTrainingActor
+        super().__init__(*args, **kwargs)
+
+    def care_info(self) -> dict:
+        """This actor's class and its training actor's ``care_info`` (raises its init error)."""
+        return {"class": type(self).__name__, "trainer": ray.get(self.trainer_actor.care_info.remote())}
+
+
+CarePPOTrainerAsync = _remote(CarePPOTrainerAsyncImpl, _STOCK_ASYNC_TRAINER_OPTIONS)
+"""The Ray actor class the launcher puts in place of ``PPOTrainerAsync``."""
