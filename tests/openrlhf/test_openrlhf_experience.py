@@ -21,10 +21,12 @@ PROMPTS = [("3", ["3", "3", "5", "3"]), ("7", ["2", "2", "7", "2"]), ("1", ["4",
 WORDS = ["what", "is", "q0", "q1", "q2", "so"] + [f"\\boxed{{{a}}}" for a in "1234567"]
 
 
-def _args(micro=5, dp=1, train_micro=2):
+def _args(micro=5, dp=1, train_micro=2, train_batch=4, dynamic=False, max_tokens=16):
     return NS(
-        train=NS(dynamic_batch_enable=False, micro_batch_size=train_micro),
-        rollout=NS(micro_batch_size=micro, n_samples_per_prompt=G),
+        train=NS(dynamic_batch_enable=dynamic, micro_batch_size=train_micro, batch_size=train_batch,
+                 max_tokens_per_gpu=max_tokens),
+        rollout=NS(micro_batch_size=micro, n_samples_per_prompt=G, batch_size=len(PROMPTS),
+                   max_tokens_per_gpu=max_tokens),
         algo=NS(advantage=NS(estimator="group_norm", gamma=1.0, lambd=1.0, no_std_norm=False),
                 kl=NS(use_loss=True, estimator="k3")),
         reward=NS(clip_range=None, overlong_buffer_len=None, overlong_penalty_factor=1.0,
@@ -176,8 +178,8 @@ def test_true_drop_removes_dropped_rows(tok, clusterer, tmp_path, granularity, r
         assert e.info["reward"].shape == (rows_per_exp,)
 
 
-def test_drop_mode_remove_through_make_experience_batch(tok, clusterer, tmp_path, monkeypatch):
-    args = _args(dp=2, train_micro=2)
+def _remove_batch(tok, clusterer, tmp_path, monkeypatch, args):
+    """make_experience_batch with --care.drop_mode remove (random-mask keeps 2 of the 3 prompts)."""
     opts = OpenRLHFCareOptions(drop_mode="remove", core={"strategy": "random-mask", "budget_frac": 0.34})
     runner = CareRunner(opts, G, tok, str(tmp_path), clusterer=clusterer)
     maker = _maker(tok, args, runner)
@@ -187,10 +189,92 @@ def test_drop_mode_remove_through_make_experience_batch(tok, clusterer, tmp_path
         runner.decide(exps, None)
         return exps
     monkeypatch.setattr(maker, "make_experience", forward_only)
-    out = maker.make_experience_batch(_rollouts(tok))
+    return runner, maker.make_experience_batch(_rollouts(tok))
+
+
+@pytest.mark.parametrize("dp,micro,train_batch,rows", [(2, 2, 4, 8), (1, 2, 8, 8), (1, 1, 3, 9), (2, 1, 6, 12),
+                                                      (2, 2, 12, 12)])
+def test_drop_mode_remove_keeps_whole_optimizer_steps(tok, clusterer, tmp_path, monkeypatch, dp, micro,
+                                                      train_batch, rows):
+    runner, out = _remove_batch(tok, clusterer, tmp_path, monkeypatch,
+                                _args(dp=dp, train_micro=micro, train_batch=train_batch))
+    w = [float(x) for e in out for x in e.info["care/weight"]]
+    assert len(w) == rows and rows % train_batch == 0  # whole optimizer steps, all ranks together
+    assert sum(x != 0.0 for x in w) == 8  # the 2 kept prompts x G, all of them
+    assert runner.last_metrics["care/rows_trained"] == rows and runner.last_metrics["care/rows_filler"] == rows - 8
+    # OpenRLHF hands the list to the DP ranks in equal contiguous chunks; each rank then runs a whole
+    # number of gradient-accumulation windows (gas micro-batches of `micro` rows)
+    assert all(e.sequences.shape[0] == micro for e in out) and len(out) % dp == 0
+    gas = train_batch // (dp * micro)
+    assert (len(out) // dp) % gas == 0
+
+
+def test_drop_mode_remove_rejects_a_train_batch_that_dp_cannot_split(tok, clusterer, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="not a multiple of DP ranks 2"):
+        _remove_batch(tok, clusterer, tmp_path, monkeypatch, _args(dp=2, train_micro=2, train_batch=6))
+
+
+@pytest.fixture
+def one_rank_dp_group():
+    """A real gloo process group of one rank with a ``dp`` device mesh, for the replay buffer's
+    dynamic-batch set-up."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29531", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,), mesh_dim_names=("dp",))
+    finally:
+        dist.destroy_process_group()
+
+
+def _replay_buffer_trained_rows(args, mesh, shard, monkeypatch):
+    """Rows of one rank's shard that OpenRLHF's replay buffer puts into dynamic micro-batches.
+    (``torch.cuda.current_device`` answers 0 to name the buffer's target device, then ``cpu`` for
+    the counters the set-up all-reduces.)"""
+    from openrlhf.trainer.ppo_utils.replay_buffer import NaiveReplayBuffer
+    from openrlhf.utils.deepspeed import DeepspeedStrategy
+
+    strategy = DeepspeedStrategy.__new__(DeepspeedStrategy)  # the fields setup_dynamic_batch reads
+    strategy.args, strategy.ds_device_mesh, strategy.world_size = args, mesh, 1
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    buf = NaiveReplayBuffer(1, cpu_offload=False, dynamic_batch=True)
+    buf.append(shard)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
+    buf.setup_dynamic_batch(strategy)
+    return len(buf.items), sorted(i for mb in buf.dynamic_indices for i in mb)
+
+
+def test_drop_mode_remove_with_dynamic_batching(tok, clusterer, tmp_path, monkeypatch, one_rank_dp_group):
+    from openrlhf.trainer.ppo_utils.experience import balance_experiences
+
+    args = _args(dp=1, train_micro=2, train_batch=6, dynamic=True)
+    runner, out = _remove_batch(tok, clusterer, tmp_path, monkeypatch, args)
+    assert sum(e.sequences.shape[0] for e in out) == 12  # 8 kept rows -> 2 whole steps of 6
+    # for contrast: the kept rows alone (a multiple of DP x micro, not of train_batch)
+    short = remove_dropped(out, 2, 2, tok.pad_token_id)
+    short = [e for e in short if float(e.info["care/weight"].abs().sum()) != 0.0]
+    assert sum(e.sequences.shape[0] for e in short) == 8
+    shards = balance_experiences(out, args)  # what train_step does under dynamic batching
+    assert len(shards) == 1
+    n, trained = _replay_buffer_trained_rows(args, one_rank_dp_group, shards[0], monkeypatch)
+    assert n == 12 and trained == list(range(12))  # every row is in a micro-batch
+    # why whole steps: those 8 rows lose 2 to the buffer's floor, without an error
+    n, trained = _replay_buffer_trained_rows(args, one_rank_dp_group, balance_experiences(short, args)[0],
+                                             monkeypatch)
+    assert n == 8 and len(trained) == 6
+
+
+@pytest.mark.parametrize("dp", [2, 3])
+def test_drop_mode_remove_with_dynamic_batching_splits_evenly(tok, clusterer, tmp_path, monkeypatch, dp):
+    from openrlhf.trainer.ppo_utils.experience import balance_experiences
+
+    args = _args(dp=dp, train_micro=1, train_batch=dp * 2, dynamic=True)
+    _, out = _remove_batch(tok, clusterer, tmp_path, monkeypatch, args)
     n = sum(e.sequences.shape[0] for e in out)
-    assert n == 8 and len(out) == 4  # 2 kept prompts x G = 8 rows, a multiple of dp 2 x micro 2
-    assert runner.last_metrics["care/rows_trained"] == 8.0
+    shards = balance_experiences(out, args)
+    assert len(shards) == dp and {e.sequences.shape[0] for e in shards} == {n // dp}
+    assert (n // dp) % (args.train.batch_size // dp) == 0  # whole local train batches per rank
 
 
 def test_group_with_mixed_uids_is_rejected(tok, clusterer, tmp_path):

@@ -92,3 +92,13 @@ def test_import_care_ext_does_not_import_openrlhf():
             "assert 'openrlhf' not in sys.modules, 'openrlhf imported'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/")
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_drop_mode_remove_flag_checks():
+    remove = OpenRLHFCareOptions(drop_mode="remove")
+    one_step = GRPO + ["--rollout.batch_size", "64", "--train.batch_size", "512", "--train.dynamic_batch_enable"]
+    notes = check_stock_flags(one_step, remove)  # dynamic batching is accepted
+    assert any("nothing can leave" in n for n in notes)
+    assert not any("nothing can leave" in n for n in check_stock_flags(one_step, OpenRLHFCareOptions()))
+    four_steps = GRPO + ["--rollout.batch_size", "64", "--train.batch_size", "128"]
+    assert not any("nothing can leave" in n for n in check_stock_flags(four_steps, remove))

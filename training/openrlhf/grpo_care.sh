@@ -41,6 +41,9 @@ else
 fi
 REWARD=$(python -c "import care_ext.integrations.openrlhf.reward_func as m; print(m.__file__)")
 
+# --care.drop_mode remove (a true drop) saves work only when one rollout is several optimizer
+# steps: pass e.g. --train.batch_size 128 after it (512 = 64 x 8 is one step). Async mode: append
+# --train.async_enable (OpenRLHF then colocates only the DeepSpeed models).
 ARGS=(
   --actor.model_name_or_path "$MODEL"
   --actor.num_nodes "$NODES" --actor.num_gpus_per_node "$GPUS_PER_NODE"

@@ -1,4 +1,4 @@
-"""CARE as a drop-in for OpenRLHF 0.11.2 GRPO (sync/hybrid mode). Guide: docs/openrlhf.md.
+"""CARE as a drop-in for OpenRLHF 0.11.2 GRPO (sync/hybrid and async mode). Guide: docs/openrlhf.md.
 
 Launch: ``care-openrlhf <stock openrlhf.cli.train_ppo_ray flags> --care.strategy care ...``
 (or ``python -m care_ext.integrations.openrlhf ...``).
@@ -12,7 +12,7 @@ Modules (only those marked * import OpenRLHF, and they check the pinned version 
 * :mod:`.labels` - the JSON label column (uid, gold answer, task).
 * :mod:`.runner` - regrouping by ``index // G``, answers, the CARE core call, state save/load.
 * :mod:`.experience` * - the experience maker (rewards, weights, true drop).
-* :mod:`.workers` * - the policy worker with capture. :mod:`.trainer` * - the CARE trainer.
+* :mod:`.workers` * - the policy worker with capture. :mod:`.trainer` * - the CARE trainers (sync, async).
 * :mod:`.reward_func` - a never-throwing ``--reward.remote_url`` grader for the label column.
 """
 from .version import REQUIRED_OPENRLHF, OpenRLHFVersionError, check_openrlhf_version

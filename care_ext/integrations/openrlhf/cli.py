@@ -45,8 +45,6 @@ def check_stock_flags(argv: list[str], options: OpenRLHFCareOptions) -> list[str
     g = _flag_value(argv, "--rollout.n_samples_per_prompt")
     if g is None or int(g) < 2:
         raise SystemExit("CARE needs --rollout.n_samples_per_prompt G >= 2 (the rollouts of one prompt)")
-    if options.drop_mode == "remove" and _flag_value(argv, "--train.dynamic_batch_enable"):
-        raise SystemExit("--care.drop_mode remove does not support --train.dynamic_batch_enable")
     ring = _flag_value(argv, "--ds.ring_attn_size")
     if ring not in (None, True) and int(ring) > 1 and options.needs_hidden_states():
         raise SystemExit("CARE hidden-state capture does not support --ds.ring_attn_size > 1")
@@ -58,6 +56,12 @@ def check_stock_flags(argv: list[str], options: OpenRLHFCareOptions) -> list[str
     if kl not in (None, True) and float(kl) > 0 and not _flag_value(argv, "--algo.kl.use_loss"):
         notes.append("KL is in the reward (--algo.kl.use_loss off): CARE's prompt weights scale the KL "
                      "penalty too; use --algo.kl.use_loss for exact weights")
+    if options.drop_mode == "remove":
+        rb, tb = _flag_value(argv, "--rollout.batch_size"), _flag_value(argv, "--train.batch_size")
+        if rb not in (None, True) and tb not in (None, True) and int(tb) >= int(rb) * int(g):
+            notes.append(f"--care.drop_mode remove keeps whole optimizer steps: with --train.batch_size {tb} >= "
+                         f"the rollout's {int(rb) * int(g)} samples nothing can leave the batch (dropped rows "
+                         "stay as zero-advantage filler); use a smaller --train.batch_size")
     if not _flag_value(argv, "--data.label_key"):
         notes.append("no --data.label_key: prompts get hash uids and no gold answer (the gold oracle "
                      "then fails and those prompts are dropped)")

@@ -10,7 +10,7 @@ A subclass of ``openrlhf.trainer.ppo_utils.experience_maker.RemoteExperienceMake
   and ``returns`` of each row times its prompt weight. Exact when the KL term is a loss
   (``--algo.kl.use_loss``) or off; with KL in the reward the weight scales that penalty too.
 * ``make_experience_batch``: with ``--care.drop_mode remove`` the dropped prompts' rows leave the
-  batch (see :func:`remove_dropped`).
+  batch, down to whole optimizer steps (see :meth:`CareExperienceMaker.make_experience_batch`).
 """
 from __future__ import annotations
 
@@ -51,11 +51,10 @@ def remove_dropped(experiences: List[Experience], granularity: int, rows_per_exp
                    pad_token_id: int) -> List[Experience]:
     """Remove the rows of dropped prompts (``info["care/weight"] == 0``) from the batch.
 
-    OpenRLHF splits the experience list into contiguous chunks per DP rank, and every rank must
-    run the same number of micro-batches. So the kept rows are topped up with the fewest
-    zero-weight rows (zero advantage) that make the count a positive multiple of ``granularity``
-    (DP ranks x ``--train.micro_batch_size``), and repacked into experiences of
-    ``rows_per_experience`` rows (a divisor of ``granularity`` makes every rank's share equal).
+    The kept rows are topped up with the fewest zero-weight rows (zero advantage) that make the
+    count a positive multiple of ``granularity``, and repacked into experiences of
+    ``rows_per_experience`` rows. The adapter passes one optimizer step's rows
+    (``--train.batch_size``, all DP ranks), see :meth:`CareExperienceMaker.make_experience_batch`.
 
     Args:
         experiences: after ``compute_advantages_and_returns``.
@@ -128,12 +127,33 @@ class CareExperienceMaker(RemoteExperienceMaker):
 
     @torch.no_grad()
     def make_experience_batch(self, rollout_samples) -> List[Experience]:
+        """The stock batch, then with ``--care.drop_mode remove`` the dropped prompts' rows removed.
+
+        What is left is a whole number of optimizer steps (``--train.batch_size`` rows, all DP
+        ranks), the gap filled with zero-advantage rows of dropped prompts:
+
+        * DeepSpeed decides its gradient-accumulation boundary by counting micro-batches across
+          calls, so a partial last step would carry its gradient into the next rollout's first
+          optimizer step;
+        * with ``--train.dynamic_batch_enable`` each rank's replay buffer trains only
+          ``len // (train.batch_size / DP)`` whole steps and skips the rest without a word.
+
+        Rows are repacked into experiences of ``--train.micro_batch_size`` rows, so the list splits
+        evenly over the DP ranks (``balance_experiences`` re-splits it under dynamic batching).
+        When one optimizer step is the whole rollout (``train.batch_size == rollout.batch_size *
+        G``) nothing can leave: the dropped rows stay as zero-advantage filler, as in ``zero``.
+        """
         experiences = super().make_experience_batch(rollout_samples)
         if self.care.options.drop_mode != "remove":
             return experiences
         a = self.strategy.args
-        dp = a.actor.num_nodes * a.actor.num_gpus_per_node // a.ds.ring_attn_size // a.ds.tensor_parallel_size
-        m = int(a.train.micro_batch_size)
-        out = remove_dropped(experiences, max(1, dp) * m, m, self.tokenizer.pad_token_id)
-        self.care.last_metrics["care/rows_trained"] = float(sum(e.sequences.shape[0] for e in out))
+        dp = max(1, a.actor.num_nodes * a.actor.num_gpus_per_node // a.ds.ring_attn_size // a.ds.tensor_parallel_size)
+        m, step_rows = int(a.train.micro_batch_size), int(a.train.batch_size)
+        if step_rows % (dp * m):
+            raise ValueError(f"--train.batch_size {step_rows} is not a multiple of DP ranks {dp} x "
+                             f"--train.micro_batch_size {m}")
+        out = remove_dropped(experiences, step_rows, m, self.tokenizer.pad_token_id)
+        rows = [float(w) for e in out for w in e.info[WEIGHT_KEY]]
+        self.care.last_metrics["care/rows_trained"] = float(len(rows))
+        self.care.last_metrics["care/rows_filler"] = float(sum(w == 0.0 for w in rows))
         return out
