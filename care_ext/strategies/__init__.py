@@ -13,6 +13,7 @@ oracle[-mask]       buy the highest true CAG                                   y
 oracle-decay        oracle's buys, the rest weighted exp(-lambda * true CAG)   yes
 care                Stage-I trust gate + Stage-II expected-CAG buys            no
 care-<ablation>     regression, no-pseudo, no-stage2, no-aux, no-balance       no
+care-entropy        Stage-I trust gate + highest answer-entropy buys           no
 ==================  =========================================================  ===============
 """
 from __future__ import annotations

@@ -9,6 +9,12 @@ dropped.
 Ablations: ``care-regression`` (Stage-II regresses the CAG, score = predicted CAG),
 ``care-no-pseudo`` (alpha = 0: nothing is trusted), ``care-no-stage2`` (buy by 1 - reliability),
 ``care-no-aux`` (aux_weight = 0), ``care-no-balance`` (class_balance_power = 0).
+
+Beyond the paper: ``care-entropy`` keeps the Stage-I gate and the drop, but buys the untrusted
+prompts with the highest answer-cluster entropy (the free feature of the ``entropy`` baseline)
+instead of Stage-II's expected CAG; Stage-II is still trained (its metrics stay comparable). In
+the lab, ``entropy-mask`` (entropy buys, no trust, drop the rest) matched or beat CARE at 10%,
+which this variant tests inside CARE's own gate.
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ import math
 
 
 from ..config import ceil_frac
-from .base import Plan, StepContext, Strategy, top_rows
+from .base import Plan, StepContext, Strategy, cluster_entropy, top_rows
 
 
 class Care(Strategy):
@@ -30,6 +36,7 @@ class Care(Strategy):
         "no-stage2": {},
         "no-aux": {"aux_weight": 0.0},
         "no-balance": {"class_balance_power": 0.0},
+        "entropy": {},
     }
 
     def __init__(self, variant: str = "") -> None:
@@ -49,7 +56,12 @@ class Care(Strategy):
             weight = rel.float().clone()
         else:
             weight = (cfg.soft_adv * ctx.ecag).clamp(0.0, 1.0).float()
-        score = (1.0 - rel) if self.variant == "no-stage2" else ctx.ecag
+        if self.variant == "no-stage2":
+            score = 1.0 - rel
+        elif self.variant == "entropy":
+            score = cluster_entropy(ctx.sizes)
+        else:
+            score = ctx.ecag
         score = score.float().clone()
         if not cfg.buy_trusted_if_short:
             score[trusted] = math.nan

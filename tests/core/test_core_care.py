@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from care_ext import reference
 from care_ext.config import CareConfig
 from care_ext.decision import BOUGHT, DROPPED, TRUSTED
 from care_ext.labels import CallableOracle, GoldOracle
@@ -79,7 +80,7 @@ def test_trust_weight_rules():
         assert torch.allclose(d.advantages[d.source == DROPPED], torch.zeros(1))
 
 
-@pytest.mark.parametrize("variant", ["regression", "no-pseudo", "no-stage2", "no-aux", "no-balance"])
+@pytest.mark.parametrize("variant", ["regression", "no-pseudo", "no-stage2", "no-aux", "no-balance", "entropy"])
 def test_ablations(variant):
     world = make_world(B=B, G=G, H=H)
     gold = {}
@@ -102,6 +103,12 @@ def test_ablations(variant):
         rest = d.source != TRUSTED
         bought = d.source == BOUGHT
         assert d.reliability[bought].max() <= d.reliability[rest & ~bought].min()
+    if variant == "entropy":  # the trusted set is CARE's; the untrusted with the most split votes are bought
+        _, sizes = reference.cluster_stats(b.ids)
+        p = sizes.double() / sizes.sum(1, keepdim=True).clamp(min=1)
+        ent = -(torch.where(p > 0, p * p.log(), torch.zeros_like(p))).sum(1)
+        rest, bought = d.source != TRUSTED, d.source == BOUGHT
+        assert ent[bought].min() >= ent[rest & ~bought].max() - 1e-9
     if variant == "no-aux":
         assert c.trainer.stage1.aux_head is None and m["train/stage1_aux_loss"] == 0.0
     if variant == "no-balance":

@@ -42,7 +42,7 @@ def batch():
 
 def test_registry_has_every_strategy_and_marks_simulation_only():
     names = {"gt", "ttrl", "ttrl-mask", "oracle-decay", "care", "care-regression", "care-no-pseudo",
-             "care-no-stage2", "care-no-aux", "care-no-balance"}
+             "care-no-stage2", "care-no-aux", "care-no-balance", "care-entropy"}
     names |= {f"{b}{m}" for b in ("random", "entropy", "prob", "oracle") for m in ("", "-mask")}
     assert set(STRATEGIES) == names
     sim = {n for n in names if STRATEGIES[n]().simulation_only}
