@@ -5,6 +5,8 @@ Providers, measured side by side in one process on one machine:
     reference       care_ext.reference, plain torch eager (the "eager" anchor of ARCHITECTURE §8)
     compile         torch.compile(reference) (after warm-up)
     cudagraph       a CUDA-graph replay of the reference (CUDA only; the launch-free floor of eager)
+    native_graph    a CUDA-graph replay of the native op (CUDA only; its launch-free device time,
+                    and proof that it captures: no host synchronisation inside)
 
 Headline numbers are host-inclusive (synchronise, N calls, synchronise; divided by N), which is what
 a trainer pays at CARE's sizes. On the CPU the acquisition_step row also carries its GEMM FLOPs
@@ -186,7 +188,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--shapes", nargs="*", help="BxGxH, default per device")
     ap.add_argument("--ops", nargs="*", help="subset of ops (default: all)")
-    ap.add_argument("--providers", nargs="*", default=["native", "reference", "compile", "cudagraph"])
+    ap.add_argument("--providers", nargs="*", default=["native", "reference", "compile", "cudagraph",
+                                                          "native_graph"])
     ap.add_argument("--hidden-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--min-time", type=float, default=0.5, help="seconds per measurement")
@@ -204,6 +207,9 @@ def main(argv=None) -> int:
                 hidden_dtype=args.hidden_dtype, date=time.strftime("%Y-%m-%d %H:%M:%S"))
     rows = []
     native, compiled = _Native(), _Compiled()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    jsonl = open(out.with_suffix(".jsonl"), "w")  # a row per line as it is measured (a timeout keeps them)
     for shape in args.shapes or SHAPES[dev]:
         B, G, H = map(int, shape.split("x"))
         x = make_inputs(B, G, H, dev, getattr(torch, args.hidden_dtype))
@@ -231,6 +237,8 @@ def main(argv=None) -> int:
                         t = host_time(op_calls(x, compiled)[op], dev, args.min_time)
                     elif prov == "cudagraph" and dev == "cuda":
                         t = graph_time(calls["reference"][op], args.min_time)
+                    elif prov == "native_graph" and dev == "cuda":
+                        t = graph_time(calls["native"][op], args.min_time)
                     else:
                         continue
                 except Exception as exc:  # a provider that cannot run this op is reported, not fatal
@@ -242,17 +250,15 @@ def main(argv=None) -> int:
             if "native_us" in result and "reference_us" in result:
                 result["speedup_vs_reference"] = result["reference_us"] / result["native_us"]
             rows.append(result)
+            jsonl.write(json.dumps({**meta, **result}) + "\n")
+            jsonl.flush()
             cols = [f"{p}={result[p + '_us']:.1f}us" for p in args.providers if p + "_us" in result]
             print(f"{dev} {shape:>13} {op:<17} " + "  ".join(cols)
                   + (f"  x{result['speedup_vs_reference']:.1f}" if "speedup_vs_reference" in result else "")
                   + (f"  floor={floor:.1f}us" if floor else "")
                   + (f"  gemm-floor={result['gemm_floor_us']:.0f}us" if "gemm_floor_us" in result
                      else ""), flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_suffix(".jsonl"), "w") as f:
-        for r in rows:
-            f.write(json.dumps({**meta, **r}) + "\n")
+    jsonl.close()
     keys = sorted({k for r in rows for k in r})
     with open(out.with_suffix(".csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["device_name", "torch", "threads"] + keys)

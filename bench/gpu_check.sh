@@ -41,10 +41,15 @@ CARE_EXT_REQUIRE_NATIVE=1 timeout 200 python3 -m pytest -q -x -p no:cacheprovide
   --rootdir "$REPO" "$REPO/tests/ops" > "$OUT/tests.log" 2>&1
 stamp "tests exit $? : $(tail -1 "$OUT/tests.log")"
 
-stamp "benchmarks"
+stamp "benchmarks: the whole step first (the goals' shapes), then every op"
 timeout 150 python3 "$REPO/bench/bench_ops.py" --device cuda --min-time 0.2 \
-  --out "$OUT/bench_ops" > "$OUT/bench.log" 2>&1
-stamp "bench exit $?"
+  --ops acquisition_step acquisition_step_fused --shapes 64x8x4096 1024x64x4096 512x16x4096 64x8x2048 \
+  --out "$OUT/bench_step_ops" > "$OUT/bench.log" 2>&1
+stamp "bench (step) exit $? : $(grep -E '64x8x4096|1024x64x4096' "$OUT/bench.log" | tr -s ' ' | tr '\n' ';')"
+timeout 100 python3 "$REPO/bench/bench_ops.py" --device cuda --min-time 0.1 \
+  --ops cluster_stats group_advantage cag classwise_cag expected_cag group_features \
+  --shapes 64x8x4096 1024x64x4096 --out "$OUT/bench_ops" >> "$OUT/bench.log" 2>&1
+stamp "bench (ops) exit $?"
 timeout 90 python3 "$REPO/bench/bench_step.py" --device cuda --steps 4 --warmup 2 --out "$OUT/bench_step" \
   > "$OUT/bench_step.log" 2>&1
 stamp "bench_step exit $? : $(grep -E 'decide' "$OUT/bench_step.log" | tr '\n' ' ')"
