@@ -118,3 +118,50 @@ def test_feature_dtype_cast_and_capture_off(tiny_model, monkeypatch):
     w2.actor, w2.strategy = actor, NS(ring_attn_group=None)
     w2.forward(seq, act, att)
     assert w2.care_pop_features() == []  # ttrl needs no hidden states: capture 'auto' is off
+
+
+@pytest.mark.parametrize("ring", [2, 3])
+def test_ring_attention_slices_give_the_same_features(tmp_path, ring):
+    """R gloo processes, each holding its ring slice of the packed hidden states (as OpenRLHF's
+    ring-attention slicing assigns the tokens): every rank gets exactly the unsliced features."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-m", "ring_capture_worker", str(r), str(ring), str(port),
+                               str(tmp_path / f"r{r}.json")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, cwd=str(tmp_path)) for r in range(ring)]
+    logs = [p.communicate(timeout=240)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), [log[-3000:] for log in logs]
+    for r in range(ring):
+        res = json.loads((tmp_path / f"r{r}.json").read_text())
+        assert "must be [1," in res.pop("bad_slice")
+        assert len(res) == 6
+        for key, v in res.items():
+            assert v["equal"], (r, key, v)
+            assert v["dtype"] == key.split("/")[1]
+        assert any(v["pad"] > 0 for v in res.values())  # the uneven case (ring padding) is covered
+
+
+def test_worker_hands_its_ring_group_to_the_capture(tiny_model, monkeypatch):
+    from care_ext.integrations.openrlhf import workers
+
+    seen = {}
+
+    def fake_capture(actor, run, sequences, action_mask, attention_mask, feature_dtype, ring_group=None):
+        seen["ring_group"] = ring_group
+        return run(), None
+    monkeypatch.setattr(workers, "capture_forward", fake_capture)
+    from openrlhf.models import Actor
+
+    actor = Actor(tiny_model)
+    actor.packing_samples = False  # the padded Actor never touches the (stand-in) group
+    w = _worker(actor, monkeypatch)
+    w.strategy = NS(ring_attn_group="the-ring-group")
+    seq, att, act = _batch()
+    w.forward(seq, act, att)
+    assert seen["ring_group"] == "the-ring-group"

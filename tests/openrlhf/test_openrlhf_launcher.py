@@ -38,7 +38,6 @@ def test_split_and_parse_care_flags():
 @pytest.mark.parametrize("extra,msg", [
     (["--algo.advantage.estimator", "gae"], "group estimator"),
     (["--rollout.n_samples_per_prompt", "1"], "G >= 2"),
-    (["--ds.ring_attn_size", "2"], "ring"),
 ])
 def test_stock_flag_checks(extra, msg):
     with pytest.raises(SystemExit, match=msg):

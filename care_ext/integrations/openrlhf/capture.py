@@ -15,8 +15,10 @@ without any generated token uses its last attended token for both.
 
 Layouts: padded (hidden [B, T, H], right padding) and packed (``--ds.packing_samples``: hidden
 [1, nnz, H] holding the attended tokens of every row in row-major order, as ``unpad_input`` lays
-them out). Ring attention (``--ds.ring_attn_size > 1``) slices the packed sequence across ranks and
-is not supported.
+them out). Ring attention (``--ds.ring_attn_size > 1``, packed only) pads the packed sequence to a
+multiple of the ring size and gives rank r the r-th equal slice: each rank picks the feature rows
+that fall in its slice and one sum all-reduce over the ring group completes them on every rank
+(exactly one rank contributes each row, the others add zeros: exact in any dtype).
 
 Nothing here imports OpenRLHF: it operates on torch tensors and ``nn.Module``s.
 """
@@ -70,32 +72,58 @@ def packed_index(attention_mask: Tensor, rows: Tensor, positions: Tensor) -> Ten
 
 
 def gather_features(hidden: Tensor, action_mask: Tensor, attention_mask: Tensor,
-                    packed: bool) -> tuple[Tensor, Tensor]:
+                    packed: bool, ring_group=None) -> tuple[Tensor, Tensor]:
     """Pick the two feature rows of every sample out of the lm_head input.
 
     Args:
-        hidden: [B, T, H] (padded) or [1, nnz, H] (packed) lm_head input.
+        hidden: [B, T, H] (padded), [1, nnz, H] (packed) or, with ``ring_group``, this rank's
+            [1, ceil(nnz / R), H] slice of the packed sequence padded to a multiple of the ring size R.
         action_mask: [B, A]; attention_mask: [B, T] (see :func:`feature_positions`).
         packed: whether ``hidden`` is in the packed layout.
+        ring_group: the ring-attention process group (``torch.distributed``), or None. A collective:
+            every rank of the group must call it with its own slice.
 
     Returns:
-        ``(h_prompt, h_resp)``: [B, H] each, same dtype and device as ``hidden``.
+        ``(h_prompt, h_resp)``: [B, H] each, same dtype and device as ``hidden`` (with a ring
+        group: identical on every rank of it).
     """
     attention_mask = attention_mask.to(hidden.device)
     p_prompt, p_resp = feature_positions(action_mask.to(hidden.device), attention_mask)
     B = attention_mask.shape[0]
     rows = torch.arange(B, device=hidden.device)
+    if ring_group is not None and not packed:
+        raise ValueError("ring attention runs on the packed layout only (--ds.packing_samples)")
     if packed:
         nnz = int(attention_mask.to(torch.long).sum())
+        idx = torch.cat([packed_index(attention_mask, rows, p_prompt), packed_index(attention_mask, rows, p_resp)])
+        if ring_group is not None:
+            return _gather_ring(hidden, idx, nnz, ring_group)
         if hidden.shape[0] != 1 or hidden.shape[1] != nnz:
             raise ValueError(f"packed hidden states must be [1, {nnz}, H], got {tuple(hidden.shape)} "
-                             "(ring attention slicing is not supported)")
-        flat = hidden[0]
-        return flat[packed_index(attention_mask, rows, p_prompt)], flat[packed_index(attention_mask, rows, p_resp)]
+                             "(a ring-attention slice needs ring_group)")
+        out = hidden[0, idx]
+        return out[:B], out[B:]
     if hidden.shape[:2] != attention_mask.shape:
         raise ValueError(f"padded hidden states must be [B, T, H] = {tuple(attention_mask.shape)} + [H], "
                          f"got {tuple(hidden.shape)}")
     return hidden[rows, p_prompt], hidden[rows, p_resp]
+
+
+def _gather_ring(hidden: Tensor, idx: Tensor, nnz: int, group) -> tuple[Tensor, Tensor]:
+    """Rows ``idx`` (packed indices, [2B]) of a packed sequence sliced over a ring group."""
+    import torch.distributed as dist
+
+    size, rank = dist.get_world_size(group=group), dist.get_rank(group=group)
+    local = -(-nnz // size)  # OpenRLHF pads nnz up to a multiple of the ring size, then slices evenly
+    if hidden.shape[0] != 1 or hidden.shape[1] != local:
+        raise ValueError(f"ring rank {rank}/{size}: packed slice must be [1, {local}, H] for {nnz} tokens, "
+                         f"got {tuple(hidden.shape)}")
+    mine = (idx // local) == rank
+    out = hidden.new_zeros(idx.shape[0], hidden.shape[2])
+    out[mine] = hidden[0, idx[mine] - rank * local]
+    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    B = idx.shape[0] // 2
+    return out[:B], out[B:]
 
 
 def output_embeddings(model: nn.Module) -> nn.Module:
@@ -157,7 +185,7 @@ def sequence_checksum(sequences: Tensor, attention_mask: Tensor) -> Tensor:
 
 
 def capture_forward(actor: nn.Module, run, sequences: Tensor, action_mask: Tensor,
-                    attention_mask: Tensor, feature_dtype: str = "native"):
+                    attention_mask: Tensor, feature_dtype: str = "native", ring_group=None):
     """Run ``run()`` (one policy forward over ``sequences``) while capturing features.
 
     Args:
@@ -166,6 +194,7 @@ def capture_forward(actor: nn.Module, run, sequences: Tensor, action_mask: Tenso
         run: zero-argument callable performing the forward; its result is returned unchanged.
         sequences, action_mask, attention_mask: the batch given to the forward ([B, T], [B, A], [B, T]).
         feature_dtype: 'native', 'float32' or 'bfloat16' (the cast runs before the device copy).
+        ring_group: the worker's ring-attention group (``strategy.ring_attn_group``) or None.
 
     Returns:
         ``(run's result, CapturedFeatures)``.
@@ -177,7 +206,7 @@ def capture_forward(actor: nn.Module, run, sequences: Tensor, action_mask: Tenso
     if cap.value is None:
         raise RuntimeError("the lm_head pre-hook did not fire during the policy forward")
     hp, hr = gather_features(cap.value, action_mask, attention_mask,
-                             packed=bool(getattr(actor, "packing_samples", False)))
+                             packed=bool(getattr(actor, "packing_samples", False)), ring_group=ring_group)
     dt = _DTYPES[feature_dtype]
     if dt is not None:
         hp, hr = hp.to(dt), hr.to(dt)

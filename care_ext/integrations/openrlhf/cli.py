@@ -3,7 +3,7 @@
 
 1. Split ``--care.*`` from the stock flags and parse them (:mod:`.config`); ``--help-care`` lists them.
 2. Check the pinned OpenRLHF version and the stock flags CARE depends on (a group advantage
-   estimator with G > 1, no ring attention with capture, ...).
+   estimator with G > 1, ...).
 3. :func:`.install.install` the CARE classes and route the options to the Ray actors.
 4. Run ``openrlhf.cli.train_ppo_ray`` as ``__main__`` with the stock flags (``runpy``), exactly as
    ``python -m openrlhf.cli.train_ppo_ray`` would.
@@ -45,9 +45,6 @@ def check_stock_flags(argv: list[str], options: OpenRLHFCareOptions) -> list[str
     g = _flag_value(argv, "--rollout.n_samples_per_prompt")
     if g is None or int(g) < 2:
         raise SystemExit("CARE needs --rollout.n_samples_per_prompt G >= 2 (the rollouts of one prompt)")
-    ring = _flag_value(argv, "--ds.ring_attn_size")
-    if ring not in (None, True) and int(ring) > 1 and options.needs_hidden_states():
-        raise SystemExit("CARE hidden-state capture does not support --ds.ring_attn_size > 1")
     notes = []
     if _flag_value(argv, "--algo.dynamic_filtering_enable"):
         notes.append("--algo.dynamic_filtering_enable filters prompts on the reward function's score "

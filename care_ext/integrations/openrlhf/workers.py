@@ -37,12 +37,10 @@ class CarePolicyModelActorImpl(_STOCK_POLICY):
         stock = super().forward
         if not self._care_capture:
             return stock(sequences, action_mask, attention_mask, packed_seq_lens, mm_train_inputs_list)
-        if getattr(self.strategy, "ring_attn_group", None) is not None:
-            raise RuntimeError("CARE hidden-state capture does not support ring attention "
-                               "(--ds.ring_attn_size > 1)")
         out, feats = capture_forward(
             self.actor, lambda: stock(sequences, action_mask, attention_mask, packed_seq_lens, mm_train_inputs_list),
-            sequences, action_mask, attention_mask, opts.feature_dtype)
+            sequences, action_mask, attention_mask, opts.feature_dtype,
+            ring_group=getattr(self.strategy, "ring_attn_group", None))
         self._care_features.append(feats)
         return out
 
