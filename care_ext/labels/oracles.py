@@ -124,8 +124,19 @@ class CallableOracle(Oracle):
         self._pool = cf.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="care-oracle")
 
     def _once(self, uid: str, payload: Any) -> Any:
-        fut = self._pool.submit(self.fn, uid, payload)
-        return fut.result(timeout=self.timeout_s)
+        def timed():
+            t0 = time.monotonic()
+            value = self.fn(uid, payload)
+            return value, time.monotonic() - t0
+
+        fut = self._pool.submit(timed)
+        value, took = fut.result(timeout=self.timeout_s)
+        # A call that ran longer than timeout_s is a timeout even when this (waiting) thread only
+        # looks after it finished (a loaded machine can deschedule it): the outcome must not
+        # depend on when the waiter runs.
+        if took > self.timeout_s:
+            raise cf.TimeoutError()
+        return value
 
     def request(self, uid: str, payload: Any) -> OracleResult:
         err = ""
