@@ -1,16 +1,30 @@
 #!/usr/bin/env bash
 # The one prepared call on the GPU machine (H100/H200, torch 2.11+cu130 preinstalled, no network):
 # build from source, CUDA tests, benchmarks, ptxas/SASS reports, compute-sanitizer; everything
-# lands under $OUT (default bench/out/gpu). Designed to finish well inside 8 minutes.
+# lands under $OUT (default bench/out/gpu) as summary.txt + gpu_check.tar.gz. Stops at GPU_CHECK_SECONDS (default 540 s), most
+# important stages first: build, op tests, the core on CUDA (default and fused step), the whole
+# step's benchmark, bench_step both ways, compute-sanitizer, then the single ops.
 #
 #   device run:  bash bench/gpu_check.sh
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-OUT=${OUT:-$REPO/bench/out/gpu}
-mkdir -p "$OUT"
+# The device tool brings back at most 8 files from $OUT: every stage writes into a work folder, and
+# each stamp refreshes two files in $OUT, summary.txt and gpu_check.tar.gz (all logs and results).
+RESULTS=${OUT:-$REPO/bench/out/gpu}
+OUT=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
+mkdir -p "$RESULTS"
 export PYTHONUNBUFFERED=1
 t0=$(date +%s)
-stamp() { echo "== [$(( $(date +%s) - t0 ))s] $*" | tee -a "$OUT/summary.txt"; }
+stamp() {
+  echo "== [$(( $(date +%s) - t0 ))s] $*" | tee -a "$OUT/summary.txt"
+  cp "$OUT/summary.txt" "$RESULTS/summary.txt"
+  tar -czf "$RESULTS/gpu_check.tar.gz.part" -C "$OUT" . && mv "$RESULTS/gpu_check.tar.gz.part" "$RESULTS/gpu_check.tar.gz"
+}
+# One deadline for the whole script (the device call's limit is 600 s): each stage gets at most its
+# own limit and never more than what is left, so the stages in front (the important ones) finish
+# and every result so far is already under $OUT when time runs out.
+DEADLINE=$(( t0 + ${GPU_CHECK_SECONDS:-540} ))
+cap() { local left=$(( DEADLINE - $(date +%s) )); [ "$left" -lt "$1" ] && echo $(( left > 1 ? left : 1 )) || echo "$1"; }
 
 stamp "machine"
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
@@ -26,7 +40,7 @@ rc=$?
 stamp "build exit $rc"
 grep -E "Compiling entry|Used [0-9]+ registers|spill" "$OUT/build.log" | sed 's/^ *//' \
   | sort -u > "$OUT/ptxas.txt"
-[ $rc -eq 0 ] || { tail -50 "$OUT/build.log"; exit 1; }
+[ $rc -eq 0 ] || { tail -50 "$OUT/build.log"; stamp "build failed: see build.log"; exit 1; }
 
 cd /tmp  # keep the source tree off sys.path: tests import the installed package
 python3 -c "import care_ext, json; print(json.dumps(care_ext.build_info()))" | tee -a "$OUT/summary.txt"
@@ -37,22 +51,25 @@ cuobjdump --dump-sass "$SO" > "$OUT/sass.txt" 2>&1
 grep -c -E "LDL|STL" "$OUT/sass.txt" | sed 's/^/local-memory instructions (LDL|STL): /' >> "$OUT/summary.txt"
 
 stamp "op tests (CPU and CUDA)"
-CARE_EXT_REQUIRE_NATIVE=1 timeout 200 python3 -m pytest -q -x -p no:cacheprovider \
+CARE_EXT_REQUIRE_NATIVE=1 timeout "$(cap 150)" python3 -m pytest -q -x -p no:cacheprovider \
   --rootdir "$REPO" "$REPO/tests/ops" > "$OUT/tests.log" 2>&1
 stamp "tests exit $? : $(tail -1 "$OUT/tests.log")"
+for fused in 0 1; do  # the CARE core on the GPU with the default step, then with the fused one
+  CARE_EXT_FUSED_STEP=$fused CARE_EXT_REQUIRE_NATIVE=1 timeout "$(cap 60)" python3 -m pytest -q -p no:cacheprovider \
+    --rootdir "$REPO" "$REPO/tests/core/test_core_cuda.py" > "$OUT/tests_core_fused$fused.log" 2>&1
+  stamp "core on CUDA, CARE_EXT_FUSED_STEP=$fused: exit $? : $(tail -1 "$OUT/tests_core_fused$fused.log")"
+done
 
 stamp "benchmarks: the whole step first (the goals' shapes), then every op"
-timeout 150 python3 "$REPO/bench/bench_ops.py" --device cuda --min-time 0.2 \
+timeout "$(cap 120)" python3 "$REPO/bench/bench_ops.py" --device cuda --min-time 0.2 \
   --ops acquisition_step acquisition_step_fused --shapes 64x8x4096 1024x64x4096 512x16x4096 64x8x2048 \
   --out "$OUT/bench_step_ops" > "$OUT/bench.log" 2>&1
 stamp "bench (step) exit $? : $(grep -E '64x8x4096|1024x64x4096' "$OUT/bench.log" | tr -s ' ' | tr '\n' ';')"
-timeout 100 python3 "$REPO/bench/bench_ops.py" --device cuda --min-time 0.1 \
-  --ops cluster_stats group_advantage cag classwise_cag expected_cag group_features \
-  --shapes 64x8x4096 1024x64x4096 --out "$OUT/bench_ops" >> "$OUT/bench.log" 2>&1
-stamp "bench (ops) exit $?"
-timeout 90 python3 "$REPO/bench/bench_step.py" --device cuda --steps 4 --warmup 2 --out "$OUT/bench_step" \
-  > "$OUT/bench_step.log" 2>&1
-stamp "bench_step exit $? : $(grep -E 'decide' "$OUT/bench_step.log" | tr '\n' ' ')"
+for fused in 0 1; do
+  CARE_EXT_FUSED_STEP=$fused timeout "$(cap 60)" python3 "$REPO/bench/bench_step.py" --device cuda --steps 4 \
+    --warmup 2 --out "$OUT/bench_step_fused$fused" > "$OUT/bench_step_fused$fused.log" 2>&1
+  stamp "bench_step CARE_EXT_FUSED_STEP=$fused exit $? : $(grep -E 'decide' "$OUT/bench_step_fused$fused.log" | tr '\n' ' ')"
+done
 
 stamp "compute-sanitizer (memcheck) on every kernel"
 cat > /tmp/sanitize_ops.py <<'PY'
@@ -75,7 +92,13 @@ for B, G in ((0, 8), (1, 1), (37, 8), (5, 64)):
         torch.randn(B, G, H, device="cuda").bfloat16(), w(G + 1, 1, 2), w(G + 1, 0, G + 1), 10., 0., False, 1e-6, False)
 torch.cuda.synchronize(); print("sanitize script ok")
 PY
-timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 python3 /tmp/sanitize_ops.py \
+timeout "$(cap 90)" compute-sanitizer --tool memcheck --error-exitcode 9 python3 /tmp/sanitize_ops.py \
   > "$OUT/sanitizer.log" 2>&1
 stamp "compute-sanitizer exit $? : $(grep -E 'ERROR SUMMARY|sanitize script ok' "$OUT/sanitizer.log" | tr '\n' ' ')"
+
+stamp "benchmarks of the single ops (what time is left)"
+timeout "$(cap 60)" python3 "$REPO/bench/bench_ops.py" --device cuda --min-time 0.1 \
+  --ops cluster_stats group_advantage cag classwise_cag expected_cag group_features \
+  --shapes 64x8x4096 1024x64x4096 --out "$OUT/bench_ops" >> "$OUT/bench.log" 2>&1
+stamp "bench (ops) exit $?"
 stamp "done"

@@ -9,9 +9,16 @@ functions and in ARCHITECTURE.md §3; the defaults below are the project's conve
     cag_eps=0.0,  cag_unbiased=False   advantage inside CAG (population std, no eps; the official
                                        code's convention, where the closed form of ARCHITECTURE.md holds)
     max_len=4000.0                     length normaliser (the official code hard-codes 4000)
+
+Environment: ``CARE_EXT_FUSED_STEP=1`` routes :func:`acquisition_step` to the private
+``_acquisition_step_fused`` op (features + 4 first-layer GEMMs + one kernel for the per-prompt
+tail; on the CPU its single-threaded-per-prompt twin). Off by default until the CUDA kernel has
+been verified and measured on a GPU (bench/gpu_check.sh runs the core both ways); same semantics,
+float32 summation order differs.
 """
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import torch
@@ -116,11 +123,13 @@ def acquisition_step(ids: Tensor, lengths: Tensor, h_prompt: Tensor, h_resp: Ten
     """The fused acquisition step (features, both classifiers, expected CAG, pseudo advantages).
 
     Args and outputs as :func:`care_ext.reference.acquisition_step`; hidden states may be float32
-    or bfloat16 and are read once.
+    or bfloat16 and are read once. ``CARE_EXT_FUSED_STEP=1`` selects the private fused kernel
+    (module docstring).
     """
     if native_available(ids.device):
-        return AcquisitionOutputs(*torch.ops.care_ext.acquisition_step(
-            ids, lengths, h_prompt, h_resp, list(stage1), list(stage2), max_len, cag_eps,
-            cag_unbiased, adv_eps, adv_unbiased))
+        op = (torch.ops.care_ext._acquisition_step_fused if os.environ.get("CARE_EXT_FUSED_STEP") == "1"
+              else torch.ops.care_ext.acquisition_step)
+        return AcquisitionOutputs(*op(ids, lengths, h_prompt, h_resp, list(stage1), list(stage2), max_len,
+                                      cag_eps, cag_unbiased, adv_eps, adv_unbiased))
     return reference.acquisition_step(ids, lengths, h_prompt, h_resp, stage1, stage2, max_len,
                                       cag_eps, cag_unbiased, adv_eps, adv_unbiased)

@@ -148,6 +148,25 @@ def test_acquisition_step_matches_composition(device, B, G, H, dtype, op):
             assert_close(g, r64, name)
 
 
+def test_public_step_routes_to_the_fused_op_on_request(device, monkeypatch):
+    """care_ext.ops.acquisition_step (what the core calls) runs the default kernel, or the private
+    fused one with CARE_EXT_FUSED_STEP=1 (so a GPU check can run the core both ways)."""
+    import care_ext.ops as ops
+
+    gen = torch.Generator().manual_seed(5)
+    ids, lengths, h_p, h_r, s1, s2 = _step_inputs(40, 8, 96, torch.bfloat16, gen)
+    args = (ids.to(device), lengths.to(device), h_p.to(device), h_r.to(device),
+            [t.to(device) for t in s1], [t.to(device) for t in s2], 4000.0, 0.0, False, 1e-6, False)
+    default = torch.ops.care_ext.acquisition_step(*args)
+    fused = torch.ops.care_ext._acquisition_step_fused(*args)
+    i = R.AcquisitionOutputs._fields.index("stage1_logits")
+    assert not torch.equal(default[i], fused[i])  # two summation orders: the routing is observable
+    for env, want in (("0", default), ("1", fused)):
+        monkeypatch.setenv("CARE_EXT_FUSED_STEP", env)
+        got = ops.acquisition_step(*args)
+        assert all(torch.equal(g, w) for g, w in zip(got, want)), env
+
+
 # ---- the blocked CPU rollout branch (csrc/cpu/rollout_pool.cpp): blocks of ~256 rows of whole
 # prompts, run in parallel; Stage-II multiplies only its masked rows ------------------------------
 @pytest.mark.parametrize("op", STEP_OPS)
