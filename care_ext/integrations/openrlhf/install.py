@@ -27,6 +27,26 @@ from .version import check_openrlhf_version
 
 _INSTALLED: dict = {}
 
+# (module, attribute, CARE module, CARE class): every stock class the launcher replaces.
+_TARGETS = (
+    ("openrlhf.trainer.ppo_trainer", "PPOTrainer", ".trainer", "CarePPOTrainer"),
+    ("openrlhf.trainer.ppo_trainer_async", "PPOTrainerAsync", ".trainer", "CarePPOTrainerAsync"),
+    ("openrlhf.trainer.ray.ppo_actor", "PolicyModelActor", ".workers", "CarePolicyModelActor"),
+)
+
+
+def unwrap_actor(actor_cls) -> tuple[type, dict]:
+    """(the undecorated class, its ``ray.remote`` options) of a stock ``@ray.remote`` class."""
+    return (getattr(actor_cls, "__ray_metadata__").modified_class,
+            dict(getattr(actor_cls, "_default_options", {}) or {}))
+
+
+def rewrap_actor(cls: type, options: dict):
+    """``cls`` as a Ray actor class with the stock class's ``ray.remote`` options."""
+    import ray
+
+    return ray.remote(**options)(cls) if options else ray.remote(cls)
+
 
 def _wrap_ray_init(options_json: str) -> None:
     import ray
@@ -66,20 +86,16 @@ def install(options: OpenRLHFCareOptions) -> dict:
     os.environ[ENV_VAR] = text
     _wrap_ray_init(text)
 
-    import openrlhf.trainer.ppo_trainer as ppo_trainer
-    import openrlhf.trainer.ppo_trainer_async as ppo_trainer_async
-    import openrlhf.trainer.ray.ppo_actor as ppo_actor
+    import importlib
 
-    from .trainer import CarePPOTrainer, CarePPOTrainerAsync
-    from .workers import CarePolicyModelActor
-
-    if "stock" not in _INSTALLED:
-        _INSTALLED["stock"] = (ppo_trainer.PPOTrainer, ppo_trainer_async.PPOTrainerAsync, ppo_actor.PolicyModelActor)
-    ppo_trainer.PPOTrainer = CarePPOTrainer
-    ppo_trainer_async.PPOTrainerAsync = CarePPOTrainerAsync
-    ppo_actor.PolicyModelActor = CarePolicyModelActor
-    return {"PPOTrainer": CarePPOTrainer, "PPOTrainerAsync": CarePPOTrainerAsync,
-            "PolicyModelActor": CarePolicyModelActor}
+    stock, care = [], {}
+    for mod_name, attr, care_mod, care_name in _TARGETS:
+        mod = importlib.import_module(mod_name)
+        stock.append(getattr(mod, attr))
+        care[attr] = getattr(importlib.import_module(care_mod, __package__), care_name)
+        setattr(mod, attr, care[attr])
+    _INSTALLED.setdefault("stock", stock)
+    return care
 
 
 def uninstall() -> None:
@@ -89,12 +105,10 @@ def uninstall() -> None:
     import ray
 
     if "stock" in _INSTALLED:
-        import openrlhf.trainer.ppo_trainer as ppo_trainer
-        import openrlhf.trainer.ppo_trainer_async as ppo_trainer_async
-        import openrlhf.trainer.ray.ppo_actor as ppo_actor
+        import importlib
 
-        (ppo_trainer.PPOTrainer, ppo_trainer_async.PPOTrainerAsync,
-         ppo_actor.PolicyModelActor) = _INSTALLED.pop("stock")
+        for (mod_name, attr, _, _), cls in zip(_TARGETS, _INSTALLED.pop("stock")):
+            setattr(importlib.import_module(mod_name), attr, cls)
     if getattr(ray.init, "_care_wrapped", False):
         ray.init = ray.init._care_orig
     os.environ.pop(ENV_VAR, None)

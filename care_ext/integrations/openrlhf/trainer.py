@@ -34,22 +34,13 @@ from openrlhf.trainer.ppo_trainer import PPOTrainer as _StockPPOTrainer  # noqa:
 
 from .config import OpenRLHFCareOptions  # noqa: E402
 from .experience import CareExperienceMaker  # noqa: E402
+from .install import rewrap_actor, unwrap_actor  # noqa: E402
 from .runner import CareRunner  # noqa: E402
 
 
-def _unwrap(actor_cls):
-    """(the undecorated class, its ``ray.remote`` options) of a stock ``@ray.remote`` class."""
-    return (getattr(actor_cls, "__ray_metadata__").modified_class,
-            dict(getattr(actor_cls, "_default_options", {}) or {}))
-
-
-def _remote(cls, options: dict):
-    return ray.remote(**options)(cls) if options else ray.remote(cls)
-
-
-_STOCK_TRAINER, _STOCK_TRAINER_OPTIONS = _unwrap(_StockPPOTrainer)
-_STOCK_TRAINING_ACTOR, _STOCK_TRAINING_ACTOR_OPTIONS = _unwrap(_async_module.TrainingActor)
-_STOCK_ASYNC_TRAINER, _STOCK_ASYNC_TRAINER_OPTIONS = _unwrap(_async_module.PPOTrainerAsync)
+_STOCK_TRAINER, _STOCK_TRAINER_OPTIONS = unwrap_actor(_StockPPOTrainer)
+_STOCK_TRAINING_ACTOR, _STOCK_TRAINING_ACTOR_OPTIONS = unwrap_actor(_async_module.TrainingActor)
+_STOCK_ASYNC_TRAINER, _STOCK_ASYNC_TRAINER_OPTIONS = unwrap_actor(_async_module.PPOTrainerAsync)
 
 
 def attach_care(trainer, options: OpenRLHFCareOptions, runner: CareRunner | None = None) -> CareRunner:
@@ -109,10 +100,10 @@ class CareTrainingActorImpl(CareTrainerMixin, _STOCK_TRAINING_ACTOR):
     """Stock async-mode ``TrainingActor`` + CARE."""
 
 
-CarePPOTrainer = _remote(CarePPOTrainerImpl, _STOCK_TRAINER_OPTIONS)
+CarePPOTrainer = rewrap_actor(CarePPOTrainerImpl, _STOCK_TRAINER_OPTIONS)
 """The Ray actor class the launcher puts in place of ``PPOTrainer``."""
 
-CareTrainingActor = _remote(CareTrainingActorImpl, _STOCK_TRAINING_ACTOR_OPTIONS)
+CareTrainingActor = rewrap_actor(CareTrainingActorImpl, _STOCK_TRAINING_ACTOR_OPTIONS)
 """The async training actor that :class:`CarePPOTrainerAsyncImpl` builds."""
 
 
@@ -129,5 +120,5 @@ class CarePPOTrainerAsyncImpl(_STOCK_ASYNC_TRAINER):
         return {"class": type(self).__name__, "trainer": ray.get(self.trainer_actor.care_info.remote())}
 
 
-CarePPOTrainerAsync = _remote(CarePPOTrainerAsyncImpl, _STOCK_ASYNC_TRAINER_OPTIONS)
+CarePPOTrainerAsync = rewrap_actor(CarePPOTrainerAsyncImpl, _STOCK_ASYNC_TRAINER_OPTIONS)
 """The Ray actor class the launcher puts in place of ``PPOTrainerAsync``."""

@@ -6,14 +6,13 @@ from .version import check_openrlhf_version
 
 check_openrlhf_version()
 
-import ray  # noqa: E402
 from openrlhf.trainer.ray.ppo_actor import PolicyModelActor as _StockPolicyModelActor  # noqa: E402
 
 from .capture import capture_forward  # noqa: E402
 from .config import OpenRLHFCareOptions  # noqa: E402
+from .install import rewrap_actor, unwrap_actor  # noqa: E402
 
-_STOCK_POLICY = getattr(_StockPolicyModelActor, "__ray_metadata__").modified_class
-_STOCK_POLICY_OPTIONS = dict(getattr(_StockPolicyModelActor, "_default_options", {}) or {})
+_STOCK_POLICY, _STOCK_POLICY_OPTIONS = unwrap_actor(_StockPolicyModelActor)
 
 
 class CarePolicyModelActorImpl(_STOCK_POLICY):
@@ -57,6 +56,5 @@ class CarePolicyModelActorImpl(_STOCK_POLICY):
                 "capture": self._care_capture, "options": opts.to_json()}
 
 
-CarePolicyModelActor = ray.remote(**_STOCK_POLICY_OPTIONS)(CarePolicyModelActorImpl) \
-    if _STOCK_POLICY_OPTIONS else ray.remote(CarePolicyModelActorImpl)
+CarePolicyModelActor = rewrap_actor(CarePolicyModelActorImpl, _STOCK_POLICY_OPTIONS)
 """The Ray actor class the launcher puts in place of ``PolicyModelActor``."""
