@@ -26,6 +26,8 @@ from . import ops
 from .config import CareConfig
 from .decision import BOUGHT, CACHED, DROPPED, TRUSTED, Decision
 from .labels import LabelStore, Oracle, OracleResult, SimulationOnlyError
+from .projection import (FirstLayerProjection, ProjectedHidden, first_layer_projection, pad_columns,
+                         padded_width, reduced_weights)
 from .replay import Sample
 from .strategies import StepContext, Strategy, get_strategy
 from .strategies.base import gold_correct
@@ -79,6 +81,7 @@ class CareController:
         self._awaiting: dict[str, tuple[dict, Any]] = {}
         self._need_update = False
         self._audit = [0, 0]  # majority-correct count, audited prompts (cumulative)
+        self._projection: FirstLayerProjection | None = None
 
     def _build_trainer(self, hidden_size: int) -> None:
         self.trainer = ClassifierTrainer(self.cfg, hidden_size, regression=self.strategy.regression)
@@ -86,7 +89,7 @@ class CareController:
     # ------------------------------------------------------------------------------------------
     # input checks
     # ------------------------------------------------------------------------------------------
-    def _check(self, uids, ids, lengths, h_prompt, h_resp, logprobs, logprob_mask, payloads):
+    def _check(self, uids, ids, lengths, h_prompt, h_resp, logprobs, logprob_mask, payloads, projected=None):
         cfg, st = self.cfg, self.strategy
         if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.dtype != torch.int64:
             raise ValueError(f"ids must be an int64 [B, G] tensor, got {getattr(ids, 'dtype', type(ids))} "
@@ -112,7 +115,9 @@ class CareController:
             raise ValueError(f"lengths must be [B, G] = {(B, G)}, got {tuple(lengths.shape)}")
         bad = torch.zeros(B, dtype=torch.bool)
         named = {"lengths": lengths.double()}
-        if st.learned:
+        if projected is not None:
+            named.update(self._check_projected(projected, h_prompt, h_resp, B, G))
+        elif st.learned:
             if h_prompt is None or h_resp is None:
                 raise ValueError(f"strategy {cfg.strategy!r} needs h_prompt [B, H] and h_resp [B, G, H]")
             H = h_prompt.shape[-1] if h_prompt.dim() == 2 else -1
@@ -144,13 +149,64 @@ class CareController:
                 bad |= ~fin
         return uids, lengths, bad, mean_prob
 
+    def _check_projected(self, projected, h_prompt, h_resp, B, G) -> dict:
+        if not isinstance(projected, ProjectedHidden):
+            raise ValueError(f"projected must be a ProjectedHidden, got {type(projected).__name__}")
+        if h_prompt is not None or h_resp is not None:
+            raise ValueError("pass either h_prompt/h_resp or projected, not both")
+        if not self.strategy.learned:
+            raise ValueError(f"strategy {self.cfg.strategy!r} uses no hidden states; do not pass projected")
+        proj = self._projection
+        if self.trainer is None or proj is None:
+            raise ValueError("projected hidden states before first_layer_projection() was called "
+                             "(the classifiers did not exist yet: ship raw hidden states)")
+        if projected.version != self.step or proj.version != self.step:
+            raise ValueError(f"projected hidden states were made with the weights of step "
+                             f"{projected.version}, the controller is at step {self.step} (the "
+                             "classifiers change at every update: project with this step's weights)")
+        wp, wr = sum(proj.prompt_split), sum(proj.resp_split)
+        if tuple(projected.prompt.shape) != (B, wp):
+            raise ValueError(f"projected.prompt must be [B, P1+P2] = {(B, wp)}, got {tuple(projected.prompt.shape)}")
+        if tuple(projected.resp.shape) != (B, G, wr):
+            raise ValueError(f"projected.resp must be [B, G, R1a+R1b] = {(B, G, wr)}, "
+                             f"got {tuple(projected.resp.shape)}")
+        for name, t in (("prompt", projected.prompt), ("resp", projected.resp)):
+            if t.dtype != torch.float32:
+                raise ValueError(f"projected.{name} must be float32, got {t.dtype}")
+        if not callable(projected.fetch_raw):
+            raise ValueError("projected.fetch_raw must be callable")
+        return {"projected.prompt": projected.prompt, "projected.resp": projected.resp}
+
+    def first_layer_projection(self) -> FirstLayerProjection | None:
+        """The hidden-state columns of both classifiers' first layers for the next ``decide``.
+
+        A host applies it next to its model (:meth:`FirstLayerProjection.apply`) and passes the
+        result as ``decide(..., projected=...)`` (see :mod:`care_ext.projection`). Returns None
+        for strategies without classifiers and while the classifiers do not exist yet (built by
+        the first ``decide`` with raw hidden states, or at construction when
+        ``config.hidden_size`` is set). Valid for this step only (``version`` = :attr:`step`).
+
+        Raises:
+            RuntimeError: between ``decide`` and ``update`` (the weights are about to change).
+        """
+        if self.trainer is None:
+            return None
+        if self._need_update:
+            raise RuntimeError("first_layer_projection() between decide() and update(): the "
+                               "classifiers change at update(); ask after it")
+        if self._projection is None or self._projection.version != self.step:
+            w1, w2 = self.trainer.folded()
+            self._projection = first_layer_projection(w1, w2, self.trainer.hidden_size, self.step)
+        return self._projection
+
     # ------------------------------------------------------------------------------------------
     # decide
     # ------------------------------------------------------------------------------------------
     def decide(self, uids: Sequence[str], ids: Tensor, *, lengths: Tensor | None = None,
                h_prompt: Tensor | None = None, h_resp: Tensor | None = None,
                logprobs: Tensor | None = None, logprob_mask: Tensor | None = None,
-               payloads: Sequence[Any] | None = None) -> Decision:
+               payloads: Sequence[Any] | None = None,
+               projected: ProjectedHidden | None = None) -> Decision:
         """Decide every prompt of one RL step and buy its labels.
 
         Args:
@@ -163,6 +219,9 @@ class CareController:
                 [B, G, T] with ``logprob_mask`` bool [B, G, T] (True = a response token).
             payloads: B host objects passed to the oracle and to ``resolve_label`` (e.g. the
                 prompt, its responses, the task). Must be picklable for save/load.
+            projected: instead of ``h_prompt``/``h_resp``: the hidden states already reduced by
+                this step's :meth:`first_layer_projection` (:class:`ProjectedHidden`); the raw
+                rows of the prompts trained on are fetched through its ``fetch_raw``.
 
         Returns:
             :class:`Decision`. An empty batch (B = 0) returns an empty decision.
@@ -176,7 +235,7 @@ class CareController:
                                "policy update of each step (it is cheap for baselines)")
         has_lengths = lengths is not None
         uids, lengths, bad, mean_prob = self._check(uids, ids, lengths, h_prompt, h_resp, logprobs,
-                                                    logprob_mask, payloads)
+                                                    logprob_mask, payloads, projected)
         B, G = ids.shape
         cfg, t = self.cfg, self.step
         payloads = list(payloads) if payloads is not None else [None] * B
@@ -188,7 +247,7 @@ class CareController:
                                 cfg.adv_eps, cfg.adv_unbiased)
         reliability = ecag = None
         if self.strategy.learned and B:
-            reliability, ecag = self._classify(ids_c, lengths, h_prompt, h_resp, gf, bad)
+            reliability, ecag = self._classify(ids_c, lengths, h_prompt, h_resp, gf, bad, projected)
 
         # ---- row status -------------------------------------------------------------------
         known = self.store.get(uids)
@@ -263,10 +322,12 @@ class CareController:
         # ---- training samples (CARE family) -----------------------------------------------
         if self.trainer is not None:
             rows = (source == BOUGHT) | ((source == CACHED) if cfg.train_on_cached else False)
-            for i in rows.nonzero().flatten().tolist():
-                self._samples.append(_make_sample(self._parts(i, ids_c, gf, h_prompt, h_resp), int(gold[i])))
+            train_rows = rows.nonzero().flatten().tolist()
+            raw = self._raw_rows(sorted(set(train_rows) | set(pending)), h_prompt, h_resp, projected, G)
+            for i in train_rows:
+                self._samples.append(_make_sample(self._parts(i, ids_c, gf, *raw[i]), int(gold[i])))
             for i in pending:
-                self._awaiting[uids[i]] = (self._parts(i, ids_c, gf, h_prompt, h_resp), payloads[i])
+                self._awaiting[uids[i]] = (self._parts(i, ids_c, gf, *raw[i]), payloads[i])
 
         # ---- metrics ------------------------------------------------------------------------
         mets = M.deployable(source, rewards, weight, gf.sizes, lengths if has_lengths else None,
@@ -304,12 +365,38 @@ class CareController:
             strat_buy[order[: max(0, cap - int(audit.sum()))]] = True
         return cap, audit, strat_buy
 
-    def _classify(self, ids, lengths, h_prompt, h_resp, gf, bad):
-        """(reliability [B], Stage-II score [B]) through the fused op with folded weights."""
+    def _raw_rows(self, rows: list[int], h_prompt, h_resp, projected, G: int) -> dict:
+        """{row: (h_prompt [H], h_resp [G, H])} for ``rows``: slices of the raw inputs, or one
+        ``projected.fetch_raw`` call."""
+        if projected is None:
+            return {i: (h_prompt[i], h_resp[i]) for i in rows}
+        if not rows:
+            return {}
+        hp, hr = projected.fetch_raw(list(rows))
+        H, n = self.trainer.hidden_size, len(rows)
+        if tuple(hp.shape) != (n, H) or tuple(hr.shape) != (n, G, H):
+            raise ValueError(f"fetch_raw returned {tuple(hp.shape)} and {tuple(hr.shape)} for {n} rows; "
+                             f"expected {(n, H)} and {(n, G, H)}")
+        fin = _finite_rows(hp.reshape(n, -1)) & _finite_rows(hr.reshape(n, -1))
+        if not bool(fin.all()):
+            raise ValueError(f"fetch_raw returned non-finite hidden states for rows "
+                             f"{[rows[j] for j in (~fin).nonzero().flatten().tolist()][:10]} whose "
+                             "projections were finite (raw rows do not match the projected ones?)")
+        return {i: (hp[j], hr[j]) for j, i in enumerate(rows)}
+
+    def _classify(self, ids, lengths, h_prompt, h_resp, gf, bad, projected=None):
+        """(reliability [B], Stage-II score [B]) through the fused op with folded weights
+        (with ``projected``: the reduced weights on the projected states)."""
         cfg = self.cfg
         if self.trainer is None:
             self._build_trainer(h_prompt.shape[1])
         w1, w2 = self.trainer.folded()
+        if projected is not None:
+            proj, H = self._projection, self.trainer.hidden_size
+            w1 = reduced_weights(w1, H, 0, proj.prompt_split, proj.resp_split)
+            w2 = reduced_weights(w2, H, 1, proj.prompt_split, proj.resp_split)
+            W = padded_width(proj.prompt_split, proj.resp_split)
+            h_prompt, h_resp = pad_columns(projected.prompt, W), pad_columns(projected.resp, W)
         dev = cfg.device
         hp, hr = h_prompt.detach(), h_resp.detach()
         if bad.any():  # keep non-finite rows out of the kernels (they are dropped anyway)
@@ -399,9 +486,9 @@ class CareController:
         return n
 
     @staticmethod
-    def _parts(i, ids, gf, h_prompt, h_resp) -> dict:
+    def _parts(i, ids, gf, hp_i, hr_i) -> dict:
         return {"ids": ids[i].clone(), "rank": gf.rank[i].clone(),
-                "h_prompt": h_prompt[i].detach().cpu().clone(), "h_resp": h_resp[i].detach().cpu().clone(),
+                "h_prompt": hp_i.detach().cpu().clone(), "h_resp": hr_i.detach().cpu().clone(),
                 "prompt_feat": gf.prompt_feat[i].clone(), "len_norm": gf.len_norm[i].clone(),
                 "minority": gf.minority_mask[i].clone(), "admissible": gf.admissible[i].clone(),
                 "cag": gf.cag[i].clone()}
@@ -449,6 +536,7 @@ class CareController:
         self._awaiting = dict(sd["awaiting"])
         self._audit = list(sd["audit"])
         self.oracle.load_state_dict(sd["oracle"])
+        self._projection = None  # the weights changed: projections handed out before are void
 
     def save(self, path: str | Path) -> None:
         """Write :meth:`state_dict` atomically (temp file + rename)."""
