@@ -5,7 +5,13 @@ states), fresh prompt uids every step so labels are really bought (GoldOracle, i
 Reports the median decide and update wall times after a warm-up, per (device, B, G, H), and the
 share of the step that the classifier update takes.
 
+``--projected``: decide on hidden states already reduced by the classifiers' first layers (what
+``--care.worker_reduce first_layer`` ships from the OpenRLHF policy workers, care_ext.projection);
+the projection itself is the workers' job and is timed apart (``project_ms``, same device), the
+raw rows of the trained prompts come from memory.
+
     python bench/bench_step.py --device cpu --shapes 64x8x4096 --threads 1
+    python bench/bench_step.py --device cpu --shapes 64x8x4096 --threads 1 --projected
     python bench/bench_step.py --device cuda --out $OUT/bench_step
 """
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch
 import care_ext
 from care_ext.config import CareConfig
 from care_ext.labels import GoldOracle
+from care_ext.projection import ProjectedHidden
 from care_ext.step import CareController
 
 
@@ -39,19 +46,32 @@ def batch(step: int, B: int, G: int, H: int, gen: torch.Generator, device: str):
     return uids, ids, gold, lengths, h_p, h_r
 
 
-def run(device: str, B: int, G: int, H: int, steps: int, warmup: int, strategy: str) -> dict:
+def run(device: str, B: int, G: int, H: int, steps: int, warmup: int, strategy: str,
+        projected: bool = False) -> dict:
     gen = torch.Generator().manual_seed(0)
     gold: dict[str, int] = {}
     ctl = CareController(CareConfig(strategy=strategy, group_size=G, device=device,
                                     warmup_steps=2), GoldOracle(gold))
-    t_decide, t_update = [], []
+    t_decide, t_update, t_project = [], [], []
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for step in range(warmup + steps):
         uids, ids, g, lengths, h_p, h_r = batch(step, B, G, H, gen, device)
         gold.update({u: int(x) for u, x in zip(uids, g)})
+        proj = ctl.first_layer_projection() if projected else None
+        feats = dict(h_prompt=h_p, h_resp=h_r)
+        if proj is not None:  # from the second step on (the first builds the classifiers)
+            proj = proj.to(device)
+            sync()
+            tp = time.perf_counter()
+            pp, pr = proj.apply(h_p, h_r)
+            sync()
+            if step >= warmup:
+                t_project.append(time.perf_counter() - tp)
+            feats = dict(projected=ProjectedHidden(pp, pr, proj.version,
+                                                   lambda rows, hp=h_p, hr=h_r: (hp[rows], hr[rows])))
         sync()
         t0 = time.perf_counter()
-        ctl.decide(uids, ids, lengths=lengths, h_prompt=h_p, h_resp=h_r)
+        ctl.decide(uids, ids, lengths=lengths, **feats)
         sync()
         t1 = time.perf_counter()
         ctl.update()
@@ -62,7 +82,8 @@ def run(device: str, B: int, G: int, H: int, steps: int, warmup: int, strategy: 
             t_update.append(t2 - t1)
     d, u = statistics.median(t_decide) * 1e3, statistics.median(t_update) * 1e3
     return dict(device=device, shape=f"{B}x{G}x{H}", strategy=strategy, decide_ms=d, update_ms=u,
-                update_share=u / (d + u), steps=steps)
+                update_share=u / (d + u), steps=steps, projected=projected,
+                project_ms=statistics.median(t_project) * 1e3 if t_project else None)
 
 
 def main(argv=None) -> int:
@@ -73,6 +94,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--projected", action="store_true",
+                    help="decide on first-layer projections (--care.worker_reduce first_layer)")
     ap.add_argument("--out", default="bench/out/bench_step")
     args = ap.parse_args(argv)
     if args.threads:
@@ -81,13 +104,14 @@ def main(argv=None) -> int:
     rows = []
     for shape in args.shapes:
         B, G, H = map(int, shape.split("x"))
-        r = run(args.device, B, G, H, args.steps, args.warmup, args.strategy)
+        r = run(args.device, B, G, H, args.steps, args.warmup, args.strategy, args.projected)
         r.update(device_name=name, torch=torch.__version__, threads=torch.get_num_threads(),
                  native=care_ext.HAS_NATIVE, date=time.strftime("%Y-%m-%d %H:%M:%S"))
         rows.append(r)
-        print(f"{args.device} {shape:>12} {args.strategy}: decide {r['decide_ms']:.1f} ms, "
-              f"update {r['update_ms']:.1f} ms ({100 * r['update_share']:.0f}% of the step)",
-              flush=True)
+        proj = f", projection {r['project_ms']:.1f} ms" if r["project_ms"] is not None else ""
+        print(f"{args.device} {shape:>12} {args.strategy}{' projected' if args.projected else ''}: "
+              f"decide {r['decide_ms']:.1f} ms, update {r['update_ms']:.1f} ms "
+              f"({100 * r['update_share']:.0f}% of the step){proj}", flush=True)
     out = Path(args.out).with_suffix(".jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))

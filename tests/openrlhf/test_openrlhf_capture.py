@@ -152,7 +152,8 @@ def test_worker_hands_its_ring_group_to_the_capture(tiny_model, monkeypatch):
 
     seen = {}
 
-    def fake_capture(actor, run, sequences, action_mask, attention_mask, feature_dtype, ring_group=None):
+    def fake_capture(actor, run, sequences, action_mask, attention_mask, feature_dtype, ring_group=None,
+                     projection=None):
         seen["ring_group"] = ring_group
         return run(), None
     monkeypatch.setattr(workers, "capture_forward", fake_capture)

@@ -168,15 +168,22 @@ class CapturedFeatures:
     """Features of one micro-batch forward, shipped from a policy worker to the trainer.
 
     Attributes:
-        h_prompt: [B, H] final-norm hidden state at the last prompt token (CPU).
-        h_resp: [B, H] at the last response token (CPU).
+        h_prompt: [B, H] final-norm hidden state at the last prompt token (CPU); with
+            ``--care.worker_reduce first_layer`` its projection, float32 [B, P1 + P2].
+        h_resp: [B, H] at the last response token (CPU); projected: float32 [B, R1a + R1b].
         checksum: int64 [B], sum of each row's attended token ids: the trainer checks it against
             its own sequences, so a misaligned hand-over fails loudly instead of mixing samples.
+        version: None for raw states, else the :class:`care_ext.projection.FirstLayerProjection`
+            version that projected them.
+        raw: projected only, on the worker: the raw ``(h_prompt, h_resp)`` [B, H] each (CPU), which
+            the worker keeps and takes off before shipping (``care_fetch_raw`` serves them).
     """
 
     h_prompt: Tensor
     h_resp: Tensor
     checksum: Tensor
+    version: int | None = None
+    raw: tuple | None = None
 
 
 def sequence_checksum(sequences: Tensor, attention_mask: Tensor) -> Tensor:
@@ -185,7 +192,8 @@ def sequence_checksum(sequences: Tensor, attention_mask: Tensor) -> Tensor:
 
 
 def capture_forward(actor: nn.Module, run, sequences: Tensor, action_mask: Tensor,
-                    attention_mask: Tensor, feature_dtype: str = "native", ring_group=None):
+                    attention_mask: Tensor, feature_dtype: str = "native", ring_group=None,
+                    projection=None):
     """Run ``run()`` (one policy forward over ``sequences``) while capturing features.
 
     Args:
@@ -195,6 +203,9 @@ def capture_forward(actor: nn.Module, run, sequences: Tensor, action_mask: Tenso
         sequences, action_mask, attention_mask: the batch given to the forward ([B, T], [B, A], [B, T]).
         feature_dtype: 'native', 'float32' or 'bfloat16' (the cast runs before the device copy).
         ring_group: the worker's ring-attention group (``strategy.ring_attn_group``) or None.
+        projection: a :class:`care_ext.projection.FirstLayerProjection` (on the hidden states'
+            device) or None: project the two rows on the device before the copy to the CPU; the
+            raw rows (cast to ``feature_dtype``) ride along in ``CapturedFeatures.raw``.
 
     Returns:
         ``(run's result, CapturedFeatures)``.
@@ -210,4 +221,8 @@ def capture_forward(actor: nn.Module, run, sequences: Tensor, action_mask: Tenso
     dt = _DTYPES[feature_dtype]
     if dt is not None:
         hp, hr = hp.to(dt), hr.to(dt)
-    return out, CapturedFeatures(hp.cpu(), hr.cpu(), sequence_checksum(sequences, attention_mask))
+    checksum = sequence_checksum(sequences, attention_mask)
+    if projection is None:
+        return out, CapturedFeatures(hp.cpu(), hr.cpu(), checksum)
+    pp, pr = projection.apply(hp, hr)
+    return out, CapturedFeatures(pp.cpu(), pr.cpu(), checksum, projection.version, (hp.cpu(), hr.cpu()))

@@ -30,6 +30,7 @@ ENV_VAR = "CARE_OPENRLHF_OPTIONS"
 DROP_MODES = ("zero", "remove")
 FEATURE_DTYPES = ("native", "float32", "bfloat16")
 CAPTURE_MODES = ("auto", "on", "off")
+WORKER_REDUCE_MODES = ("off", "first_layer")
 TASKS = ("auto", "math", "kk")
 _NOT_FLAGS = {"group_size", "hidden_size", "extra"}
 
@@ -67,6 +68,16 @@ class OpenRLHFCareOptions:
     capture: str = "auto"
     """lm_head-input capture in the policy workers' experience forward: ``auto`` = on for the CARE
     family of strategies (they need hidden states), off otherwise; ``on``; ``off``."""
+    worker_reduce: str = "off"
+    """What the policy workers ship per sample: ``off`` = the two captured hidden states (2H values
+    in ``feature_dtype``); ``first_layer`` = those states already multiplied on the GPU by the
+    hidden-state columns of both classifiers' first layers (2P + 2R1 float32 values, 384 with the
+    default dims, instead of 2H), the raw rows kept on the workers for one step and fetched back
+    only for the prompts the classifiers train on (bought, cached, awaiting a label). Each step
+    the trainer sends the current weights (2 x (P + R1) x H float32, 6 MB at H = 4096) to every
+    worker first; the first step ships raw states (the classifiers are built from it). Pays off
+    when samples x H is large next to that (e.g. G = 64) and moves ~85% of the decide step's
+    multiply-adds to the GPU; decisions equal the ``off`` ones to float32 rounding (care_ext.projection)."""
     require_state_on_resume: bool = True
     """Resuming an OpenRLHF checkpoint (``--ckpt.load_enable``) without the matching CARE state
     is an error (True) or starts CARE from scratch with a warning (False)."""
@@ -75,7 +86,8 @@ class OpenRLHFCareOptions:
 
     def __post_init__(self) -> None:
         for name, allowed in (("drop_mode", DROP_MODES), ("feature_dtype", FEATURE_DTYPES),
-                              ("capture", CAPTURE_MODES), ("task", TASKS)):
+                              ("capture", CAPTURE_MODES), ("task", TASKS),
+                              ("worker_reduce", WORKER_REDUCE_MODES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--care.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not (self.oracle == "gold" or self.oracle.startswith("callable:")):
@@ -83,6 +95,9 @@ class OpenRLHFCareOptions:
         bad = set(self.core) - {f.name for f in dataclasses.fields(CareConfig)}
         if bad:
             raise ValueError(f"unknown CareConfig fields {sorted(bad)}")
+        if self.worker_reduce != "off" and not self.needs_hidden_states():
+            raise ValueError(f"--care.worker_reduce {self.worker_reduce} reduces captured hidden states, "
+                             "but capture is off (--care.capture off, or a strategy without classifiers)")
 
     def care_config(self, group_size: int) -> CareConfig:
         """The core config for G = ``group_size`` (OpenRLHF's ``--rollout.n_samples_per_prompt``)."""

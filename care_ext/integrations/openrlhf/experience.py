@@ -94,25 +94,67 @@ class CareExperienceMaker(RemoteExperienceMaker):
         self.capture = bool(capture)
 
     def _fetch_features(self, n_micro: int):
-        """The policy workers' captured features, one per micro-batch, in dispatch order."""
-        import itertools
+        """The policy workers' captured features, one per micro-batch, in dispatch order, and
+        where each block lives: ``[(worker handle index, block number on it)]``.
 
+        ``async_run_method_batch`` gives effective worker c (handle ``c * dup``; the ring/TP
+        duplicates hold the same rows) one contiguous chunk of micro-batches."""
         import ray
 
         args = self.strategy.args
         dup = args.ds.ring_attn_size * args.ds.tensor_parallel_size
         per_actor = ray.get(self.actor_model_group.async_run_method(method_name="care_pop_features"))
-        feats = list(itertools.chain.from_iterable(per_actor[::dup]))
+        feats, owners = [], []
+        for a in range(0, len(per_actor), dup):
+            feats.extend(per_actor[a])
+            owners.extend((a, j) for j in range(len(per_actor[a])))
         if len(feats) != n_micro:
             raise RuntimeError(f"policy workers returned {len(feats)} captured feature blocks for "
                                f"{n_micro} micro-batches")
-        return feats
+        return feats, owners
+
+    def _raw_fetcher(self, owners):
+        """``fetch(pairs) -> (h_prompt [n, H], h_resp [n, H])`` for ``(micro-batch, row)`` pairs:
+        one ``care_fetch_raw`` call per worker that holds some of them."""
+        import ray
+
+        handles = self.actor_model_group._actor_handlers
+
+        def fetch(pairs):
+            by_worker: dict[int, list] = {}
+            for i, (k, r) in enumerate(pairs):
+                a, j = owners[k]
+                by_worker.setdefault(a, []).append((i, (j, r)))
+            refs = {a: handles[a].care_fetch_raw.remote([req for _, req in items]) for a, items in by_worker.items()}
+            got = {a: ray.get(ref) for a, ref in refs.items()}
+            hp, hr = [None] * len(pairs), [None] * len(pairs)
+            for a, items in by_worker.items():
+                for n, (i, _) in enumerate(items):
+                    hp[i], hr[i] = got[a][0][n], got[a][1][n]
+            return torch.stack(hp), torch.stack(hr)
+
+        return fetch
+
+    def _send_projection(self) -> None:
+        """Before the forwards: this step's first-layer projection to every policy worker (None
+        until the classifiers exist: the workers then ship raw states)."""
+        import ray
+
+        proj = self.care.controller.first_layer_projection()
+        ref = ray.put(proj)
+        ray.get(self.actor_model_group.async_run_method(method_name="care_set_projection", projection=ref))
 
     @torch.no_grad()
     def make_experience(self, samples_list: List[Experience]) -> List[Experience]:
+        reduce = self.capture and self.care.options.worker_reduce != "off"
+        if reduce:
+            self._send_projection()
         experiences = super().make_experience(samples_list)
-        feats = self._fetch_features(len(experiences)) if self.capture else None
-        self.care.decide(experiences, feats)
+        feats = fetch_raw = None
+        if self.capture:
+            feats, owners = self._fetch_features(len(experiences))
+            fetch_raw = self._raw_fetcher(owners) if reduce else None
+        self.care.decide(experiences, feats, fetch_raw=fetch_raw)
         return experiences
 
     @torch.no_grad()

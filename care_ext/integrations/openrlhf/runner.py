@@ -32,6 +32,7 @@ from torch import Tensor
 from care_ext.answers import AnswerClusterer
 from care_ext.decision import SOURCE_NAMES
 from care_ext.labels import CallableOracle, GoldOracle, LabelStore
+from care_ext.projection import ProjectedHidden
 from care_ext.step import CareController
 
 from .capture import CapturedFeatures, feature_positions, sequence_checksum
@@ -146,6 +147,19 @@ def answer_ids_by_task(clusterer: AnswerClusterer, batch: StepBatch, with_gold: 
     return ids, gold
 
 
+def _group_fetcher(where: list, fetch_raw, G: int):
+    """``ProjectedHidden.fetch_raw`` over prompt rows from a fetcher over ``(experience, row)``
+    pairs: h_prompt from the group's row 0 (as :func:`regroup` takes it), h_resp from all G."""
+
+    def fetch(rows):
+        pairs = [kr for b in rows for kr in where[b]]
+        hp, hr = fetch_raw(pairs)
+        n = len(rows)
+        return hp.reshape(n, G, -1)[:, 0], hr.reshape(n, G, -1)
+
+    return fetch
+
+
 def _load_callable(spec: str):
     """``module:function`` -> the function."""
     mod, _, fn = spec.partition(":")
@@ -200,8 +214,14 @@ class CareRunner:
         return self._gold_id_cache[key]
 
     # -- the step ----------------------------------------------------------------------------------
-    def decide(self, experiences: Sequence[Any], features: Sequence[CapturedFeatures] | None):
+    def decide(self, experiences: Sequence[Any], features: Sequence[CapturedFeatures] | None,
+               fetch_raw=None):
         """Run CARE on one step and write the results into the experiences.
+
+        ``features``: one block per experience, raw or (``--care.worker_reduce first_layer``) all
+        projected with this step's :meth:`CareController.first_layer_projection`; then
+        ``fetch_raw(pairs) -> (h_prompt [n, H], h_resp [n, H])`` must return the raw rows of
+        ``(experience number, row)`` pairs (the policy workers keep them).
 
         Per row: ``rewards`` and ``info["reward"]`` become CARE's reward (gold for bought/cached
         prompts, majority-vote pseudo reward otherwise); the reward function's own value is kept in
@@ -220,8 +240,20 @@ class CareRunner:
                     self._gold_id_cache[(lab.uid, str(lab.answer))] = int(gold_ids[i])
         payloads = [{"uid": lab.uid, "task": lab.task, "names": list(lab.names), "prompt": p, "responses": list(r)}
                     for lab, p, r in zip(batch.labels, batch.prompts, batch.responses)]
-        d = self.controller.decide(uids, ids, lengths=batch.lengths, h_prompt=batch.h_prompt,
-                                   h_resp=batch.h_resp, payloads=payloads)
+        versions = {f.version for f in features} if features else {None}
+        if len(versions) > 1:
+            raise ValueError(f"captured feature blocks of one step carry projection versions {sorted(versions, key=str)}")
+        version = versions.pop()
+        if version is None:
+            d = self.controller.decide(uids, ids, lengths=batch.lengths, h_prompt=batch.h_prompt,
+                                       h_resp=batch.h_resp, payloads=payloads)
+        else:
+            if fetch_raw is None:
+                raise ValueError("projected features need fetch_raw (the workers keep the raw rows)")
+            projected = ProjectedHidden(batch.h_prompt, batch.h_resp, version,
+                                        _group_fetcher(batch.where, fetch_raw, self.G))
+            d = self.controller.decide(uids, ids, lengths=batch.lengths, projected=projected,
+                                       payloads=payloads)
         for e in experiences:
             n = e.sequences.shape[0]
             e.info["care/reward_fn"] = e.rewards.detach().clone().float().reshape(n)
@@ -236,6 +268,8 @@ class CareRunner:
         counts = torch.bincount(d.source.long(), minlength=4).tolist()
         mets = {f"care/n_{SOURCE_NAMES[s]}": float(c) for s, c in enumerate(counts)}
         mets.update(d.metrics)
+        if features:
+            mets["care/features_projected"] = float(version is not None)
         self.last_metrics = mets
         self.last_decision = d
         return d
