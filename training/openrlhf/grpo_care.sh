@@ -44,6 +44,8 @@ REWARD=$(python -c "import care_ext.integrations.openrlhf.reward_func as m; prin
 # --care.drop_mode remove (a true drop) saves work only when one rollout is several optimizer
 # steps: pass e.g. --train.batch_size 128 after it (512 = 64 x 8 is one step). Async mode: append
 # --train.async_enable (OpenRLHF then colocates only the DeepSpeed models).
+# --care.worker_reduce first_layer applies the classifiers' first layers on the policy GPUs and
+# ships 384 floats per sample instead of 2H (pays off at large B x G; docs/openrlhf.md).
 ARGS=(
   --actor.model_name_or_path "$MODEL"
   --actor.num_nodes "$NODES" --actor.num_gpus_per_node "$GPUS_PER_NODE"
