@@ -209,56 +209,56 @@ def main(argv=None) -> int:
     native, compiled = _Native(), _Compiled()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    jsonl = open(out.with_suffix(".jsonl"), "w")  # a row per line as it is measured (a timeout keeps them)
-    for shape in args.shapes or SHAPES[dev]:
-        B, G, H = map(int, shape.split("x"))
-        x = make_inputs(B, G, H, dev, getattr(torch, args.hidden_dtype))
-        floor = memory_floor_us(x, dev)
-        extra = {}
-        if {"acquisition_step", "acquisition_step_fused"} & set(args.ops or ["acquisition_step"]):
-            extra = step_flops(x)
-            if dev == "cpu":
-                # one BLAS thread per block: the rate of all cores is threads x the 1-thread rate
-                threads = torch.get_num_threads()
-                torch.set_num_threads(1)
-                rate = cpu_gemm_rate(H, args.min_time) * threads
-                torch.set_num_threads(threads)
-                extra.update(cpu_gemm_gflops=rate / 1e9,
-                             gemm_floor_us=extra["flops_native_cpu"] / rate * 1e6)
-        calls = {"native": op_calls(x, native), "reference": op_calls(x, R)}
-        for op in args.ops or list(calls["native"]):
-            result = dict(shape=shape, op=op, floor_us=floor,
-                          **(extra if op.startswith("acquisition_step") else {}))
-            for prov in args.providers:
-                try:
-                    if prov in ("native", "reference"):
-                        t = host_time(calls[prov][op], dev, args.min_time)
-                    elif prov == "compile":
-                        t = host_time(op_calls(x, compiled)[op], dev, args.min_time)
-                    elif prov == "cudagraph" and dev == "cuda":
-                        t = graph_time(calls["reference"][op], args.min_time)
-                    elif prov == "native_graph" and dev == "cuda":
-                        t = graph_time(calls["native"][op], args.min_time)
-                    else:
+    # a row per line as it is measured (a timeout or a crash keeps the rows so far)
+    with open(out.with_suffix(".jsonl"), "w") as jsonl:
+        for shape in args.shapes or SHAPES[dev]:
+            B, G, H = map(int, shape.split("x"))
+            x = make_inputs(B, G, H, dev, getattr(torch, args.hidden_dtype))
+            floor = memory_floor_us(x, dev)
+            extra = {}
+            if {"acquisition_step", "acquisition_step_fused"} & set(args.ops or ["acquisition_step"]):
+                extra = step_flops(x)
+                if dev == "cpu":
+                    # one BLAS thread per block: the rate of all cores is threads x the 1-thread rate
+                    threads = torch.get_num_threads()
+                    torch.set_num_threads(1)
+                    rate = cpu_gemm_rate(H, args.min_time) * threads
+                    torch.set_num_threads(threads)
+                    extra.update(cpu_gemm_gflops=rate / 1e9,
+                                 gemm_floor_us=extra["flops_native_cpu"] / rate * 1e6)
+            calls = {"native": op_calls(x, native), "reference": op_calls(x, R)}
+            for op in args.ops or list(calls["native"]):
+                result = dict(shape=shape, op=op, floor_us=floor,
+                              **(extra if op.startswith("acquisition_step") else {}))
+                for prov in args.providers:
+                    try:
+                        if prov in ("native", "reference"):
+                            t = host_time(calls[prov][op], dev, args.min_time)
+                        elif prov == "compile":
+                            t = host_time(op_calls(x, compiled)[op], dev, args.min_time)
+                        elif prov == "cudagraph" and dev == "cuda":
+                            t = graph_time(calls["reference"][op], args.min_time)
+                        elif prov == "native_graph" and dev == "cuda":
+                            t = graph_time(calls["native"][op], args.min_time)
+                        else:
+                            continue
+                    except Exception as exc:  # a provider that cannot run this op is reported, not fatal
+                        result[f"{prov}_error"] = f"{type(exc).__name__}: {exc}"[:200]
                         continue
-                except Exception as exc:  # a provider that cannot run this op is reported, not fatal
-                    result[f"{prov}_error"] = f"{type(exc).__name__}: {exc}"[:200]
-                    continue
-                result[f"{prov}_us"] = statistics.median(t) * 1e6
-                q = statistics.quantiles(t, n=4) if len(t) >= 4 else [min(t), max(t)]
-                result[f"{prov}_iqr_us"] = (q[-1] - q[0]) * 1e6
-            if "native_us" in result and "reference_us" in result:
-                result["speedup_vs_reference"] = result["reference_us"] / result["native_us"]
-            rows.append(result)
-            jsonl.write(json.dumps({**meta, **result}) + "\n")
-            jsonl.flush()
-            cols = [f"{p}={result[p + '_us']:.1f}us" for p in args.providers if p + "_us" in result]
-            print(f"{dev} {shape:>13} {op:<17} " + "  ".join(cols)
-                  + (f"  x{result['speedup_vs_reference']:.1f}" if "speedup_vs_reference" in result else "")
-                  + (f"  floor={floor:.1f}us" if floor else "")
-                  + (f"  gemm-floor={result['gemm_floor_us']:.0f}us" if "gemm_floor_us" in result
-                     else ""), flush=True)
-    jsonl.close()
+                    result[f"{prov}_us"] = statistics.median(t) * 1e6
+                    q = statistics.quantiles(t, n=4) if len(t) >= 4 else [min(t), max(t)]
+                    result[f"{prov}_iqr_us"] = (q[-1] - q[0]) * 1e6
+                if "native_us" in result and "reference_us" in result:
+                    result["speedup_vs_reference"] = result["reference_us"] / result["native_us"]
+                rows.append(result)
+                jsonl.write(json.dumps({**meta, **result}) + "\n")
+                jsonl.flush()
+                cols = [f"{p}={result[p + '_us']:.1f}us" for p in args.providers if p + "_us" in result]
+                print(f"{dev} {shape:>13} {op:<17} " + "  ".join(cols)
+                      + (f"  x{result['speedup_vs_reference']:.1f}" if "speedup_vs_reference" in result else "")
+                      + (f"  floor={floor:.1f}us" if floor else "")
+                      + (f"  gemm-floor={result['gemm_floor_us']:.0f}us" if "gemm_floor_us" in result
+                         else ""), flush=True)
     keys = sorted({k for r in rows for k in r})
     with open(out.with_suffix(".csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["device_name", "torch", "threads"] + keys)
