@@ -51,9 +51,9 @@ def test_reduced_run_matches_raw_run_on_ray_workers(tmp_path):
     assert red[0]["fetches"] == []  # step 0: no classifiers yet, the workers ship raw states
     for s in (1, 2):
         f = red[s]["fetches"]
-        assert len(f) == 1  # one round trip per step, for the trained prompts' G rows each
+        assert len(f) == 1  # one round trip per step: 1 prompt state and G response states per trained prompt
         n_trained = sum(src in (BOUGHT, CACHED) for src in red[s]["source"])  # train_on_cached: default True
-        assert len(f[0]["pairs"]) == 4 * n_trained > 0
+        assert len(f[0]["prompt_pairs"]) == n_trained > 0 and len(f[0]["resp_pairs"]) == 4 * n_trained
         # the 3 micro-batches (5, 5, 2 rows) live on both DP ranks: blocks 0-1 on worker 0, 2 on worker 1
         assert [tuple(o) for o in f[0]["owners"]] == [(0, 0), (0, 1), (1, 0)]
 
@@ -92,13 +92,15 @@ def test_worker_projects_on_device_and_serves_raw_rows(tiny_model, monkeypatch, 
         rows_p, rows_r = rows_p.bfloat16(), rows_r.bfloat16()
     torch.testing.assert_close(second.h_prompt, rows_p.float() @ proj.prompt_w.T, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(second.h_resp, rows_r.float() @ proj.resp_w.T, rtol=1e-5, atol=1e-6)
-    hp, hr = w.care_fetch_raw([(1, 2), (1, 0)])
-    assert torch.equal(hp, rows_p[[2, 0]]) and torch.equal(hr, rows_r[[2, 0]])
+    hp, hr = w.care_fetch_raw([(1, 2)], [(1, 2), (1, 0), (1, 1)])
+    assert torch.equal(hp, rows_p[[2]]) and torch.equal(hr, rows_r[[2, 0, 1]])
+    hp, hr = w.care_fetch_raw([], [(1, 1)])
+    assert hp is None and torch.equal(hr, rows_r[[1]])
     with pytest.raises(ValueError, match="block 0 holds no raw rows"):
-        w.care_fetch_raw([(0, 0)])  # that block was shipped raw
+        w.care_fetch_raw([(0, 0)], [])  # that block was shipped raw
     w.care_pop_features()  # the next step's pop replaces what can be fetched
     with pytest.raises(ValueError, match="block 1 holds no raw rows"):
-        w.care_fetch_raw([(1, 0)])
+        w.care_fetch_raw([], [(1, 0)])
     w.care_set_projection(None)
     w.forward(seq, act, att)
     assert w.care_pop_features()[0].version is None

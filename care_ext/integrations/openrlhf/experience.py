@@ -114,24 +114,27 @@ class CareExperienceMaker(RemoteExperienceMaker):
         return feats, owners
 
     def _raw_fetcher(self, owners):
-        """``fetch(pairs) -> (h_prompt [n, H], h_resp [n, H])`` for ``(micro-batch, row)`` pairs:
-        one ``care_fetch_raw`` call per worker that holds some of them."""
+        """``fetch(prompt_pairs, resp_pairs) -> (h_prompt [n, H], h_resp [m, H])`` for
+        ``(micro-batch, row)`` pairs: one ``care_fetch_raw`` call per worker that holds some."""
         import ray
 
         handles = self.actor_model_group._actor_handlers
 
-        def fetch(pairs):
-            by_worker: dict[int, list] = {}
-            for i, (k, r) in enumerate(pairs):
-                a, j = owners[k]
-                by_worker.setdefault(a, []).append((i, (j, r)))
-            refs = {a: handles[a].care_fetch_raw.remote([req for _, req in items]) for a, items in by_worker.items()}
-            got = {a: ray.get(ref) for a, ref in refs.items()}
-            hp, hr = [None] * len(pairs), [None] * len(pairs)
-            for a, items in by_worker.items():
-                for n, (i, _) in enumerate(items):
-                    hp[i], hr[i] = got[a][0][n], got[a][1][n]
-            return torch.stack(hp), torch.stack(hr)
+        def fetch(prompt_pairs, resp_pairs):
+            asks: dict[int, tuple[list, list]] = {}  # worker -> (prompt, resp) lists of (slot, (block, row))
+            for part, pairs in ((0, prompt_pairs), (1, resp_pairs)):
+                for i, (k, r) in enumerate(pairs):
+                    a, j = owners[k]
+                    asks.setdefault(a, ([], []))[part].append((i, (j, r)))
+            refs = {a: handles[a].care_fetch_raw.remote([q for _, q in p], [q for _, q in r])
+                    for a, (p, r) in asks.items()}
+            out = ([None] * len(prompt_pairs), [None] * len(resp_pairs))
+            for a, ref in refs.items():
+                got = ray.get(ref)
+                for part in (0, 1):
+                    for n, (i, _) in enumerate(asks[a][part]):
+                        out[part][i] = got[part][n]
+            return torch.stack(out[0]), torch.stack(out[1])
 
         return fetch
 

@@ -149,13 +149,11 @@ def answer_ids_by_task(clusterer: AnswerClusterer, batch: StepBatch, with_gold: 
 
 def _group_fetcher(where: list, fetch_raw, G: int):
     """``ProjectedHidden.fetch_raw`` over prompt rows from a fetcher over ``(experience, row)``
-    pairs: h_prompt from the group's row 0 (as :func:`regroup` takes it), h_resp from all G."""
+    pairs: h_prompt of the group's row 0 (as :func:`regroup` takes it), h_resp of all G."""
 
     def fetch(rows):
-        pairs = [kr for b in rows for kr in where[b]]
-        hp, hr = fetch_raw(pairs)
-        n = len(rows)
-        return hp.reshape(n, G, -1)[:, 0], hr.reshape(n, G, -1)
+        hp, hr = fetch_raw([where[b][0] for b in rows], [kr for b in rows for kr in where[b]])
+        return hp, hr.reshape(len(rows), G, -1)
 
     return fetch
 
@@ -220,8 +218,9 @@ class CareRunner:
 
         ``features``: one block per experience, raw or (``--care.worker_reduce first_layer``) all
         projected with this step's :meth:`CareController.first_layer_projection`; then
-        ``fetch_raw(pairs) -> (h_prompt [n, H], h_resp [n, H])`` must return the raw rows of
-        ``(experience number, row)`` pairs (the policy workers keep them).
+        ``fetch_raw(prompt_pairs, resp_pairs) -> (h_prompt [n, H], h_resp [m, H])`` must return
+        the raw prompt / response states of ``(experience number, row)`` pairs (the policy
+        workers keep them).
 
         Per row: ``rewards`` and ``info["reward"]`` become CARE's reward (gold for bought/cached
         prompts, majority-vote pseudo reward otherwise); the reward function's own value is kept in

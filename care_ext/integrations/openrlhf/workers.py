@@ -76,29 +76,35 @@ class CarePolicyModelActorImpl(_STOCK_POLICY):
             f.raw = None
         return out
 
-    def care_fetch_raw(self, requests):
+    def care_fetch_raw(self, prompt_requests, resp_requests):
         """Raw hidden states of rows of the last popped blocks.
 
         Args:
-            requests: list of ``(block, row)``: block number in the last ``care_pop_features``
-                result, row in that micro-batch.
+            prompt_requests, resp_requests: lists of ``(block, row)`` (block number in the last
+                ``care_pop_features`` result, row in that micro-batch) whose last-prompt-token and
+                last-response-token states are wanted (the trainer asks one prompt state per
+                prompt group, G response states).
 
         Returns:
-            ``(h_prompt [n, H], h_resp [n, H])`` on the CPU, in request order.
+            ``(h_prompt [n, H] or None, h_resp [m, H] or None)`` on the CPU, in request order
+            (None for an empty request list).
         """
         import torch
 
         self._care_options()
-        hp, hr = [], []
-        for j, r in requests:
-            if not 0 <= j < len(self._care_raw) or self._care_raw[j] is None:
-                raise ValueError(f"care_fetch_raw: block {j} holds no raw rows (last pop had "
-                                 f"{len(self._care_raw)} blocks; projected ones only)")
-            hp.append(self._care_raw[j][0][r])
-            hr.append(self._care_raw[j][1][r])
-        if not hp:
+
+        def take(requests, part):
+            rows = []
+            for j, r in requests:
+                if not 0 <= j < len(self._care_raw) or self._care_raw[j] is None:
+                    raise ValueError(f"care_fetch_raw: block {j} holds no raw rows (last pop had "
+                                     f"{len(self._care_raw)} blocks; projected ones only)")
+                rows.append(self._care_raw[j][part][r])
+            return torch.stack(rows) if rows else None
+
+        if not prompt_requests and not resp_requests:
             raise ValueError("care_fetch_raw: no rows requested")
-        return torch.stack(hp), torch.stack(hr)
+        return take(prompt_requests, 0), take(resp_requests, 1)
 
     def care_info(self) -> dict:
         """What this worker runs (class, the options it read): for launch checks and tests."""

@@ -50,9 +50,10 @@ def main(mode: str, out: str) -> None:
         def counting_fetcher(owners):  # records what the trainer asks the workers for
             fetch = real_fetcher(owners)
 
-            def f(pairs):
-                wire.append({"owners": owners, "pairs": [list(p) for p in pairs]})
-                return fetch(pairs)
+            def f(prompt_pairs, resp_pairs):
+                wire.append({"owners": owners, "prompt_pairs": [list(p) for p in prompt_pairs],
+                             "resp_pairs": [list(p) for p in resp_pairs]})
+                return fetch(prompt_pairs, resp_pairs)
             return f
 
         maker._raw_fetcher = counting_fetcher
