@@ -66,12 +66,12 @@ def _worker(actor, monkeypatch, **opts):
     return w
 
 
-@pytest.mark.parametrize("feature_dtype", ["native", "bfloat16"])
-def test_worker_projects_on_device_and_serves_raw_rows(tiny_model, monkeypatch, feature_dtype):  # noqa: F811
+@pytest.mark.parametrize("feature_dtype,packed", [("native", False), ("bfloat16", False), ("native", True)])
+def test_worker_projects_on_device_and_serves_raw_rows(tiny_model, monkeypatch, feature_dtype, packed):  # noqa: F811
     from openrlhf.models import Actor
 
     actor = Actor(tiny_model)
-    actor.packing_samples = False
+    actor.packing_samples = packed
     w = _worker(actor, monkeypatch, worker_reduce="first_layer", feature_dtype=feature_dtype)
     H = tiny_model.config.hidden_size
     cfg = CareConfig(group_size=4)
@@ -87,7 +87,11 @@ def test_worker_projects_on_device_and_serves_raw_rows(tiny_model, monkeypatch, 
     assert second.h_prompt.shape == (3, 256) and second.h_resp.shape == (3, 128)
     assert second.h_prompt.dtype == torch.float32
     pos_p, pos_r = feature_positions(act, att)
-    rows_p, rows_r = normed[torch.arange(3), pos_p], normed[torch.arange(3), pos_r]
+    if packed:  # [1, nnz, H]: row b's tokens start after the attended tokens of rows < b
+        start = torch.cumsum(att.sum(1), 0) - att.sum(1)
+        rows_p, rows_r = normed[0, start + pos_p], normed[0, start + pos_r]
+    else:
+        rows_p, rows_r = normed[torch.arange(3), pos_p], normed[torch.arange(3), pos_r]
     if feature_dtype == "bfloat16":
         rows_p, rows_r = rows_p.bfloat16(), rows_r.bfloat16()
     torch.testing.assert_close(second.h_prompt, rows_p.float() @ proj.prompt_w.T, rtol=1e-5, atol=1e-6)
