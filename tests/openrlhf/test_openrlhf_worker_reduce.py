@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace as NS
 
 import pytest
 import torch
@@ -17,11 +16,10 @@ from care_ext.classifiers import stage1_classifier, stage2_classifier
 from care_ext.config import CareConfig
 from care_ext.decision import BOUGHT, CACHED
 from care_ext.integrations.openrlhf.capture import feature_positions
-from care_ext.integrations.openrlhf.config import ENV_VAR, OpenRLHFCareOptions
-from care_ext.integrations.openrlhf.workers import CarePolicyModelActorImpl
+from care_ext.integrations.openrlhf.config import OpenRLHFCareOptions
 from care_ext.projection import first_layer_projection
 
-from test_openrlhf_capture import _batch, _final_norm, tiny_model  # noqa: F401
+from test_openrlhf_capture import _batch, _final_norm, _worker, tiny_model  # noqa: F401
 
 HELPERS = Path(__file__).resolve().parent / "helpers"
 
@@ -58,12 +56,11 @@ def test_reduced_run_matches_raw_run_on_ray_workers(tmp_path):
         assert [tuple(o) for o in f[0]["owners"]] == [(0, 0), (0, 1), (1, 0)]
 
 
-def _worker(actor, monkeypatch, **opts):
-    monkeypatch.setenv(ENV_VAR, OpenRLHFCareOptions(capture="on", **opts).to_json())
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
-    w = CarePolicyModelActorImpl.__new__(CarePolicyModelActorImpl)
-    w.actor, w.strategy = actor, NS(ring_attn_group=None)
-    return w
+def _projection(H, version):
+    """A first-layer projection of freshly initialised CARE classifiers (G = 4)."""
+    cfg = CareConfig(group_size=4)
+    return first_layer_projection(stage1_classifier(H, 4, cfg).fold(), stage2_classifier(H, 4, cfg).fold(),
+                                  H, version)
 
 
 @pytest.mark.parametrize("feature_dtype,packed", [("native", False), ("bfloat16", False), ("native", True)])
@@ -74,9 +71,8 @@ def test_worker_projects_on_device_and_serves_raw_rows(tiny_model, monkeypatch, 
     actor.packing_samples = packed
     w = _worker(actor, monkeypatch, worker_reduce="first_layer", feature_dtype=feature_dtype)
     H = tiny_model.config.hidden_size
-    cfg = CareConfig(group_size=4)
     torch.manual_seed(1)
-    proj = first_layer_projection(stage1_classifier(H, 4, cfg).fold(), stage2_classifier(H, 4, cfg).fold(), H, 5)
+    proj = _projection(H, 5)
     seq, att, act = _batch()
     w.forward(seq, act, att)  # no projection set yet: raw
     w.care_set_projection(proj)
@@ -120,8 +116,5 @@ def test_worker_reduce_option_checks(tiny_model, monkeypatch):  # noqa: F811
     from openrlhf.models import Actor
 
     w = _worker(Actor(tiny_model), monkeypatch)
-    H = tiny_model.config.hidden_size
-    cfg = CareConfig(group_size=4)
-    proj = first_layer_projection(stage1_classifier(H, 4, cfg).fold(), stage2_classifier(H, 4, cfg).fold(), H, 0)
     with pytest.raises(RuntimeError, match="worker_reduce off"):
-        w.care_set_projection(proj)
+        w.care_set_projection(_projection(tiny_model.config.hidden_size, 0))
