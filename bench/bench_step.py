@@ -12,6 +12,7 @@ raw rows of the trained prompts come from memory.
 
     python bench/bench_step.py --device cpu --shapes 64x8x4096 --threads 1
     python bench/bench_step.py --device cpu --shapes 64x8x4096 --threads 1 --projected
+    python bench/bench_step.py --device cpu --threads 1 --first-layer-backward autograd fused
     python bench/bench_step.py --device cuda --out $OUT/bench_step
 """
 from __future__ import annotations
@@ -47,11 +48,11 @@ def batch(step: int, B: int, G: int, H: int, gen: torch.Generator, device: str):
 
 
 def run(device: str, B: int, G: int, H: int, steps: int, warmup: int, strategy: str,
-        projected: bool = False) -> dict:
+        projected: bool = False, first_layer_backward: str = "auto") -> dict:
     gen = torch.Generator().manual_seed(0)
     gold: dict[str, int] = {}
-    ctl = CareController(CareConfig(strategy=strategy, group_size=G, device=device,
-                                    warmup_steps=2), GoldOracle(gold))
+    ctl = CareController(CareConfig(strategy=strategy, group_size=G, device=device, warmup_steps=2,
+                                    first_layer_backward=first_layer_backward), GoldOracle(gold))
     t_decide, t_update, t_project = [], [], []
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for step in range(warmup + steps):
@@ -83,6 +84,7 @@ def run(device: str, B: int, G: int, H: int, steps: int, warmup: int, strategy: 
     d, u = statistics.median(t_decide) * 1e3, statistics.median(t_update) * 1e3
     return dict(device=device, shape=f"{B}x{G}x{H}", strategy=strategy, decide_ms=d, update_ms=u,
                 update_share=u / (d + u), steps=steps, projected=projected,
+                first_layer_backward=first_layer_backward,
                 project_ms=statistics.median(t_project) * 1e3 if t_project else None)
 
 
@@ -96,6 +98,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--projected", action="store_true",
                     help="decide on first-layer projections (--care.worker_reduce first_layer)")
+    ap.add_argument("--first-layer-backward", nargs="+", default=["auto"],
+                    choices=["auto", "autograd", "fused"],
+                    help="classifier training's first-layer backward (CareConfig."
+                         "first_layer_backward); several: each in turn per shape, side by side")
     ap.add_argument("--out", default="bench/out/bench_step")
     args = ap.parse_args(argv)
     if args.threads:
@@ -104,14 +110,16 @@ def main(argv=None) -> int:
     rows = []
     for shape in args.shapes:
         B, G, H = map(int, shape.split("x"))
-        r = run(args.device, B, G, H, args.steps, args.warmup, args.strategy, args.projected)
-        r.update(device_name=name, torch=torch.__version__, threads=torch.get_num_threads(),
-                 native=care_ext.HAS_NATIVE, date=time.strftime("%Y-%m-%d %H:%M:%S"))
-        rows.append(r)
-        proj = f", projection {r['project_ms']:.1f} ms" if r["project_ms"] is not None else ""
-        print(f"{args.device} {shape:>12} {args.strategy}{' projected' if args.projected else ''}: "
-              f"decide {r['decide_ms']:.1f} ms, update {r['update_ms']:.1f} ms "
-              f"({100 * r['update_share']:.0f}% of the step){proj}", flush=True)
+        for flb in args.first_layer_backward:
+            r = run(args.device, B, G, H, args.steps, args.warmup, args.strategy, args.projected, flb)
+            r.update(device_name=name, torch=torch.__version__, threads=torch.get_num_threads(),
+                     native=care_ext.HAS_NATIVE, date=time.strftime("%Y-%m-%d %H:%M:%S"))
+            rows.append(r)
+            proj = f", projection {r['project_ms']:.1f} ms" if r["project_ms"] is not None else ""
+            print(f"{args.device} {shape:>12} {args.strategy}{' projected' if args.projected else ''}"
+                  f" [first layers: {flb}]: decide {r['decide_ms']:.1f} ms, update "
+                  f"{r['update_ms']:.1f} ms ({100 * r['update_share']:.0f}% of the step){proj}",
+                  flush=True)
     out = Path(args.out).with_suffix(".jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))

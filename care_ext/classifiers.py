@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .bn_linear import bn_linear, resolve_first_layer_backward
 from .reference import CLASSIFIER_WEIGHT_NAMES
 
 
@@ -61,13 +62,21 @@ class CareClassifier(nn.Module):
         hidden_size: H. prompt_feat: Fp. resp_feat: Fr (0 = no rollout feature).
         n_classes: C. prompt_dim, resp_hidden_dim, resp_out_dim, head_dim: P, R1, R2, K.
         aux: build the per-rollout auxiliary correctness head (Stage-I).
+        first_layer_backward: how training differentiates the two first layers (BatchNorm ->
+            Linear on data inputs): 'fused' (:func:`care_ext.bn_linear.bn_linear`, one GEMM in
+            the backward instead of two), 'autograd' (separate ops, the float order of earlier
+            releases) or 'auto' (fused iff the layer is at least
+            :data:`care_ext.bn_linear.FUSED_MIN_WIDTH` wide). Same results up to float32
+            rounding; evaluation and :meth:`fold` do not depend on it.
     """
 
     def __init__(self, hidden_size: int, prompt_feat: int, resp_feat: int, n_classes: int,
                  prompt_dim: int = 128, resp_hidden_dim: int = 64, resp_out_dim: int = 512,
-                 head_dim: int = 256, aux: bool = False) -> None:
+                 head_dim: int = 256, aux: bool = False, first_layer_backward: str = "auto") -> None:
         super().__init__()
         self.hidden_size, self.resp_feat = hidden_size, resp_feat
+        self.fused_prompt = resolve_first_layer_backward(first_layer_backward, hidden_size + prompt_feat)
+        self.fused_resp = resolve_first_layer_backward(first_layer_backward, hidden_size + resp_feat)
         self.prompt_bn = nn.BatchNorm1d(hidden_size + prompt_feat)
         self.prompt_fc = nn.Linear(hidden_size + prompt_feat, prompt_dim)
         self.resp_bn = nn.BatchNorm1d(hidden_size + resp_feat)
@@ -91,15 +100,24 @@ class CareClassifier(nn.Module):
         """
         f32 = self.prompt_fc.weight.dtype
         B, G, _ = h_resp.shape
-        p = torch.relu(self.prompt_fc(_bn(self.prompt_bn, torch.cat(
-            [h_prompt.to(f32), prompt_feat.to(f32)], dim=1))))
-        x = h_resp.to(f32)
-        if self.resp_feat:
-            x = torch.cat([x, resp_feat.to(f32)], dim=2)
-        mask = torch.ones(B, G, dtype=torch.bool, device=x.device) if resp_mask is None else resp_mask
-        rows = x[mask]  # only pooled rollouts pass the rollout branch (and its BatchNorm)
-        r_rows = torch.relu(self.resp_fc2(torch.relu(self.resp_fc1(_bn(self.resp_bn, rows)))))
-        r = x.new_zeros(B, G, r_rows.shape[1])
+        if self.training and self.fused_prompt:
+            p = torch.relu(bn_linear(self.prompt_bn, self.prompt_fc, [h_prompt, prompt_feat]))
+        else:
+            p = torch.relu(self.prompt_fc(_bn(self.prompt_bn, torch.cat(
+                [h_prompt.to(f32), prompt_feat.to(f32)], dim=1))))
+        mask = (torch.ones(B, G, dtype=torch.bool, device=h_resp.device) if resp_mask is None
+                else resp_mask)
+        # only pooled rollouts pass the rollout branch (and its BatchNorm)
+        if self.training and self.fused_resp:
+            parts = [h_resp[mask]] + ([resp_feat[mask]] if self.resp_feat else [])
+            r1 = bn_linear(self.resp_bn, self.resp_fc1, parts)
+        else:
+            x = h_resp.to(f32)
+            if self.resp_feat:
+                x = torch.cat([x, resp_feat.to(f32)], dim=2)
+            r1 = self.resp_fc1(_bn(self.resp_bn, x[mask]))
+        r_rows = torch.relu(self.resp_fc2(torch.relu(r1)))
+        r = r_rows.new_zeros(B, G, r_rows.shape[1])
         r[mask] = r_rows
         m = mask.to(f32)[..., None]
         pool = (r * m).sum(1) / m.sum(1).clamp(min=1.0)
@@ -127,7 +145,8 @@ class CareClassifier(nn.Module):
 def stage1_classifier(hidden_size: int, group_size: int, cfg) -> CareClassifier:
     """Stage-I (reliability): Fp = 1+G, Fr = 1, C = 2, aux head iff cfg.aux_weight > 0."""
     return CareClassifier(hidden_size, 1 + group_size, 1, 2, cfg.prompt_dim, cfg.resp_hidden_dim,
-                          cfg.resp_out_dim, cfg.head_dim, aux=cfg.aux_weight > 0)
+                          cfg.resp_out_dim, cfg.head_dim, aux=cfg.aux_weight > 0,
+                          first_layer_backward=cfg.first_layer_backward)
 
 
 def stage2_classifier(hidden_size: int, group_size: int, cfg, regression: bool = False
@@ -135,7 +154,8 @@ def stage2_classifier(hidden_size: int, group_size: int, cfg, regression: bool =
     """Stage-II (count of correct rollouts outside a wrong majority): Fp = 1+G, Fr = 0,
     C = G+1 count logits, or C = 1 (predicted CAG) for the regression ablation."""
     return CareClassifier(hidden_size, 1 + group_size, 0, 1 if regression else group_size + 1,
-                          cfg.prompt_dim, cfg.resp_hidden_dim, cfg.resp_out_dim, cfg.head_dim)
+                          cfg.prompt_dim, cfg.resp_hidden_dim, cfg.resp_out_dim, cfg.head_dim,
+                          first_layer_backward=cfg.first_layer_backward)
 
 
 def class_weights(labels: Tensor, n_classes: int, power: float, clip: tuple[float, float]

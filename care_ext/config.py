@@ -105,6 +105,12 @@ class CareConfig:
     """History samples drawn per gradient step (Stage-II: stratified by count label)."""
     train_on_cached: bool = True
     """Cached labels (bought at an earlier step, new rollouts now) also train the classifiers."""
+    first_layer_backward: str = "auto"
+    """How classifier training differentiates the BatchNorm -> Linear first layers (their inputs
+    are data): 'fused' = one GEMM per backward (:mod:`care_ext.bn_linear`), 'autograd' = separate
+    ops, 'auto' = fused at widths >= 1024 (LLM hidden sizes), autograd below (the CPU lab,
+    H = 128, keeps the float order its recorded numbers were made with). Same maths; the float32
+    rounding of the classifier weights differs between the two."""
 
     # --- inputs and monitoring ------------------------------------------------------------------
     nonfinite: str = "error"
@@ -128,7 +134,8 @@ class CareConfig:
             raise ValueError(f"global_budget must be >= 0 or None, got {self.global_budget}")
         choices = {"trust_weight": ("reliability", "official"),
                    "stage2_correct_majority": ("class0", "exclude"),
-                   "nonfinite": ("error", "drop")}
+                   "nonfinite": ("error", "drop"),
+                   "first_layer_backward": ("auto", "autograd", "fused")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
