@@ -33,6 +33,7 @@ import torch
 
 import care_ext
 from care_ext import reference as R
+from care_ext.bf16_split import first_layer_split
 
 SHAPES = {"cpu": ["64x8x2048", "64x8x3072", "64x8x4096", "512x16x4096"],
           "cuda": ["64x8x2048", "64x8x3072", "64x8x4096", "512x16x4096", "1024x64x4096"]}
@@ -60,6 +61,7 @@ def make_inputs(B: int, G: int, H: int, device: str, hidden_dtype: torch.dtype, 
     to = lambda t: t.to(device)  # noqa: E731
     return dict(ids=to(ids), lengths=to(lengths), h_p=to(h_p), h_r=to(h_r),
                 s1=[to(t) for t in s1], s2=[to(t) for t in s2], r=to(r), r2=to(r2),
+                split=[to(t) for t in first_layer_split(s1, s2, H)],
                 sizes=to(R.cluster_stats(ids)[1]), logits=to(torch.randn(B, G + 1, generator=gen)))
 
 
@@ -67,6 +69,9 @@ def op_calls(x, impl):
     """name -> zero-argument callable running that op with implementation `impl` (module-like)."""
     cag, adm = R.classwise_cag(x["sizes"], 0.0, False)
     fused = getattr(impl, "_acquisition_step_fused", None) or impl.acquisition_step
+    split = getattr(impl, "_acquisition_step_fused_split", None)
+    split_step = ((lambda *a: split(*a, x["split"])) if split is not None  # noqa: E731
+                  else impl.acquisition_step)
     return {
         "cluster_stats": lambda: impl.cluster_stats(x["ids"]),
         "group_advantage": lambda: impl.group_advantage(x["r"], 1e-6, False),
@@ -82,6 +87,10 @@ def op_calls(x, impl):
         "acquisition_step_fused": lambda: fused(
             x["ids"], x["lengths"], x["h_p"], x["h_r"], x["s1"], x["s2"], 4000.0, 0.0, False, 1e-6,
             False),
+        # the fused step on split-bf16 first layers (bf16 hidden states; native only)
+        "acquisition_step_fused_split": lambda: split_step(
+            x["ids"], x["lengths"], x["h_p"], x["h_r"], x["s1"], x["s2"], 4000.0, 0.0, False, 1e-6,
+            False),
     }
 
 
@@ -90,7 +99,7 @@ class _Native:
 
     def __getattr__(self, name):
         op = getattr(torch.ops.care_ext, name)
-        if name in ("acquisition_step", "_acquisition_step_fused"):
+        if name in ("acquisition_step", "_acquisition_step_fused", "_acquisition_step_fused_split"):
             return lambda ids, l, hp, hr, s1, s2, *a: op(ids, l, hp, hr, list(s1), list(s2), *a)
         return op
 
@@ -216,7 +225,8 @@ def main(argv=None) -> int:
             x = make_inputs(B, G, H, dev, getattr(torch, args.hidden_dtype))
             floor = memory_floor_us(x, dev)
             extra = {}
-            if {"acquisition_step", "acquisition_step_fused"} & set(args.ops or ["acquisition_step"]):
+            step_ops = {"acquisition_step", "acquisition_step_fused", "acquisition_step_fused_split"}
+            if step_ops & set(args.ops or ["acquisition_step"]):
                 extra = step_flops(x)
                 if dev == "cpu":
                     # one BLAS thread per block: the rate of all cores is threads x the 1-thread rate

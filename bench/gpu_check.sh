@@ -62,7 +62,7 @@ done
 
 stamp "benchmarks: the whole step first (the goals' shapes), then every op"
 timeout "$(cap 120)" python3 "$REPO/bench/bench_ops.py" --device cuda --min-time 0.2 \
-  --ops acquisition_step acquisition_step_fused --shapes 64x8x4096 1024x64x4096 512x16x4096 64x8x2048 \
+  --ops acquisition_step acquisition_step_fused acquisition_step_fused_split --shapes 64x8x4096 1024x64x4096 512x16x4096 64x8x2048 \
   --out "$OUT/bench_step_ops" > "$OUT/bench.log" 2>&1
 stamp "bench (step) exit $? : $(grep -E '64x8x4096|1024x64x4096' "$OUT/bench.log" | tr -s ' ' | tr '\n' ';')"
 for fused in 0 1; do
@@ -75,6 +75,7 @@ stamp "compute-sanitizer (memcheck) on every kernel"
 cat > /tmp/sanitize_ops.py <<'PY'
 import torch, care_ext
 from care_ext import reference as R
+from care_ext.bf16_split import first_layer_split
 g = torch.Generator().manual_seed(0)
 for B, G in ((0, 8), (1, 1), (37, 8), (5, 64)):
     ids = (torch.rand(B, G, generator=g) * 4).long(); ids[torch.rand(B, G, generator=g) < .2] = -1
@@ -90,6 +91,10 @@ for B, G in ((0, 8), (1, 1), (37, 8), (5, 64)):
                           torch.randn(256), torch.randn(C, 256), torch.randn(C))]
     torch.ops.care_ext._acquisition_step_fused(ids, torch.ones(B, G, device="cuda"), torch.randn(B, H, device="cuda"),
         torch.randn(B, G, H, device="cuda").bfloat16(), w(G + 1, 1, 2), w(G + 1, 0, G + 1), 10., 0., False, 1e-6, False)
+    s1, s2 = w(G + 1, 1, 2), w(G + 1, 0, G + 1)  # split-bf16 first layers: bf16 GEMMs, fp32 out
+    torch.ops.care_ext._acquisition_step_fused_split(ids, torch.ones(B, G, device="cuda"),
+        torch.randn(B, H, device="cuda").bfloat16(), torch.randn(B, G, H, device="cuda").bfloat16(), s1, s2,
+        10., 0., False, 1e-6, False, first_layer_split(s1, s2, H))
 torch.cuda.synchronize(); print("sanitize script ok")
 PY
 timeout "$(cap 90)" compute-sanitizer --tool memcheck --error-exitcode 9 python3 /tmp/sanitize_ops.py \

@@ -112,6 +112,14 @@ class CareConfig:
     H = 128, keeps the float order its recorded numbers were made with). Same maths; the float32
     rounding of the classifier weights differs between the two."""
 
+    first_layer_gemm: str = "float32"
+    """How the acquisition step multiplies bf16 hidden states by the classifiers' first layers on
+    CUDA: 'float32' (converted states, float32 GEMMs), or 'bf16x3' / 'bf16x2': the fused step's
+    bf16 tensor-core GEMMs with each float32 weight split into 3 bf16 pieces (float32-exact
+    weights) or 2 (2^-16 relative); products exact, sums float32 (:mod:`care_ext.bf16_split`).
+    Used only where it applies: device cuda, bf16 hidden states, raw (not projected) states, count
+    classifiers; float32 elsewhere. Default float32 until measured on a GPU (bench/RESULTS.md)."""
+
     # --- inputs and monitoring ------------------------------------------------------------------
     nonfinite: str = "error"
     """NaN/Inf in hidden states, lengths or log-probs: 'error' (ValueError naming the rows) or
@@ -135,7 +143,8 @@ class CareConfig:
         choices = {"trust_weight": ("reliability", "official"),
                    "stage2_correct_majority": ("class0", "exclude"),
                    "nonfinite": ("error", "drop"),
-                   "first_layer_backward": ("auto", "autograd", "fused")}
+                   "first_layer_backward": ("auto", "autograd", "fused"),
+                   "first_layer_gemm": ("float32", "bf16x3", "bf16x2")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

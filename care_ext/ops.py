@@ -118,14 +118,21 @@ def classifier_forward(h_prompt: Tensor, prompt_feat: Tensor, h_resp: Tensor,
 def acquisition_step(ids: Tensor, lengths: Tensor, h_prompt: Tensor, h_resp: Tensor,
                      stage1: Sequence[Tensor], stage2: Sequence[Tensor], max_len: float = MAX_LEN,
                      cag_eps: float = CAG_EPS, cag_unbiased: bool = CAG_UNBIASED,
-                     adv_eps: float = ADV_EPS, adv_unbiased: bool = ADV_UNBIASED
-                     ) -> AcquisitionOutputs:
+                     adv_eps: float = ADV_EPS, adv_unbiased: bool = ADV_UNBIASED, *,
+                     first_layer_split: Sequence[Tensor] | None = None) -> AcquisitionOutputs:
     """The fused acquisition step (features, both classifiers, expected CAG, pseudo advantages).
 
     Args and outputs as :func:`care_ext.reference.acquisition_step`; hidden states may be float32
     or bfloat16 and are read once. ``CARE_EXT_FUSED_STEP=1`` selects the private fused kernel
-    (module docstring).
+    (module docstring). ``first_layer_split`` (bf16 hidden states only): the bf16 pieces of both
+    first layers (:func:`care_ext.bf16_split.first_layer_split`); the native fused step then
+    multiplies with bf16 GEMMs (tensor cores on CUDA; exact products, float32 sums). The reference
+    fallback ignores it (same values up to float32 rounding).
     """
+    if native_available(ids.device) and first_layer_split is not None:
+        return AcquisitionOutputs(*torch.ops.care_ext._acquisition_step_fused_split(
+            ids, lengths, h_prompt, h_resp, list(stage1), list(stage2), max_len, cag_eps,
+            cag_unbiased, adv_eps, adv_unbiased, list(first_layer_split)))
     if native_available(ids.device):
         op = (torch.ops.care_ext._acquisition_step_fused if os.environ.get("CARE_EXT_FUSED_STEP") == "1"
               else torch.ops.care_ext.acquisition_step)

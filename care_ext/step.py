@@ -405,8 +405,13 @@ class CareController:
         hp, hr = hp.to(dev), hr.to(dev)
         lens = torch.where(bad[:, None], torch.zeros_like(lengths), lengths).to(dev)
         if not self.strategy.regression:
+            split = None
+            if (cfg.first_layer_gemm != "float32" and projected is None and hp.is_cuda
+                    and hp.dtype == hr.dtype == torch.bfloat16):
+                split = self.trainer.first_layer_split(int(cfg.first_layer_gemm[-1]))
             out = ops.acquisition_step(ids.to(dev), lens, hp, hr, w1, w2, cfg.max_len, cfg.cag_eps,
-                                       cfg.cag_unbiased, cfg.adv_eps, cfg.adv_unbiased)
+                                       cfg.cag_unbiased, cfg.adv_eps, cfg.adv_unbiased,
+                                       first_layer_split=split)
             return out.reliability.cpu(), out.ecag.cpu()
         logits1 = ops.classifier_forward(hp, gf.prompt_feat.to(dev), hr, gf.len_norm[..., None].to(dev),
                                          None, w1)

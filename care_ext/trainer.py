@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .bf16_split import first_layer_split
 from .classifiers import CareClassifier, balanced_ce, stage1_classifier, stage2_classifier
 from .config import CareConfig
 from .replay import ReplayBuffer, Sample, stack
@@ -48,6 +49,7 @@ class ClassifierTrainer:
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.updates = 0
         self._folded: tuple[list[Tensor], list[Tensor]] | None = None
+        self._split: dict[int, list[Tensor]] = {}
 
     # ------------------------------------------------------------------------------------------
     def folded(self) -> tuple[list[Tensor], list[Tensor]]:
@@ -55,6 +57,14 @@ class ClassifierTrainer:
         if self._folded is None:
             self._folded = (self.stage1.fold(), self.stage2.fold())
         return self._folded
+
+    def first_layer_split(self, terms: int) -> list[Tensor]:
+        """The folded first layers' hidden columns as ``terms`` bf16 pieces for the fused step's
+        tensor-core GEMMs (:func:`care_ext.bf16_split.first_layer_split`; cached between updates)."""
+        if terms not in self._split:
+            w1, w2 = self.folded()
+            self._split[terms] = first_layer_split(w1, w2, self.hidden_size, terms)
+        return self._split[terms]
 
     def _batch(self, samples: list[Sample]) -> dict[str, Tensor]:
         return {k: v.to(self.cfg.device) for k, v in stack(samples).items()}
@@ -121,6 +131,7 @@ class ClassifierTrainer:
         self.replay2.extend(cur2)
         self.updates += 1
         self._folded = None
+        self._split = {}
         if n1:
             m["train/stage1_loss"], m["train/stage1_aux_loss"] = l1 / n1, la / n1
         if n2:
@@ -163,3 +174,4 @@ class ClassifierTrainer:
         self.gen.set_state(sd["gen"])
         self.updates = sd["updates"]
         self._folded = None
+        self._split = {}

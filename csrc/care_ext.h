@@ -105,18 +105,32 @@ StepTuple acquisition_step(const Tensor& ids, const Tensor& lengths, const Tenso
                            double max_len, double cag_eps, bool cag_unbiased, double adv_eps,
                            bool adv_unbiased);
 
-// The fused step as a private op (care_ext::_acquisition_step_fused): host part in step_fused.cpp,
-// per-prompt tail as a loop over prompts (CPU) or one kernel with one block per prompt (CUDA).
+// The fused step as private ops (care_ext::_acquisition_step_fused and, with split-bf16 first
+// layers, care_ext::_acquisition_step_fused_split): host part in step_fused.cpp, per-prompt tail as
+// a loop over prompts (CPU) or one kernel with one block per prompt (CUDA). The split kernels with
+// an empty first_layer_split are the float32 path (what the plain ones call).
 StepTuple acquisition_step_fused_cpu(const Tensor& ids, const Tensor& lengths,
                                      const Tensor& h_prompt, const Tensor& h_resp,
                                      at::TensorList stage1, at::TensorList stage2, double max_len,
                                      double cag_eps, bool cag_unbiased, double adv_eps,
                                      bool adv_unbiased);
+StepTuple acquisition_step_fused_split_cpu(const Tensor& ids, const Tensor& lengths,
+                                           const Tensor& h_prompt, const Tensor& h_resp,
+                                           at::TensorList stage1, at::TensorList stage2,
+                                           double max_len, double cag_eps, bool cag_unbiased,
+                                           double adv_eps, bool adv_unbiased,
+                                           at::TensorList first_layer_split);
 StepTuple acquisition_step_fused_cuda(const Tensor& ids, const Tensor& lengths,
                                       const Tensor& h_prompt, const Tensor& h_resp,
                                       at::TensorList stage1, at::TensorList stage2, double max_len,
                                       double cag_eps, bool cag_unbiased, double adv_eps,
                                       bool adv_unbiased);
+StepTuple acquisition_step_fused_split_cuda(const Tensor& ids, const Tensor& lengths,
+                                            const Tensor& h_prompt, const Tensor& h_resp,
+                                            at::TensorList stage1, at::TensorList stage2,
+                                            double max_len, double cag_eps, bool cag_unbiased,
+                                            double adv_eps, bool adv_unbiased,
+                                            at::TensorList first_layer_split);
 
 std::string build_info();
 

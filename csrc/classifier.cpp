@@ -205,8 +205,9 @@ StepTuple acquisition_step(const Tensor& ids, const Tensor& lengths, const Tenso
       {&w1, len_norm.reshape({B * G, 1}), Tensor(), Tensor()},
       {&w2, len_norm.new_empty({B * G, 0}), minority, Tensor()}};
   rollout_pools(h_resp.reshape({B * G, H}), B, G, branches);
-  const Tensor logits1 = prompt_and_head(w1, h_prompt, prompt_feat, branches[0].pool);
-  const Tensor logits2 = prompt_and_head(w2, h_prompt, prompt_feat, branches[1].pool);
+  const Tensor hp = h_prompt.to(at::kFloat);  // converted once for both prompt branches
+  const Tensor logits1 = prompt_and_head(w1, hp, prompt_feat, branches[0].pool);
+  const Tensor logits2 = prompt_and_head(w2, hp, prompt_feat, branches[1].pool);
   auto [probs, ecag] = expected_op.call(logits2, cag, admissible);
   Tensor reliability = logits1.softmax(1).select(1, 1).contiguous();
   return {rank, sizes, reliability, logits1, probs, ecag, cag, admissible, pseudo, pseudo_adv};

@@ -69,7 +69,8 @@ void check_step_inputs(const Tensor& ids, const Tensor& h_prompt, const Tensor& 
                        const char* op);
 
 // The fused acquisition step after its host-side part (step_fused.cpp): features from the
-// device's group_features kernel, the four first-layer GEMM outputs (float32, contiguous), the
+// device's group_features kernel, the first-layer GEMM outputs (float32: four plain ones, or with
+// first_layer_split two stacked ones in pre_r1 / pre_p1 holding T terms per unit), the
 // allocated outputs, and the raw-pointer arguments of the per-prompt tail (step_tail.h). `keep`
 // holds the contiguous weight copies the pointers refer to.
 struct FusedStep {
@@ -84,6 +85,6 @@ struct FusedStep {
 FusedStep prepare_fused_step(const Tensor& ids, const Tensor& lengths, const Tensor& h_prompt,
                              const Tensor& h_resp, at::TensorList stage1, at::TensorList stage2,
                              double max_len, double cag_eps, bool cag_unbiased, double adv_eps,
-                             bool adv_unbiased);
+                             bool adv_unbiased, at::TensorList first_layer_split);
 
 }  // namespace care_ext

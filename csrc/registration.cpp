@@ -84,6 +84,15 @@ TORCH_LIBRARY(care_ext, m) {
       "float adv_eps, bool adv_unbiased) -> (Tensor rank, Tensor sizes, Tensor reliability, "
       "Tensor stage1_logits, Tensor probs, Tensor ecag, Tensor cag, Tensor admissible, "
       "Tensor pseudo_rewards, Tensor pseudo_adv)");
+  // Private: the same fused step with its first layers on bf16 hidden states and the bf16 pieces
+  // of both stages' first-layer hidden columns (care_ext.bf16_split.first_layer_split): one bf16
+  // tensor-core GEMM per input on CUDA, exact products, float32 sums.
+  m.def(
+      "_acquisition_step_fused_split(Tensor ids, Tensor lengths, Tensor h_prompt, Tensor h_resp, "
+      "Tensor[] stage1, Tensor[] stage2, float max_len, float cag_eps, bool cag_unbiased, "
+      "float adv_eps, bool adv_unbiased, Tensor[] first_layer_split) -> (Tensor rank, "
+      "Tensor sizes, Tensor reliability, Tensor stage1_logits, Tensor probs, Tensor ecag, "
+      "Tensor cag, Tensor admissible, Tensor pseudo_rewards, Tensor pseudo_adv)");
   m.def("build_info() -> str", &build_info);
 }
 
@@ -95,6 +104,7 @@ TORCH_LIBRARY_IMPL(care_ext, CPU, m) {
   m.impl("expected_cag", &expected_cag_cpu);
   m.impl("group_features", &group_features_cpu);
   m.impl("_acquisition_step_fused", &acquisition_step_fused_cpu);
+  m.impl("_acquisition_step_fused_split", &acquisition_step_fused_split_cpu);
 }
 
 TORCH_LIBRARY_IMPL(care_ext, CompositeExplicitAutograd, m) {

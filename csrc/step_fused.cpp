@@ -1,12 +1,56 @@
 // Host side of the fused acquisition step (private op care_ext::_acquisition_step_fused): argument
-// checks, the device's group_features kernel, the four first-layer GEMMs (ATen: MKL on the CPU,
-// cuBLAS on CUDA) and the outputs; the per-prompt tail (step_tail.h) then runs as one CUDA kernel
+// checks, the device's group_features kernel, the first-layer GEMMs (ATen: MKL on the CPU, cuBLAS
+// on CUDA) and the outputs; the per-prompt tail (step_tail.h) then runs as one CUDA kernel
 // (csrc/cuda/step_fused.cu) or a loop over prompts (csrc/cpu/step_fused.cpp). Same semantics as
-// acquisition_step, in ~8 launches on CUDA instead of ~30.
+// acquisition_step, in ~8 launches on CUDA instead of ~30. The first layers are four float32
+// GEMMs, or, given first_layer_split (bf16 hidden states only), two bf16 tensor-core GEMMs, one
+// per input, over both stages' weights split into bf16 pieces: exact products, float32 sums.
 #include "classifier_parts.h"
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 
 namespace care_ext {
 namespace {
+
+PreAct plain(const Tensor& t) { return PreAct{t.data_ptr<float>(), t.size(1), 1, 0}; }
+
+// x [N, H] bf16 times the split weight [T, R, H] bf16 -> float32 [N, T*R]: the products of two
+// bf16 numbers are exact in float32, so CUDA runs one bf16 tensor-core GEMM with float32
+// accumulation and output; the CPU (no bf16 GEMM with float32 output in ATen) multiplies the same
+// values in float32, which is exact too and only sums in another order.
+Tensor split_products(const Tensor& x, const Tensor& split) {
+  const Tensor w = split.reshape({split.size(0) * split.size(1), split.size(2)});
+  if (x.is_cuda()) return at::mm(x, w.t(), at::kFloat);
+  return x.to(at::kFloat).mm(w.to(at::kFloat).t());
+}
+
+void check_split(at::TensorList split, const Tensor& h_prompt, const Tensor& h_resp, int64_t H,
+                 int64_t rollout_units, int64_t prompt_units, const char* op) {
+  TORCH_CHECK(split.size() == 2, "care_ext.", op, ": first_layer_split must hold 2 tensors "
+              "(rollout and prompt first layers, from care_ext.bf16_split.first_layer_split), got ",
+              split.size());
+  TORCH_CHECK(h_prompt.scalar_type() == at::kBFloat16 && h_resp.scalar_type() == at::kBFloat16,
+              "care_ext.", op, ": first_layer_split needs bfloat16 hidden states (their products "
+              "with the bf16 pieces are exact only then), got ", h_prompt.scalar_type(), " and ",
+              h_resp.scalar_type());
+  const char* names[2] = {"rollout", "prompt"};
+  const int64_t units[2] = {rollout_units, prompt_units};
+  for (size_t i = 0; i < 2; ++i) {
+    const Tensor& t = split[i];
+    TORCH_CHECK(t.defined() && t.scalar_type() == at::kBFloat16 && t.dim() == 3 &&
+                    t.size(0) >= 1 && t.size(0) <= 3 && t.size(1) == units[i] && t.size(2) == H,
+                "care_ext.", op, ": first_layer_split[", i, "] (", names[i],
+                ") must be a bfloat16 [terms in 1..3, ", units[i], ", ", H, "] tensor, got ",
+                t.defined() ? t.scalar_type() : at::ScalarType::Undefined, " ",
+                t.defined() ? t.sizes() : at::IntArrayRef{});
+    TORCH_CHECK(t.device() == h_resp.device(), "care_ext.", op, ": first_layer_split[", i,
+                "] is on ", t.device(), " but the inputs are on ", h_resp.device());
+  }
+  TORCH_CHECK(split[0].size(0) == split[1].size(0), "care_ext.", op,
+              ": both first_layer_split tensors must have the same number of terms, got ",
+              split[0].size(0), " and ", split[1].size(0));
+}
 
 HeadWeights head_weights(const Weights& w, std::vector<Tensor>& keep, int64_t H, int64_t Fp,
                          int64_t Fr) {
@@ -41,7 +85,7 @@ HeadWeights head_weights(const Weights& w, std::vector<Tensor>& keep, int64_t H,
 FusedStep prepare_fused_step(const Tensor& ids, const Tensor& lengths, const Tensor& h_prompt,
                              const Tensor& h_resp, at::TensorList stage1, at::TensorList stage2,
                              double max_len, double cag_eps, bool cag_unbiased, double adv_eps,
-                             bool adv_unbiased) {
+                             bool adv_unbiased, at::TensorList first_layer_split) {
   const char* op = "_acquisition_step_fused";
   check_step_inputs(ids, h_prompt, h_resp, op);
   const int64_t B = ids.size(0), G = ids.size(1), H = h_prompt.size(1);
@@ -53,25 +97,40 @@ FusedStep prepare_fused_step(const Tensor& ids, const Tensor& lengths, const Ten
       group_features_dispatch(ids, lengths, max_len, cag_eps, cag_unbiased, adv_eps, adv_unbiased);
   const Weights w1 = check_weights(stage1, H, G + 1, 1, 2, dev, op, "stage1");
   const Weights w2 = check_weights(stage2, H, G + 1, 0, G + 1, dev, op, "stage2");
-  const Tensor hp = h_prompt.to(at::kFloat);
-  const Tensor hr = h_resp.reshape({B * G, H}).to(at::kFloat);  // bf16 read once, here
-  f.pre_r1 = hr.mm(w1.r1w.narrow(1, 0, H).t());
-  f.pre_r2 = hr.mm(w2.r1w.narrow(1, 0, H).t());
-  f.pre_p1 = hp.mm(w1.pw.narrow(1, 0, H).t());
-  f.pre_p2 = hp.mm(w2.pw.narrow(1, 0, H).t());
-  const auto fopt = hp.options();
-  f.reliability = hp.new_empty({B}, fopt);
-  f.logits1 = hp.new_empty({B, 2}, fopt);
-  f.probs = hp.new_empty({B, G + 1}, fopt);
-  f.ecag = hp.new_empty({B}, fopt);
+  const auto fopt = h_prompt.options().dtype(at::kFloat);
+  if (first_layer_split.empty()) {
+    const Tensor hp = h_prompt.to(at::kFloat);
+    const Tensor hr = h_resp.reshape({B * G, H}).to(at::kFloat);  // bf16 read once, here
+    f.pre_r1 = hr.mm(w1.r1w.narrow(1, 0, H).t());
+    f.pre_r2 = hr.mm(w2.r1w.narrow(1, 0, H).t());
+    f.pre_p1 = hp.mm(w1.pw.narrow(1, 0, H).t());
+    f.pre_p2 = hp.mm(w2.pw.narrow(1, 0, H).t());
+    f.args.pre_r1 = plain(f.pre_r1);
+    f.args.pre_r2 = plain(f.pre_r2);
+    f.args.pre_p1 = plain(f.pre_p1);
+    f.args.pre_p2 = plain(f.pre_p2);
+  } else {
+    // one GEMM per input over both stages' stacked, split weights, read straight from bf16
+    check_split(first_layer_split, h_prompt, h_resp, H, w1.R1 + w2.R1, w1.P + w2.P, op);
+    const int T = static_cast<int>(first_layer_split[0].size(0));
+    f.pre_r1 = split_products(h_resp.reshape({B * G, H}), first_layer_split[0]);
+    f.pre_p1 = split_products(h_prompt, first_layer_split[1]);
+    const float* r = f.pre_r1.data_ptr<float>();
+    const float* p = f.pre_p1.data_ptr<float>();
+    const int64_t Rt = w1.R1 + w2.R1, Pt = w1.P + w2.P;
+    f.args.pre_r1 = PreAct{r, T * Rt, T, Rt};
+    f.args.pre_r2 = PreAct{r + w1.R1, T * Rt, T, Rt};
+    f.args.pre_p1 = PreAct{p, T * Pt, T, Pt};
+    f.args.pre_p2 = PreAct{p + w1.P, T * Pt, T, Pt};
+  }
+  f.reliability = at::empty({B}, fopt);
+  f.logits1 = at::empty({B, 2}, fopt);
+  f.probs = at::empty({B, G + 1}, fopt);
+  f.ecag = at::empty({B}, fopt);
   StepTailArgs& a = f.args;
   a.w1 = head_weights(w1, f.keep, H, G + 1, 1);
   a.w2 = head_weights(w2, f.keep, H, G + 1, 0);
   a.G = static_cast<int>(G);
-  a.pre_r1 = f.pre_r1.data_ptr<float>();
-  a.pre_r2 = f.pre_r2.data_ptr<float>();
-  a.pre_p1 = f.pre_p1.data_ptr<float>();
-  a.pre_p2 = f.pre_p2.data_ptr<float>();
   a.prompt_feat = f.prompt_feat.data_ptr<float>();
   a.len_norm = f.len_norm.data_ptr<float>();
   a.minority = f.minority.data_ptr<bool>();

@@ -20,6 +20,24 @@ struct HeadWeights {
   int H, Fp, Fr, P, R1, R2, K, C;
 };
 
+// A first-layer GEMM output without bias (float32, row-major with leading dimension ld): the
+// layer's value at (row r, unit k) is the sum over t < terms of p[r * ld + t * term_stride + k].
+// terms = 1 is a plain fp32 GEMM output; terms > 1 are the products of bf16 hidden states with the
+// bf16 pieces of a split float32 weight (hi, mid, lo: see care_ext/bf16_split.py), summed here
+// smallest piece first (each piece is ~2^-8 of the one before: the small ones meet first).
+struct PreAct {
+  const float* p;
+  int64_t ld;
+  int terms;
+  int64_t term_stride;
+  CARE_HD float at(int64_t r, int k) const {
+    const float* q = p + r * ld + k;
+    float v = q[(terms - 1) * term_stride];
+    for (int t = terms - 2; t >= 0; --t) v += q[t * term_stride];
+    return v;
+  }
+};
+
 // Per-prompt scratch of one classifier: r1 [G*R1], pool [R2], p [P], z [K], logits [C].
 struct HeadScratch {
   float *r1, *pool, *p, *z, *logits;
@@ -41,22 +59,22 @@ CARE_HD HeadScratch head_scratch(float* base, const HeadWeights& w, int G) {
 
 CARE_HD float relu_f(float v) { return v > 0.f ? v : 0.f; }
 
-// Logits of one classifier for one prompt, left in s.logits (all threads may read them after the
-// final sync). pre_r [G, R1] and pre_p [P] are the first-layer GEMM outputs without bias;
-// rfeat [G, Fr] (nullptr when Fr = 0), pfeat [Fp]; mask [G] or nullptr (pool all G).
+// Logits of one classifier for one prompt b, left in s.logits (all threads may read them after
+// the final sync). pre_r (rows b*G .. b*G+G-1) and pre_p (row b) are the first-layer GEMM outputs
+// without bias; rfeat [G, Fr] (nullptr when Fr = 0), pfeat [Fp]; mask [G] or nullptr (pool all G).
 template <class Sync>
-CARE_HD void classifier_tail(const HeadWeights& w, int G, const float* pre_r, const float* rfeat,
-                             const bool* mask, const float* pre_p, const float* pfeat,
-                             HeadScratch s, int tid, int nth, Sync sync) {
+CARE_HD void classifier_tail(const HeadWeights& w, int G, int64_t b, PreAct pre_r,
+                             const float* rfeat, const bool* mask, PreAct pre_p,
+                             const float* pfeat, HeadScratch s, int tid, int nth, Sync sync) {
   for (int i = tid; i < G * w.R1; i += nth) {  // rollout layer 1: bias, features, ReLU
     const int g = i / w.R1, k = i - g * w.R1;
-    float v = pre_r[i] + w.r1b[k];
+    float v = pre_r.at(b * G + g, k) + w.r1b[k];
     const float* wf = w.r1w + static_cast<int64_t>(k) * (w.H + w.Fr) + w.H;
     for (int f = 0; f < w.Fr; ++f) v += wf[f] * rfeat[g * w.Fr + f];
     s.r1[i] = relu_f(v);
   }
   for (int i = tid; i < w.P; i += nth) {  // prompt branch: bias, features, ReLU
-    float v = pre_p[i] + w.pb[i];
+    float v = pre_p.at(b, i) + w.pb[i];
     const float* wf = w.pw + static_cast<int64_t>(i) * (w.H + w.Fp) + w.H;
     for (int f = 0; f < w.Fp; ++f) v += wf[f] * pfeat[f];
     s.p[i] = relu_f(v);
@@ -99,10 +117,8 @@ CARE_HD void classifier_tail(const HeadWeights& w, int G, const float* pre_r, co
 struct StepTailArgs {
   HeadWeights w1, w2;  // Stage-I (Fr = 1, C = 2) and Stage-II (Fr = 0, C = G+1)
   int G;
-  const float* pre_r1;       // [B*G, R1 of stage 1]
-  const float* pre_r2;       // [B*G, R1 of stage 2]
-  const float* pre_p1;       // [B, P of stage 1]
-  const float* pre_p2;       // [B, P of stage 2]
+  PreAct pre_r1, pre_r2;     // rows B*G: [., R1] of stage 1 and of stage 2
+  PreAct pre_p1, pre_p2;     // rows B: [., P] of stage 1 and of stage 2
   const float* prompt_feat;  // [B, G+1]
   const float* len_norm;     // [B, G]
   const bool* minority;      // [B, G]
@@ -126,8 +142,8 @@ CARE_HD void step_tail(const StepTailArgs& a, int64_t b, float* scratch, int tid
   const int G = a.G, C2 = G + 1;
   const int64_t o = b * G, o1 = b * C2;
   HeadScratch s = head_scratch(scratch, a.w1, G);
-  classifier_tail(a.w1, G, a.pre_r1 + o * a.w1.R1, a.len_norm + o, nullptr,
-                  a.pre_p1 + b * a.w1.P, a.prompt_feat + o1, s, tid, nth, sync);
+  classifier_tail(a.w1, G, b, a.pre_r1, a.len_norm + o, nullptr, a.pre_p1, a.prompt_feat + o1, s,
+                  tid, nth, sync);
   if (tid == 0) {
     const float l0 = s.logits[0], l1 = s.logits[1];
     const float m = l0 > l1 ? l0 : l1;
@@ -138,8 +154,8 @@ CARE_HD void step_tail(const StepTailArgs& a, int64_t b, float* scratch, int tid
   }
   sync();  // stage 2 reuses the scratch
   s = head_scratch(scratch, a.w2, G);
-  classifier_tail(a.w2, G, a.pre_r2 + o * a.w2.R1, nullptr, a.minority + o,
-                  a.pre_p2 + b * a.w2.P, a.prompt_feat + o1, s, tid, nth, sync);
+  classifier_tail(a.w2, G, b, a.pre_r2, nullptr, a.minority + o, a.pre_p2, a.prompt_feat + o1, s,
+                  tid, nth, sync);
   if (tid == 0) {
     expected_cag_row(s.logits, a.cag + o1, a.admissible + o1, C2, a.probs + o1, a.ecag + b);
   }

@@ -17,19 +17,30 @@ struct NoSync {
 
 }  // namespace
 
-StepTuple acquisition_step_fused_cpu(const Tensor& ids, const Tensor& lengths,
-                                     const Tensor& h_prompt, const Tensor& h_resp,
-                                     at::TensorList stage1, at::TensorList stage2, double max_len,
-                                     double cag_eps, bool cag_unbiased, double adv_eps,
-                                     bool adv_unbiased) {
+StepTuple acquisition_step_fused_split_cpu(const Tensor& ids, const Tensor& lengths,
+                                           const Tensor& h_prompt, const Tensor& h_resp,
+                                           at::TensorList stage1, at::TensorList stage2,
+                                           double max_len, double cag_eps, bool cag_unbiased,
+                                           double adv_eps, bool adv_unbiased,
+                                           at::TensorList first_layer_split) {
   const FusedStep f = prepare_fused_step(ids, lengths, h_prompt, h_resp, stage1, stage2, max_len,
-                                         cag_eps, cag_unbiased, adv_eps, adv_unbiased);
+                                         cag_eps, cag_unbiased, adv_eps, adv_unbiased,
+                                         first_layer_split);
   const int64_t scratch = step_tail_scratch_floats(f.args);
   at::parallel_for(0, f.B, 8, [&](int64_t b0, int64_t b1) {
     std::vector<float> buf(static_cast<size_t>(scratch));
     for (int64_t b = b0; b < b1; ++b) step_tail(f.args, b, buf.data(), 0, 1, NoSync{});
   });
   return f.outputs();
+}
+
+StepTuple acquisition_step_fused_cpu(const Tensor& ids, const Tensor& lengths,
+                                     const Tensor& h_prompt, const Tensor& h_resp,
+                                     at::TensorList stage1, at::TensorList stage2, double max_len,
+                                     double cag_eps, bool cag_unbiased, double adv_eps,
+                                     bool adv_unbiased) {
+  return acquisition_step_fused_split_cpu(ids, lengths, h_prompt, h_resp, stage1, stage2, max_len,
+                                          cag_eps, cag_unbiased, adv_eps, adv_unbiased, {});
 }
 
 }  // namespace care_ext

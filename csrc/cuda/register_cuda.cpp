@@ -14,6 +14,7 @@ TORCH_LIBRARY_IMPL(care_ext, CUDA, m) {
   m.impl("expected_cag", &expected_cag_cuda);
   m.impl("group_features", &group_features_cuda);
   m.impl("_acquisition_step_fused", &acquisition_step_fused_cuda);
+  m.impl("_acquisition_step_fused_split", &acquisition_step_fused_split_cuda);
 }
 
 }  // namespace care_ext

@@ -27,14 +27,16 @@ __global__ void __launch_bounds__(kTailThreads) step_tail_kernel(StepTailArgs a)
 
 }  // namespace
 
-StepTuple acquisition_step_fused_cuda(const Tensor& ids, const Tensor& lengths,
-                                      const Tensor& h_prompt, const Tensor& h_resp,
-                                      at::TensorList stage1, at::TensorList stage2, double max_len,
-                                      double cag_eps, bool cag_unbiased, double adv_eps,
-                                      bool adv_unbiased) {
+StepTuple acquisition_step_fused_split_cuda(const Tensor& ids, const Tensor& lengths,
+                                            const Tensor& h_prompt, const Tensor& h_resp,
+                                            at::TensorList stage1, at::TensorList stage2,
+                                            double max_len, double cag_eps, bool cag_unbiased,
+                                            double adv_eps, bool adv_unbiased,
+                                            at::TensorList first_layer_split) {
   const c10::cuda::CUDAGuard guard(ids.device());
   const FusedStep f = prepare_fused_step(ids, lengths, h_prompt, h_resp, stage1, stage2, max_len,
-                                         cag_eps, cag_unbiased, adv_eps, adv_unbiased);
+                                         cag_eps, cag_unbiased, adv_eps, adv_unbiased,
+                                         first_layer_split);
   if (f.B == 0) return f.outputs();
   const int64_t smem = step_tail_scratch_floats(f.args) * static_cast<int64_t>(sizeof(float));
   TORCH_CHECK(smem <= kMaxTailSmem, "care_ext._acquisition_step_fused: the classifiers need ", smem,
@@ -45,6 +47,15 @@ StepTuple acquisition_step_fused_cuda(const Tensor& ids, const Tensor& lengths,
                      c10::cuda::getCurrentCUDAStream()>>>(f.args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return f.outputs();
+}
+
+StepTuple acquisition_step_fused_cuda(const Tensor& ids, const Tensor& lengths,
+                                      const Tensor& h_prompt, const Tensor& h_resp,
+                                      at::TensorList stage1, at::TensorList stage2, double max_len,
+                                      double cag_eps, bool cag_unbiased, double adv_eps,
+                                      bool adv_unbiased) {
+  return acquisition_step_fused_split_cuda(ids, lengths, h_prompt, h_resp, stage1, stage2, max_len,
+                                           cag_eps, cag_unbiased, adv_eps, adv_unbiased, {});
 }
 
 }  // namespace care_ext

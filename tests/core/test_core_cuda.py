@@ -34,3 +34,65 @@ def test_class_weights_follow_the_label_device():
     labels = torch.tensor([0, 0, 1, 3])
     w = class_weights(labels, 5, 0.5, (0.25, 4.0))
     assert w.device == labels.device and w[2] == 0 and w[4] == 0 and w[0] < w[1]
+
+
+def _run_two(configs, steps=4, device="cuda"):
+    """Decisions and trust weights of controllers with the given configs on the same batches."""
+    world = make_world(B=32, G=8, H=64, seed=2)
+    batches = [make_batch(world, s, seed=2) for s in range(steps)]
+    gold = {u: g for b in batches for u, g in b.gold.items()}
+    ctls = [CareController(CareConfig(strategy="care", group_size=8, device=device, warmup_steps=1,
+                                      **c), GoldOracle(gold)) for c in configs]
+    out = [[] for _ in ctls]
+    for b in batches:
+        kw = b.kwargs()
+        kw["h_prompt"], kw["h_resp"] = kw["h_prompt"].bfloat16(), kw["h_resp"].bfloat16()
+        if device == "cuda":
+            kw = {k: v.cuda() if k != "lengths" else v for k, v in kw.items()}
+        for i, c in enumerate(ctls):
+            out[i].append(c.decide(b.uids, b.ids, **kw))
+            c.update()
+    return ctls, out
+
+
+@pytest.mark.cuda
+def test_split_bf16_first_layers_decide_like_float32_on_cuda():
+    """first_layer_gemm='bf16x3' (tensor-core GEMMs on split weights) decides like 'float32'."""
+    ctls, (ref, split) = _run_two([{}, {"first_layer_gemm": "bf16x3"}])
+    assert ctls[1].trainer._split  # the split path ran (its pieces were built and cached)
+    for a, b in zip(ref, split):
+        assert torch.equal(a.source, b.source)
+        torch.testing.assert_close(b.weight, a.weight, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b.reliability, a.reliability, rtol=1e-4, atol=1e-5)
+
+
+def test_split_bf16_first_layers_are_a_cuda_only_choice():
+    """On the CPU the option changes nothing (float32 first layers, bit for bit), and only the
+    documented values are accepted."""
+    with pytest.raises(ValueError, match="first_layer_gemm"):
+        CareConfig(first_layer_gemm="tf32")
+    ctls, (ref, split) = _run_two([{}, {"first_layer_gemm": "bf16x2"}], steps=3, device="cpu")
+    assert not ctls[1].trainer._split
+    for a, b in zip(ref, split):
+        assert torch.equal(a.source, b.source) and torch.equal(a.weight, b.weight)
+
+
+def test_trainer_split_cache_follows_the_weights():
+    from care_ext.bf16_split import first_layer_split
+    world = make_world(B=32, G=8, H=64, seed=2)
+    batches = [make_batch(world, s, seed=2) for s in range(3)]
+    gold = {u: g for b in batches for u, g in b.gold.items()}
+    ctl = CareController(CareConfig(strategy="care", group_size=8, warmup_steps=1), GoldOracle(gold))
+    ctl.decide(batches[0].uids, batches[0].ids, **batches[0].kwargs())
+    ctl.update()
+    tr = ctl.trainer
+    s3 = tr.first_layer_split(3)
+    assert tr.first_layer_split(3) is s3
+    w1, w2 = tr.folded()
+    for got, want in zip(s3, first_layer_split(w1, w2, tr.hidden_size, 3)):
+        assert torch.equal(got, want)
+    for b in batches[1:]:
+        ctl.decide(b.uids, b.ids, **b.kwargs())
+        ctl.update()
+    assert tr.first_layer_split(3) is not s3  # an update invalidates the pieces with the weights
+    assert not torch.equal(tr.first_layer_split(3)[0], s3[0])

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import care_ext
+from care_ext.bf16_split import first_layer_split
 from ops_testutil import R, random_ids, random_rewards, random_weights
 
 pytestmark = pytest.mark.native
@@ -35,11 +36,15 @@ def _samples(device):
         out.setdefault("acquisition_step", []).append(
             (ids, lengths, h_p, h_r, s1, s2, 50.0, 0.0, False, 1e-6, False))
         out["_acquisition_step_fused"] = out["acquisition_step"]
+        out.setdefault("_acquisition_step_fused_split", []).append(
+            (ids, lengths, h_p.bfloat16(), h_r.bfloat16(), s1, s2, 50.0, 0.0, False, 1e-6, False,
+             first_layer_split(s1, s2, H)))
     return out
 
 
 OPS = ["cluster_stats", "group_advantage", "cag", "classwise_cag", "expected_cag",
-       "group_features", "classifier_forward", "acquisition_step", "_acquisition_step_fused"]
+       "group_features", "classifier_forward", "acquisition_step", "_acquisition_step_fused",
+       "_acquisition_step_fused_split"]
 
 
 @pytest.mark.parametrize("name", OPS)

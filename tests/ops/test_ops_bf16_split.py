@@ -1,0 +1,129 @@
+"""The fused step's split-bf16 first layers (care_ext.bf16_split + ``first_layer_split``): the
+pieces reconstruct the weights to the stated bound, and the fused step on them matches the float64
+composition as tightly as the float32 path does (CPU: the same products in float32; CUDA: bf16
+tensor-core GEMMs with float32 accumulation)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from care_ext.bf16_split import first_layer_split, split_bf16
+from ops_testutil import R, assert_exact, random_ids, random_weights, to64
+
+pytestmark = pytest.mark.native
+
+
+@pytest.mark.parametrize("terms,bound", [(1, 2.0 ** -8), (2, 2.0 ** -16), (3, 2.0 ** -24)])
+def test_split_reconstructs_within_bound(terms, bound):
+    gen = torch.Generator().manual_seed(terms)
+    w = torch.randn(300, 257, generator=gen) * torch.logspace(-20, 20, 257, base=2.0)
+    w[0, :4] = torch.tensor([0.0, -0.0, 1.0, -3.0])
+    p = split_bf16(w, terms)
+    assert p.dtype == torch.bfloat16 and p.shape == (terms, *w.shape)
+    back = p.double().sum(0)
+    rel = ((back - w.double()).abs() / w.double().abs().clamp_min(1e-300)).max().item()
+    assert rel <= bound, rel
+    if terms > 1:  # the last piece carries what the earlier ones left: removing it is worse
+        worse = p[:-1].double().sum(0)
+        assert ((worse - w.double()).abs() / w.double().abs().clamp_min(1e-300)).max() > bound
+
+
+def test_split_rejects_bad_input():
+    with pytest.raises(ValueError, match="float32"):
+        split_bf16(torch.ones(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="terms"):
+        split_bf16(torch.ones(3), 4)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        split_bf16(torch.tensor([1.0, float("inf")]))
+    w = random_weights(16, 3, 1, 2, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="10 folded"):
+        first_layer_split(w[:9], w, 16)
+    with pytest.raises(ValueError, match="H = 32"):
+        first_layer_split(w, w, 32)
+
+
+def _inputs(B, G, H, seed):
+    gen = torch.Generator().manual_seed(seed)
+    ids = random_ids(B, G, gen)
+    lengths = torch.randint(1, 5000, (B, G), generator=gen)
+    h_p = torch.randn(B, H, generator=gen).bfloat16()
+    h_r = torch.randn(B, G, H, generator=gen).bfloat16()
+    s1, s2 = random_weights(H, G + 1, 1, 2, gen), random_weights(H, G + 1, 0, G + 1, gen)
+    return ids, lengths, h_p, h_r, s1, s2
+
+
+def _run(device, ids, lengths, h_p, h_r, s1, s2, split):
+    d = lambda ts: [t.to(device) for t in ts]  # noqa: E731
+    return torch.ops.care_ext._acquisition_step_fused_split(
+        ids.to(device), lengths.to(device), h_p.to(device), h_r.to(device), d(s1), d(s2), 4000.0,
+        0.0, False, 1e-6, False, d(split))
+
+
+@pytest.mark.parametrize("B,G,H", [(0, 8, 64), (1, 1, 32), (7, 5, 130), (64, 8, 256),
+                                   (33, 16, 130), (5, 64, 64), (3, 8, 4096)])
+def test_split_step_matches_composition(device, B, G, H):
+    ids, lengths, h_p, h_r, s1, s2 = _inputs(B, G, H, B * G + H)
+    got = _run(device, ids, lengths, h_p, h_r, s1, s2, first_layer_split(s1, s2, H))
+    ref64 = R.acquisition_step(ids, lengths, h_p, h_r, to64(s1), to64(s2), 4000.0, 0.0, False,
+                               1e-6, False)
+    ref32 = R.acquisition_step(ids, lengths, h_p, h_r, s1, s2, 4000.0, 0.0, False, 1e-6, False)
+    for name, g, r64, r32 in zip(R.AcquisitionOutputs._fields, got, ref64, ref32):
+        if r64.dtype in (torch.int64, torch.bool):
+            assert_exact(g, r64, name)
+        elif name in ("reliability", "stage1_logits", "probs", "ecag"):
+            # the float32 path's rule (test_ops_classifier._assert_like_torch)
+            err = (g.cpu().double() - r64.double()).abs().max().item() if g.numel() else 0.0
+            base = (r32.double() - r64.double()).abs().max().item() if g.numel() else 0.0
+            assert err <= 2 * base + 1e-5, f"{name}: max error {err:.3g} vs torch fp32 {base:.3g}"
+
+
+def test_split_terms_trade_accuracy(device):
+    """Fewer pieces: larger error against float64, in the order the bounds say (1 piece is bf16
+    weights, visibly off; 3 pieces are as close as the float32 path)."""
+    B, G, H = 48, 8, 1024
+    ids, lengths, h_p, h_r, s1, s2 = _inputs(B, G, H, 11)
+    ref64 = R.acquisition_step(ids, lengths, h_p, h_r, to64(s1), to64(s2), 4000.0, 0.0, False,
+                               1e-6, False)
+    i = R.AcquisitionOutputs._fields.index("stage1_logits")
+    errs = []
+    for terms in (1, 2, 3):
+        out = _run(device, ids, lengths, h_p, h_r, s1, s2, first_layer_split(s1, s2, H, terms))
+        errs.append((out[i].cpu().double() - ref64[i].double()).abs().max().item())
+    plain = _run(device, ids, lengths, h_p, h_r, s1, s2, [])
+    err_plain = (plain[i].cpu().double() - ref64[i].double()).abs().max().item()
+    assert errs[0] > 10 * errs[2] and errs[0] > errs[1] >= errs[2] * 0.5
+    assert errs[2] <= 2 * err_plain + 1e-6, (errs, err_plain)
+
+
+def test_split_argument_errors(device):
+    B, G, H = 4, 8, 32
+    ids, lengths, h_p, h_r, s1, s2 = _inputs(B, G, H, 2)
+    split = first_layer_split(s1, s2, H)
+    cases = [
+        (dict(h_r=h_r.float()), split, "needs bfloat16 hidden states"),
+        ({}, split[:1], "must hold 2 tensors"),
+        ({}, [split[0].float(), split[1]], r"first_layer_split\[0\] \(rollout\) must be a bfloat16"),
+        ({}, [split[0], split[1][:, :-1]], r"first_layer_split\[1\] \(prompt\) must be a bfloat16"),
+        ({}, [split[0], split[1][:2]], "same number of terms"),
+    ]
+    for over, sp, msg in cases:
+        kw = dict(ids=ids, lengths=lengths, h_p=h_p, h_r=h_r, s1=s1, s2=s2)
+        kw.update(over)
+        with pytest.raises(RuntimeError, match=msg):
+            _run(device, **kw, split=sp)
+
+
+def test_public_wrapper_passes_the_split_to_the_fused_op(device):
+    """care_ext.ops.acquisition_step(first_layer_split=...) (what the core calls with
+    CareConfig.first_layer_gemm) runs the split op, not the float32 one."""
+    import care_ext.ops as ops
+
+    ids, lengths, h_p, h_r, s1, s2 = _inputs(24, 8, 96, 4)
+    split = first_layer_split(s1, s2, 96, 1)  # 1 piece: visibly different from float32
+    d = lambda ts: [t.to(device) for t in ts]  # noqa: E731
+    args = (ids.to(device), lengths.to(device), h_p.to(device), h_r.to(device), d(s1), d(s2))
+    got = ops.acquisition_step(*args, first_layer_split=d(split))
+    want = _run(device, ids, lengths, h_p, h_r, s1, s2, split)
+    plain = ops.acquisition_step(*args)
+    i = R.AcquisitionOutputs._fields.index("stage1_logits")
+    assert torch.equal(got[i], want[i]) and not torch.equal(got[i], plain[i])
