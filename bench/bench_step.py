@@ -48,11 +48,13 @@ def batch(step: int, B: int, G: int, H: int, gen: torch.Generator, device: str):
 
 
 def run(device: str, B: int, G: int, H: int, steps: int, warmup: int, strategy: str,
-        projected: bool = False, first_layer_backward: str = "auto") -> dict:
+        projected: bool = False, first_layer_backward: str = "auto",
+        first_layer_gemm: str = "float32") -> dict:
     gen = torch.Generator().manual_seed(0)
     gold: dict[str, int] = {}
     ctl = CareController(CareConfig(strategy=strategy, group_size=G, device=device, warmup_steps=2,
-                                    first_layer_backward=first_layer_backward), GoldOracle(gold))
+                                    first_layer_backward=first_layer_backward, first_layer_gemm=first_layer_gemm,
+                                    first_layer_gemm=first_layer_gemm), GoldOracle(gold))
     t_decide, t_update, t_project = [], [], []
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for step in range(warmup + steps):
@@ -102,6 +104,8 @@ def main(argv=None) -> int:
                     choices=["auto", "autograd", "fused"],
                     help="classifier training's first-layer backward (CareConfig."
                          "first_layer_backward); several: each in turn per shape, side by side")
+    ap.add_argument("--first-layer-gemm", default="float32", choices=["float32", "bf16x3", "bf16x2"],
+                    help="the decide step's first layers on CUDA (CareConfig.first_layer_gemm)")
     ap.add_argument("--out", default="bench/out/bench_step")
     args = ap.parse_args(argv)
     if args.threads:
@@ -111,13 +115,14 @@ def main(argv=None) -> int:
     for shape in args.shapes:
         B, G, H = map(int, shape.split("x"))
         for flb in args.first_layer_backward:
-            r = run(args.device, B, G, H, args.steps, args.warmup, args.strategy, args.projected, flb)
+            r = run(args.device, B, G, H, args.steps, args.warmup, args.strategy, args.projected, flb,
+                    args.first_layer_gemm)
             r.update(device_name=name, torch=torch.__version__, threads=torch.get_num_threads(),
                      native=care_ext.HAS_NATIVE, date=time.strftime("%Y-%m-%d %H:%M:%S"))
             rows.append(r)
             proj = f", projection {r['project_ms']:.1f} ms" if r["project_ms"] is not None else ""
             print(f"{args.device} {shape:>12} {args.strategy}{' projected' if args.projected else ''}"
-                  f" [first layers: {flb}]: decide {r['decide_ms']:.1f} ms, update "
+                  f" [first layers: {flb}, {args.first_layer_gemm}]: decide {r['decide_ms']:.1f} ms, update "
                   f"{r['update_ms']:.1f} ms ({100 * r['update_share']:.0f}% of the step){proj}",
                   flush=True)
     out = Path(args.out).with_suffix(".jsonl")

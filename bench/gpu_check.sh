@@ -3,7 +3,8 @@
 # build from source, CUDA tests, benchmarks, ptxas/SASS reports, compute-sanitizer; everything
 # lands under $OUT (default bench/out/gpu) as summary.txt + gpu_check.tar.gz. Stops at GPU_CHECK_SECONDS (default 480 s: issue 7's 8 minutes), most
 # important stages first: build, op tests, the core on CUDA (default and fused step), the whole
-# step's benchmark, bench_step both ways, compute-sanitizer, then the single ops.
+# step's benchmark, bench_step three ways (default, fused, split-bf16 first layers),
+# compute-sanitizer, then the single ops.
 #
 #   device run:  bash bench/gpu_check.sh
 set -uo pipefail
@@ -70,6 +71,9 @@ for fused in 0 1; do
     --warmup 2 --out "$OUT/bench_step_fused$fused" > "$OUT/bench_step_fused$fused.log" 2>&1
   stamp "bench_step CARE_EXT_FUSED_STEP=$fused exit $? : $(grep -E 'decide' "$OUT/bench_step_fused$fused.log" | tr '\n' ' ')"
 done
+timeout "$(cap 60)" python3 "$REPO/bench/bench_step.py" --device cuda --steps 4 --warmup 2 \
+  --first-layer-gemm bf16x3 --out "$OUT/bench_step_bf16x3" > "$OUT/bench_step_bf16x3.log" 2>&1
+stamp "bench_step first_layer_gemm=bf16x3 exit $? : $(grep -E 'decide' "$OUT/bench_step_bf16x3.log" | tr '\n' ' ')"
 
 stamp "compute-sanitizer (memcheck) on every kernel"
 cat > /tmp/sanitize_ops.py <<'PY'
