@@ -53,7 +53,7 @@ def run(device: str, B: int, G: int, H: int, steps: int, warmup: int, strategy: 
     gen = torch.Generator().manual_seed(0)
     gold: dict[str, int] = {}
     ctl = CareController(CareConfig(strategy=strategy, group_size=G, device=device, warmup_steps=2,
-                                    first_layer_backward=first_layer_backward, first_layer_gemm=first_layer_gemm,
+                                    first_layer_backward=first_layer_backward,
                                     first_layer_gemm=first_layer_gemm), GoldOracle(gold))
     t_decide, t_update, t_project = [], [], []
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -86,7 +86,7 @@ def run(device: str, B: int, G: int, H: int, steps: int, warmup: int, strategy: 
     d, u = statistics.median(t_decide) * 1e3, statistics.median(t_update) * 1e3
     return dict(device=device, shape=f"{B}x{G}x{H}", strategy=strategy, decide_ms=d, update_ms=u,
                 update_share=u / (d + u), steps=steps, projected=projected,
-                first_layer_backward=first_layer_backward,
+                first_layer_backward=first_layer_backward, first_layer_gemm=first_layer_gemm,
                 project_ms=statistics.median(t_project) * 1e3 if t_project else None)
 
 
