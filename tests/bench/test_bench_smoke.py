@@ -1,0 +1,54 @@
+"""The benchmark scripts run end to end at tiny sizes and write the rows bench/RESULTS.md is made
+from (a broken benchmark would otherwise show up only on the GPU machine, costing its session)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+pytestmark = pytest.mark.native
+
+
+@pytest.fixture(autouse=True)
+def _bench_on_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+
+
+def test_bench_ops_writes_every_provider_row(tmp_path):
+    import bench_ops
+
+    out = tmp_path / "ops"
+    rc = bench_ops.main(["--device", "cpu", "--threads", "1", "--shapes", "6x4x32", "--min-time", "0.01",
+                         "--providers", "native", "reference",
+                         "--ops", "cluster_stats", "acquisition_step", "acquisition_step_fused",
+                         "acquisition_step_fused_split", "--out", str(out)])
+    assert rc == 0
+    rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert [r["op"] for r in rows] == ["cluster_stats", "acquisition_step", "acquisition_step_fused",
+                                       "acquisition_step_fused_split"]
+    for r in rows:
+        assert r["native_us"] > 0 and r["reference_us"] > 0 and "native_error" not in r, r
+        assert r["build_info"]["native"] is True and r["device"] == "cpu"
+    assert rows[1]["flops_dense"] >= rows[1]["flops_native_cpu"] > 0
+    assert out.with_suffix(".csv").exists()
+
+
+@pytest.mark.parametrize("extra", [[], ["--first-layer-backward", "autograd", "fused"],
+                                   ["--projected"], ["--first-layer-gemm", "bf16x3"]])
+def test_bench_step_runs(tmp_path, extra):
+    import bench_step
+
+    out = tmp_path / "step"
+    assert bench_step.main(["--device", "cpu", "--shapes", "12x4x32", "--steps", "2", "--warmup", "1",
+                            "--out", str(out), *extra]) == 0
+    rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert len(rows) == (2 if "fused" in extra else 1)
+    for r in rows:
+        assert r["decide_ms"] > 0 and r["update_ms"] > 0 and r["shape"] == "12x4x32"
+    if "--projected" in extra:
+        assert rows[0]["projected"] and rows[0]["project_ms"] > 0
+    if "fused" in extra:
+        assert [r["first_layer_backward"] for r in rows] == ["autograd", "fused"]
