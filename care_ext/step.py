@@ -160,10 +160,14 @@ class CareController:
         if self.trainer is None or proj is None:
             raise ValueError("projected hidden states before first_layer_projection() was called "
                              "(the classifiers did not exist yet: ship raw hidden states)")
-        if projected.version != self.step or proj.version != self.step:
+        if projected.version != self.step:
             raise ValueError(f"projected hidden states were made with the weights of step "
                              f"{projected.version}, the controller is at step {self.step} (the "
                              "classifiers change at every update: project with this step's weights)")
+        if proj.version != self.step:
+            raise ValueError(f"projected hidden states claim step {self.step}, but this step's "
+                             f"projection was never taken (the controller last handed out step "
+                             f"{proj.version}'s): call first_layer_projection() before projecting")
         wp, wr = sum(proj.prompt_split), sum(proj.resp_split)
         if tuple(projected.prompt.shape) != (B, wp):
             raise ValueError(f"projected.prompt must be [B, P1+P2] = {(B, wp)}, got {tuple(projected.prompt.shape)}")

@@ -116,6 +116,9 @@ def test_projection_is_refused_when_stale_or_mixed():
     c2_gold.update(b2.gold)
     with pytest.raises(ValueError, match="weights of step 1, the controller is at step 2"):
         c2.decide(b2.uids, b2.ids, lengths=b2.lengths, projected=ph2)  # last step's projection
+    forged = ProjectedHidden(ph2.prompt, ph2.resp, 2, ph2.fetch_raw)  # labelled step 2 by hand
+    with pytest.raises(ValueError, match="projection was never taken"):
+        c2.decide(b2.uids, b2.ids, lengths=b2.lengths, projected=forged)
     ttrl_gold, ttrl, _ = _pair("ttrl", "gold")
     assert ttrl.first_layer_projection() is None
     with pytest.raises(ValueError, match="uses no hidden states"):
