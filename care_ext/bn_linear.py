@@ -106,7 +106,9 @@ def bn_linear(bn: nn.BatchNorm1d, lin: nn.Linear, parts: list[Tensor]) -> Tensor
     with torch.no_grad():
         if train:
             bn.num_batches_tracked.add_(1)
-        m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+        m = 0.0  # no update without batch statistics
+        if train:  # momentum None: the cumulative average, as nn.BatchNorm1d
+            m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
         for p, d in zip(parts, widths):
             # ATen's BatchNorm without affine: x̂, and the running statistics updated in place (on
             # views of the module's buffers) exactly as nn.BatchNorm1d updates them

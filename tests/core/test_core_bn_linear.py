@@ -61,6 +61,17 @@ def test_bn_linear_matches_batchnorm_then_linear(layout, n, momentum):
         assert not torch.allclose(bn_f.running_mean, _layers(H + F, O, momentum)[0].running_mean)
 
 
+def test_bn_linear_single_row_on_a_fresh_cumulative_batchnorm():
+    """momentum=None and no batch seen yet: one row normalises with the initial running statistics
+    (no division by the zero batch count), as nn.BatchNorm1d in eval mode would."""
+    torch.manual_seed(1)
+    bn, lin = nn.BatchNorm1d(6, momentum=None).train(), nn.Linear(6, 3)
+    x = torch.randn(1, 6)
+    out = bn_linear(bn, lin, [x])
+    torch.testing.assert_close(out, lin(_bn(copy.deepcopy(bn), x)))
+    assert int(bn.num_batches_tracked) == 0 and torch.equal(bn.running_mean, torch.zeros(6))
+
+
 def test_bn_linear_gives_inputs_no_gradient_and_checks_its_arguments():
     bn, lin = _layers(8, 4)
     x = torch.randn(5, 8)
