@@ -35,6 +35,8 @@ def time_limit(seconds: float | None) -> Iterator[None]:
 
     ``None`` or ``<= 0`` means no limit. Must run on the main thread of its process (check with
     :func:`can_time_limit`); raises ``RuntimeError`` otherwise instead of silently not limiting.
+    Once expired, it raises again every 0.1 s (at most ``seconds``) until the block exits, so a
+    swallowed first raise does not lift the limit.
     """
     if seconds is None or seconds <= 0:
         yield
@@ -46,9 +48,19 @@ def time_limit(seconds: float | None) -> Iterator[None]:
         raise SymbolicTimeout(f"symbolic check exceeded {seconds} s")
 
     old = signal.signal(signal.SIGALRM, _fire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    # After the first expiry the timer fires again every `interval`: an exception raised while the
+    # interpreter runs a finalizer (__del__, a weakref callback) is printed and dropped ("Exception
+    # ignored in ..."), and code that catches BaseException drops it too; with a one-shot timer
+    # the block would then run unbounded (a CI run hung > 20 min in a sympy simplify inside a 1 s
+    # limit; a dropped first raise is the one way found for that to happen).
+    signal.setitimer(signal.ITIMER_REAL, seconds, min(max(seconds, 0.01), 0.1))
     try:
         yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+        while True:  # a last expiry may land here, before the timer is off: disarm regardless
+            try:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, old)
+                break
+            except SymbolicTimeout:
+                continue
