@@ -3,7 +3,8 @@
 # build from source, CUDA tests, benchmarks, ptxas/SASS reports, compute-sanitizer; everything
 # lands under $OUT (default bench/out/gpu) as summary.txt + gpu_check.tar.gz. Stops at GPU_CHECK_SECONDS (default 480 s: issue 7's 8 minutes), most
 # important stages first: build, op tests, the core on CUDA (default and fused step), the whole
-# step's benchmark, bench_step three ways (default, fused, split-bf16 first layers),
+# step's benchmark (its PASS/FAIL lines against issue 7's goals go into summary.txt,
+# bench/step_goals.py), bench_step three ways (default, fused, split-bf16 first layers),
 # compute-sanitizer, then the single ops.
 #
 #   device run:  bash bench/gpu_check.sh
@@ -66,6 +67,7 @@ timeout "$(cap 120)" python3 "$REPO/bench/bench_ops.py" --device cuda --min-time
   --ops acquisition_step acquisition_step_fused acquisition_step_fused_split --shapes 64x8x4096 1024x64x4096 512x16x4096 64x8x2048 \
   --out "$OUT/bench_step_ops" > "$OUT/bench.log" 2>&1
 stamp "bench (step) exit $? : $(grep -E '64x8x4096|1024x64x4096' "$OUT/bench.log" | tr -s ' ' | tr '\n' ';')"
+python3 "$REPO/bench/step_goals.py" "$OUT/bench_step_ops.jsonl" >> "$OUT/summary.txt" 2>&1
 for fused in 0 1; do
   CARE_EXT_FUSED_STEP=$fused timeout "$(cap 60)" python3 "$REPO/bench/bench_step.py" --device cuda --steps 4 \
     --warmup 2 --out "$OUT/bench_step_fused$fused" > "$OUT/bench_step_fused$fused.log" 2>&1

@@ -52,3 +52,30 @@ def test_bench_step_runs(tmp_path, extra):
         assert rows[0]["projected"] and rows[0]["project_ms"] > 0
     if "fused" in extra:
         assert [r["first_layer_backward"] for r in rows] == ["autograd", "fused"]
+
+
+def test_step_goals_reads_a_bench_run(tmp_path, capsys):
+    """The goal lines gpu_check.sh prints: PASS/FAIL from the run's own numbers, n/a where a
+    provider is missing, other ops and shapes ignored."""
+    import step_goals
+
+    rows = [
+        dict(op="acquisition_step", shape="64x8x4096", native_us=500.0, reference_us=2000.0,
+             cudagraph_us=400.0),
+        dict(op="acquisition_step_fused_split", shape="64x8x4096", native_us=20.0,
+             reference_us=2000.0, cudagraph_us=400.0),
+        dict(op="acquisition_step_fused_split", shape="1024x64x4096", native_us=250.0, floor_us=138.0),
+        dict(op="acquisition_step_fused", shape="1024x64x4096", native_us=1000.0, floor_us=138.0),
+        dict(op="acquisition_step_fused", shape="512x16x4096", native_us=300.0),
+        dict(op="cluster_stats", shape="64x8x4096", native_us=10.0),
+        dict(op="acquisition_step_fused", shape="64x8x4096", native_us=30.0),  # no reference row
+    ]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert step_goals.main([str(path)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 5
+    assert "<=25us:FAIL" in lines[0] and "x4.0 eager (>=70):FAIL" in lines[0] and "graph (>=15):FAIL" in lines[0]
+    assert "<=25us:PASS" in lines[1] and "x100.0 eager (>=70):PASS" in lines[1] and "x20.0 graph (>=15):PASS" in lines[1]
+    assert "1.81x floor (<=2):PASS" in lines[2] and "7.25x floor (<=2):FAIL" in lines[3]
+    assert "<=25us:FAIL" in lines[4] and "eager (>=70):n/a" in lines[4]

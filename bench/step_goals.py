@@ -1,0 +1,68 @@
+"""Issue 7's GPU goals checked against the rows of one bench_ops.py run (JSON lines).
+
+    python bench/step_goals.py $OUT/bench_step_ops.jsonl
+
+For every step op measured (acquisition_step, acquisition_step_fused, acquisition_step_fused_split)
+it prints, per shape, the host-inclusive native time and the goals that apply:
+    64x8x4096      native <= 25 us, >= 70x the eager reference, >= 15x the CUDA-graph replay
+    1024x64x4096   native <= 2x the memory floor (floor_us: reading the hidden states once)
+and PASS / FAIL / n/a (a number the run did not produce). Ratios come from one run on one
+machine, as bench/RESULTS.md requires. Exit status 0 always: this reports, it does not gate.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+STEP_OPS = ("acquisition_step", "acquisition_step_fused", "acquisition_step_fused_split")
+
+
+def _check(value: float | None, ok) -> str:
+    return "n/a" if value is None else ("PASS" if ok(value) else "FAIL")
+
+
+def _num(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def goal_lines(rows: list[dict]) -> list[str]:
+    """One line per (step op, goal shape) found in ``rows`` (bench_ops.py JSON rows)."""
+    out = []
+    for r in rows:
+        if r.get("op") not in STEP_OPS:
+            continue
+        nat = r.get("native_us")
+        name = f"{r['op']:<29} {r['shape']:>13}  native={_num(nat, '.1f')}us"
+        if r["shape"] == "64x8x4096":
+            ref, graph = r.get("reference_us"), r.get("cudagraph_us")
+            x_ref = ref / nat if ref and nat else None
+            x_graph = graph / nat if graph and nat else None
+            out.append(f"{name}  <=25us:{_check(nat, lambda v: v <= 25.0)}"
+                       f"  x{_num(x_ref, '.1f')} eager (>=70):{_check(x_ref, lambda v: v >= 70)}"
+                       f"  x{_num(x_graph, '.1f')} graph (>=15):"
+                       f"{_check(x_graph, lambda v: v >= 15)}")
+        elif r["shape"] == "1024x64x4096":
+            floor = r.get("floor_us")
+            k = nat / floor if nat and floor else None
+            out.append(f"{name}  {_num(k, '.2f')}x floor (<=2):{_check(k, lambda v: v <= 2.0)}")
+    return out
+
+
+def main(argv=None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
+        return 2
+    path = Path(args[0])
+    if not path.exists():
+        print(f"no bench rows at {path}")
+        return 0
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = goal_lines(rows)
+    print("\n".join(lines) if lines else f"no step rows at the goal shapes in {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
