@@ -66,3 +66,23 @@ def to64(ts):
 
 __all__ = ["R", "G_GRID", "B_GRID", "random_ids", "random_rewards", "assert_exact", "assert_close",
            "random_weights", "to64"]
+
+
+def assert_like_torch(got: torch.Tensor, ref32: torch.Tensor, ref64: torch.Tensor, what: str) -> None:
+    """Native error vs float64 at most 2x torch's own float32 error + 1e-5 (flash-attn's rule)."""
+    assert got.shape == ref64.shape and got.dtype == torch.float32
+    err = (got.cpu().double() - ref64).abs().max().item() if got.numel() else 0.0
+    base = (ref32.double() - ref64).abs().max().item() if got.numel() else 0.0
+    assert err <= 2 * base + 1e-5, f"{what}: max error {err:.3g} vs torch fp32 {base:.3g}"
+
+
+def step_inputs(B: int, G: int, H: int, dtype: torch.dtype, gen: torch.Generator):
+    """Inputs of one acquisition step: ids, lengths, h_prompt and h_resp in ``dtype``, and the
+    Stage-I / Stage-II folded weights (CARE-sized), all on the CPU."""
+    ids = random_ids(B, G, gen)
+    lengths = torch.randint(1, 5000, (B, G), generator=gen)
+    h_p = torch.randn(B, H, generator=gen).to(dtype)
+    h_r = torch.randn(B, G, H, generator=gen).to(dtype)
+    s1 = random_weights(H, G + 1, 1, 2, gen)
+    s2 = random_weights(H, G + 1, 0, G + 1, gen)
+    return ids, lengths, h_p, h_r, s1, s2

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from care_ext.bf16_split import first_layer_split, split_bf16
-from ops_testutil import R, assert_exact, random_ids, random_weights, to64
+from ops_testutil import (R, assert_exact, assert_like_torch, random_weights, step_inputs,
+                          to64)
 
 pytestmark = pytest.mark.native
 
@@ -43,13 +44,7 @@ def test_split_rejects_bad_input():
 
 
 def _inputs(B, G, H, seed):
-    gen = torch.Generator().manual_seed(seed)
-    ids = random_ids(B, G, gen)
-    lengths = torch.randint(1, 5000, (B, G), generator=gen)
-    h_p = torch.randn(B, H, generator=gen).bfloat16()
-    h_r = torch.randn(B, G, H, generator=gen).bfloat16()
-    s1, s2 = random_weights(H, G + 1, 1, 2, gen), random_weights(H, G + 1, 0, G + 1, gen)
-    return ids, lengths, h_p, h_r, s1, s2
+    return step_inputs(B, G, H, torch.bfloat16, torch.Generator().manual_seed(seed))
 
 
 def _run(device, ids, lengths, h_p, h_r, s1, s2, split):
@@ -71,10 +66,7 @@ def test_split_step_matches_composition(device, B, G, H):
         if r64.dtype in (torch.int64, torch.bool):
             assert_exact(g, r64, name)
         elif name in ("reliability", "stage1_logits", "probs", "ecag"):
-            # the float32 path's rule (test_ops_classifier._assert_like_torch)
-            err = (g.cpu().double() - r64.double()).abs().max().item() if g.numel() else 0.0
-            base = (r32.double() - r64.double()).abs().max().item() if g.numel() else 0.0
-            assert err <= 2 * base + 1e-5, f"{name}: max error {err:.3g} vs torch fp32 {base:.3g}"
+            assert_like_torch(g, r32, r64.double(), name)  # the float32 path's rule
 
 
 def test_split_terms_trade_accuracy(device):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ops_testutil import (B_GRID, G_GRID, R, assert_close, assert_exact, random_ids,
-                          random_weights, to64)
+from ops_testutil import (B_GRID, G_GRID, R, assert_close, assert_exact, assert_like_torch,
+                          random_ids, random_weights, step_inputs, to64)
 
 pytestmark = pytest.mark.native
 
@@ -59,14 +59,6 @@ def _classifier_case(B, G, H, dtype, gen, device, masked, with_feat):
     return got, ref32, ref64
 
 
-def _assert_like_torch(got, ref32, ref64, what):
-    """Native error vs float64 at most 2x torch's own float32 error + 1e-5 (flash-attn's rule)."""
-    assert got.shape == ref64.shape and got.dtype == torch.float32
-    err = (got.cpu().double() - ref64).abs().max().item() if got.numel() else 0.0
-    base = (ref32.double() - ref64).abs().max().item() if got.numel() else 0.0
-    assert err <= 2 * base + 1e-5, f"{what}: max error {err:.3g} vs torch fp32 {base:.3g}"
-
-
 @pytest.mark.parametrize("masked,with_feat", [(False, True), (True, False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B,G,H", [(0, 8, 64), (1, 1, 64), (7, 5, 130), (64, 8, 64),
@@ -74,7 +66,7 @@ def _assert_like_torch(got, ref32, ref64, what):
 def test_classifier_forward(device, B, G, H, dtype, masked, with_feat):
     gen = torch.Generator().manual_seed(B + G + H)
     got, ref32, ref64 = _classifier_case(B, G, H, dtype, gen, device, masked, with_feat)
-    _assert_like_torch(got, ref32, ref64, "logits")
+    assert_like_torch(got, ref32, ref64, "logits")
 
 
 def test_classifier_forward_non_contiguous(device):
@@ -88,7 +80,7 @@ def test_classifier_forward_non_contiguous(device):
     assert not (h_p.is_contiguous() or h_r.is_contiguous() or w[0].is_contiguous())
     got = torch.ops.care_ext.classifier_forward(h_p.to(device), pf.to(device), h_r.to(device),
                                                 None, None, [t.to(device) for t in w])
-    _assert_like_torch(got, R.classifier_forward(h_p, pf, h_r, None, None, w),
+    assert_like_torch(got, R.classifier_forward(h_p, pf, h_r, None, None, w),
                        R.classifier_forward(h_p, pf, h_r, None, None, to64(w)), "non-contiguous")
 
 
@@ -110,16 +102,6 @@ def test_empty_mask_row_pools_to_zero(device):
                  rtol=1e-4, atol=1e-5)
 
 
-def _step_inputs(B, G, H, dtype, gen):
-    ids = random_ids(B, G, gen)
-    lengths = torch.randint(1, 5000, (B, G), generator=gen)
-    h_p = torch.randn(B, H, generator=gen).to(dtype)
-    h_r = torch.randn(B, G, H, generator=gen).to(dtype)
-    s1 = random_weights(H, G + 1, 1, 2, gen)
-    s2 = random_weights(H, G + 1, 0, G + 1, gen)
-    return ids, lengths, h_p, h_r, s1, s2
-
-
 STEP_OPS = ["acquisition_step", "_acquisition_step_fused"]
 """The public step and the private fused one (first-layer GEMMs + one per-prompt tail: a CUDA
 kernel, or on the CPU the same arithmetic on one thread per prompt), same semantics."""
@@ -131,7 +113,7 @@ kernel, or on the CPU the same arithmetic on one thread per prompt), same semant
                                    (33, 16, 130), (5, 64, 64), (3, 8, 4096)])
 def test_acquisition_step_matches_composition(device, B, G, H, dtype, op):
     gen = torch.Generator().manual_seed(B * G + H)
-    ids, lengths, h_p, h_r, s1, s2 = _step_inputs(B, G, H, dtype, gen)
+    ids, lengths, h_p, h_r, s1, s2 = step_inputs(B, G, H, dtype, gen)
     got = getattr(torch.ops.care_ext, op)(
         ids.to(device), lengths.to(device), h_p.to(device), h_r.to(device),
         [t.to(device) for t in s1], [t.to(device) for t in s2], 4000.0, 0.0, False, 1e-6, False)
@@ -143,7 +125,7 @@ def test_acquisition_step_matches_composition(device, B, G, H, dtype, op):
         if r64.dtype in (torch.int64, torch.bool):
             assert_exact(g, r64, name)
         elif name in ("reliability", "stage1_logits", "probs", "ecag"):
-            _assert_like_torch(g, r32, r64.double(), name)
+            assert_like_torch(g, r32, r64.double(), name)
         else:
             assert_close(g, r64, name)
 
@@ -154,7 +136,7 @@ def test_public_step_routes_to_the_fused_op_on_request(device, monkeypatch):
     import care_ext.ops as ops
 
     gen = torch.Generator().manual_seed(5)
-    ids, lengths, h_p, h_r, s1, s2 = _step_inputs(40, 8, 96, torch.bfloat16, gen)
+    ids, lengths, h_p, h_r, s1, s2 = step_inputs(40, 8, 96, torch.bfloat16, gen)
     args = (ids.to(device), lengths.to(device), h_p.to(device), h_r.to(device),
             [t.to(device) for t in s1], [t.to(device) for t in s2], 4000.0, 0.0, False, 1e-6, False)
     default = torch.ops.care_ext.acquisition_step(*args)
@@ -175,7 +157,7 @@ def test_public_step_routes_to_the_fused_op_on_request(device, monkeypatch):
 def test_acquisition_step_many_blocks(device, B, G, threads, op):
     """Sizes that span several blocks (and a last partial block) on 1 and 2 intra-op threads."""
     gen = torch.Generator().manual_seed(B + G + threads)
-    ids, lengths, h_p, h_r, s1, s2 = _step_inputs(B, G, 48, torch.bfloat16, gen)
+    ids, lengths, h_p, h_r, s1, s2 = step_inputs(B, G, 48, torch.bfloat16, gen)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -189,7 +171,7 @@ def test_acquisition_step_many_blocks(device, B, G, threads, op):
     ref32 = R.acquisition_step(ids, lengths, h_p, h_r, s1, s2, 4000.0, 0.0, False, 1e-6, False)
     for name in ("stage1_logits", "probs", "ecag"):
         i = R.AcquisitionOutputs._fields.index(name)
-        _assert_like_torch(got[i], ref32[i], ref64[i].double(), name)
+        assert_like_torch(got[i], ref32[i], ref64[i].double(), name)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
@@ -211,7 +193,7 @@ def test_classifier_forward_masked_blocks_non_contiguous_mask(device, dtype):
     got = torch.ops.care_ext.classifier_forward(h_p.to(device), pf.to(device), h_r.to(device),
                                                 rf.to(device), mask.to(device),
                                                 [t.to(device) for t in w])
-    _assert_like_torch(got, R.classifier_forward(h_p, pf, h_r, rf, mask, w),
+    assert_like_torch(got, R.classifier_forward(h_p, pf, h_r, rf, mask, w),
                        R.classifier_forward(h_p, pf, h_r, rf, mask, to64(w)), "masked blocks")
 
 
@@ -236,7 +218,7 @@ def test_fused_step_tail_sees_every_input():
     minority rollout, a length or one weight of each kind changes the outputs it feeds."""
     gen = torch.Generator().manual_seed(3)
     B, G, H = 4, 8, 32
-    ids, lengths, h_p, h_r, s1, s2 = _step_inputs(B, G, H, torch.float32, gen)
+    ids, lengths, h_p, h_r, s1, s2 = step_inputs(B, G, H, torch.float32, gen)
     ids[0] = torch.tensor([1, 1, 1, 1, 2, 2, 3, -1])  # prompt 0: minority rollouts 4, 5, 6
     run = lambda **kw: torch.ops.care_ext._acquisition_step_fused(  # noqa: E731
         kw.get("ids", ids), kw.get("lengths", lengths), h_p, kw.get("h_r", h_r),
