@@ -105,32 +105,37 @@ StepTuple acquisition_step(const Tensor& ids, const Tensor& lengths, const Tenso
                            double max_len, double cag_eps, bool cag_unbiased, double adv_eps,
                            bool adv_unbiased);
 
-// The fused step as private ops (care_ext::_acquisition_step_fused and, with split-bf16 first
-// layers, care_ext::_acquisition_step_fused_split): host part in step_fused.cpp, per-prompt tail as
-// a loop over prompts (CPU) or one kernel with one block per prompt (CUDA). The split kernels with
-// an empty first_layer_split are the float32 path (what the plain ones call).
-StepTuple acquisition_step_fused_cpu(const Tensor& ids, const Tensor& lengths,
-                                     const Tensor& h_prompt, const Tensor& h_resp,
-                                     at::TensorList stage1, at::TensorList stage2, double max_len,
-                                     double cag_eps, bool cag_unbiased, double adv_eps,
-                                     bool adv_unbiased);
+// The fused step as private ops: care_ext::_acquisition_step_fused_split (split-bf16 first
+// layers; an empty first_layer_split is the float32 path) and care_ext::_acquisition_step_fused
+// (that float32 path, registered as without_split of the same kernel). Host part in
+// step_fused.cpp, per-prompt tail as a loop over prompts (CPU) or one kernel with one block per
+// prompt (CUDA).
 StepTuple acquisition_step_fused_split_cpu(const Tensor& ids, const Tensor& lengths,
                                            const Tensor& h_prompt, const Tensor& h_resp,
                                            at::TensorList stage1, at::TensorList stage2,
                                            double max_len, double cag_eps, bool cag_unbiased,
                                            double adv_eps, bool adv_unbiased,
                                            at::TensorList first_layer_split);
-StepTuple acquisition_step_fused_cuda(const Tensor& ids, const Tensor& lengths,
-                                      const Tensor& h_prompt, const Tensor& h_resp,
-                                      at::TensorList stage1, at::TensorList stage2, double max_len,
-                                      double cag_eps, bool cag_unbiased, double adv_eps,
-                                      bool adv_unbiased);
 StepTuple acquisition_step_fused_split_cuda(const Tensor& ids, const Tensor& lengths,
                                             const Tensor& h_prompt, const Tensor& h_resp,
                                             at::TensorList stage1, at::TensorList stage2,
                                             double max_len, double cag_eps, bool cag_unbiased,
                                             double adv_eps, bool adv_unbiased,
                                             at::TensorList first_layer_split);
+
+using FusedSplitKernel = StepTuple (*)(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                       at::TensorList, at::TensorList, double, double, bool,
+                                       double, bool, at::TensorList);
+
+// The plain fused op's signature over a backend's split kernel, called with no split.
+template <FusedSplitKernel Kernel>
+StepTuple without_split(const Tensor& ids, const Tensor& lengths, const Tensor& h_prompt,
+                        const Tensor& h_resp, at::TensorList stage1, at::TensorList stage2,
+                        double max_len, double cag_eps, bool cag_unbiased, double adv_eps,
+                        bool adv_unbiased) {
+  return Kernel(ids, lengths, h_prompt, h_resp, stage1, stage2, max_len, cag_eps, cag_unbiased,
+                adv_eps, adv_unbiased, {});
+}
 
 std::string build_info();
 

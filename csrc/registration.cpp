@@ -103,7 +103,7 @@ TORCH_LIBRARY_IMPL(care_ext, CPU, m) {
   m.impl("classwise_cag", &classwise_cag_cpu);
   m.impl("expected_cag", &expected_cag_cpu);
   m.impl("group_features", &group_features_cpu);
-  m.impl("_acquisition_step_fused", &acquisition_step_fused_cpu);
+  m.impl("_acquisition_step_fused", &without_split<acquisition_step_fused_split_cpu>);
   m.impl("_acquisition_step_fused_split", &acquisition_step_fused_split_cpu);
 }
 

@@ -34,13 +34,4 @@ StepTuple acquisition_step_fused_split_cpu(const Tensor& ids, const Tensor& leng
   return f.outputs();
 }
 
-StepTuple acquisition_step_fused_cpu(const Tensor& ids, const Tensor& lengths,
-                                     const Tensor& h_prompt, const Tensor& h_resp,
-                                     at::TensorList stage1, at::TensorList stage2, double max_len,
-                                     double cag_eps, bool cag_unbiased, double adv_eps,
-                                     bool adv_unbiased) {
-  return acquisition_step_fused_split_cpu(ids, lengths, h_prompt, h_resp, stage1, stage2, max_len,
-                                          cag_eps, cag_unbiased, adv_eps, adv_unbiased, {});
-}
-
 }  // namespace care_ext

@@ -13,7 +13,7 @@ TORCH_LIBRARY_IMPL(care_ext, CUDA, m) {
   m.impl("classwise_cag", &classwise_cag_cuda);
   m.impl("expected_cag", &expected_cag_cuda);
   m.impl("group_features", &group_features_cuda);
-  m.impl("_acquisition_step_fused", &acquisition_step_fused_cuda);
+  m.impl("_acquisition_step_fused", &without_split<acquisition_step_fused_split_cuda>);
   m.impl("_acquisition_step_fused_split", &acquisition_step_fused_split_cuda);
 }
 
