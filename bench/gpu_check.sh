@@ -112,4 +112,10 @@ timeout "$(cap 60)" python3 "$REPO/bench/bench_ops.py" --device cuda --min-time 
   --ops cluster_stats group_advantage cag classwise_cag expected_cag group_features \
   --shapes 64x8x4096 1024x64x4096 --out "$OUT/bench_ops" >> "$OUT/bench.log" 2>&1
 stamp "bench (ops) exit $?"
+# figures of every benchmark output (bench/plot_bench.py), if this machine's Python has matplotlib;
+# otherwise make them from the tarball's JSON lines afterwards
+if python3 -c "import matplotlib" 2>/dev/null; then
+  timeout "$(cap 30)" python3 "$REPO/bench/plot_bench.py" "$OUT"/*.jsonl --out-dir "$OUT/plots" > "$OUT/plots.log" 2>&1
+  stamp "plots exit $?"
+fi
 stamp "done"
