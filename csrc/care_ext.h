@@ -123,6 +123,12 @@ StepTuple acquisition_step_fused_split_cuda(const Tensor& ids, const Tensor& len
                                             double adv_eps, bool adv_unbiased,
                                             at::TensorList first_layer_split);
 
+// The op name that argument errors of the fused step carry: "_acquisition_step_fused_split" when
+// split pieces are given, else "_acquisition_step_fused" (the float32 path, whichever op ran it).
+inline const char* fused_step_op_name(at::TensorList first_layer_split) {
+  return first_layer_split.empty() ? "_acquisition_step_fused" : "_acquisition_step_fused_split";
+}
+
 using FusedSplitKernel = StepTuple (*)(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                        at::TensorList, at::TensorList, double, double, bool,
                                        double, bool, at::TensorList);

@@ -1,7 +1,8 @@
-// Host side of the fused acquisition step (private op care_ext::_acquisition_step_fused): argument
-// checks, the device's group_features kernel, the first-layer GEMMs (ATen: MKL on the CPU, cuBLAS
-// on CUDA) and the outputs; the per-prompt tail (step_tail.h) then runs as one CUDA kernel
-// (csrc/cuda/step_fused.cu) or a loop over prompts (csrc/cpu/step_fused.cpp). Same semantics as
+// Host side of the fused acquisition step (private ops care_ext::_acquisition_step_fused and
+// _acquisition_step_fused_split): argument checks, the device's group_features kernel, the
+// first-layer GEMMs (ATen: MKL on the CPU, cuBLAS on CUDA) and the outputs; the per-prompt tail
+// (step_tail.h) then runs as one CUDA kernel (csrc/cuda/step_fused.cu) or a loop over prompts
+// (csrc/cpu/step_fused.cpp). Same semantics as
 // acquisition_step, in ~8 launches on CUDA instead of ~30. The first layers are four float32
 // GEMMs, or, given first_layer_split (bf16 hidden states only), two bf16 tensor-core GEMMs, one
 // per input, over both stages' weights split into bf16 pieces: exact products, float32 sums.
@@ -86,7 +87,7 @@ FusedStep prepare_fused_step(const Tensor& ids, const Tensor& lengths, const Ten
                              const Tensor& h_resp, at::TensorList stage1, at::TensorList stage2,
                              double max_len, double cag_eps, bool cag_unbiased, double adv_eps,
                              bool adv_unbiased, at::TensorList first_layer_split) {
-  const char* op = "_acquisition_step_fused";
+  const char* op = fused_step_op_name(first_layer_split);
   check_step_inputs(ids, h_prompt, h_resp, op);
   const int64_t B = ids.size(0), G = ids.size(1), H = h_prompt.size(1);
   const auto dev = ids.device();

@@ -39,10 +39,11 @@ StepTuple acquisition_step_fused_split_cuda(const Tensor& ids, const Tensor& len
                                          first_layer_split);
   if (f.B == 0) return f.outputs();
   const int64_t smem = step_tail_scratch_floats(f.args) * static_cast<int64_t>(sizeof(float));
-  TORCH_CHECK(smem <= kMaxTailSmem, "care_ext._acquisition_step_fused: the classifiers need ", smem,
+  const char* op = fused_step_op_name(first_layer_split);
+  TORCH_CHECK(smem <= kMaxTailSmem, "care_ext.", op, ": the classifiers need ", smem,
               " bytes of per-prompt scratch (G * R1 + R2 + P + K + C floats), more than the ",
               kMaxTailSmem, " bytes of shared memory this kernel uses; use acquisition_step");
-  TORCH_CHECK(f.B <= 2147483647LL, "care_ext._acquisition_step_fused: B = ", f.B, " is too large");
+  TORCH_CHECK(f.B <= 2147483647LL, "care_ext.", op, ": B = ", f.B, " is too large");
   step_tail_kernel<<<static_cast<unsigned>(f.B), kTailThreads, static_cast<size_t>(smem),
                      c10::cuda::getCurrentCUDAStream()>>>(f.args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -65,7 +65,7 @@ def to64(ts):
 
 
 __all__ = ["R", "G_GRID", "B_GRID", "random_ids", "random_rewards", "assert_exact", "assert_close",
-           "random_weights", "to64"]
+           "random_weights", "to64", "assert_like_torch", "step_inputs", "assert_step_like_reference"]
 
 
 def assert_like_torch(got: torch.Tensor, ref32: torch.Tensor, ref64: torch.Tensor, what: str) -> None:
@@ -86,3 +86,22 @@ def step_inputs(B: int, G: int, H: int, dtype: torch.dtype, gen: torch.Generator
     s1 = random_weights(H, G + 1, 1, 2, gen)
     s2 = random_weights(H, G + 1, 0, G + 1, gen)
     return ids, lengths, h_p, h_r, s1, s2
+
+
+def assert_step_like_reference(got, ids, lengths, h_p, h_r, s1, s2) -> None:
+    """A step op's 10 outputs (on any device) against care_ext.reference.acquisition_step on the
+    CPU inputs (max_len 4000, cag eps 0 population, adv eps 1e-6 population): integer and bool
+    outputs exactly; the classifier outputs (reliability, stage1_logits, probs, ecag) by
+    :func:`assert_like_torch` (the float32 path's own error is the yardstick); the rest to float32
+    tolerance against float64."""
+    ref64 = R.acquisition_step(ids, lengths, h_p, h_r, to64(s1), to64(s2), 4000.0, 0.0, False,
+                               1e-6, False)
+    ref32 = R.acquisition_step(ids, lengths, h_p, h_r, s1, s2, 4000.0, 0.0, False, 1e-6, False)
+    assert len(got) == len(R.AcquisitionOutputs._fields)
+    for name, g, r64, r32 in zip(R.AcquisitionOutputs._fields, got, ref64, ref32):
+        if r64.dtype in (torch.int64, torch.bool):
+            assert_exact(g, r64, name)
+        elif name in ("reliability", "stage1_logits", "probs", "ecag"):
+            assert_like_torch(g, r32, r64.double(), name)
+        else:
+            assert_close(g, r64, name)

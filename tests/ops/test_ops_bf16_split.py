@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from care_ext.bf16_split import first_layer_split, split_bf16
-from ops_testutil import (R, assert_exact, assert_like_torch, random_weights, step_inputs,
-                          to64)
+from ops_testutil import R, assert_step_like_reference, random_weights, step_inputs, to64
 
 pytestmark = pytest.mark.native
 
@@ -59,14 +58,7 @@ def _run(device, ids, lengths, h_p, h_r, s1, s2, split):
 def test_split_step_matches_composition(device, B, G, H):
     ids, lengths, h_p, h_r, s1, s2 = _inputs(B, G, H, B * G + H)
     got = _run(device, ids, lengths, h_p, h_r, s1, s2, first_layer_split(s1, s2, H))
-    ref64 = R.acquisition_step(ids, lengths, h_p, h_r, to64(s1), to64(s2), 4000.0, 0.0, False,
-                               1e-6, False)
-    ref32 = R.acquisition_step(ids, lengths, h_p, h_r, s1, s2, 4000.0, 0.0, False, 1e-6, False)
-    for name, g, r64, r32 in zip(R.AcquisitionOutputs._fields, got, ref64, ref32):
-        if r64.dtype in (torch.int64, torch.bool):
-            assert_exact(g, r64, name)
-        elif name in ("reliability", "stage1_logits", "probs", "ecag"):
-            assert_like_torch(g, r32, r64.double(), name)  # the float32 path's rule
+    assert_step_like_reference(got, ids, lengths, h_p, h_r, s1, s2)
 
 
 def test_split_terms_trade_accuracy(device):
@@ -101,8 +93,9 @@ def test_split_argument_errors(device):
     for over, sp, msg in cases:
         kw = dict(ids=ids, lengths=lengths, h_p=h_p, h_r=h_r, s1=s1, s2=s2)
         kw.update(over)
-        with pytest.raises(RuntimeError, match=msg):
+        with pytest.raises(RuntimeError, match=msg) as err:
             _run(device, **kw, split=sp)
+        assert "care_ext._acquisition_step_fused_split:" in str(err.value)  # the op that was called
 
 
 def test_public_wrapper_passes_the_split_to_the_fused_op(device):

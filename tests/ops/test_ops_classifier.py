@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from ops_testutil import (B_GRID, G_GRID, R, assert_close, assert_exact, assert_like_torch,
-                          random_ids, random_weights, step_inputs, to64)
+                          assert_step_like_reference, random_ids, random_weights, step_inputs,
+                          to64)
 
 pytestmark = pytest.mark.native
 
@@ -117,17 +118,7 @@ def test_acquisition_step_matches_composition(device, B, G, H, dtype, op):
     got = getattr(torch.ops.care_ext, op)(
         ids.to(device), lengths.to(device), h_p.to(device), h_r.to(device),
         [t.to(device) for t in s1], [t.to(device) for t in s2], 4000.0, 0.0, False, 1e-6, False)
-    ref64 = R.acquisition_step(ids, lengths, h_p, h_r, to64(s1), to64(s2), 4000.0, 0.0, False,
-                               1e-6, False)
-    ref32 = R.acquisition_step(ids, lengths, h_p, h_r, s1, s2, 4000.0, 0.0, False, 1e-6, False)
-    assert len(got) == len(R.AcquisitionOutputs._fields)
-    for name, g, r64, r32 in zip(R.AcquisitionOutputs._fields, got, ref64, ref32):
-        if r64.dtype in (torch.int64, torch.bool):
-            assert_exact(g, r64, name)
-        elif name in ("reliability", "stage1_logits", "probs", "ecag"):
-            assert_like_torch(g, r32, r64.double(), name)
-        else:
-            assert_close(g, r64, name)
+    assert_step_like_reference(got, ids, lengths, h_p, h_r, s1, s2)
 
 
 def test_public_step_routes_to_the_fused_op_on_request(device, monkeypatch):
