@@ -34,13 +34,15 @@ import torch
 import care_ext
 from care_ext import reference as R
 from care_ext.bf16_split import first_layer_split
+from care_ext.ops import fused_step_layout
 
 SHAPES = {"cpu": ["64x8x2048", "64x8x3072", "64x8x4096", "512x16x4096"],
           "cuda": ["64x8x2048", "64x8x3072", "64x8x4096", "512x16x4096", "1024x64x4096"]}
 
 
 def make_inputs(B: int, G: int, H: int, device: str, hidden_dtype: torch.dtype, seed: int = 0):
-    """Realistic step inputs: clustered answer ids, lengths, hidden states, CARE-sized weights."""
+    """Realistic step inputs: clustered answer ids, lengths, hidden states, CARE-sized weights
+    (on CUDA stored column-major, as the CARE core passes them: care_ext.ops.fused_step_layout)."""
     gen = torch.Generator().manual_seed(seed)
     n = torch.randint(1, G + 1, (B, 1), generator=gen)
     ids = (torch.rand(B, G, generator=gen) * n).long()
@@ -56,12 +58,15 @@ def make_inputs(B: int, G: int, H: int, device: str, hidden_dtype: torch.dtype, 
                 for s in shapes]
 
     s1, s2 = weights(G + 1, 1, 2), weights(G + 1, 0, G + 1)
+    split = first_layer_split(s1, s2, H)
+    if device == "cuda":  # the layout the CARE core passes on CUDA (ClassifierTrainer.folded)
+        s1, s2 = fused_step_layout(s1), fused_step_layout(s2)
     r = (torch.rand(B, G, generator=gen) < 0.4).float()
     r2 = (torch.rand(B, G, generator=gen) < 0.4).float()
     to = lambda t: t.to(device)  # noqa: E731
     return dict(ids=to(ids), lengths=to(lengths), h_p=to(h_p), h_r=to(h_r),
                 s1=[to(t) for t in s1], s2=[to(t) for t in s2], r=to(r), r2=to(r2),
-                split=[to(t) for t in first_layer_split(s1, s2, H)],
+                split=[to(t) for t in split],
                 sizes=to(R.cluster_stats(ids)[1]), logits=to(torch.randn(B, G + 1, generator=gen)))
 
 

@@ -82,6 +82,7 @@ cat > /tmp/sanitize_ops.py <<'PY'
 import torch, care_ext
 from care_ext import reference as R
 from care_ext.bf16_split import first_layer_split
+from care_ext.ops import fused_step_layout
 g = torch.Generator().manual_seed(0)
 for B, G in ((0, 8), (1, 1), (37, 8), (5, 64)):
     ids = (torch.rand(B, G, generator=g) * 4).long(); ids[torch.rand(B, G, generator=g) < .2] = -1
@@ -95,8 +96,9 @@ for B, G in ((0, 8), (1, 1), (37, 8), (5, 64)):
     w = lambda Fp, Fr, C: [t.cuda() for t in (torch.randn(128, H + Fp), torch.randn(128), torch.randn(64, H + Fr),
                           torch.randn(64), torch.randn(512, 64), torch.randn(512), torch.randn(256, 640),
                           torch.randn(256), torch.randn(C, 256), torch.randn(C))]
-    torch.ops.care_ext._acquisition_step_fused(ids, torch.ones(B, G, device="cuda"), torch.randn(B, H, device="cuda"),
-        torch.randn(B, G, H, device="cuda").bfloat16(), w(G + 1, 1, 2), w(G + 1, 0, G + 1), 10., 0., False, 1e-6, False)
+    for lay in (list, fused_step_layout):  # row-major and column-major (the core's CUDA layout)
+        torch.ops.care_ext._acquisition_step_fused(ids, torch.ones(B, G, device="cuda"), torch.randn(B, H, device="cuda"),
+            torch.randn(B, G, H, device="cuda").bfloat16(), lay(w(G + 1, 1, 2)), lay(w(G + 1, 0, G + 1)), 10., 0., False, 1e-6, False)
     s1, s2 = w(G + 1, 1, 2), w(G + 1, 0, G + 1)  # split-bf16 first layers: bf16 GEMMs, fp32 out
     torch.ops.care_ext._acquisition_step_fused_split(ids, torch.ones(B, G, device="cuda"),
         torch.randn(B, H, device="cuda").bfloat16(), torch.randn(B, G, H, device="cuda").bfloat16(), s1, s2,

@@ -115,6 +115,33 @@ def classifier_forward(h_prompt: Tensor, prompt_feat: Tensor, h_resp: Tensor,
     return reference.classifier_forward(h_prompt, prompt_feat, h_resp, resp_feat, resp_mask, weights)
 
 
+def fused_step_layout(weights: Sequence[Tensor]) -> list[Tensor]:
+    """The 10 folded weights of one classifier with every matrix stored column-major.
+
+    Same shapes and values (``[out, in]`` tensors whose memory is ``[in, out]`` row-major, i.e.
+    ``w.t().contiguous().t()``); biases unchanged. Every op accepts any strides; this is the layout
+    in which the fused step's per-prompt CUDA kernel (``_acquisition_step_fused[_split]``) reads
+    the weights coalesced: one thread per output unit, a warp's 32 threads read 32 consecutive
+    floats. The CARE core keeps its folded weights in this layout on CUDA
+    (:meth:`care_ext.trainer.ClassifierTrainer.folded`).
+
+    Args:
+        weights: 10 tensors in :data:`care_ext.reference.CLASSIFIER_WEIGHT_NAMES` order.
+
+    Raises:
+        ValueError: not 10 tensors, or a matrix slot (even index) that is not 2-D.
+    """
+    w = list(weights)
+    if len(w) != 10:
+        raise ValueError(f"fused_step_layout takes the 10 folded weights, got {len(w)}")
+    for i in range(0, 10, 2):
+        if w[i].dim() != 2:
+            raise ValueError(f"weights[{i}] ({reference.CLASSIFIER_WEIGHT_NAMES[i]}) must be 2-D, "
+                             f"got shape {tuple(w[i].shape)}")
+        w[i] = w[i].t().contiguous().t()
+    return w
+
+
 def acquisition_step(ids: Tensor, lengths: Tensor, h_prompt: Tensor, h_resp: Tensor,
                      stage1: Sequence[Tensor], stage2: Sequence[Tensor], max_len: float = MAX_LEN,
                      cag_eps: float = CAG_EPS, cag_unbiased: bool = CAG_UNBIASED,

@@ -72,7 +72,8 @@ void check_step_inputs(const Tensor& ids, const Tensor& h_prompt, const Tensor& 
 // device's group_features kernel, the first-layer GEMM outputs (float32: four plain ones, or with
 // first_layer_split two stacked ones in pre_r1 / pre_p1 holding T terms per unit), the
 // allocated outputs, and the raw-pointer arguments of the per-prompt tail (step_tail.h). `keep`
-// holds the contiguous weight copies the pointers refer to.
+// holds the contiguous bias vectors the pointers refer to (weight matrices are read in place,
+// through their strides).
 struct FusedStep {
   Tensor rank, sizes, prompt_feat, len_norm, minority, cag, admissible, pseudo, pseudo_adv;
   Tensor pre_r1, pre_r2, pre_p1, pre_p2;

@@ -53,23 +53,27 @@ void check_split(at::TensorList split, const Tensor& h_prompt, const Tensor& h_r
               split[0].size(0), " and ", split[1].size(0));
 }
 
+// A 2-D weight as the tail reads it: through its own strides, never copied (a column-major
+// weight, care_ext.ops.fused_step_layout, is what the CUDA kernel reads coalesced).
+Mat mat(const Tensor& t) { return Mat{t.data_ptr<float>(), t.stride(0), t.stride(1)}; }
+
 HeadWeights head_weights(const Weights& w, std::vector<Tensor>& keep, int64_t H, int64_t Fp,
                          int64_t Fr) {
-  auto ptr = [&](const Tensor& t) {
+  auto vec = [&](const Tensor& t) {
     keep.push_back(t.contiguous());
     return keep.back().data_ptr<float>();
   };
   HeadWeights h{};
-  h.pw = ptr(w.pw);
-  h.pb = ptr(w.pb);
-  h.r1w = ptr(w.r1w);
-  h.r1b = ptr(w.r1b);
-  h.r2w = ptr(w.r2w);
-  h.r2b = ptr(w.r2b);
-  h.h1w = ptr(w.h1w);
-  h.h1b = ptr(w.h1b);
-  h.h2w = ptr(w.h2w);
-  h.h2b = ptr(w.h2b);
+  h.pw = mat(w.pw);
+  h.r1w = mat(w.r1w);
+  h.r2w = mat(w.r2w);
+  h.h1w = mat(w.h1w);
+  h.h2w = mat(w.h2w);
+  h.pb = vec(w.pb);
+  h.r1b = vec(w.r1b);
+  h.r2b = vec(w.r2b);
+  h.h1b = vec(w.h1b);
+  h.h2b = vec(w.h2b);
   h.H = static_cast<int>(H);
   h.Fp = static_cast<int>(Fp);
   h.Fr = static_cast<int>(Fr);

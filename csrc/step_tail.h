@@ -8,15 +8,31 @@
 // one block (CUDA: one block per prompt, sync = __syncthreads) or on one thread (CPU: tid 0,
 // nth 1, sync = no-op), so the CPU build tests exactly the arithmetic that the kernel runs.
 // Semantics are those of care_ext.reference.acquisition_step (see classifier_parts.h).
+//
+// Memory access on the GPU: every loop gives one output unit per thread and sums over that unit's
+// inputs in order, so thread t reads element (t, j) of a weight matrix at step j. Weights are read
+// through their strides (Mat): stored column-major ([in, out] in memory, what
+// care_ext.ops.fused_step_layout and the trainer on CUDA provide) the 32 threads of a warp read 32
+// consecutive floats, one 128-byte line per load; row-major they read 32 lines per load (correct,
+// and ~32x the L1 traffic). The two classifiers are independent: the CUDA kernel runs them in two
+// blocks per prompt (blockIdx.y = stage), which halves the serial work of a block.
 #pragma once
 
 #include "group_math.h"
 
 namespace care_ext {
 
-// One classifier's folded weights as float32 row-major (contiguous) pointers and its sizes.
+// A float32 matrix read through its strides: element (r, c) is p[r * rs + c * cs].
+struct Mat {
+  const float* p;
+  int64_t rs, cs;
+  CARE_HD float at(int64_t r, int64_t c) const { return p[r * rs + c * cs]; }
+};
+
+// One classifier's folded weights (matrices through their strides, biases contiguous) and sizes.
 struct HeadWeights {
-  const float *pw, *pb, *r1w, *r1b, *r2w, *r2b, *h1w, *h1b, *h2w, *h2b;
+  Mat pw, r1w, r2w, h1w, h2w;
+  const float *pb, *r1b, *r2b, *h1b, *h2b;
   int H, Fp, Fr, P, R1, R2, K, C;
 };
 
@@ -69,14 +85,12 @@ CARE_HD void classifier_tail(const HeadWeights& w, int G, int64_t b, PreAct pre_
   for (int i = tid; i < G * w.R1; i += nth) {  // rollout layer 1: bias, features, ReLU
     const int g = i / w.R1, k = i - g * w.R1;
     float v = pre_r.at(b * G + g, k) + w.r1b[k];
-    const float* wf = w.r1w + static_cast<int64_t>(k) * (w.H + w.Fr) + w.H;
-    for (int f = 0; f < w.Fr; ++f) v += wf[f] * rfeat[g * w.Fr + f];
+    for (int f = 0; f < w.Fr; ++f) v += w.r1w.at(k, w.H + f) * rfeat[g * w.Fr + f];
     s.r1[i] = relu_f(v);
   }
   for (int i = tid; i < w.P; i += nth) {  // prompt branch: bias, features, ReLU
     float v = pre_p.at(b, i) + w.pb[i];
-    const float* wf = w.pw + static_cast<int64_t>(i) * (w.H + w.Fp) + w.H;
-    for (int f = 0; f < w.Fp; ++f) v += wf[f] * pfeat[f];
+    for (int f = 0; f < w.Fp; ++f) v += w.pw.at(i, w.H + f) * pfeat[f];
     s.p[i] = relu_f(v);
   }
   sync();
@@ -84,30 +98,27 @@ CARE_HD void classifier_tail(const HeadWeights& w, int G, int64_t b, PreAct pre_
   for (int g = 0; g < G; ++g) count += (mask == nullptr || mask[g]) ? 1 : 0;
   const float inv = count > 0 ? 1.f / static_cast<float>(count) : 0.f;  // empty mask: pool 0
   for (int j = tid; j < w.R2; j += nth) {  // rollout layer 2 + ReLU + (masked) mean pool
-    const float* wr = w.r2w + static_cast<int64_t>(j) * w.R1;
     float acc = 0.f;
     for (int g = 0; g < G; ++g) {
       if (mask != nullptr && !mask[g]) continue;
       const float* r1 = s.r1 + g * w.R1;
       float v = w.r2b[j];
-      for (int k = 0; k < w.R1; ++k) v += wr[k] * r1[k];
+      for (int k = 0; k < w.R1; ++k) v += w.r2w.at(j, k) * r1[k];
       acc += relu_f(v);
     }
     s.pool[j] = acc * inv;
   }
   sync();
   for (int i = tid; i < w.K; i += nth) {  // head layer 1 on [p ; pool]
-    const float* wh = w.h1w + static_cast<int64_t>(i) * (w.P + w.R2);
     float v = w.h1b[i];
-    for (int j = 0; j < w.P; ++j) v += wh[j] * s.p[j];
-    for (int j = 0; j < w.R2; ++j) v += wh[w.P + j] * s.pool[j];
+    for (int j = 0; j < w.P; ++j) v += w.h1w.at(i, j) * s.p[j];
+    for (int j = 0; j < w.R2; ++j) v += w.h1w.at(i, w.P + j) * s.pool[j];
     s.z[i] = relu_f(v);
   }
   sync();
   for (int c = tid; c < w.C; c += nth) {  // head layer 2
-    const float* wh = w.h2w + static_cast<int64_t>(c) * w.K;
     float v = w.h2b[c];
-    for (int i = 0; i < w.K; ++i) v += wh[i] * s.z[i];
+    for (int i = 0; i < w.K; ++i) v += w.h2w.at(c, i) * s.z[i];
     s.logits[c] = v;
   }
   sync();
@@ -130,34 +141,38 @@ struct StepTailArgs {
   float* ecag;               // [B]
 };
 
-// Scratch floats one prompt needs (both stages reuse the same scratch, one after the other).
+// Scratch floats one block needs (the larger stage's: one scratch serves either stage).
 CARE_HD int step_tail_scratch_floats(const StepTailArgs& a) {
   const int s1 = head_scratch_floats(a.w1, a.G), s2 = head_scratch_floats(a.w2, a.G);
   return s1 > s2 ? s1 : s2;
 }
 
+// One stage of prompt b: stage 0 = Stage-I (reliability and its logits), 1 = Stage-II (probs over
+// the admissible classes and expected CAG). The stages share nothing but read-only inputs.
 template <class Sync>
-CARE_HD void step_tail(const StepTailArgs& a, int64_t b, float* scratch, int tid, int nth,
-                       Sync sync) {
+CARE_HD void step_tail(const StepTailArgs& a, int64_t b, int stage, float* scratch, int tid,
+                       int nth, Sync sync) {
   const int G = a.G, C2 = G + 1;
   const int64_t o = b * G, o1 = b * C2;
-  HeadScratch s = head_scratch(scratch, a.w1, G);
-  classifier_tail(a.w1, G, b, a.pre_r1, a.len_norm + o, nullptr, a.pre_p1, a.prompt_feat + o1, s,
-                  tid, nth, sync);
-  if (tid == 0) {
-    const float l0 = s.logits[0], l1 = s.logits[1];
-    const float m = l0 > l1 ? l0 : l1;
-    const float e0 = expf(l0 - m), e1 = expf(l1 - m);
-    a.logits1[2 * b] = l0;
-    a.logits1[2 * b + 1] = l1;
-    a.reliability[b] = e1 / (e0 + e1);
-  }
-  sync();  // stage 2 reuses the scratch
-  s = head_scratch(scratch, a.w2, G);
-  classifier_tail(a.w2, G, b, a.pre_r2, nullptr, a.minority + o, a.pre_p2, a.prompt_feat + o1, s,
-                  tid, nth, sync);
-  if (tid == 0) {
-    expected_cag_row(s.logits, a.cag + o1, a.admissible + o1, C2, a.probs + o1, a.ecag + b);
+  if (stage == 0) {
+    const HeadScratch s = head_scratch(scratch, a.w1, G);
+    classifier_tail(a.w1, G, b, a.pre_r1, a.len_norm + o, nullptr, a.pre_p1, a.prompt_feat + o1,
+                    s, tid, nth, sync);
+    if (tid == 0) {
+      const float l0 = s.logits[0], l1 = s.logits[1];
+      const float m = l0 > l1 ? l0 : l1;
+      const float e0 = expf(l0 - m), e1 = expf(l1 - m);
+      a.logits1[2 * b] = l0;
+      a.logits1[2 * b + 1] = l1;
+      a.reliability[b] = e1 / (e0 + e1);
+    }
+  } else {
+    const HeadScratch s = head_scratch(scratch, a.w2, G);
+    classifier_tail(a.w2, G, b, a.pre_r2, nullptr, a.minority + o, a.pre_p2, a.prompt_feat + o1,
+                    s, tid, nth, sync);
+    if (tid == 0) {
+      expected_cag_row(s.logits, a.cag + o1, a.admissible + o1, C2, a.probs + o1, a.ecag + b);
+    }
   }
 }
 

@@ -1,6 +1,7 @@
 // CUDA backend of the private fused step: after the host part (group_features kernel + four cuBLAS
 // GEMMs, step_fused.cpp), one kernel runs the whole per-prompt tail of step_tail.h, one block of
-// kTailThreads threads per prompt, its scratch in dynamic shared memory.
+// kTailThreads threads per prompt and classifier (blockIdx.y: 0 = Stage-I, 1 = Stage-II), its
+// scratch in dynamic shared memory.
 #include "common.cuh"
 
 #include "../classifier_parts.h"
@@ -21,7 +22,8 @@ struct BlockSync {
 
 __global__ void __launch_bounds__(kTailThreads) step_tail_kernel(StepTailArgs a) {
   extern __shared__ float scratch[];
-  step_tail(a, static_cast<int64_t>(blockIdx.x), scratch, static_cast<int>(threadIdx.x),
+  step_tail(a, static_cast<int64_t>(blockIdx.x), static_cast<int>(blockIdx.y), scratch,
+            static_cast<int>(threadIdx.x),
             static_cast<int>(blockDim.x), BlockSync{});
 }
 
@@ -44,7 +46,8 @@ StepTuple acquisition_step_fused_split_cuda(const Tensor& ids, const Tensor& len
               " bytes of per-prompt scratch (G * R1 + R2 + P + K + C floats), more than the ",
               kMaxTailSmem, " bytes of shared memory this kernel uses; use acquisition_step");
   TORCH_CHECK(f.B <= 2147483647LL, "care_ext.", op, ": B = ", f.B, " is too large");
-  step_tail_kernel<<<static_cast<unsigned>(f.B), kTailThreads, static_cast<size_t>(smem),
+  const dim3 grid(static_cast<unsigned>(f.B), 2);  // one block per prompt and stage
+  step_tail_kernel<<<grid, kTailThreads, static_cast<size_t>(smem),
                      c10::cuda::getCurrentCUDAStream()>>>(f.args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return f.outputs();

@@ -96,3 +96,32 @@ def test_trainer_split_cache_follows_the_weights():
         ctl.update()
     assert tr.first_layer_split(3) is not s3  # an update invalidates the pieces with the weights
     assert not torch.equal(tr.first_layer_split(3)[0], s3[0])
+
+
+def _folded_after_one_update(device):
+    world = make_world(B=32, G=8, H=64, seed=3)
+    b = make_batch(world, 0, seed=3)
+    ctl = CareController(CareConfig(strategy="care", group_size=8, warmup_steps=1, device=device),
+                         GoldOracle(dict(b.gold)))
+    kw = b.kwargs() if device == "cpu" else {k: v.cuda() if k != "lengths" else v
+                                              for k, v in b.kwargs().items()}
+    ctl.decide(b.uids, b.ids, **kw)
+    ctl.update()
+    return ctl.trainer.folded(), ctl.trainer
+
+
+def test_folded_weights_are_row_major_on_the_cpu():
+    """Off CUDA the core passes fold()'s contiguous weights (the CPU kernels' and the lab's layout)."""
+    (w1, w2), tr = _folded_after_one_update("cpu")
+    for got, want in zip(w1 + w2, tr.stage1.fold() + tr.stage2.fold()):
+        assert got.is_contiguous() and torch.equal(got, want)
+
+
+@pytest.mark.cuda
+def test_folded_weights_are_column_major_on_cuda():
+    """On CUDA the matrices are stored column-major (the fused tail's coalesced layout), same values."""
+    (w1, w2), tr = _folded_after_one_update("cuda")
+    for i, (got, want) in enumerate(zip(w1 + w2, tr.stage1.fold() + tr.stage2.fold())):
+        assert torch.equal(got, want)
+        if got.dim() == 2:
+            assert got.t().is_contiguous() and not got.is_contiguous(), i

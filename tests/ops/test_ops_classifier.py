@@ -121,6 +121,61 @@ def test_acquisition_step_matches_composition(device, B, G, H, dtype, op):
     assert_step_like_reference(got, ids, lengths, h_p, h_r, s1, s2)
 
 
+def _weight_layout(ws, layout):
+    """The same weights stored row-major, column-major (care_ext.ops.fused_step_layout: the CUDA
+    tail's coalesced layout) or as strided views into larger buffers (row stride > columns)."""
+    import care_ext.ops as ops
+
+    if layout == "row":
+        return [w.contiguous() for w in ws]
+    if layout == "column":
+        out = ops.fused_step_layout(ws)
+        assert all(not out[i].is_contiguous() and out[i].t().is_contiguous() for i in range(0, 10, 2))
+        return out
+    out = list(ws)
+    for i in range(0, 10, 2):
+        big = torch.full((ws[i].shape[0] + 3, ws[i].shape[1] + 5), float("nan"))
+        big[1:-2, 2:-3] = ws[i]
+        out[i] = big[1:-2, 2:-3]
+    return out
+
+
+@pytest.mark.parametrize("op", STEP_OPS + ["_acquisition_step_fused_split"])
+@pytest.mark.parametrize("layout", ["row", "column", "strided"])
+@pytest.mark.parametrize("B,G,H", [(1, 1, 32), (33, 16, 130), (5, 64, 64)])
+def test_step_reads_weights_through_their_strides(device, B, G, H, layout, op):
+    """The fused step's tail reads weight matrices in place through their strides (no copies);
+    column-major and strided views (NaN around them: a wrong stride reads NaN) give the reference's
+    results, and the tail's arithmetic order does not depend on the layout."""
+    from care_ext.bf16_split import first_layer_split
+
+    gen = torch.Generator().manual_seed(B + G + H)
+    ids, lengths, h_p, h_r, s1, s2 = step_inputs(B, G, H, torch.bfloat16, gen)
+    d = lambda ts: [t.to(device) for t in ts]  # noqa: E731
+    w1, w2 = d(_weight_layout(s1, layout)), d(_weight_layout(s2, layout))
+    extra = [d(first_layer_split(s1, s2, H))] if op.endswith("_split") else []
+    args = (ids.to(device), lengths.to(device), h_p.to(device), h_r.to(device))
+    consts = (4000.0, 0.0, False, 1e-6, False)
+    got = getattr(torch.ops.care_ext, op)(*args, w1, w2, *consts, *extra)
+    assert_step_like_reference(got, ids, lengths, h_p, h_r, s1, s2)
+    if op.endswith("_split"):  # the GEMMs read the split pieces: the layout reaches the tail only
+        row = getattr(torch.ops.care_ext, op)(*args, d(s1), d(s2), *consts, *extra)
+        assert all(torch.equal(g, r) for g, r in zip(got, row)), layout
+
+
+def test_fused_step_layout_checks_its_input():
+    import care_ext.ops as ops
+
+    w = random_weights(16, 3, 1, 2, torch.Generator().manual_seed(0))
+    out = ops.fused_step_layout(w)
+    assert all(torch.equal(a, b) for a, b in zip(out, w))
+    assert all(out[i] is w[i] for i in range(1, 10, 2))  # biases untouched
+    with pytest.raises(ValueError, match="10 folded weights, got 9"):
+        ops.fused_step_layout(w[:9])
+    with pytest.raises(ValueError, match=r"weights\[4\] \(resp2_w\) must be 2-D"):
+        ops.fused_step_layout(w[:4] + [w[4].flatten()] + w[5:])
+
+
 def test_public_step_routes_to_the_fused_op_on_request(device, monkeypatch):
     """care_ext.ops.acquisition_step (what the core calls) runs the default kernel, or the private
     fused one with CARE_EXT_FUSED_STEP=1 (so a GPU check can run the core both ways)."""
