@@ -10,8 +10,10 @@
 
 #if defined(__CUDACC__)
 #define CARE_HD __host__ __device__ __forceinline__
+#define CARE_UNROLL _Pragma("unroll")  // loops over compile-time tile sizes: registers, not memory
 #else
 #define CARE_HD inline
+#define CARE_UNROLL
 #endif
 
 namespace care_ext {

@@ -54,19 +54,30 @@ struct PreAct {
   }
 };
 
-// Per-prompt scratch of one classifier: r1 [G*R1], pool [R2], p [P], z [K], logits [C].
+// Rollout layer 2 in register tiles: the pooled rollouts go kL2Rows at a time (their ReLU outputs
+// staged in out2, then added to the pool in rollout order), each thread computes a kL2TileRows x
+// kL2TileUnits tile of (rollout, unit) outputs, so one weight load serves kL2TileRows rollouts and
+// one r1 load (a broadcast) kL2TileUnits units.
+constexpr int kL2Rows = 8;
+constexpr int kL2TileRows = 4;
+constexpr int kL2TileUnits = 4;
+
+// Per-prompt scratch of one classifier: r1 [G*R1], rows [G] (the pooled rollouts' indices, as
+// floats), out2 [kL2Rows*R2], pool [R2], p [P], z [K], logits [C].
 struct HeadScratch {
-  float *r1, *pool, *p, *z, *logits;
+  float *r1, *rows, *out2, *pool, *p, *z, *logits;
 };
 
 CARE_HD int head_scratch_floats(const HeadWeights& w, int G) {
-  return G * w.R1 + w.R2 + w.P + w.K + w.C;
+  return G * w.R1 + G + kL2Rows * w.R2 + w.R2 + w.P + w.K + w.C;
 }
 
 CARE_HD HeadScratch head_scratch(float* base, const HeadWeights& w, int G) {
   HeadScratch s;
   s.r1 = base;
-  s.pool = s.r1 + G * w.R1;
+  s.rows = s.r1 + G * w.R1;
+  s.out2 = s.rows + G;
+  s.pool = s.out2 + kL2Rows * w.R2;
   s.p = s.pool + w.R2;
   s.z = s.p + w.P;
   s.logits = s.z + w.K;
@@ -93,21 +104,67 @@ CARE_HD void classifier_tail(const HeadWeights& w, int G, int64_t b, PreAct pre_
     for (int f = 0; f < w.Fp; ++f) v += w.pw.at(i, w.H + f) * pfeat[f];
     s.p[i] = relu_f(v);
   }
+  for (int j = tid; j < w.R2; j += nth) s.pool[j] = 0.f;
+  if (tid == 0) {  // the pooled rollouts in order: the mask's true entries, or all G
+    int n = 0;
+    for (int g = 0; g < G; ++g) {
+      if (mask == nullptr || mask[g]) s.rows[n++] = static_cast<float>(g);
+    }
+  }
   sync();
   int count = 0;
   for (int g = 0; g < G; ++g) count += (mask == nullptr || mask[g]) ? 1 : 0;
   const float inv = count > 0 ? 1.f / static_cast<float>(count) : 0.f;  // empty mask: pool 0
-  for (int j = tid; j < w.R2; j += nth) {  // rollout layer 2 + ReLU + (masked) mean pool
-    float acc = 0.f;
-    for (int g = 0; g < G; ++g) {
-      if (mask != nullptr && !mask[g]) continue;
-      const float* r1 = s.r1 + g * w.R1;
-      float v = w.r2b[j];
-      for (int k = 0; k < w.R1; ++k) v += w.r2w.at(j, k) * r1[k];
-      acc += relu_f(v);
+  // rollout layer 2 + ReLU + (masked) mean pool: out(g, j) = relu(r2b[j] + sum_k r2w(j, k) r1(g, k)),
+  // each summed over k in order; pool[j] = inv * (sum over the pooled g, in order, of out(g, j))
+  const int n_tj = (w.R2 + kL2TileUnits - 1) / kL2TileUnits;
+  for (int c0 = 0; c0 < count; c0 += kL2Rows) {  // same trip count in every thread
+    const int gc = count - c0 < kL2Rows ? count - c0 : kL2Rows;
+    const int n_tt = (gc + kL2TileRows - 1) / kL2TileRows;
+    for (int it = tid; it < n_tt * n_tj; it += nth) {  // consecutive threads: consecutive units
+      const int tt = it / n_tj, jt = it - tt * n_tj;
+      const int t0 = tt * kL2TileRows, j0 = jt * kL2TileUnits;
+      const float* r1p[kL2TileRows];
+      float v[kL2TileRows][kL2TileUnits];
+CARE_UNROLL
+      for (int a = 0; a < kL2TileRows; ++a) {  // a partial tile repeats its last row (not stored)
+        const int t = t0 + a < gc ? t0 + a : gc - 1;
+        r1p[a] = s.r1 + static_cast<int>(s.rows[c0 + t]) * w.R1;
+      }
+CARE_UNROLL
+      for (int u = 0; u < kL2TileUnits; ++u) {
+        const float bias = j0 + u < w.R2 ? w.r2b[j0 + u] : 0.f;
+CARE_UNROLL
+        for (int a = 0; a < kL2TileRows; ++a) v[a][u] = bias;
+      }
+      for (int k = 0; k < w.R1; ++k) {
+        float wv[kL2TileUnits];
+CARE_UNROLL
+        for (int u = 0; u < kL2TileUnits; ++u) wv[u] = j0 + u < w.R2 ? w.r2w.at(j0 + u, k) : 0.f;
+CARE_UNROLL
+        for (int a = 0; a < kL2TileRows; ++a) {
+          const float x = r1p[a][k];
+CARE_UNROLL
+          for (int u = 0; u < kL2TileUnits; ++u) v[a][u] += wv[u] * x;
+        }
+      }
+CARE_UNROLL
+      for (int a = 0; a < kL2TileRows; ++a) {
+CARE_UNROLL
+        for (int u = 0; u < kL2TileUnits; ++u) {
+          if (t0 + a < gc && j0 + u < w.R2) s.out2[(t0 + a) * w.R2 + j0 + u] = relu_f(v[a][u]);
+        }
+      }
     }
-    s.pool[j] = acc * inv;
+    sync();
+    for (int j = tid; j < w.R2; j += nth) {  // the thread that owns pool[j] adds in rollout order
+      float acc = s.pool[j];
+      for (int t = 0; t < gc; ++t) acc += s.out2[t * w.R2 + j];
+      s.pool[j] = acc;
+    }
+    sync();  // out2 is overwritten by the next chunk
   }
+  for (int j = tid; j < w.R2; j += nth) s.pool[j] *= inv;
   sync();
   for (int i = tid; i < w.K; i += nth) {  // head layer 1 on [p ; pool]
     float v = w.h1b[i];
