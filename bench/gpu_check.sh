@@ -4,8 +4,9 @@
 # lands under $OUT (default bench/out/gpu) as summary.txt + gpu_check.tar.gz. Stops at GPU_CHECK_SECONDS (default 480 s: issue 7's 8 minutes), most
 # important stages first: build, op tests, the core on CUDA (default and fused step), the whole
 # step's benchmark (its PASS/FAIL lines against issue 7's goals go into summary.txt,
-# bench/step_goals.py), bench_step three ways (default, fused, split-bf16 first layers),
-# compute-sanitizer, then the single ops.
+# bench/step_goals.py), the device time per kernel of one step call (bench/profile_step.py),
+# bench_step three ways (default, fused, split-bf16 first layers), compute-sanitizer, then the
+# single ops and the figures (bench/plot_bench.py).
 #
 #   device run:  bash bench/gpu_check.sh
 set -uo pipefail
@@ -68,6 +69,10 @@ timeout "$(cap 120)" python3 "$REPO/bench/bench_ops.py" --device cuda --min-time
   --out "$OUT/bench_step_ops" > "$OUT/bench.log" 2>&1
 stamp "bench (step) exit $? : $(grep -E '64x8x4096|1024x64x4096' "$OUT/bench.log" | tr -s ' ' | tr '\n' ';')"
 python3 "$REPO/bench/step_goals.py" "$OUT/bench_step_ops.jsonl" >> "$OUT/summary.txt" 2>&1
+# device time per kernel of one step call (which kernel to work on next); totals into summary.txt
+timeout "$(cap 45)" python3 "$REPO/bench/profile_step.py" --device cuda --shapes 64x8x4096 1024x64x4096 \
+  --out "$OUT/profile_step" > "$OUT/profile_step.log" 2>&1
+stamp "profile_step exit $? : $(grep -E '^acquisition_step' "$OUT/profile_step.log" | tr '\n' ';')"
 for fused in 0 1; do
   CARE_EXT_FUSED_STEP=$fused timeout "$(cap 60)" python3 "$REPO/bench/bench_step.py" --device cuda --steps 4 \
     --warmup 2 --out "$OUT/bench_step_fused$fused" > "$OUT/bench_step_fused$fused.log" 2>&1

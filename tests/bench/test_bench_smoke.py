@@ -79,3 +79,20 @@ def test_step_goals_reads_a_bench_run(tmp_path, capsys):
     assert "<=25us:PASS" in lines[1] and "x100.0 eager (>=70):PASS" in lines[1] and "x20.0 graph (>=15):PASS" in lines[1]
     assert "1.81x floor (<=2):PASS" in lines[2] and "7.25x floor (<=2):FAIL" in lines[3]
     assert "<=25us:FAIL" in lines[4] and "eager (>=70):n/a" in lines[4]
+
+
+def test_profile_step_reports_every_op(tmp_path):
+    import profile_step
+
+    out = tmp_path / "prof"
+    assert profile_step.main(["--device", "cpu", "--shapes", "6x4x32", "--calls", "2",
+                              "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert {r["op"] for r in rows} == set(profile_step.OPS)
+    for op in profile_step.OPS:
+        mine = [r for r in rows if r["op"] == op]
+        assert any(r["kernel"].startswith("care_ext::") for r in mine), op  # the op itself is seen
+        assert abs(sum(r["us"] for r in mine) - mine[0]["total_us"]) < 1e-6 * mine[0]["total_us"] + 1e-9
+    text = out.with_suffix(".txt").read_text()
+    assert all(f"{op} 6x4x32 (cpu)" in text for op in profile_step.OPS)
+    assert profile_step.main(["--device", "cpu", "--calls", "0", "--out", str(out)]) == 2

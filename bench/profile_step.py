@@ -1,0 +1,102 @@
+"""Where the fused step's time goes: device time per kernel of one call, from torch.profiler.
+
+    python bench/profile_step.py --device cuda --shapes 64x8x4096 1024x64x4096 --out $OUT/profile_step
+    python bench/profile_step.py --device cpu --shapes 64x8x256
+
+For each shape and op (``acquisition_step``: the public composite; ``acquisition_step_fused``: the
+private fused op, float32 first layers; ``acquisition_step_fused_split``: its split-bf16 GEMMs) it
+profiles ``--calls`` calls after a warm-up, on the inputs bench_ops.py builds (column-major
+weights on CUDA, as the CARE core passes them), and reports per kernel (CUDA) or per ATen op
+(CPU) its calls and time per step call, sorted by time, plus the total and the share of the
+largest. bench_ops.py says how fast the step is; this says which kernel to work on next. Rows go to
+``--out`` as JSON lines (one per shape, op and kernel) and a text table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import care_ext
+
+OPS = ("acquisition_step", "acquisition_step_fused", "acquisition_step_fused_split")
+
+
+def kernel_times(fn, device: str, calls: int) -> list[tuple[str, int, float]]:
+    """(name, calls per step call, µs per step call) of what ``fn`` runs, largest first.
+
+    CUDA: device time of every kernel and memcpy/memset (the profiler's device events); CPU: the
+    self time of every ATen op and the custom op itself (host events).
+    """
+    for _ in range(3):
+        fn()
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+        torch.cuda.synchronize()
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(calls):
+            fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        us = (e.self_device_time_total if device == "cuda" else e.self_cpu_time_total) / calls
+        if device == "cuda" and e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        if us > 0:
+            rows.append((e.key, round(e.count / calls), us))
+    return sorted(rows, key=lambda r: -r[2])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--shapes", nargs="*", default=["64x8x4096", "1024x64x4096"])
+    ap.add_argument("--ops", nargs="*", default=list(OPS), choices=OPS)
+    ap.add_argument("--calls", type=int, default=20, help="profiled calls per shape and op")
+    ap.add_argument("--out", default="bench/out/profile_step", help="output path prefix")
+    args = ap.parse_args(argv)
+    if not care_ext.HAS_NATIVE:
+        print(f"native library not loaded: {care_ext.NATIVE_ERROR}", file=sys.stderr)
+        return 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device", file=sys.stderr)
+        return 2
+    if args.calls < 1:
+        print("--calls must be >= 1", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_ops import make_inputs, op_calls
+
+    native = torch.ops.care_ext
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lines = []
+    with open(out.with_suffix(".jsonl"), "w") as jsonl:
+        for shape in args.shapes:
+            B, G, H = map(int, shape.split("x"))
+            x = make_inputs(B, G, H, args.device, torch.bfloat16)
+            calls = op_calls(x, native)
+            for op in args.ops:
+                rows = kernel_times(calls[op], args.device, args.calls)
+                total = sum(r[2] for r in rows)
+                lines.append(f"{op} {shape} ({args.device}): {total:.1f} us per call in "
+                             f"{sum(r[1] for r in rows)} {'kernels' if args.device == 'cuda' else 'op calls'}")
+                for name, n, us in rows[:12]:
+                    lines.append(f"  {us:9.1f} us {us / total:6.1%}  x{n:<3d} {name[:90]}")
+                for name, n, us in rows:
+                    jsonl.write(json.dumps(dict(device=args.device, shape=shape, op=op, kernel=name,
+                                                calls=n, us=us, total_us=total,
+                                                torch=torch.__version__)) + "\n")
+    text = "\n".join(lines)
+    out.with_suffix(".txt").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
