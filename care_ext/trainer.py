@@ -97,18 +97,38 @@ class ClassifierTrainer:
         return balanced_ce(out, b["count"], cfg.class_balance_power, cfg.class_weight_clip,
                            admissible=b["admissible"])
 
-    def _step(self, module, opt, loss: Tensor) -> None:
+    def _step(self, module, opt, loss: Tensor, buffers: list[Tensor]) -> bool:
+        """One AdamW step on ``loss``; skipped (False) when the loss or the gradient norm is not
+        finite, so one diverged batch cannot turn the classifiers' weights into NaN (the decisions
+        of every later step would be silently arbitrary). A skipped step also puts back the
+        BatchNorm buffers as they were before its forward (``buffers``: their copies)."""
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(module.parameters(), self.cfg.grad_clip)
+        ok = bool(torch.isfinite(loss.detach()))
+        if ok:
+            loss.backward()
+            if self.cfg.grad_clip > 0:
+                norm = torch.nn.utils.clip_grad_norm_(module.parameters(), self.cfg.grad_clip)
+                ok = bool(torch.isfinite(norm))
+        if not ok:
+            opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for b, saved in zip(module.buffers(), buffers):
+                    b.copy_(saved)
+            return False
         opt.step()
+        return True
+
+    @staticmethod
+    def _buffers(module) -> list[Tensor]:
+        return [b.detach().clone() for b in module.buffers()]
 
     def train(self, samples: list[Sample]) -> dict[str, float]:
         """One RL step of classifier training on ``samples`` (this step's labels) plus replay.
 
-        Returns metrics (means over the gradient steps): ``train/stage1_loss``,
-        ``train/stage1_aux_loss``, ``train/stage2_loss``, ``train/samples``. A stage whose batch
+        Returns metrics (means over the gradient steps taken): ``train/stage1_loss``,
+        ``train/stage1_aux_loss``, ``train/stage2_loss``, ``train/samples``, and
+        ``train/nonfinite_skipped`` (gradient steps skipped for a non-finite loss or gradient
+        norm; absent when none was). A stage whose batch
         has fewer than 2 samples skips its step (BatchNorm needs 2). No samples: no training.
         """
         cfg = self.cfg
@@ -117,21 +137,27 @@ class ClassifierTrainer:
         m = {"train/samples": float(len(cur1))}
         if not cur1:
             return m
-        l1, la, l2, n1, n2 = 0.0, 0.0, 0.0, 0, 0
+        l1, la, l2, n1, n2, skipped = 0.0, 0.0, 0.0, 0, 0, 0
         self.stage1.train()
         self.stage2.train()
         try:
             for _ in range(cfg.train_steps):
                 b1 = cur1 + self.replay1.sample(cfg.replay_batch, self.gen)
                 if len(b1) >= 2:
+                    saved = self._buffers(self.stage1)
                     loss, aux = self._stage1_loss(self._batch(b1))
-                    self._step(self.stage1, self.opt1, loss)
-                    l1, la, n1 = l1 + float(loss.detach()), la + aux, n1 + 1
+                    if self._step(self.stage1, self.opt1, loss, saved):
+                        l1, la, n1 = l1 + float(loss.detach()), la + aux, n1 + 1
+                    else:
+                        skipped += 1
                 b2 = cur2 + self.replay2.sample_stratified(cfg.replay_batch, self.gen)
                 if len(b2) >= 2 and cur2:
+                    saved = self._buffers(self.stage2)
                     loss = self._stage2_loss(self._batch(b2))
-                    self._step(self.stage2, self.opt2, loss)
-                    l2, n2 = l2 + float(loss.detach()), n2 + 1
+                    if self._step(self.stage2, self.opt2, loss, saved):
+                        l2, n2 = l2 + float(loss.detach()), n2 + 1
+                    else:
+                        skipped += 1
         finally:
             self.stage1.eval()
             self.stage2.eval()
@@ -144,6 +170,8 @@ class ClassifierTrainer:
             m["train/stage1_loss"], m["train/stage1_aux_loss"] = l1 / n1, la / n1
         if n2:
             m["train/stage2_loss"] = l2 / n2
+        if skipped:
+            m["train/nonfinite_skipped"] = float(skipped)
         return m
 
     # ------------------------------------------------------------------------------------------

@@ -88,3 +88,50 @@ def test_balanced_ce_masks_inadmissible_classes_and_rejects_inadmissible_labels(
     torch.testing.assert_close(loss, (w[0] * torch.log(torch.tensor(2.0)) + w[1] * row1) / 2)
     with pytest.raises(ValueError, match="not admissible"):
         balanced_ce(logits, torch.tensor([1, 1]), 0.5, (0.25, 4.0), admissible=adm)
+
+
+def _samples(n, G, H, seed):
+    """n labelled samples with random features (both stages' labels present)."""
+    from care_ext.replay import Sample
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        minority = torch.rand(G, generator=g) < 0.5
+        minority[0] = True
+        adm = torch.ones(G + 1, dtype=torch.bool)
+        out.append(Sample(h_prompt=torch.randn(H, generator=g), h_resp=torch.randn(G, H, generator=g),
+                          prompt_feat=torch.rand(G + 1, generator=g), len_norm=torch.rand(G, generator=g),
+                          minority=minority, admissible=adm, cag=torch.rand(G + 1, generator=g),
+                          correct=torch.rand(G, generator=g) < 0.5, majority_correct=i % 2,
+                          count=(i % 3) if i % 2 == 0 else 0, true_cag=0.5))
+    return out
+
+
+def test_a_non_finite_batch_skips_its_steps_and_leaves_the_classifiers_finite():
+    """A batch with a NaN (decide keeps them out; a replayed or hand-built sample need not) makes a
+    NaN loss: its gradient steps are skipped and reported, the BatchNorm statistics its forward had
+    moved are put back, the weights stay as they were, and a later clean batch trains as usual."""
+    from care_ext.trainer import ClassifierTrainer
+
+    G, H = 4, 8
+    cfg = CareConfig(group_size=G, hidden_size=H, prompt_dim=16, resp_hidden_dim=8, resp_out_dim=12,
+                     head_dim=10, replay_batch=0)
+    tr = ClassifierTrainer(cfg, H)
+    tr.train(_samples(6, G, H, 0))
+    before = {k: v.clone() for k, v in tr.stage1.state_dict().items()}
+    bad = _samples(6, G, H, 1)
+    bad[0].h_resp[0, 0] = float("nan")
+    m = tr.train(bad)
+    assert m["train/nonfinite_skipped"] >= cfg.train_steps  # every Stage-I step saw the sample
+    assert "train/stage1_loss" not in m
+    for k, v in tr.stage1.state_dict().items():
+        if k.endswith("num_batches_tracked"):
+            continue
+        assert torch.equal(v, before[k]), k
+    for t in list(tr.stage1.parameters()) + list(tr.stage2.parameters()) + list(tr.stage2.buffers()):
+        assert torch.isfinite(t).all()
+    assert all(torch.isfinite(w).all() for ws in tr.folded() for w in ws)
+    m = tr.train(_samples(6, G, H, 2))
+    assert "train/nonfinite_skipped" not in m and m["train/stage1_loss"] > 0
+    assert not torch.equal(tr.stage1.state_dict()["head.fc2.weight"], before["head.fc2.weight"])
