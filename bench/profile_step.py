@@ -6,9 +6,9 @@
 For each shape and op (``acquisition_step``: the public composite; ``acquisition_step_fused``: the
 private fused op, float32 first layers; ``acquisition_step_fused_split``: its split-bf16 GEMMs) it
 profiles ``--calls`` calls after a warm-up, on the inputs bench_ops.py builds (column-major
-weights on CUDA, as the CARE core passes them), and reports per kernel (CUDA) or per ATen op
-(CPU) its calls and time per step call, sorted by time, plus the total and the share of the
-largest. bench_ops.py says how fast the step is; this says which kernel to work on next. Rows go to
+weights on CUDA, as the CARE core passes them), and reports, sorted by time per step call, the
+host side (self CPU time of every dispatched op: the custom op, ATen ops, allocations) and on CUDA
+the device side (every kernel, memcpy and memset), with totals and shares. bench_ops.py says how fast the step is; this says which kernel to work on next. Rows go to
 ``--out`` as JSON lines (one per shape, op and kernel) and a text table.
 """
 from __future__ import annotations
@@ -25,11 +25,13 @@ import care_ext
 OPS = ("acquisition_step", "acquisition_step_fused", "acquisition_step_fused_split")
 
 
-def kernel_times(fn, device: str, calls: int) -> list[tuple[str, int, float]]:
-    """(name, calls per step call, µs per step call) of what ``fn`` runs, largest first.
+def kernel_times(fn, device: str, calls: int) -> dict[str, list[tuple[str, int, float]]]:
+    """What ``fn`` costs per call, by side: ``{"host": rows, "device": rows}`` (``device`` only on
+    CUDA), each row (name, calls per step call, µs per step call), largest first.
 
-    CUDA: device time of every kernel and memcpy/memset (the profiler's device events); CPU: the
-    self time of every ATen op and the custom op itself (host events).
+    host: the self CPU time of every op the call dispatches (the custom op itself, ATen ops,
+    allocations), which bounds the host-inclusive time at CARE's small sizes; device: the device
+    time of every CUDA kernel, memcpy and memset.
     """
     for _ in range(3):
         fn()
@@ -42,14 +44,17 @@ def kernel_times(fn, device: str, calls: int) -> list[tuple[str, int, float]]:
             fn()
         if device == "cuda":
             torch.cuda.synchronize()
-    rows = []
+    out: dict[str, list] = {"host": []}
+    if device == "cuda":
+        out["device"] = []
     for e in prof.key_averages():
-        us = (e.self_device_time_total if device == "cuda" else e.self_cpu_time_total) / calls
-        if device == "cuda" and e.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        if us > 0:
-            rows.append((e.key, round(e.count / calls), us))
-    return sorted(rows, key=lambda r: -r[2])
+        on_device = e.device_type == torch.autograd.DeviceType.CUDA
+        if on_device and device == "cuda":
+            out["device"].append((e.key, round(e.count / calls), e.self_device_time_total / calls))
+        elif not on_device:
+            out["host"].append((e.key, round(e.count / calls), e.self_cpu_time_total / calls))
+    return {side: sorted([r for r in rows if r[2] > 0], key=lambda r: -r[2])
+            for side, rows in out.items()}
 
 
 def main(argv=None) -> int:
@@ -82,16 +87,17 @@ def main(argv=None) -> int:
             x = make_inputs(B, G, H, args.device, torch.bfloat16)
             calls = op_calls(x, native)
             for op in args.ops:
-                rows = kernel_times(calls[op], args.device, args.calls)
-                total = sum(r[2] for r in rows)
-                lines.append(f"{op} {shape} ({args.device}): {total:.1f} us per call in "
-                             f"{sum(r[1] for r in rows)} {'kernels' if args.device == 'cuda' else 'op calls'}")
-                for name, n, us in rows[:12]:
-                    lines.append(f"  {us:9.1f} us {us / total:6.1%}  x{n:<3d} {name[:90]}")
-                for name, n, us in rows:
-                    jsonl.write(json.dumps(dict(device=args.device, shape=shape, op=op, kernel=name,
-                                                calls=n, us=us, total_us=total,
-                                                torch=torch.__version__)) + "\n")
+                for side, rows in kernel_times(calls[op], args.device, args.calls).items():
+                    total = sum(r[2] for r in rows)
+                    what = "kernels" if side == "device" else "op calls"
+                    lines.append(f"{op} {shape} ({args.device}, {side}): {total:.1f} us per call in "
+                                 f"{sum(r[1] for r in rows)} {what}")
+                    for name, n, us in rows[:12]:
+                        lines.append(f"  {us:9.1f} us {us / max(total, 1e-12):6.1%}  x{n:<3d} {name[:90]}")
+                    for name, n, us in rows:
+                        jsonl.write(json.dumps(dict(device=args.device, shape=shape, op=op, side=side,
+                                                    kernel=name, calls=n, us=us, total_us=total,
+                                                    torch=torch.__version__)) + "\n")
     text = "\n".join(lines)
     out.with_suffix(".txt").write_text(text + "\n")
     print(text)
