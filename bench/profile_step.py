@@ -1,4 +1,4 @@
-"""Where the fused step's time goes: device time per kernel of one call, from torch.profiler.
+"""Where the fused step's time goes: host and device time per op and kernel, from torch.profiler.
 
     python bench/profile_step.py --device cuda --shapes 64x8x4096 1024x64x4096 --out $OUT/profile_step
     python bench/profile_step.py --device cpu --shapes 64x8x256
@@ -8,8 +8,9 @@ private fused op, float32 first layers; ``acquisition_step_fused_split``: its sp
 profiles ``--calls`` calls after a warm-up, on the inputs bench_ops.py builds (column-major
 weights on CUDA, as the CARE core passes them), and reports, sorted by time per step call, the
 host side (self CPU time of every dispatched op: the custom op, ATen ops, allocations) and on CUDA
-the device side (every kernel, memcpy and memset), with totals and shares. bench_ops.py says how fast the step is; this says which kernel to work on next. Rows go to
-``--out`` as JSON lines (one per shape, op and kernel) and a text table.
+the device side (every kernel, memcpy and memset), with totals and shares. bench_ops.py says how
+fast the step is; this says which kernel to work on next. Rows go to ``--out`` as JSON lines (one
+per shape, op, side and kernel) and a text table.
 """
 from __future__ import annotations
 

@@ -120,6 +120,7 @@ class ClassifierTrainer:
 
     @staticmethod
     def _buffers(module) -> list[Tensor]:
+        """Copies of a module's buffers (BatchNorm statistics), for :meth:`_step` to put back."""
         return [b.detach().clone() for b in module.buffers()]
 
     def train(self, samples: list[Sample]) -> dict[str, float]:
@@ -128,8 +129,8 @@ class ClassifierTrainer:
         Returns metrics (means over the gradient steps taken): ``train/stage1_loss``,
         ``train/stage1_aux_loss``, ``train/stage2_loss``, ``train/samples``, and
         ``train/nonfinite_skipped`` (gradient steps skipped for a non-finite loss or gradient
-        norm; absent when none was). A stage whose batch
-        has fewer than 2 samples skips its step (BatchNorm needs 2). No samples: no training.
+        norm; absent when none was). A stage whose batch has fewer than 2 samples skips its step
+        (BatchNorm needs 2). No samples: no training.
         """
         cfg = self.cfg
         cur1 = list(samples)

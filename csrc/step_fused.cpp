@@ -2,10 +2,10 @@
 // _acquisition_step_fused_split): argument checks, the device's group_features kernel, the
 // first-layer GEMMs (ATen: MKL on the CPU, cuBLAS on CUDA) and the outputs; the per-prompt tail
 // (step_tail.h) then runs as one CUDA kernel (csrc/cuda/step_fused.cu) or a loop over prompts
-// (csrc/cpu/step_fused.cpp). Same semantics as
-// acquisition_step, in ~8 launches on CUDA instead of ~30. The first layers are four float32
-// GEMMs, or, given first_layer_split (bf16 hidden states only), two bf16 tensor-core GEMMs, one
-// per input, over both stages' weights split into bf16 pieces: exact products, float32 sums.
+// (csrc/cpu/step_fused.cpp). Same semantics as acquisition_step, in ~8 launches on CUDA instead
+// of ~30. The first layers are four float32 GEMMs, or, given first_layer_split (bf16 hidden
+// states only), two bf16 tensor-core GEMMs, one per input, over both stages' weights split into
+// bf16 pieces: exact products, float32 sums.
 #include "classifier_parts.h"
 
 #include <ATen/ops/empty.h>

@@ -30,7 +30,9 @@ StepTuple acquisition_step_fused_split_cpu(const Tensor& ids, const Tensor& leng
   at::parallel_for(0, f.B, 8, [&](int64_t b0, int64_t b1) {
     std::vector<float> buf(static_cast<size_t>(scratch));
     for (int64_t b = b0; b < b1; ++b) {
-      for (int stage = 0; stage < 2; ++stage) step_tail(f.args, b, stage, buf.data(), 0, 1, NoSync{});
+      for (int stage = 0; stage < 2; ++stage) {  // the CUDA kernel's two blocks per prompt
+        step_tail(f.args, b, stage, buf.data(), 0, 1, NoSync{});
+      }
     }
   });
   return f.outputs();
