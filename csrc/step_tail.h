@@ -62,6 +62,12 @@ constexpr int kL2Rows = 8;
 constexpr int kL2TileRows = 4;
 constexpr int kL2TileUnits = 4;
 
+// Steps of the k sum whose weights a rollout layer-2 tile loads before using them, and of a head
+// dot product (dot_in_order): on the GPU each thread then has kL2Steps * kL2TileUnits, or kDotChunk,
+// independent loads in flight instead of one per multiply-add (latency-bound L2 reads otherwise).
+constexpr int kL2Steps = 4;
+constexpr int kDotChunk = 16;
+
 // Per-prompt scratch of one classifier: r1 [G*R1], rows [G] (the pooled rollouts' indices, as
 // floats), out2 [kL2Rows*R2], pool [R2], p [P], z [K], logits [C].
 struct HeadScratch {
@@ -85,6 +91,21 @@ CARE_HD HeadScratch head_scratch(float* base, const HeadWeights& w, int G) {
 }
 
 CARE_HD float relu_f(float v) { return v > 0.f ? v : 0.f; }
+
+// v + sum over j < n, in order, of W(r, c0 + j) * x[j]; the weights of kDotChunk steps are loaded
+// before they are multiplied (same sums, more loads in flight).
+CARE_HD float dot_in_order(const Mat& W, int64_t r, int64_t c0, const float* x, int n, float v) {
+  int j = 0;
+  for (; j + kDotChunk <= n; j += kDotChunk) {
+    float wv[kDotChunk];
+    CARE_UNROLL
+    for (int t = 0; t < kDotChunk; ++t) wv[t] = W.at(r, c0 + j + t);
+    CARE_UNROLL
+    for (int t = 0; t < kDotChunk; ++t) v += wv[t] * x[j + t];
+  }
+  for (; j < n; ++j) v += W.at(r, c0 + j) * x[j];
+  return v;
+}
 
 // Logits of one classifier for one prompt b, left in s.logits (all threads may read them after
 // the final sync). pre_r (rows b*G .. b*G+G-1) and pre_p (row b) are the first-layer GEMM outputs
@@ -126,31 +147,51 @@ CARE_HD void classifier_tail(const HeadWeights& w, int G, int64_t b, PreAct pre_
       const int t0 = tt * kL2TileRows, j0 = jt * kL2TileUnits;
       const float* r1p[kL2TileRows];
       float v[kL2TileRows][kL2TileUnits];
-CARE_UNROLL
+      CARE_UNROLL
       for (int a = 0; a < kL2TileRows; ++a) {  // a partial tile repeats its last row (not stored)
         const int t = t0 + a < gc ? t0 + a : gc - 1;
         r1p[a] = s.r1 + static_cast<int>(s.rows[c0 + t]) * w.R1;
       }
-CARE_UNROLL
+      CARE_UNROLL
       for (int u = 0; u < kL2TileUnits; ++u) {
         const float bias = j0 + u < w.R2 ? w.r2b[j0 + u] : 0.f;
-CARE_UNROLL
+        CARE_UNROLL
         for (int a = 0; a < kL2TileRows; ++a) v[a][u] = bias;
       }
-      for (int k = 0; k < w.R1; ++k) {
+      int k = 0;
+      for (; k + kL2Steps <= w.R1; k += kL2Steps) {  // loads of kL2Steps steps first, then use
+        float wv[kL2Steps][kL2TileUnits];
+        CARE_UNROLL
+        for (int q = 0; q < kL2Steps; ++q) {
+          CARE_UNROLL
+          for (int u = 0; u < kL2TileUnits; ++u) {
+            wv[q][u] = j0 + u < w.R2 ? w.r2w.at(j0 + u, k + q) : 0.f;
+          }
+        }
+        CARE_UNROLL
+        for (int q = 0; q < kL2Steps; ++q) {
+          CARE_UNROLL
+          for (int a = 0; a < kL2TileRows; ++a) {
+            const float x = r1p[a][k + q];
+            CARE_UNROLL
+            for (int u = 0; u < kL2TileUnits; ++u) v[a][u] += wv[q][u] * x;
+          }
+        }
+      }
+      for (; k < w.R1; ++k) {  // the last R1 % kL2Steps steps
         float wv[kL2TileUnits];
-CARE_UNROLL
+        CARE_UNROLL
         for (int u = 0; u < kL2TileUnits; ++u) wv[u] = j0 + u < w.R2 ? w.r2w.at(j0 + u, k) : 0.f;
-CARE_UNROLL
+        CARE_UNROLL
         for (int a = 0; a < kL2TileRows; ++a) {
           const float x = r1p[a][k];
-CARE_UNROLL
+          CARE_UNROLL
           for (int u = 0; u < kL2TileUnits; ++u) v[a][u] += wv[u] * x;
         }
       }
-CARE_UNROLL
+      CARE_UNROLL
       for (int a = 0; a < kL2TileRows; ++a) {
-CARE_UNROLL
+        CARE_UNROLL
         for (int u = 0; u < kL2TileUnits; ++u) {
           if (t0 + a < gc && j0 + u < w.R2) s.out2[(t0 + a) * w.R2 + j0 + u] = relu_f(v[a][u]);
         }
@@ -167,16 +208,12 @@ CARE_UNROLL
   for (int j = tid; j < w.R2; j += nth) s.pool[j] *= inv;
   sync();
   for (int i = tid; i < w.K; i += nth) {  // head layer 1 on [p ; pool]
-    float v = w.h1b[i];
-    for (int j = 0; j < w.P; ++j) v += w.h1w.at(i, j) * s.p[j];
-    for (int j = 0; j < w.R2; ++j) v += w.h1w.at(i, w.P + j) * s.pool[j];
-    s.z[i] = relu_f(v);
+    const float v = dot_in_order(w.h1w, i, 0, s.p, w.P, w.h1b[i]);
+    s.z[i] = relu_f(dot_in_order(w.h1w, i, w.P, s.pool, w.R2, v));
   }
   sync();
   for (int c = tid; c < w.C; c += nth) {  // head layer 2
-    float v = w.h2b[c];
-    for (int i = 0; i < w.K; ++i) v += w.h2w.at(c, i) * s.z[i];
-    s.logits[c] = v;
+    s.logits[c] = dot_in_order(w.h2w, c, 0, s.z, w.K, w.h2b[c]);
   }
   sync();
 }

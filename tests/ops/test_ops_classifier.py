@@ -163,6 +163,31 @@ def test_step_reads_weights_through_their_strides(device, B, G, H, layout, op):
         assert all(torch.equal(g, r) for g, r in zip(got, row)), layout
 
 
+@pytest.mark.parametrize("op", STEP_OPS + ["_acquisition_step_fused_split"])
+@pytest.mark.parametrize("G", [3, 16])
+def test_step_with_odd_layer_sizes(device, G, op):
+    """Layer sizes that are not multiples of the tail's tiles and load chunks (P = 13, R1 = 7,
+    R2 = 19, K = 11 against tiles of 4 units, 4 steps and 16-step dot products): the remainder
+    loops give the reference's results too."""
+    from care_ext.bf16_split import first_layer_split
+
+    gen = torch.Generator().manual_seed(G)
+    B, H = 9, 40
+    ids = random_ids(B, G, gen)
+    lengths = torch.randint(1, 5000, (B, G), generator=gen)
+    h_p = torch.randn(B, H, generator=gen).bfloat16()
+    h_r = torch.randn(B, G, H, generator=gen).bfloat16()
+    dims = dict(P=13, R1=7, R2=19, K=11)
+    s1 = random_weights(H, G + 1, 1, 2, gen, **dims)
+    s2 = random_weights(H, G + 1, 0, G + 1, gen, **dims)
+    d = lambda ts: [t.to(device) for t in ts]  # noqa: E731
+    extra = [d(first_layer_split(s1, s2, H))] if op.endswith("_split") else []
+    got = getattr(torch.ops.care_ext, op)(ids.to(device), lengths.to(device), h_p.to(device),
+                                          h_r.to(device), d(s1), d(s2), 4000.0, 0.0, False, 1e-6,
+                                          False, *extra)
+    assert_step_like_reference(got, ids, lengths, h_p, h_r, s1, s2)
+
+
 def test_fused_step_layout_checks_its_input():
     import care_ext.ops as ops
 
