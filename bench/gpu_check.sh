@@ -122,7 +122,7 @@ stamp "bench (ops) exit $?"
 # figures of every benchmark output (bench/plot_bench.py), if this machine's Python has matplotlib;
 # otherwise make them from the tarball's JSON lines afterwards
 if python3 -c "import matplotlib" 2>/dev/null; then
-  timeout "$(cap 30)" python3 "$REPO/bench/plot_bench.py" "$OUT"/*.jsonl --out-dir "$OUT/plots" > "$OUT/plots.log" 2>&1
+  timeout "$(cap 30)" python3 "$REPO/bench/plot_bench.py" "$OUT"/bench_*.jsonl --out-dir "$OUT/plots" > "$OUT/plots.log" 2>&1
   stamp "plots exit $?"
 fi
 stamp "done"

@@ -43,8 +43,8 @@ def read_rows(path: Path) -> tuple[str, list[dict]]:
 
     Raises:
         FileNotFoundError: no such file. ValueError: a line that is not a JSON object (its line
-        number is named), no rows at all, rows of neither or of both kinds, a row without
-        ``shape`` (or, for bench_step, ``update_ms``).
+        number is named), no rows at all, rows of neither or of both kinds, bench_ops-like rows
+        without any provider time, a row without ``shape`` (or, for bench_step, ``update_ms``).
     """
     if not path.is_file():
         raise FileNotFoundError(f"no benchmark rows at {path}")
@@ -66,6 +66,9 @@ def read_rows(path: Path) -> tuple[str, list[dict]]:
         raise ValueError(f"{path}: rows are not all bench_ops.py rows (with 'op') or all "
                          f"bench_step.py rows (with 'decide_ms'); found kinds {sorted(kinds)}")
     kind = kinds.pop()
+    if kind == "ops" and not any(f"{p}_us" in r for r in rows for p in PROVIDERS):
+        raise ValueError(f"{path}: no provider times ({', '.join(p + '_us' for p in PROVIDERS)}) "
+                         "in any row: not a bench_ops.py output (profile_step.py rows are tables)")
     need = ("shape",) if kind == "ops" else ("shape", "update_ms")
     for n, r in enumerate(rows, 1):
         missing = [k for k in need if k not in r]

@@ -89,7 +89,8 @@ def test_recorded_h200_series_match_its_rows():
     ("[1, 2]\n", "a JSON list"),
     ('{"op": "cag", "shape": "1x1x1"}\n{"decide_ms": 1, "shape": "1x1x1", "update_ms": 2}\n', "found kinds"),
     ('{"device": "cpu"}\n', "found kinds ['?']"),
-    ('{"op": "cag"}\n', "row 1 has no shape"),
+    ('{"op": "cag", "native_us": 1.0}\n', "row 1 has no shape"),
+    ('{"op": "cag", "shape": "1x1x1", "kernel": "k", "us": 3.0}\n', "no provider times"),
     ('{"decide_ms": 1.0, "shape": "1x1x1"}\n', "has no update_ms"),
 ])
 def test_bad_input_is_named(tmp_path, text, msg):
