@@ -56,15 +56,16 @@ struct PreAct {
 
 // Rollout layer 2 in register tiles: the pooled rollouts go kL2Rows at a time (their ReLU outputs
 // staged in out2, then added to the pool in rollout order), each thread computes a kL2TileRows x
-// kL2TileUnits tile of (rollout, unit) outputs, so one weight load serves kL2TileRows rollouts and
-// one r1 load (a broadcast) kL2TileUnits units.
+// kL2TileUnits tile of (rollout, unit) outputs (units 32 apart), so one weight load serves
+// kL2TileRows rollouts and one r1 load (a broadcast) kL2TileUnits units.
 constexpr int kL2Rows = 8;
 constexpr int kL2TileRows = 4;
 constexpr int kL2TileUnits = 4;
 
 // Steps of the k sum whose weights a rollout layer-2 tile loads before using them, and of a head
-// dot product (dot_in_order): on the GPU each thread then has kL2Steps * kL2TileUnits, or kDotChunk,
-// independent loads in flight instead of one per multiply-add (latency-bound L2 reads otherwise).
+// dot product (dot_in_order): on the GPU each thread then has kL2Steps * kL2TileUnits, or
+// kDotChunk, independent loads in flight instead of one per multiply-add (latency-bound L2 reads
+// otherwise).
 constexpr int kL2Steps = 4;
 constexpr int kDotChunk = 16;
 
@@ -136,15 +137,20 @@ CARE_HD void classifier_tail(const HeadWeights& w, int G, int64_t b, PreAct pre_
   int count = 0;
   for (int g = 0; g < G; ++g) count += (mask == nullptr || mask[g]) ? 1 : 0;
   const float inv = count > 0 ? 1.f / static_cast<float>(count) : 0.f;  // empty mask: pool 0
-  // rollout layer 2 + ReLU + (masked) mean pool: out(g, j) = relu(r2b[j] + sum_k r2w(j, k) r1(g, k)),
-  // each summed over k in order; pool[j] = inv * (sum over the pooled g, in order, of out(g, j))
-  const int n_tj = (w.R2 + kL2TileUnits - 1) / kL2TileUnits;
+  // rollout layer 2 + ReLU + (masked) mean pool:
+  //   out(g, j) = relu(r2b[j] + sum_k r2w(j, k) r1(g, k)), each summed over k in order;
+  //   pool[j] = inv * (sum over the pooled g, in order, of out(g, j))
+  // A tile's units are j0 + 32 u (u < kL2TileUnits) and j0 runs over consecutive items, so for each
+  // u the 32 threads of a warp touch 32 consecutive units: one line per weight load and no bank
+  // conflicts on out2.
+  constexpr int kGroup = 32 * kL2TileUnits;  // units covered by 32 consecutive items
+  const int n_tj = (w.R2 + kGroup - 1) / kGroup * 32;  // items per row tile
   for (int c0 = 0; c0 < count; c0 += kL2Rows) {  // same trip count in every thread
     const int gc = count - c0 < kL2Rows ? count - c0 : kL2Rows;
     const int n_tt = (gc + kL2TileRows - 1) / kL2TileRows;
-    for (int it = tid; it < n_tt * n_tj; it += nth) {  // consecutive threads: consecutive units
+    for (int it = tid; it < n_tt * n_tj; it += nth) {
       const int tt = it / n_tj, jt = it - tt * n_tj;
-      const int t0 = tt * kL2TileRows, j0 = jt * kL2TileUnits;
+      const int t0 = tt * kL2TileRows, j0 = (jt / 32) * kGroup + jt % 32;
       const float* r1p[kL2TileRows];
       float v[kL2TileRows][kL2TileUnits];
       CARE_UNROLL
@@ -154,7 +160,7 @@ CARE_HD void classifier_tail(const HeadWeights& w, int G, int64_t b, PreAct pre_
       }
       CARE_UNROLL
       for (int u = 0; u < kL2TileUnits; ++u) {
-        const float bias = j0 + u < w.R2 ? w.r2b[j0 + u] : 0.f;
+        const float bias = j0 + 32 * u < w.R2 ? w.r2b[j0 + 32 * u] : 0.f;
         CARE_UNROLL
         for (int a = 0; a < kL2TileRows; ++a) v[a][u] = bias;
       }
@@ -165,7 +171,7 @@ CARE_HD void classifier_tail(const HeadWeights& w, int G, int64_t b, PreAct pre_
         for (int q = 0; q < kL2Steps; ++q) {
           CARE_UNROLL
           for (int u = 0; u < kL2TileUnits; ++u) {
-            wv[q][u] = j0 + u < w.R2 ? w.r2w.at(j0 + u, k + q) : 0.f;
+            wv[q][u] = j0 + 32 * u < w.R2 ? w.r2w.at(j0 + 32 * u, k + q) : 0.f;
           }
         }
         CARE_UNROLL
@@ -181,7 +187,9 @@ CARE_HD void classifier_tail(const HeadWeights& w, int G, int64_t b, PreAct pre_
       for (; k < w.R1; ++k) {  // the last R1 % kL2Steps steps
         float wv[kL2TileUnits];
         CARE_UNROLL
-        for (int u = 0; u < kL2TileUnits; ++u) wv[u] = j0 + u < w.R2 ? w.r2w.at(j0 + u, k) : 0.f;
+        for (int u = 0; u < kL2TileUnits; ++u) {
+          wv[u] = j0 + 32 * u < w.R2 ? w.r2w.at(j0 + 32 * u, k) : 0.f;
+        }
         CARE_UNROLL
         for (int a = 0; a < kL2TileRows; ++a) {
           const float x = r1p[a][k];
@@ -193,7 +201,8 @@ CARE_HD void classifier_tail(const HeadWeights& w, int G, int64_t b, PreAct pre_
       for (int a = 0; a < kL2TileRows; ++a) {
         CARE_UNROLL
         for (int u = 0; u < kL2TileUnits; ++u) {
-          if (t0 + a < gc && j0 + u < w.R2) s.out2[(t0 + a) * w.R2 + j0 + u] = relu_f(v[a][u]);
+          const int j = j0 + 32 * u;
+          if (t0 + a < gc && j < w.R2) s.out2[(t0 + a) * w.R2 + j] = relu_f(v[a][u]);
         }
       }
     }
