@@ -54,9 +54,11 @@ cuobjdump --dump-sass "$SO" > "$OUT/sass.txt" 2>&1
 grep -c -E "LDL|STL" "$OUT/sass.txt" | sed 's/^/local-memory instructions (LDL|STL): /' >> "$OUT/summary.txt"
 
 stamp "op tests (CPU and CUDA)"
-CARE_EXT_REQUIRE_NATIVE=1 timeout "$(cap 150)" python3 -m pytest -q -x -p no:cacheprovider \
+# not -x: one session must show every failing test (up to 25), not the first one only
+CARE_EXT_REQUIRE_NATIVE=1 timeout "$(cap 150)" python3 -m pytest -q --maxfail=25 -rf -p no:cacheprovider \
   --rootdir "$REPO" "$REPO/tests/ops" > "$OUT/tests.log" 2>&1
 stamp "tests exit $? : $(tail -1 "$OUT/tests.log")"
+grep -E "^FAILED" "$OUT/tests.log" | head -25 >> "$OUT/summary.txt"
 for fused in 0 1; do  # the CARE core on the GPU with the default step, then with the fused one
   CARE_EXT_FUSED_STEP=$fused CARE_EXT_REQUIRE_NATIVE=1 timeout "$(cap 60)" python3 -m pytest -q -p no:cacheprovider \
     --rootdir "$REPO" "$REPO/tests/core/test_core_cuda.py" > "$OUT/tests_core_fused$fused.log" 2>&1
