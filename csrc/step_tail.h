@@ -108,6 +108,30 @@ CARE_HD float dot_in_order(const Mat& W, int64_t r, int64_t c0, const float* x, 
   return v;
 }
 
+// Adds steps k .. k+Q-1 of rollout layer 2's sums to a tile (units j0 + 32 u, rollouts r1p[a]);
+// the tile's weights of all Q steps are loaded before they are used.
+template <int Q>
+CARE_HD void l2_steps(const HeadWeights& w, int j0, int k, const float* const* r1p,
+                      float (&v)[kL2TileRows][kL2TileUnits]) {
+  float wv[Q][kL2TileUnits];
+  CARE_UNROLL
+  for (int q = 0; q < Q; ++q) {
+    CARE_UNROLL
+    for (int u = 0; u < kL2TileUnits; ++u) {
+      wv[q][u] = j0 + 32 * u < w.R2 ? w.r2w.at(j0 + 32 * u, k + q) : 0.f;
+    }
+  }
+  CARE_UNROLL
+  for (int q = 0; q < Q; ++q) {
+    CARE_UNROLL
+    for (int a = 0; a < kL2TileRows; ++a) {
+      const float x = r1p[a][k + q];
+      CARE_UNROLL
+      for (int u = 0; u < kL2TileUnits; ++u) v[a][u] += wv[q][u] * x;
+    }
+  }
+}
+
 // Logits of one classifier for one prompt b, left in s.logits (all threads may read them after
 // the final sync). pre_r (rows b*G .. b*G+G-1) and pre_p (row b) are the first-layer GEMM outputs
 // without bias; rfeat [G, Fr] (nullptr when Fr = 0), pfeat [Fp]; mask [G] or nullptr (pool all G).
@@ -165,38 +189,8 @@ CARE_HD void classifier_tail(const HeadWeights& w, int G, int64_t b, PreAct pre_
         for (int a = 0; a < kL2TileRows; ++a) v[a][u] = bias;
       }
       int k = 0;
-      for (; k + kL2Steps <= w.R1; k += kL2Steps) {  // loads of kL2Steps steps first, then use
-        float wv[kL2Steps][kL2TileUnits];
-        CARE_UNROLL
-        for (int q = 0; q < kL2Steps; ++q) {
-          CARE_UNROLL
-          for (int u = 0; u < kL2TileUnits; ++u) {
-            wv[q][u] = j0 + 32 * u < w.R2 ? w.r2w.at(j0 + 32 * u, k + q) : 0.f;
-          }
-        }
-        CARE_UNROLL
-        for (int q = 0; q < kL2Steps; ++q) {
-          CARE_UNROLL
-          for (int a = 0; a < kL2TileRows; ++a) {
-            const float x = r1p[a][k + q];
-            CARE_UNROLL
-            for (int u = 0; u < kL2TileUnits; ++u) v[a][u] += wv[q][u] * x;
-          }
-        }
-      }
-      for (; k < w.R1; ++k) {  // the last R1 % kL2Steps steps
-        float wv[kL2TileUnits];
-        CARE_UNROLL
-        for (int u = 0; u < kL2TileUnits; ++u) {
-          wv[u] = j0 + 32 * u < w.R2 ? w.r2w.at(j0 + 32 * u, k) : 0.f;
-        }
-        CARE_UNROLL
-        for (int a = 0; a < kL2TileRows; ++a) {
-          const float x = r1p[a][k];
-          CARE_UNROLL
-          for (int u = 0; u < kL2TileUnits; ++u) v[a][u] += wv[u] * x;
-        }
-      }
+      for (; k + kL2Steps <= w.R1; k += kL2Steps) l2_steps<kL2Steps>(w, j0, k, r1p, v);
+      for (; k < w.R1; ++k) l2_steps<1>(w, j0, k, r1p, v);  // the last R1 % kL2Steps steps
       CARE_UNROLL
       for (int a = 0; a < kL2TileRows; ++a) {
         CARE_UNROLL

@@ -42,8 +42,9 @@ StepTuple acquisition_step_fused_split_cuda(const Tensor& ids, const Tensor& len
   const int64_t smem = step_tail_scratch_floats(f.args) * static_cast<int64_t>(sizeof(float));
   const char* op = fused_step_op_name(first_layer_split);
   TORCH_CHECK(smem <= kMaxTailSmem, "care_ext.", op, ": the classifiers need ", smem,
-              " bytes of per-block scratch (G * R1 + G + 9 * R2 + P + K + C floats), more than ",
-              "the ", kMaxTailSmem, " bytes of shared memory this kernel uses; use acquisition_step");
+              " bytes of per-block scratch (G * R1 + G + ", kL2Rows + 1,
+              " * R2 + P + K + C floats: head_scratch_floats), more than the ", kMaxTailSmem,
+              " bytes of shared memory this kernel uses; use acquisition_step");
   TORCH_CHECK(f.B <= 2147483647LL, "care_ext.", op, ": B = ", f.B, " is too large");
   const dim3 grid(static_cast<unsigned>(f.B), 2);  // one block per prompt and stage
   step_tail_kernel<<<grid, kTailThreads, static_cast<size_t>(smem),
