@@ -97,11 +97,15 @@ class ClassifierTrainer:
         return balanced_ce(out, b["count"], cfg.class_balance_power, cfg.class_weight_clip,
                            admissible=b["admissible"])
 
-    def _step(self, module, opt, loss: Tensor, buffers: list[Tensor]) -> bool:
-        """One AdamW step on ``loss``; skipped (False) when the loss or the gradient norm is not
-        finite, so one diverged batch cannot turn the classifiers' weights into NaN (the decisions
-        of every later step would be silently arbitrary). A skipped step also puts back the
-        BatchNorm buffers as they were before its forward (``buffers``: their copies)."""
+    def _step(self, module, opt, forward) -> tuple[float, float] | None:
+        """One AdamW step of ``module`` on the loss of ``forward()`` -> (loss, aux loss value).
+
+        Returns (loss value, aux loss value), or None when the loss or the gradient norm is not
+        finite: the step is then skipped and the BatchNorm buffers that the forward moved are put
+        back, so one diverged batch cannot turn the classifiers into NaN (the decisions of every
+        later step would be silently arbitrary)."""
+        saved = [b.detach().clone() for b in module.buffers()]
+        loss, aux = forward()
         opt.zero_grad(set_to_none=True)
         ok = bool(torch.isfinite(loss.detach()))
         if ok:
@@ -112,16 +116,11 @@ class ClassifierTrainer:
         if not ok:
             opt.zero_grad(set_to_none=True)
             with torch.no_grad():
-                for b, saved in zip(module.buffers(), buffers):
-                    b.copy_(saved)
-            return False
+                for b, old in zip(module.buffers(), saved):
+                    b.copy_(old)
+            return None
         opt.step()
-        return True
-
-    @staticmethod
-    def _buffers(module) -> list[Tensor]:
-        """Copies of a module's buffers (BatchNorm statistics), for :meth:`_step` to put back."""
-        return [b.detach().clone() for b in module.buffers()]
+        return float(loss.detach()), aux
 
     def train(self, samples: list[Sample]) -> dict[str, float]:
         """One RL step of classifier training on ``samples`` (this step's labels) plus replay.
@@ -145,20 +144,20 @@ class ClassifierTrainer:
             for _ in range(cfg.train_steps):
                 b1 = cur1 + self.replay1.sample(cfg.replay_batch, self.gen)
                 if len(b1) >= 2:
-                    saved = self._buffers(self.stage1)
-                    loss, aux = self._stage1_loss(self._batch(b1))
-                    if self._step(self.stage1, self.opt1, loss, saved):
-                        l1, la, n1 = l1 + float(loss.detach()), la + aux, n1 + 1
-                    else:
+                    r = self._step(self.stage1, self.opt1,
+                                   lambda: self._stage1_loss(self._batch(b1)))
+                    if r is None:
                         skipped += 1
+                    else:
+                        l1, la, n1 = l1 + r[0], la + r[1], n1 + 1
                 b2 = cur2 + self.replay2.sample_stratified(cfg.replay_batch, self.gen)
                 if len(b2) >= 2 and cur2:
-                    saved = self._buffers(self.stage2)
-                    loss = self._stage2_loss(self._batch(b2))
-                    if self._step(self.stage2, self.opt2, loss, saved):
-                        l2, n2 = l2 + float(loss.detach()), n2 + 1
-                    else:
+                    r = self._step(self.stage2, self.opt2,
+                                   lambda: (self._stage2_loss(self._batch(b2)), 0.0))
+                    if r is None:
                         skipped += 1
+                    else:
+                        l2, n2 = l2 + r[0], n2 + 1
         finally:
             self.stage1.eval()
             self.stage2.eval()
