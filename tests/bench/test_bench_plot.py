@@ -8,13 +8,7 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-RESULTS = BENCH / "results"
-
-
-@pytest.fixture(autouse=True)
-def _bench_on_path(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))
+RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
 
 
 def _ops_row(op, shape, **kw):

@@ -3,18 +3,10 @@ from (a broken benchmark would otherwise show up only on the GPU machine, costin
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
 pytestmark = pytest.mark.native
-
-
-@pytest.fixture(autouse=True)
-def _bench_on_path(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))
 
 
 def test_bench_ops_writes_every_provider_row(tmp_path):

@@ -65,7 +65,8 @@ def to64(ts):
 
 
 __all__ = ["R", "G_GRID", "B_GRID", "random_ids", "random_rewards", "assert_exact", "assert_close",
-           "random_weights", "to64", "assert_like_torch", "step_inputs", "assert_step_like_reference"]
+           "random_weights", "to64", "assert_like_torch", "step_inputs", "run_step",
+           "assert_step_like_reference"]
 
 
 def assert_like_torch(got: torch.Tensor, ref32: torch.Tensor, ref64: torch.Tensor, what: str) -> None:
@@ -76,16 +77,28 @@ def assert_like_torch(got: torch.Tensor, ref32: torch.Tensor, ref64: torch.Tenso
     assert err <= 2 * base + 1e-5, f"{what}: max error {err:.3g} vs torch fp32 {base:.3g}"
 
 
-def step_inputs(B: int, G: int, H: int, dtype: torch.dtype, gen: torch.Generator):
+def step_inputs(B: int, G: int, H: int, dtype: torch.dtype, gen: torch.Generator, **dims):
     """Inputs of one acquisition step: ids, lengths, h_prompt and h_resp in ``dtype``, and the
-    Stage-I / Stage-II folded weights (CARE-sized), all on the CPU."""
+    Stage-I / Stage-II folded weights (CARE-sized, or the layer sizes ``dims``: P, R1, R2, K of
+    :func:`random_weights`), all on the CPU."""
     ids = random_ids(B, G, gen)
     lengths = torch.randint(1, 5000, (B, G), generator=gen)
     h_p = torch.randn(B, H, generator=gen).to(dtype)
     h_r = torch.randn(B, G, H, generator=gen).to(dtype)
-    s1 = random_weights(H, G + 1, 1, 2, gen)
-    s2 = random_weights(H, G + 1, 0, G + 1, gen)
+    s1 = random_weights(H, G + 1, 1, 2, gen, **dims)
+    s2 = random_weights(H, G + 1, 0, G + 1, gen, **dims)
     return ids, lengths, h_p, h_r, s1, s2
+
+
+def run_step(op: str, device, ids, lengths, h_p, h_r, s1, s2, split=None):
+    """``torch.ops.care_ext.<op>`` on ``device`` with the conventions the step tests compare
+    against (max_len 4000, cag eps 0 population, adv eps 1e-6 population); ``split``: the
+    first_layer_split pieces, passed only to the ``_split`` op."""
+    d = lambda ts: [t.to(device) for t in ts]  # noqa: E731
+    extra = [d(split)] if split is not None else []
+    return getattr(torch.ops.care_ext, op)(ids.to(device), lengths.to(device), h_p.to(device),
+                                           h_r.to(device), d(s1), d(s2), 4000.0, 0.0, False, 1e-6,
+                                           False, *extra)
 
 
 def assert_step_like_reference(got, ids, lengths, h_p, h_r, s1, s2) -> None:

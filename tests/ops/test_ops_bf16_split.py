@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from care_ext.bf16_split import first_layer_split, split_bf16
-from ops_testutil import R, assert_step_like_reference, random_weights, step_inputs, to64
+from ops_testutil import (R, assert_step_like_reference, random_weights, run_step, step_inputs,
+                          to64)
 
 pytestmark = pytest.mark.native
 
@@ -47,10 +48,7 @@ def _inputs(B, G, H, seed):
 
 
 def _run(device, ids, lengths, h_p, h_r, s1, s2, split):
-    d = lambda ts: [t.to(device) for t in ts]  # noqa: E731
-    return torch.ops.care_ext._acquisition_step_fused_split(
-        ids.to(device), lengths.to(device), h_p.to(device), h_r.to(device), d(s1), d(s2), 4000.0,
-        0.0, False, 1e-6, False, d(split))
+    return run_step("_acquisition_step_fused_split", device, ids, lengths, h_p, h_r, s1, s2, split)
 
 
 @pytest.mark.parametrize("B,G,H", [(0, 8, 64), (1, 1, 32), (7, 5, 130), (64, 8, 256),

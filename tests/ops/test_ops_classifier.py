@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from ops_testutil import (B_GRID, G_GRID, R, assert_close, assert_exact, assert_like_torch,
-                          assert_step_like_reference, random_ids, random_weights, step_inputs,
-                          to64)
+                          assert_step_like_reference, random_ids, random_weights, run_step,
+                          step_inputs, to64)
 
 pytestmark = pytest.mark.native
 
@@ -115,9 +115,7 @@ kernel, or on the CPU the same arithmetic on one thread per prompt), same semant
 def test_acquisition_step_matches_composition(device, B, G, H, dtype, op):
     gen = torch.Generator().manual_seed(B * G + H)
     ids, lengths, h_p, h_r, s1, s2 = step_inputs(B, G, H, dtype, gen)
-    got = getattr(torch.ops.care_ext, op)(
-        ids.to(device), lengths.to(device), h_p.to(device), h_r.to(device),
-        [t.to(device) for t in s1], [t.to(device) for t in s2], 4000.0, 0.0, False, 1e-6, False)
+    got = run_step(op, device, ids, lengths, h_p, h_r, s1, s2)
     assert_step_like_reference(got, ids, lengths, h_p, h_r, s1, s2)
 
 
@@ -151,15 +149,12 @@ def test_step_reads_weights_through_their_strides(device, B, G, H, layout, op):
 
     gen = torch.Generator().manual_seed(B + G + H)
     ids, lengths, h_p, h_r, s1, s2 = step_inputs(B, G, H, torch.bfloat16, gen)
-    d = lambda ts: [t.to(device) for t in ts]  # noqa: E731
-    w1, w2 = d(_weight_layout(s1, layout)), d(_weight_layout(s2, layout))
-    extra = [d(first_layer_split(s1, s2, H))] if op.endswith("_split") else []
-    args = (ids.to(device), lengths.to(device), h_p.to(device), h_r.to(device))
-    consts = (4000.0, 0.0, False, 1e-6, False)
-    got = getattr(torch.ops.care_ext, op)(*args, w1, w2, *consts, *extra)
+    split = first_layer_split(s1, s2, H) if op.endswith("_split") else None
+    got = run_step(op, device, ids, lengths, h_p, h_r, _weight_layout(s1, layout),
+                   _weight_layout(s2, layout), split)
     assert_step_like_reference(got, ids, lengths, h_p, h_r, s1, s2)
-    if op.endswith("_split"):  # the GEMMs read the split pieces: the layout reaches the tail only
-        row = getattr(torch.ops.care_ext, op)(*args, d(s1), d(s2), *consts, *extra)
+    if split is not None:  # the GEMMs read the split pieces: the layout reaches the tail only
+        row = run_step(op, device, ids, lengths, h_p, h_r, s1, s2, split)
         assert all(torch.equal(g, r) for g, r in zip(got, row)), layout
 
 
@@ -171,20 +166,12 @@ def test_step_with_odd_layer_sizes(device, G, op):
     loops give the reference's results too."""
     from care_ext.bf16_split import first_layer_split
 
-    gen = torch.Generator().manual_seed(G)
-    B, H = 9, 40
-    ids = random_ids(B, G, gen)
-    lengths = torch.randint(1, 5000, (B, G), generator=gen)
-    h_p = torch.randn(B, H, generator=gen).bfloat16()
-    h_r = torch.randn(B, G, H, generator=gen).bfloat16()
-    dims = dict(P=13, R1=7, R2=19, K=11)
-    s1 = random_weights(H, G + 1, 1, 2, gen, **dims)
-    s2 = random_weights(H, G + 1, 0, G + 1, gen, **dims)
-    d = lambda ts: [t.to(device) for t in ts]  # noqa: E731
-    extra = [d(first_layer_split(s1, s2, H))] if op.endswith("_split") else []
-    got = getattr(torch.ops.care_ext, op)(ids.to(device), lengths.to(device), h_p.to(device),
-                                          h_r.to(device), d(s1), d(s2), 4000.0, 0.0, False, 1e-6,
-                                          False, *extra)
+    H = 40
+    ids, lengths, h_p, h_r, s1, s2 = step_inputs(9, G, H, torch.bfloat16,
+                                                 torch.Generator().manual_seed(G),
+                                                 P=13, R1=7, R2=19, K=11)
+    split = first_layer_split(s1, s2, H) if op.endswith("_split") else None
+    got = run_step(op, device, ids, lengths, h_p, h_r, s1, s2, split)
     assert_step_like_reference(got, ids, lengths, h_p, h_r, s1, s2)
 
 
@@ -232,9 +219,7 @@ def test_acquisition_step_many_blocks(device, B, G, threads, op):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        got = getattr(torch.ops.care_ext, op)(
-            ids.to(device), lengths.to(device), h_p.to(device), h_r.to(device),
-            [t.to(device) for t in s1], [t.to(device) for t in s2], 4000.0, 0.0, False, 1e-6, False)
+        got = run_step(op, device, ids, lengths, h_p, h_r, s1, s2)
     finally:
         torch.set_num_threads(before)
     ref64 = R.acquisition_step(ids, lengths, h_p, h_r, to64(s1), to64(s2), 4000.0, 0.0, False,
