@@ -139,12 +139,17 @@ def _title(rows: list[dict], what: str) -> str:
     return " · ".join(bits)
 
 
-def plot_ops(rows: list[dict], png: Path) -> Path:
-    """Draw bench_ops rows (see the module docstring) into ``png``; returns the path."""
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (imported when a figure is drawn)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
 
+
+def plot_ops(rows: list[dict], png: Path) -> Path:
+    """Draw bench_ops rows (see the module docstring) into ``png``; returns the path."""
+    plt = _pyplot()
     series = ops_series(rows)
     n = len(series)
     cols = min(3, n)
@@ -174,7 +179,7 @@ def plot_ops(rows: list[dict], png: Path) -> Path:
         ax.grid(axis="y", which="both", alpha=0.25)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    handles, labels = {}, {}
+    handles = {}
     for ax in axes.flat:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
@@ -190,10 +195,7 @@ def plot_ops(rows: list[dict], png: Path) -> Path:
 
 def plot_step(rows: list[dict], png: Path) -> Path:
     """Draw bench_step rows (see the module docstring) into ``png``; returns the path."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     s = step_series(rows)
     n = len(s["labels"])
     fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * n + 2), 4.0))
