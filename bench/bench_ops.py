@@ -35,6 +35,7 @@ import care_ext
 from care_ext import reference as R
 from care_ext.bf16_split import first_layer_split
 from care_ext.ops import fused_step_layout
+from step_goals import STEP_OPS
 
 SHAPES = {"cpu": ["64x8x2048", "64x8x3072", "64x8x4096", "512x16x4096"],
           "cuda": ["64x8x2048", "64x8x3072", "64x8x4096", "512x16x4096", "1024x64x4096"]}
@@ -230,8 +231,7 @@ def main(argv=None) -> int:
             x = make_inputs(B, G, H, dev, getattr(torch, args.hidden_dtype))
             floor = memory_floor_us(x, dev)
             extra = {}
-            step_ops = {"acquisition_step", "acquisition_step_fused", "acquisition_step_fused_split"}
-            if step_ops & set(args.ops or ["acquisition_step"]):
+            if set(STEP_OPS) & set(args.ops or ["acquisition_step"]):
                 extra = step_flops(x)
                 if dev == "cpu":
                     # one BLAS thread per block: the rate of all cores is threads x the 1-thread rate
@@ -244,7 +244,7 @@ def main(argv=None) -> int:
             calls = {"native": op_calls(x, native), "reference": op_calls(x, R)}
             for op in args.ops or list(calls["native"]):
                 result = dict(shape=shape, op=op, floor_us=floor,
-                              **(extra if op.startswith("acquisition_step") else {}))
+                              **(extra if op in STEP_OPS else {}))
                 for prov in args.providers:
                     try:
                         if prov in ("native", "reference"):

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 import care_ext
-
-OPS = ("acquisition_step", "acquisition_step_fused", "acquisition_step_fused_split")
+from bench_ops import make_inputs, op_calls
+from step_goals import STEP_OPS
 
 
 def kernel_times(fn, device: str, calls: int) -> dict[str, list[tuple[str, int, float]]]:
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--shapes", nargs="*", default=["64x8x4096", "1024x64x4096"])
-    ap.add_argument("--ops", nargs="*", default=list(OPS), choices=OPS)
+    ap.add_argument("--ops", nargs="*", default=list(STEP_OPS), choices=STEP_OPS)
     ap.add_argument("--calls", type=int, default=20, help="profiled calls per shape and op")
     ap.add_argument("--out", default="bench/out/profile_step", help="output path prefix")
     args = ap.parse_args(argv)
@@ -75,9 +75,6 @@ def main(argv=None) -> int:
     if args.calls < 1:
         print("--calls must be >= 1", file=sys.stderr)
         return 2
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_ops import make_inputs, op_calls
-
     native = torch.ops.care_ext
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
