@@ -53,9 +53,16 @@ void check_split(at::TensorList split, const Tensor& h_prompt, const Tensor& h_r
               split[0].size(0), " and ", split[1].size(0));
 }
 
-// A 2-D weight as the tail reads it: through its own strides, never copied (a column-major
-// weight, care_ext.ops.fused_step_layout, is what the CUDA kernel reads coalesced).
-Mat mat(const Tensor& t) { return Mat{t.data_ptr<float>(), t.stride(0), t.stride(1)}; }
+// A 2-D weight as the tail reads it: through its own strides, not copied (a column-major weight,
+// care_ext.ops.fused_step_layout, is what the CUDA kernel reads coalesced). Mat's strides are
+// 32-bit: a view whose elements lie 2^31 or more apart (a slice of a huge tensor) is read from a
+// contiguous copy instead, kept alive in `keep`.
+Mat mat(const Tensor& t, std::vector<Tensor>& keep) {
+  constexpr int64_t kMaxOffset = 2147483647LL;
+  const int64_t extent = (t.size(0) - 1) * t.stride(0) + (t.size(1) - 1) * t.stride(1);
+  const Tensor& m = t.numel() > 0 && extent >= kMaxOffset ? keep.emplace_back(t.contiguous()) : t;
+  return Mat{m.data_ptr<float>(), static_cast<int>(m.stride(0)), static_cast<int>(m.stride(1))};
+}
 
 HeadWeights head_weights(const Weights& w, std::vector<Tensor>& keep, int64_t H, int64_t Fp,
                          int64_t Fr) {
@@ -64,11 +71,11 @@ HeadWeights head_weights(const Weights& w, std::vector<Tensor>& keep, int64_t H,
     return keep.back().data_ptr<float>();
   };
   HeadWeights h{};
-  h.pw = mat(w.pw);
-  h.r1w = mat(w.r1w);
-  h.r2w = mat(w.r2w);
-  h.h1w = mat(w.h1w);
-  h.h2w = mat(w.h2w);
+  h.pw = mat(w.pw, keep);
+  h.r1w = mat(w.r1w, keep);
+  h.r2w = mat(w.r2w, keep);
+  h.h1w = mat(w.h1w, keep);
+  h.h2w = mat(w.h2w, keep);
   h.pb = vec(w.pb);
   h.r1b = vec(w.r1b);
   h.r2b = vec(w.r2b);

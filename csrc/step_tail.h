@@ -15,18 +15,23 @@
 // care_ext.ops.fused_step_layout and the trainer on CUDA provide) the 32 threads of a warp read 32
 // consecutive floats, one 128-byte line per load; row-major they read 32 lines per load (correct,
 // and ~32x the L1 traffic). The two classifiers are independent: the CUDA kernel runs them in two
-// blocks per prompt (blockIdx.y = stage), which halves the serial work of a block.
+// blocks per prompt (blockIdx.y = stage), which halves the serial work of a block. Lines tagged
+// `// sass: <name>` are the hot loops whose compiled code bench/sass_report.py checks (CI).
 #pragma once
 
 #include "group_math.h"
 
 namespace care_ext {
 
-// A float32 matrix read through its strides: element (r, c) is p[r * rs + c * cs].
+// A float32 matrix read through its strides: element (r, c) is p[r * rs + c * cs]. The strides
+// are 32-bit: the host keeps every element's offset below 2^31 (mat() in step_fused.cpp), so an
+// address costs 32-bit integer work, and the hot loops step a pointer along a row (row(), cs)
+// instead of recomputing r * rs + c * cs for every weight (bench/sass_report.py counts it).
 struct Mat {
   const float* p;
-  int64_t rs, cs;
-  CARE_HD float at(int64_t r, int64_t c) const { return p[r * rs + c * cs]; }
+  int rs, cs;
+  CARE_HD float at(int r, int c) const { return p[r * rs + c * cs]; }
+  CARE_HD const float* row(int r) const { return p + r * rs; }
 };
 
 // One classifier's folded weights (matrices through their strides, biases contiguous) and sizes.
@@ -94,42 +99,49 @@ CARE_HD HeadScratch head_scratch(float* base, const HeadWeights& w, int G) {
 CARE_HD float relu_f(float v) { return v > 0.f ? v : 0.f; }
 
 // v + sum over j < n, in order, of W(r, c0 + j) * x[j]; the weights of kDotChunk steps are loaded
-// before they are multiplied (same sums, more loads in flight).
-CARE_HD float dot_in_order(const Mat& W, int64_t r, int64_t c0, const float* x, int n, float v) {
+// before they are multiplied (same sums, more loads in flight), through a pointer stepped along
+// the row (one address add per weight).
+CARE_HD float dot_in_order(const Mat& W, int r, int c0, const float* x, int n, float v) {
+  const int cs = W.cs;
+  const float* wp = W.row(r) + c0 * cs;
   int j = 0;
   for (; j + kDotChunk <= n; j += kDotChunk) {
     float wv[kDotChunk];
     CARE_UNROLL
-    for (int t = 0; t < kDotChunk; ++t) wv[t] = W.at(r, c0 + j + t);
+    for (int t = 0; t < kDotChunk; ++t, wp += cs) wv[t] = *wp;
     CARE_UNROLL
-    for (int t = 0; t < kDotChunk; ++t) v += wv[t] * x[j + t];
+    for (int t = 0; t < kDotChunk; ++t) v += wv[t] * x[j + t];  // sass: dot-fma
   }
-  for (; j < n; ++j) v += W.at(r, c0 + j) * x[j];
+  for (; j < n; ++j, wp += cs) v += *wp * x[j];
   return v;
 }
 
-// Adds steps k .. k+Q-1 of rollout layer 2's sums to a tile (units j0 + 32 u, rollouts r1p[a]);
-// the tile's weights of all Q steps are loaded before they are used.
+// Adds the next Q steps of rollout layer 2's sums to a tile: wp[u] points at the weight of unit
+// u's next step (consecutive steps cs apart), r1p[a] at rollout a's next layer-1 output; both are
+// advanced past the Q steps. The tile's weights of all Q steps are loaded before they are used.
 template <int Q>
-CARE_HD void l2_steps(const HeadWeights& w, int j0, int k, const float* const* r1p,
+CARE_HD void l2_steps(const float* (&wp)[kL2TileUnits], int cs, const float* (&r1p)[kL2TileRows],
                       float (&v)[kL2TileRows][kL2TileUnits]) {
   float wv[Q][kL2TileUnits];
   CARE_UNROLL
   for (int q = 0; q < Q; ++q) {
     CARE_UNROLL
     for (int u = 0; u < kL2TileUnits; ++u) {
-      wv[q][u] = j0 + 32 * u < w.R2 ? w.r2w.at(j0 + 32 * u, k + q) : 0.f;
+      wv[q][u] = *wp[u];
+      wp[u] += cs;
     }
   }
   CARE_UNROLL
   for (int q = 0; q < Q; ++q) {
     CARE_UNROLL
     for (int a = 0; a < kL2TileRows; ++a) {
-      const float x = r1p[a][k + q];
+      const float x = r1p[a][q];
       CARE_UNROLL
-      for (int u = 0; u < kL2TileUnits; ++u) v[a][u] += wv[q][u] * x;
+      for (int u = 0; u < kL2TileUnits; ++u) v[a][u] += wv[q][u] * x;  // sass: l2-fma
     }
   }
+  CARE_UNROLL
+  for (int a = 0; a < kL2TileRows; ++a) r1p[a] += Q;
 }
 
 // Logits of one classifier for one prompt b, left in s.logits (all threads may read them after
@@ -176,6 +188,7 @@ CARE_HD void classifier_tail(const HeadWeights& w, int G, int64_t b, PreAct pre_
       const int tt = it / n_tj, jt = it - tt * n_tj;
       const int t0 = tt * kL2TileRows, j0 = (jt / 32) * kGroup + jt % 32;
       const float* r1p[kL2TileRows];
+      const float* wp[kL2TileUnits];  // the tile's weight rows at step 0 (a unit past R2: row 0)
       float v[kL2TileRows][kL2TileUnits];
       CARE_UNROLL
       for (int a = 0; a < kL2TileRows; ++a) {  // a partial tile repeats its last row (not stored)
@@ -184,13 +197,16 @@ CARE_HD void classifier_tail(const HeadWeights& w, int G, int64_t b, PreAct pre_
       }
       CARE_UNROLL
       for (int u = 0; u < kL2TileUnits; ++u) {
-        const float bias = j0 + 32 * u < w.R2 ? w.r2b[j0 + 32 * u] : 0.f;
+        const bool in = j0 + 32 * u < w.R2;  // a unit past R2 computes row 0's sums, never stored
+        const float bias = in ? w.r2b[j0 + 32 * u] : 0.f;
+        wp[u] = w.r2w.row(in ? j0 + 32 * u : 0);
         CARE_UNROLL
         for (int a = 0; a < kL2TileRows; ++a) v[a][u] = bias;
       }
+      const int cs = w.r2w.cs;
       int k = 0;
-      for (; k + kL2Steps <= w.R1; k += kL2Steps) l2_steps<kL2Steps>(w, j0, k, r1p, v);
-      for (; k < w.R1; ++k) l2_steps<1>(w, j0, k, r1p, v);  // the last R1 % kL2Steps steps
+      for (; k + kL2Steps <= w.R1; k += kL2Steps) l2_steps<kL2Steps>(wp, cs, r1p, v);
+      for (; k < w.R1; ++k) l2_steps<1>(wp, cs, r1p, v);  // the last R1 % kL2Steps steps
       CARE_UNROLL
       for (int a = 0; a < kL2TileRows; ++a) {
         CARE_UNROLL

@@ -158,6 +158,28 @@ def test_step_reads_weights_through_their_strides(device, B, G, H, layout, op):
         assert all(torch.equal(g, r) for g, r in zip(got, row)), layout
 
 
+@pytest.mark.parametrize("op", ["_acquisition_step_fused", "_acquisition_step_fused_split"])
+def test_step_reads_weights_spread_past_32_bit_offsets(tmp_path, op):
+    """The tail addresses weights with 32-bit offsets (Mat in step_tail.h); a view whose rows lie
+    2^31 floats apart (Stage-I's head layer 2, 2 rows, in a sparse 8 GB file mapped copy-on-write:
+    only touched pages cost memory) is read from a contiguous copy instead and gives the
+    reference's results (without the copy, row 1's offset wraps to a negative int)."""
+    from care_ext.bf16_split import first_layer_split
+
+    gen = torch.Generator().manual_seed(7)
+    ids, lengths, h_p, h_r, s1, s2 = step_inputs(5, 8, 40, torch.bfloat16, gen)
+    split = first_layer_split(s1, s2, 40) if op.endswith("_split") else None
+    rows, cols = s1[8].shape
+    n = (rows - 1) * 2**31 + cols
+    with open(tmp_path / "spread.bin", "wb") as f:
+        f.truncate(4 * n)
+    spread = torch.from_file(str(tmp_path / "spread.bin"), shared=False, size=n, dtype=torch.float32)
+    w1 = list(s1)
+    w1[8] = spread.as_strided((rows, cols), (2**31, 1)).copy_(s1[8])
+    got = run_step(op, "cpu", ids, lengths, h_p, h_r, w1, s2, split)
+    assert_step_like_reference(got, ids, lengths, h_p, h_r, s1, s2)
+
+
 @pytest.mark.parametrize("op", STEP_OPS + ["_acquisition_step_fused_split"])
 @pytest.mark.parametrize("G", [3, 16])
 def test_step_with_odd_layer_sizes(device, G, op):
