@@ -48,10 +48,11 @@ grep -E "Compiling entry|Used [0-9]+ registers|spill" "$OUT/build.log" | sed 's/
 cd /tmp  # keep the source tree off sys.path: tests import the installed package
 python3 -c "import care_ext, json; print(json.dumps(care_ext.build_info()))" | tee -a "$OUT/summary.txt"
 
-stamp "SASS of the kernels (wide loads, no local-memory spills)"
+stamp "SASS of the kernels (bench/sass_report.py: no local memory, hot loops as the source means)"
 SO=$(python3 -c "import care_ext._C as m; print(m.__file__)")
-cuobjdump --dump-sass "$SO" > "$OUT/sass.txt" 2>&1
-grep -c -E "LDL|STL" "$OUT/sass.txt" | sed 's/^/local-memory instructions (LDL|STL): /' >> "$OUT/summary.txt"
+timeout "$(cap 60)" python3 "$REPO/bench/sass_report.py" --so "$SO" --check --out "$OUT/sass" \
+  > "$OUT/sass_report.log" 2>&1
+stamp "sass_report exit $? : $(grep -cE '^PASS' "$OUT/sass_report.log") rules pass; $(grep -E '^(FAIL|loop)' "$OUT/sass_report.log" | tr '\n' ';')"
 
 stamp "op tests (CPU and CUDA)"
 # not -x: one session must show every failing test (up to 25), not the first one only
