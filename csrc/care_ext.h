@@ -81,6 +81,9 @@ std::tuple<Tensor, Tensor> expected_cag_cpu(const Tensor& logits, const Tensor& 
 FeatureTuple group_features_cpu(const Tensor& ids, const Tensor& lengths, double max_len,
                                 double cag_eps, bool cag_unbiased, double adv_eps,
                                 bool adv_unbiased);
+FeatureTuple group_features_lanes_cpu(const Tensor& ids, const Tensor& lengths, double max_len,
+                                      double cag_eps, bool cag_unbiased, double adv_eps,
+                                      bool adv_unbiased, int64_t lanes);
 
 // ---- CUDA kernels (csrc/cuda; compiled and registered only when built with CUDA) ----------------
 std::tuple<Tensor, Tensor> cluster_stats_cuda(const Tensor& ids);

@@ -152,23 +152,41 @@ CARE_HD int cluster_row(const int64_t* ids, int G, int64_t* rank, int64_t* sizes
 // majority of size x = sizes[0]. Admissible: k = 0 always; k = sizes[j] (j >= 1) when
 // 0 < k <= x and x + k <= G (always true for a real partition). Inadmissible entries are 0.
 // An x outside [0, G] is treated as 0 (no valid answer), so no input reads out of bounds.
+//
+// Split in two for the warp-cooperative group_features kernel: classwise_cag_clear zeroes the
+// row, classwise_cag_fill sets the admissible classes; both take the calling lane and the number
+// of lanes (lane 0 of 1 on one thread). Every class's value depends only on k, so lanes that meet
+// the same k (two clusters of one size) write the same bits, in any order.
 template <typename F>
-CARE_HD void classwise_cag_row(const int64_t* sizes, int G, double eps, bool unbiased, F* cag,
-                               bool* admissible) {
-  int64_t x = sizes[0];
-  if (x < 0 || x > G) x = 0;
-  for (int k = 0; k <= G; ++k) {
+CARE_HD void classwise_cag_clear(int G, F* cag, bool* admissible, int lane, int nlanes) {
+  for (int k = lane; k <= G; k += nlanes) {
     cag[k] = F(0);
     admissible[k] = false;
   }
-  admissible[0] = true;
-  cag[0] = static_cast<F>(binary_cag(G, static_cast<int>(x), 0, eps, unbiased));
-  for (int j = 1; j < G; ++j) {
+}
+
+template <typename F>
+CARE_HD void classwise_cag_fill(const int64_t* sizes, int G, double eps, bool unbiased, F* cag,
+                                bool* admissible, int lane, int nlanes) {
+  int64_t x = sizes[0];
+  if (x < 0 || x > G) x = 0;
+  if (lane == 0) {
+    admissible[0] = true;
+    cag[0] = static_cast<F>(binary_cag(G, static_cast<int>(x), 0, eps, unbiased));
+  }
+  for (int j = 1 + lane; j < G; j += nlanes) {
     const int64_t k = sizes[j];
     if (k <= 0 || k > x || x + k > G) continue;
     admissible[k] = true;
     cag[k] = static_cast<F>(binary_cag(G, static_cast<int>(x), static_cast<int>(k), eps, unbiased));
   }
+}
+
+template <typename F>
+CARE_HD void classwise_cag_row(const int64_t* sizes, int G, double eps, bool unbiased, F* cag,
+                               bool* admissible) {
+  classwise_cag_clear(G, cag, admissible, 0, 1);
+  classwise_cag_fill(sizes, G, eps, unbiased, cag, admissible, 0, 1);
 }
 
 // Softmax of logits over the admissible classes only, and the expected CAG. Inadmissible classes
@@ -210,26 +228,52 @@ struct FeatureParams {
   bool cag_unbiased, adv_unbiased;
 };
 
-// The part of group_features_row after clustering: reads rank/sizes of the row.
-CARE_HD void group_features_from_clusters(const int64_t* rank, const int64_t* sizes,
-                                          const float* lengths, int G, const FeatureParams& p,
-                                          float* prompt_feat, float* len_norm, bool* minority,
-                                          float* cag, bool* admissible, float* pseudo,
-                                          float* adv) {
-  int64_t valid = 0;
-  for (int j = 0; j < G; ++j) valid += sizes[j];
+// One prompt's slices of group_features' inputs and outputs.
+struct FeatureRow {
+  const int64_t* rank;   // [G] cluster rank per response (cluster_row), -1 invalid
+  const int64_t* sizes;  // [G] cluster sizes in rank order
+  const float* lengths;  // [G]
+  float* prompt_feat;    // [G+1]
+  float* len_norm;       // [G]
+  bool* minority;        // [G]
+  float* cag;            // [G+1]
+  bool* admissible;      // [G+1]
+  float* pseudo;         // [G]
+  float* adv;            // [G]
+};
+
+// What group_features derives after clustering, in two phases for the CUDA kernel's warp (lane
+// 0..nlanes-1 each; __syncwarp between the phases) or one thread (lane 0 of 1, phase after
+// phase: the CPU). Every element is computed by the same arithmetic however many lanes share the
+// row, and the row's sums (valid count, the pseudo rewards' moments) are taken in element order by
+// one lane or by every lane alike, so no result depends on the number of lanes.
+// Phase 1: the per-response values and the cleared class row.
+CARE_HD void features_per_response(const FeatureRow& r, int G, const FeatureParams& p, int lane,
+                                   int nlanes) {
   const float g = static_cast<float>(G);
-  prompt_feat[0] = static_cast<float>(valid) / g;
-  for (int j = 0; j < G; ++j) prompt_feat[1 + j] = static_cast<float>(sizes[j]) / g;
-  for (int i = 0; i < G; ++i) {
-    double l = static_cast<double>(lengths[i]) / p.max_len;
+  for (int j = lane; j < G; j += nlanes) r.prompt_feat[1 + j] = static_cast<float>(r.sizes[j]) / g;
+  for (int i = lane; i < G; i += nlanes) {
+    double l = static_cast<double>(r.lengths[i]) / p.max_len;
     l = l < 0.0 ? 0.0 : (l > 1.0 ? 1.0 : l);
-    len_norm[i] = static_cast<float>(l);
-    minority[i] = rank[i] > 0;
-    pseudo[i] = rank[i] == 0 ? 1.0f : 0.0f;
+    r.len_norm[i] = static_cast<float>(l);
+    r.minority[i] = r.rank[i] > 0;
+    r.pseudo[i] = r.rank[i] == 0 ? 1.0f : 0.0f;
   }
-  classwise_cag_row(sizes, G, p.cag_eps, p.cag_unbiased, cag, admissible);
-  advantage_row(pseudo, G, p.adv_eps, p.adv_unbiased, adv);
+  classwise_cag_clear(G, r.cag, r.admissible, lane, nlanes);
+}
+
+// Phase 2 (reads phase 1's pseudo rewards and cleared class row): the valid ratio, the class-wise
+// CAG of the admissible classes and the pseudo advantages (advantage_row's arithmetic).
+CARE_HD void features_per_class(const FeatureRow& r, int G, const FeatureParams& p, int lane,
+                                int nlanes) {
+  if (lane == 0) {
+    int64_t valid = 0;
+    for (int j = 0; j < G; ++j) valid += r.sizes[j];
+    r.prompt_feat[0] = static_cast<float>(valid) / static_cast<float>(G);
+  }
+  classwise_cag_fill(r.sizes, G, p.cag_eps, p.cag_unbiased, r.cag, r.admissible, lane, nlanes);
+  const RowMoments m = row_moments(r.pseudo, G, p.adv_eps, p.adv_unbiased);
+  for (int i = lane; i < G; i += nlanes) r.adv[i] = static_cast<float>(advantage_of(m, r.pseudo[i]));
 }
 
 CARE_HD void group_features_row(const int64_t* ids, const float* lengths, int G,
@@ -237,8 +281,10 @@ CARE_HD void group_features_row(const int64_t* ids, const float* lengths, int G,
                                 float* prompt_feat, float* len_norm, bool* minority, float* cag,
                                 bool* admissible, float* pseudo, float* adv) {
   cluster_row(ids, G, rank, sizes);
-  group_features_from_clusters(rank, sizes, lengths, G, p, prompt_feat, len_norm, minority, cag,
-                               admissible, pseudo, adv);
+  const FeatureRow r{rank, sizes, lengths, prompt_feat, len_norm, minority, cag, admissible,
+                     pseudo, adv};
+  features_per_response(r, G, p, 0, 1);
+  features_per_class(r, G, p, 0, 1);
 }
 
 }  // namespace care_ext

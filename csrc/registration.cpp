@@ -93,6 +93,13 @@ TORCH_LIBRARY(care_ext, m) {
       "float adv_eps, bool adv_unbiased, Tensor[] first_layer_split) -> (Tensor rank, "
       "Tensor sizes, Tensor reliability, Tensor stage1_logits, Tensor probs, Tensor ecag, "
       "Tensor cag, Tensor admissible, Tensor pseudo_rewards, Tensor pseudo_adv)");
+  // Private, CPU only: group_features with the CUDA kernel's per-lane loops run lane by lane
+  // (`lanes` lanes per prompt, phase after phase), so the CPU tests the warp split of the work.
+  m.def(
+      "_group_features_lanes(Tensor ids, Tensor lengths, float max_len, float cag_eps, "
+      "bool cag_unbiased, float adv_eps, bool adv_unbiased, int lanes) -> (Tensor rank, "
+      "Tensor sizes, Tensor prompt_feat, Tensor len_norm, Tensor minority_mask, Tensor cag, "
+      "Tensor admissible, Tensor pseudo_rewards, Tensor pseudo_adv)");
   m.def("build_info() -> str", &build_info);
 }
 
@@ -103,6 +110,7 @@ TORCH_LIBRARY_IMPL(care_ext, CPU, m) {
   m.impl("classwise_cag", &classwise_cag_cpu);
   m.impl("expected_cag", &expected_cag_cpu);
   m.impl("group_features", &group_features_cpu);
+  m.impl("_group_features_lanes", &group_features_lanes_cpu);
   m.impl("_acquisition_step_fused", &without_split<acquisition_step_fused_split_cpu>);
   m.impl("_acquisition_step_fused_split", &acquisition_step_fused_split_cpu);
 }

@@ -1,5 +1,7 @@
 // CUDA kernel: per-prompt features of the acquisition step (group_features): one warp per prompt
-// clusters the row cooperatively, then its lane 0 derives the O(G) rest.
+// clusters the row cooperatively, then derives the O(G) rest with its elements spread over the
+// lanes (group_math.h's features_per_response / features_per_class; at G = 64 one lane alone ran
+// ~200 FP64 divisions and square roots per prompt back to back).
 #include "common.cuh"
 
 namespace care_ext {
@@ -24,11 +26,13 @@ __global__ void group_features_kernel(FeaturePtrs p, int64_t B, int G, FeaturePa
   if (b >= B) return;  // uniform per warp
   const int lane = threadIdx.x & 31;
   const int64_t o = b * G, o1 = b * (G + 1);
-  cluster_row_warp(p.ids + o, G, lane, p.rank + o, p.sizes + o);
-  if (lane != 0) return;
-  group_features_from_clusters(p.rank + o, p.sizes + o, p.lengths + o, G, fp, p.prompt_feat + o1,
-                               p.len_norm + o, p.minority + o, p.cag + o1, p.admissible + o1,
-                               p.pseudo + o, p.adv + o);
+  cluster_row_warp(p.ids + o, G, lane, p.rank + o, p.sizes + o);  // visible to the warp on return
+  const FeatureRow r{p.rank + o,     p.sizes + o,    p.lengths + o,    p.prompt_feat + o1,
+                     p.len_norm + o, p.minority + o, p.cag + o1,       p.admissible + o1,
+                     p.pseudo + o,   p.adv + o};
+  features_per_response(r, G, fp, lane, 32);
+  __syncwarp();  // phase 2 reads the other lanes' pseudo rewards and cleared class entries
+  features_per_class(r, G, fp, lane, 32);
 }
 
 }  // namespace

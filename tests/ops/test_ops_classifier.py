@@ -44,6 +44,31 @@ def test_group_features_length_dtypes(device):
     assert float(outs[0].max()) <= 1.0 and float(outs[0].min()) >= 0.0
 
 
+@pytest.mark.parametrize("lanes", [2, 3, 32, 70])
+@pytest.mark.parametrize("G", [1, 2, 8, 33, 64])
+def test_group_features_split_over_lanes_gives_the_same_bits(G, lanes):
+    """The CUDA kernel spreads a prompt's features over the 32 lanes of a warp (two phases around
+    a __syncwarp); the private CPU op runs that division lane by lane. Every output equals
+    group_features' bit for bit, whatever the number of lanes (more lanes than responses too),
+    including rows with many equal cluster sizes (lanes writing the same class) and every
+    convention."""
+    gen = torch.Generator().manual_seed(G * 7 + lanes)
+    ids = torch.cat([random_ids(40, G, gen), random_ids(10, G, gen, p_invalid=0.0) % 3,
+                     torch.full((2, G), -1)])  # invalid rows, few large clusters, many small
+    lengths = _lengths(ids.shape[0], G, gen)
+    for conv in [(4000.0, 0.0, False, 1e-6, True), (300.0, 1e-3, True, 0.0, False)]:
+        want = torch.ops.care_ext.group_features(ids, lengths, *conv)
+        got = torch.ops.care_ext._group_features_lanes(ids, lengths, *conv, lanes)
+        for name, g, w in zip(R.GroupFeatures._fields, got, want):
+            assert g.dtype == w.dtype and torch.equal(g, w), (name, conv)
+
+
+def test_group_features_lanes_checks_its_lanes():
+    ids = torch.zeros(2, 4, dtype=torch.long)
+    with pytest.raises(RuntimeError, match=r"lanes must be in \[1, 1024\], got 0"):
+        torch.ops.care_ext._group_features_lanes(ids, torch.ones(2, 4), 10.0, 0.0, False, 0.0, False, 0)
+
+
 def _classifier_case(B, G, H, dtype, gen, device, masked, with_feat):
     h_p = torch.randn(B, H, generator=gen).to(dtype)
     h_r = torch.randn(B, G, H, generator=gen).to(dtype)
