@@ -220,6 +220,50 @@ CARE_HD void expected_cag_row(const F* logits, const F* cag, const bool* admissi
   *ecag = static_cast<F>(e);
 }
 
+// expected_cag_row over the threads of a block (the fused step's tail, step_tail.h): the same results, with the C
+// exponentials and divisions spread over the threads (thread 0 alone ran ~2C FP64 exponentials and
+// C divisions back to back: ~130 exp at G = 64). The maximum and both sums keep expected_cag_row's
+// order: every thread takes the maximum and the normaliser z over k ascending itself, thread 0 the
+// expected CAG. e: C doubles of scratch. Ends with every output written (no sync needed after).
+template <class Sync>
+CARE_HD void expected_cag_spread(const float* logits, const float* cag, const bool* admissible,
+                                 int C, float* probs, float* ecag, double* e, int tid, int nth,
+                                 Sync sync) {
+  double mx = -INFINITY;
+  bool any = false;
+  for (int k = 0; k < C; ++k) {
+    if (!admissible[k]) continue;
+    const double v = static_cast<double>(logits[k]);
+    if (!any || v > mx || v != v) mx = v;
+    any = true;
+  }
+  if (!any) {  // the same in every thread: no sync is skipped by some threads only
+    for (int k = tid; k < C; k += nth) probs[k] = 0.f;
+    if (tid == 0) *ecag = 0.f;
+    return;
+  }
+  for (int k = tid; k < C; k += nth) {
+    e[k] = admissible[k] ? exp(static_cast<double>(logits[k]) - mx) : 0.0;
+  }
+  sync();
+  double z = 0.0;
+  for (int k = 0; k < C; ++k) {
+    if (admissible[k]) z += e[k];
+  }
+  sync();  // every thread has read e before it is overwritten
+  for (int k = tid; k < C; k += nth) {
+    const double p = admissible[k] ? e[k] / z : 0.0;
+    probs[k] = static_cast<float>(p);
+    e[k] = p;
+  }
+  sync();
+  if (tid == 0) {
+    double acc = 0.0;
+    for (int k = 0; k < C; ++k) acc += e[k] * static_cast<double>(cag[k]);
+    *ecag = static_cast<float>(acc);
+  }
+}
+
 // Everything the acquisition step derives per prompt from answer ids and lengths (one row).
 // prompt_feat: [1+G] = valid ratio, sizes / G. len_norm: clamp(length / max_len, 0, 1).
 // minority: valid and not in the majority. pseudo: 1 on the majority cluster. adv: its advantage.
@@ -273,7 +317,9 @@ CARE_HD void features_per_class(const FeatureRow& r, int G, const FeatureParams&
   }
   classwise_cag_fill(r.sizes, G, p.cag_eps, p.cag_unbiased, r.cag, r.admissible, lane, nlanes);
   const RowMoments m = row_moments(r.pseudo, G, p.adv_eps, p.adv_unbiased);
-  for (int i = lane; i < G; i += nlanes) r.adv[i] = static_cast<float>(advantage_of(m, r.pseudo[i]));
+  for (int i = lane; i < G; i += nlanes) {
+    r.adv[i] = static_cast<float>(advantage_of(m, r.pseudo[i]));
+  }
 }
 
 CARE_HD void group_features_row(const int64_t* ids, const float* lengths, int G,

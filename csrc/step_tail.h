@@ -75,13 +75,19 @@ constexpr int kL2Steps = 4;
 constexpr int kDotChunk = 16;
 
 // Per-prompt scratch of one classifier: r1 [G*R1], rows [G] (the pooled rollouts' indices, as
-// floats), out2 [kL2Rows*R2], pool [R2], p [P], z [K], logits [C].
+// floats), out2 [kL2Rows*R2], pool [R2], p [P], z [K], logits [C], then (8-byte aligned, one float
+// of padding at most) e [C] doubles: the expected CAG's exponentials and probabilities.
 struct HeadScratch {
   float *r1, *rows, *out2, *pool, *p, *z, *logits;
+  double* e;
 };
 
-CARE_HD int head_scratch_floats(const HeadWeights& w, int G) {
+CARE_HD int head_scratch_float_part(const HeadWeights& w, int G) {  // r1 .. logits
   return G * w.R1 + G + kL2Rows * w.R2 + w.R2 + w.P + w.K + w.C;
+}
+
+CARE_HD int head_scratch_floats(const HeadWeights& w, int G) {
+  return head_scratch_float_part(w, G) + 1 + 2 * w.C;
 }
 
 CARE_HD HeadScratch head_scratch(float* base, const HeadWeights& w, int G) {
@@ -93,6 +99,8 @@ CARE_HD HeadScratch head_scratch(float* base, const HeadWeights& w, int G) {
   s.p = s.pool + w.R2;
   s.z = s.p + w.P;
   s.logits = s.z + w.K;
+  const int floats = head_scratch_float_part(w, G);
+  s.e = reinterpret_cast<double*>(base + floats + (floats & 1));  // base is 16-byte aligned
   return s;
 }
 
@@ -283,9 +291,8 @@ CARE_HD void step_tail(const StepTailArgs& a, int64_t b, int stage, float* scrat
     const HeadScratch s = head_scratch(scratch, a.w2, G);
     classifier_tail(a.w2, G, b, a.pre_r2, nullptr, a.minority + o, a.pre_p2, a.prompt_feat + o1,
                     s, tid, nth, sync);
-    if (tid == 0) {
-      expected_cag_row(s.logits, a.cag + o1, a.admissible + o1, C2, a.probs + o1, a.ecag + b);
-    }
+    expected_cag_spread(s.logits, a.cag + o1, a.admissible + o1, C2, a.probs + o1, a.ecag + b, s.e,
+                        tid, nth, sync);
   }
 }
 

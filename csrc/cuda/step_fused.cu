@@ -21,7 +21,7 @@ struct BlockSync {
 };
 
 __global__ void __launch_bounds__(kTailThreads) step_tail_kernel(StepTailArgs a) {
-  extern __shared__ float scratch[];
+  extern __shared__ __align__(16) float scratch[];  // head_scratch places doubles 8-byte aligned
   step_tail(a, static_cast<int64_t>(blockIdx.x), static_cast<int>(blockIdx.y), scratch,
             static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x), BlockSync{});
 }
@@ -43,8 +43,8 @@ StepTuple acquisition_step_fused_split_cuda(const Tensor& ids, const Tensor& len
   const char* op = fused_step_op_name(first_layer_split);
   TORCH_CHECK(smem <= kMaxTailSmem, "care_ext.", op, ": the classifiers need ", smem,
               " bytes of per-block scratch (G * R1 + G + ", kL2Rows + 1,
-              " * R2 + P + K + C floats: head_scratch_floats), more than the ", kMaxTailSmem,
-              " bytes of shared memory this kernel uses; use acquisition_step");
+              " * R2 + P + K + 3 * C + 1 floats: head_scratch_floats), more than the ",
+              kMaxTailSmem, " bytes of shared memory this kernel uses; use acquisition_step");
   TORCH_CHECK(f.B <= 2147483647LL, "care_ext.", op, ": B = ", f.B, " is too large");
   const dim3 grid(static_cast<unsigned>(f.B), 2);  // one block per prompt and stage
   step_tail_kernel<<<grid, kTailThreads, static_cast<size_t>(smem),
