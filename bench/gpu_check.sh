@@ -5,7 +5,8 @@
 # important stages first: build, op tests, the core on CUDA (default and fused step), the whole
 # step's benchmark (its PASS/FAIL lines against issue 7's goals go into summary.txt,
 # bench/step_goals.py), the device time per kernel of one step call (bench/profile_step.py),
-# bench_step three ways (default, fused, split-bf16 first layers), compute-sanitizer, then the
+# bench_step three ways (default, fused, split-bf16 first layers), compute-sanitizer (memcheck on
+# every kernel, racecheck and synccheck on the block- and warp-cooperative ones), then the
 # single ops and the figures (bench/plot_bench.py).
 #
 #   device run:  bash bench/gpu_check.sh
@@ -116,6 +117,22 @@ PY
 timeout "$(cap 90)" compute-sanitizer --tool memcheck --error-exitcode 9 python3 /tmp/sanitize_ops.py \
   > "$OUT/sanitizer.log" 2>&1
 stamp "compute-sanitizer exit $? : $(grep -E 'ERROR SUMMARY|sanitize script ok' "$OUT/sanitizer.log" | tr '\n' ' ')"
+# shared-memory races and barrier misuse in the block-cooperative kernels (the fused step's tail:
+# barriers around every phase; group_features: __syncwarp between its two phases), on a small case
+cat > /tmp/sanitize_sync.py <<'PY'
+import torch, care_ext
+from bench_ops import make_inputs, op_calls
+x = make_inputs(6, 64, 64, "cuda", torch.bfloat16)
+for op, fn in op_calls(x, torch.ops.care_ext).items():
+    if op.startswith("acquisition_step_fused") or op == "group_features":
+        fn()
+torch.cuda.synchronize(); print("sync script ok")
+PY
+for tool in racecheck synccheck; do
+  PYTHONPATH="$REPO/bench" timeout "$(cap 60)" compute-sanitizer --tool $tool --error-exitcode 9 \
+    python3 /tmp/sanitize_sync.py > "$OUT/sanitizer_$tool.log" 2>&1
+  stamp "compute-sanitizer $tool exit $? : $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|sync script ok' "$OUT/sanitizer_$tool.log" | tr '\n' ' ')"
+done
 
 stamp "benchmarks of the single ops (what time is left)"
 timeout "$(cap 60)" python3 "$REPO/bench/bench_ops.py" --device cuda --min-time 0.1 \
