@@ -5,9 +5,9 @@
 # important stages first: build, op tests, the core on CUDA (default and fused step), the whole
 # step's benchmark (its PASS/FAIL lines against issue 7's goals go into summary.txt,
 # bench/step_goals.py), the device time per kernel of one step call (bench/profile_step.py),
-# bench_step three ways (default, fused, split-bf16 first layers), compute-sanitizer (memcheck on
-# every kernel, racecheck and synccheck on the block- and warp-cooperative ones), then the
-# single ops and the figures (bench/plot_bench.py).
+# compute-sanitizer (memcheck on every kernel, racecheck and synccheck on the block- and
+# warp-cooperative ones), bench_step three ways (default, fused, split-bf16 first layers), then
+# the single ops and the figures (bench/plot_bench.py).
 #
 #   device run:  bash bench/gpu_check.sh
 set -uo pipefail
@@ -77,15 +77,6 @@ python3 "$REPO/bench/step_goals.py" "$OUT/bench_step_ops.jsonl" >> "$OUT/summary
 timeout "$(cap 45)" python3 "$REPO/bench/profile_step.py" --device cuda --shapes 64x8x4096 1024x64x4096 \
   --out "$OUT/profile_step" > "$OUT/profile_step.log" 2>&1
 stamp "profile_step exit $? : $(grep -E '^acquisition_step' "$OUT/profile_step.log" | tr '\n' ';')"
-for fused in 0 1; do
-  CARE_EXT_FUSED_STEP=$fused timeout "$(cap 60)" python3 "$REPO/bench/bench_step.py" --device cuda --steps 4 \
-    --warmup 2 --out "$OUT/bench_step_fused$fused" > "$OUT/bench_step_fused$fused.log" 2>&1
-  stamp "bench_step CARE_EXT_FUSED_STEP=$fused exit $? : $(grep -E 'decide' "$OUT/bench_step_fused$fused.log" | tr '\n' ' ')"
-done
-timeout "$(cap 60)" python3 "$REPO/bench/bench_step.py" --device cuda --steps 4 --warmup 2 \
-  --first-layer-gemm bf16x3 --out "$OUT/bench_step_bf16x3" > "$OUT/bench_step_bf16x3.log" 2>&1
-stamp "bench_step first_layer_gemm=bf16x3 exit $? : $(grep -E 'decide' "$OUT/bench_step_bf16x3.log" | tr '\n' ' ')"
-
 stamp "compute-sanitizer (memcheck) on every kernel"
 cat > /tmp/sanitize_ops.py <<'PY'
 import torch, care_ext
@@ -133,6 +124,15 @@ for tool in racecheck synccheck; do
     python3 /tmp/sanitize_sync.py > "$OUT/sanitizer_$tool.log" 2>&1
   stamp "compute-sanitizer $tool exit $? : $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|sync script ok' "$OUT/sanitizer_$tool.log" | tr '\n' ' ')"
 done
+
+for fused in 0 1; do
+  CARE_EXT_FUSED_STEP=$fused timeout "$(cap 60)" python3 "$REPO/bench/bench_step.py" --device cuda --steps 4 \
+    --warmup 2 --out "$OUT/bench_step_fused$fused" > "$OUT/bench_step_fused$fused.log" 2>&1
+  stamp "bench_step CARE_EXT_FUSED_STEP=$fused exit $? : $(grep -E 'decide' "$OUT/bench_step_fused$fused.log" | tr '\n' ' ')"
+done
+timeout "$(cap 60)" python3 "$REPO/bench/bench_step.py" --device cuda --steps 4 --warmup 2 \
+  --first-layer-gemm bf16x3 --out "$OUT/bench_step_bf16x3" > "$OUT/bench_step_bf16x3.log" 2>&1
+stamp "bench_step first_layer_gemm=bf16x3 exit $? : $(grep -E 'decide' "$OUT/bench_step_bf16x3.log" | tr '\n' ' ')"
 
 stamp "benchmarks of the single ops (what time is left)"
 timeout "$(cap 60)" python3 "$REPO/bench/bench_ops.py" --device cuda --min-time 0.1 \
