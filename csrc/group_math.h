@@ -220,11 +220,12 @@ CARE_HD void expected_cag_row(const F* logits, const F* cag, const bool* admissi
   *ecag = static_cast<F>(e);
 }
 
-// expected_cag_row over the threads of a block (the fused step's tail, step_tail.h): the same results, with the C
-// exponentials and divisions spread over the threads (thread 0 alone ran ~2C FP64 exponentials and
-// C divisions back to back: ~130 exp at G = 64). The maximum and both sums keep expected_cag_row's
-// order: every thread takes the maximum and the normaliser z over k ascending itself, thread 0 the
-// expected CAG. e: C doubles of scratch. Ends with every output written (no sync needed after).
+// expected_cag_row over the threads of a block (the fused step's tail, step_tail.h): the same
+// results, with the C exponentials and divisions spread over the threads (thread 0 alone ran ~2C
+// FP64 exponentials and C divisions back to back: ~130 exp at G = 64). The maximum and both sums
+// keep expected_cag_row's order: every thread takes the maximum and the normaliser z over k
+// ascending itself, thread 0 the expected CAG. e: C doubles of scratch. All threads must call it
+// (it syncs); every output is written when it returns.
 template <class Sync>
 CARE_HD void expected_cag_spread(const float* logits, const float* cag, const bool* admissible,
                                  int C, float* probs, float* ecag, double* e, int tid, int nth,
