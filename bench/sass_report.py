@@ -114,7 +114,7 @@ def find_tool(name: str, explicit: str | None = None) -> str:
 
 
 def _run(cmd: list[str], cwd: str | None = None) -> str:
-    res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
     if res.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}): {res.stderr.strip()[:2000]}")
     return res.stdout
@@ -465,8 +465,9 @@ def report(kernels: list[Kernel], markers: dict[str, tuple[str, int]]) -> dict:
 
 def format_text(rep: dict, rules: list[Rule] | None) -> str:
     """The report as a text table (and the rules' PASS/FAIL lines when checked)."""
-    lines = [f"{'kernel':34} {'REG':>4} {'STACK':>5} {'LOCAL':>5} {'SMEM':>5}  {'LDG 32/64/128':>13} "
-             f"{'LDS':>5} {'FP32':>5} {'FP64':>5} {'INT':>5} {'MMA':>4} {'SHFL':>4}"]
+    head = (f"{'kernel':34} {'REG':>4} {'STACK':>5} {'LOCAL':>5} {'SMEM':>5}  {'LDG 32/64/128':>13} "
+            f"{'LDS':>5} {'FP32':>5} {'FP64':>5} {'INT':>5} {'MMA':>4} {'SHFL':>4}")
+    lines = [head]
     for k in rep["kernels"]:
         r, m = k["resources"], k["mix"]
         ldg = "/".join(str(m.get(f"global-load-{b}", 0)) for b in (32, 64, 128))
