@@ -6,6 +6,9 @@
 
 #include <ATen/Parallel.h>
 
+#include <condition_variable>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 namespace care_ext {
@@ -13,6 +16,36 @@ namespace {
 
 struct NoSync {
   void operator()() const {}
+};
+
+// A reusable barrier for a team of n threads (C++17 has no std::barrier): the __syncthreads of
+// the kernel's block when acquisition_step_fused_block_cpu runs a block as a team of threads.
+class TeamBarrier {
+ public:
+  explicit TeamBarrier(int n) : n_(n) {}
+  void wait() {
+    std::unique_lock<std::mutex> lock(m_);
+    const int64_t gen = gen_;
+    if (++waiting_ == n_) {
+      waiting_ = 0;
+      ++gen_;
+      cv_.notify_all();
+    } else {
+      cv_.wait(lock, [&] { return gen_ != gen; });
+    }
+  }
+
+ private:
+  std::mutex m_;
+  std::condition_variable cv_;
+  const int n_;
+  int waiting_ = 0;
+  int64_t gen_ = 0;
+};
+
+struct TeamSync {
+  TeamBarrier* barrier;
+  void operator()() const { barrier->wait(); }
 };
 
 }  // namespace
@@ -35,6 +68,36 @@ StepTuple acquisition_step_fused_split_cpu(const Tensor& ids, const Tensor& leng
       }
     }
   });
+  return f.outputs();
+}
+
+StepTuple acquisition_step_fused_block_cpu(const Tensor& ids, const Tensor& lengths,
+                                           const Tensor& h_prompt, const Tensor& h_resp,
+                                           at::TensorList stage1, at::TensorList stage2,
+                                           double max_len, double cag_eps, bool cag_unbiased,
+                                           double adv_eps, bool adv_unbiased,
+                                           at::TensorList first_layer_split, int64_t threads) {
+  TORCH_CHECK(threads >= 1 && threads <= 1024, "care_ext._acquisition_step_fused_block: threads "
+              "must be in [1, 1024] (a CUDA block's limit), got ", threads);
+  const FusedStep f = prepare_fused_step(ids, lengths, h_prompt, h_resp, stage1, stage2, max_len,
+                                         cag_eps, cag_unbiased, adv_eps, adv_unbiased,
+                                         first_layer_split);
+  const int n = static_cast<int>(threads);
+  std::vector<float> scratch(static_cast<size_t>(step_tail_scratch_floats(f.args)));
+  TeamBarrier barrier(n);
+  auto member = [&](int tid) {
+    for (int64_t b = 0; b < f.B; ++b) {
+      for (int stage = 0; stage < 2; ++stage) {  // one block after another, one shared scratch
+        step_tail(f.args, b, stage, scratch.data(), tid, n, TeamSync{&barrier});
+        barrier.wait();  // the next block overwrites the scratch this one's last reads use
+      }
+    }
+  };
+  std::vector<std::thread> team;
+  team.reserve(static_cast<size_t>(n - 1));
+  for (int t = 1; t < n; ++t) team.emplace_back(member, t);
+  member(0);
+  for (std::thread& t : team) t.join();
   return f.outputs();
 }
 

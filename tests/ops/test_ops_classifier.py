@@ -66,7 +66,8 @@ def test_group_features_split_over_lanes_gives_the_same_bits(G, lanes):
 def test_group_features_lanes_checks_its_lanes():
     ids = torch.zeros(2, 4, dtype=torch.long)
     with pytest.raises(RuntimeError, match=r"lanes must be in \[1, 1024\], got 0"):
-        torch.ops.care_ext._group_features_lanes(ids, torch.ones(2, 4), 10.0, 0.0, False, 0.0, False, 0)
+        torch.ops.care_ext._group_features_lanes(ids, torch.ones(2, 4), 10.0, 0.0, False, 0.0,
+                                                 False, 0)
 
 
 def _classifier_case(B, G, H, dtype, gen, device, masked, with_feat):
@@ -198,11 +199,46 @@ def test_step_reads_weights_spread_past_32_bit_offsets(tmp_path, op):
     n = (rows - 1) * 2**31 + cols
     with open(tmp_path / "spread.bin", "wb") as f:
         f.truncate(4 * n)
-    spread = torch.from_file(str(tmp_path / "spread.bin"), shared=False, size=n, dtype=torch.float32)
+    spread = torch.from_file(str(tmp_path / "spread.bin"), shared=False, size=n,
+                             dtype=torch.float32)
     w1 = list(s1)
     w1[8] = spread.as_strided((rows, cols), (2**31, 1)).copy_(s1[8])
     got = run_step(op, "cpu", ids, lengths, h_p, h_r, w1, s2, split)
     assert_step_like_reference(got, ids, lengths, h_p, h_r, s1, s2)
+
+
+ODD = {"P": 13, "R1": 7, "R2": 19, "K": 11}  # layer sizes off the tail's tiles and chunks
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["fp32", "split"])
+@pytest.mark.parametrize("G, threads, dims", [
+    (3, 2, {}), (8, 5, {}), (8, 256, {}), (64, 32, {}), (64, 256, {}), (16, 7, ODD),
+    (16, 256, ODD)])
+def test_fused_step_tail_over_a_block_of_threads_gives_the_same_bits(G, threads, dims, split):
+    """The CUDA kernel runs each prompt's tail on a block of 256 threads that divide every loop
+    among themselves and meet at __syncthreads. The private CPU op runs that division with a real
+    team of threads and a barrier at each sync (one scratch per block, as shared memory): every
+    output equals the one-thread CPU op's bit for bit (each sum keeps its order whoever computes
+    it), for 2 to 256 threads, layer sizes off the tiles, and both first-layer paths."""
+    from care_ext.bf16_split import first_layer_split
+
+    gen = torch.Generator().manual_seed(G * 31 + threads)
+    ids, lengths, h_p, h_r, s1, s2 = step_inputs(5, G, 40, torch.bfloat16, gen, **dims)
+    ids[1] = -1  # a prompt with no valid answer: empty masks, no admissible class but 0
+    pieces = first_layer_split(s1, s2, 40) if split else []
+    one = run_step("_acquisition_step_fused_split" if split else "_acquisition_step_fused", "cpu",
+                   ids, lengths, h_p, h_r, s1, s2, pieces if split else None)
+    many = torch.ops.care_ext._acquisition_step_fused_block(
+        ids, lengths, h_p, h_r, s1, s2, 4000.0, 0.0, False, 1e-6, False, pieces, threads)
+    for k, (a, b) in enumerate(zip(many, one)):
+        assert torch.equal(a, b), k
+
+
+def test_fused_step_block_checks_its_threads():
+    ids, lengths, h_p, h_r, s1, s2 = step_inputs(2, 4, 16, torch.float32, torch.Generator())
+    with pytest.raises(RuntimeError, match=r"threads must be in \[1, 1024\].*got 0"):
+        torch.ops.care_ext._acquisition_step_fused_block(
+            ids, lengths, h_p, h_r, s1, s2, 4000.0, 0.0, False, 1e-6, False, [], 0)
 
 
 @pytest.mark.parametrize("op", STEP_OPS + ["_acquisition_step_fused_split"])
