@@ -18,8 +18,9 @@ struct NoSync {
   void operator()() const {}
 };
 
-// A reusable barrier for a team of n threads (C++17 has no std::barrier): the __syncthreads of
-// the kernel's block when acquisition_step_fused_block_cpu runs a block as a team of threads.
+// A reusable barrier for a team of n threads: the kernel block's __syncthreads when
+// acquisition_step_fused_block_cpu runs a block as a team of threads (std::barrier is C++20; the
+// sources also build as C++17 against the GPU machine's torch 2.11 headers).
 class TeamBarrier {
  public:
   explicit TeamBarrier(int n) : n_(n) {}
