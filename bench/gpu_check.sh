@@ -61,6 +61,11 @@ CARE_EXT_REQUIRE_NATIVE=1 timeout "$(cap 150)" python3 -m pytest -q --maxfail=25
   --rootdir "$REPO" "$REPO/tests/ops" > "$OUT/tests.log" 2>&1
 stamp "tests exit $? : $(tail -1 "$OUT/tests.log")"
 grep -E "^FAILED" "$OUT/tests.log" | head -25 >> "$OUT/summary.txt"
+# the fused step's tail with several prompts per block (CARE_EXT_TAIL_PROMPTS, default 1)
+CARE_EXT_TAIL_PROMPTS=4 CARE_EXT_REQUIRE_NATIVE=1 timeout "$(cap 60)" python3 -m pytest -q --maxfail=10 -rf \
+  -p no:cacheprovider --rootdir "$REPO" "$REPO/tests/ops/test_ops_classifier.py" -k step \
+  > "$OUT/tests_tail_prompts4.log" 2>&1
+stamp "step tests with CARE_EXT_TAIL_PROMPTS=4: exit $? : $(tail -1 "$OUT/tests_tail_prompts4.log")"
 for fused in 0 1; do  # the CARE core on the GPU with the default step, then with the fused one
   CARE_EXT_FUSED_STEP=$fused CARE_EXT_REQUIRE_NATIVE=1 timeout "$(cap 60)" python3 -m pytest -q -p no:cacheprovider \
     --rootdir "$REPO" "$REPO/tests/core/test_core_cuda.py" > "$OUT/tests_core_fused$fused.log" 2>&1
@@ -73,6 +78,12 @@ timeout "$(cap 120)" python3 "$REPO/bench/bench_ops.py" --device cuda --min-time
   --out "$OUT/bench_step_ops" > "$OUT/bench.log" 2>&1
 stamp "bench (step) exit $? : $(grep -E '64x8x4096|1024x64x4096' "$OUT/bench.log" | tr -s ' ' | tr '\n' ';')"
 python3 "$REPO/bench/step_goals.py" "$OUT/bench_step_ops.jsonl" >> "$OUT/summary.txt" 2>&1
+for tp in 2 4; do  # the fused ops with 2 and 4 prompts per tail block (L2 traffic of the head weights)
+  CARE_EXT_TAIL_PROMPTS=$tp timeout "$(cap 45)" python3 "$REPO/bench/bench_ops.py" --device cuda \
+    --min-time 0.2 --providers native native_graph --ops acquisition_step_fused acquisition_step_fused_split \
+    --shapes 64x8x4096 1024x64x4096 --out "$OUT/bench_step_ops_tail$tp" > "$OUT/bench_tail$tp.log" 2>&1
+  stamp "bench CARE_EXT_TAIL_PROMPTS=$tp exit $? : $(grep -E '64x8x4096|1024x64x4096' "$OUT/bench_tail$tp.log" | tr -s ' ' | tr '\n' ';')"
+done
 # device time per kernel of one step call (which kernel to work on next); totals into summary.txt
 timeout "$(cap 45)" python3 "$REPO/bench/profile_step.py" --device cuda --shapes 64x8x4096 1024x64x4096 \
   --out "$OUT/profile_step" > "$OUT/profile_step.log" 2>&1

@@ -382,20 +382,10 @@ def _named(kernels: list[Kernel], stem: str) -> list[Kernel]:
     return [k for k in kernels if k.name.split("<")[0] == stem]
 
 
-def check_rules(kernels: list[Kernel], markers: dict[str, tuple[str, int]],
+def _tail_rules(tail: Kernel, markers: dict[str, tuple[str, int]],
                 consts: dict[str, int]) -> list[Rule]:
-    """The rules of the module docstring, each with what it saw."""
+    """The rules on one instantiation of the fused step's tail kernel (see check_rules)."""
     rules = []
-    bad = [f"{k.name} (STACK {k.resources.get('STACK')}, LOCAL {k.resources.get('LOCAL')}, "
-           f"{mix(k.instrs).get('local', 0)} LDL/STL)" for k in kernels
-           if k.resources.get("STACK", 0) or k.resources.get("LOCAL", 0) or mix(k.instrs).get("local")]
-    rules.append(Rule("no-local-memory", not bad,
-                      "; ".join(bad) or f"{len(kernels)} kernels: no stack, local memory or LDL/STL"))
-
-    tails = _named(kernels, "step_tail_kernel")
-    if not tails:
-        return rules + [Rule("tail-fp32", False, "no step_tail_kernel in the binary")]
-    tail = tails[0]
     own = {"step_tail.h", "step_fused.cu"}
     fp64 = collections.Counter(f"{i.loc[0]}:{i.loc[1]}" for i in tail.instrs
                                if not i.label and op_class(i.op) == "fp64" and i.loc and i.loc[0] in own)
@@ -437,6 +427,27 @@ def check_rules(kernels: list[Kernel], markers: dict[str, tuple[str, int]],
                       ", ".join(f"{n}: {v} integer per FFMA (cap {cap})" for n, v, cap in worst)
                       or "no tagged loop found"))
 
+    return rules
+
+
+def check_rules(kernels: list[Kernel], markers: dict[str, tuple[str, int]],
+                consts: dict[str, int]) -> list[Rule]:
+    """The rules of the module docstring, each with what it saw."""
+    rules = []
+    bad = [f"{k.name} (STACK {k.resources.get('STACK')}, LOCAL {k.resources.get('LOCAL')}, "
+           f"{mix(k.instrs).get('local', 0)} LDL/STL)" for k in kernels
+           if k.resources.get("STACK", 0) or k.resources.get("LOCAL", 0) or mix(k.instrs).get("local")]
+    rules.append(Rule("no-local-memory", not bad,
+                      "; ".join(bad) or f"{len(kernels)} kernels: no stack, local memory or LDL/STL"))
+
+    tails = _named(kernels, "step_tail_kernel")
+    if not tails:
+        return rules + [Rule("tail-fp32", False, "no step_tail_kernel in the binary")]
+    per_tail = [_tail_rules(t, markers, consts) for t in tails]  # every instantiation
+    for k in range(len(per_tail[0])):
+        group = [rs[k] for rs in per_tail]
+        rules.append(Rule(group[0].name, all(r.ok for r in group),
+                          " | ".join(f"{t.name}: {r.detail}" for t, r in zip(tails, group))))
     missing = []
     for stem in ("cluster_stats_kernel", "group_features_kernel"):
         ks = _named(kernels, stem)
@@ -457,9 +468,10 @@ def report(kernels: list[Kernel], markers: dict[str, tuple[str, int]]) -> dict:
     for name, loc in markers.items():
         for k in kernels:
             block = hot_block(k.instrs, loc)
-            if block:
-                out["loops"][name] = {"kernel": k.name, "source": f"{loc[0]}:{loc[1]}",
-                                      **loop_stats(block, loc)}
+            if block:  # one entry per loop and kernel (a template has one per instantiation)
+                out["loops"][f"{name} {k.name}"] = {"loop": name, "kernel": k.name,
+                                                    "source": f"{loc[0]}:{loc[1]}",
+                                                    **loop_stats(block, loc)}
     return out
 
 
@@ -475,8 +487,8 @@ def format_text(rep: dict, rules: list[Rule] | None) -> str:
                      f"{r.get('LOCAL', '?'):>5} {r.get('SHARED', '?'):>5}  {ldg:>13} "
                      f"{m.get('shared-load', 0):>5} {m.get('fp32', 0):>5} {m.get('fp64', 0):>5} "
                      f"{m.get('int', 0):>5} {m.get('tensor', 0):>4} {m.get('shuffle', 0):>4}")
-    for name, s in rep["loops"].items():
-        lines.append(f"loop {name} ({s['kernel']}, {s['source']}): {s['instructions']} instructions, "
+    for s in rep["loops"].values():
+        lines.append(f"loop {s['loop']} ({s['kernel']}, {s['source']}): {s['instructions']} instructions, "
                      f"{s['tagged_ffma']} FFMA, {s.get('global-load', 0)} global loads "
                      f"({s['global_loads_before_first_ffma']} before the first FFMA), "
                      f"{s.get('shared-load', 0)} shared loads, {s.get('int', 0)} integer "

@@ -119,15 +119,16 @@ StepTuple acquisition_step_fused_split_cpu(const Tensor& ids, const Tensor& leng
                                            double max_len, double cag_eps, bool cag_unbiased,
                                            double adv_eps, bool adv_unbiased,
                                            at::TensorList first_layer_split);
-// The CPU twin run the CUDA kernel's way: each prompt and stage by a team of `threads` threads
-// sharing one scratch, with a barrier where the kernel has __syncthreads (private op
-// _acquisition_step_fused_block; tests only).
+// The CPU twin run the CUDA kernel's way: each block of `prompts` prompts and each stage by a team
+// of `threads` threads sharing one scratch, with a barrier where the kernel has __syncthreads
+// (private op _acquisition_step_fused_block; tests only).
 StepTuple acquisition_step_fused_block_cpu(const Tensor& ids, const Tensor& lengths,
                                            const Tensor& h_prompt, const Tensor& h_resp,
                                            at::TensorList stage1, at::TensorList stage2,
                                            double max_len, double cag_eps, bool cag_unbiased,
                                            double adv_eps, bool adv_unbiased,
-                                           at::TensorList first_layer_split, int64_t threads);
+                                           at::TensorList first_layer_split, int64_t threads,
+                                           int64_t prompts);
 StepTuple acquisition_step_fused_split_cuda(const Tensor& ids, const Tensor& lengths,
                                             const Tensor& h_prompt, const Tensor& h_resp,
                                             at::TensorList stage1, at::TensorList stage2,

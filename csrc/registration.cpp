@@ -93,13 +93,15 @@ TORCH_LIBRARY(care_ext, m) {
       "float adv_eps, bool adv_unbiased, Tensor[] first_layer_split) -> (Tensor rank, "
       "Tensor sizes, Tensor reliability, Tensor stage1_logits, Tensor probs, Tensor ecag, "
       "Tensor cag, Tensor admissible, Tensor pseudo_rewards, Tensor pseudo_adv)");
-  // Private, CPU only: the fused step's per-prompt tail run by a team of `threads` threads per
-  // prompt and stage with barriers where the CUDA kernel has __syncthreads, so the CPU tests the
-  // kernel's division of the work over a block (results equal the one-thread op bit for bit).
+  // Private, CPU only: the fused step's tail run by a team of `threads` threads per block of
+  // `prompts` prompts and stage, with barriers where the CUDA kernel has __syncthreads, so the CPU
+  // tests the kernel's division of the work over a block (results equal the one-thread op bit for
+  // bit).
   m.def(
       "_acquisition_step_fused_block(Tensor ids, Tensor lengths, Tensor h_prompt, Tensor h_resp, "
       "Tensor[] stage1, Tensor[] stage2, float max_len, float cag_eps, bool cag_unbiased, "
-      "float adv_eps, bool adv_unbiased, Tensor[] first_layer_split, int threads) -> (Tensor rank, "
+      "float adv_eps, bool adv_unbiased, Tensor[] first_layer_split, int threads, int prompts) -> "
+      "(Tensor rank, "
       "Tensor sizes, Tensor reliability, Tensor stage1_logits, Tensor probs, Tensor ecag, "
       "Tensor cag, Tensor admissible, Tensor pseudo_rewards, Tensor pseudo_adv)");
   // Private, CPU only: group_features with the CUDA kernel's per-lane loops run lane by lane

@@ -74,42 +74,52 @@ constexpr int kL2TileUnits = 4;
 constexpr int kL2Steps = 4;
 constexpr int kDotChunk = 16;
 
-// Per-prompt scratch of one classifier: r1 [G*R1], rows [G] (the pooled rollouts' indices, as
-// floats), out2 [kL2Rows*R2], pool [R2], p [P], z [K], logits [C], then (8-byte aligned, one float
-// of padding at most) e [C] doubles: the expected CAG's exponentials and probabilities.
+// Prompts one block may run together: their rollout and prompt branches one after another, then
+// their head layers side by side, so each head weight is read once for all of them (the weights,
+// ~0.8 MB per classifier at CARE's sizes, are what every block streams from L2).
+constexpr int kMaxTailPrompts = 4;
+
+// Scratch of one classifier for a block of nb prompts: r1 [G*R1], rows [G] (the pooled rollouts'
+// indices, as floats) and out2 [kL2Rows*R2], reused prompt after prompt; per prompt slot q:
+// p [nb][P], pool [nb][R2], z [nb][K], logits [nb][C]; then (8-byte aligned, one float of padding
+// at most) e [C] doubles: the expected CAG's exponentials and probabilities.
 struct HeadScratch {
-  float *r1, *rows, *out2, *pool, *p, *z, *logits;
+  float *r1, *rows, *out2, *p, *pool, *z, *logits;
   double* e;
 };
 
-CARE_HD int head_scratch_float_part(const HeadWeights& w, int G) {  // r1 .. logits
-  return G * w.R1 + G + kL2Rows * w.R2 + w.R2 + w.P + w.K + w.C;
+CARE_HD int head_scratch_float_part(const HeadWeights& w, int G, int nb) {  // r1 .. logits
+  return G * w.R1 + G + kL2Rows * w.R2 + nb * (w.P + w.R2 + w.K + w.C);
 }
 
-CARE_HD int head_scratch_floats(const HeadWeights& w, int G) {
-  return head_scratch_float_part(w, G) + 1 + 2 * w.C;
+CARE_HD int head_scratch_floats(const HeadWeights& w, int G, int nb) {
+  return head_scratch_float_part(w, G, nb) + 1 + 2 * w.C;
 }
 
-CARE_HD HeadScratch head_scratch(float* base, const HeadWeights& w, int G) {
+CARE_HD HeadScratch head_scratch(float* base, const HeadWeights& w, int G, int nb) {
   HeadScratch s;
   s.r1 = base;
   s.rows = s.r1 + G * w.R1;
   s.out2 = s.rows + G;
-  s.pool = s.out2 + kL2Rows * w.R2;
-  s.p = s.pool + w.R2;
-  s.z = s.p + w.P;
-  s.logits = s.z + w.K;
-  const int floats = head_scratch_float_part(w, G);
+  s.p = s.out2 + kL2Rows * w.R2;
+  s.pool = s.p + nb * w.P;
+  s.z = s.pool + nb * w.R2;
+  s.logits = s.z + nb * w.K;
+  const int floats = head_scratch_float_part(w, G, nb);
   s.e = reinterpret_cast<double*>(base + floats + (floats & 1));  // base is 16-byte aligned
   return s;
 }
 
 CARE_HD float relu_f(float v) { return v > 0.f ? v : 0.f; }
 
-// v + sum over j < n, in order, of W(r, c0 + j) * x[j]; the weights of kDotChunk steps are loaded
-// before they are multiplied (same sums, more loads in flight), through a pointer stepped along
-// the row (one address add per weight).
-CARE_HD float dot_in_order(const Mat& W, int r, int c0, const float* x, int n, float v) {
+// For each of nb <= M vectors x_q = x + q * ldx: v[q] + sum over j < n, in order, of
+// W(r, c0 + j) * x_q[j]. Each weight is loaded once for all nb sums, through a pointer stepped
+// along the row (one address add per weight), kDotChunk weights before they are used (loads in
+// flight); every sum keeps the order of a single dot product. M is a compile-time bound (the
+// accumulators stay in registers).
+template <int M>
+CARE_HD void dot_in_order(const Mat& W, int r, int c0, const float* x, int ldx, int n, int nb,
+                          float (&v)[M]) {
   const int cs = W.cs;
   const float* wp = W.row(r) + c0 * cs;
   int j = 0;
@@ -118,10 +128,20 @@ CARE_HD float dot_in_order(const Mat& W, int r, int c0, const float* x, int n, f
     CARE_UNROLL
     for (int t = 0; t < kDotChunk; ++t, wp += cs) wv[t] = *wp;
     CARE_UNROLL
-    for (int t = 0; t < kDotChunk; ++t) v += wv[t] * x[j + t];  // sass: dot-fma
+    for (int q = 0; q < M; ++q) {
+      if (M > 1 && q >= nb) break;  // M = 1: nb is 1, and the loop is the plain dot product
+      const float* xq = x + q * ldx + j;
+      CARE_UNROLL
+      for (int t = 0; t < kDotChunk; ++t) v[q] += wv[t] * xq[t];  // sass: dot-fma
+    }
   }
-  for (; j < n; ++j, wp += cs) v += *wp * x[j];
-  return v;
+  for (; j < n; ++j, wp += cs) {
+    const float wj = *wp;
+    CARE_UNROLL
+    for (int q = 0; q < M; ++q) {
+      if (M == 1 || q < nb) v[q] += wj * x[q * ldx + j];
+    }
+  }
 }
 
 // Adds the next Q steps of rollout layer 2's sums to a tile: wp[u] points at the weight of unit
@@ -152,13 +172,15 @@ CARE_HD void l2_steps(const float* (&wp)[kL2TileUnits], int cs, const float* (&r
   for (int a = 0; a < kL2TileRows; ++a) r1p[a] += Q;
 }
 
-// Logits of one classifier for one prompt b, left in s.logits (all threads may read them after
-// the final sync). pre_r (rows b*G .. b*G+G-1) and pre_p (row b) are the first-layer GEMM outputs
-// without bias; rfeat [G, Fr] (nullptr when Fr = 0), pfeat [Fp]; mask [G] or nullptr (pool all G).
+// The rollout and prompt branches of one classifier for one prompt b: the prompt branch's output
+// into p [P] and the (masked) mean pool of rollout layer 2 into pool [R2] (all threads may read
+// them after the final sync). pre_r (rows b*G .. b*G+G-1) and pre_p (row b) are the first-layer
+// GEMM outputs without bias; rfeat [G, Fr] (nullptr when Fr = 0), pfeat [Fp]; mask [G] or nullptr
+// (pool all G). Uses s.r1, s.rows and s.out2.
 template <class Sync>
-CARE_HD void classifier_tail(const HeadWeights& w, int G, int64_t b, PreAct pre_r,
-                             const float* rfeat, const bool* mask, PreAct pre_p,
-                             const float* pfeat, HeadScratch s, int tid, int nth, Sync sync) {
+CARE_HD void branches(const HeadWeights& w, int G, int64_t b, PreAct pre_r, const float* rfeat,
+                      const bool* mask, PreAct pre_p, const float* pfeat, const HeadScratch& s,
+                      float* p, float* pool, int tid, int nth, Sync sync) {
   for (int i = tid; i < G * w.R1; i += nth) {  // rollout layer 1: bias, features, ReLU
     const int g = i / w.R1, k = i - g * w.R1;
     float v = pre_r.at(b * G + g, k) + w.r1b[k];
@@ -168,9 +190,9 @@ CARE_HD void classifier_tail(const HeadWeights& w, int G, int64_t b, PreAct pre_
   for (int i = tid; i < w.P; i += nth) {  // prompt branch: bias, features, ReLU
     float v = pre_p.at(b, i) + w.pb[i];
     for (int f = 0; f < w.Fp; ++f) v += w.pw.at(i, w.H + f) * pfeat[f];
-    s.p[i] = relu_f(v);
+    p[i] = relu_f(v);
   }
-  for (int j = tid; j < w.R2; j += nth) s.pool[j] = 0.f;
+  for (int j = tid; j < w.R2; j += nth) pool[j] = 0.f;
   if (tid == 0) {  // the pooled rollouts in order: the mask's true entries, or all G
     int n = 0;
     for (int g = 0; g < G; ++g) {
@@ -226,21 +248,52 @@ CARE_HD void classifier_tail(const HeadWeights& w, int G, int64_t b, PreAct pre_
     }
     sync();
     for (int j = tid; j < w.R2; j += nth) {  // the thread that owns pool[j] adds in rollout order
-      float acc = s.pool[j];
+      float acc = pool[j];
       for (int t = 0; t < gc; ++t) acc += s.out2[t * w.R2 + j];
-      s.pool[j] = acc;
+      pool[j] = acc;
     }
     sync();  // out2 is overwritten by the next chunk
   }
-  for (int j = tid; j < w.R2; j += nth) s.pool[j] *= inv;
+  for (int j = tid; j < w.R2; j += nth) pool[j] *= inv;
   sync();
-  for (int i = tid; i < w.K; i += nth) {  // head layer 1 on [p ; pool]
-    const float v = dot_in_order(w.h1w, i, 0, s.p, w.P, w.h1b[i]);
-    s.z[i] = relu_f(dot_in_order(w.h1w, i, w.P, s.pool, w.R2, v));
+}
+
+// Logits of one classifier for the nb prompts b0 .. b0+nb-1 (nb <= M), left in
+// s.logits [nb][C] (all threads may read them after the final sync): each prompt's branches one
+// after another, then both head layers for all of them at once (each head weight loaded once per
+// block). rfeat [B*G, Fr] (nullptr when Fr = 0), mask [B, G] (nullptr: pool all), pfeat [B, Fp].
+template <int M, class Sync>
+CARE_HD void classifier_tail(const HeadWeights& w, int G, int64_t b0, int nb, PreAct pre_r,
+                             const float* rfeat, const bool* mask, PreAct pre_p,
+                             const float* pfeat, const HeadScratch& s, int tid, int nth,
+                             Sync sync) {
+  for (int q = 0; q < nb; ++q) {
+    const int64_t b = b0 + q;
+    branches(w, G, b, pre_r, rfeat != nullptr ? rfeat + b * G * w.Fr : nullptr,
+             mask != nullptr ? mask + b * G : nullptr, pre_p, pfeat + b * w.Fp, s, s.p + q * w.P,
+             s.pool + q * w.R2, tid, nth, sync);
+  }
+  for (int i = tid; i < w.K; i += nth) {  // head layer 1 on [p ; pool] of every prompt
+    float v[M];
+    CARE_UNROLL
+    for (int q = 0; q < M; ++q) v[q] = w.h1b[i];
+    dot_in_order(w.h1w, i, 0, s.p, w.P, w.P, nb, v);
+    dot_in_order(w.h1w, i, w.P, s.pool, w.R2, w.R2, nb, v);
+    CARE_UNROLL
+    for (int q = 0; q < M; ++q) {  // compile-time indices: v stays in registers
+      if (q < nb) s.z[q * w.K + i] = relu_f(v[q]);
+    }
   }
   sync();
   for (int c = tid; c < w.C; c += nth) {  // head layer 2
-    s.logits[c] = dot_in_order(w.h2w, c, 0, s.z, w.K, w.h2b[c]);
+    float v[M];
+    CARE_UNROLL
+    for (int q = 0; q < M; ++q) v[q] = w.h2b[c];
+    dot_in_order(w.h2w, c, 0, s.z, w.K, w.K, nb, v);
+    CARE_UNROLL
+    for (int q = 0; q < M; ++q) {
+      if (q < nb) s.logits[q * w.C + c] = v[q];
+    }
   }
   sync();
 }
@@ -249,6 +302,7 @@ CARE_HD void classifier_tail(const HeadWeights& w, int G, int64_t b, PreAct pre_
 struct StepTailArgs {
   HeadWeights w1, w2;  // Stage-I (Fr = 1, C = 2) and Stage-II (Fr = 0, C = G+1)
   int G;
+  int prompts_per_block;     // 1 .. kMaxTailPrompts: block k runs prompts k*n .. k*n+n-1
   PreAct pre_r1, pre_r2;     // rows B*G: [., R1] of stage 1 and of stage 2
   PreAct pre_p1, pre_p2;     // rows B: [., P] of stage 1 and of stage 2
   const float* prompt_feat;  // [B, G+1]
@@ -264,23 +318,26 @@ struct StepTailArgs {
 
 // Scratch floats one block needs (the larger stage's: one scratch serves either stage).
 CARE_HD int step_tail_scratch_floats(const StepTailArgs& a) {
-  const int s1 = head_scratch_floats(a.w1, a.G), s2 = head_scratch_floats(a.w2, a.G);
+  const int n = a.prompts_per_block;
+  const int s1 = head_scratch_floats(a.w1, a.G, n), s2 = head_scratch_floats(a.w2, a.G, n);
   return s1 > s2 ? s1 : s2;
 }
 
-// One stage of prompt b: stage 0 = Stage-I (reliability and its logits), 1 = Stage-II (probs over
-// the admissible classes and expected CAG). The stages share nothing but read-only inputs.
-template <class Sync>
-CARE_HD void step_tail(const StepTailArgs& a, int64_t b, int stage, float* scratch, int tid,
-                       int nth, Sync sync) {
+// One stage of the nb prompts b0 .. b0+nb-1 (nb <= M <= kMaxTailPrompts, the scratch sized for
+// at least nb; M = 1 is the one-prompt layout, compiled apart for its smaller register count):
+// stage 0 = Stage-I (reliability and its logits), 1 = Stage-II (probs over the admissible classes
+// and expected CAG). The stages share nothing but read-only inputs.
+template <int M, class Sync>
+CARE_HD void step_tail(const StepTailArgs& a, int64_t b0, int nb, int stage, float* scratch,
+                       int tid, int nth, Sync sync) {
   const int G = a.G, C2 = G + 1;
-  const int64_t o = b * G, o1 = b * C2;
   if (stage == 0) {
-    const HeadScratch s = head_scratch(scratch, a.w1, G);
-    classifier_tail(a.w1, G, b, a.pre_r1, a.len_norm + o, nullptr, a.pre_p1, a.prompt_feat + o1,
-                    s, tid, nth, sync);
-    if (tid == 0) {
-      const float l0 = s.logits[0], l1 = s.logits[1];
+    const HeadScratch s = head_scratch(scratch, a.w1, G, nb);
+    classifier_tail<M>(a.w1, G, b0, nb, a.pre_r1, a.len_norm, nullptr, a.pre_p1, a.prompt_feat, s,
+                    tid, nth, sync);
+    for (int q = tid; q < nb; q += nth) {
+      const int64_t b = b0 + q;
+      const float l0 = s.logits[q * 2], l1 = s.logits[q * 2 + 1];
       const float m = l0 > l1 ? l0 : l1;
       const float e0 = expf(l0 - m), e1 = expf(l1 - m);
       a.logits1[2 * b] = l0;
@@ -288,11 +345,15 @@ CARE_HD void step_tail(const StepTailArgs& a, int64_t b, int stage, float* scrat
       a.reliability[b] = e1 / (e0 + e1);
     }
   } else {
-    const HeadScratch s = head_scratch(scratch, a.w2, G);
-    classifier_tail(a.w2, G, b, a.pre_r2, nullptr, a.minority + o, a.pre_p2, a.prompt_feat + o1,
-                    s, tid, nth, sync);
-    expected_cag_spread(s.logits, a.cag + o1, a.admissible + o1, C2, a.probs + o1, a.ecag + b, s.e,
-                        tid, nth, sync);
+    const HeadScratch s = head_scratch(scratch, a.w2, G, nb);
+    classifier_tail<M>(a.w2, G, b0, nb, a.pre_r2, nullptr, a.minority, a.pre_p2, a.prompt_feat, s,
+                    tid, nth, sync);
+    for (int q = 0; q < nb; ++q) {
+      const int64_t o1 = (b0 + q) * C2;
+      if (q > 0) sync();  // thread 0's last reads of e (previous prompt) come before new writes
+      expected_cag_spread(s.logits + q * C2, a.cag + o1, a.admissible + o1, C2, a.probs + o1,
+                          a.ecag + b0 + q, s.e, tid, nth, sync);
+    }
   }
 }
 

@@ -6,6 +6,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <condition_variable>
 #include <mutex>
 #include <thread>
@@ -65,7 +66,7 @@ StepTuple acquisition_step_fused_split_cpu(const Tensor& ids, const Tensor& leng
     std::vector<float> buf(static_cast<size_t>(scratch));
     for (int64_t b = b0; b < b1; ++b) {
       for (int stage = 0; stage < 2; ++stage) {  // the CUDA kernel's two blocks per prompt
-        step_tail(f.args, b, stage, buf.data(), 0, 1, NoSync{});
+        step_tail<1>(f.args, b, 1, stage, buf.data(), 0, 1, NoSync{});
       }
     }
   });
@@ -77,19 +78,29 @@ StepTuple acquisition_step_fused_block_cpu(const Tensor& ids, const Tensor& leng
                                            at::TensorList stage1, at::TensorList stage2,
                                            double max_len, double cag_eps, bool cag_unbiased,
                                            double adv_eps, bool adv_unbiased,
-                                           at::TensorList first_layer_split, int64_t threads) {
+                                           at::TensorList first_layer_split, int64_t threads,
+                                           int64_t prompts) {
   TORCH_CHECK(threads >= 1 && threads <= 1024, "care_ext._acquisition_step_fused_block: threads "
               "must be in [1, 1024] (a CUDA block's limit), got ", threads);
-  const FusedStep f = prepare_fused_step(ids, lengths, h_prompt, h_resp, stage1, stage2, max_len,
-                                         cag_eps, cag_unbiased, adv_eps, adv_unbiased,
-                                         first_layer_split);
-  const int n = static_cast<int>(threads);
+  TORCH_CHECK(prompts >= 1 && prompts <= kMaxTailPrompts, "care_ext._acquisition_step_fused_block: "
+              "prompts must be in [1, ", kMaxTailPrompts, "], got ", prompts);
+  FusedStep f = prepare_fused_step(ids, lengths, h_prompt, h_resp, stage1, stage2, max_len,
+                                   cag_eps, cag_unbiased, adv_eps, adv_unbiased,
+                                   first_layer_split);
+  f.args.prompts_per_block = static_cast<int>(prompts);
+  const int n = static_cast<int>(threads), per = static_cast<int>(prompts);
   std::vector<float> scratch(static_cast<size_t>(step_tail_scratch_floats(f.args)));
   TeamBarrier barrier(n);
   auto member = [&](int tid) {
-    for (int64_t b = 0; b < f.B; ++b) {
+    for (int64_t b0 = 0; b0 < f.B; b0 += per) {
+      const int nb = static_cast<int>(std::min<int64_t>(per, f.B - b0));
       for (int stage = 0; stage < 2; ++stage) {  // one block after another, one shared scratch
-        step_tail(f.args, b, stage, scratch.data(), tid, n, TeamSync{&barrier});
+        if (per == 1) {  // the kernel's two instantiations, as the CUDA launch picks them
+          step_tail<1>(f.args, b0, nb, stage, scratch.data(), tid, n, TeamSync{&barrier});
+        } else {
+          step_tail<kMaxTailPrompts>(f.args, b0, nb, stage, scratch.data(), tid, n,
+                                     TeamSync{&barrier});
+        }
         barrier.wait();  // the next block overwrites the scratch this one's last reads use
       }
     }

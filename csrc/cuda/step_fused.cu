@@ -6,6 +6,9 @@
 
 #include "../classifier_parts.h"
 
+#include <algorithm>
+#include <cstdlib>
+
 namespace care_ext {
 namespace {
 
@@ -20,10 +23,43 @@ struct BlockSync {
   }
 };
 
-__global__ void __launch_bounds__(kTailThreads) step_tail_kernel(StepTailArgs a) {
+// M = 1: one prompt per block (76 registers, 3 blocks of 256 threads per SM); M =
+// kMaxTailPrompts: up to M prompts per block, whose head layers keep M accumulators per thread
+// (at least 2 blocks per SM requested: without it ptxas capped the registers at 80 and spilled).
+template <int M>
+__global__ void __launch_bounds__(kTailThreads, M == 1 ? 3 : 2)
+    step_tail_kernel(StepTailArgs a, int64_t B) {
   extern __shared__ __align__(16) float scratch[];  // head_scratch places doubles 8-byte aligned
-  step_tail(a, static_cast<int64_t>(blockIdx.x), static_cast<int>(blockIdx.y), scratch,
-            static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x), BlockSync{});
+  const int64_t b0 = static_cast<int64_t>(blockIdx.x) * a.prompts_per_block;
+  const int nb = static_cast<int>(B - b0 < a.prompts_per_block ? B - b0 : a.prompts_per_block);
+  step_tail<M>(a, b0, nb, static_cast<int>(blockIdx.y), scratch, static_cast<int>(threadIdx.x),
+               static_cast<int>(blockDim.x), BlockSync{});
+}
+
+// The dynamic shared memory a launch of step_tail_kernel<M> may ask for without opting in: the
+// 48 KB default less the kernel's static shared memory (queried once).
+template <int M>
+int64_t dynamic_smem_limit() {
+  static const int64_t limit = [] {
+    cudaFuncAttributes attr;
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, step_tail_kernel<M>));
+    return std::min<int64_t>(kMaxTailSmem, static_cast<int64_t>(attr.maxDynamicSharedSizeBytes));
+  }();
+  return limit;
+}
+
+// Prompts per block: CARE_EXT_TAIL_PROMPTS (1 .. kMaxTailPrompts; default 1, one prompt per block
+// as before), lowered while the scratch would exceed the shared-memory limit.
+// More prompts per block read each head weight once for all of them (a fraction of the L2
+// traffic) at the price of fewer blocks; the GPU check benchmarks 1, 2 and 4.
+int tail_prompts_per_block() {
+  const char* env = std::getenv("CARE_EXT_TAIL_PROMPTS");
+  if (env == nullptr || *env == 0) return 1;
+  char* end = nullptr;
+  const long n = std::strtol(env, &end, 10);
+  TORCH_CHECK(*end == 0 && n >= 1 && n <= kMaxTailPrompts, "CARE_EXT_TAIL_PROMPTS must be an "
+              "integer in [1, ", kMaxTailPrompts, "], got '", env, "'");
+  return static_cast<int>(n);
 }
 
 }  // namespace
@@ -39,16 +75,33 @@ StepTuple acquisition_step_fused_split_cuda(const Tensor& ids, const Tensor& len
                                          cag_eps, cag_unbiased, adv_eps, adv_unbiased,
                                          first_layer_split);
   if (f.B == 0) return f.outputs();
-  const int64_t smem = step_tail_scratch_floats(f.args) * static_cast<int64_t>(sizeof(float));
+  StepTailArgs args = f.args;
+  args.prompts_per_block = tail_prompts_per_block();
+  auto smem_of = [&] {
+    return step_tail_scratch_floats(args) * static_cast<int64_t>(sizeof(float));
+  };
+  auto limit_of = [&] {
+    return args.prompts_per_block == 1 ? dynamic_smem_limit<1>()
+                                       : dynamic_smem_limit<kMaxTailPrompts>();
+  };
+  while (args.prompts_per_block > 1 && smem_of() > limit_of()) --args.prompts_per_block;
+  const int64_t smem = smem_of();
   const char* op = fused_step_op_name(first_layer_split);
-  TORCH_CHECK(smem <= kMaxTailSmem, "care_ext.", op, ": the classifiers need ", smem,
-              " bytes of per-block scratch (G * R1 + G + ", kL2Rows + 1,
-              " * R2 + P + K + 3 * C + 1 floats: head_scratch_floats), more than the ",
-              kMaxTailSmem, " bytes of shared memory this kernel uses; use acquisition_step");
-  TORCH_CHECK(f.B <= 2147483647LL, "care_ext.", op, ": B = ", f.B, " is too large");
-  const dim3 grid(static_cast<unsigned>(f.B), 2);  // one block per prompt and stage
-  step_tail_kernel<<<grid, kTailThreads, static_cast<size_t>(smem),
-                     c10::cuda::getCurrentCUDAStream()>>>(f.args);
+  TORCH_CHECK(smem <= limit_of(), "care_ext.", op, ": the classifiers need ", smem,
+              " bytes of per-block scratch (G * R1 + G + ", kL2Rows,
+              " * R2 + P + R2 + K + C + 1 + 2 * C floats: head_scratch_floats), more than the ",
+              limit_of(), " bytes of dynamic shared memory this kernel may use; use "
+              "acquisition_step");
+  const int64_t blocks = (f.B + args.prompts_per_block - 1) / args.prompts_per_block;
+  TORCH_CHECK(blocks <= 2147483647LL, "care_ext.", op, ": B = ", f.B, " is too large");
+  const dim3 grid(static_cast<unsigned>(blocks), 2);  // blocks of prompts, one per stage
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (args.prompts_per_block == 1) {
+    step_tail_kernel<1><<<grid, kTailThreads, static_cast<size_t>(smem), stream>>>(args, f.B);
+  } else {
+    step_tail_kernel<kMaxTailPrompts>
+        <<<grid, kTailThreads, static_cast<size_t>(smem), stream>>>(args, f.B);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return f.outputs();
 }

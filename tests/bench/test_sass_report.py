@@ -142,6 +142,15 @@ def test_each_rule_fails_on_what_it_guards_against(kernels, failing):
     assert [name for name, ok in v.items() if not ok] == [failing]
 
 
+def test_every_instantiation_of_the_tail_is_checked():
+    """step_tail_kernel<1> and step_tail_kernel<4> are two kernels: a rule fails when either does."""
+    good, bad = _tail(), _tail(l2_int=180)
+    good.name, bad.name = "step_tail_kernel<1>", "step_tail_kernel<4>"
+    rules = {r.name: r for r in S.check_rules([good, bad, *_shufflers()], MARKERS, CONSTS)}
+    assert not rules["address-arithmetic"].ok and rules["l2-tile"].ok
+    assert "step_tail_kernel<4>: l2-fma: 2.812" in rules["address-arithmetic"].detail
+
+
 def test_no_tail_kernel_is_a_failure_not_a_pass():
     rules = S.check_rules(_shufflers(), MARKERS, CONSTS)
     assert not all(r.ok for r in rules) and "no step_tail_kernel" in rules[-1].detail

@@ -211,15 +211,19 @@ ODD = {"P": 13, "R1": 7, "R2": 19, "K": 11}  # layer sizes off the tail's tiles 
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["fp32", "split"])
-@pytest.mark.parametrize("G, threads, dims", [
-    (3, 2, {}), (8, 5, {}), (8, 256, {}), (64, 32, {}), (64, 256, {}), (16, 7, ODD),
-    (16, 256, ODD)])
-def test_fused_step_tail_over_a_block_of_threads_gives_the_same_bits(G, threads, dims, split):
-    """The CUDA kernel runs each prompt's tail on a block of 256 threads that divide every loop
-    among themselves and meet at __syncthreads. The private CPU op runs that division with a real
-    team of threads and a barrier at each sync (one scratch per block, as shared memory): every
-    output equals the one-thread CPU op's bit for bit (each sum keeps its order whoever computes
-    it), for 2 to 256 threads, layer sizes off the tiles, and both first-layer paths."""
+@pytest.mark.parametrize("G, threads, prompts, dims", [
+    (3, 2, 1, {}), (8, 5, 1, {}), (8, 256, 1, {}), (64, 32, 1, {}), (64, 256, 1, {}),
+    (16, 7, 1, ODD), (16, 256, 1, ODD), (3, 3, 4, {}), (8, 5, 3, {}), (8, 256, 4, {}),
+    (64, 256, 2, {}), (64, 256, 4, {}), (16, 7, 4, ODD), (16, 256, 2, ODD)])
+def test_fused_step_tail_over_a_block_of_threads_gives_the_same_bits(G, threads, prompts, dims,
+                                                                      split):
+    """The CUDA kernel runs the tail of one prompt, or of several (CARE_EXT_TAIL_PROMPTS), on a
+    block of 256 threads that divide every loop among themselves and meet at __syncthreads. The
+    private CPU op runs that division with a real team of threads and a barrier at each sync (one
+    scratch per block, as shared memory): every output equals the one-thread CPU op's bit for bit
+    (each sum keeps its order whoever computes it and however many prompts share a block), for 2
+    to 256 threads, 1 to 4 prompts per block (5 prompts: a short last block), layer sizes off the
+    tiles, and both first-layer paths."""
     from care_ext.bf16_split import first_layer_split
 
     gen = torch.Generator().manual_seed(G * 31 + threads)
@@ -229,7 +233,7 @@ def test_fused_step_tail_over_a_block_of_threads_gives_the_same_bits(G, threads,
     one = run_step("_acquisition_step_fused_split" if split else "_acquisition_step_fused", "cpu",
                    ids, lengths, h_p, h_r, s1, s2, pieces if split else None)
     many = torch.ops.care_ext._acquisition_step_fused_block(
-        ids, lengths, h_p, h_r, s1, s2, 4000.0, 0.0, False, 1e-6, False, pieces, threads)
+        ids, lengths, h_p, h_r, s1, s2, 4000.0, 0.0, False, 1e-6, False, pieces, threads, prompts)
     for k, (a, b) in enumerate(zip(many, one)):
         assert torch.equal(a, b), k
 
@@ -238,7 +242,10 @@ def test_fused_step_block_checks_its_threads():
     ids, lengths, h_p, h_r, s1, s2 = step_inputs(2, 4, 16, torch.float32, torch.Generator())
     with pytest.raises(RuntimeError, match=r"threads must be in \[1, 1024\].*got 0"):
         torch.ops.care_ext._acquisition_step_fused_block(
-            ids, lengths, h_p, h_r, s1, s2, 4000.0, 0.0, False, 1e-6, False, [], 0)
+            ids, lengths, h_p, h_r, s1, s2, 4000.0, 0.0, False, 1e-6, False, [], 0, 1)
+    with pytest.raises(RuntimeError, match=r"prompts must be in \[1, 4\], got 5"):
+        torch.ops.care_ext._acquisition_step_fused_block(
+            ids, lengths, h_p, h_r, s1, s2, 4000.0, 0.0, False, 1e-6, False, [], 8, 5)
 
 
 @pytest.mark.parametrize("op", STEP_OPS + ["_acquisition_step_fused_split"])
