@@ -23,7 +23,7 @@ struct BlockSync {
   }
 };
 
-// M = 1: one prompt per block (76 registers, 3 blocks of 256 threads per SM); M =
+// M = 1: one prompt per block (80 registers, 3 blocks of 256 threads per SM); M =
 // kMaxTailPrompts: up to M prompts per block, whose head layers keep M accumulators per thread
 // (at least 2 blocks per SM requested: without it ptxas capped the registers at 80 and spilled).
 template <int M>
