@@ -189,19 +189,28 @@ CARE_HD void classwise_cag_row(const int64_t* sizes, int G, double eps, bool unb
   classwise_cag_fill(sizes, G, eps, unbiased, cag, admissible, 0, 1);
 }
 
+// The largest admissible logit in double (NaN if any admissible logit is NaN), in k order;
+// *any: whether some class is admissible (else the result is -inf).
+template <typename F>
+CARE_HD double admissible_max(const F* logits, const bool* admissible, int C, bool* any) {
+  double mx = -INFINITY;
+  *any = false;
+  for (int k = 0; k < C; ++k) {
+    if (!admissible[k]) continue;
+    const double v = static_cast<double>(logits[k]);
+    if (!*any || v > mx || v != v) mx = v;
+    *any = true;
+  }
+  return mx;
+}
+
 // Softmax of logits over the admissible classes only, and the expected CAG. Inadmissible classes
 // get probability 0; a row with no admissible class gets all-zero probs and ecag 0.
 template <typename F>
 CARE_HD void expected_cag_row(const F* logits, const F* cag, const bool* admissible, int C, F* probs,
                               F* ecag) {
-  double mx = -INFINITY;
   bool any = false;
-  for (int k = 0; k < C; ++k) {
-    if (!admissible[k]) continue;
-    const double v = static_cast<double>(logits[k]);
-    if (!any || v > mx || v != v) mx = v;
-    any = true;
-  }
+  const double mx = admissible_max(logits, admissible, C, &any);
   if (!any) {
     for (int k = 0; k < C; ++k) probs[k] = F(0);
     *ecag = F(0);
@@ -230,14 +239,8 @@ template <class Sync>
 CARE_HD void expected_cag_spread(const float* logits, const float* cag, const bool* admissible,
                                  int C, float* probs, float* ecag, double* e, int tid, int nth,
                                  Sync sync) {
-  double mx = -INFINITY;
   bool any = false;
-  for (int k = 0; k < C; ++k) {
-    if (!admissible[k]) continue;
-    const double v = static_cast<double>(logits[k]);
-    if (!any || v > mx || v != v) mx = v;
-    any = true;
-  }
+  const double mx = admissible_max(logits, admissible, C, &any);
   if (!any) {  // the same in every thread: no sync is skipped by some threads only
     for (int k = tid; k < C; k += nth) probs[k] = 0.f;
     if (tid == 0) *ecag = 0.f;
@@ -323,15 +326,18 @@ CARE_HD void features_per_class(const FeatureRow& r, int G, const FeatureParams&
   }
 }
 
+// One row of group_features on one thread. lanes > 1 runs the CUDA kernel's division of the row
+// over a warp's lanes, lane by lane: every lane's phase 1, then (the kernel's __syncwarp) every
+// lane's phase 2 (the private op _group_features_lanes; lanes = 1 is the plain CPU kernel).
 CARE_HD void group_features_row(const int64_t* ids, const float* lengths, int G,
                                 const FeatureParams& p, int64_t* rank, int64_t* sizes,
                                 float* prompt_feat, float* len_norm, bool* minority, float* cag,
-                                bool* admissible, float* pseudo, float* adv) {
+                                bool* admissible, float* pseudo, float* adv, int lanes = 1) {
   cluster_row(ids, G, rank, sizes);
   const FeatureRow r{rank, sizes, lengths, prompt_feat, len_norm, minority, cag, admissible,
                      pseudo, adv};
-  features_per_response(r, G, p, 0, 1);
-  features_per_class(r, G, p, 0, 1);
+  for (int lane = 0; lane < lanes; ++lane) features_per_response(r, G, p, lane, lanes);
+  for (int lane = 0; lane < lanes; ++lane) features_per_class(r, G, p, lane, lanes);
 }
 
 }  // namespace care_ext

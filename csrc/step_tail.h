@@ -334,7 +334,7 @@ CARE_HD void step_tail(const StepTailArgs& a, int64_t b0, int nb, int stage, flo
   if (stage == 0) {
     const HeadScratch s = head_scratch(scratch, a.w1, G, nb);
     classifier_tail<M>(a.w1, G, b0, nb, a.pre_r1, a.len_norm, nullptr, a.pre_p1, a.prompt_feat, s,
-                    tid, nth, sync);
+                       tid, nth, sync);
     for (int q = tid; q < nb; q += nth) {
       const int64_t b = b0 + q;
       const float l0 = s.logits[q * 2], l1 = s.logits[q * 2 + 1];
@@ -347,7 +347,7 @@ CARE_HD void step_tail(const StepTailArgs& a, int64_t b0, int nb, int stage, flo
   } else {
     const HeadScratch s = head_scratch(scratch, a.w2, G, nb);
     classifier_tail<M>(a.w2, G, b0, nb, a.pre_r2, nullptr, a.minority, a.pre_p2, a.prompt_feat, s,
-                    tid, nth, sync);
+                       tid, nth, sync);
     for (int q = 0; q < nb; ++q) {
       const int64_t o1 = (b0 + q) * C2;
       if (q > 0) sync();  // thread 0's last reads of e (previous prompt) come before new writes

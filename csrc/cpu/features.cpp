@@ -7,12 +7,11 @@
 
 namespace care_ext {
 
-FeatureTuple group_features_cpu(const Tensor& ids, const Tensor& lengths, double max_len,
-                                double cag_eps, bool cag_unbiased, double adv_eps,
-                                bool adv_unbiased) {
-  FeatureArgs a = prepare_group_features(ids, lengths, max_len);
+namespace {
+
+// Every row of `a` (rows in parallel), each on one thread as group_features_row runs it.
+FeatureTuple features_rows(const FeatureArgs& a, const FeatureParams& p, int lanes) {
   const int G = static_cast<int>(a.G);
-  const FeatureParams p{max_len, cag_eps, adv_eps, cag_unbiased, adv_unbiased};
   const int64_t* in = a.ids.data_ptr<int64_t>();
   const float* len = a.lengths.data_ptr<float>();
   int64_t* rank = a.rank.data_ptr<int64_t>();
@@ -28,15 +27,24 @@ FeatureTuple group_features_cpu(const Tensor& ids, const Tensor& lengths, double
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t o = b * G, o1 = b * (G + 1);
       group_features_row(in + o, len + o, G, p, rank + o, sizes + o, pf + o1, ln + o, mino + o,
-                         cag + o1, adm + o1, ps + o, adv + o);
+                         cag + o1, adm + o1, ps + o, adv + o, lanes);
     }
   });
   return feature_tuple(a);
 }
 
-// The CUDA kernel's division of a row over the lanes of a warp, run lane by lane on one thread:
-// every lane's phase 1, then (the kernel's __syncwarp) every lane's phase 2. Tests compare it
-// with group_features bit for bit; only the clustering (cluster_row_warp's shuffles) differs.
+}  // namespace
+
+FeatureTuple group_features_cpu(const Tensor& ids, const Tensor& lengths, double max_len,
+                                double cag_eps, bool cag_unbiased, double adv_eps,
+                                bool adv_unbiased) {
+  return features_rows(prepare_group_features(ids, lengths, max_len),
+                       FeatureParams{max_len, cag_eps, adv_eps, cag_unbiased, adv_unbiased}, 1);
+}
+
+// The CUDA kernel's division of a row over the lanes of a warp, run lane by lane on one thread
+// (group_features_row with lanes). Tests compare it with group_features bit for bit; only the
+// clustering (cluster_row_warp's shuffles) differs from the kernel.
 FeatureTuple group_features_lanes_cpu(const Tensor& ids, const Tensor& lengths, double max_len,
                                       double cag_eps, bool cag_unbiased, double adv_eps,
                                       bool adv_unbiased, int64_t lanes) {
@@ -48,22 +56,8 @@ FeatureTuple group_features_lanes_cpu(const Tensor& ids, const Tensor& lengths, 
     t->fill_(std::numeric_limits<float>::quiet_NaN());
   }
   for (Tensor* t : {&a.minority_mask, &a.admissible}) t->fill_(true);
-  const int G = static_cast<int>(a.G), L = static_cast<int>(lanes);
-  const FeatureParams p{max_len, cag_eps, adv_eps, cag_unbiased, adv_unbiased};
-  for (int64_t b = 0; b < a.B; ++b) {
-    const int64_t o = b * G, o1 = b * (G + 1);
-    int64_t* rank = a.rank.data_ptr<int64_t>() + o;
-    int64_t* sizes = a.sizes.data_ptr<int64_t>() + o;
-    cluster_row(a.ids.data_ptr<int64_t>() + o, G, rank, sizes);
-    const FeatureRow r{rank, sizes, a.lengths.data_ptr<float>() + o,
-                       a.prompt_feat.data_ptr<float>() + o1, a.len_norm.data_ptr<float>() + o,
-                       a.minority_mask.data_ptr<bool>() + o, a.cag.data_ptr<float>() + o1,
-                       a.admissible.data_ptr<bool>() + o1, a.pseudo_rewards.data_ptr<float>() + o,
-                       a.pseudo_adv.data_ptr<float>() + o};
-    for (int lane = 0; lane < L; ++lane) features_per_response(r, G, p, lane, L);
-    for (int lane = 0; lane < L; ++lane) features_per_class(r, G, p, lane, L);
-  }
-  return feature_tuple(a);
+  return features_rows(a, FeatureParams{max_len, cag_eps, adv_eps, cag_unbiased, adv_unbiased},
+                       static_cast<int>(lanes));
 }
 
 }  // namespace care_ext
