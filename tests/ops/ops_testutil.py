@@ -90,15 +90,16 @@ def step_inputs(B: int, G: int, H: int, dtype: torch.dtype, gen: torch.Generator
     return ids, lengths, h_p, h_r, s1, s2
 
 
-def run_step(op: str, device, ids, lengths, h_p, h_r, s1, s2, split=None):
+def run_step(op: str, device, ids, lengths, h_p, h_r, s1, s2, split=None, *more):
     """``torch.ops.care_ext.<op>`` on ``device`` with the conventions the step tests compare
     against (max_len 4000, cag eps 0 population, adv eps 1e-6 population); ``split``: the
-    first_layer_split pieces, passed only to the ``_split`` op."""
+    first_layer_split pieces (a list, possibly empty), passed only to ops that take them;
+    ``more``: the private block op's further arguments (threads, prompts)."""
     d = lambda ts: [t.to(device) for t in ts]  # noqa: E731
     extra = [d(split)] if split is not None else []
     return getattr(torch.ops.care_ext, op)(ids.to(device), lengths.to(device), h_p.to(device),
                                            h_r.to(device), d(s1), d(s2), 4000.0, 0.0, False, 1e-6,
-                                           False, *extra)
+                                           False, *extra, *more)
 
 
 def assert_step_like_reference(got, ids, lengths, h_p, h_r, s1, s2) -> None:

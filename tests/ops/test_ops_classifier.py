@@ -232,20 +232,20 @@ def test_fused_step_tail_over_a_block_of_threads_gives_the_same_bits(G, threads,
     pieces = first_layer_split(s1, s2, 40) if split else []
     one = run_step("_acquisition_step_fused_split" if split else "_acquisition_step_fused", "cpu",
                    ids, lengths, h_p, h_r, s1, s2, pieces if split else None)
-    many = torch.ops.care_ext._acquisition_step_fused_block(
-        ids, lengths, h_p, h_r, s1, s2, 4000.0, 0.0, False, 1e-6, False, pieces, threads, prompts)
+    many = run_step("_acquisition_step_fused_block", "cpu", ids, lengths, h_p, h_r, s1, s2, pieces,
+                    threads, prompts)
     for k, (a, b) in enumerate(zip(many, one)):
         assert torch.equal(a, b), k
 
 
 def test_fused_step_block_checks_its_threads():
     ids, lengths, h_p, h_r, s1, s2 = step_inputs(2, 4, 16, torch.float32, torch.Generator())
+    block = lambda threads, prompts: run_step(  # noqa: E731
+        "_acquisition_step_fused_block", "cpu", ids, lengths, h_p, h_r, s1, s2, [], threads, prompts)
     with pytest.raises(RuntimeError, match=r"threads must be in \[1, 1024\].*got 0"):
-        torch.ops.care_ext._acquisition_step_fused_block(
-            ids, lengths, h_p, h_r, s1, s2, 4000.0, 0.0, False, 1e-6, False, [], 0, 1)
+        block(0, 1)
     with pytest.raises(RuntimeError, match=r"prompts must be in \[1, 4\], got 5"):
-        torch.ops.care_ext._acquisition_step_fused_block(
-            ids, lengths, h_p, h_r, s1, s2, 4000.0, 0.0, False, 1e-6, False, [], 8, 5)
+        block(8, 5)
 
 
 @pytest.mark.parametrize("op", STEP_OPS + ["_acquisition_step_fused_split"])
