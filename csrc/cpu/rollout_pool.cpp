@@ -5,10 +5,13 @@
 // dense composite runs each layer once over all B*G rows, which on the CPU means a full float32
 // copy of a bf16 input (128 MiB at 512x16x4096), intermediates that leave the cache, and Stage-II
 // GEMM rows that its masked mean then multiplies by zero. Here:
-//   * blocks of whole prompts (about kBlockRows rows) are converted to float32 once and consumed by
-//     every branch while they are in cache;
-//   * a masked branch (Stage-II: the valid non-majority rollouts) multiplies only its masked rows,
-//     gathered per block; a prompt with an empty mask pools to zero without any GEMM;
+//   * blocks of whole prompts (about kBlockRows rows) are converted to float32 once, into a buffer
+//     each thread reuses, and consumed by every branch while they are in cache;
+//   * the conversion writes the rows of the masked branch (Stage-II: the valid non-majority
+//     rollouts; at most one branch has a mask) first, so that branch multiplies a leading slice
+//     of the buffer and an unmasked branch the whole buffer: no row is gathered or multiplied
+//     twice; a prompt with an empty mask pools to zero without any GEMM;
+//   * every pool sums its rows in the block's row order whatever their place in the buffer;
 //   * blocks run in parallel on the intra-op pool (at::parallel_for), each with single-threaded
 //     BLAS calls, in a fixed block layout (results do not depend on how blocks meet threads).
 // Results equal rollout_pools_dense up to float32 summation order. Unlike the dense path (and the
@@ -16,7 +19,9 @@
 // branch's mask cannot reach that branch's pool.
 #include "../classifier_parts.h"
 
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <vector>
@@ -39,36 +44,78 @@ struct BranchPlan {
   int64_t Fr, R2;
 };
 
-void run_block(const Tensor& x, int64_t p0, int64_t n, int64_t G, const BranchPlan& bp) {
-  const int64_t rows = n * G;
-  // The rows that enter this branch's pool: all rows of the block, or only its masked rows,
-  // gathered so that nothing else is multiplied.
-  Tensor xs = x;
-  Tensor fs = bp.Fr > 0 ? bp.feat.narrow(0, p0 * G, rows) : Tensor();
-  std::vector<int64_t> idx;
-  if (bp.mask != nullptr) {
-    const bool* m = bp.mask + p0 * G;
+// One block of rows in float32, in buffer order: the rows of the masked branch's mask first, then
+// the others, each group in block order. order[k] is the block row at buffer row k; pos is its
+// inverse.
+struct BlockRows {
+  Tensor x;  // [capacity, H] float32, reused from block to block
+  std::vector<int64_t> order, pos;
+};
+
+// Converts rows [row0, row0 + rows) of h [*, H] (float32/bfloat16/float16, any strides) into
+// br.x's first `rows` rows, in buffer order for `lead` ([rows] bool, or nullptr: block order).
+void load_block(const Tensor& h, int64_t row0, int64_t rows, const bool* lead, BlockRows& br) {
+  br.order.clear();
+  br.pos.assign(static_cast<size_t>(rows), 0);
+  for (int pass = 0; pass < (lead != nullptr ? 2 : 1); ++pass) {
     for (int64_t j = 0; j < rows; ++j) {
-      if (m[j]) idx.push_back(j);
+      if (lead == nullptr || lead[j] == (pass == 0)) {
+        br.pos[static_cast<size_t>(j)] = static_cast<int64_t>(br.order.size());
+        br.order.push_back(j);
+      }
     }
-    if (idx.empty()) return;  // every prompt of the block pools to zero
-    Tensor it = x.new_empty({static_cast<int64_t>(idx.size())}, x.options().dtype(at::kLong));
-    std::copy(idx.begin(), idx.end(), it.data_ptr<int64_t>());
-    xs = x.index_select(0, it);
-    if (bp.Fr > 0) fs = fs.index_select(0, it);
+  }
+  const int64_t H = h.size(1), rs = h.stride(0), cs = h.stride(1);
+  float* dst = br.x.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(),
+                                  "care_ext.rollout_pools", [&] {
+    const scalar_t* src = h.const_data_ptr<scalar_t>() + row0 * rs;
+    for (int64_t k = 0; k < rows; ++k) {
+      const scalar_t* s = src + br.order[static_cast<size_t>(k)] * rs;
+      float* d = dst + k * H;
+      if (cs == 1) {
+        for (int64_t c = 0; c < H; ++c) d[c] = static_cast<float>(s[c]);
+      } else {
+        for (int64_t c = 0; c < H; ++c) d[c] = static_cast<float>(s[c * cs]);
+      }
+    }
+  });
+}
+
+void run_block(const BlockRows& br, int64_t p0, int64_t n, int64_t G, const BranchPlan& bp) {
+  const int64_t rows = n * G;
+  // The block rows that enter this branch's pool, in block order: all rows, or the rows of the
+  // block's leading mask. Either way they fill the buffer's first `used` rows, which are
+  // multiplied in place; at_row[k] is the product row of sel[k].
+  std::vector<int64_t> sel, at_row;
+  const bool* m = bp.mask != nullptr ? bp.mask + p0 * G : nullptr;
+  for (int64_t j = 0; j < rows; ++j) {
+    if (m == nullptr || m[j]) {
+      sel.push_back(j);
+      at_row.push_back(br.pos[static_cast<size_t>(j)]);
+    }
+  }
+  const int64_t used = static_cast<int64_t>(sel.size());
+  if (used == 0) return;  // every prompt of the block pools to zero
+  const Tensor xs = br.x.narrow(0, 0, used);
+  Tensor fs;
+  if (bp.Fr > 0) {  // the features of the buffer's rows, in buffer order
+    Tensor it = at::empty({used}, br.x.options().dtype(at::kLong));
+    std::copy(br.order.begin(), br.order.begin() + used, it.data_ptr<int64_t>());
+    fs = bp.feat.narrow(0, p0 * G, rows).index_select(0, it);
   }
   Tensor a = bp.b1.addmm(xs, bp.w1h_t);
   if (bp.Fr > 0) a.addmm_(fs, bp.w1f_t);
   a.relu_();
   const Tensor r = bp.b2.addmm(a, bp.w2_t).relu_().contiguous();
   const float* rp = r.data_ptr<float>();
-  // (masked) mean per prompt: sum the rows in order, then divide by the count clamped to >= 1
+  // (masked) mean per prompt: sum the rows in block order, then divide by the count clamped to >= 1
   std::vector<int64_t> count(static_cast<size_t>(n), 0);
-  for (int64_t j = 0; j < r.size(0); ++j) {
-    const int64_t i = (bp.mask == nullptr ? j : idx[static_cast<size_t>(j)]) / G;
+  for (int64_t k = 0; k < used; ++k) {
+    const int64_t i = sel[static_cast<size_t>(k)] / G;
     ++count[static_cast<size_t>(i)];
     float* out = bp.pool + (p0 + i) * bp.R2;
-    const float* row = rp + j * bp.R2;
+    const float* row = rp + at_row[static_cast<size_t>(k)] * bp.R2;
     for (int64_t c = 0; c < bp.R2; ++c) out[c] += row[c];
   }
   for (int64_t i = 0; i < n; ++i) {
@@ -89,6 +136,7 @@ void rollout_pools_cpu(const Tensor& h_resp, int64_t B, int64_t G,
   std::vector<BranchPlan> plans;
   std::vector<Tensor> masks;  // keeps contiguous mask copies alive
   plans.reserve(branches.size());
+  const bool* lead = nullptr;  // the masked branch's mask orders every block's buffer
   for (RolloutBranch& br : branches) {
     const Weights& w = *br.w;
     br.pool = h_resp.new_zeros({B, w.R2}, h_resp.options().dtype(at::kFloat));
@@ -97,6 +145,8 @@ void rollout_pools_cpu(const Tensor& h_resp, int64_t B, int64_t G,
     if (br.mask.defined()) {
       masks.push_back(br.mask.contiguous());
       mask = masks.back().data_ptr<bool>();
+      TORCH_INTERNAL_ASSERT(lead == nullptr, "rollout_pools_cpu: at most one masked branch");
+      lead = mask;
     }
     plans.push_back(BranchPlan{w.r1w.narrow(1, 0, H).t(), w.r1w.narrow(1, H, Fr).t(), w.r1b,
                                w.r2w.t(), w.r2b, br.feat, mask, br.pool.data_ptr<float>(), Fr,
@@ -105,11 +155,12 @@ void rollout_pools_cpu(const Tensor& h_resp, int64_t B, int64_t G,
   const int64_t per_block = std::max<int64_t>(1, kBlockRows / G);
   const int64_t nblocks = (B + per_block - 1) / per_block;
   at::parallel_for(0, nblocks, 1, [&](int64_t k0, int64_t k1) {
+    BlockRows br;  // one buffer per task, reused by its blocks
+    br.x = at::empty({std::min(per_block, B) * G, H}, h_resp.options().dtype(at::kFloat));
     for (int64_t kb = k0; kb < k1; ++kb) {
       const int64_t p0 = kb * per_block, n = std::min(per_block, B - p0);
-      Tensor x = h_resp.narrow(0, p0 * G, n * G);
-      if (x.scalar_type() != at::kFloat) x = x.to(at::kFloat);  // block-sized, stays in cache
-      for (const BranchPlan& bp : plans) run_block(x, p0, n, G, bp);
+      load_block(h_resp, p0 * G, n * G, lead != nullptr ? lead + p0 * G : nullptr, br);
+      for (const BranchPlan& bp : plans) run_block(br, p0, n, G, bp);
     }
   });
 }

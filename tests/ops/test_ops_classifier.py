@@ -145,6 +145,28 @@ def test_acquisition_step_matches_composition(device, B, G, H, dtype, op):
     assert_step_like_reference(got, ids, lengths, h_p, h_r, s1, s2)
 
 
+@pytest.mark.parametrize("op", STEP_OPS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["columns-strided", "rows-strided"])
+def test_step_reads_hidden_states_through_their_strides(device, dtype, layout, op):
+    """Rollout hidden states as a view whose [B*G, H] rows are not packed: a transposed buffer
+    (column stride B*G: the CPU step converts such rows element by element) or every other row of
+    a larger one (row stride 2H); 33 prompts of 16 make three CPU blocks, the last one partial."""
+    gen = torch.Generator().manual_seed(31)
+    B, G, H = 33, 16, 72
+    ids, lengths, h_p, h_r, s1, s2 = step_inputs(B, G, H, dtype, gen)
+    if layout == "columns-strided":
+        h_view = h_r.reshape(B * G, H).t().contiguous().t().reshape(B, G, H)
+        assert h_view.reshape(B * G, H).stride() == (1, B * G)
+    else:
+        big = torch.full((B, G, 2, H), float("nan"), dtype=dtype)
+        big[:, :, 0] = h_r
+        h_view = big[:, :, 0]
+        assert h_view.reshape(B * G, H).stride() == (2 * H, 1)
+    got = run_step(op, device, ids, lengths, h_p, h_view, s1, s2)
+    assert_step_like_reference(got, ids, lengths, h_p, h_r, s1, s2)
+
+
 def _weight_layout(ws, layout):
     """The same weights stored row-major, column-major (care_ext.ops.fused_step_layout: the CUDA
     tail's coalesced layout) or as strided views into larger buffers (row stride > columns)."""
