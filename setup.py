@@ -58,11 +58,17 @@ except ImportError as exc:  # pragma: no cover - exercised by users, not tests
 
 
 def _git_hash() -> str:
+    """The commit the kernels are built from (12 hex digits), with ``+dirty`` when the sources that
+    go into the library (csrc/, setup.py, CMakeLists.txt) differ from it: build_info() and every
+    benchmark row carry it, and a number measured on uncommitted kernels must say so."""
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT,
+        head = subprocess.check_output(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT,
                                        stderr=subprocess.DEVNULL, text=True).strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "csrc", "setup.py",
+                            "CMakeLists.txt"], cwd=ROOT, stderr=subprocess.DEVNULL, check=False)
+    return head + ("+dirty" if dirty.returncode == 1 else "")
 
 
 def _extensions():
