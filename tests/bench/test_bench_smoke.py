@@ -89,3 +89,32 @@ def test_profile_step_reports_every_op(tmp_path):
     text = out.with_suffix(".txt").read_text()
     assert all(f"{op} 6x4x32 (cpu, host)" in text for op in profile_step.STEP_OPS)
     assert profile_step.main(["--device", "cpu", "--calls", "0", "--out", str(out)]) == 2
+
+
+def test_ab_builds_alternates_two_builds(tmp_path):
+    """Two builds (here the installed one twice) in alternating processes: one row per round,
+    build, thread count and shape, and a summary whose B / A is the ratio of the medians."""
+    import ab_builds
+
+    out = tmp_path / "ab"
+    assert ab_builds.main(["--a", "installed", "--b", "installed", "--threads", "1", "--shapes",
+                           "6x4x32", "5x8x16", "--rounds", "2", "--min-time", "0.05",
+                           "--out", str(out)]) == 0
+    lines = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    rows = [r for r in lines if r.get("kind") != "summary"]
+    summary = [r for r in lines if r.get("kind") == "summary"]
+    assert sorted((r["round"], r["build"], r["shape"]) for r in rows) == sorted(
+        (k, v, s) for k in range(2) for v in "ab" for s in ("6x4x32", "5x8x16"))
+    assert all(r["ratio"] > 0 and r["samples"] >= 3 and r["git"] for r in rows)
+    assert [r["build"] for r in rows if r["shape"] == "6x4x32"] == ["a", "b", "b", "a"]
+    assert len(summary) == 2
+    for s in summary:
+        assert s["b_over_a"] == pytest.approx(s["b"] / s["a"])
+        assert s["paired_min"] <= s["paired_max"] and s["rounds"] == 2
+
+
+def test_ab_builds_refuses_a_directory_without_a_build(tmp_path):
+    import ab_builds
+
+    with pytest.raises(SystemExit):
+        ab_builds.main(["--a", str(tmp_path), "--b", "installed"])
