@@ -71,6 +71,18 @@ def _git_hash() -> str:
     return head + ("+dirty" if dirty.returncode == 1 else "")
 
 
+def _openmp_flags() -> list[str]:
+    """``-fopenmp`` where torch's intra-op backend is OpenMP (Linux wheels). ``at::parallel_for`` is
+    an inline template that runs its body on the calling thread unless the file that includes it is
+    compiled with OpenMP (ATen defines INTRA_OP_PARALLEL from ``_OPENMP``): without the flag every
+    CPU kernel of ours ran on one thread whatever ``torch.set_num_threads`` said (found 2026-11-27;
+    ``build_info()["intra_op_parallel"]`` reports it). Linking with it adds ``libgomp.so.1``, which
+    resolves to the copy torch has already loaded: one OpenMP runtime, one thread count."""
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        return ["-fopenmp"]
+    return []
+
+
 def _extensions():
     if os.environ.get("CARE_EXT_SKIP_BUILD", "0") == "1":
         return []
@@ -102,8 +114,9 @@ def _extensions():
     # machine's /opt/gcc g++ linked libstdc++ statically into _C, whose uninitialised stream
     # locale then crashed every TORCH_CHECK message with a number in it (seen 2026-11-26).
     link = ["-l:libstdc++.so.6"] if sys.platform.startswith("linux") else []
+    link += _openmp_flags()
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = opt + defines + ["-Wall", "-Wextra", "-Wno-unused-parameter"]
+    cxx = opt + defines + ["-Wall", "-Wextra", "-Wno-unused-parameter"] + _openmp_flags()
     if not use_cuda:
         return [cpp_ext.CppExtension("care_ext._C", sources, extra_compile_args={"cxx": cxx},
                                      extra_link_args=link, py_limited_api=True)]

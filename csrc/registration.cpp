@@ -3,6 +3,7 @@
 // Importing care_ext._C runs these static registrations; the module itself is empty.
 #include "care_ext.h"
 
+#include <ATen/Parallel.h>  // INTRA_OP_PARALLEL: whether at::parallel_for here uses threads
 #include <Python.h>
 #include <torch/library.h>
 
@@ -48,6 +49,14 @@ std::string build_info() {
   s += "\"archs\": \"" CARE_EXT_CUDA_ARCHS "\", ";
   s += "\"git\": \"" CARE_EXT_GIT_HASH "\", ";
   s += "\"max_group_size\": " + std::to_string(kMaxGroupSize) + ", ";
+  // at::parallel_for is an inline template: it runs on torch's intra-op threads only in files
+  // compiled with OpenMP (ATen defines INTRA_OP_PARALLEL from _OPENMP); without it every CPU
+  // kernel of ours runs on the calling thread, whatever torch.set_num_threads says
+#ifdef INTRA_OP_PARALLEL
+  s += "\"intra_op_parallel\": true, ";
+#else
+  s += "\"intra_op_parallel\": false, ";
+#endif
 #ifdef NDEBUG
   s += "\"debug\": false}";
 #else

@@ -1,6 +1,8 @@
 """torch.library.opcheck on every op (schema, fake tensor, AOT dispatch) and torch.compile."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -59,6 +61,56 @@ def test_build_info_op():
     assert info["torch"].split("+")[0] == torch.__version__.split("+")[0]
     assert info["max_group_size"] == R.MAX_GROUP_SIZE
     assert isinstance(info["cuda"], bool)
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and torch.backends.openmp.is_available()),
+                    reason="torch's intra-op backend here is not OpenMP")
+def test_cpu_kernels_are_built_to_use_torchs_threads():
+    """at::parallel_for runs on torch's intra-op threads only when the library is compiled with
+    OpenMP (setup.py's _openmp_flags); without it every CPU kernel ran on the calling thread."""
+    assert care_ext.build_info()["intra_op_parallel"] is True
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_cpu_outputs_do_not_depend_on_the_thread_count(name):
+    """Every CPU kernel gives the same bits on 1, 2 and 3 intra-op threads (rows are split among
+    threads, each row's arithmetic is fixed), on batches large enough to be split: 37 and 300
+    prompts (the blocked step: one and three blocks of whole prompts)."""
+    gen = torch.Generator().manual_seed(3)
+    cases = []
+    for B, G in ((37, 8), (300, 4)):
+        ids = random_ids(B, G, gen)
+        r1, r2 = random_rewards(B, G, gen, "cpu"), random_rewards(B, G, gen, "cpu")
+        sizes = R.cluster_stats(ids)[1]
+        lengths = torch.randint(1, 100, (B, G), generator=gen)
+        H = 40
+        h_p, h_r = torch.randn(B, H, generator=gen), torch.randn(B, G, H, generator=gen)
+        s1 = random_weights(H, G + 1, 1, 2, gen)
+        s2 = random_weights(H, G + 1, 0, G + 1, gen)
+        cag, adm = R.classwise_cag(sizes, 0.0, False)
+        step = (ids, lengths, h_p.bfloat16(), h_r.bfloat16(), s1, s2, 50.0, 0.0, False, 1e-6, False)
+        cases.append({
+            "cluster_stats": (ids,), "group_advantage": (r1, 1e-6, True),
+            "cag": (r1, r2, 0.0, False), "classwise_cag": (sizes, 1e-6, False),
+            "expected_cag": (torch.randn(B, G + 1, generator=gen), cag, adm),
+            "group_features": (ids, lengths, 50.0, 0.0, False, 1e-6, False),
+            "classifier_forward": (h_p, torch.rand(B, G + 1, generator=gen), h_r, None,
+                                   torch.rand(B, G, generator=gen) < 0.5, s2),
+            "acquisition_step": step, "_acquisition_step_fused": step,
+            "_acquisition_step_fused_split": (*step, first_layer_split(s1, s2, H)),
+        }[name])
+    op = getattr(torch.ops.care_ext, name)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append([op(*args) for args in cases])
+    finally:
+        torch.set_num_threads(before)
+    flat = [[t for o in run for t in (o if isinstance(o, (tuple, list)) else (o,))] for run in outs]
+    for other in flat[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(flat[0], other)), name
 
 
 @pytest.mark.compile
