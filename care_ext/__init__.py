@@ -66,8 +66,10 @@ def build_info() -> dict:
     """What the native library was built with.
 
     Returns:
-        dict with keys torch (version built against), cuda (bool), cuda_version, archs, git,
-        max_group_size, debug; or ``{"native": False, "error": ...}`` when it is not loaded.
+        dict with keys torch (version built against), cuda (bool), cuda_version, archs, git
+        (``+dirty`` when built from uncommitted sources), max_group_size, intra_op_parallel (the
+        CPU kernels split their work over torch's intra-op threads: built with OpenMP), debug;
+        or ``{"native": False, "error": ...}`` when it is not loaded.
     """
     if not HAS_NATIVE:
         return {"native": False, "error": NATIVE_ERROR}
