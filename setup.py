@@ -6,6 +6,7 @@ Environment switches:
     CARE_EXT_SKIP_BUILD=1    no native extension at all (pure-Python install; the reference serves).
     DEBUG=1                  -O0 -g instead of -O3.
     CARE_EXT_PTXAS_VERBOSE=1 pass -Xptxas -v to nvcc (register/spill report per kernel).
+    CARE_EXT_OPENMP=0        build the CPU kernels without OpenMP (they then run on one thread).
     TORCH_CUDA_ARCH_LIST     defaults to "9.0" (H100/H200/H20).
     CUDA_HOME                defaults to the toolkit root that `nvcc` on PATH resolves to.
 """
@@ -77,10 +78,29 @@ def _openmp_flags() -> list[str]:
     compiled with OpenMP (ATen defines INTRA_OP_PARALLEL from ``_OPENMP``): without the flag every
     CPU kernel of ours ran on one thread whatever ``torch.set_num_threads`` said (found 2026-11-27;
     ``build_info()["intra_op_parallel"]`` reports it). Linking with it adds ``libgomp.so.1``, which
-    resolves to the copy torch has already loaded: one OpenMP runtime, one thread count."""
-    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
-        return ["-fopenmp"]
-    return []
+    resolves to the copy torch has already loaded: one OpenMP runtime, one thread count.
+    ``CARE_EXT_OPENMP=0`` leaves it out; a compiler that cannot link it gets a warning and a
+    serial build, not a failed one."""
+    if (os.environ.get("CARE_EXT_OPENMP", "1") == "0" or not sys.platform.startswith("linux")
+            or not torch.backends.openmp.is_available()):
+        return []
+    import tempfile
+
+    cxx = os.environ.get("CXX", "c++")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "omp.cpp"
+        src.write_text("#include <omp.h>\n"
+                       "int main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
+        try:
+            ok = subprocess.run([cxx, "-fopenmp", str(src), "-o", str(Path(tmp) / "omp")],
+                                capture_output=True, check=False).returncode == 0
+        except OSError:
+            ok = False
+    if not ok:
+        print(f"care_ext: {cxx} cannot build with -fopenmp; the CPU kernels will run on one thread "
+              "(build_info()['intra_op_parallel'] is False)", file=sys.stderr)
+        return []
+    return ["-fopenmp"]
 
 
 def _extensions():
@@ -113,10 +133,11 @@ def _extensions():
     # Link the shared libstdc++ explicitly, ahead of any static copy a toolchain's specs add: the GPU
     # machine's /opt/gcc g++ linked libstdc++ statically into _C, whose uninitialised stream
     # locale then crashed every TORCH_CHECK message with a number in it (seen 2026-11-26).
+    omp = _openmp_flags()
     link = ["-l:libstdc++.so.6"] if sys.platform.startswith("linux") else []
-    link += _openmp_flags()
+    link += omp
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = opt + defines + ["-Wall", "-Wextra", "-Wno-unused-parameter"] + _openmp_flags()
+    cxx = opt + defines + ["-Wall", "-Wextra", "-Wno-unused-parameter"] + omp
     if not use_cuda:
         return [cpp_ext.CppExtension("care_ext._C", sources, extra_compile_args={"cxx": cxx},
                                      extra_link_args=link, py_limited_api=True)]
