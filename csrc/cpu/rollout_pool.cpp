@@ -13,7 +13,9 @@
 //     twice; a prompt with an empty mask pools to zero without any GEMM;
 //   * every pool sums its rows in the block's row order whatever their place in the buffer;
 //   * blocks run in parallel on the intra-op pool (at::parallel_for), each with single-threaded
-//     BLAS calls, in a fixed block layout (results do not depend on how blocks meet threads).
+//     BLAS calls, when there are at least as many blocks as threads (else one after the other,
+//     each GEMM on BLAS's threads), in a fixed block layout (results do not depend on how blocks
+//     meet threads).
 // Results equal rollout_pools_dense up to float32 summation order. Unlike the dense path (and the
 // reference), which multiplies masked-out rows by zero, a non-finite hidden state outside a
 // branch's mask cannot reach that branch's pool.
@@ -154,7 +156,7 @@ void rollout_pools_cpu(const Tensor& h_resp, int64_t B, int64_t G,
   }
   const int64_t per_block = std::max<int64_t>(1, kBlockRows / G);
   const int64_t nblocks = (B + per_block - 1) / per_block;
-  at::parallel_for(0, nblocks, 1, [&](int64_t k0, int64_t k1) {
+  auto blocks = [&](int64_t k0, int64_t k1) {
     BlockRows br;  // one buffer per task, reused by its blocks
     br.x = at::empty({std::min(per_block, B) * G, H}, h_resp.options().dtype(at::kFloat));
     for (int64_t kb = k0; kb < k1; ++kb) {
@@ -162,7 +164,16 @@ void rollout_pools_cpu(const Tensor& h_resp, int64_t B, int64_t G,
       load_block(h_resp, p0 * G, n * G, lead != nullptr ? lead + p0 * G : nullptr, br);
       for (const BranchPlan& bp : plans) run_block(br, p0, n, G, bp);
     }
-  });
+  };
+  if (nblocks >= at::get_num_threads()) {
+    at::parallel_for(0, nblocks, 1, blocks);  // every thread gets a block: BLAS single-threaded
+  } else {
+    // Fewer blocks than threads (64x8 makes two blocks; a controller may have 16 cores): one
+    // block at a time, outside any parallel region, so BLAS threads each GEMM over all cores, as
+    // before the library was built with OpenMP. Smaller blocks instead measured no better on two
+    // threads (bench/RESULTS.md, 2026-11-27). Same results either way.
+    blocks(0, nblocks);
+  }
 }
 
 }  // namespace care_ext
