@@ -156,4 +156,12 @@ if python3 -c "import matplotlib" 2>/dev/null; then
   timeout "$(cap 30)" python3 "$REPO/bench/plot_bench.py" "$OUT"/bench_*.jsonl --out-dir "$OUT/plots" > "$OUT/plots.log" 2>&1
   stamp "plots exit $?"
 fi
+# the CPU step on this machine's 16 cores against 1 (the OpenMP build: does 64x8, two blocks, use
+# the cores through MKL's threads; does 512x16 scale over its 32 blocks?)
+for t in 16 1; do
+  timeout "$(cap 30)" python3 "$REPO/bench/bench_ops.py" --device cpu --threads $t --min-time 0.2 \
+    --ops acquisition_step --providers native reference --shapes 64x8x4096 512x16x4096 \
+    --out "$OUT/bench_cpu_t$t" > "$OUT/bench_cpu_t$t.log" 2>&1
+  stamp "bench CPU threads=$t exit $? : $(grep -E '^cpu' "$OUT/bench_cpu_t$t.log" | tr -s ' ' | tr '\n' ';')"
+done
 stamp "done"
