@@ -41,7 +41,7 @@ def child(args) -> int:
     (threads,) = args.threads
     torch.set_num_threads(threads)
     sys.path.insert(0, str(BENCH))
-    from bench_ops import make_inputs, op_calls
+    from bench_ops import _Native, make_inputs, op_calls
 
     import care_ext
 
@@ -51,10 +51,6 @@ def child(args) -> int:
         raise SystemExit(f"ab_builds: care_ext at {where} has no native library: {info}")
     if args.build != "installed" and Path(args.build).resolve() not in where.parents:
         raise SystemExit(f"ab_builds: asked for the build in {args.build}, imported {where}")
-
-    class Native:
-        def __getattr__(self, name):
-            return getattr(torch.ops.care_ext, name)
 
     a = torch.randn(256, 4096)
     w = torch.randn(64, 4096).t()
@@ -67,7 +63,7 @@ def child(args) -> int:
     for shape in args.shapes:
         B, G, H = (int(v) for v in shape.split("x"))
         x = make_inputs(B, G, H, "cpu", torch.bfloat16)
-        fn = op_calls(x, Native())[args.op]
+        fn = op_calls(x, _Native())[args.op]
         fn()
         gemm()
         ratios, walls = [], []

@@ -88,14 +88,11 @@ void run_block(const BlockRows& br, int64_t p0, int64_t n, int64_t G, const Bran
   const int64_t rows = n * G;
   // The block rows that enter this branch's pool, in block order: all rows, or the rows of the
   // block's leading mask. Either way they fill the buffer's first `used` rows, which are
-  // multiplied in place; at_row[k] is the product row of sel[k].
-  std::vector<int64_t> sel, at_row;
+  // multiplied in place; block row j's product is row br.pos[j].
+  std::vector<int64_t> sel;
   const bool* m = bp.mask != nullptr ? bp.mask + p0 * G : nullptr;
   for (int64_t j = 0; j < rows; ++j) {
-    if (m == nullptr || m[j]) {
-      sel.push_back(j);
-      at_row.push_back(br.pos[static_cast<size_t>(j)]);
-    }
+    if (m == nullptr || m[j]) sel.push_back(j);
   }
   const int64_t used = static_cast<int64_t>(sel.size());
   if (used == 0) return;  // every prompt of the block pools to zero
@@ -113,11 +110,11 @@ void run_block(const BlockRows& br, int64_t p0, int64_t n, int64_t G, const Bran
   const float* rp = r.data_ptr<float>();
   // (masked) mean per prompt: sum the rows in block order, then divide by the count clamped to >= 1
   std::vector<int64_t> count(static_cast<size_t>(n), 0);
-  for (int64_t k = 0; k < used; ++k) {
-    const int64_t i = sel[static_cast<size_t>(k)] / G;
+  for (const int64_t j : sel) {
+    const int64_t i = j / G;
     ++count[static_cast<size_t>(i)];
     float* out = bp.pool + (p0 + i) * bp.R2;
-    const float* row = rp + at_row[static_cast<size_t>(k)] * bp.R2;
+    const float* row = rp + br.pos[static_cast<size_t>(j)] * bp.R2;
     for (int64_t c = 0; c < bp.R2; ++c) out[c] += row[c];
   }
   for (int64_t i = 0; i < n; ++i) {

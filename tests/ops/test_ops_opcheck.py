@@ -13,10 +13,12 @@ from ops_testutil import R, random_ids, random_rewards, random_weights
 pytestmark = pytest.mark.native
 
 
-def _samples(device):
+def _samples(device, shapes=((5, 8), (3, 1)), step_dtype=torch.float32, forward_mask=False):
+    """op name -> argument tuples, one per (B, G) of ``shapes``: the public step and its fused twin
+    get ``step_dtype`` hidden states; classifier_forward a random rollout mask if ``forward_mask``."""
     gen = torch.Generator().manual_seed(0)
     out = {}
-    for B, G in ((5, 8), (3, 1)):
+    for B, G in shapes:
         ids = random_ids(B, G, gen).to(device)
         r1, r2 = random_rewards(B, G, gen, device), random_rewards(B, G, gen, device)
         sizes = R.cluster_stats(ids.cpu())[1].to(device)
@@ -33,10 +35,12 @@ def _samples(device):
         out.setdefault("classwise_cag", []).append((sizes, 1e-6, False))
         out.setdefault("expected_cag", []).append((logits, cag.to(device), adm.to(device)))
         out.setdefault("group_features", []).append((ids, lengths, 50.0, 0.0, False, 1e-6, False))
+        mask = (torch.rand(B, G, generator=gen) < 0.5).to(device) if forward_mask else None
         out.setdefault("classifier_forward", []).append(
-            (h_p, torch.rand(B, G + 1, device=device), h_r, None, None, s2))
+            (h_p, torch.rand(B, G + 1, device=device), h_r, None, mask, s2))
         out.setdefault("acquisition_step", []).append(
-            (ids, lengths, h_p, h_r, s1, s2, 50.0, 0.0, False, 1e-6, False))
+            (ids, lengths, h_p.to(step_dtype), h_r.to(step_dtype), s1, s2, 50.0, 0.0, False, 1e-6,
+             False))
         out["_acquisition_step_fused"] = out["acquisition_step"]
         out.setdefault("_acquisition_step_fused_split", []).append(
             (ids, lengths, h_p.bfloat16(), h_r.bfloat16(), s1, s2, 50.0, 0.0, False, 1e-6, False,
@@ -74,31 +78,10 @@ def test_cpu_kernels_are_built_to_use_torchs_threads():
 @pytest.mark.parametrize("name", OPS)
 def test_cpu_outputs_do_not_depend_on_the_thread_count(name):
     """Every CPU kernel gives the same bits on 1, 2 and 3 intra-op threads (rows are split among
-    threads, each row's arithmetic is fixed), on batches large enough to be split: 37 and 300
-    prompts (the blocked step: one and three blocks of whole prompts)."""
-    gen = torch.Generator().manual_seed(3)
-    cases = []
-    for B, G in ((37, 8), (300, 4)):
-        ids = random_ids(B, G, gen)
-        r1, r2 = random_rewards(B, G, gen, "cpu"), random_rewards(B, G, gen, "cpu")
-        sizes = R.cluster_stats(ids)[1]
-        lengths = torch.randint(1, 100, (B, G), generator=gen)
-        H = 40
-        h_p, h_r = torch.randn(B, H, generator=gen), torch.randn(B, G, H, generator=gen)
-        s1 = random_weights(H, G + 1, 1, 2, gen)
-        s2 = random_weights(H, G + 1, 0, G + 1, gen)
-        cag, adm = R.classwise_cag(sizes, 0.0, False)
-        step = (ids, lengths, h_p.bfloat16(), h_r.bfloat16(), s1, s2, 50.0, 0.0, False, 1e-6, False)
-        cases.append({
-            "cluster_stats": (ids,), "group_advantage": (r1, 1e-6, True),
-            "cag": (r1, r2, 0.0, False), "classwise_cag": (sizes, 1e-6, False),
-            "expected_cag": (torch.randn(B, G + 1, generator=gen), cag, adm),
-            "group_features": (ids, lengths, 50.0, 0.0, False, 1e-6, False),
-            "classifier_forward": (h_p, torch.rand(B, G + 1, generator=gen), h_r, None,
-                                   torch.rand(B, G, generator=gen) < 0.5, s2),
-            "acquisition_step": step, "_acquisition_step_fused": step,
-            "_acquisition_step_fused_split": (*step, first_layer_split(s1, s2, H)),
-        }[name])
+    threads, each row's arithmetic is fixed), on batches large enough to be split: 37 prompts of 8
+    (the blocked step: 2 blocks, in parallel on 2 threads, one after the other on 3) and 300 of 4
+    (5 blocks, in parallel), bf16 hidden states in the step, a rollout mask in the forward."""
+    cases = _samples("cpu", ((37, 8), (300, 4)), torch.bfloat16, forward_mask=True)[name]
     op = getattr(torch.ops.care_ext, name)
     before = torch.get_num_threads()
     try:
