@@ -14,8 +14,9 @@ pytestmark = pytest.mark.native
 
 
 def _samples(device, shapes=((5, 8), (3, 1)), step_dtype=torch.float32, forward_mask=False):
-    """op name -> argument tuples, one per (B, G) of ``shapes``: the public step and its fused twin
-    get ``step_dtype`` hidden states; classifier_forward a random rollout mask if ``forward_mask``."""
+    """op name -> argument tuples, one per (B, G) of ``shapes``: the public step and its fused
+    twin get ``step_dtype`` hidden states; classifier_forward a random rollout mask if
+    ``forward_mask``."""
     gen = torch.Generator().manual_seed(0)
     out = {}
     for B, G in shapes:
