@@ -7,7 +7,8 @@
 # bench/step_goals.py), the device time per kernel of one step call (bench/profile_step.py),
 # compute-sanitizer (memcheck on every kernel, racecheck and synccheck on the block- and
 # warp-cooperative ones), bench_step three ways (default, fused, split-bf16 first layers), then
-# the single ops and the figures (bench/plot_bench.py).
+# the single ops, the figures (bench/plot_bench.py) and the CPU step's thread scaling on the
+# machine's 16 cores (bench/thread_scaling.py).
 #
 #   device run:  bash bench/gpu_check.sh
 set -uo pipefail
@@ -156,12 +157,10 @@ if python3 -c "import matplotlib" 2>/dev/null; then
   timeout "$(cap 30)" python3 "$REPO/bench/plot_bench.py" "$OUT"/bench_*.jsonl --out-dir "$OUT/plots" > "$OUT/plots.log" 2>&1
   stamp "plots exit $?"
 fi
-# the CPU step on this machine's 16 cores against 1 (the OpenMP build: does 64x8, two blocks, use
-# the cores through MKL's threads; does 512x16 scale over its 32 blocks?)
-for t in 16 1; do
-  timeout "$(cap 30)" python3 "$REPO/bench/bench_ops.py" --device cpu --threads $t --min-time 0.2 \
-    --ops acquisition_step --providers native reference --shapes 64x8x4096 512x16x4096 \
-    --out "$OUT/bench_cpu_t$t" > "$OUT/bench_cpu_t$t.log" 2>&1
-  stamp "bench CPU threads=$t exit $? : $(grep -E '^cpu' "$OUT/bench_cpu_t$t.log" | tr -s ' ' | tr '\n' ';')"
-done
+# the CPU step on this machine's 16 cores (the OpenMP build: does 64x8, two blocks, use the cores
+# through MKL's threads; does 512x16 scale over its 32 blocks?): speedup over one thread at 1-16
+# threads, next to a GEMM's on the same cores (bench/thread_scaling.py)
+timeout "$(cap 90)" python3 "$REPO/bench/thread_scaling.py" --threads 1 2 4 8 16 --rounds 2 \
+  --min-time 0.2 --shapes 64x8x4096 512x16x4096 --out "$OUT/thread_scaling" > "$OUT/thread_scaling.log" 2>&1
+stamp "CPU thread scaling exit $? : $(grep -E ' native +(1|16) ' "$OUT/thread_scaling.log" | tr -s ' ' | tr '\n' ';')"
 stamp "done"

@@ -2,6 +2,7 @@
 from (a broken benchmark would otherwise show up only on the GPU machine, costing its session)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -118,3 +119,49 @@ def test_ab_builds_refuses_a_directory_without_a_build(tmp_path):
 
     with pytest.raises(SystemExit):
         ab_builds.main(["--a", str(tmp_path), "--b", "installed"])
+
+
+def test_thread_scaling_rows_and_summary(tmp_path):
+    """thread_scaling.py: a sample row per (shape, provider, threads, round), a summary row per
+    (shape, provider, threads) whose 1-thread speedup is exactly 1 and whose vs_gemm divides by
+    the GEMM's speedup; 1 is added to the thread counts; the thread count is restored."""
+    import thread_scaling
+    import torch
+
+    before = torch.get_num_threads()
+    out = tmp_path / "scaling"
+    assert thread_scaling.main(["--threads", "2", "--shapes", "6x4x32", "5x3x16", "--rounds", "2",
+                                "--min-time", "0.01", "--out", str(out)]) == 0
+    assert torch.get_num_threads() == before
+    if importlib.util.find_spec("matplotlib") is not None:  # the plot is optional
+        assert out.with_suffix(".png").stat().st_size > 0
+    rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    samples = [r for r in rows if r["kind"] == "sample"]
+    summary = {(r["shape"], r["provider"], r["threads"]): r for r in rows if r["kind"] == "summary"}
+    assert len(samples) == 2 * 3 * 2 * 2 and all(r["ms"] > 0 for r in samples)
+    assert {(r["round"], r["threads"]) for r in samples} == {(0, 1), (0, 2), (1, 1), (1, 2)}
+    assert set(summary) == {(s, p, t) for s in ("6x4x32", "5x3x16")
+                            for p in ("native", "reference", "gemm") for t in (1, 2)}
+    for (s, p, t), r in summary.items():
+        assert r["rounds"] == 2 and r["build_info"]["native"] is True
+        if t == 1:
+            assert r["speedup"] == 1.0 and r["vs_gemm"] == 1.0
+        else:
+            ratios = [next(x["ms"] for x in samples if (x["shape"], x["provider"], x["threads"],
+                                                        x["round"]) == (s, p, 1, k))
+                      / next(x["ms"] for x in samples if (x["shape"], x["provider"], x["threads"],
+                                                          x["round"]) == (s, p, 2, k))
+                      for k in (0, 1)]
+            assert r["speedup"] == pytest.approx(sum(ratios) / 2)
+            assert r["vs_gemm"] == pytest.approx(r["speedup"] / summary[(s, "gemm", 2)]["speedup"])
+            assert r["efficiency"] == pytest.approx(r["speedup"] / 2)
+
+
+@pytest.mark.parametrize("bad", [["--threads", "0"], ["--rounds", "0"], ["--shapes", "6x4"],
+                                 ["--providers", "eager"]])
+def test_thread_scaling_rejects_bad_arguments(tmp_path, bad):
+    import thread_scaling
+
+    with pytest.raises(SystemExit) as e:
+        thread_scaling.main([*bad, "--out", str(tmp_path / "x")])
+    assert e.value.code == 2
