@@ -10,9 +10,21 @@
 #include "care_ext.h"
 #include "step_tail.h"
 
+#include <c10/core/DispatchKeySet.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+
 #include <vector>
 
 namespace care_ext {
+
+// Held for the whole of every op that runs ATen GEMMs (classifier_forward, acquisition_step, the
+// fused step's host part): the ops compute in float32 whatever a caller's torch.autocast region
+// says. Without it their inner mm/addmm calls re-dispatch through the Autocast keys, come back in
+// bfloat16 and fail (a dtype mismatch, or data_ptr<float> on a bf16 tensor). at::parallel_for
+// carries the exclusion into the CPU step's worker threads (thread-local state propagates).
+struct NoAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
 
 // The 10 folded weights of one classifier (float32, on the inputs' device) and their sizes.
 struct Weights {

@@ -70,7 +70,11 @@ StepTuple acquisition_step_fused_split_cuda(const Tensor& ids, const Tensor& len
                                             double max_len, double cag_eps, bool cag_unbiased,
                                             double adv_eps, bool adv_unbiased,
                                             at::TensorList first_layer_split) {
-  const c10::cuda::CUDAGuard guard(ids.device());
+  // The dispatcher runs this kernel when any argument is on CUDA: a guard only for a CUDA ids, so
+  // that ids (or all inputs) on the CPU reach prepare_fused_step's checks, which name the misplaced
+  // argument, instead of a CUDAGuard error about a CPU device.
+  c10::cuda::OptionalCUDAGuard guard;
+  if (ids.is_cuda()) guard.set_device(ids.device());
   const FusedStep f = prepare_fused_step(ids, lengths, h_prompt, h_resp, stage1, stage2, max_len,
                                          cag_eps, cag_unbiased, adv_eps, adv_unbiased,
                                          first_layer_split);

@@ -410,3 +410,34 @@ def test_fused_step_tail_sees_every_input():
             w[k].mul_(1 + torch.rand(w[k].shape, generator=gen))
             out = run(**{stage: w})
             assert not torch.equal(out[idx], base[idx]), f"{stage} weight {k} unused"
+
+
+@pytest.mark.parametrize("op", STEP_OPS + ["_acquisition_step_fused_split", "classifier_forward"])
+def test_ops_ignore_an_enclosing_autocast(device, op):
+    """Inside ``torch.autocast`` (a caller's mixed-precision region) the ops keep their float32
+    semantics: the same bits as outside it. Without the autocast keys excluded in the kernels,
+    their inner GEMMs re-dispatched through autocast and came back in bf16 (a dtype error)."""
+    from care_ext.bf16_split import first_layer_split
+
+    gen = torch.Generator().manual_seed(5)
+    B, G, H = 9, 8, 48
+    ids, lengths, h_p, h_r, s1, s2 = step_inputs(B, G, H, torch.bfloat16, gen)
+    if op == "classifier_forward":
+        pf = torch.rand(B, G + 1, generator=gen)
+        mask = torch.rand(B, G, generator=gen) > 0.5
+        args = [t.to(device) for t in (h_p, pf, h_r)] + [None, mask.to(device),
+                                                          [w.to(device) for w in s2]]
+
+        def call():
+            return (torch.ops.care_ext.classifier_forward(*args),)
+    else:
+        split = first_layer_split(s1, s2, H) if op.endswith("_split") else None
+
+        def call():
+            return run_step(op, device, ids, lengths, h_p, h_r, s1, s2, split)
+    plain = call()
+    with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
+        mixed = call()
+    assert len(mixed) == len(plain)
+    for m, p in zip(mixed, plain):
+        assert m.dtype == p.dtype and torch.equal(m, p)

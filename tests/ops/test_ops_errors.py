@@ -89,6 +89,32 @@ def test_device_mismatch_named():
             torch.zeros(2, 3), 0.0, False)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("op", ["acquisition_step", "_acquisition_step_fused",
+                                "_acquisition_step_fused_split"])
+def test_step_device_mismatch_named(op):
+    """Any CUDA argument sends a step op to its CUDA kernel; ids on the CPU, or one classifier's
+    weights alone on the GPU, must still get the message that names the argument (the fused
+    kernel once set a CUDAGuard on ids' device first: "CUDAGuardImpl initialized with non-CUDA
+    DeviceType")."""
+    from care_ext.bf16_split import first_layer_split
+
+    gen = torch.Generator().manual_seed(0)
+    B, G, H = 3, 4, 16
+    ids, lengths = torch.zeros(B, G, dtype=torch.long), torch.ones(B, G)
+    h_p, h_r = torch.randn(B, H), torch.randn(B, G, H)
+    s1 = random_weights(H, G + 1, 1, 2, gen)
+    s2 = random_weights(H, G + 1, 0, G + 1, gen)
+    cu = lambda ts: [t.cuda() for t in ts]  # noqa: E731
+    split = [cu(first_layer_split(s1, s2, H))] if op.endswith("_split") else []
+    fn = getattr(torch.ops.care_ext, op)
+    conv = (10.0, 0.0, False, 0.0, False)
+    _raises(r"must be on the device of ids \(cpu\)", fn, ids, lengths, h_p.cuda(), h_r.cuda(),
+            cu(s1), cu(s2), *conv, *split)
+    _raises(r"stage1\[0\] \(prompt_w\) is on cuda:0 but the inputs are on cpu", fn, ids, lengths,
+            h_p, h_r, cu(s1), s2, *conv, *split)
+
+
 def test_empty_batch_everywhere(device):
     G = 8
     ids = torch.zeros(0, G, dtype=torch.long, device=device)
