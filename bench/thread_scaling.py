@@ -39,6 +39,17 @@ from care_ext import reference as R
 PROVIDERS = ("native", "reference", "gemm")
 
 
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else what the platform module says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def gemm_probe(H: int):
     """A zero-argument callable: one [2048, H] x [H, 64] float32 product (see module docstring)."""
     a, w = torch.randn(2048, H), torch.randn(64, H)
@@ -161,7 +172,7 @@ def main(argv=None) -> int:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if max(threads) > cpus:
         print(f"warning: {max(threads)} threads on {cpus} CPUs: oversubscribed", file=sys.stderr)
-    meta = {"device": "cpu", "device_name": platform.processor() or platform.machine(),
+    meta = {"device": "cpu", "device_name": cpu_name(),
             "cpu_count": cpus, "torch": torch.__version__, "build_info": care_ext.build_info(),
             "hidden_dtype": args.hidden_dtype, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     print(f"thread scaling on {cpus} CPUs, threads {threads}, {args.rounds} rounds")
