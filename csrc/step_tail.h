@@ -6,7 +6,10 @@
 // layer, the (masked) mean pool, the head, the Stage-I softmax and Stage-II's expected CAG over the
 // admissible classes. step_tail runs all of it for one prompt, cooperatively over the threads of
 // one block (CUDA: one block per prompt, sync = __syncthreads) or on one thread (CPU: tid 0,
-// nth 1, sync = no-op), so the CPU build tests exactly the arithmetic that the kernel runs.
+// nth 1, sync = no-op), so the CPU build tests the kernel's arithmetic: the same operations in
+// the same order. Not the same bits: nvcc contracts `v += w * x` into one FMA (-fmad=true, its
+// default) where the x86 host build (no -mfma) rounds the product first, so CUDA vs CPU outputs
+// compare to float32 tolerance, never exactly.
 // Semantics are those of care_ext.reference.acquisition_step (see classifier_parts.h).
 //
 // Memory access on the GPU: every loop gives one output unit per thread and sums over that unit's
