@@ -15,9 +15,13 @@ Environment: ``CARE_EXT_FUSED_STEP=1`` routes :func:`acquisition_step` to the pr
 tail; on the CPU its single-threaded-per-prompt twin). Off by default until the CUDA kernel has
 been verified and measured on a GPU (bench/gpu_check.sh runs the core both ways); same semantics,
 float32 summation order differs.
+
+Inside a caller's ``torch.autocast`` region every function here still computes in float32 (the
+native ops exclude the Autocast keys; the reference fallback runs with autocast off).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Sequence
 
@@ -51,6 +55,19 @@ def native_available(device: torch.device | str) -> bool:
     if _NATIVE_DEVICES is None:
         _NATIVE_DEVICES = _native_devices()
     return torch.device(device).type in _NATIVE_DEVICES
+
+
+def _float32_region(device: torch.device):
+    """A context in which a caller's ``torch.autocast`` does not reach the reference's GEMMs.
+
+    The native ops compute in float32 inside autocast regions (they exclude the Autocast keys);
+    the reference fallback of :func:`classifier_forward` and :func:`acquisition_step` runs plain
+    torch matmuls, which autocast would cast to bf16/fp16 (~1e-3 off), so the fallback runs with
+    autocast off for the device: both paths give the same values in and out of autocast.
+    """
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def cluster_stats(ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -112,7 +129,9 @@ def classifier_forward(h_prompt: Tensor, prompt_feat: Tensor, h_resp: Tensor,
     if native_available(h_prompt.device):
         return torch.ops.care_ext.classifier_forward(h_prompt, prompt_feat, h_resp, resp_feat,
                                                      resp_mask, list(weights))
-    return reference.classifier_forward(h_prompt, prompt_feat, h_resp, resp_feat, resp_mask, weights)
+    with _float32_region(h_prompt.device):
+        return reference.classifier_forward(h_prompt, prompt_feat, h_resp, resp_feat, resp_mask,
+                                            weights)
 
 
 def fused_step_layout(weights: Sequence[Tensor]) -> list[Tensor]:
@@ -165,5 +184,6 @@ def acquisition_step(ids: Tensor, lengths: Tensor, h_prompt: Tensor, h_resp: Ten
               else torch.ops.care_ext.acquisition_step)
         return AcquisitionOutputs(*op(ids, lengths, h_prompt, h_resp, list(stage1), list(stage2), max_len,
                                       cag_eps, cag_unbiased, adv_eps, adv_unbiased))
-    return reference.acquisition_step(ids, lengths, h_prompt, h_resp, stage1, stage2, max_len,
-                                      cag_eps, cag_unbiased, adv_eps, adv_unbiased)
+    with _float32_region(ids.device):
+        return reference.acquisition_step(ids, lengths, h_prompt, h_resp, stage1, stage2, max_len,
+                                          cag_eps, cag_unbiased, adv_eps, adv_unbiased)

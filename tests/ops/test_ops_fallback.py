@@ -85,3 +85,30 @@ def test_missing_library_warns_and_require_native_raises(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode != 0 and "CARE_EXT_REQUIRE_NATIVE=1" in proc.stderr
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "fallback"])
+def test_public_ops_ignore_an_enclosing_autocast(monkeypatch, native):
+    """care_ext.acquisition_step / classifier_forward give the same bits inside a caller's
+    torch.autocast as outside, on the native path and on the reference fallback (which without
+    its autocast-off region ran its matmuls in bf16: ~1e-3 off)."""
+    from ops_testutil import step_inputs
+
+    if not native:
+        monkeypatch.setattr(care_ext.ops, "_NATIVE_DEVICES", frozenset())
+    assert care_ext.ops.native_available("cpu") is native
+    gen = torch.Generator().manual_seed(3)
+    B, G, H = 9, 8, 48
+    ids, lengths, h_p, h_r, s1, s2 = step_inputs(B, G, H, torch.bfloat16, gen)
+    pf, mask = torch.rand(B, G + 1, generator=gen), torch.rand(B, G, generator=gen) > 0.5
+
+    def both():
+        return (*care_ext.acquisition_step(ids, lengths, h_p, h_r, s1, s2),
+                care_ext.classifier_forward(h_p, pf, h_r, None, mask, s2))
+
+    plain = both()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.is_autocast_enabled("cpu")
+        mixed = both()
+    for m, p in zip(mixed, plain, strict=True):
+        assert m.dtype == p.dtype and torch.equal(m, p)
