@@ -41,6 +41,17 @@ SHAPES = {"cpu": ["64x8x2048", "64x8x3072", "64x8x4096", "512x16x4096"],
           "cuda": ["64x8x2048", "64x8x3072", "64x8x4096", "512x16x4096", "1024x64x4096"]}
 
 
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else what the platform module says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def make_inputs(B: int, G: int, H: int, device: str, hidden_dtype: torch.dtype, seed: int = 0):
     """Realistic step inputs: clustered answer ids, lengths, hidden states, CARE-sized weights
     (on CUDA stored column-major, as the CARE core passes them: care_ext.ops.fused_step_layout)."""
@@ -216,7 +227,7 @@ def main(argv=None) -> int:
         print(f"native library not loaded: {care_ext.NATIVE_ERROR}", file=sys.stderr)
         return 2
     dev = args.device
-    dev_name = torch.cuda.get_device_name() if dev == "cuda" else platform.processor() or "cpu"
+    dev_name = torch.cuda.get_device_name() if dev == "cuda" else cpu_name()
     meta = dict(device=dev, device_name=dev_name, torch=torch.__version__,
                 threads=torch.get_num_threads(), build_info=care_ext.build_info(),
                 hidden_dtype=args.hidden_dtype, date=time.strftime("%Y-%m-%d %H:%M:%S"))

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from bench_ops import cpu_name
 
 import care_ext
 from care_ext.config import CareConfig
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
+    name = torch.cuda.get_device_name() if args.device == "cuda" else cpu_name()
     rows = []
     for shape in args.shapes:
         B, G, H = map(int, shape.split("x"))

@@ -1,11 +1,15 @@
-"""Issue 7's GPU goals checked against the rows of one bench_ops.py run (JSON lines).
+"""Issue 7's goals checked against the rows of one bench_ops.py run (JSON lines).
 
     python bench/step_goals.py $OUT/bench_step_ops.jsonl
+    python bench/step_goals.py bench/out/bench_ops.jsonl        # a --device cpu run
 
 For every step op measured (acquisition_step, acquisition_step_fused, acquisition_step_fused_split)
-it prints, per shape, the host-inclusive native time and the goals that apply:
-    64x8x4096      native <= 25 us, >= 70x the eager reference, >= 15x the CUDA-graph replay
-    1024x64x4096   native <= 2x the memory floor (floor_us: reading the hidden states once)
+it prints, per shape, the host-inclusive native time and the goals that apply to the row's device
+(a row without ``device`` counts as a GPU row):
+    GPU  64x8x4096      native <= 25 us, >= 70x the eager reference, >= 15x the CUDA-graph replay
+    GPU  1024x64x4096   native <= 2x the memory floor (floor_us: reading the hidden states once)
+    CPU  64x8x4096, 512x16x4096   native >= 5x the eager reference on the run's threads; the
+                        native time over the GEMM floor (gemm_floor_us) is shown beside it
 and PASS / FAIL / n/a (a number the run did not produce). Ratios come from one run on one
 machine, as bench/RESULTS.md requires. Exit status 0 always: this reports, it does not gate.
 """
@@ -16,6 +20,7 @@ import sys
 from pathlib import Path
 
 STEP_OPS = ("acquisition_step", "acquisition_step_fused", "acquisition_step_fused_split")
+CPU_GOAL_SHAPES = ("64x8x4096", "512x16x4096")
 
 
 def _check(value: float | None, ok) -> str:
@@ -34,7 +39,14 @@ def goal_lines(rows: list[dict]) -> list[str]:
             continue
         nat = r.get("native_us")
         name = f"{r['op']:<29} {r['shape']:>13}  native={_num(nat, '.1f')}us"
-        if r["shape"] == "64x8x4096":
+        if r.get("device") == "cpu":
+            if r["shape"] in CPU_GOAL_SHAPES:
+                ref, floor = r.get("reference_us"), r.get("gemm_floor_us")
+                x_ref = ref / nat if ref and nat else None
+                k = nat / floor if nat and floor else None
+                out.append(f"{name}  threads={r.get('threads', '?')}  x{_num(x_ref, '.1f')} eager "
+                           f"(>=5):{_check(x_ref, lambda v: v >= 5)}  {_num(k, '.2f')}x GEMM floor")
+        elif r["shape"] == "64x8x4096":
             ref, graph = r.get("reference_us"), r.get("cudagraph_us")
             x_ref = ref / nat if ref and nat else None
             x_graph = graph / nat if graph and nat else None

@@ -24,30 +24,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-from bench_ops import _Native, host_time, make_inputs, op_calls
+from bench_ops import _Native, cpu_name, host_time, make_inputs, op_calls
 
 import care_ext
 from care_ext import reference as R
 
 PROVIDERS = ("native", "reference", "gemm")
-
-
-def cpu_name() -> str:
-    """The CPU's model name (/proc/cpuinfo on Linux), else what the platform module says."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def gemm_probe(H: int):

@@ -74,6 +74,32 @@ def test_step_goals_reads_a_bench_run(tmp_path, capsys):
     assert "<=25us:FAIL" in lines[4] and "eager (>=70):n/a" in lines[4]
 
 
+def test_step_goals_cpu_rows(tmp_path, capsys):
+    """CPU rows get the CPU goal (>= 5x the eager reference at 64x8x4096 and 512x16x4096) with
+    the GEMM-floor ratio beside it, never the GPU's microsecond goals; other shapes are skipped."""
+    import step_goals
+
+    rows = [
+        dict(device="cpu", threads=2, op="acquisition_step", shape="64x8x4096", native_us=8000.0,
+             reference_us=16000.0, gemm_floor_us=5000.0),
+        dict(device="cpu", threads=2, op="acquisition_step", shape="512x16x4096",
+             native_us=90000.0, reference_us=480000.0, gemm_floor_us=60000.0),
+        dict(device="cpu", threads=1, op="acquisition_step_fused", shape="512x16x4096",
+             native_us=90000.0),
+        dict(device="cpu", threads=2, op="acquisition_step", shape="1024x64x4096",
+             native_us=1.0, floor_us=1.0),
+    ]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert step_goals.main([str(path)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and not any("us:" in ln or "graph" in ln for ln in lines)
+    assert "threads=2" in lines[0] and "x2.0 eager (>=5):FAIL" in lines[0]
+    assert "1.60x GEMM floor" in lines[0]
+    assert "x5.3 eager (>=5):PASS" in lines[1] and "1.50x GEMM floor" in lines[1]
+    assert "eager (>=5):n/a" in lines[2] and "n/ax GEMM floor" in lines[2]
+
+
 def test_profile_step_reports_every_op(tmp_path):
     import profile_step
 
