@@ -88,9 +88,16 @@ StepTuple acquisition_step_fused_split_cuda(const Tensor& ids, const Tensor& len
     return args.prompts_per_block == 1 ? dynamic_smem_limit<1>()
                                        : dynamic_smem_limit<kMaxTailPrompts>();
   };
+  const int asked = args.prompts_per_block;
   while (args.prompts_per_block > 1 && smem_of() > limit_of()) --args.prompts_per_block;
   const int64_t smem = smem_of();
   const char* op = fused_step_op_name(first_layer_split);
+  if (args.prompts_per_block < asked) {  // say so: a benchmark of the grouped tail would mislead
+    TORCH_WARN_ONCE("care_ext.", op, ": CARE_EXT_TAIL_PROMPTS=", asked, " needs more than the ",
+                    dynamic_smem_limit<kMaxTailPrompts>(), " bytes of dynamic shared memory per ",
+                    "block at G = ", args.G, "; the tail runs ", args.prompts_per_block,
+                    " prompt(s) per block");
+  }
   TORCH_CHECK(smem <= limit_of(), "care_ext.", op, ": the classifiers need ", smem,
               " bytes of per-block scratch (G * R1 + G + ", kL2Rows,
               " * R2 + P + R2 + K + C + 1 + 2 * C floats: head_scratch_floats), more than the ",
