@@ -62,8 +62,9 @@ def _float32_region(device: torch.device):
 
     The native ops compute in float32 inside autocast regions (they exclude the Autocast keys);
     the reference fallback of :func:`classifier_forward` and :func:`acquisition_step` runs plain
-    torch matmuls, which autocast would cast to bf16/fp16 (~1e-3 off), so the fallback runs with
-    autocast off for the device: both paths give the same values in and out of autocast.
+    torch matmuls, which autocast would cast to bf16/fp16 (1e-3 to 1e-2 off in the logits), so
+    the fallback runs with autocast off for the device: both paths give the same values in and
+    out of autocast.
     """
     if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)
