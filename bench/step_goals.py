@@ -27,6 +27,11 @@ def _check(value: float | None, ok) -> str:
     return "n/a" if value is None else ("PASS" if ok(value) else "FAIL")
 
 
+def _ratio(num: float | None, den: float | None) -> float | None:
+    """num / den, or None where the run did not produce either number."""
+    return num / den if num and den else None
+
+
 def _num(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
@@ -39,24 +44,20 @@ def goal_lines(rows: list[dict]) -> list[str]:
             continue
         nat = r.get("native_us")
         name = f"{r['op']:<29} {r['shape']:>13}  native={_num(nat, '.1f')}us"
+        x_ref = _ratio(r.get("reference_us"), nat)
         if r.get("device") == "cpu":
             if r["shape"] in CPU_GOAL_SHAPES:
-                ref, floor = r.get("reference_us"), r.get("gemm_floor_us")
-                x_ref = ref / nat if ref and nat else None
-                k = nat / floor if nat and floor else None
+                k = _ratio(nat, r.get("gemm_floor_us"))
                 out.append(f"{name}  threads={r.get('threads', '?')}  x{_num(x_ref, '.1f')} eager "
                            f"(>=5):{_check(x_ref, lambda v: v >= 5)}  {_num(k, '.2f')}x GEMM floor")
         elif r["shape"] == "64x8x4096":
-            ref, graph = r.get("reference_us"), r.get("cudagraph_us")
-            x_ref = ref / nat if ref and nat else None
-            x_graph = graph / nat if graph and nat else None
+            x_graph = _ratio(r.get("cudagraph_us"), nat)
             out.append(f"{name}  <=25us:{_check(nat, lambda v: v <= 25.0)}"
                        f"  x{_num(x_ref, '.1f')} eager (>=70):{_check(x_ref, lambda v: v >= 70)}"
                        f"  x{_num(x_graph, '.1f')} graph (>=15):"
                        f"{_check(x_graph, lambda v: v >= 15)}")
         elif r["shape"] == "1024x64x4096":
-            floor = r.get("floor_us")
-            k = nat / floor if nat and floor else None
+            k = _ratio(nat, r.get("floor_us"))
             out.append(f"{name}  {_num(k, '.2f')}x floor (<=2):{_check(k, lambda v: v <= 2.0)}")
     return out
 

@@ -85,11 +85,11 @@ def summarise(rows: list[dict]) -> list[dict]:
                               key=lambda k: (k[0], PROVIDERS.index(k[1]), k[2])):
         rnds = sorted(k[3] for k in at if k[:3] == (shape, p, t))
         ratios = [at[(shape, p, 1, k)] / at[(shape, p, t, k)] for k in rnds]
+        speedup = statistics.median(ratios)
         out.append({"shape": shape, "provider": p, "threads": t,
                     "ms": statistics.median(at[(shape, p, t, k)] for k in rnds),
-                    "speedup": statistics.median(ratios), "speedup_min": min(ratios),
-                    "speedup_max": max(ratios), "efficiency": statistics.median(ratios) / t,
-                    "rounds": len(rnds)})
+                    "speedup": speedup, "speedup_min": min(ratios), "speedup_max": max(ratios),
+                    "efficiency": speedup / t, "rounds": len(rnds)})
     gemm = {(s["shape"], s["threads"]): s["speedup"] for s in out if s["provider"] == "gemm"}
     for s in out:
         if (s["shape"], s["threads"]) in gemm:

@@ -164,6 +164,7 @@ def test_thread_scaling_rows_and_summary(tmp_path):
     rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
     samples = [r for r in rows if r["kind"] == "sample"]
     summary = {(r["shape"], r["provider"], r["threads"]): r for r in rows if r["kind"] == "summary"}
+    ms = {(r["shape"], r["provider"], r["threads"], r["round"]): r["ms"] for r in samples}
     assert len(samples) == 2 * 3 * 2 * 2 and all(r["ms"] > 0 for r in samples)
     assert {(r["round"], r["threads"]) for r in samples} == {(0, 1), (0, 2), (1, 1), (1, 2)}
     assert set(summary) == {(s, p, t) for s in ("6x4x32", "5x3x16")
@@ -173,11 +174,7 @@ def test_thread_scaling_rows_and_summary(tmp_path):
         if t == 1:
             assert r["speedup"] == 1.0 and r["vs_gemm"] == 1.0
         else:
-            ratios = [next(x["ms"] for x in samples if (x["shape"], x["provider"], x["threads"],
-                                                        x["round"]) == (s, p, 1, k))
-                      / next(x["ms"] for x in samples if (x["shape"], x["provider"], x["threads"],
-                                                          x["round"]) == (s, p, 2, k))
-                      for k in (0, 1)]
+            ratios = [ms[(s, p, 1, k)] / ms[(s, p, 2, k)] for k in (0, 1)]
             assert r["speedup"] == pytest.approx(sum(ratios) / 2)
             assert r["vs_gemm"] == pytest.approx(r["speedup"] / summary[(s, "gemm", 2)]["speedup"])
             assert r["efficiency"] == pytest.approx(r["speedup"] / 2)
