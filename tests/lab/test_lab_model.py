@@ -2,7 +2,7 @@
 import torch
 
 from training.lab.model import ModelConfig, TinyGPT
-from training.lab.rollout import finalize_responses, sample_responses, sample_rollouts, score_responses
+from training.lab.rollout import finalize_responses, sample_responses, sample_rollouts
 from training.lab.task import END, PAD, TaskConfig, encode_prompts, sample_problems
 
 torch.set_num_threads(1)

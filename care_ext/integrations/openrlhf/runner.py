@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
 import re
 import warnings
 from dataclasses import dataclass

@@ -14,7 +14,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # test_openrlhf_experience (the shared rollout fixtures)
 
 import ray  # noqa: E402
-import torch  # noqa: E402
 
 
 def main(mode: str, out: str) -> None:
