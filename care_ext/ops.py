@@ -162,6 +162,70 @@ def fused_step_layout(weights: Sequence[Tensor]) -> list[Tensor]:
     return w
 
 
+#: Hidden sizes from which the CARE core stores its CPU weights side by side
+#: (:func:`shared_first_layers`); below it (the CPU lab, H = 128) they stay row-major, so the lab's
+#: recorded numbers keep their float32 summation order.
+SHARED_LAYOUT_MIN_HIDDEN = 1024
+
+
+def _side_by_side(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Views of ``a`` [Na, Ka] and ``b`` [Nb, Kb] over one row-major [max(Ka, Kb), Na + Nb]
+    buffer: ``a`` transposed in its first Na columns, ``b`` in the next Nb."""
+    na, nb = a.shape[0], b.shape[0]
+    buf = a.new_zeros(max(a.shape[1], b.shape[1]), na + nb)
+    buf[: a.shape[1], :na] = a.t()
+    buf[: b.shape[1], na:] = b.t()
+    return buf[: a.shape[1], :na].t(), buf[: b.shape[1], na:].t()
+
+
+def shared_first_layers(stage1: Sequence[Tensor], stage2: Sequence[Tensor]
+                        ) -> tuple[list[Tensor], list[Tensor]]:
+    """Both classifiers' folded weights with each first layer stored next to the other stage's.
+
+    Same shapes and values; ``prompt_w`` of both stages ([P1, H + Fp] and [P2, H + Fp]) become
+    views of one row-major [H + Fp, P1 + P2] buffer, ``resp1_w`` ([R1, H + 1] and [R1', H])
+    views of one [H + 1, R1 + R1'] buffer (Stage-I's columns first); every other tensor unchanged.
+    Every op accepts any strides; on the CPU, ``acquisition_step`` recognises this layout and
+    multiplies the hidden states by both stages' columns in one GEMM each for the prompts and for
+    Stage-II's rollouts (MKL: one [rows, H] x [H, 128] product ~17% cheaper than two
+    [rows, H] x [H, 64] on transposed row-major weights; bench/RESULTS.md). The CARE core keeps its
+    CPU weights so at hidden sizes >= :data:`SHARED_LAYOUT_MIN_HIDDEN` (:func:`core_step_layout`).
+
+    Args:
+        stage1, stage2: 10 tensors each in :data:`care_ext.reference.CLASSIFIER_WEIGHT_NAMES`
+            order (float32; matrices 2-D).
+
+    Raises:
+        ValueError: not 10 tensors each, or a first layer that is not 2-D.
+    """
+    w1, w2 = list(stage1), list(stage2)
+    if len(w1) != 10 or len(w2) != 10:
+        raise ValueError(f"shared_first_layers takes 10 folded weights per stage, got "
+                         f"{len(w1)} and {len(w2)}")
+    for i in (0, 2):  # prompt_w, resp1_w
+        if w1[i].dim() != 2 or w2[i].dim() != 2:
+            raise ValueError(f"weights[{i}] ({reference.CLASSIFIER_WEIGHT_NAMES[i]}) must be 2-D, "
+                             f"got shapes {tuple(w1[i].shape)} and {tuple(w2[i].shape)}")
+        w1[i], w2[i] = _side_by_side(w1[i], w2[i])
+    return w1, w2
+
+
+def core_step_layout(stage1: Sequence[Tensor], stage2: Sequence[Tensor], hidden_size: int
+                     ) -> tuple[list[Tensor], list[Tensor]]:
+    """The layout in which the CARE core passes its folded weights to the step ops, by device.
+
+    CUDA: every matrix column-major (:func:`fused_step_layout`); CPU at ``hidden_size`` >=
+    :data:`SHARED_LAYOUT_MIN_HIDDEN`: the first layers side by side (:func:`shared_first_layers`);
+    otherwise unchanged. Same shapes and values in every case; benchmarks call this to measure
+    what the core runs (:meth:`care_ext.trainer.ClassifierTrainer.folded`).
+    """
+    if stage1[0].is_cuda:
+        return fused_step_layout(stage1), fused_step_layout(stage2)
+    if hidden_size >= SHARED_LAYOUT_MIN_HIDDEN:
+        return shared_first_layers(stage1, stage2)
+    return list(stage1), list(stage2)
+
+
 def acquisition_step(ids: Tensor, lengths: Tensor, h_prompt: Tensor, h_resp: Tensor,
                      stage1: Sequence[Tensor], stage2: Sequence[Tensor], max_len: float = MAX_LEN,
                      cag_eps: float = CAG_EPS, cag_unbiased: bool = CAG_UNBIASED,

@@ -15,7 +15,7 @@ from torch import Tensor
 from .bf16_split import first_layer_split
 from .classifiers import CareClassifier, balanced_ce, stage1_classifier, stage2_classifier
 from .config import CareConfig
-from .ops import fused_step_layout
+from .ops import core_step_layout
 from .replay import ReplayBuffer, Sample, stack
 
 
@@ -56,14 +56,13 @@ class ClassifierTrainer:
     def folded(self) -> tuple[list[Tensor], list[Tensor]]:
         """(Stage-I, Stage-II) folded weights of the eval-mode modules (cached between updates).
 
-        On CUDA the matrices are stored column-major (:func:`care_ext.ops.fused_step_layout`: the
-        layout the fused step's kernel reads coalesced; same values, every op takes any strides);
-        elsewhere row-major contiguous, as :meth:`CareClassifier.fold` returns them."""
+        Stored as :func:`care_ext.ops.core_step_layout` says (same values, every op takes any
+        strides): on CUDA every matrix column-major (the layout the fused step's kernel reads
+        coalesced); on the CPU at LLM hidden sizes both stages' first layers side by side (one GEMM
+        for both); else row-major contiguous, as :meth:`CareClassifier.fold` returns them."""
         if self._folded is None:
-            w1, w2 = self.stage1.fold(), self.stage2.fold()
-            if torch.device(self.cfg.device).type == "cuda":
-                w1, w2 = fused_step_layout(w1), fused_step_layout(w2)
-            self._folded = (w1, w2)
+            self._folded = core_step_layout(self.stage1.fold(), self.stage2.fold(),
+                                            self.hidden_size)
         return self._folded
 
     def first_layer_split(self, terms: int) -> list[Tensor]:

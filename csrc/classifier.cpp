@@ -7,6 +7,7 @@
 #include "classifier_parts.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/cat.h>
 
 namespace care_ext {
 namespace {
@@ -78,15 +79,41 @@ void check_hidden(const Tensor& t, int64_t dim, const char* op, const char* name
               name, " must be float32, bfloat16 or float16, got ", st);
 }
 
+Tensor head_from_prompt_pre(const Weights& w, Tensor pre, const Tensor& prompt_feat,
+                            const Tensor& pool) {
+  const int64_t H = w.pw.size(1) - prompt_feat.size(1);
+  Tensor p = pre.addmm_(prompt_feat, w.pw.narrow(1, H, prompt_feat.size(1)).t()).relu_();
+  Tensor z = w.h1b.addmm(p, w.h1w.narrow(1, 0, w.P).t());
+  z.addmm_(pool, w.h1w.narrow(1, w.P, w.R2).t()).relu_();
+  return w.h2b.addmm(z, w.h2w.t());
+}
+
 Tensor prompt_and_head(const Weights& w, const Tensor& h_prompt, const Tensor& prompt_feat,
                        const Tensor& pool) {
   const Tensor hp = h_prompt.to(at::kFloat);
   const int64_t H = hp.size(1);
-  Tensor p = w.pb.addmm(hp, w.pw.narrow(1, 0, H).t());
-  p.addmm_(prompt_feat, w.pw.narrow(1, H, prompt_feat.size(1)).t()).relu_();
-  Tensor z = w.h1b.addmm(p, w.h1w.narrow(1, 0, w.P).t());
-  z.addmm_(pool, w.h1w.narrow(1, w.P, w.R2).t()).relu_();
-  return w.h2b.addmm(z, w.h2w.t());
+  return head_from_prompt_pre(w, w.pb.addmm(hp, w.pw.narrow(1, 0, H).t()), prompt_feat, pool);
+}
+
+Tensor adjacent_columns(const Tensor& a, const Tensor& b, bool& a_first) {
+  a_first = true;
+  if (a.dim() != 2 || b.dim() != 2 || a.scalar_type() != at::kFloat ||
+      b.scalar_type() != at::kFloat || a.size(0) != b.size(0) || a.size(0) < 1 ||
+      a.size(1) < 1 || b.size(1) < 1 || a.stride(1) != 1 || b.stride(1) != 1 ||
+      a.stride(0) != b.stride(0) || a.stride(0) < a.size(1) + b.size(1) || !a.is_alias_of(b)) {
+    return Tensor();
+  }
+  const int64_t gap = b.storage_offset() - a.storage_offset();
+  if (gap == a.size(1)) {
+    a_first = true;
+  } else if (gap == -b.size(1)) {
+    a_first = false;
+  } else {
+    return Tensor();
+  }
+  const Tensor& first = a_first ? a : b;
+  return first.as_strided({a.size(0), a.size(1) + b.size(1)}, {a.stride(0), 1},
+                          first.storage_offset());
 }
 
 void rollout_pools_dense(const Tensor& h_resp, int64_t B, int64_t G,
@@ -208,8 +235,23 @@ StepTuple acquisition_step(const Tensor& ids, const Tensor& lengths, const Tenso
       {&w2, len_norm.new_empty({B * G, 0}), minority, Tensor()}};
   rollout_pools(h_resp.reshape({B * G, H}), B, G, branches);
   const Tensor hp = h_prompt.to(at::kFloat);  // converted once for both prompt branches
-  const Tensor logits1 = prompt_and_head(w1, hp, prompt_feat, branches[0].pool);
-  const Tensor logits2 = prompt_and_head(w2, hp, prompt_feat, branches[1].pool);
+  // Both prompt branches' hidden columns: one GEMM where the weights share one row-major buffer
+  // (the CARE core's CPU layout, care_ext.ops.core_step_layout), else one GEMM each.
+  Tensor pre1, pre2;
+  bool first1 = true;
+  const Tensor p1h = w1.pw.narrow(1, 0, H).t(), p2h = w2.pw.narrow(1, 0, H).t();
+  const Tensor both = dev.is_cpu() ? adjacent_columns(p1h, p2h, first1) : Tensor();
+  if (both.defined()) {
+    const Tensor bias = first1 ? at::cat({w1.pb, w2.pb}) : at::cat({w2.pb, w1.pb});
+    const Tensor pre = bias.addmm(hp, both);
+    pre1 = pre.narrow(1, first1 ? 0 : w2.P, w1.P);
+    pre2 = pre.narrow(1, first1 ? w1.P : 0, w2.P);
+  } else {
+    pre1 = w1.pb.addmm(hp, p1h);
+    pre2 = w2.pb.addmm(hp, p2h);
+  }
+  const Tensor logits1 = head_from_prompt_pre(w1, pre1, prompt_feat, branches[0].pool);
+  const Tensor logits2 = head_from_prompt_pre(w2, pre2, prompt_feat, branches[1].pool);
   auto [probs, ecag] = expected_op.call(logits2, cag, admissible);
   Tensor reliability = logits1.softmax(1).select(1, 1).contiguous();
   return {rank, sizes, reliability, logits1, probs, ecag, cag, admissible, pseudo, pseudo_adv};

@@ -45,6 +45,19 @@ void check_hidden(const Tensor& t, int64_t dim, const char* op, const char* name
 Tensor prompt_and_head(const Weights& w, const Tensor& h_prompt, const Tensor& prompt_feat,
                        const Tensor& pool);
 
+// The same from the prompt branch's hidden-column pre-activation pre = prompt_b + h_p W_h^T
+// ([B, P] float32, any strides): adds the feature columns, then relu and the head.
+Tensor head_from_prompt_pre(const Weights& w, Tensor pre, const Tensor& prompt_feat,
+                            const Tensor& pool);
+
+// Two weight views a [K, Na] and b [K, Nb] (float32, unit column stride, the same row stride ld)
+// that are adjacent column blocks of one row-major matrix -- b's columns start right after a's
+// (or a's after b's) in the same storage, ld >= Na + Nb -- as one [K, Na + Nb] view over both;
+// `a_first` says which comes first. Undefined when they are not (then multiply them apart).
+// The CARE core stores both stages' first layers so on the CPU (care_ext.ops.core_step_layout):
+// one GEMM over both is ~17% cheaper on MKL than two (bench/RESULTS.md, 2026-11-27, third session).
+Tensor adjacent_columns(const Tensor& a, const Tensor& b, bool& a_first);
+
 // One classifier's rollout branch as input to the pooled computation:
 //   w    its weights;
 //   feat float32 [B*G, Fr] rollout features (Fr may be 0);

@@ -11,6 +11,9 @@
 //     rollouts; at most one branch has a mask) first, so that branch multiplies a leading slice
 //     of the buffer and an unmasked branch the whole buffer: no row is gathered or multiplied
 //     twice; a prompt with an empty mask pools to zero without any GEMM;
+//   * where the unmasked and the masked branch's hidden columns lie side by side in one row-major
+//     buffer (the CARE core's CPU layout), the masked rows are multiplied by both branches in one
+//     [rows, H] x [H, R1u + R1m] GEMM and the other rows by the unmasked branch's columns only;
 //   * every pool sums its rows in the block's row order whatever their place in the buffer;
 //   * blocks run in parallel on the intra-op pool (at::parallel_for), each with single-threaded
 //     BLAS calls, when there are at least as many blocks as threads (else one after the other,
@@ -23,9 +26,12 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <optional>
 #include <vector>
 
 namespace care_ext {
@@ -84,27 +90,29 @@ void load_block(const Tensor& h, int64_t row0, int64_t rows, const bool* lead, B
   });
 }
 
-void run_block(const BlockRows& br, int64_t p0, int64_t n, int64_t G, const BranchPlan& bp) {
-  const int64_t rows = n * G;
-  // The block rows that enter this branch's pool, in block order: all rows, or the rows of the
-  // block's leading mask. Either way they fill the buffer's first `used` rows, which are
-  // multiplied in place; block row j's product is row br.pos[j].
+// The block rows that enter a branch's pool, in block order: all rows, or the rows of the block's
+// leading mask. Either way they fill the buffer's first sel.size() rows, so the branch multiplies
+// those in place; block row j's product is row br.pos[j].
+std::vector<int64_t> selected_rows(const BranchPlan& bp, int64_t p0, int64_t rows, int64_t G) {
   std::vector<int64_t> sel;
   const bool* m = bp.mask != nullptr ? bp.mask + p0 * G : nullptr;
   for (int64_t j = 0; j < rows; ++j) {
     if (m == nullptr || m[j]) sel.push_back(j);
   }
-  const int64_t used = static_cast<int64_t>(sel.size());
-  if (used == 0) return;  // every prompt of the block pools to zero
-  const Tensor xs = br.x.narrow(0, 0, used);
-  Tensor fs;
+  return sel;
+}
+
+// The rest of a branch after the first layer's hidden columns: `a` [used, R1] (any strides) holds
+// b1 + x W1h^T for the buffer's first `used` rows; adds the feature columns, then relu, layer 2,
+// relu and the (masked) mean per prompt into the pool.
+void finish_branch(const BlockRows& br, int64_t p0, int64_t n, int64_t G, const BranchPlan& bp,
+                   const std::vector<int64_t>& sel, Tensor a) {
+  const int64_t rows = n * G, used = static_cast<int64_t>(sel.size());
   if (bp.Fr > 0) {  // the features of the buffer's rows, in buffer order
     Tensor it = at::empty({used}, br.x.options().dtype(at::kLong));
     std::copy(br.order.begin(), br.order.begin() + used, it.data_ptr<int64_t>());
-    fs = bp.feat.narrow(0, p0 * G, rows).index_select(0, it);
+    a.addmm_(bp.feat.narrow(0, p0 * G, rows).index_select(0, it), bp.w1f_t);
   }
-  Tensor a = bp.b1.addmm(xs, bp.w1h_t);
-  if (bp.Fr > 0) a.addmm_(fs, bp.w1f_t);
   a.relu_();
   const Tensor r = bp.b2.addmm(a, bp.w2_t).relu_().contiguous();
   const float* rp = r.data_ptr<float>();
@@ -124,6 +132,44 @@ void run_block(const BlockRows& br, int64_t p0, int64_t n, int64_t G, const Bran
     float* out = bp.pool + (p0 + i) * bp.R2;
     for (int64_t c = 0; c < bp.R2; ++c) out[c] *= inv;
   }
+}
+
+void run_block(const BlockRows& br, int64_t p0, int64_t n, int64_t G, const BranchPlan& bp) {
+  const std::vector<int64_t> sel = selected_rows(bp, p0, n * G, G);
+  const int64_t used = static_cast<int64_t>(sel.size());
+  if (used == 0) return;  // every prompt of the block pools to zero
+  finish_branch(br, p0, n, G, bp, sel, bp.b1.addmm(br.x.narrow(0, 0, used), bp.w1h_t));
+}
+
+// An unmasked branch u and a masked branch m whose hidden columns lie side by side in one
+// row-major buffer (adjacent_columns): the masked rows -- the buffer's leading rows -- are
+// multiplied once by both ([used_m, H] x [H, R1u + R1m]), the other rows by u's columns only.
+struct SharedFirstLayer {
+  Tensor w_t;  // [H, R1u + R1m] view over both branches' hidden columns
+  Tensor b;    // [R1u + R1m] their biases, in the same column order
+  int64_t off_u = 0, off_m = 0;
+  size_t u = 0, m = 0;  // the branches' plan indices
+};
+
+void run_block_shared(const BlockRows& br, int64_t p0, int64_t n, int64_t G,
+                      const std::vector<BranchPlan>& plans, const SharedFirstLayer& sh) {
+  const BranchPlan &u = plans[sh.u], &m = plans[sh.m];
+  const int64_t rows = n * G;
+  const std::vector<int64_t> sel_m = selected_rows(m, p0, rows, G);
+  const int64_t used_m = static_cast<int64_t>(sel_m.size());
+  if (used_m == 0) {  // no masked row in this block: u alone; m pools to zero
+    run_block(br, p0, n, G, u);
+    return;
+  }
+  const Tensor lead = sh.b.addmm(br.x.narrow(0, 0, used_m), sh.w_t);
+  Tensor a_u = at::empty({rows, u.w1h_t.size(1)}, br.x.options());
+  a_u.narrow(0, 0, used_m).copy_(lead.narrow(1, sh.off_u, u.w1h_t.size(1)));
+  if (rows > used_m) {
+    Tensor rest = a_u.narrow(0, used_m, rows - used_m);
+    at::addmm_out(rest, u.b1, br.x.narrow(0, used_m, rows - used_m), u.w1h_t);
+  }
+  finish_branch(br, p0, n, G, u, selected_rows(u, p0, rows, G), a_u);
+  finish_branch(br, p0, n, G, m, sel_m, lead.narrow(1, sh.off_m, m.w1h_t.size(1)));
 }
 
 }  // namespace
@@ -151,6 +197,23 @@ void rollout_pools_cpu(const Tensor& h_resp, int64_t B, int64_t G,
                                w.r2w.t(), w.r2b, br.feat, mask, br.pool.data_ptr<float>(), Fr,
                                w.R2});
   }
+  // Stage-I (unmasked) and Stage-II (masked) with their hidden columns in one buffer: one GEMM
+  // over both for the masked rows (the CARE core's CPU layout, care_ext.ops.core_step_layout).
+  std::optional<SharedFirstLayer> shared;
+  if (plans.size() == 2 && (plans[0].mask == nullptr) != (plans[1].mask == nullptr)) {
+    SharedFirstLayer sh;
+    sh.u = plans[0].mask == nullptr ? 0 : 1;
+    sh.m = 1 - sh.u;
+    const BranchPlan &u = plans[sh.u], &m = plans[sh.m];
+    bool u_first = true;
+    sh.w_t = adjacent_columns(u.w1h_t, m.w1h_t, u_first);
+    if (sh.w_t.defined()) {
+      sh.b = u_first ? at::cat({u.b1, m.b1}) : at::cat({m.b1, u.b1});
+      sh.off_u = u_first ? 0 : m.w1h_t.size(1);
+      sh.off_m = u_first ? u.w1h_t.size(1) : 0;
+      shared = sh;
+    }
+  }
   const int64_t per_block = std::max<int64_t>(1, kBlockRows / G);
   const int64_t nblocks = (B + per_block - 1) / per_block;
   auto blocks = [&](int64_t k0, int64_t k1) {
@@ -159,7 +222,11 @@ void rollout_pools_cpu(const Tensor& h_resp, int64_t B, int64_t G,
     for (int64_t kb = k0; kb < k1; ++kb) {
       const int64_t p0 = kb * per_block, n = std::min(per_block, B - p0);
       load_block(h_resp, p0 * G, n * G, lead != nullptr ? lead + p0 * G : nullptr, br);
-      for (const BranchPlan& bp : plans) run_block(br, p0, n, G, bp);
+      if (shared.has_value()) {
+        run_block_shared(br, p0, n, G, plans, *shared);
+      } else {
+        for (const BranchPlan& bp : plans) run_block(br, p0, n, G, bp);
+      }
     }
   };
   if (nblocks >= at::get_num_threads()) {

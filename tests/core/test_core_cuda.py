@@ -8,6 +8,7 @@ import pytest
 import torch
 from core_synth import make_batch, make_world
 
+from care_ext import ops
 from care_ext.config import CareConfig
 from care_ext.labels import GoldOracle
 from care_ext.step import CareController
@@ -98,8 +99,8 @@ def test_trainer_split_cache_follows_the_weights():
     assert not torch.equal(tr.first_layer_split(3)[0], s3[0])
 
 
-def _folded_after_one_update(device):
-    world = make_world(B=32, G=8, H=64, seed=3)
+def _folded_after_one_update(device, H=64, with_batch=False):
+    world = make_world(B=32, G=8, H=H, seed=3)
     b = make_batch(world, 0, seed=3)
     ctl = CareController(CareConfig(strategy="care", group_size=8, warmup_steps=1, device=device),
                          GoldOracle(dict(b.gold)))
@@ -107,14 +108,37 @@ def _folded_after_one_update(device):
                                               for k, v in b.kwargs().items()}
     ctl.decide(b.uids, b.ids, **kw)
     ctl.update()
-    return ctl.trainer.folded(), ctl.trainer
+    return (ctl.trainer.folded(), ctl.trainer) + ((b,) if with_batch else ())
 
 
 def test_folded_weights_are_row_major_on_the_cpu():
-    """Off CUDA the core passes fold()'s contiguous weights (the CPU kernels' and the lab's layout)."""
+    """Off CUDA, below SHARED_LAYOUT_MIN_HIDDEN (the CPU lab's H = 128), the core passes fold()'s
+    contiguous weights: the lab's float32 summation order is kept."""
     (w1, w2), tr = _folded_after_one_update("cpu")
     for got, want in zip(w1 + w2, tr.stage1.fold() + tr.stage2.fold()):
         assert got.is_contiguous() and torch.equal(got, want)
+
+
+def test_folded_first_layers_share_a_buffer_on_the_cpu_at_llm_widths():
+    """On the CPU at H >= SHARED_LAYOUT_MIN_HIDDEN the core stores both stages' first layers side
+    by side (one GEMM for both in the CPU step), same values, and the step gives what the
+    row-major weights give."""
+    from care_ext.ops import SHARED_LAYOUT_MIN_HIDDEN
+
+    H = SHARED_LAYOUT_MIN_HIDDEN
+    (w1, w2), tr, b = _folded_after_one_update("cpu", H=H, with_batch=True)
+    row1, row2 = tr.stage1.fold(), tr.stage2.fold()
+    for got, want in zip(w1 + w2, row1 + row2):
+        assert torch.equal(got, want)
+    for i in (0, 2):  # prompt_w, resp1_w: views of one buffer per layer
+        assert w1[i].untyped_storage().data_ptr() == w2[i].untyped_storage().data_ptr()
+        assert not w1[i].is_contiguous()
+    hp, hr = b.h_prompt.bfloat16(), b.h_resp.bfloat16()
+    shared = ops.acquisition_step(b.ids, b.lengths, hp, hr, w1, w2)
+    row = ops.acquisition_step(b.ids, b.lengths, hp, hr, row1, row2)
+    for name in ("reliability", "stage1_logits", "probs", "ecag"):
+        torch.testing.assert_close(getattr(shared, name), getattr(row, name), rtol=1e-5,
+                                   atol=1e-6, msg=name)
 
 
 @pytest.mark.cuda

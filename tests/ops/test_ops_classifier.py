@@ -206,6 +206,67 @@ def test_step_reads_weights_through_their_strides(device, B, G, H, layout, op):
         assert all(torch.equal(g, r) for g, r in zip(got, row)), layout
 
 
+def _side_by_side(w1, w2, stage1_first):
+    """Both stages' first layers (prompt_w, resp1_w) as views of one row-major buffer each, as
+    care_ext.ops.shared_first_layers stores them (``stage1_first``) or with Stage-II's columns
+    first; NaN in the buffer cells outside both views (a read past a view returns NaN)."""
+    w1, w2 = list(w1), list(w2)
+    for i in (0, 2):
+        a, b = (w1[i], w2[i]) if stage1_first else (w2[i], w1[i])
+        buf = torch.full((max(a.shape[1], b.shape[1]) + 1, a.shape[0] + b.shape[0] + 2),
+                         float("nan"))
+        buf[: a.shape[1], : a.shape[0]] = a.t()
+        buf[: b.shape[1], a.shape[0]: a.shape[0] + b.shape[0]] = b.t()
+        va = buf[: a.shape[1], : a.shape[0]].t()
+        vb = buf[: b.shape[1], a.shape[0]: a.shape[0] + b.shape[0]].t()
+        w1[i], w2[i] = (va, vb) if stage1_first else (vb, va)
+    return w1, w2
+
+
+@pytest.mark.parametrize("stage1_first", [True, False])
+@pytest.mark.parametrize("B,G,H,unanimous", [(1, 1, 32, 0), (33, 16, 130, 0), (5, 64, 64, 0),
+                                            (70, 8, 96, 32), (9, 8, 48, 9)])
+def test_step_with_both_first_layers_in_one_buffer(device, B, G, H, unanimous, stage1_first):
+    """Both stages' first layers side by side in one buffer (the CARE core's CPU layout): the CPU
+    step multiplies Stage-II's rollouts by both stages' columns in one GEMM and the prompts by both
+    in another, and still gives the reference's results -- with Stage-I's columns first or second,
+    blocks without any Stage-II row (the first ``unanimous`` prompts answer alike: 32 prompts of
+    8 fill the first block), and NaN in the buffer around the views."""
+    gen = torch.Generator().manual_seed(B + G + H + unanimous)
+    ids, lengths, h_p, h_r, s1, s2 = step_inputs(B, G, H, torch.bfloat16, gen)
+    ids[:unanimous] = 0
+    w1, w2 = _side_by_side(s1, s2, stage1_first)
+    assert w1[2].untyped_storage().data_ptr() == w2[2].untyped_storage().data_ptr()
+    got = run_step("acquisition_step", device, ids, lengths, h_p, h_r, w1, w2)
+    assert_step_like_reference(got, ids, lengths, h_p, h_r, s1, s2)
+
+
+def test_shared_first_layers_and_core_step_layout():
+    """shared_first_layers keeps every value and shape, puts both stages' prompt_w and resp1_w
+    into one buffer each (Stage-I's columns first) and leaves the rest alone; core_step_layout
+    uses it on the CPU from SHARED_LAYOUT_MIN_HIDDEN on, and keeps smaller models (the CPU lab)
+    row-major."""
+    import care_ext.ops as ops
+
+    gen = torch.Generator().manual_seed(0)
+    s1, s2 = random_weights(48, 9, 1, 2, gen), random_weights(48, 9, 0, 9, gen)
+    w1, w2 = ops.shared_first_layers(s1, s2)
+    assert all(torch.equal(a, b) for a, b in zip(w1 + w2, s1 + s2))
+    for i in (0, 2):
+        assert w1[i].untyped_storage().data_ptr() == w2[i].untyped_storage().data_ptr()
+        assert w1[i].stride() == w2[i].stride() == (1, s1[i].shape[0] + s2[i].shape[0])
+        assert w2[i].storage_offset() - w1[i].storage_offset() == s1[i].shape[0]
+    assert all(w1[i] is s1[i] and w2[i] is s2[i] for i in range(10) if i not in (0, 2))
+    with pytest.raises(ValueError, match="10 folded weights per stage, got 10 and 9"):
+        ops.shared_first_layers(s1, s2[:9])
+    with pytest.raises(ValueError, match=r"weights\[2\] \(resp1_w\) must be 2-D"):
+        ops.shared_first_layers(s1[:2] + [s1[2].flatten()] + s1[3:], s2)
+    small = ops.core_step_layout(s1, s2, 48)
+    assert all(a is b for a, b in zip(small[0] + small[1], s1 + s2))
+    big = ops.core_step_layout(s1, s2, ops.SHARED_LAYOUT_MIN_HIDDEN)
+    assert big[0][2].untyped_storage().data_ptr() == big[1][2].untyped_storage().data_ptr()
+
+
 @pytest.mark.parametrize("op", ["_acquisition_step_fused", "_acquisition_step_fused_split"])
 def test_step_reads_weights_spread_past_32_bit_offsets(tmp_path, op):
     """The tail addresses weights with 32-bit offsets (Mat in step_tail.h); a view whose rows lie
