@@ -7,6 +7,11 @@ Providers, measured side by side in one process on one machine:
     cudagraph       a CUDA-graph replay of the reference (CUDA only; the launch-free floor of eager)
     native_graph    a CUDA-graph replay of the native op (CUDA only; its launch-free device time,
                     and proof that it captures: no host synchronisation inside)
+    native_rowmajor the native op on the same weights stored row-major contiguous (opt-in: what
+                    the CARE core's weight layout, care_ext.ops.core_step_layout, is worth)
+
+Weights are passed in the CARE core's layout (core_step_layout: on CUDA column-major, on the CPU
+at H >= 1024 both stages' first layers side by side in one buffer).
 
 Headline numbers are host-inclusive (synchronise, N calls, synchronise; divided by N), which is what
 a trainer pays at CARE's sizes. On the CPU the acquisition_step row also carries its GEMM FLOPs
@@ -34,7 +39,7 @@ import torch
 import care_ext
 from care_ext import reference as R
 from care_ext.bf16_split import first_layer_split
-from care_ext.ops import fused_step_layout
+from care_ext.ops import core_step_layout
 from step_goals import STEP_OPS
 
 SHAPES = {"cpu": ["64x8x2048", "64x8x3072", "64x8x4096", "512x16x4096"],
@@ -52,9 +57,12 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def make_inputs(B: int, G: int, H: int, device: str, hidden_dtype: torch.dtype, seed: int = 0):
-    """Realistic step inputs: clustered answer ids, lengths, hidden states, CARE-sized weights
-    (on CUDA stored column-major, as the CARE core passes them: care_ext.ops.fused_step_layout)."""
+def make_inputs(B: int, G: int, H: int, device: str, hidden_dtype: torch.dtype, seed: int = 0,
+                layout: str = "core"):
+    """Realistic step inputs: clustered answer ids, lengths, hidden states, CARE-sized weights,
+    stored as the CARE core passes them (``layout="core"``: care_ext.ops.core_step_layout -- on
+    CUDA column-major, on the CPU at H >= 1024 both stages' first layers side by side) or
+    row-major contiguous (``layout="row-major"``); same values either way."""
     gen = torch.Generator().manual_seed(seed)
     n = torch.randint(1, G + 1, (B, 1), generator=gen)
     ids = (torch.rand(B, G, generator=gen) * n).long()
@@ -71,13 +79,14 @@ def make_inputs(B: int, G: int, H: int, device: str, hidden_dtype: torch.dtype, 
 
     s1, s2 = weights(G + 1, 1, 2), weights(G + 1, 0, G + 1)
     split = first_layer_split(s1, s2, H)
-    if device == "cuda":  # the layout the CARE core passes on CUDA (ClassifierTrainer.folded)
-        s1, s2 = fused_step_layout(s1), fused_step_layout(s2)
     r = (torch.rand(B, G, generator=gen) < 0.4).float()
     r2 = (torch.rand(B, G, generator=gen) < 0.4).float()
     to = lambda t: t.to(device)  # noqa: E731
+    s1, s2 = [to(t) for t in s1], [to(t) for t in s2]
+    if layout == "core":  # the layout the CARE core passes (ClassifierTrainer.folded)
+        s1, s2 = core_step_layout(s1, s2, H)
     return dict(ids=to(ids), lengths=to(lengths), h_p=to(h_p), h_r=to(h_r),
-                s1=[to(t) for t in s1], s2=[to(t) for t in s2], r=to(r), r2=to(r2),
+                s1=s1, s2=s2, r=to(r), r2=to(r2),
                 split=[to(t) for t in split],
                 sizes=to(R.cluster_stats(ids)[1]), logits=to(torch.randn(B, G + 1, generator=gen)))
 
@@ -253,12 +262,16 @@ def main(argv=None) -> int:
                     extra.update(cpu_gemm_gflops=rate / 1e9,
                                  gemm_floor_us=extra["flops_native_cpu"] / rate * 1e6)
             calls = {"native": op_calls(x, native), "reference": op_calls(x, R)}
+            if "native_rowmajor" in args.providers:  # the same weights, row-major contiguous
+                rm = dict(x, s1=[w.contiguous() for w in x["s1"]],
+                          s2=[w.contiguous() for w in x["s2"]])
+                calls["native_rowmajor"] = op_calls(rm, native)
             for op in args.ops or list(calls["native"]):
                 result = dict(shape=shape, op=op, floor_us=floor,
                               **(extra if op in STEP_OPS else {}))
                 for prov in args.providers:
                     try:
-                        if prov in ("native", "reference"):
+                        if prov in ("native", "reference", "native_rowmajor"):
                             t = host_time(calls[prov][op], dev, args.min_time)
                         elif prov == "compile":
                             t = host_time(op_calls(x, compiled)[op], dev, args.min_time)
