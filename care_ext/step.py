@@ -26,6 +26,7 @@ from . import ops
 from .config import CareConfig
 from .decision import BOUGHT, CACHED, DROPPED, TRUSTED, Decision
 from .labels import LabelStore, Oracle, OracleResult, SimulationOnlyError
+from .labels.store import json_safe
 from .projection import (FirstLayerProjection, ProjectedHidden, first_layer_projection, pad_columns,
                          padded_width, reduced_weights)
 from .replay import Sample
@@ -451,7 +452,11 @@ class CareController:
             mets["audit/pseudo_label_acc"] = self._audit[0] / self._audit[1]
 
     def _ask(self, uids, payloads, rows, labels, t) -> tuple[list[int], list[int], list[int]]:
-        """Call the oracle for those rows; store what arrives. Returns (ok, failed, pending) rows."""
+        """Call the oracle for those rows; store what arrives. Returns (ok, failed, pending) rows.
+
+        A uid counts as answered only once its result is recorded: a result the store cannot
+        record (e.g. a label ``json`` refuses) is refunded and dropped with a warning, and the
+        remaining results of the step are still taken."""
         ok, failed, pending = [], [], []
         if not rows:
             return ok, failed, pending
@@ -461,9 +466,20 @@ class CareController:
             for res in self.oracle.request_many([(uids[i], payloads[i]) for i in rows]):
                 if res.uid not in index or res.uid in answered:
                     continue
+                try:
+                    self._record(res, t, labels)
+                except Exception as exc:  # noqa: BLE001 - one bad label must not leak its charge
+                    labels.pop(res.uid, None)
+                    self.store.release(res.uid)
+                    answered.add(res.uid)
+                    failed.append(index[res.uid])
+                    warnings.warn(f"care_ext: the label of {res.uid!r} from oracle "
+                                  f"{type(self.oracle).__name__} could not be stored ({exc!r}); "
+                                  "the prompt is dropped and its charge refunded", RuntimeWarning)
+                    continue
                 answered.add(res.uid)
-                self._record(res, t, labels)
-                {"ok": ok, "failed": failed, "pending": pending}.get(res.status, failed).append(index[res.uid])
+                by_status = {"ok": ok, "failed": failed, "pending": pending}
+                by_status.get(res.status, failed).append(index[res.uid])
         except Exception as exc:  # noqa: BLE001 - a broken oracle drops the rest, uncharged
             warnings.warn(f"care_ext: oracle {type(self.oracle).__name__} raised {exc!r}; the "
                           "prompts it did not answer are dropped and not charged", RuntimeWarning)
@@ -475,10 +491,11 @@ class CareController:
 
     def _record(self, res: OracleResult, t: int, labels: dict) -> None:
         if res.status == "ok":
+            label = json_safe(res.label)  # the value the store gives back at later steps
             row = self.store.ledger([res.uid]).get(res.uid)
-            self.store.put(res.uid, res.label, self.oracle.name,
+            self.store.put(res.uid, label, self.oracle.name,
                            row.cost if row else self.oracle.cost, row.step if row else t)
-            labels[res.uid] = res.label
+            labels[res.uid] = label
         elif res.status != "pending":
             self.store.release(res.uid)
 

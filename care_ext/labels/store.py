@@ -28,6 +28,28 @@ CHARGED = ("requested", "pending", "stored")
 """Ledger statuses that count against the budget."""
 
 
+def json_safe(label: Any) -> Any:
+    """``label`` with numpy/torch scalars and arrays turned into Python values (``.item()`` /
+    ``.tolist()``), inside lists, tuples and dicts too, so that ``json.dumps`` accepts it.
+
+    A gold column read with pandas holds ``numpy.int64`` values, which ``json`` refuses; the
+    converted label is the one the store gives back later, so a caller that resolves the label
+    at the purchase step should resolve this value too.
+    """
+    if isinstance(label, (str, bytes, bool, int, float)) or label is None:
+        return label
+    if isinstance(label, dict):
+        return {k: json_safe(v) for k, v in label.items()}
+    if isinstance(label, (list, tuple)):
+        items = [json_safe(v) for v in label]
+        return items if isinstance(label, list) else tuple(items)
+    if getattr(label, "ndim", None) == 0 and callable(getattr(label, "item", None)):
+        return label.item()  # numpy scalar, 0-d array or tensor
+    if callable(getattr(label, "tolist", None)):
+        return label.tolist()  # numpy array, tensor
+    return label
+
+
 class LabelStoreError(RuntimeError):
     """The store file is unreadable, corrupted, or from an incompatible schema."""
 
@@ -198,8 +220,9 @@ class LabelStore:
         return taken
 
     def put(self, uid: str, label: Any, source: str, cost: float, step: int) -> None:
-        """Store a label (JSON-serialisable) and mark its ledger row stored, atomically."""
-        text = json.dumps(label)
+        """Store a label (JSON-serialisable after :func:`json_safe`) and mark its ledger row
+        stored, atomically."""
+        text = json.dumps(json_safe(label))
         with self._tx() as db:
             db.execute("INSERT OR REPLACE INTO labels VALUES (?, ?, ?, ?, ?, ?)",
                        (uid, text, source, float(cost), int(step), time.time()))

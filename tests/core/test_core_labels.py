@@ -202,3 +202,39 @@ def test_audit_slice_estimates_pseudo_label_accuracy_without_bias():
     assert d.metrics["audit/n_total"] == n
     assert d.metrics["audit/pseudo_label_acc"] == pytest.approx(n_ok / n)
     assert abs(d.metrics["audit/pseudo_label_acc"] - 0.6) < 0.15  # p_wrong = 0.4 in the batches
+
+
+def test_a_label_the_store_cannot_record_is_refunded_and_the_step_goes_on():
+    """A label json refuses (here a set) fails its own row only: refunded, warned as such, and
+    the other purchases of the step are still made and stored."""
+    b = _gold_batch()
+    gold = dict(b.gold)
+    c0 = CareController(CareConfig(strategy="entropy", group_size=G, sim_metrics=False),
+                        GoldOracle(gold))
+    first = c0.decide(b.uids, b.ids)  # which rows entropy buys (deterministic)
+    bought = [b.uids[i] for i in (first.source == BOUGHT).nonzero().flatten().tolist()]
+    assert len(bought) == 4
+    gold[bought[0]] = {1, 2}  # not JSON-serialisable
+    c = CareController(CareConfig(strategy="entropy", group_size=G, sim_metrics=False),
+                       GoldOracle(gold))
+    with pytest.warns(RuntimeWarning, match="refunded"):
+        d = c.decide(b.uids, b.ids)
+    assert int(d.source[b.uids.index(bought[0])]) == DROPPED and d.labels_bought == 3
+    led = c.store.ledger(bought)
+    assert led[bought[0]].status == "failed" and led[bought[0]].cost == 0.0
+    assert all(led[u].status == "stored" for u in bought[1:])
+    assert c.store.spent() == (3, 3.0) and len(c.store) == 3
+
+
+def test_numpy_scalar_labels_are_stored_as_python_values():
+    """A gold column from pandas holds numpy.int64: bought, stored, and read back as int."""
+    np = pytest.importorskip("numpy")
+    b = _gold_batch()
+    gold = {u: np.int64(g) for u, g in b.gold.items()}
+    cfg = CareConfig(strategy="entropy", group_size=G, sim_metrics=False)
+    c = CareController(cfg, GoldOracle(gold))
+    d = c.decide(b.uids, b.ids)
+    assert d.labels_bought == 4 and c.store.spent() == (4, 4.0)
+    got = c.store.get(b.uids)
+    assert len(got) == 4
+    assert all(type(s.label) is int and s.label == b.gold[u] for u, s in got.items())
