@@ -268,9 +268,12 @@ class CareController:
         gold_cache: dict[str, Tensor] = {}
 
         def gold_ids() -> Tensor:
-            if "g" not in gold_cache:
+            if "g" not in gold_cache:  # peek None = no gold for that uid: id -1, not resolved
+                peeked = [self.oracle.peek(u, p) for u, p in zip(uids, payloads)]
+                gold_cache["known"] = torch.tensor([g is not None for g in peeked],
+                                                   dtype=torch.bool)
                 gold_cache["g"] = torch.tensor(
-                    [self._resolve(self.oracle.peek(u, p), p) for u, p in zip(uids, payloads)],
+                    [-1 if g is None else self._resolve(g, p) for g, p in zip(peeked, payloads)],
                     dtype=torch.long)
             return gold_cache["g"]
 
@@ -345,8 +348,14 @@ class CareController:
                      "budget/waiting": float(int(waiting.sum())), "budget/arrived": float(arrivals)})
         self._audit_metrics(mets, audit & labelled, ids_c, gold, gf.rank)
         if self.oracle.simulation and cfg.sim_metrics and B:
-            mets.update(M.simulation(source, rewards, ctx.true_rewards(), ctx.majority_correct(),
-                                     ctx.true_cag(), fresh, strat_buy & bought_now))
+            gold_ids()
+            k = gold_cache["known"]  # rows without gold have no truth to measure against
+            if bool((~k).any()):
+                mets["sim/no_gold"] = float(int((~k).sum()))
+            if bool(k.any()):
+                mets.update(M.simulation(source[k], rewards[k], ctx.true_rewards()[k],
+                                         ctx.majority_correct()[k], ctx.true_cag()[k], fresh[k],
+                                         (strat_buy & bought_now)[k]))
         score = plan.score.float().clone() if plan is not None and plan.score is not None \
             else torch.full((B,), math.nan)
 

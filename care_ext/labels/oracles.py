@@ -65,7 +65,7 @@ class Oracle:
         return []
 
     def peek(self, uid: str, payload: Any) -> Any:
-        """The gold label without buying it (simulation only)."""
+        """The gold label without buying it (simulation only); None: this uid has no gold."""
         raise SimulationOnlyError(
             f"{type(self).__name__} is not a simulation oracle: reading the gold of an unbought "
             "prompt is only possible in simulation (GoldOracle)")
@@ -101,7 +101,13 @@ class GoldOracle(Oracle):
             return OracleResult(uid, "failed", error=f"no gold for uid {uid!r}")
 
     def peek(self, uid: str, payload: Any) -> Any:
-        return self._get(uid, payload)
+        """The gold label without buying it, or None when the dataset has no gold for ``uid``
+        (a missing key, as :meth:`request` treats it: the controller reads it as gold id -1 and
+        leaves the row out of the ``sim/*`` metrics)."""
+        try:
+            return self._get(uid, payload)
+        except KeyError:
+            return None
 
 
 class CallableOracle(Oracle):

@@ -238,3 +238,25 @@ def test_numpy_scalar_labels_are_stored_as_python_values():
     got = c.store.get(b.uids)
     assert len(got) == 4
     assert all(type(s.label) is int and s.label == b.gold[u] for u, s in got.items())
+
+
+@pytest.mark.parametrize("strategy", ["gt", "entropy", "oracle"])
+@pytest.mark.parametrize("as_callable", [False, True])
+def test_a_prompt_without_gold_is_dropped_and_left_out_of_sim_metrics(strategy, as_callable):
+    """One uid has no gold (a dict without it, or a callable that raises KeyError as the OpenRLHF
+    runner's ``GoldOracle(lambda uid, p: gold_by_uid[uid])`` does): decide with the default
+    sim_metrics runs, that prompt is refunded if bought, and sim/* are computed on the others."""
+    b = _gold_batch()
+    gold = {u: g for u, g in b.gold.items() if u != b.uids[0]}
+    oracle = GoldOracle((lambda uid, payload: gold[uid]) if as_callable else gold)
+    assert oracle.peek(b.uids[0], None) is None and oracle.peek(b.uids[1], None) == gold[b.uids[1]]
+    c = CareController(CareConfig(strategy=strategy, group_size=G), oracle)
+    d = c.decide(b.uids, b.ids)
+    assert int(d.source[0]) in (DROPPED, TRUSTED) and int(d.gold_ids[0]) == -1
+    row = c.store.ledger([b.uids[0]]).get(b.uids[0])
+    assert row is None or (row.status == "failed" and row.cost == 0.0)
+    assert d.metrics["sim/no_gold"] == 1.0
+    assert d.metrics["sim/label_acc"] == pytest.approx(float(b.majority_correct[1:].float().mean()))
+    if strategy == "gt":
+        assert int(d.source[0]) == DROPPED and d.labels_bought == B - 1
+        assert c.store.spent() == (B - 1, B - 1.0)
