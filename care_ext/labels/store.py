@@ -78,17 +78,27 @@ class LedgerRow:
 class LabelStore:
     """SQLite label store + ledger. ``path=":memory:"`` keeps it in memory (tests, dry runs).
 
+    Args:
+        path: the SQLite file (created if absent; its directory must exist).
+        timeout_s: how long to wait for another connection's lock before giving up.
+
     Raises:
-        LabelStoreError: when the file is not a healthy care_ext store (it is never replaced
-            silently: move it aside or restore a backup).
+        LabelStoreError: the file's directory does not exist, the file cannot be opened or is
+            locked by another writer, or it is not a healthy care_ext store (a corrupted or
+            foreign file is never replaced silently: move it aside or restore a backup).
     """
 
-    def __init__(self, path: str | Path = ":memory:") -> None:
+    def __init__(self, path: str | Path = ":memory:", timeout_s: float = 30.0) -> None:
         self.path = str(path)
         self._lock = threading.RLock()
+        parent = Path(self.path).parent
+        if self.path != ":memory:" and not self.path.startswith("file:") and not parent.is_dir():
+            # not created here: a missing run directory is more often a typo than an intent
+            raise LabelStoreError(f"label store {self.path!r}: its directory {str(parent)!r} does "
+                                  "not exist; create it first (or fix the path)")
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
-                                       timeout=30.0)
+                                       timeout=timeout_s)
             ok = self._db.execute("PRAGMA quick_check").fetchone()[0]
             if ok != "ok":
                 raise sqlite3.DatabaseError(f"quick_check: {ok}")
@@ -96,6 +106,14 @@ class LabelStore:
                 self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._create()
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise LabelStoreError(
+                    f"label store {self.path!r} is locked by another connection or process "
+                    f"(waited {timeout_s} s: {exc}); stop the other writer or use another "
+                    "store file") from exc
+            raise LabelStoreError(f"label store {self.path!r} cannot be opened ({exc}); check "
+                                  "the path and its permissions") from exc
         except sqlite3.DatabaseError as exc:
             raise LabelStoreError(
                 f"label store {self.path!r} is corrupted or not a care_ext SQLite store ({exc}); "

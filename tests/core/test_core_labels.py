@@ -53,6 +53,30 @@ def test_corrupted_store_file_is_a_clear_error(tmp_path):
         LabelStore(bad)
 
 
+def test_store_in_a_missing_directory_names_the_directory(tmp_path):
+    """A typo in the run directory is not reported as a corrupted store."""
+    missing = tmp_path / "no_such_dir"
+    with pytest.raises(LabelStoreError, match="directory") as err:
+        LabelStore(missing / "labels.sqlite")
+    assert str(missing) in str(err.value) and "corrupted" not in str(err.value)
+    assert not missing.exists()
+
+
+def test_locked_store_says_locked_not_corrupted(tmp_path):
+    path = tmp_path / "labels.sqlite"
+    LabelStore(path).close()
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    try:
+        with pytest.raises(LabelStoreError, match="locked") as err:
+            LabelStore(path, timeout_s=0.05)
+        assert "corrupted" not in str(err.value)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    LabelStore(path, timeout_s=0.05).close()  # free again: opens
+
+
 def test_sigkill_between_requested_and_stored_then_resume(tmp_path):
     """A real process is killed inside the oracle call; the resumed run pays nothing twice,
     exceeds no cap and makes the same decisions as an uninterrupted run."""
