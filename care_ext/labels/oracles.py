@@ -115,9 +115,10 @@ class CallableOracle(Oracle):
 
     Each request is tried up to ``1 + retries`` times; a try that raises or exceeds ``timeout_s``
     (measured off the main thread, so it works inside Ray actors and worker threads) counts as a
-    failure, and ``backoff_s * 2**attempt`` seconds pass before the next. A timed-out call cannot
-    be killed: its thread finishes in the background and its result is ignored. Requests of one
-    step run on ``max_workers`` threads.
+    failure, and ``backoff_s * 2**attempt`` seconds pass before the next. Every try runs on its
+    own daemon thread and only the call itself is timed: a timed-out call cannot be killed, its
+    thread finishes in the background and its result is ignored, but it holds no slot that later
+    requests wait for. Requests of one step run ``max_workers`` at a time.
     """
 
     name = "callable"
@@ -127,22 +128,31 @@ class CallableOracle(Oracle):
                  name: str = "callable") -> None:
         self.fn, self.retries, self.timeout_s, self.backoff_s = fn, retries, timeout_s, backoff_s
         self.cost, self.max_workers, self.name = cost, max_workers, name
-        self._pool = cf.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="care-oracle")
 
     def _once(self, uid: str, payload: Any) -> Any:
-        def timed():
-            t0 = time.monotonic()
-            value = self.fn(uid, payload)
-            return value, time.monotonic() - t0
+        out: dict[str, Any] = {}
+        done = threading.Event()
 
-        fut = self._pool.submit(timed)
-        value, took = fut.result(timeout=self.timeout_s)
+        def call() -> None:
+            t0 = time.monotonic()
+            try:
+                out["value"] = self.fn(uid, payload)
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+                out["error"] = exc
+            out["took"] = time.monotonic() - t0
+            done.set()
+
+        threading.Thread(target=call, name="care-oracle-call", daemon=True).start()
+        if not done.wait(self.timeout_s):
+            raise cf.TimeoutError()
+        if "error" in out:
+            raise out["error"]
         # A call that ran longer than timeout_s is a timeout even when this (waiting) thread only
         # looks after it finished (a loaded machine can deschedule it): the outcome must not
         # depend on when the waiter runs.
-        if took > self.timeout_s:
+        if out["took"] > self.timeout_s:
             raise cf.TimeoutError()
-        return value
+        return out["value"]
 
     def request(self, uid: str, payload: Any) -> OracleResult:
         err = ""

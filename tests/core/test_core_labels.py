@@ -5,6 +5,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -146,6 +147,32 @@ def test_callable_oracle_retries_then_succeeds_and_failures_are_dropped_uncharge
                        CallableOracle(slow, retries=0, timeout_s=0.02, max_workers=8))
     d = c.decide(b.uids, b.ids)
     assert (d.source == DROPPED).all() and c.store.spent() == (0, 0.0)
+
+
+def test_callable_oracle_hung_calls_do_not_starve_later_requests():
+    """The judge hangs on its first 4 calls, then answers at once. With max_workers=2, the two
+    hung first tries must not hold the slots the retries (and later requests) need: only the
+    call itself is timed, never a wait for a free thread."""
+    release, lock, calls = threading.Event(), threading.Lock(), [0]
+
+    def judge(uid, payload):
+        with lock:
+            calls[0] += 1
+            hang = calls[0] <= 4
+        if hang:
+            release.wait(10.0)
+        return 7
+
+    o = CallableOracle(judge, retries=2, timeout_s=0.2, backoff_s=0, max_workers=2)
+    try:
+        t0 = time.monotonic()
+        res = list(o.request_many([("a", None), ("b", None)]))
+        assert sorted((r.uid, r.status, r.label) for r in res) == [("a", "ok", 7), ("b", "ok", 7)]
+        res = list(o.request_many([("c", None), ("d", None)]))  # the 4 hung calls still run
+        assert [r.status for r in res] == ["ok", "ok"] and calls[0] == 8
+        assert time.monotonic() - t0 < 2.0
+    finally:
+        release.set()
 
 
 def test_an_oracle_that_raises_drops_its_prompts_uncharged():
