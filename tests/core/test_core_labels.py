@@ -311,3 +311,20 @@ def test_a_prompt_without_gold_is_dropped_and_left_out_of_sim_metrics(strategy, 
     if strategy == "gt":
         assert int(d.source[0]) == DROPPED and d.labels_bought == B - 1
         assert c.store.spent() == (B - 1, B - 1.0)
+
+
+def test_labels_bought_counts_bought_rows_not_the_charge():
+    """As Decision documents: an async purchase is charged now but counts 0 in labels_bought;
+    a free retry of an earlier step's charge counts 1 while this step is charged nothing."""
+    b = _gold_batch()
+    c = CareController(CareConfig(strategy="entropy-mask", group_size=G),
+                       DelayedGoldOracle(b.gold, 1))
+    d = c.decide(b.uids, b.ids)
+    assert d.labels_bought == 0 and d.metrics["budget/labels_step"] == 4.0
+    s = LabelStore(":memory:")
+    assert s.reserve([b.uids[3]], 0, 1.0, "sync", 2, None) == [b.uids[3]]  # then a crash
+    c = CareController(CareConfig(strategy="ttrl", group_size=G), GoldOracle(b.gold), s)
+    c.step = 1
+    d = c.decide(b.uids, b.ids)
+    assert d.labels_bought == 1 == int((d.source == BOUGHT).sum()) and int(d.source[3]) == BOUGHT
+    assert d.metrics["budget/labels_step"] == 0.0 and s.spent() == (1, 1.0)
