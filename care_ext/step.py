@@ -259,8 +259,15 @@ class CareController:
         ledger = self.store.ledger(uids)
         # a label stored at this very step is a purchase of a resumed rerun, not a cache hit
         earlier = torch.tensor([u in known and known[u].step != t for u in uids], dtype=torch.bool)
-        waiting = torch.tensor([u not in known and u in ledger and ledger[u].status == "pending"
-                                for u in uids], dtype=torch.bool)
+        pending_rows = [u not in known and u in ledger and ledger[u].status == "pending"
+                        for u in uids]
+        # a pending uid that neither the controller nor the oracle waits for any more (a crash
+        # after the request, a resume from an older checkpoint) is asked again, free of charge
+        open_at_oracle = self.oracle.outstanding() if any(pending_rows) else None
+        lost = torch.tensor([p and open_at_oracle is not None and u not in self._awaiting
+                             and u not in open_at_oracle for p, u in zip(pending_rows, uids)],
+                            dtype=torch.bool)
+        waiting = torch.tensor(pending_rows, dtype=torch.bool) & ~lost
         cached = earlier & ~bad if cfg.use_cached_labels else torch.zeros(B, dtype=torch.bool)
         fresh = ~bad & ~waiting & ~cached
         buyable = fresh & ~earlier
@@ -289,7 +296,7 @@ class CareController:
         # ---- ledger and oracle ------------------------------------------------------------
         labels: dict[str, Any] = {u: known[u].label for u in uids if u in known}
         retry = [i for i, u in enumerate(uids) if fresh[i] and u not in known and u in ledger
-                 and ledger[u].status == "requested"]
+                 and (ledger[u].status == "requested" or bool(lost[i]))]
         new = [uids[i] for i in selected.nonzero().flatten().tolist()
                if uids[i] not in known and (uids[i] not in ledger or ledger[uids[i]].status == "failed")]
         kind = "async" if self.oracle.asynchronous else "sync"
@@ -476,7 +483,7 @@ class CareController:
                 if res.uid not in index or res.uid in answered:
                     continue
                 try:
-                    self._record(res, t, labels)
+                    recorded = self._record(res, t, labels)
                 except Exception as exc:  # noqa: BLE001 - one bad label must not leak its charge
                     labels.pop(res.uid, None)
                     self.store.release(res.uid)
@@ -488,7 +495,7 @@ class CareController:
                     continue
                 answered.add(res.uid)
                 by_status = {"ok": ok, "failed": failed, "pending": pending}
-                by_status.get(res.status, failed).append(index[res.uid])
+                by_status.get(res.status if recorded else "failed", failed).append(index[res.uid])
         except Exception as exc:  # noqa: BLE001 - a broken oracle drops the rest, uncharged
             warnings.warn(f"care_ext: oracle {type(self.oracle).__name__} raised {exc!r}; the "
                           "prompts it did not answer are dropped and not charged", RuntimeWarning)
@@ -498,23 +505,32 @@ class CareController:
                 failed.append(i)
         return ok, failed, pending
 
-    def _record(self, res: OracleResult, t: int, labels: dict) -> None:
+    def _record(self, res: OracleResult, t: int, labels: dict) -> bool:
+        """Store an 'ok' label / refund a failure. False: an 'ok' label for a uid whose charge
+        was refunded (or never made) - ignored, since storing it would be a label bought past
+        the caps; re-buy it through a new request."""
         if res.status == "ok":
             label = json_safe(res.label)  # the value the store gives back at later steps
             row = self.store.ledger([res.uid]).get(res.uid)
-            self.store.put(res.uid, label, self.oracle.name,
-                           row.cost if row else self.oracle.cost, row.step if row else t)
+            if not self.store.put(res.uid, label, self.oracle.name,
+                                  row.cost if row else self.oracle.cost, row.step if row else t,
+                                  only_charged=True):
+                warnings.warn(f"care_ext: oracle {type(self.oracle).__name__} delivered a label "
+                              f"for {res.uid!r}, whose request was refunded or never charged; "
+                              "ignored (it would exceed the budget)", RuntimeWarning)
+                return False
             labels[res.uid] = label
         elif res.status != "pending":
             self.store.release(res.uid)
+        return True
 
     def _poll(self) -> int:
         """Store asynchronous labels that arrived; queue their samples for the next update."""
         n = 0
         for res in self.oracle.poll(self.step):
-            self._record(res, self.step, {})
+            recorded = self._record(res, self.step, {})
             parts = self._awaiting.pop(res.uid, None)
-            if res.status == "ok":
+            if res.status == "ok" and recorded:
                 n += 1
                 if parts is not None and self.trainer is not None:
                     self._samples.append(_make_sample(parts[0], self._resolve(res.label, parts[1])))

@@ -16,7 +16,6 @@ label *is* the answer id, which holds when answer ids are stable, e.g. integer a
 from __future__ import annotations
 
 import concurrent.futures as cf
-import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -70,11 +69,20 @@ class Oracle:
             f"{type(self).__name__} is not a simulation oracle: reading the gold of an unbought "
             "prompt is only possible in simulation (GoldOracle)")
 
+    def outstanding(self) -> set[str] | None:
+        """Asynchronous oracles: uids requested whose result :meth:`poll` has not returned yet
+        (delivered-but-unpolled ones included). The controller re-requests, free of charge, a
+        'pending' uid that neither it nor the oracle still waits for (a crash lost the request,
+        or a resume from a checkpoint older than it). None (the default): not tracked, such a
+        uid is never re-requested."""
+        return None
+
     def state_dict(self) -> dict:
+        """The oracle's own state, saved inside the controller's checkpoint."""
         return {}
 
     def load_state_dict(self, sd: dict) -> None:
-        pass
+        """Restore :meth:`state_dict`."""
 
 
 class GoldOracle(Oracle):
@@ -184,7 +192,13 @@ class QueueOracle(Oracle):
     request) and answers with :meth:`deliver` / :meth:`fail` from any thread. A prompt waiting
     for its label is DROPPED at the steps it appears in; when its label arrives it is stored
     (later epochs get it free) and trains the classifiers with the features of the step that
-    requested it.
+    requested it. A label delivered for a request that was refunded (:meth:`fail`) or never
+    made is ignored by the controller: it would be a label outside the budget.
+
+    Saved with the controller (:meth:`state_dict`): the open requests with their payloads and
+    the results delivered but not yet polled. After a restore, the open requests without a
+    result are handed out again (:meth:`take_requests`, ``on_request``): the annotator of the
+    old process may be gone; a late answer to the old hand-out is still taken.
     """
 
     asynchronous = True
@@ -192,39 +206,65 @@ class QueueOracle(Oracle):
 
     def __init__(self, on_request: Callable[[str, Any], None] | None = None, cost: float = 1.0) -> None:
         self.on_request, self.cost = on_request, cost
-        self._requests: queue.Queue = queue.Queue()
-        self._arrived: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._requests: list[tuple[str, Any]] = []  # not yet handed out
+        self._arrived: list[OracleResult] = []  # delivered, not yet polled
+        self._open: dict[str, Any] = {}  # uid -> payload: requested, result not yet polled
 
     def request(self, uid: str, payload: Any) -> OracleResult:
-        self._requests.put((uid, payload))
+        with self._lock:
+            self._open[uid] = payload
+            self._requests.append((uid, payload))
         if self.on_request is not None:
             self.on_request(uid, payload)
         return OracleResult(uid, "pending")
 
     def take_requests(self) -> list[tuple[str, Any]]:
         """Requests not yet handed out (annotator side)."""
-        out = []
-        while True:
-            try:
-                out.append(self._requests.get_nowait())
-            except queue.Empty:
-                return out
+        with self._lock:
+            out, self._requests = self._requests, []
+        return out
 
     def deliver(self, uid: str, label: Any) -> None:
         """A label arrived (thread-safe)."""
-        self._arrived.put(OracleResult(uid, "ok", label))
+        with self._lock:
+            self._arrived.append(OracleResult(uid, "ok", label))
 
     def fail(self, uid: str, error: str = "annotator gave up") -> None:
         """The annotator will not label this prompt: its charge is refunded."""
-        self._arrived.put(OracleResult(uid, "failed", error=error))
+        with self._lock:
+            self._arrived.append(OracleResult(uid, "failed", error=error))
 
     def poll(self, step: int) -> list[OracleResult]:
-        out = []
-        while True:
-            try:
-                out.append(self._arrived.get_nowait())
-            except queue.Empty:
-                return out
+        """Results delivered since the last poll, in order of arrival."""
+        with self._lock:
+            out, self._arrived = self._arrived, []
+            for res in out:
+                self._open.pop(res.uid, None)
+        return out
+
+    def outstanding(self) -> set[str]:
+        """Requested uids whose result was not polled yet."""
+        with self._lock:
+            return set(self._open)
+
+    def state_dict(self) -> dict:
+        """Open requests (uid, payload) and delivered-but-unpolled results."""
+        with self._lock:
+            return {"open": list(self._open.items()),
+                    "arrived": [(r.uid, r.status, r.label, r.error) for r in self._arrived]}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Restore :meth:`state_dict`; open requests without a result are handed out again."""
+        with self._lock:
+            self._open = dict(sd.get("open", []))
+            self._arrived = [OracleResult(*r) for r in sd.get("arrived", [])]
+            answered = {r.uid for r in self._arrived}
+            again = [(u, p) for u, p in self._open.items() if u not in answered]
+            self._requests = list(again)
+        if self.on_request is not None:
+            for u, p in again:
+                self.on_request(u, p)
 
 
 class DelayedGoldOracle(GoldOracle):
@@ -256,8 +296,15 @@ class DelayedGoldOracle(GoldOracle):
             self._due = [d for d in self._due if d[0] > step]
         return [OracleResult(u, "ok", lab) for _, u, lab in ready]
 
+    def outstanding(self) -> set[str]:
+        """Requested uids whose label is not due yet."""
+        with self._lock:
+            return {u for _, u, _ in self._due}
+
     def state_dict(self) -> dict:
+        """The labels not yet due and the last polled step."""
         return {"due": list(self._due), "step": self._step}
 
     def load_state_dict(self, sd: dict) -> None:
+        """Restore :meth:`state_dict`."""
         self._due, self._step = [tuple(d) for d in sd["due"]], sd["step"]

@@ -10,8 +10,10 @@ Two tables:
   oracle is called, in the same transaction that checks the caps; it becomes ``stored`` in the
   transaction that writes the label, or ``failed`` (cost refunded to 0) when the oracle gives
   up. A crash between "requested" and "stored" leaves a ``requested`` row: the label counts as
-  paid, and a later request for that uid is a free retry. Charges are therefore never doubled and
-  the caps hold across crashes and resumes.
+  paid, and a later request for that uid is a free retry (a ``pending`` row whose request the
+  asynchronous oracle no longer holds is retried the same way). Charges are therefore never
+  doubled and the caps hold across crashes and resumes. A label is stored for a refunded
+  (``failed``) row only by a new charged request, never by a late answer to the old one.
 """
 from __future__ import annotations
 
@@ -237,14 +239,22 @@ class LabelStore:
                 n_all += 1
         return taken
 
-    def put(self, uid: str, label: Any, source: str, cost: float, step: int) -> None:
+    def put(self, uid: str, label: Any, source: str, cost: float, step: int,
+            only_charged: bool = False) -> bool:
         """Store a label (JSON-serialisable after :func:`json_safe`) and mark its ledger row
-        stored, atomically."""
+        stored, atomically. With ``only_charged``, a uid whose ledger row is not charged
+        (refunded 'failed', or no row at all) is left alone and False returned: a late label for
+        a refunded request would otherwise become a charge past the caps."""
         text = json.dumps(json_safe(label))
         with self._tx() as db:
+            if only_charged:
+                row = db.execute("SELECT status FROM ledger WHERE uid = ?", (uid,)).fetchone()
+                if row is None or row[0] not in CHARGED:
+                    return False
             db.execute("INSERT OR REPLACE INTO labels VALUES (?, ?, ?, ?, ?, ?)",
                        (uid, text, source, float(cost), int(step), time.time()))
             db.execute("UPDATE ledger SET status = 'stored' WHERE uid = ?", (uid,))
+        return True
 
     def release(self, uid: str) -> None:
         """The oracle gave up on a charged request: mark it failed and refund its cost."""

@@ -328,3 +328,82 @@ def test_labels_bought_counts_bought_rows_not_the_charge():
     d = c.decide(b.uids, b.ids)
     assert d.labels_bought == 1 == int((d.source == BOUGHT).sum()) and int(d.source[3]) == BOUGHT
     assert d.metrics["budget/labels_step"] == 0.0 and s.spent() == (1, 1.0)
+
+
+def test_async_pending_lost_in_a_crash_is_asked_again_free(tmp_path):
+    """Checkpoint, decide (async requests 'pending' in the ledger), crash before the next
+    checkpoint: the resumed run asks those uids again for free, and their labels arrive."""
+    b = _gold_batch()
+    path, ck = str(tmp_path / "s.sqlite"), str(tmp_path / "c.pt")
+    cfg = CareConfig(strategy="entropy-mask", group_size=G, sim_metrics=False)
+
+    def ctl():
+        return CareController(cfg, DelayedGoldOracle(b.gold, delay_steps=1), LabelStore(path))
+
+    a = ctl()
+    a.save(ck)
+    d = a.decide(b.uids, b.ids)
+    asked = [b.uids[i] for i in range(B) if b.uids[i] in a.store.ledger(b.uids)]
+    assert d.metrics["budget/pending"] == 4 and len(asked) == 4
+    del a  # crash: the oracle's queue is gone, the ledger keeps 4 pending charges
+    r = ctl()
+    r.load(ck)
+    d = r.decide(b.uids, b.ids)
+    r.update()
+    assert d.metrics["budget/waiting"] == 0 and d.metrics["budget/pending"] == 4
+    assert r.store.spent() == (4, 4.0)  # asked again, not charged again
+    d = r.decide(b.uids, b.ids)
+    r.update()
+    assert d.metrics["budget/arrived"] == 4
+    assert all(int(d.source[b.uids.index(u)]) == CACHED for u in asked)
+    assert all(s.status == "stored" for s in r.store.ledger(asked).values())
+
+
+def test_queue_oracle_saves_open_requests_and_delivered_labels(tmp_path):
+    """A label delivered before a clean save survives the restart; an open request without an
+    answer is handed out again by the restored oracle."""
+    b = _gold_batch()
+    path, ck = str(tmp_path / "s.sqlite"), str(tmp_path / "c.pt")
+    cfg = CareConfig(strategy="entropy-mask", group_size=G, sim_metrics=False)
+    q = QueueOracle()
+    a = CareController(cfg, q, LabelStore(path))
+    a.decide(b.uids, b.ids)
+    a.update()
+    asked = [u for u, _ in q.take_requests()]
+    assert len(asked) == 4
+    for u in asked[:3]:
+        q.deliver(u, b.gold[u])
+    a.save(ck)
+    a.store.close()
+    q2 = QueueOracle()
+    r = CareController(cfg, q2, LabelStore(path))
+    r.load(ck)
+    assert [u for u, _ in q2.take_requests()] == asked[3:] and q2.outstanding() == set(asked)
+    d = r.decide(b.uids, b.ids)
+    r.update()
+    assert d.metrics["budget/arrived"] == 3 and d.metrics["budget/waiting"] == 1
+    assert set(r.store.get(asked)) == set(asked[:3]) and r.store.spent(step=0) == (4, 4.0)
+
+
+def test_a_late_label_for_a_refunded_request_is_ignored():
+    """fail() refunds a charge; the annotator's late deliver() for it must not store a label
+    (and a 'stored' ledger row) past the global budget."""
+    world = make_world(B=B, G=G, H=H)
+    b0, b1, b2 = (make_batch(world, s) for s in range(3))
+    q = QueueOracle()
+    c = CareController(CareConfig(strategy="random", group_size=G, global_budget=4), q)
+    c.decide(b0.uids, b0.ids)
+    c.update()
+    asked = [u for u, _ in q.take_requests()]
+    for u in asked[:3]:
+        q.deliver(u, b0.gold[u])
+    q.fail(asked[3])
+    c.decide(b1.uids, b1.ids)  # refund seen: the freed label is spent on b1
+    c.update()
+    assert c.store.spent()[0] == 4
+    q.deliver(asked[3], b0.gold[asked[3]])  # the annotator answers anyway
+    with pytest.warns(RuntimeWarning, match="refunded"):
+        d = c.decide(b2.uids, b2.ids)
+    assert d.metrics["budget/arrived"] == 0 and c.store.spent()[0] == 4
+    assert asked[3] not in c.store.get([asked[3]])
+    assert c.store.ledger([asked[3]])[asked[3]].status == "failed"
