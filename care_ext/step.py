@@ -136,7 +136,8 @@ class CareController:
             if logprobs is None:
                 raise ValueError(f"strategy {cfg.strategy!r} needs logprobs: per-rollout mean token "
                                  "log-prob [B, G], or token log-probs [B, G, T] with logprob_mask")
-            mean_prob = _mean_token_prob(logprobs, logprob_mask, B, G)
+            # strategies see CPU tensors (StepContext), whatever device the host's log-probs are on
+            mean_prob = _mean_token_prob(logprobs, logprob_mask, B, G).cpu()
             named["logprobs"] = mean_prob
         for name, t in named.items():
             fin = _finite_rows(t.reshape(B, -1)) if B else bad
@@ -147,7 +148,7 @@ class CareController:
                 if cfg.nonfinite == "error":
                     raise ValueError(f"{name} has NaN/Inf{' or negative values' if name == 'lengths' else ''} "
                                      f"in rows {rows[:10]}; fix the input or set nonfinite='drop'")
-                bad |= ~fin
+                bad |= ~fin.cpu()  # bad stays on the CPU; fin is on the input's device
         return uids, lengths, bad, mean_prob
 
     def _check_projected(self, projected, h_prompt, h_resp, B, G) -> dict:
@@ -422,9 +423,10 @@ class CareController:
         hp, hr = h_prompt.detach(), h_resp.detach()
         if bad.any():  # keep non-finite rows out of the kernels (they are dropped anyway)
             hp, hr = hp.clone(), hr.clone()
-            hp[bad], hr[bad] = 0, 0
+            hp[bad.to(hp.device)], hr[bad.to(hr.device)] = 0, 0
         hp, hr = hp.to(dev), hr.to(dev)
-        lens = torch.where(bad[:, None], torch.zeros_like(lengths), lengths).to(dev)
+        lens = lengths.to(dev)  # the host's lengths may be on any device; bad is on the CPU
+        lens = torch.where(bad.to(dev)[:, None], torch.zeros_like(lens), lens)
         if not self.strategy.regression:
             split = None
             if (cfg.first_layer_gemm != "float32" and projected is None and hp.is_cuda
