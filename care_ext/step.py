@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import uuid
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -57,6 +58,11 @@ class CareController:
             the cluster equal to ``label`` (-1 if none); ``payload`` is the host's per-prompt
             object given to decide. Default: the label is the id.
 
+    Attributes:
+        run_id: this run's id in the label store's ledger (random; saved in the checkpoint, so
+            a resumed run keeps it). Runs sharing one store file each have their own per-step
+            cap and "bought at this very step"; labels are shared (another run's are cached).
+
     Raises:
         SimulationOnlyError: a simulation-only strategy with a non-simulation oracle.
     """
@@ -75,6 +81,7 @@ class CareController:
         self.resolve_label = resolve_label or identity_label
         self.rng = torch.Generator().manual_seed(config.seed)
         self.step = 0
+        self.run_id = uuid.uuid4().hex
         self.trainer: ClassifierTrainer | None = None
         if self.strategy.learned and config.hidden_size is not None:
             self._build_trainer(config.hidden_size)
@@ -258,8 +265,11 @@ class CareController:
         # ---- row status -------------------------------------------------------------------
         known = self.store.get(uids)
         ledger = self.store.ledger(uids)
-        # a label stored at this very step is a purchase of a resumed rerun, not a cache hit
-        earlier = torch.tensor([u in known and known[u].step != t for u in uids], dtype=torch.bool)
+        # a label stored at this very step (of this run) is a purchase of a resumed rerun, not a
+        # cache hit; another run's step t is an earlier purchase like any other
+        run = self.run_id
+        earlier = torch.tensor([u in known and (known[u].step, known[u].run) != (t, run)
+                                for u in uids], dtype=torch.bool)
         pending_rows = [u not in known and u in ledger and ledger[u].status == "pending"
                         for u in uids]
         # a pending uid that neither the controller nor the oracle waits for any more (a crash
@@ -301,7 +311,8 @@ class CareController:
         new = [uids[i] for i in selected.nonzero().flatten().tolist()
                if uids[i] not in known and (uids[i] not in ledger or ledger[uids[i]].status == "failed")]
         kind = "async" if self.oracle.asynchronous else "sync"
-        charged = self.store.reserve(new, t, self.oracle.cost, kind, step_cap, cfg.global_budget)
+        charged = self.store.reserve(new, t, self.oracle.cost, kind, step_cap, cfg.global_budget,
+                                     run=run)
         index = {u: i for i, u in enumerate(uids)}
         ask = sorted({index[u] for u in charged} | set(retry))
         ok, failed, pending = self._ask(uids, payloads, ask, labels, t)
@@ -348,7 +359,7 @@ class CareController:
         # ---- metrics ------------------------------------------------------------------------
         mets = M.deployable(source, rewards, weight, gf.sizes, lengths if has_lengths else None,
                             reliability, ecag)
-        n_step, _ = self.store.spent(step=t)
+        n_step, _ = self.store.spent(step=t, run=run)
         n_all, cost_all = self.store.spent()
         mets.update({"budget/labels_step": float(n_step), "budget/labels_total": float(n_all),
                      "budget/cost_total": cost_all, "budget/cap_step": float(cap),
@@ -378,7 +389,8 @@ class CareController:
         t itself already charged, so a rerun of step t after a crash selects the same rows."""
         cap = step_cap
         if self.cfg.global_budget is not None:
-            cap = min(cap, max(0, self.cfg.global_budget - self.store.spent(exclude_step=t)[0]))
+            spent = self.store.spent(exclude_step=t, run=self.run_id)[0]
+            cap = min(cap, max(0, self.cfg.global_budget - spent))
         audit = self._audit_rows(buyable, cap)
         strat_buy = torch.zeros_like(buyable)
         if plan is not None and plan.score is not None:
@@ -516,7 +528,7 @@ class CareController:
             row = self.store.ledger([res.uid]).get(res.uid)
             if not self.store.put(res.uid, label, self.oracle.name,
                                   row.cost if row else self.oracle.cost, row.step if row else t,
-                                  only_charged=True):
+                                  only_charged=True, run=row.run if row else self.run_id):
                 warnings.warn(f"care_ext: oracle {type(self.oracle).__name__} delivered a label "
                               f"for {res.uid!r}, whose request was refunded or never charged; "
                               "ignored (it would exceed the budget)", RuntimeWarning)
@@ -565,7 +577,7 @@ class CareController:
     def state_dict(self) -> dict:
         """Everything needed to continue identically (the label store persists separately)."""
         return {
-            "version": 1, "config": self.config.to_dict(), "step": self.step,
+            "version": 1, "config": self.config.to_dict(), "step": self.step, "run": self.run_id,
             "rng": self.rng.get_state(), "need_update": self._need_update,
             "trainer": self.trainer.state_dict() if self.trainer is not None else None,
             "samples": [s.to_dict() for s in self._samples],
@@ -575,12 +587,14 @@ class CareController:
 
     def load_state_dict(self, sd: dict) -> None:
         """Restore a state; the strategy and group size must match this controller's config
-        (other fields, e.g. ``global_budget``, follow the current config)."""
+        (other fields, e.g. ``global_budget``, follow the current config). The run id comes
+        with it (a checkpoint from before run ids resumes the store's legacy run ``""``)."""
         saved = sd["config"]
         for key in ("strategy", "group_size"):
             if saved[key] != getattr(self.config, key):
                 raise ValueError(f"checkpoint has {key}={saved[key]!r}, this run {getattr(self.config, key)!r}")
         self.step, self._need_update = sd["step"], sd["need_update"]
+        self.run_id = sd.get("run", "")
         self.rng.set_state(sd["rng"])
         if sd["trainer"] is not None:
             self._build_trainer(sd["trainer"]["hidden_size"])

@@ -407,3 +407,49 @@ def test_a_late_label_for_a_refunded_request_is_ignored():
     assert d.metrics["budget/arrived"] == 0 and c.store.spent()[0] == 4
     assert asked[3] not in c.store.get([asked[3]])
     assert c.store.ledger([asked[3]])[asked[3]].status == "failed"
+
+
+def test_a_new_run_on_an_existing_store_has_its_own_step_cap_and_cache(tmp_path):
+    """Runs sharing one store file: a new controller starts at step 0 again, but run A's step-0
+    purchases neither fill run B's step-0 cap nor look like run C's own step-0 purchases."""
+    world = make_world(B=B, G=G, H=H)
+    b0, b1 = make_batch(world, 0), make_batch(world, 1)
+    gold = {**b0.gold, **b1.gold}
+    path = tmp_path / "labels.sqlite"
+    cfg = CareConfig(strategy="entropy", group_size=G, sim_metrics=False)
+    run_a = CareController(cfg, GoldOracle(gold), LabelStore(path))
+    d = run_a.decide(b0.uids, b0.ids)
+    run_a.update()
+    bought_a = [b0.uids[i] for i in (d.source == BOUGHT).nonzero().flatten().tolist()]
+    assert len(bought_a) == 4
+    run_b = CareController(cfg, GoldOracle(gold), LabelStore(path))
+    d = run_b.decide(b1.uids, b1.ids)
+    assert d.labels_bought == 4 and d.metrics["budget/labels_step"] == 4.0
+    cfg_c = CareConfig(strategy="random-mask", group_size=G, sim_metrics=False, seed=5)
+    run_c = CareController(cfg_c, GoldOracle(gold), LabelStore(path))
+    d = run_c.decide(b0.uids, b0.ids)
+    assert all(int(d.source[b0.uids.index(u)]) == CACHED for u in bought_a)
+    assert d.labels_bought == 4 and LabelStore(path).spent() == (12, 12.0)
+
+
+def test_a_version_1_store_is_migrated_in_place(tmp_path):
+    """A store written before run ids opens: its rows belong to the legacy run '' (the run of a
+    checkpoint without a run id), nothing is lost or charged again."""
+    path = tmp_path / "labels.sqlite"
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
+    db.execute("INSERT INTO meta VALUES ('schema', '1')")
+    db.execute("CREATE TABLE labels (uid TEXT PRIMARY KEY, label TEXT NOT NULL, source TEXT NOT "
+               "NULL, cost REAL NOT NULL, step INTEGER NOT NULL, time REAL NOT NULL)")
+    db.execute("CREATE TABLE ledger (uid TEXT PRIMARY KEY, status TEXT NOT NULL CHECK (status IN "
+               "('requested','pending','stored','failed')), step INTEGER NOT NULL, cost REAL NOT "
+               "NULL, kind TEXT NOT NULL, time REAL NOT NULL, attempts INTEGER NOT NULL)")
+    db.execute("INSERT INTO labels VALUES ('a', '42', 'gold', 1.0, 0, 0.0)")
+    db.execute("INSERT INTO ledger VALUES ('a', 'stored', 0, 1.0, 'sync', 0.0, 1)")
+    db.execute("INSERT INTO ledger VALUES ('b', 'requested', 0, 1.0, 'sync', 0.0, 1)")
+    db.close()
+    s = LabelStore(path)
+    assert s.get(["a"])["a"].label == 42 and s.get(["a"])["a"].run == ""
+    assert s.ledger(["b"])["b"].run == "" and s.spent() == (2, 2.0)
+    assert s.spent(step=0, run="") == (2, 2.0) and s.spent(step=0, run="other") == (0, 0.0)
+    assert s.reserve(["c", "d"], 0, 1.0, "sync", step_cap=3, global_cap=None, run="") == ["c"]
