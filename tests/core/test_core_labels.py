@@ -163,14 +163,14 @@ def test_callable_oracle_hung_calls_do_not_starve_later_requests():
             release.wait(10.0)
         return 7
 
-    o = CallableOracle(judge, retries=2, timeout_s=0.2, backoff_s=0, max_workers=2)
+    o = CallableOracle(judge, retries=2, timeout_s=0.4, backoff_s=0, max_workers=2)
     try:
         t0 = time.monotonic()
         res = list(o.request_many([("a", None), ("b", None)]))
         assert sorted((r.uid, r.status, r.label) for r in res) == [("a", "ok", 7), ("b", "ok", 7)]
         res = list(o.request_many([("c", None), ("d", None)]))  # the 4 hung calls still run
         assert [r.status for r in res] == ["ok", "ok"] and calls[0] == 8
-        assert time.monotonic() - t0 < 2.0
+        assert time.monotonic() - t0 < 2.5  # two timed-out tries per uid, then instant answers
     finally:
         release.set()
 
