@@ -45,7 +45,12 @@ class Decision:
         gold_ids: int64 [B]: gold answer id of BOUGHT/CACHED rows, -1 elsewhere (or no match).
         score: float32 [B]: the strategy's acquisition score (NaN where it has none).
         reliability: float32 [B] Stage-I P(majority correct) (CARE family), else None.
-        labels_bought: labels charged to the budget at this step.
+        labels_bought: rows whose source is BOUGHT: gold labels the oracle delivered for this
+            step's own rows, including free retries of a charge made at an earlier step (a crash
+            between "requested" and "stored") and labels stored by an interrupted run of this
+            step. Not the budget charge: an asynchronous request is charged now but counts 0
+            here (its label arrives later as CACHED); the charge of this step is
+            ``metrics["budget/labels_step"]``.
         metrics: dict[str, float]; keys ``sim/*`` read unbought gold (simulation only).
     """
 

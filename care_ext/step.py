@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import uuid
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -26,6 +27,7 @@ from . import ops
 from .config import CareConfig
 from .decision import BOUGHT, CACHED, DROPPED, TRUSTED, Decision
 from .labels import LabelStore, Oracle, OracleResult, SimulationOnlyError
+from .labels.store import json_safe
 from .projection import (FirstLayerProjection, ProjectedHidden, first_layer_projection, pad_columns,
                          padded_width, reduced_weights)
 from .replay import Sample
@@ -56,6 +58,11 @@ class CareController:
             the cluster equal to ``label`` (-1 if none); ``payload`` is the host's per-prompt
             object given to decide. Default: the label is the id.
 
+    Attributes:
+        run_id: this run's id in the label store's ledger (random; saved in the checkpoint, so
+            a resumed run keeps it). Runs sharing one store file each have their own per-step
+            cap and "bought at this very step"; labels are shared (another run's are cached).
+
     Raises:
         SimulationOnlyError: a simulation-only strategy with a non-simulation oracle.
     """
@@ -74,6 +81,7 @@ class CareController:
         self.resolve_label = resolve_label or identity_label
         self.rng = torch.Generator().manual_seed(config.seed)
         self.step = 0
+        self.run_id = uuid.uuid4().hex
         self.trainer: ClassifierTrainer | None = None
         if self.strategy.learned and config.hidden_size is not None:
             self._build_trainer(config.hidden_size)
@@ -135,7 +143,8 @@ class CareController:
             if logprobs is None:
                 raise ValueError(f"strategy {cfg.strategy!r} needs logprobs: per-rollout mean token "
                                  "log-prob [B, G], or token log-probs [B, G, T] with logprob_mask")
-            mean_prob = _mean_token_prob(logprobs, logprob_mask, B, G)
+            # strategies see CPU tensors (StepContext), whatever device the host's log-probs are on
+            mean_prob = _mean_token_prob(logprobs, logprob_mask, B, G).cpu()
             named["logprobs"] = mean_prob
         for name, t in named.items():
             fin = _finite_rows(t.reshape(B, -1)) if B else bad
@@ -146,7 +155,7 @@ class CareController:
                 if cfg.nonfinite == "error":
                     raise ValueError(f"{name} has NaN/Inf{' or negative values' if name == 'lengths' else ''} "
                                      f"in rows {rows[:10]}; fix the input or set nonfinite='drop'")
-                bad |= ~fin
+                bad |= ~fin.cpu()  # bad stays on the CPU; fin is on the input's device
         return uids, lengths, bad, mean_prob
 
     def _check_projected(self, projected, h_prompt, h_resp, B, G) -> dict:
@@ -256,10 +265,20 @@ class CareController:
         # ---- row status -------------------------------------------------------------------
         known = self.store.get(uids)
         ledger = self.store.ledger(uids)
-        # a label stored at this very step is a purchase of a resumed rerun, not a cache hit
-        earlier = torch.tensor([u in known and known[u].step != t for u in uids], dtype=torch.bool)
-        waiting = torch.tensor([u not in known and u in ledger and ledger[u].status == "pending"
+        # a label stored at this very step (of this run) is a purchase of a resumed rerun, not a
+        # cache hit; another run's step t is an earlier purchase like any other
+        run = self.run_id
+        earlier = torch.tensor([u in known and (known[u].step, known[u].run) != (t, run)
                                 for u in uids], dtype=torch.bool)
+        pending_rows = [u not in known and u in ledger and ledger[u].status == "pending"
+                        for u in uids]
+        # a pending uid that neither the controller nor the oracle waits for any more (a crash
+        # after the request, a resume from an older checkpoint) is asked again, free of charge
+        open_at_oracle = self.oracle.outstanding() if any(pending_rows) else None
+        lost = torch.tensor([p and open_at_oracle is not None and u not in self._awaiting
+                             and u not in open_at_oracle for p, u in zip(pending_rows, uids)],
+                            dtype=torch.bool)
+        waiting = torch.tensor(pending_rows, dtype=torch.bool) & ~lost
         cached = earlier & ~bad if cfg.use_cached_labels else torch.zeros(B, dtype=torch.bool)
         fresh = ~bad & ~waiting & ~cached
         buyable = fresh & ~earlier
@@ -267,9 +286,12 @@ class CareController:
         gold_cache: dict[str, Tensor] = {}
 
         def gold_ids() -> Tensor:
-            if "g" not in gold_cache:
+            if "g" not in gold_cache:  # peek None = no gold for that uid: id -1, not resolved
+                peeked = [self.oracle.peek(u, p) for u, p in zip(uids, payloads)]
+                gold_cache["known"] = torch.tensor([g is not None for g in peeked],
+                                                   dtype=torch.bool)
                 gold_cache["g"] = torch.tensor(
-                    [self._resolve(self.oracle.peek(u, p), p) for u, p in zip(uids, payloads)],
+                    [-1 if g is None else self._resolve(g, p) for g, p in zip(peeked, payloads)],
                     dtype=torch.long)
             return gold_cache["g"]
 
@@ -285,11 +307,12 @@ class CareController:
         # ---- ledger and oracle ------------------------------------------------------------
         labels: dict[str, Any] = {u: known[u].label for u in uids if u in known}
         retry = [i for i, u in enumerate(uids) if fresh[i] and u not in known and u in ledger
-                 and ledger[u].status == "requested"]
+                 and (ledger[u].status == "requested" or bool(lost[i]))]
         new = [uids[i] for i in selected.nonzero().flatten().tolist()
                if uids[i] not in known and (uids[i] not in ledger or ledger[uids[i]].status == "failed")]
         kind = "async" if self.oracle.asynchronous else "sync"
-        charged = self.store.reserve(new, t, self.oracle.cost, kind, step_cap, cfg.global_budget)
+        charged = self.store.reserve(new, t, self.oracle.cost, kind, step_cap, cfg.global_budget,
+                                     run=run)
         index = {u: i for i, u in enumerate(uids)}
         ask = sorted({index[u] for u in charged} | set(retry))
         ok, failed, pending = self._ask(uids, payloads, ask, labels, t)
@@ -336,7 +359,7 @@ class CareController:
         # ---- metrics ------------------------------------------------------------------------
         mets = M.deployable(source, rewards, weight, gf.sizes, lengths if has_lengths else None,
                             reliability, ecag)
-        n_step, _ = self.store.spent(step=t)
+        n_step, _ = self.store.spent(step=t, run=run)
         n_all, cost_all = self.store.spent()
         mets.update({"budget/labels_step": float(n_step), "budget/labels_total": float(n_all),
                      "budget/cost_total": cost_all, "budget/cap_step": float(cap),
@@ -344,8 +367,14 @@ class CareController:
                      "budget/waiting": float(int(waiting.sum())), "budget/arrived": float(arrivals)})
         self._audit_metrics(mets, audit & labelled, ids_c, gold, gf.rank)
         if self.oracle.simulation and cfg.sim_metrics and B:
-            mets.update(M.simulation(source, rewards, ctx.true_rewards(), ctx.majority_correct(),
-                                     ctx.true_cag(), fresh, strat_buy & bought_now))
+            gold_ids()
+            k = gold_cache["known"]  # rows without gold have no truth to measure against
+            if bool((~k).any()):
+                mets["sim/no_gold"] = float(int((~k).sum()))
+            if bool(k.any()):
+                mets.update(M.simulation(source[k], rewards[k], ctx.true_rewards()[k],
+                                         ctx.majority_correct()[k], ctx.true_cag()[k], fresh[k],
+                                         (strat_buy & bought_now)[k]))
         score = plan.score.float().clone() if plan is not None and plan.score is not None \
             else torch.full((B,), math.nan)
 
@@ -360,7 +389,8 @@ class CareController:
         t itself already charged, so a rerun of step t after a crash selects the same rows."""
         cap = step_cap
         if self.cfg.global_budget is not None:
-            cap = min(cap, max(0, self.cfg.global_budget - self.store.spent(exclude_step=t)[0]))
+            spent = self.store.spent(exclude_step=t, run=self.run_id)[0]
+            cap = min(cap, max(0, self.cfg.global_budget - spent))
         audit = self._audit_rows(buyable, cap)
         strat_buy = torch.zeros_like(buyable)
         if plan is not None and plan.score is not None:
@@ -405,9 +435,10 @@ class CareController:
         hp, hr = h_prompt.detach(), h_resp.detach()
         if bad.any():  # keep non-finite rows out of the kernels (they are dropped anyway)
             hp, hr = hp.clone(), hr.clone()
-            hp[bad], hr[bad] = 0, 0
+            hp[bad.to(hp.device)], hr[bad.to(hr.device)] = 0, 0
         hp, hr = hp.to(dev), hr.to(dev)
-        lens = torch.where(bad[:, None], torch.zeros_like(lengths), lengths).to(dev)
+        lens = lengths.to(dev)  # the host's lengths may be on any device; bad is on the CPU
+        lens = torch.where(bad.to(dev)[:, None], torch.zeros_like(lens), lens)
         if not self.strategy.regression:
             split = None
             if (cfg.first_layer_gemm != "float32" and projected is None and hp.is_cuda
@@ -451,7 +482,11 @@ class CareController:
             mets["audit/pseudo_label_acc"] = self._audit[0] / self._audit[1]
 
     def _ask(self, uids, payloads, rows, labels, t) -> tuple[list[int], list[int], list[int]]:
-        """Call the oracle for those rows; store what arrives. Returns (ok, failed, pending) rows."""
+        """Call the oracle for those rows; store what arrives. Returns (ok, failed, pending) rows.
+
+        A uid counts as answered only once its result is recorded: a result the store cannot
+        record (e.g. a label ``json`` refuses) is refunded and dropped with a warning, and the
+        remaining results of the step are still taken."""
         ok, failed, pending = [], [], []
         if not rows:
             return ok, failed, pending
@@ -461,9 +496,20 @@ class CareController:
             for res in self.oracle.request_many([(uids[i], payloads[i]) for i in rows]):
                 if res.uid not in index or res.uid in answered:
                     continue
+                try:
+                    recorded = self._record(res, t, labels)
+                except Exception as exc:  # noqa: BLE001 - one bad label must not leak its charge
+                    labels.pop(res.uid, None)
+                    self.store.release(res.uid)
+                    answered.add(res.uid)
+                    failed.append(index[res.uid])
+                    warnings.warn(f"care_ext: the label of {res.uid!r} from oracle "
+                                  f"{type(self.oracle).__name__} could not be stored ({exc!r}); "
+                                  "the prompt is dropped and its charge refunded", RuntimeWarning)
+                    continue
                 answered.add(res.uid)
-                self._record(res, t, labels)
-                {"ok": ok, "failed": failed, "pending": pending}.get(res.status, failed).append(index[res.uid])
+                by_status = {"ok": ok, "failed": failed, "pending": pending}
+                by_status.get(res.status if recorded else "failed", failed).append(index[res.uid])
         except Exception as exc:  # noqa: BLE001 - a broken oracle drops the rest, uncharged
             warnings.warn(f"care_ext: oracle {type(self.oracle).__name__} raised {exc!r}; the "
                           "prompts it did not answer are dropped and not charged", RuntimeWarning)
@@ -473,22 +519,32 @@ class CareController:
                 failed.append(i)
         return ok, failed, pending
 
-    def _record(self, res: OracleResult, t: int, labels: dict) -> None:
+    def _record(self, res: OracleResult, t: int, labels: dict) -> bool:
+        """Store an 'ok' label / refund a failure. False: an 'ok' label for a uid whose charge
+        was refunded (or never made) - ignored, since storing it would be a label bought past
+        the caps; re-buy it through a new request."""
         if res.status == "ok":
+            label = json_safe(res.label)  # the value the store gives back at later steps
             row = self.store.ledger([res.uid]).get(res.uid)
-            self.store.put(res.uid, res.label, self.oracle.name,
-                           row.cost if row else self.oracle.cost, row.step if row else t)
-            labels[res.uid] = res.label
+            if not self.store.put(res.uid, label, self.oracle.name,
+                                  row.cost if row else self.oracle.cost, row.step if row else t,
+                                  only_charged=True, run=row.run if row else self.run_id):
+                warnings.warn(f"care_ext: oracle {type(self.oracle).__name__} delivered a label "
+                              f"for {res.uid!r}, whose request was refunded or never charged; "
+                              "ignored (it would exceed the budget)", RuntimeWarning)
+                return False
+            labels[res.uid] = label
         elif res.status != "pending":
             self.store.release(res.uid)
+        return True
 
     def _poll(self) -> int:
         """Store asynchronous labels that arrived; queue their samples for the next update."""
         n = 0
         for res in self.oracle.poll(self.step):
-            self._record(res, self.step, {})
+            recorded = self._record(res, self.step, {})
             parts = self._awaiting.pop(res.uid, None)
-            if res.status == "ok":
+            if res.status == "ok" and recorded:
                 n += 1
                 if parts is not None and self.trainer is not None:
                     self._samples.append(_make_sample(parts[0], self._resolve(res.label, parts[1])))
@@ -521,7 +577,7 @@ class CareController:
     def state_dict(self) -> dict:
         """Everything needed to continue identically (the label store persists separately)."""
         return {
-            "version": 1, "config": self.config.to_dict(), "step": self.step,
+            "version": 1, "config": self.config.to_dict(), "step": self.step, "run": self.run_id,
             "rng": self.rng.get_state(), "need_update": self._need_update,
             "trainer": self.trainer.state_dict() if self.trainer is not None else None,
             "samples": [s.to_dict() for s in self._samples],
@@ -531,12 +587,14 @@ class CareController:
 
     def load_state_dict(self, sd: dict) -> None:
         """Restore a state; the strategy and group size must match this controller's config
-        (other fields, e.g. ``global_budget``, follow the current config)."""
+        (other fields, e.g. ``global_budget``, follow the current config). The run id comes
+        with it (a checkpoint from before run ids resumes the store's legacy run ``""``)."""
         saved = sd["config"]
         for key in ("strategy", "group_size"):
             if saved[key] != getattr(self.config, key):
                 raise ValueError(f"checkpoint has {key}={saved[key]!r}, this run {getattr(self.config, key)!r}")
         self.step, self._need_update = sd["step"], sd["need_update"]
+        self.run_id = sd.get("run", "")
         self.rng.set_state(sd["rng"])
         if sd["trainer"] is not None:
             self._build_trainer(sd["trainer"]["hidden_size"])

@@ -16,7 +16,6 @@ label *is* the answer id, which holds when answer ids are stable, e.g. integer a
 from __future__ import annotations
 
 import concurrent.futures as cf
-import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -65,16 +64,25 @@ class Oracle:
         return []
 
     def peek(self, uid: str, payload: Any) -> Any:
-        """The gold label without buying it (simulation only)."""
+        """The gold label without buying it (simulation only); None: this uid has no gold."""
         raise SimulationOnlyError(
             f"{type(self).__name__} is not a simulation oracle: reading the gold of an unbought "
             "prompt is only possible in simulation (GoldOracle)")
 
+    def outstanding(self) -> set[str] | None:
+        """Asynchronous oracles: uids requested whose result :meth:`poll` has not returned yet
+        (delivered-but-unpolled ones included). The controller re-requests, free of charge, a
+        'pending' uid that neither it nor the oracle still waits for (a crash lost the request,
+        or a resume from a checkpoint older than it). None (the default): not tracked, such a
+        uid is never re-requested."""
+        return None
+
     def state_dict(self) -> dict:
+        """The oracle's own state, saved inside the controller's checkpoint."""
         return {}
 
     def load_state_dict(self, sd: dict) -> None:
-        pass
+        """Restore :meth:`state_dict`."""
 
 
 class GoldOracle(Oracle):
@@ -101,7 +109,13 @@ class GoldOracle(Oracle):
             return OracleResult(uid, "failed", error=f"no gold for uid {uid!r}")
 
     def peek(self, uid: str, payload: Any) -> Any:
-        return self._get(uid, payload)
+        """The gold label without buying it, or None when the dataset has no gold for ``uid``
+        (a missing key, as :meth:`request` treats it: the controller reads it as gold id -1 and
+        leaves the row out of the ``sim/*`` metrics)."""
+        try:
+            return self._get(uid, payload)
+        except KeyError:
+            return None
 
 
 class CallableOracle(Oracle):
@@ -109,9 +123,10 @@ class CallableOracle(Oracle):
 
     Each request is tried up to ``1 + retries`` times; a try that raises or exceeds ``timeout_s``
     (measured off the main thread, so it works inside Ray actors and worker threads) counts as a
-    failure, and ``backoff_s * 2**attempt`` seconds pass before the next. A timed-out call cannot
-    be killed: its thread finishes in the background and its result is ignored. Requests of one
-    step run on ``max_workers`` threads.
+    failure, and ``backoff_s * 2**attempt`` seconds pass before the next. Every try runs on its
+    own daemon thread and only the call itself is timed: a timed-out call cannot be killed, its
+    thread finishes in the background and its result is ignored, but it holds no slot that later
+    requests wait for. Requests of one step run ``max_workers`` at a time.
     """
 
     name = "callable"
@@ -121,22 +136,31 @@ class CallableOracle(Oracle):
                  name: str = "callable") -> None:
         self.fn, self.retries, self.timeout_s, self.backoff_s = fn, retries, timeout_s, backoff_s
         self.cost, self.max_workers, self.name = cost, max_workers, name
-        self._pool = cf.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="care-oracle")
 
     def _once(self, uid: str, payload: Any) -> Any:
-        def timed():
-            t0 = time.monotonic()
-            value = self.fn(uid, payload)
-            return value, time.monotonic() - t0
+        out: dict[str, Any] = {}
+        done = threading.Event()
 
-        fut = self._pool.submit(timed)
-        value, took = fut.result(timeout=self.timeout_s)
+        def call() -> None:
+            t0 = time.monotonic()
+            try:
+                out["value"] = self.fn(uid, payload)
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+                out["error"] = exc
+            out["took"] = time.monotonic() - t0
+            done.set()
+
+        threading.Thread(target=call, name="care-oracle-call", daemon=True).start()
+        if not done.wait(self.timeout_s):
+            raise cf.TimeoutError()
+        if "error" in out:
+            raise out["error"]
         # A call that ran longer than timeout_s is a timeout even when this (waiting) thread only
         # looks after it finished (a loaded machine can deschedule it): the outcome must not
         # depend on when the waiter runs.
-        if took > self.timeout_s:
+        if out["took"] > self.timeout_s:
             raise cf.TimeoutError()
-        return value
+        return out["value"]
 
     def request(self, uid: str, payload: Any) -> OracleResult:
         err = ""
@@ -168,7 +192,13 @@ class QueueOracle(Oracle):
     request) and answers with :meth:`deliver` / :meth:`fail` from any thread. A prompt waiting
     for its label is DROPPED at the steps it appears in; when its label arrives it is stored
     (later epochs get it free) and trains the classifiers with the features of the step that
-    requested it.
+    requested it. A label delivered for a request that was refunded (:meth:`fail`) or never
+    made is ignored by the controller: it would be a label outside the budget.
+
+    Saved with the controller (:meth:`state_dict`): the open requests with their payloads and
+    the results delivered but not yet polled. After a restore, the open requests without a
+    result are handed out again (:meth:`take_requests`, ``on_request``): the annotator of the
+    old process may be gone; a late answer to the old hand-out is still taken.
     """
 
     asynchronous = True
@@ -176,39 +206,65 @@ class QueueOracle(Oracle):
 
     def __init__(self, on_request: Callable[[str, Any], None] | None = None, cost: float = 1.0) -> None:
         self.on_request, self.cost = on_request, cost
-        self._requests: queue.Queue = queue.Queue()
-        self._arrived: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._requests: list[tuple[str, Any]] = []  # not yet handed out
+        self._arrived: list[OracleResult] = []  # delivered, not yet polled
+        self._open: dict[str, Any] = {}  # uid -> payload: requested, result not yet polled
 
     def request(self, uid: str, payload: Any) -> OracleResult:
-        self._requests.put((uid, payload))
+        with self._lock:
+            self._open[uid] = payload
+            self._requests.append((uid, payload))
         if self.on_request is not None:
             self.on_request(uid, payload)
         return OracleResult(uid, "pending")
 
     def take_requests(self) -> list[tuple[str, Any]]:
         """Requests not yet handed out (annotator side)."""
-        out = []
-        while True:
-            try:
-                out.append(self._requests.get_nowait())
-            except queue.Empty:
-                return out
+        with self._lock:
+            out, self._requests = self._requests, []
+        return out
 
     def deliver(self, uid: str, label: Any) -> None:
         """A label arrived (thread-safe)."""
-        self._arrived.put(OracleResult(uid, "ok", label))
+        with self._lock:
+            self._arrived.append(OracleResult(uid, "ok", label))
 
     def fail(self, uid: str, error: str = "annotator gave up") -> None:
         """The annotator will not label this prompt: its charge is refunded."""
-        self._arrived.put(OracleResult(uid, "failed", error=error))
+        with self._lock:
+            self._arrived.append(OracleResult(uid, "failed", error=error))
 
     def poll(self, step: int) -> list[OracleResult]:
-        out = []
-        while True:
-            try:
-                out.append(self._arrived.get_nowait())
-            except queue.Empty:
-                return out
+        """Results delivered since the last poll, in order of arrival."""
+        with self._lock:
+            out, self._arrived = self._arrived, []
+            for res in out:
+                self._open.pop(res.uid, None)
+        return out
+
+    def outstanding(self) -> set[str]:
+        """Requested uids whose result was not polled yet."""
+        with self._lock:
+            return set(self._open)
+
+    def state_dict(self) -> dict:
+        """Open requests (uid, payload) and delivered-but-unpolled results."""
+        with self._lock:
+            return {"open": list(self._open.items()),
+                    "arrived": [(r.uid, r.status, r.label, r.error) for r in self._arrived]}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Restore :meth:`state_dict`; open requests without a result are handed out again."""
+        with self._lock:
+            self._open = dict(sd.get("open", []))
+            self._arrived = [OracleResult(*r) for r in sd.get("arrived", [])]
+            answered = {r.uid for r in self._arrived}
+            again = [(u, p) for u, p in self._open.items() if u not in answered]
+            self._requests = list(again)
+        if self.on_request is not None:
+            for u, p in again:
+                self.on_request(u, p)
 
 
 class DelayedGoldOracle(GoldOracle):
@@ -240,8 +296,15 @@ class DelayedGoldOracle(GoldOracle):
             self._due = [d for d in self._due if d[0] > step]
         return [OracleResult(u, "ok", lab) for _, u, lab in ready]
 
+    def outstanding(self) -> set[str]:
+        """Requested uids whose label is not due yet."""
+        with self._lock:
+            return {u for _, u, _ in self._due}
+
     def state_dict(self) -> dict:
+        """The labels not yet due and the last polled step."""
         return {"due": list(self._due), "step": self._step}
 
     def load_state_dict(self, sd: dict) -> None:
+        """Restore :meth:`state_dict`."""
         self._due, self._step = [tuple(d) for d in sd["due"]], sd["step"]

@@ -2,16 +2,23 @@
 
 Two tables:
 
-* ``labels(uid, label, source, cost, step, time)`` - every label ever obtained. ``label`` is the
-  oracle's answer as JSON text; a uid present here is never paid again (a later epoch gets it
-  free).
-* ``ledger(uid, status, step, cost, kind, time, attempts)`` - every paid request. A row is written
-  with status ``requested`` (synchronous oracle) or ``pending`` (asynchronous queue) *before* the
-  oracle is called, in the same transaction that checks the caps; it becomes ``stored`` in the
-  transaction that writes the label, or ``failed`` (cost refunded to 0) when the oracle gives
-  up. A crash between "requested" and "stored" leaves a ``requested`` row: the label counts as
-  paid, and a later request for that uid is a free retry. Charges are therefore never doubled and
-  the caps hold across crashes and resumes.
+* ``labels(uid, label, source, cost, step, time, run)`` - every label ever obtained. ``label``
+  is the oracle's answer as JSON text; a uid present here is never paid again (a later epoch,
+  or another run on the same file, gets it free).
+* ``ledger(uid, status, step, cost, kind, time, attempts, run)`` - every paid request. A row is
+  written with status ``requested`` (synchronous oracle) or ``pending`` (asynchronous queue)
+  *before* the oracle is called, in the same transaction that checks the caps; it becomes ``stored``
+  in the transaction that writes the label, or ``failed`` (cost refunded to 0) when the oracle gives
+  up. A crash between "requested" and "stored" leaves a ``requested`` row: the label counts as paid,
+  and a later request for that uid is a free retry (a ``pending`` row whose request the asynchronous
+  oracle no longer holds is retried the same way). Charges are therefore never doubled and the caps
+  hold across crashes and resumes. A label is stored for a refunded (``failed``) row only by a new
+  charged request, never by a late answer to the old one.
+
+``step`` is the index of the paying controller's decide call and ``run`` that controller's run
+id (saved in its checkpoint, so a resumed run keeps it): several runs can share one file, and
+the per-step cap and "bought at this very step" are per (run, step). Schema 1 files (without
+``run``) are migrated in place; their rows belong to run ``""``.
 """
 from __future__ import annotations
 
@@ -23,9 +30,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 CHARGED = ("requested", "pending", "stored")
 """Ledger statuses that count against the budget."""
+
+
+def json_safe(label: Any) -> Any:
+    """``label`` with numpy/torch scalars and arrays turned into Python values (``.item()`` /
+    ``.tolist()``), inside lists, tuples and dicts too, so that ``json.dumps`` accepts it.
+
+    A gold column read with pandas holds ``numpy.int64`` values, which ``json`` refuses; the
+    converted label is the one the store gives back later, so a caller that resolves the label
+    at the purchase step should resolve this value too.
+    """
+    if isinstance(label, (str, bytes, bool, int, float)) or label is None:
+        return label
+    if isinstance(label, dict):
+        return {k: json_safe(v) for k, v in label.items()}
+    if isinstance(label, (list, tuple)):
+        items = [json_safe(v) for v in label]
+        return items if isinstance(label, list) else tuple(items)
+    if getattr(label, "ndim", None) == 0 and callable(getattr(label, "item", None)):
+        return label.item()  # numpy scalar, 0-d array or tensor
+    if callable(getattr(label, "tolist", None)):
+        return label.tolist()  # numpy array, tensor
+    return label
 
 
 class LabelStoreError(RuntimeError):
@@ -41,32 +70,44 @@ class StoredLabel:
     cost: float
     step: int
     time: float
+    run: str = ""
 
 
 @dataclass(frozen=True)
 class LedgerRow:
-    """A paid request: status in requested/pending/stored/failed, the step that paid it."""
+    """A paid request: status in requested/pending/stored/failed, the run and step that paid."""
 
     status: str
     step: int
     cost: float
     kind: str
+    run: str = ""
 
 
 class LabelStore:
     """SQLite label store + ledger. ``path=":memory:"`` keeps it in memory (tests, dry runs).
 
+    Args:
+        path: the SQLite file (created if absent; its directory must exist).
+        timeout_s: how long to wait for another connection's lock before giving up.
+
     Raises:
-        LabelStoreError: when the file is not a healthy care_ext store (it is never replaced
-            silently: move it aside or restore a backup).
+        LabelStoreError: the file's directory does not exist, the file cannot be opened or is
+            locked by another writer, or it is not a healthy care_ext store (a corrupted or
+            foreign file is never replaced silently: move it aside or restore a backup).
     """
 
-    def __init__(self, path: str | Path = ":memory:") -> None:
+    def __init__(self, path: str | Path = ":memory:", timeout_s: float = 30.0) -> None:
         self.path = str(path)
         self._lock = threading.RLock()
+        parent = Path(self.path).parent
+        if self.path != ":memory:" and not self.path.startswith("file:") and not parent.is_dir():
+            # not created here: a missing run directory is more often a typo than an intent
+            raise LabelStoreError(f"label store {self.path!r}: its directory {str(parent)!r} does "
+                                  "not exist; create it first (or fix the path)")
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
-                                       timeout=30.0)
+                                       timeout=timeout_s)
             ok = self._db.execute("PRAGMA quick_check").fetchone()[0]
             if ok != "ok":
                 raise sqlite3.DatabaseError(f"quick_check: {ok}")
@@ -74,6 +115,14 @@ class LabelStore:
                 self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._create()
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise LabelStoreError(
+                    f"label store {self.path!r} is locked by another connection or process "
+                    f"(waited {timeout_s} s: {exc}); stop the other writer or use another "
+                    "store file") from exc
+            raise LabelStoreError(f"label store {self.path!r} cannot be opened ({exc}); check "
+                                  "the path and its permissions") from exc
         except sqlite3.DatabaseError as exc:
             raise LabelStoreError(
                 f"label store {self.path!r} is corrupted or not a care_ext SQLite store ({exc}); "
@@ -85,17 +134,25 @@ class LabelStore:
             self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS labels (uid TEXT PRIMARY KEY, label TEXT NOT NULL, "
-                "source TEXT NOT NULL, cost REAL NOT NULL, step INTEGER NOT NULL, time REAL NOT NULL)")
+                "source TEXT NOT NULL, cost REAL NOT NULL, step INTEGER NOT NULL, "
+                "time REAL NOT NULL, run TEXT NOT NULL DEFAULT '')")
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS ledger (uid TEXT PRIMARY KEY, status TEXT NOT NULL "
                 "CHECK (status IN ('requested','pending','stored','failed')), step INTEGER NOT NULL, "
-                "cost REAL NOT NULL, kind TEXT NOT NULL, time REAL NOT NULL, attempts INTEGER NOT NULL)")
-            self._db.execute("CREATE INDEX IF NOT EXISTS ledger_step ON ledger(step)")
+                "cost REAL NOT NULL, kind TEXT NOT NULL, time REAL NOT NULL, "
+                "attempts INTEGER NOT NULL, run TEXT NOT NULL DEFAULT '')")
             row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
             if row is None:
                 self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+            elif row[0] == "1":  # before run ids: every existing row is the legacy run ''
+                for table in ("labels", "ledger"):
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN run TEXT NOT NULL DEFAULT ''")
+                self._db.execute("UPDATE meta SET value = ? WHERE key = 'schema'",
+                                 (SCHEMA_VERSION,))
             elif row[0] != SCHEMA_VERSION:
                 raise sqlite3.DatabaseError(f"schema version {row[0]}, expected {SCHEMA_VERSION}")
+            self._db.execute("CREATE INDEX IF NOT EXISTS ledger_step ON ledger(step)")
+            self._db.execute("CREATE INDEX IF NOT EXISTS ledger_run_step ON ledger(run, step)")
 
     class _Tx:
         def __init__(self, store: "LabelStore") -> None:
@@ -132,22 +189,37 @@ class LabelStore:
 
     def get(self, uids: Iterable[str]) -> dict[str, StoredLabel]:
         """Stored labels of those uids that have one."""
-        return {u: StoredLabel(json.loads(lab), src, c, st, t)
-                for u, lab, src, c, st, t in self._select("labels", "label, source, cost, step, time", uids)}
+        cols = "label, source, cost, step, time, run"
+        return {u: StoredLabel(json.loads(lab), src, c, st, t, r)
+                for u, lab, src, c, st, t, r in self._select("labels", cols, uids)}
 
     def ledger(self, uids: Iterable[str]) -> dict[str, LedgerRow]:
         """Ledger rows of those uids that were ever requested."""
-        return {u: LedgerRow(s, st, c, k)
-                for u, s, st, c, k in self._select("ledger", "status, step, cost, kind", uids)}
+        cols = "status, step, cost, kind, run"
+        return {u: LedgerRow(s, st, c, k, r)
+                for u, s, st, c, k, r in self._select("ledger", cols, uids)}
 
-    def spent(self, step: int | None = None, exclude_step: int | None = None) -> tuple[int, float]:
-        """(labels, cost) charged: in total, at one ``step``, or at every step but ``exclude_step``."""
+    def spent(self, step: int | None = None, exclude_step: int | None = None,
+              run: str | None = None) -> tuple[int, float]:
+        """(labels, cost) charged: in total, at one ``step``, or at every step but ``exclude_step``.
+
+        With ``run``, a step means that run's step: ``step`` counts (run, step) only, and
+        ``exclude_step`` leaves out (run, exclude_step) only (every other run's charges count);
+        ``run`` alone counts that run's charges.
+        """
         q = f"SELECT COUNT(*), COALESCE(SUM(cost), 0) FROM ledger WHERE status IN {CHARGED}"
         args: tuple = ()
         if step is not None:
             q, args = q + " AND step = ?", (step,)
+            if run is not None:
+                q, args = q + " AND run = ?", (step, run)
         elif exclude_step is not None:
-            q, args = q + " AND step != ?", (exclude_step,)
+            if run is None:
+                q, args = q + " AND step != ?", (exclude_step,)
+            else:
+                q, args = q + " AND NOT (step = ? AND run = ?)", (exclude_step, run)
+        elif run is not None:
+            q, args = q + " AND run = ?", (run,)
         with self._lock:
             n, c = self._db.execute(q, args).fetchone()
         return int(n), float(c)
@@ -167,20 +239,20 @@ class LabelStore:
 
     # --- writes ----------------------------------------------------------------------------------
     def reserve(self, uids: list[str], step: int, cost_each: float, kind: str,
-                step_cap: int, global_cap: int | None) -> list[str]:
+                step_cap: int, global_cap: int | None, run: str = "") -> list[str]:
         """Charge new requests, in order, while both caps allow; returns the uids charged.
 
         A uid with a charged ledger row or a stored label is never charged again (it is skipped
         here; the caller retries it for free). ``kind`` is 'sync' (status requested) or 'async'
-        (status pending). Caps: labels charged at ``step`` <= step_cap and, if given, labels
-        charged in total <= global_cap.
+        (status pending). Caps: labels charged at ``step`` of ``run`` <= step_cap and, if given,
+        labels charged in total (every run of the file) <= global_cap.
         """
         status = "pending" if kind == "async" else "requested"
         now = time.time()
         taken: list[str] = []
         with self._tx() as db:
-            n_step = db.execute(f"SELECT COUNT(*) FROM ledger WHERE status IN {CHARGED} AND step = ?",
-                                (step,)).fetchone()[0]
+            n_step = db.execute(f"SELECT COUNT(*) FROM ledger WHERE status IN {CHARGED} "
+                                "AND step = ? AND run = ?", (step, run)).fetchone()[0]
             n_all = db.execute(f"SELECT COUNT(*) FROM ledger WHERE status IN {CHARGED}").fetchone()[0]
             for u in uids:
                 if n_step >= step_cap or (global_cap is not None and n_all >= global_cap):
@@ -190,20 +262,32 @@ class LabelStore:
                         "SELECT 1 FROM labels WHERE uid = ?", (u,)).fetchone():
                     continue
                 attempts = (row[1] if row else 0) + 1
-                db.execute("INSERT OR REPLACE INTO ledger VALUES (?, ?, ?, ?, ?, ?, ?)",
-                           (u, status, step, float(cost_each), kind, now, attempts))
+                db.execute("INSERT OR REPLACE INTO ledger (uid, status, step, cost, kind, time, "
+                           "attempts, run) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                           (u, status, step, float(cost_each), kind, now, attempts, run))
                 taken.append(u)
                 n_step += 1
                 n_all += 1
         return taken
 
-    def put(self, uid: str, label: Any, source: str, cost: float, step: int) -> None:
-        """Store a label (JSON-serialisable) and mark its ledger row stored, atomically."""
-        text = json.dumps(label)
+    def put(self, uid: str, label: Any, source: str, cost: float, step: int,
+            only_charged: bool = False, run: str = "") -> bool:
+        """Store a label (JSON-serialisable after :func:`json_safe`) and mark its ledger row
+        stored, atomically. With ``only_charged``, a uid whose ledger row is not charged
+        (refunded 'failed', or no row at all) is left alone and False returned: a late label for
+        a refunded request would otherwise become a charge past the caps. ``run`` and ``step``:
+        the run and step that paid for it."""
+        text = json.dumps(json_safe(label))
         with self._tx() as db:
-            db.execute("INSERT OR REPLACE INTO labels VALUES (?, ?, ?, ?, ?, ?)",
-                       (uid, text, source, float(cost), int(step), time.time()))
+            if only_charged:
+                row = db.execute("SELECT status FROM ledger WHERE uid = ?", (uid,)).fetchone()
+                if row is None or row[0] not in CHARGED:
+                    return False
+            db.execute("INSERT OR REPLACE INTO labels (uid, label, source, cost, step, time, run) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (uid, text, source, float(cost), int(step), time.time(), run))
             db.execute("UPDATE ledger SET status = 'stored' WHERE uid = ?", (uid,))
+        return True
 
     def release(self, uid: str) -> None:
         """The oracle gave up on a charged request: mark it failed and refund its cost."""

@@ -10,6 +10,7 @@ from core_synth import make_batch, make_world
 
 from care_ext import ops
 from care_ext.config import CareConfig
+from care_ext.decision import DROPPED
 from care_ext.labels import GoldOracle
 from care_ext.step import CareController
 
@@ -21,13 +22,43 @@ def test_care_on_cuda_runs_decide_and_update():
     gold = {u: g for b in batches for u, g in b.gold.items()}
     ctl = CareController(CareConfig(strategy="care", group_size=8, device="cuda", warmup_steps=1),
                          GoldOracle(gold))
-    for b in batches:
-        kw = {k: v.cuda() if k != "lengths" else v for k, v in b.kwargs().items()}
+    for s, b in enumerate(batches):  # lengths on the CPU at even steps, on the GPU at odd ones
+        kw = {k: v.cuda() if k != "lengths" or s % 2 else v for k, v in b.kwargs().items()}
         d = ctl.decide(b.uids, b.ids, **kw)
         assert d.labels_bought == 7  # ceil(0.2 * 32)
         assert torch.isfinite(d.weight).all()
         losses = ctl.update()
         assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_every_input_on_the_gpu_with_a_dropped_nan_row(device):
+    """The host hands ids, lengths and hidden states on the GPU, one row NaN under
+    nonfinite='drop': decide keeps its masks with the tensors they meet (the CPU ``bad`` mask
+    met GPU lengths in torch.where, and GPU finiteness rows in ``bad |= ~fin``), with the
+    classifiers on either device."""
+    world = make_world(B=32, G=8, H=16, seed=1)
+    b = make_batch(world, 0, seed=1)
+    kw = {k: v.cuda() for k, v in b.kwargs().items()}
+    kw["h_resp"][3, 0, 0] = float("nan")
+    cfg = CareConfig(strategy="care", group_size=8, device=device, warmup_steps=1,
+                     nonfinite="drop")
+    ctl = CareController(cfg, GoldOracle(b.gold))
+    d = ctl.decide(b.uids, b.ids.cuda(), **kw)
+    assert int(d.source[3]) == DROPPED and d.labels_bought == 7
+    ctl.update()
+
+
+@pytest.mark.cuda
+def test_prob_strategy_with_log_probs_on_the_gpu():
+    """Prob ranks on the mean token probability: GPU log-probs must not leak a GPU score into
+    the CPU selection."""
+    b = make_batch(make_world(B=32, G=8, H=16, seed=1), 0, seed=1)
+    ctl = CareController(CareConfig(strategy="prob", group_size=8), GoldOracle(b.gold))
+    lp = -torch.rand(32, 8, generator=torch.Generator().manual_seed(0))
+    d = ctl.decide(b.uids, b.ids, logprobs=lp.cuda())
+    assert d.labels_bought == 7
 
 
 def test_class_weights_follow_the_label_device():

@@ -5,6 +5,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -51,6 +52,30 @@ def test_corrupted_store_file_is_a_clear_error(tmp_path):
     bad.write_text("hello, I am a text file" * 100)
     with pytest.raises(LabelStoreError):
         LabelStore(bad)
+
+
+def test_store_in_a_missing_directory_names_the_directory(tmp_path):
+    """A typo in the run directory is not reported as a corrupted store."""
+    missing = tmp_path / "no_such_dir"
+    with pytest.raises(LabelStoreError, match="directory") as err:
+        LabelStore(missing / "labels.sqlite")
+    assert str(missing) in str(err.value) and "corrupted" not in str(err.value)
+    assert not missing.exists()
+
+
+def test_locked_store_says_locked_not_corrupted(tmp_path):
+    path = tmp_path / "labels.sqlite"
+    LabelStore(path).close()
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    try:
+        with pytest.raises(LabelStoreError, match="locked") as err:
+            LabelStore(path, timeout_s=0.05)
+        assert "corrupted" not in str(err.value)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    LabelStore(path, timeout_s=0.05).close()  # free again: opens
 
 
 def test_sigkill_between_requested_and_stored_then_resume(tmp_path):
@@ -122,6 +147,32 @@ def test_callable_oracle_retries_then_succeeds_and_failures_are_dropped_uncharge
                        CallableOracle(slow, retries=0, timeout_s=0.02, max_workers=8))
     d = c.decide(b.uids, b.ids)
     assert (d.source == DROPPED).all() and c.store.spent() == (0, 0.0)
+
+
+def test_callable_oracle_hung_calls_do_not_starve_later_requests():
+    """The judge hangs on its first 4 calls, then answers at once. With max_workers=2, the two
+    hung first tries must not hold the slots the retries (and later requests) need: only the
+    call itself is timed, never a wait for a free thread."""
+    release, lock, calls = threading.Event(), threading.Lock(), [0]
+
+    def judge(uid, payload):
+        with lock:
+            calls[0] += 1
+            hang = calls[0] <= 4
+        if hang:
+            release.wait(10.0)
+        return 7
+
+    o = CallableOracle(judge, retries=2, timeout_s=0.4, backoff_s=0, max_workers=2)
+    try:
+        t0 = time.monotonic()
+        res = list(o.request_many([("a", None), ("b", None)]))
+        assert sorted((r.uid, r.status, r.label) for r in res) == [("a", "ok", 7), ("b", "ok", 7)]
+        res = list(o.request_many([("c", None), ("d", None)]))  # the 4 hung calls still run
+        assert [r.status for r in res] == ["ok", "ok"] and calls[0] == 8
+        assert time.monotonic() - t0 < 2.5  # two timed-out tries per uid, then instant answers
+    finally:
+        release.set()
 
 
 def test_an_oracle_that_raises_drops_its_prompts_uncharged():
@@ -202,3 +253,203 @@ def test_audit_slice_estimates_pseudo_label_accuracy_without_bias():
     assert d.metrics["audit/n_total"] == n
     assert d.metrics["audit/pseudo_label_acc"] == pytest.approx(n_ok / n)
     assert abs(d.metrics["audit/pseudo_label_acc"] - 0.6) < 0.15  # p_wrong = 0.4 in the batches
+
+
+def test_a_label_the_store_cannot_record_is_refunded_and_the_step_goes_on():
+    """A label json refuses (here a set) fails its own row only: refunded, warned as such, and
+    the other purchases of the step are still made and stored."""
+    b = _gold_batch()
+    gold = dict(b.gold)
+    c0 = CareController(CareConfig(strategy="entropy", group_size=G, sim_metrics=False),
+                        GoldOracle(gold))
+    first = c0.decide(b.uids, b.ids)  # which rows entropy buys (deterministic)
+    bought = [b.uids[i] for i in (first.source == BOUGHT).nonzero().flatten().tolist()]
+    assert len(bought) == 4
+    gold[bought[0]] = {1, 2}  # not JSON-serialisable
+    c = CareController(CareConfig(strategy="entropy", group_size=G, sim_metrics=False),
+                       GoldOracle(gold))
+    with pytest.warns(RuntimeWarning, match="refunded"):
+        d = c.decide(b.uids, b.ids)
+    assert int(d.source[b.uids.index(bought[0])]) == DROPPED and d.labels_bought == 3
+    led = c.store.ledger(bought)
+    assert led[bought[0]].status == "failed" and led[bought[0]].cost == 0.0
+    assert all(led[u].status == "stored" for u in bought[1:])
+    assert c.store.spent() == (3, 3.0) and len(c.store) == 3
+
+
+def test_numpy_scalar_labels_are_stored_as_python_values():
+    """A gold column from pandas holds numpy.int64: bought, stored, and read back as int."""
+    np = pytest.importorskip("numpy")
+    b = _gold_batch()
+    gold = {u: np.int64(g) for u, g in b.gold.items()}
+    cfg = CareConfig(strategy="entropy", group_size=G, sim_metrics=False)
+    c = CareController(cfg, GoldOracle(gold))
+    d = c.decide(b.uids, b.ids)
+    assert d.labels_bought == 4 and c.store.spent() == (4, 4.0)
+    got = c.store.get(b.uids)
+    assert len(got) == 4
+    assert all(type(s.label) is int and s.label == b.gold[u] for u, s in got.items())
+
+
+@pytest.mark.parametrize("strategy", ["gt", "entropy", "oracle"])
+@pytest.mark.parametrize("as_callable", [False, True])
+def test_a_prompt_without_gold_is_dropped_and_left_out_of_sim_metrics(strategy, as_callable):
+    """One uid has no gold (a dict without it, or a callable that raises KeyError as the OpenRLHF
+    runner's ``GoldOracle(lambda uid, p: gold_by_uid[uid])`` does): decide with the default
+    sim_metrics runs, that prompt is refunded if bought, and sim/* are computed on the others."""
+    b = _gold_batch()
+    gold = {u: g for u, g in b.gold.items() if u != b.uids[0]}
+    oracle = GoldOracle((lambda uid, payload: gold[uid]) if as_callable else gold)
+    assert oracle.peek(b.uids[0], None) is None and oracle.peek(b.uids[1], None) == gold[b.uids[1]]
+    c = CareController(CareConfig(strategy=strategy, group_size=G), oracle)
+    d = c.decide(b.uids, b.ids)
+    assert int(d.source[0]) in (DROPPED, TRUSTED) and int(d.gold_ids[0]) == -1
+    row = c.store.ledger([b.uids[0]]).get(b.uids[0])
+    assert row is None or (row.status == "failed" and row.cost == 0.0)
+    assert d.metrics["sim/no_gold"] == 1.0
+    assert d.metrics["sim/label_acc"] == pytest.approx(float(b.majority_correct[1:].float().mean()))
+    if strategy == "gt":
+        assert int(d.source[0]) == DROPPED and d.labels_bought == B - 1
+        assert c.store.spent() == (B - 1, B - 1.0)
+
+
+def test_labels_bought_counts_bought_rows_not_the_charge():
+    """As Decision documents: an async purchase is charged now but counts 0 in labels_bought;
+    a free retry of an earlier step's charge counts 1 while this step is charged nothing."""
+    b = _gold_batch()
+    c = CareController(CareConfig(strategy="entropy-mask", group_size=G),
+                       DelayedGoldOracle(b.gold, 1))
+    d = c.decide(b.uids, b.ids)
+    assert d.labels_bought == 0 and d.metrics["budget/labels_step"] == 4.0
+    s = LabelStore(":memory:")
+    assert s.reserve([b.uids[3]], 0, 1.0, "sync", 2, None) == [b.uids[3]]  # then a crash
+    c = CareController(CareConfig(strategy="ttrl", group_size=G), GoldOracle(b.gold), s)
+    c.step = 1
+    d = c.decide(b.uids, b.ids)
+    assert d.labels_bought == 1 == int((d.source == BOUGHT).sum()) and int(d.source[3]) == BOUGHT
+    assert d.metrics["budget/labels_step"] == 0.0 and s.spent() == (1, 1.0)
+
+
+def test_async_pending_lost_in_a_crash_is_asked_again_free(tmp_path):
+    """Checkpoint, decide (async requests 'pending' in the ledger), crash before the next
+    checkpoint: the resumed run asks those uids again for free, and their labels arrive."""
+    b = _gold_batch()
+    path, ck = str(tmp_path / "s.sqlite"), str(tmp_path / "c.pt")
+    cfg = CareConfig(strategy="entropy-mask", group_size=G, sim_metrics=False)
+
+    def ctl():
+        return CareController(cfg, DelayedGoldOracle(b.gold, delay_steps=1), LabelStore(path))
+
+    a = ctl()
+    a.save(ck)
+    d = a.decide(b.uids, b.ids)
+    asked = [b.uids[i] for i in range(B) if b.uids[i] in a.store.ledger(b.uids)]
+    assert d.metrics["budget/pending"] == 4 and len(asked) == 4
+    del a  # crash: the oracle's queue is gone, the ledger keeps 4 pending charges
+    r = ctl()
+    r.load(ck)
+    d = r.decide(b.uids, b.ids)
+    r.update()
+    assert d.metrics["budget/waiting"] == 0 and d.metrics["budget/pending"] == 4
+    assert r.store.spent() == (4, 4.0)  # asked again, not charged again
+    d = r.decide(b.uids, b.ids)
+    r.update()
+    assert d.metrics["budget/arrived"] == 4
+    assert all(int(d.source[b.uids.index(u)]) == CACHED for u in asked)
+    assert all(s.status == "stored" for s in r.store.ledger(asked).values())
+
+
+def test_queue_oracle_saves_open_requests_and_delivered_labels(tmp_path):
+    """A label delivered before a clean save survives the restart; an open request without an
+    answer is handed out again by the restored oracle."""
+    b = _gold_batch()
+    path, ck = str(tmp_path / "s.sqlite"), str(tmp_path / "c.pt")
+    cfg = CareConfig(strategy="entropy-mask", group_size=G, sim_metrics=False)
+    q = QueueOracle()
+    a = CareController(cfg, q, LabelStore(path))
+    a.decide(b.uids, b.ids)
+    a.update()
+    asked = [u for u, _ in q.take_requests()]
+    assert len(asked) == 4
+    for u in asked[:3]:
+        q.deliver(u, b.gold[u])
+    a.save(ck)
+    a.store.close()
+    q2 = QueueOracle()
+    r = CareController(cfg, q2, LabelStore(path))
+    r.load(ck)
+    assert [u for u, _ in q2.take_requests()] == asked[3:] and q2.outstanding() == set(asked)
+    d = r.decide(b.uids, b.ids)
+    r.update()
+    assert d.metrics["budget/arrived"] == 3 and d.metrics["budget/waiting"] == 1
+    assert set(r.store.get(asked)) == set(asked[:3]) and r.store.spent(step=0) == (4, 4.0)
+
+
+def test_a_late_label_for_a_refunded_request_is_ignored():
+    """fail() refunds a charge; the annotator's late deliver() for it must not store a label
+    (and a 'stored' ledger row) past the global budget."""
+    world = make_world(B=B, G=G, H=H)
+    b0, b1, b2 = (make_batch(world, s) for s in range(3))
+    q = QueueOracle()
+    c = CareController(CareConfig(strategy="random", group_size=G, global_budget=4), q)
+    c.decide(b0.uids, b0.ids)
+    c.update()
+    asked = [u for u, _ in q.take_requests()]
+    for u in asked[:3]:
+        q.deliver(u, b0.gold[u])
+    q.fail(asked[3])
+    c.decide(b1.uids, b1.ids)  # refund seen: the freed label is spent on b1
+    c.update()
+    assert c.store.spent()[0] == 4
+    q.deliver(asked[3], b0.gold[asked[3]])  # the annotator answers anyway
+    with pytest.warns(RuntimeWarning, match="refunded"):
+        d = c.decide(b2.uids, b2.ids)
+    assert d.metrics["budget/arrived"] == 0 and c.store.spent()[0] == 4
+    assert asked[3] not in c.store.get([asked[3]])
+    assert c.store.ledger([asked[3]])[asked[3]].status == "failed"
+
+
+def test_a_new_run_on_an_existing_store_has_its_own_step_cap_and_cache(tmp_path):
+    """Runs sharing one store file: a new controller starts at step 0 again, but run A's step-0
+    purchases neither fill run B's step-0 cap nor look like run C's own step-0 purchases."""
+    world = make_world(B=B, G=G, H=H)
+    b0, b1 = make_batch(world, 0), make_batch(world, 1)
+    gold = {**b0.gold, **b1.gold}
+    path = tmp_path / "labels.sqlite"
+    cfg = CareConfig(strategy="entropy", group_size=G, sim_metrics=False)
+    run_a = CareController(cfg, GoldOracle(gold), LabelStore(path))
+    d = run_a.decide(b0.uids, b0.ids)
+    run_a.update()
+    bought_a = [b0.uids[i] for i in (d.source == BOUGHT).nonzero().flatten().tolist()]
+    assert len(bought_a) == 4
+    run_b = CareController(cfg, GoldOracle(gold), LabelStore(path))
+    d = run_b.decide(b1.uids, b1.ids)
+    assert d.labels_bought == 4 and d.metrics["budget/labels_step"] == 4.0
+    cfg_c = CareConfig(strategy="random-mask", group_size=G, sim_metrics=False, seed=5)
+    run_c = CareController(cfg_c, GoldOracle(gold), LabelStore(path))
+    d = run_c.decide(b0.uids, b0.ids)
+    assert all(int(d.source[b0.uids.index(u)]) == CACHED for u in bought_a)
+    assert d.labels_bought == 4 and LabelStore(path).spent() == (12, 12.0)
+
+
+def test_a_version_1_store_is_migrated_in_place(tmp_path):
+    """A store written before run ids opens: its rows belong to the legacy run '' (the run of a
+    checkpoint without a run id), nothing is lost or charged again."""
+    path = tmp_path / "labels.sqlite"
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
+    db.execute("INSERT INTO meta VALUES ('schema', '1')")
+    db.execute("CREATE TABLE labels (uid TEXT PRIMARY KEY, label TEXT NOT NULL, source TEXT NOT "
+               "NULL, cost REAL NOT NULL, step INTEGER NOT NULL, time REAL NOT NULL)")
+    db.execute("CREATE TABLE ledger (uid TEXT PRIMARY KEY, status TEXT NOT NULL CHECK (status IN "
+               "('requested','pending','stored','failed')), step INTEGER NOT NULL, cost REAL NOT "
+               "NULL, kind TEXT NOT NULL, time REAL NOT NULL, attempts INTEGER NOT NULL)")
+    db.execute("INSERT INTO labels VALUES ('a', '42', 'gold', 1.0, 0, 0.0)")
+    db.execute("INSERT INTO ledger VALUES ('a', 'stored', 0, 1.0, 'sync', 0.0, 1)")
+    db.execute("INSERT INTO ledger VALUES ('b', 'requested', 0, 1.0, 'sync', 0.0, 1)")
+    db.close()
+    s = LabelStore(path)
+    assert s.get(["a"])["a"].label == 42 and s.get(["a"])["a"].run == ""
+    assert s.ledger(["b"])["b"].run == "" and s.spent() == (2, 2.0)
+    assert s.spent(step=0, run="") == (2, 2.0) and s.spent(step=0, run="other") == (0, 0.0)
+    assert s.reserve(["c", "d"], 0, 1.0, "sync", step_cap=3, global_cap=None, run="") == ["c"]
