@@ -21,7 +21,9 @@ import torch
 
 from care_ext.answers import get_task
 
-from .labels import parse_label
+# Absolute imports only: OpenRLHF loads this file as a top-level module named "reward_func"
+# (importlib.util.spec_from_file_location in openrlhf/utils/agent.py), so it has no package.
+from care_ext.integrations.openrlhf.labels import parse_label
 
 
 def grade(response: str, label, prompt: str = "") -> float:
