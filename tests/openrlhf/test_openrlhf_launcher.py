@@ -48,6 +48,29 @@ def test_stock_flag_checks(extra, msg):
     assert any("KL" in n for n in notes) and any("dynamic_filtering" in n for n in notes)
 
 
+def test_kl_warning_covers_the_stock_default():
+    """No --algo.kl.init_coef means OpenRLHF's default (0.01 in 0.11.2's train_ppo_ray.py, with
+    --algo.kl.use_loss off): the KL penalty is in the reward, so the launcher warns."""
+    import importlib.util
+    import re
+
+    no_kl_flags = GRPO[:-1]  # GRPO without --algo.kl.use_loss
+    notes = check_stock_flags(no_kl_flags, OpenRLHFCareOptions())
+    assert any("KL is in the reward" in n for n in notes)
+    assert not any("KL" in n for n in check_stock_flags(no_kl_flags + ["--algo.kl.init_coef", "0"],
+                                                        OpenRLHFCareOptions()))
+    assert not any("KL" in n for n in check_stock_flags(GRPO, OpenRLHFCareOptions()))
+    # the launcher's idea of the stock defaults is the installed parser's
+    from care_ext.integrations.openrlhf.cli import STOCK_KL_INIT_COEF
+
+    with open(importlib.util.find_spec("openrlhf.cli.train_ppo_ray").origin) as f:
+        src = f.read()
+    default = re.search(r'"--algo\.kl\.init_coef", type=float, default=([0-9.e-]+)', src)
+    assert default and float(default.group(1)) == STOCK_KL_INIT_COEF > 0
+    use_loss = re.search(r'"--algo\.kl\.use_loss", action="store_true", default=(\w+)', src)
+    assert use_loss and use_loss.group(1) == "False"
+
+
 def test_help_runs_the_stock_cli_through_runpy():
     r = subprocess.run([sys.executable, "-m", "care_ext.integrations.openrlhf", "--care.strategy", "ttrl", "--help"],
                        capture_output=True, text=True, timeout=300, cwd="/")

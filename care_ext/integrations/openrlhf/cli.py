@@ -18,6 +18,9 @@ from .config import OpenRLHFCareOptions, care_argument_parser, parse_care_args, 
 
 STOCK_MODULE = "openrlhf.cli.train_ppo_ray"
 GROUP_ESTIMATORS = ("group_norm", "dr_grpo", "rloo", "reinforce_baseline")
+STOCK_KL_INIT_COEF = 0.01
+"""OpenRLHF 0.11.2's default ``--algo.kl.init_coef`` (train_ppo_ray.py); ``--algo.kl.use_loss``
+defaults to off, so a launch without either flag puts the KL penalty in the reward."""
 
 
 def _flag_value(argv: list[str], name: str):
@@ -50,7 +53,8 @@ def check_stock_flags(argv: list[str], options: OpenRLHFCareOptions) -> list[str
         notes.append("--algo.dynamic_filtering_enable filters prompts on the reward function's score "
                       "before CARE sees them (it reads gold labels and removes prompts CARE never decides)")
     kl = _flag_value(argv, "--algo.kl.init_coef")
-    if kl not in (None, True) and float(kl) > 0 and not _flag_value(argv, "--algo.kl.use_loss"):
+    kl = STOCK_KL_INIT_COEF if kl in (None, True) else float(kl)
+    if kl > 0 and not _flag_value(argv, "--algo.kl.use_loss"):
         notes.append("KL is in the reward (--algo.kl.use_loss off): CARE's prompt weights scale the KL "
                      "penalty too; use --algo.kl.use_loss for exact weights")
     if options.drop_mode == "remove":
