@@ -11,7 +11,7 @@ from care_ext.integrations.openrlhf.cli import check_stock_flags
 from care_ext.integrations.openrlhf.config import OpenRLHFCareOptions, parse_care_args, split_care_argv
 
 GRPO = ["--algo.advantage.estimator", "group_norm", "--rollout.n_samples_per_prompt", "8",
-        "--data.label_key", "label", "--algo.kl.use_loss"]
+        "--data.label_key", "label", "--reward.remote_url", "reward_func.py", "--algo.kl.use_loss"]
 
 
 def test_split_and_parse_care_flags():
@@ -69,6 +69,42 @@ def test_kl_warning_covers_the_stock_default():
     assert default and float(default.group(1)) == STOCK_KL_INIT_COEF > 0
     use_loss = re.search(r'"--algo\.kl\.use_loss", action="store_true", default=(\w+)', src)
     assert use_loss and use_loss.group(1) == "False"
+
+
+def _without(argv, flag):
+    i = argv.index(flag)
+    return argv[:i] + argv[i + 2:]
+
+
+def test_launch_without_a_reward_source_is_rejected():
+    """No --reward.remote_url / --train.agent_func_path / --reward.model_name_or_path: OpenRLHF
+    builds a reward-model actor group that never loads a model (train_ppo_ray.py), and the run
+    would fail only after a whole generation round. The launcher stops before anything starts."""
+    import importlib.util
+
+    from care_ext.integrations.openrlhf.cli import main
+
+    no_reward = _without(GRPO, "--reward.remote_url")
+    with pytest.raises(SystemExit, match="--reward.remote_url"):
+        check_stock_flags(no_reward, OpenRLHFCareOptions())
+    with pytest.raises(SystemExit, match="reward_func.py"):
+        main(no_reward + ["--care.strategy", "ttrl"], stock_module="no_such_module_is_ever_run")
+    with pytest.raises(SystemExit, match="--reward.remote_url"):
+        check_stock_flags(no_reward + ["--reward.remote_url="], OpenRLHFCareOptions())
+    assert check_stock_flags(no_reward + ["--reward.remote_url=http://rm:5000/get_reward"],
+                             OpenRLHFCareOptions()) == []
+    assert check_stock_flags(no_reward + ["--train.agent_func_path", "agent.py"],
+                             OpenRLHFCareOptions()) == []
+    notes = check_stock_flags(no_reward + ["--reward.model_name_or_path", "rm"],
+                              OpenRLHFCareOptions())
+    assert len(notes) == 1 and "reward model" in notes[0]
+    # the alternatives are the installed OpenRLHF's: a reward-model group unless remote_url is set,
+    # which --train.agent_func_path sets to "agent"; the group loads a model only when one is named
+    with open(importlib.util.find_spec("openrlhf.cli.train_ppo_ray").origin) as f:
+        src = f.read()
+    assert "if not args.reward.remote_url:\n        reward_model = RayActorGroup(" in src
+    assert 'if args.train.agent_func_path:\n        args.reward.remote_url = "agent"' in src
+    assert "if reward_model is not None and args.reward.model_name_or_path:" in src
 
 
 def test_help_runs_the_stock_cli_through_runpy():
