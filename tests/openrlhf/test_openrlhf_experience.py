@@ -209,6 +209,22 @@ def test_drop_mode_remove_keeps_whole_optimizer_steps(tok, clusterer, tmp_path, 
     assert (len(out) // dp) % gas == 0
 
 
+def test_drop_mode_docstring_states_what_remove_keeps():
+    """The ``drop_mode`` option's docstring (the flag's reference in the code) names the
+    granularity the test above checks: whole ``--train.batch_size`` steps, not DP x micro."""
+    import ast
+    import inspect
+
+    from care_ext.integrations.openrlhf import config
+
+    body = ast.parse(inspect.getsource(config.OpenRLHFCareOptions)).body[0].body
+    doc = next(body[i + 1].value.value for i, node in enumerate(body)
+               if isinstance(node, ast.AnnAssign) and node.target.id == "drop_mode")
+    text = " ".join(doc.split())
+    assert "multiple of ``--train.batch_size``" in text
+    assert "divisible by DP ranks x ``--train.micro_batch_size``" not in text
+
+
 def test_drop_mode_remove_rejects_a_train_batch_that_dp_cannot_split(tok, clusterer, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="not a multiple of DP ranks 2"):
         _remove_batch(tok, clusterer, tmp_path, monkeypatch, _args(dp=2, train_micro=2, train_batch=6))

@@ -60,8 +60,10 @@ class OpenRLHFCareOptions:
     drop_mode: str = "zero"
     """DROPPED prompts: ``zero`` = advantage 0, rows stay in the batch (paper behaviour; they still
     count in the token-mean loss normaliser and cost a backward pass); ``remove`` = the rows leave
-    the training batch (only as many zero-weight rows stay as are needed to keep the batch
-    divisible by DP ranks x ``--train.micro_batch_size``)."""
+    the training batch down to whole optimizer steps: only as many zero-weight rows stay as make
+    the row count a multiple of ``--train.batch_size`` (one optimizer step, all DP ranks), so
+    nothing leaves when one step is the whole rollout (``--train.batch_size`` = rollout.batch_size
+    x G); the rows are repacked into experiences of ``--train.micro_batch_size`` rows."""
     feature_dtype: str = "native"
     """dtype the policy workers ship captured hidden states in: ``native`` (the model's, bf16 in
     training), ``float32`` or ``bfloat16`` (cast on the GPU before the copy to the CPU)."""
