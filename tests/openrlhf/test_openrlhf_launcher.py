@@ -107,6 +107,19 @@ def test_launch_without_a_reward_source_is_rejected():
     assert "if reward_model is not None and args.reward.model_name_or_path:" in src
 
 
+def test_capture_off_with_a_learned_strategy_is_rejected_at_launch():
+    """The CARE family decides on hidden states: --care.capture off with it would pass the launch
+    and fail at the first step's decide(), after a whole generation round."""
+    from care_ext.integrations.openrlhf.cli import main
+
+    with pytest.raises(ValueError, match="--care.capture off, but --care.strategy care"):
+        parse_care_args(["--care.capture", "off"])  # the default strategy is care
+    with pytest.raises(ValueError, match="--care.capture off"):
+        main(GRPO + ["--care.capture", "off"], stock_module="no_such_module_is_ever_run")
+    assert parse_care_args(["--care.capture", "off", "--care.strategy", "ttrl"]).capture == "off"
+    assert parse_care_args(["--care.capture", "on"]).needs_hidden_states()
+
+
 def test_help_runs_the_stock_cli_through_runpy():
     r = subprocess.run([sys.executable, "-m", "care_ext.integrations.openrlhf", "--care.strategy", "ttrl", "--help"],
                        capture_output=True, text=True, timeout=300, cwd="/")
