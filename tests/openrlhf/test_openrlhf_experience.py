@@ -307,3 +307,19 @@ def test_group_with_mixed_uids_is_rejected(tok, clusterer, tmp_path):
     exps = _after_forward(maker.split_rollout_samples(raw))
     with pytest.raises(ValueError, match="different uids"):
         runner.decide(exps, None)
+
+
+def test_prompt_repeated_in_one_batch_is_a_clear_error(tok, clusterer, tmp_path):
+    """A prompt filling two groups of one rollout batch (OpenRLHF's --data.prompt_probs blending
+    repeats rows; so does repeated prompt data): the adapter names the uid, the groups and the
+    causes before the core's bare 'duplicate prompt uids' error (the launcher refuses blending)."""
+    opts = OpenRLHFCareOptions(core={"strategy": "ttrl"})
+    runner = CareRunner(opts, G, tok, str(tmp_path), clusterer=clusterer)
+    maker = _maker(tok, _args(), runner)
+    raw = _rollouts(tok)
+    for s in raw[2 * G:]:  # the third group is a second copy of the first prompt
+        s.labels, s.prompts = list(raw[0].labels), list(raw[0].prompts)
+    exps = _after_forward(maker.split_rollout_samples(raw))
+    msg = r"uid 'p0' fills two groups .*groups 0 and 2.*prompt_probs"
+    with pytest.raises(ValueError, match=msg):
+        runner.decide(exps, None)

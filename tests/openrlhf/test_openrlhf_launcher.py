@@ -120,6 +120,26 @@ def test_capture_off_with_a_learned_strategy_is_rejected_at_launch():
     assert parse_care_args(["--care.capture", "on"]).needs_hidden_states()
 
 
+def test_prompt_blending_is_rejected_at_launch():
+    """--data.prompt_probs over several datasets: OpenRLHF's interleave_datasets(stopping_strategy=
+    'all_exhausted') repeats rows of the smaller ones, and a prompt twice in one rollout batch
+    stops CARE's step. One dataset with probabilities, or several without, read each row once."""
+    from datasets import Dataset, interleave_datasets
+
+    small = Dataset.from_dict({"uid": ["a0", "a1"]})
+    big = Dataset.from_dict({"uid": [f"b{i}" for i in range(8)]})
+    blended = interleave_datasets([small, big], probabilities=[0.5, 0.5], seed=0,
+                                  stopping_strategy="all_exhausted")["uid"]
+    assert len(list(blended)) > len(set(blended))  # the stock blend repeats rows
+
+    blend = ["--data.prompt_dataset", "a.jsonl,b.jsonl", "--data.prompt_probs", "0.5,0.5"]
+    with pytest.raises(SystemExit, match="--data.prompt_probs"):
+        check_stock_flags(GRPO + blend, OpenRLHFCareOptions())
+    assert check_stock_flags(GRPO + blend[:2], OpenRLHFCareOptions()) == []
+    one = ["--data.prompt_dataset", "a.jsonl", "--data.prompt_probs", "1.0"]
+    assert check_stock_flags(GRPO + one, OpenRLHFCareOptions()) == []
+
+
 def test_help_runs_the_stock_cli_through_runpy():
     r = subprocess.run([sys.executable, "-m", "care_ext.integrations.openrlhf", "--care.strategy", "ttrl", "--help"],
                        capture_output=True, text=True, timeout=300, cwd="/")

@@ -63,6 +63,16 @@ def check_stock_flags(argv: list[str], options: OpenRLHFCareOptions) -> list[str
             "--train.agent_func_path / --reward.model_name_or_path. Without any of them OpenRLHF "
             "builds a reward-model actor that never loads a model, and the run fails after its "
             "first generation round")
+    datasets = _flag_value(argv, "--data.prompt_dataset")
+    if (_flag_value(argv, "--data.prompt_probs") not in (None, True)
+            and isinstance(datasets, str) and "," in datasets):
+        raise SystemExit(
+            "CARE cannot take --data.prompt_probs with several --data.prompt_dataset: OpenRLHF "
+            "blends them with interleave_datasets(stopping_strategy='all_exhausted'), which "
+            "repeats rows of the smaller datasets, and two copies of one prompt in a rollout batch "
+            "stop the step (CARE decides each prompt once per step). Blend and de-duplicate the "
+            "prompts into one file beforehand, or list the datasets without --data.prompt_probs "
+            "(concatenated, each row once)")
     notes = []
     if reward_sources == ["--reward.model_name_or_path"]:
         notes.append("rewards from a reward model (--reward.model_name_or_path): CARE overwrites "

@@ -74,8 +74,8 @@ def regroup(experiences: Sequence[Any], group_size: int, tokenizer, task: str = 
         features: one :class:`CapturedFeatures` per experience, in order, or None.
 
     Raises:
-        ValueError: a prompt without exactly G rows, rows of one group with different uids,
-            features that do not belong to these sequences.
+        ValueError: a prompt without exactly G rows, rows of one group with different uids, one
+            uid in two groups, features that do not belong to these sequences.
     """
     G = group_size
     if features is not None and len(features) != len(experiences):
@@ -119,6 +119,7 @@ def regroup(experiences: Sequence[Any], group_size: int, tokenizer, task: str = 
                 raise ValueError(f"rows of prompt group {g} carry different uids ({lab.uid!r}, {other.uid!r})")
         labels.append(lab)
         prompts.append(e0.prompts[r0] if e0.prompts else "")
+    _check_unique_uids(groups, labels)
     flat = [kr for w in where for kr in w]
     texts = tokenizer.batch_decode([token_rows[kr] for kr in flat], skip_special_tokens=True) if flat else []
     responses = [texts[i * G:(i + 1) * G] for i in range(len(where))]
@@ -129,6 +130,24 @@ def regroup(experiences: Sequence[Any], group_size: int, tokenizer, task: str = 
         hp = torch.stack([h_p[w[0]] for w in where])
         hr = torch.stack([torch.stack([h_r[kr] for kr in w]) for w in where])
     return StepBatch(where, labels, prompts, responses, lengths, hp, hr)
+
+
+def _check_unique_uids(groups: list[int], labels: list[PromptLabel]) -> None:
+    """Raise a ValueError naming the cause when one prompt uid fills two groups of a batch.
+
+    The CARE core decides each prompt once per step (one label, one purchase), so a repeat
+    cannot be decided; say where repeats come from instead of the core's bare message.
+    """
+    first: dict[str, int] = {}
+    for g, lab in zip(groups, labels):
+        if lab.uid in first:
+            raise ValueError(
+                f"prompt uid {lab.uid!r} fills two groups of this rollout batch (rollout groups "
+                f"{first[lab.uid]} and {g}); CARE decides each prompt once per step. Repeats come "
+                "from --data.prompt_probs blending (interleave_datasets with stopping_strategy="
+                "'all_exhausted' repeats rows of the smaller datasets) or repeated rows / uids in "
+                "the prompt data: blend and de-duplicate the data beforehand (docs/openrlhf.md)")
+        first[lab.uid] = g
 
 
 def answer_ids_by_task(clusterer: AnswerClusterer, batch: StepBatch, with_gold: bool) -> tuple[Tensor, Tensor]:
