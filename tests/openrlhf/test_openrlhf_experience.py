@@ -209,6 +209,22 @@ def test_drop_mode_remove_keeps_whole_optimizer_steps(tok, clusterer, tmp_path, 
     assert (len(out) // dp) % gas == 0
 
 
+def test_drop_mode_docstring_states_what_remove_keeps():
+    """The ``drop_mode`` option's docstring (the flag's reference in the code) names the
+    granularity the test above checks: whole ``--train.batch_size`` steps, not DP x micro."""
+    import ast
+    import inspect
+
+    from care_ext.integrations.openrlhf import config
+
+    body = ast.parse(inspect.getsource(config.OpenRLHFCareOptions)).body[0].body
+    doc = next(body[i + 1].value.value for i, node in enumerate(body)
+               if isinstance(node, ast.AnnAssign) and node.target.id == "drop_mode")
+    text = " ".join(doc.split())
+    assert "multiple of ``--train.batch_size``" in text
+    assert "divisible by DP ranks x ``--train.micro_batch_size``" not in text
+
+
 def test_drop_mode_remove_rejects_a_train_batch_that_dp_cannot_split(tok, clusterer, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="not a multiple of DP ranks 2"):
         _remove_batch(tok, clusterer, tmp_path, monkeypatch, _args(dp=2, train_micro=2, train_batch=6))
@@ -290,4 +306,20 @@ def test_group_with_mixed_uids_is_rejected(tok, clusterer, tmp_path):
     raw[1].labels = [json.dumps({"uid": "other", "answer": "3"})]
     exps = _after_forward(maker.split_rollout_samples(raw))
     with pytest.raises(ValueError, match="different uids"):
+        runner.decide(exps, None)
+
+
+def test_prompt_repeated_in_one_batch_is_a_clear_error(tok, clusterer, tmp_path):
+    """A prompt filling two groups of one rollout batch (OpenRLHF's --data.prompt_probs blending
+    repeats rows; so does repeated prompt data): the adapter names the uid, the groups and the
+    causes before the core's bare 'duplicate prompt uids' error (the launcher refuses blending)."""
+    opts = OpenRLHFCareOptions(core={"strategy": "ttrl"})
+    runner = CareRunner(opts, G, tok, str(tmp_path), clusterer=clusterer)
+    maker = _maker(tok, _args(), runner)
+    raw = _rollouts(tok)
+    for s in raw[2 * G:]:  # the third group is a second copy of the first prompt
+        s.labels, s.prompts = list(raw[0].labels), list(raw[0].prompts)
+    exps = _after_forward(maker.split_rollout_samples(raw))
+    msg = r"uid 'p0' fills two groups .*groups 0 and 2.*prompt_probs"
+    with pytest.raises(ValueError, match=msg):
         runner.decide(exps, None)

@@ -11,7 +11,7 @@ from care_ext.integrations.openrlhf.cli import check_stock_flags
 from care_ext.integrations.openrlhf.config import OpenRLHFCareOptions, parse_care_args, split_care_argv
 
 GRPO = ["--algo.advantage.estimator", "group_norm", "--rollout.n_samples_per_prompt", "8",
-        "--data.label_key", "label", "--algo.kl.use_loss"]
+        "--data.label_key", "label", "--reward.remote_url", "reward_func.py", "--algo.kl.use_loss"]
 
 
 def test_split_and_parse_care_flags():
@@ -46,6 +46,98 @@ def test_stock_flag_checks(extra, msg):
     notes = check_stock_flags(GRPO[:-1] + ["--algo.kl.init_coef", "0.01", "--algo.dynamic_filtering_enable"],
                               OpenRLHFCareOptions())
     assert any("KL" in n for n in notes) and any("dynamic_filtering" in n for n in notes)
+
+
+def test_kl_warning_covers_the_stock_default():
+    """No --algo.kl.init_coef means OpenRLHF's default (0.01 in 0.11.2's train_ppo_ray.py, with
+    --algo.kl.use_loss off): the KL penalty is in the reward, so the launcher warns."""
+    import importlib.util
+    import re
+
+    no_kl_flags = GRPO[:-1]  # GRPO without --algo.kl.use_loss
+    notes = check_stock_flags(no_kl_flags, OpenRLHFCareOptions())
+    assert any("KL is in the reward" in n for n in notes)
+    assert not any("KL" in n for n in check_stock_flags(no_kl_flags + ["--algo.kl.init_coef", "0"],
+                                                        OpenRLHFCareOptions()))
+    assert not any("KL" in n for n in check_stock_flags(GRPO, OpenRLHFCareOptions()))
+    # the launcher's idea of the stock defaults is the installed parser's
+    from care_ext.integrations.openrlhf.cli import STOCK_KL_INIT_COEF
+
+    with open(importlib.util.find_spec("openrlhf.cli.train_ppo_ray").origin) as f:
+        src = f.read()
+    default = re.search(r'"--algo\.kl\.init_coef", type=float, default=([0-9.e-]+)', src)
+    assert default and float(default.group(1)) == STOCK_KL_INIT_COEF > 0
+    use_loss = re.search(r'"--algo\.kl\.use_loss", action="store_true", default=(\w+)', src)
+    assert use_loss and use_loss.group(1) == "False"
+
+
+def _without(argv, flag):
+    i = argv.index(flag)
+    return argv[:i] + argv[i + 2:]
+
+
+def test_launch_without_a_reward_source_is_rejected():
+    """No --reward.remote_url / --train.agent_func_path / --reward.model_name_or_path: OpenRLHF
+    builds a reward-model actor group that never loads a model (train_ppo_ray.py), and the run
+    would fail only after a whole generation round. The launcher stops before anything starts."""
+    import importlib.util
+
+    from care_ext.integrations.openrlhf.cli import main
+
+    no_reward = _without(GRPO, "--reward.remote_url")
+    with pytest.raises(SystemExit, match="--reward.remote_url"):
+        check_stock_flags(no_reward, OpenRLHFCareOptions())
+    with pytest.raises(SystemExit, match="reward_func.py"):
+        main(no_reward + ["--care.strategy", "ttrl"], stock_module="no_such_module_is_ever_run")
+    with pytest.raises(SystemExit, match="--reward.remote_url"):
+        check_stock_flags(no_reward + ["--reward.remote_url="], OpenRLHFCareOptions())
+    assert check_stock_flags(no_reward + ["--reward.remote_url=http://rm:5000/get_reward"],
+                             OpenRLHFCareOptions()) == []
+    assert check_stock_flags(no_reward + ["--train.agent_func_path", "agent.py"],
+                             OpenRLHFCareOptions()) == []
+    notes = check_stock_flags(no_reward + ["--reward.model_name_or_path", "rm"],
+                              OpenRLHFCareOptions())
+    assert len(notes) == 1 and "reward model" in notes[0]
+    # the alternatives are the installed OpenRLHF's: a reward-model group unless remote_url is set,
+    # which --train.agent_func_path sets to "agent"; the group loads a model only when one is named
+    with open(importlib.util.find_spec("openrlhf.cli.train_ppo_ray").origin) as f:
+        src = f.read()
+    assert "if not args.reward.remote_url:\n        reward_model = RayActorGroup(" in src
+    assert 'if args.train.agent_func_path:\n        args.reward.remote_url = "agent"' in src
+    assert "if reward_model is not None and args.reward.model_name_or_path:" in src
+
+
+def test_capture_off_with_a_learned_strategy_is_rejected_at_launch():
+    """The CARE family decides on hidden states: --care.capture off with it would pass the launch
+    and fail at the first step's decide(), after a whole generation round."""
+    from care_ext.integrations.openrlhf.cli import main
+
+    with pytest.raises(ValueError, match="--care.capture off, but --care.strategy care"):
+        parse_care_args(["--care.capture", "off"])  # the default strategy is care
+    with pytest.raises(ValueError, match="--care.capture off"):
+        main(GRPO + ["--care.capture", "off"], stock_module="no_such_module_is_ever_run")
+    assert parse_care_args(["--care.capture", "off", "--care.strategy", "ttrl"]).capture == "off"
+    assert parse_care_args(["--care.capture", "on"]).needs_hidden_states()
+
+
+def test_prompt_blending_is_rejected_at_launch():
+    """--data.prompt_probs over several datasets: OpenRLHF's interleave_datasets(stopping_strategy=
+    'all_exhausted') repeats rows of the smaller ones, and a prompt twice in one rollout batch
+    stops CARE's step. One dataset with probabilities, or several without, read each row once."""
+    from datasets import Dataset, interleave_datasets
+
+    small = Dataset.from_dict({"uid": ["a0", "a1"]})
+    big = Dataset.from_dict({"uid": [f"b{i}" for i in range(8)]})
+    blended = interleave_datasets([small, big], probabilities=[0.5, 0.5], seed=0,
+                                  stopping_strategy="all_exhausted")["uid"]
+    assert len(list(blended)) > len(set(blended))  # the stock blend repeats rows
+
+    blend = ["--data.prompt_dataset", "a.jsonl,b.jsonl", "--data.prompt_probs", "0.5,0.5"]
+    with pytest.raises(SystemExit, match="--data.prompt_probs"):
+        check_stock_flags(GRPO + blend, OpenRLHFCareOptions())
+    assert check_stock_flags(GRPO + blend[:2], OpenRLHFCareOptions()) == []
+    one = ["--data.prompt_dataset", "a.jsonl", "--data.prompt_probs", "1.0"]
+    assert check_stock_flags(GRPO + one, OpenRLHFCareOptions()) == []
 
 
 def test_help_runs_the_stock_cli_through_runpy():

@@ -69,7 +69,7 @@ def test_trainer_saves_with_checkpoints_and_loads_on_resume(tok, clusterer, tmp_
     monkeypatch.setattr(stock, "save_logs_and_checkpoints", lambda self, *a, **k: saved_steps.append(a[0]))
     monkeypatch.setattr(stock, "init_checkpoint_states", lambda self: {"global_step": 2, "episode": 0})
     t = impl.__new__(impl)
-    t.args = NS(ckpt=NS(save_steps=2, max_num=1))
+    t.args = NS(ckpt=NS(save_steps=2, max_num=1, path=str(tmp_path)))  # no _actor folder
     t.care = _runner(tok, clusterer, tmp_path)
     _step(tok, t.care, seed=0)
     t.care.after_policy_update()
@@ -84,3 +84,39 @@ def test_trainer_saves_with_checkpoints_and_loads_on_resume(tok, clusterer, tmp_
     assert t.init_checkpoint_states()["global_step"] == 2
     assert t.care.controller.step == 1
     t.care.close()
+
+
+def test_every_resumable_checkpoint_has_its_care_state(tmp_path):
+    """OpenRLHF's real checkpoint path (helpers/ckpt_resume_run.py: the CARE trainer on
+    BasePPOTrainer's save/resume methods, PolicyModelActor.save_checkpoint, DeepspeedStrategy's
+    save_ckpt/load_ckpt on a one-rank CPU DeepSpeedEngine), four runs, each resumed afterwards:
+
+    * best-metric checkpoints (``best_global_step{N}``, saved with DeepSpeed's ``latest``) get
+      CARE's state too, so resuming from the newest (a best one) finds it;
+    * OpenRLHF evicts regular checkpoints by their stored metric, not by age; CARE keeps exactly
+      the states of the checkpoints OpenRLHF still holds, so rolling ``latest`` back to a kept
+      older checkpoint resumes CARE at that step;
+    * async mode's lagging eval (the best tag names the eval step, the state is the current one).
+    """
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    helper = Path(__file__).resolve().parent / "helpers" / "ckpt_resume_run.py"
+    out = tmp_path / "out.json"
+    r = subprocess.run([sys.executable, str(helper), str(out), str(tmp_path)], capture_output=True,
+                       text=True, timeout=540, cwd=str(tmp_path), check=False)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    res = json.loads(out.read_text())
+    expected = {"best_is_latest": ("best_global_step30", 30),
+                "only_best": ("best_global_step5", 5),
+                "evicted_by_metric": ("global_step2", 2),
+                "async_eval_lags": ("best_global_step4", 5)}
+    for name, (latest, step) in expected.items():
+        run = res[name]
+        assert run["care_files"] == [f"care_state_{t}.pt" for t in run["ds_tags"]], (name, run)
+        assert run["latest"] == latest, (name, run)
+        assert run["resume"] == {"global_step": step, "care_step": step}, (name, run)
+    kept = res["evicted_by_metric"]["ds_tags"]  # global_step3 (metric 0.1) went, not 2 (0.9)
+    assert kept == ["best_global_step1", "global_step2", "global_step4"]

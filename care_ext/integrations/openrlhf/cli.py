@@ -18,6 +18,14 @@ from .config import OpenRLHFCareOptions, care_argument_parser, parse_care_args, 
 
 STOCK_MODULE = "openrlhf.cli.train_ppo_ray"
 GROUP_ESTIMATORS = ("group_norm", "dr_grpo", "rloo", "reinforce_baseline")
+REWARD_SOURCE_FLAGS = ("--reward.remote_url", "--train.agent_func_path",
+                       "--reward.model_name_or_path")
+"""Where OpenRLHF 0.11.2 takes rollout rewards from (train_ppo_ray.py): a reward function file or
+URL, an agent (sets ``remote_url`` to ``agent``), or a reward model. With none of them it still
+builds a reward-model actor group, never loads a model into it, and fails at the first step."""
+STOCK_KL_INIT_COEF = 0.01
+"""OpenRLHF 0.11.2's default ``--algo.kl.init_coef`` (train_ppo_ray.py); ``--algo.kl.use_loss``
+defaults to off, so a launch without either flag puts the KL penalty in the reward."""
 
 
 def _flag_value(argv: list[str], name: str):
@@ -45,12 +53,38 @@ def check_stock_flags(argv: list[str], options: OpenRLHFCareOptions) -> list[str
     g = _flag_value(argv, "--rollout.n_samples_per_prompt")
     if g is None or int(g) < 2:
         raise SystemExit("CARE needs --rollout.n_samples_per_prompt G >= 2 (the rollouts of one prompt)")
+    reward_sources = [f for f in REWARD_SOURCE_FLAGS
+                      if _flag_value(argv, f) not in (None, True, "")]
+    if not reward_sources:
+        raise SystemExit(
+            "CARE needs rollout rewards from OpenRLHF: pass --reward.remote_url "
+            "care_ext/integrations/openrlhf/reward_func.py (python -c \"import "
+            "care_ext.integrations.openrlhf.reward_func as m; print(m.__file__)\"), or "
+            "--train.agent_func_path / --reward.model_name_or_path. Without any of them OpenRLHF "
+            "builds a reward-model actor that never loads a model, and the run fails after its "
+            "first generation round")
+    datasets = _flag_value(argv, "--data.prompt_dataset")
+    if (_flag_value(argv, "--data.prompt_probs") not in (None, True)
+            and isinstance(datasets, str) and "," in datasets):
+        raise SystemExit(
+            "CARE cannot take --data.prompt_probs with several --data.prompt_dataset: OpenRLHF "
+            "blends them with interleave_datasets(stopping_strategy='all_exhausted'), which "
+            "repeats rows of the smaller datasets, and two copies of one prompt in a rollout batch "
+            "stop the step (CARE decides each prompt once per step). Blend and de-duplicate the "
+            "prompts into one file beforehand, or list the datasets without --data.prompt_probs "
+            "(concatenated, each row once)")
     notes = []
+    if reward_sources == ["--reward.model_name_or_path"]:
+        notes.append("rewards from a reward model (--reward.model_name_or_path): CARE overwrites "
+                     "them, so the reward model only costs a forward pass; --reward.remote_url "
+                     "with care_ext's reward_func.py is cheaper (and OpenRLHF's --eval.dataset "
+                     "requires it)")
     if _flag_value(argv, "--algo.dynamic_filtering_enable"):
         notes.append("--algo.dynamic_filtering_enable filters prompts on the reward function's score "
                       "before CARE sees them (it reads gold labels and removes prompts CARE never decides)")
     kl = _flag_value(argv, "--algo.kl.init_coef")
-    if kl not in (None, True) and float(kl) > 0 and not _flag_value(argv, "--algo.kl.use_loss"):
+    kl = STOCK_KL_INIT_COEF if kl in (None, True) else float(kl)
+    if kl > 0 and not _flag_value(argv, "--algo.kl.use_loss"):
         notes.append("KL is in the reward (--algo.kl.use_loss off): CARE's prompt weights scale the KL "
                      "penalty too; use --algo.kl.use_loss for exact weights")
     if options.drop_mode == "remove":

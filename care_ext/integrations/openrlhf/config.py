@@ -60,14 +60,17 @@ class OpenRLHFCareOptions:
     drop_mode: str = "zero"
     """DROPPED prompts: ``zero`` = advantage 0, rows stay in the batch (paper behaviour; they still
     count in the token-mean loss normaliser and cost a backward pass); ``remove`` = the rows leave
-    the training batch (only as many zero-weight rows stay as are needed to keep the batch
-    divisible by DP ranks x ``--train.micro_batch_size``)."""
+    the training batch down to whole optimizer steps: only as many zero-weight rows stay as make
+    the row count a multiple of ``--train.batch_size`` (one optimizer step, all DP ranks), so
+    nothing leaves when one step is the whole rollout (``--train.batch_size`` = rollout.batch_size
+    x G); the rows are repacked into experiences of ``--train.micro_batch_size`` rows."""
     feature_dtype: str = "native"
     """dtype the policy workers ship captured hidden states in: ``native`` (the model's, bf16 in
     training), ``float32`` or ``bfloat16`` (cast on the GPU before the copy to the CPU)."""
     capture: str = "auto"
     """lm_head-input capture in the policy workers' experience forward: ``auto`` = on for the CARE
-    family of strategies (they need hidden states), off otherwise; ``on``; ``off``."""
+    family of strategies (they need hidden states), off otherwise; ``on``; ``off`` (refused for
+    the CARE family, which cannot decide without hidden states)."""
     worker_reduce: str = "off"
     """What the policy workers ship per sample: ``off`` = the two captured hidden states (2H values
     in ``feature_dtype``); ``first_layer`` = those states already multiplied on the GPU by the
@@ -98,18 +101,28 @@ class OpenRLHFCareOptions:
         if self.worker_reduce != "off" and not self.needs_hidden_states():
             raise ValueError(f"--care.worker_reduce {self.worker_reduce} reduces captured hidden states, "
                              "but capture is off (--care.capture off, or a strategy without classifiers)")
+        strategy = self.core.get("strategy", CareConfig.strategy)
+        if self.capture == "off" and self._strategy_learned(strategy):
+            raise ValueError(f"--care.capture off, but --care.strategy {strategy} learns from "
+                             "hidden states (the CARE family's classifiers): use --care.capture "
+                             "auto (or on)")
 
     def care_config(self, group_size: int) -> CareConfig:
         """The core config for G = ``group_size`` (OpenRLHF's ``--rollout.n_samples_per_prompt``)."""
         return CareConfig(**{**self.core, "group_size": int(group_size)})
 
+    @staticmethod
+    def _strategy_learned(name: str) -> bool:
+        """Whether strategy ``name`` needs hidden states (it trains the CARE classifiers)."""
+        from care_ext.strategies import get_strategy
+
+        return bool(get_strategy(name).learned)
+
     def needs_hidden_states(self) -> bool:
         """Whether the policy workers must capture hidden states (``capture`` resolved)."""
         if self.capture != "auto":
             return self.capture == "on"
-        from care_ext.strategies import get_strategy
-
-        return bool(get_strategy(self.core.get("strategy", CareConfig.strategy)).learned)
+        return self._strategy_learned(self.core.get("strategy", CareConfig.strategy))
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)

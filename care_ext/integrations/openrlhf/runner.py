@@ -38,6 +38,9 @@ from .capture import CapturedFeatures, feature_positions, sequence_checksum
 from .config import OpenRLHFCareOptions
 from .labels import PromptLabel, parse_label
 
+_STATE_FILE = re.compile(r"care_state_((?:best_)?global_step(\d+))\.pt")
+"""A CARE state file's name: group 1 the OpenRLHF checkpoint tag, group 2 its step."""
+
 
 @dataclass
 class StepBatch:
@@ -71,8 +74,8 @@ def regroup(experiences: Sequence[Any], group_size: int, tokenizer, task: str = 
         features: one :class:`CapturedFeatures` per experience, in order, or None.
 
     Raises:
-        ValueError: a prompt without exactly G rows, rows of one group with different uids,
-            features that do not belong to these sequences.
+        ValueError: a prompt without exactly G rows, rows of one group with different uids, one
+            uid in two groups, features that do not belong to these sequences.
     """
     G = group_size
     if features is not None and len(features) != len(experiences):
@@ -116,6 +119,7 @@ def regroup(experiences: Sequence[Any], group_size: int, tokenizer, task: str = 
                 raise ValueError(f"rows of prompt group {g} carry different uids ({lab.uid!r}, {other.uid!r})")
         labels.append(lab)
         prompts.append(e0.prompts[r0] if e0.prompts else "")
+    _check_unique_uids(groups, labels)
     flat = [kr for w in where for kr in w]
     texts = tokenizer.batch_decode([token_rows[kr] for kr in flat], skip_special_tokens=True) if flat else []
     responses = [texts[i * G:(i + 1) * G] for i in range(len(where))]
@@ -126,6 +130,24 @@ def regroup(experiences: Sequence[Any], group_size: int, tokenizer, task: str = 
         hp = torch.stack([h_p[w[0]] for w in where])
         hr = torch.stack([torch.stack([h_r[kr] for kr in w]) for w in where])
     return StepBatch(where, labels, prompts, responses, lengths, hp, hr)
+
+
+def _check_unique_uids(groups: list[int], labels: list[PromptLabel]) -> None:
+    """Raise a ValueError naming the cause when one prompt uid fills two groups of a batch.
+
+    The CARE core decides each prompt once per step (one label, one purchase), so a repeat
+    cannot be decided; say where repeats come from instead of the core's bare message.
+    """
+    first: dict[str, int] = {}
+    for g, lab in zip(groups, labels):
+        if lab.uid in first:
+            raise ValueError(
+                f"prompt uid {lab.uid!r} fills two groups of this rollout batch (rollout groups "
+                f"{first[lab.uid]} and {g}); CARE decides each prompt once per step. Repeats come "
+                "from --data.prompt_probs blending (interleave_datasets with stopping_strategy="
+                "'all_exhausted' repeats rows of the smaller datasets) or repeated rows / uids in "
+                "the prompt data: blend and de-duplicate the data beforehand (docs/openrlhf.md)")
+        first[lab.uid] = g
 
 
 def answer_ids_by_task(clusterer: AnswerClusterer, batch: StepBatch, with_gold: bool) -> tuple[Tensor, Tensor]:
@@ -282,28 +304,51 @@ class CareRunner:
                 if isinstance(v, (int, float)) and math.isfinite(float(v))}
 
     # -- state -------------------------------------------------------------------------------------
-    def state_path(self, global_step: int) -> Path:
-        """The CARE state file saved with OpenRLHF's checkpoint ``global_step{N}``."""
-        return self.state_dir / f"care_state_global_step{int(global_step)}.pt"
+    def state_path(self, global_step: int | None = None, tag: str | None = None) -> Path:
+        """The CARE state file saved with OpenRLHF's checkpoint ``tag`` (``global_step{N}`` for a
+        regular one, ``best_global_step{N}`` for a best-metric one; default ``global_step{N}``)."""
+        tag = f"global_step{int(global_step)}" if tag is None else str(tag)
+        return self.state_dir / f"care_state_{tag}.pt"
 
-    def save(self, global_step: int, keep: int | None = None) -> Path:
-        """Save the controller state for ``global_step`` (atomic); keep the newest ``keep`` files."""
-        path = self.state_path(global_step)
+    def save(self, global_step: int | None = None, keep: int | None = None, tag: str | None = None,
+             keep_tags: Sequence[str] | None = None) -> Path:
+        """Save the controller state as that of checkpoint ``tag`` (atomic), then prune.
+
+        Args:
+            global_step: names the file ``global_step{N}`` when ``tag`` is None.
+            keep: without ``keep_tags``: keep the newest ``keep`` regular files and the newest
+                best one (OpenRLHF keeps one best checkpoint).
+            tag: OpenRLHF's checkpoint tag (see :meth:`state_path`).
+            keep_tags: the checkpoint tags OpenRLHF still holds: every other file is deleted
+                (this one is always kept).
+        """
+        path = self.state_path(global_step, tag)
         self.controller.save(path)
-        if keep and keep > 0:
-            files = sorted(self.state_dir.glob("care_state_global_step*.pt"),
-                           key=lambda p: int(re.findall(r"(\d+)\.pt$", p.name)[0]))
-            for old in files[:-keep]:
-                old.unlink(missing_ok=True)
+        files = {m.group(1): p for p in self.state_dir.glob("care_state_*.pt")
+                 if (m := _STATE_FILE.fullmatch(p.name))}
+        if keep_tags is not None:
+            stale = [p for t, p in files.items() if t not in set(keep_tags) and p != path]
+        elif keep and keep > 0:
+            def newest_first(prefix):
+                return sorted((p for t, p in files.items() if t.startswith(prefix)),
+                              key=lambda p: -int(_STATE_FILE.fullmatch(p.name).group(2)))
+            stale = newest_first("global_step")[keep:] + newest_first("best_")[1:]
+            stale = [p for p in stale if p != path]
+        else:
+            stale = []
+        for old in stale:
+            old.unlink(missing_ok=True)
         return path
 
-    def load(self, global_step: int) -> bool:
-        """Restore the state saved at ``global_step``. Missing file: error, or (with
+    def load(self, global_step: int, tag: str | None = None) -> bool:
+        """Restore the state saved with checkpoint ``tag`` (default ``global_step{N}``), the one
+        OpenRLHF resumes at ``global_step``. Missing file: error, or (with
         ``require_state_on_resume=False``) a warning and False."""
-        path = self.state_path(global_step)
+        path = self.state_path(global_step, tag)
         if not path.exists():
-            msg = (f"resuming OpenRLHF at global_step {global_step} but no CARE state at {path}; "
-                   "pass --care.state_dir, or --care.require_state_on_resume false to start CARE afresh")
+            msg = (f"resuming OpenRLHF at global_step {global_step} (checkpoint "
+                   f"{tag or f'global_step{global_step}'}) but no CARE state at {path}; pass "
+                   "--care.state_dir, or --care.require_state_on_resume false to start CARE afresh")
             if self.options.require_state_on_resume:
                 raise FileNotFoundError(msg)
             warnings.warn(msg, RuntimeWarning)

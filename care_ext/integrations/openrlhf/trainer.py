@@ -8,11 +8,13 @@ experience maker and PPO driver), each owning the CARE state. Both get the same 
 * ``train_step``: the stock step (experience -> PPO update -> weight sync), then the classifier
   update (``CareController.update``) and the step's ``care/*`` metrics merged into the status
   dict that OpenRLHF logs to TensorBoard / W&B (``train/care/...``).
-* ``save_logs_and_checkpoints``: with every OpenRLHF checkpoint (``--ckpt.save_steps``) the CARE
-  state is saved to ``<state_dir>/care_state_global_step{N}.pt`` (the newest ``--ckpt.max_num``
-  kept); the SQLite label store persists by itself.
-* ``init_checkpoint_states``: on resume (``--ckpt.load_enable``) the CARE state of the resumed
-  step is loaded.
+* ``save_logs_and_checkpoints`` and ``save_best_checkpoint``: with every OpenRLHF checkpoint,
+  regular (``--ckpt.save_steps``, tag ``global_step{N}``) or best-metric (eval, tag
+  ``best_global_step{N}``), the CARE state is saved to ``<state_dir>/care_state_{tag}.pt``; the
+  files of checkpoints OpenRLHF has deleted go too (it evicts regular checkpoints by metric, then
+  age, and keeps one best). The SQLite label store persists by itself.
+* ``init_checkpoint_states``: on resume (``--ckpt.load_enable``) the CARE state of the checkpoint
+  DeepSpeed loaded (the tag in ``<ckpt.path>/_actor/latest``, regular or best) is loaded.
 
 Async mode: the driver builds ``PPOTrainerAsync``, whose ``__init__`` (in its own Ray worker)
 builds the generator and the ``TrainingActor`` from module attributes of
@@ -23,6 +25,8 @@ runs in the training actor's ``make_experience``, so CARE sees the same inputs a
 rollouts may be one policy version old (``--train.async_queue_size``), as for the stock trainer.
 """
 from __future__ import annotations
+
+import os
 
 from .version import check_openrlhf_version
 
@@ -41,6 +45,30 @@ from .runner import CareRunner  # noqa: E402
 _STOCK_TRAINER, _STOCK_TRAINER_OPTIONS = unwrap_actor(_StockPPOTrainer)
 _STOCK_TRAINING_ACTOR, _STOCK_TRAINING_ACTOR_OPTIONS = unwrap_actor(_async_module.TrainingActor)
 _STOCK_ASYNC_TRAINER, _STOCK_ASYNC_TRAINER_OPTIONS = unwrap_actor(_async_module.PPOTrainerAsync)
+
+
+def _actor_ckpt_dir(ckpt_path) -> str:
+    """OpenRLHF's DeepSpeed checkpoint folder of the policy (``PolicyModelActor``)."""
+    return os.path.join(str(ckpt_path), "_actor")
+
+
+def held_checkpoint_tags(ckpt_path) -> list[str] | None:
+    """The checkpoint tags (sub-folders) OpenRLHF holds under ``<ckpt_path>/_actor``; None when
+    that folder is not visible here (no DeepSpeed checkpoints, or not on this node's disk)."""
+    d = _actor_ckpt_dir(ckpt_path)
+    if not os.path.isdir(d):
+        return None
+    return [t for t in os.listdir(d) if os.path.isdir(os.path.join(d, t))]
+
+
+def latest_checkpoint_tag(ckpt_path) -> str | None:
+    """The tag DeepSpeed's ``latest`` file names: the checkpoint ``--ckpt.load_enable`` loads
+    (``load_checkpoint(tag=None)``); None without that file."""
+    path = os.path.join(_actor_ckpt_dir(ckpt_path), "latest")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return f.read().strip() or None
 
 
 def attach_care(trainer, options: OpenRLHFCareOptions, runner: CareRunner | None = None) -> CareRunner:
@@ -77,14 +105,33 @@ class CareTrainerMixin:
         return status, global_step
 
     def save_logs_and_checkpoints(self, global_step, logs_dict=None, client_states=None):
+        """The stock logs and regular checkpoint ``global_step{N}``, then CARE's state with it."""
         super().save_logs_and_checkpoints(global_step, logs_dict, client_states)
         if global_step % self.args.ckpt.save_steps == 0:
-            self.care.save(global_step, keep=self.args.ckpt.max_num)
+            self._save_care_state(global_step, f"global_step{global_step}")
+
+    def save_best_checkpoint(self, eval_metrics, global_step, client_states=None):
+        """The stock best-metric checkpoint ``best_global_step{N}``, then CARE's state with it.
+
+        OpenRLHF saves it with DeepSpeed's ``save_latest``, so ``--ckpt.load_enable`` resumes
+        from it when it is the newest; the stock method saved one iff the best value changed.
+        """
+        best = self.best_eval_metric_value
+        super().save_best_checkpoint(eval_metrics, global_step, client_states)
+        if self.best_eval_metric_value != best:
+            self._save_care_state(global_step, f"best_global_step{global_step}")
+
+    def _save_care_state(self, global_step, tag):
+        """CARE's state as that of OpenRLHF checkpoint ``tag``; drop the states of checkpoints
+        OpenRLHF no longer holds (it evicts regular ones by metric, not age, and keeps one best)."""
+        held = held_checkpoint_tags(self.args.ckpt.path)
+        self.care.save(global_step, keep=self.args.ckpt.max_num, tag=tag, keep_tags=held)
 
     def init_checkpoint_states(self):
+        """The stock resume states, then the CARE state of the checkpoint DeepSpeed loaded."""
         states = super().init_checkpoint_states()
         if states.get("global_step", 0) > 0:
-            self.care.load(states["global_step"])
+            self.care.load(states["global_step"], tag=latest_checkpoint_tag(self.args.ckpt.path))
         return states
 
     def care_info(self) -> dict:
