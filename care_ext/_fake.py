@@ -88,6 +88,15 @@ def _acquisition_step(ids: Tensor, lengths: Tensor, h_prompt: Tensor, h_resp: Te
             ids.new_empty((B, G + 1), **f32), ids.new_empty((B,), **f32), cag, adm, pseudo, adv)
 
 
+@torch.library.register_fake(_LIB + "_acquisition_step_split")
+def _acquisition_step_split(ids: Tensor, lengths: Tensor, h_prompt: Tensor, h_resp: Tensor,
+                            stage1, stage2, max_len: float, cag_eps: float, cag_unbiased: bool,
+                            adv_eps: float, adv_unbiased: bool, first_layer_split):
+    torch._check(len(first_layer_split) == 2, lambda: "first_layer_split must hold 2 tensors")
+    return _acquisition_step(ids, lengths, h_prompt, h_resp, stage1, stage2, max_len, cag_eps,
+                             cag_unbiased, adv_eps, adv_unbiased)
+
+
 @torch.library.register_fake(_LIB + "_acquisition_step_fused_split")
 def _acquisition_step_fused_split(ids: Tensor, lengths: Tensor, h_prompt: Tensor, h_resp: Tensor,
                                   stage1, stage2, max_len: float, cag_eps: float, cag_unbiased: bool,

@@ -113,12 +113,15 @@ class CareConfig:
     rounding of the classifier weights differs between the two."""
 
     first_layer_gemm: str = "float32"
-    """How the acquisition step multiplies bf16 hidden states by the classifiers' first layers on
-    CUDA: 'float32' (converted states, float32 GEMMs), or 'bf16x3' / 'bf16x2': the fused step's
-    bf16 tensor-core GEMMs with each float32 weight split into 3 bf16 pieces (float32-exact
-    weights) or 2 (2^-16 relative); products exact, sums float32 (:mod:`care_ext.bf16_split`).
-    Used only where it applies: device cuda, bf16 hidden states, raw (not projected) states, count
-    classifiers; float32 elsewhere. Default float32 until measured on a GPU (bench/RESULTS.md)."""
+    """How the acquisition step multiplies bf16 hidden states by the classifiers' first layers:
+    'float32' (converted states, float32 GEMMs), or 'bf16x3' / 'bf16x2': bf16 GEMMs with each
+    float32 weight split into 3 bf16 pieces (float32-exact weights) or 2 (2^-16 relative);
+    products exact, sums float32 (:mod:`care_ext.bf16_split`). On CUDA the fused step's
+    tensor-core GEMMs; on the CPU MKL's bf16 GEMM (AMX / AVX512-BF16 Xeons; elsewhere float32
+    GEMMs on converted copies, slower: ``care_ext.build_info()["cpu_bf16_gemm"]`` says which).
+    Used only where it applies: bf16 hidden states, raw (not projected) states, count classifiers;
+    float32 elsewhere. Default float32 (bench/RESULTS.md has the CPU measurements; CUDA is
+    unmeasured)."""
 
     # --- inputs and monitoring ------------------------------------------------------------------
     nonfinite: str = "error"

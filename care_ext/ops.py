@@ -236,10 +236,16 @@ def acquisition_step(ids: Tensor, lengths: Tensor, h_prompt: Tensor, h_resp: Ten
     Args and outputs as :func:`care_ext.reference.acquisition_step`; hidden states may be float32
     or bfloat16 and are read once. ``CARE_EXT_FUSED_STEP=1`` selects the private fused kernel
     (module docstring). ``first_layer_split`` (bf16 hidden states only): the bf16 pieces of both
-    first layers (:func:`care_ext.bf16_split.first_layer_split`); the native fused step then
-    multiplies with bf16 GEMMs (tensor cores on CUDA; exact products, float32 sums). The reference
-    fallback ignores it (same values up to float32 rounding).
+    first layers (:func:`care_ext.bf16_split.first_layer_split`); the native step then multiplies
+    with bf16 GEMMs, exact products and float32 sums -- on CUDA the fused step's tensor-core GEMMs,
+    on the CPU ``_acquisition_step_split`` (MKL's bf16 GEMM on AMX / AVX512-BF16 where torch has
+    it, ``build_info()["cpu_bf16_gemm"]``). The reference fallback ignores it (same values up to
+    float32 rounding).
     """
+    if native_available(ids.device) and first_layer_split is not None and ids.device.type == "cpu":
+        return AcquisitionOutputs(*torch.ops.care_ext._acquisition_step_split(
+            ids, lengths, h_prompt, h_resp, list(stage1), list(stage2), max_len, cag_eps,
+            cag_unbiased, adv_eps, adv_unbiased, list(first_layer_split)))
     if native_available(ids.device) and first_layer_split is not None:
         return AcquisitionOutputs(*torch.ops.care_ext._acquisition_step_fused_split(
             ids, lengths, h_prompt, h_resp, list(stage1), list(stage2), max_len, cag_eps,

@@ -441,7 +441,7 @@ class CareController:
         lens = torch.where(bad.to(dev)[:, None], torch.zeros_like(lens), lens)
         if not self.strategy.regression:
             split = None
-            if (cfg.first_layer_gemm != "float32" and projected is None and hp.is_cuda
+            if (cfg.first_layer_gemm != "float32" and projected is None
                     and hp.dtype == hr.dtype == torch.bfloat16):
                 split = self.trainer.first_layer_split(int(cfg.first_layer_gemm[-1]))
             out = ops.acquisition_step(ids.to(dev), lens, hp, hr, w1, w2, cfg.max_len, cfg.cag_eps,

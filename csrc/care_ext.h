@@ -107,6 +107,14 @@ StepTuple acquisition_step(const Tensor& ids, const Tensor& lengths, const Tenso
                            const Tensor& h_resp, at::TensorList stage1, at::TensorList stage2,
                            double max_len, double cag_eps, bool cag_unbiased, double adv_eps,
                            bool adv_unbiased);
+// Private, CPU: acquisition_step with its first layers' hidden products from the split bf16
+// pieces (care_ext::_acquisition_step_split; bf16 x bf16 -> float32 GEMMs, exact products).
+StepTuple acquisition_step_split_cpu(const Tensor& ids, const Tensor& lengths,
+                                     const Tensor& h_prompt, const Tensor& h_resp,
+                                     at::TensorList stage1, at::TensorList stage2, double max_len,
+                                     double cag_eps, bool cag_unbiased, double adv_eps,
+                                     bool adv_unbiased, at::TensorList first_layer_split);
+bool cpu_bf16_gemm_available();
 
 // The fused step as private ops: care_ext::_acquisition_step_fused_split (split-bf16 first
 // layers; an empty first_layer_split is the float32 path) and care_ext::_acquisition_step_fused

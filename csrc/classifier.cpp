@@ -8,6 +8,7 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
 
 namespace care_ext {
 namespace {
@@ -211,11 +212,14 @@ FeatureTuple group_features_dispatch(const Tensor& ids, const Tensor& lengths, d
   return features_op.call(ids, lengths, max_len, cag_eps, cag_unbiased, adv_eps, adv_unbiased);
 }
 
-StepTuple acquisition_step(const Tensor& ids, const Tensor& lengths, const Tensor& h_prompt,
-                           const Tensor& h_resp, at::TensorList stage1, at::TensorList stage2,
-                           double max_len, double cag_eps, bool cag_unbiased, double adv_eps,
-                           bool adv_unbiased) {
-  const char* op = "acquisition_step";
+namespace {
+
+// acquisition_step, or with `split` non-empty (first_layer_split; CPU, bf16 hidden states) its
+// first layers' hidden products from the split bf16 pieces.
+StepTuple step_impl(const Tensor& ids, const Tensor& lengths, const Tensor& h_prompt,
+                    const Tensor& h_resp, at::TensorList stage1, at::TensorList stage2,
+                    double max_len, double cag_eps, bool cag_unbiased, double adv_eps,
+                    bool adv_unbiased, at::TensorList split, const char* op) {
   const NoAutocast no_autocast;
   static auto expected_op =
       c10::Dispatcher::singleton()
@@ -228,33 +232,76 @@ StepTuple acquisition_step(const Tensor& ids, const Tensor& lengths, const Tenso
       group_features_dispatch(ids, lengths, max_len, cag_eps, cag_unbiased, adv_eps, adv_unbiased);
   const Weights w1 = check_weights(stage1, H, G + 1, 1, 2, dev, op, "stage1");
   const Weights w2 = check_weights(stage2, H, G + 1, 0, G + 1, dev, op, "stage2");
+  const bool with_split = !split.empty();
+  if (with_split) {
+    TORCH_CHECK(dev.is_cpu(), "care_ext.", op, ": runs on the CPU; got inputs on ", dev);
+    check_split(split, h_prompt, h_resp, H, w1.R1 + w2.R1, w1.P + w2.P, op);
+  }
   // Stage-I pools all G rollouts with the normalised length as their feature; Stage-II pools the
   // valid non-majority rollouts with no rollout feature. Both read the hidden states once.
   std::vector<RolloutBranch> branches{
       {&w1, len_norm.reshape({B * G, 1}), Tensor(), Tensor()},
       {&w2, len_norm.new_empty({B * G, 0}), minority, Tensor()}};
-  rollout_pools(h_resp.reshape({B * G, H}), B, G, branches);
-  const Tensor hp = h_prompt.to(at::kFloat);  // converted once for both prompt branches
-  // Both prompt branches' hidden columns: one GEMM where the weights share one row-major buffer
-  // (the CARE core's CPU layout, care_ext.ops.core_step_layout), else one GEMM each.
-  Tensor pre1, pre2;
-  bool first1 = true;
-  const Tensor p1h = w1.pw.narrow(1, 0, H).t(), p2h = w2.pw.narrow(1, 0, H).t();
-  const Tensor both = dev.is_cpu() ? adjacent_columns(p1h, p2h, first1) : Tensor();
-  if (both.defined()) {
-    const Tensor bias = first1 ? at::cat({w1.pb, w2.pb}) : at::cat({w2.pb, w1.pb});
-    const Tensor pre = bias.addmm(hp, both);
-    pre1 = pre.narrow(1, first1 ? 0 : w2.P, w1.P);
-    pre2 = pre.narrow(1, first1 ? w1.P : 0, w2.P);
+  const Tensor hr = h_resp.reshape({B * G, H});
+  if (with_split) {  // Stage-I's units first in the split pieces, then Stage-II's
+    rollout_pools_cpu(hr, B, G, branches, split[0], {0, w1.R1});
   } else {
-    pre1 = w1.pb.addmm(hp, p1h);
-    pre2 = w2.pb.addmm(hp, p2h);
+    rollout_pools(hr, B, G, branches);
+  }
+  Tensor pre1, pre2;
+  if (with_split) {  // both prompt branches from one bf16 GEMM over all T pieces
+    const int64_t T = split[1].size(0), Pt = w1.P + w2.P;
+    const Tensor c = bf16_products(h_prompt, split[1].reshape({T * Pt, H}));
+    pre1 = at::empty({B, w1.P}, c.options());
+    pre2 = at::empty({B, w2.P}, c.options());
+    const Tensor b1 = w1.pb.contiguous(), b2 = w2.pb.contiguous();
+    sum_split_terms(c.const_data_ptr<float>(), T * Pt, T, Pt, 0, b1.const_data_ptr<float>(),
+                    w1.P, nullptr, B, pre1.data_ptr<float>(), w1.P);
+    sum_split_terms(c.const_data_ptr<float>(), T * Pt, T, Pt, w1.P, b2.const_data_ptr<float>(),
+                    w2.P, nullptr, B, pre2.data_ptr<float>(), w2.P);
+  } else {
+    const Tensor hp = h_prompt.to(at::kFloat);  // converted once for both prompt branches
+    // Both prompt branches' hidden columns: one GEMM where the weights share one row-major
+    // buffer (the CARE core's CPU layout, care_ext.ops.core_step_layout), else one GEMM each.
+    bool first1 = true;
+    const Tensor p1h = w1.pw.narrow(1, 0, H).t(), p2h = w2.pw.narrow(1, 0, H).t();
+    const Tensor both = dev.is_cpu() ? adjacent_columns(p1h, p2h, first1) : Tensor();
+    if (both.defined()) {
+      const Tensor bias = first1 ? at::cat({w1.pb, w2.pb}) : at::cat({w2.pb, w1.pb});
+      const Tensor pre = bias.addmm(hp, both);
+      pre1 = pre.narrow(1, first1 ? 0 : w2.P, w1.P);
+      pre2 = pre.narrow(1, first1 ? w1.P : 0, w2.P);
+    } else {
+      pre1 = w1.pb.addmm(hp, p1h);
+      pre2 = w2.pb.addmm(hp, p2h);
+    }
   }
   const Tensor logits1 = head_from_prompt_pre(w1, pre1, prompt_feat, branches[0].pool);
   const Tensor logits2 = head_from_prompt_pre(w2, pre2, prompt_feat, branches[1].pool);
   auto [probs, ecag] = expected_op.call(logits2, cag, admissible);
   Tensor reliability = logits1.softmax(1).select(1, 1).contiguous();
   return {rank, sizes, reliability, logits1, probs, ecag, cag, admissible, pseudo, pseudo_adv};
+}
+
+}  // namespace
+
+StepTuple acquisition_step(const Tensor& ids, const Tensor& lengths, const Tensor& h_prompt,
+                           const Tensor& h_resp, at::TensorList stage1, at::TensorList stage2,
+                           double max_len, double cag_eps, bool cag_unbiased, double adv_eps,
+                           bool adv_unbiased) {
+  return step_impl(ids, lengths, h_prompt, h_resp, stage1, stage2, max_len, cag_eps, cag_unbiased,
+                   adv_eps, adv_unbiased, {}, "acquisition_step");
+}
+
+StepTuple acquisition_step_split_cpu(const Tensor& ids, const Tensor& lengths,
+                                     const Tensor& h_prompt, const Tensor& h_resp,
+                                     at::TensorList stage1, at::TensorList stage2, double max_len,
+                                     double cag_eps, bool cag_unbiased, double adv_eps,
+                                     bool adv_unbiased, at::TensorList first_layer_split) {
+  TORCH_CHECK(!first_layer_split.empty(), "care_ext._acquisition_step_split: first_layer_split "
+              "must hold 2 tensors (care_ext.bf16_split.first_layer_split), got none");
+  return step_impl(ids, lengths, h_prompt, h_resp, stage1, stage2, max_len, cag_eps, cag_unbiased,
+                   adv_eps, adv_unbiased, first_layer_split, "_acquisition_step_split");
 }
 
 }  // namespace care_ext

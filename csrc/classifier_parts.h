@@ -81,8 +81,32 @@ void rollout_pools_dense(const Tensor& h_resp, int64_t B, int64_t G,
 // float32 copy), every branch consumes the block while it is in cache, rows outside a branch's mask
 // are skipped (never multiplied), and blocks run in parallel on the intra-op thread pool.
 // Same results as rollout_pools_dense up to float32 summation order.
+// With `split` defined (bf16 [T, Rt, H], care_ext.bf16_split.first_layer_split's rollout part;
+// h_resp bfloat16): the first layers' hidden products come from bf16_products of each block's
+// rows with all T * Rt split rows, branch i's units at columns split_cols[i] .. + R1 of each
+// term; the float32 buffer and its conversion are skipped.
 void rollout_pools_cpu(const Tensor& h_resp, int64_t B, int64_t G,
-                       std::vector<RolloutBranch>& branches);
+                       std::vector<RolloutBranch>& branches, const Tensor& split = Tensor(),
+                       const std::vector<int64_t>& split_cols = {});
+
+// bf16 x bf16 -> float32 products on the CPU (cpu/bf16_gemm.cpp): a [M, K] times b [N, K]^T,
+// both bfloat16 (unit column stride), as a float32 [M, N]. Every product is exact in float32;
+// MKL's cblas_gemm_bf16bf16f32 (AMX / AVX512-BF16) sums them where torch exports it, otherwise a
+// float32 GEMM on converted copies does. cpu_bf16_gemm_available() says which (build_info).
+bool cpu_bf16_gemm_available();
+Tensor bf16_products(const Tensor& a, const Tensor& b);
+
+// Pre-activations from split-term products: out[k, u] = sum_t c[r_k, t * Rt + col + u] + bias[u]
+// for k < n (r_k = rows[k], or k when rows is null), u < units; c row stride ldc, out ldo.
+void sum_split_terms(const float* c, int64_t ldc, int64_t T, int64_t Rt, int64_t col,
+                     const float* bias, int64_t units, const int64_t* rows, int64_t n, float* out,
+                     int64_t ldo);
+
+// The checks of a first_layer_split argument (care_ext.bf16_split.first_layer_split: rollout
+// bf16 [T, rollout_units, H] and prompt bf16 [T, prompt_units, H], 1 <= T <= 3, bf16 hidden
+// states), messages naming `op`.
+void check_split(at::TensorList split, const Tensor& h_prompt, const Tensor& h_resp, int64_t H,
+                 int64_t rollout_units, int64_t prompt_units, const char* op);
 
 // group_features through the dispatcher (the inputs' device's kernel).
 FeatureTuple group_features_dispatch(const Tensor& ids, const Tensor& lengths, double max_len,

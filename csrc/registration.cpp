@@ -57,6 +57,9 @@ std::string build_info() {
 #else
   s += "\"intra_op_parallel\": false, ";
 #endif
+  // MKL's bf16 x bf16 -> float32 GEMM (the split first layers on the CPU), exported by torch's
+  // x86 builds; false: those products run as float32 GEMMs on converted copies
+  s += std::string("\"cpu_bf16_gemm\": ") + (cpu_bf16_gemm_available() ? "true" : "false") + ", ";
 #ifdef NDEBUG
   s += "\"debug\": false}";
 #else
@@ -102,6 +105,17 @@ TORCH_LIBRARY(care_ext, m) {
       "float adv_eps, bool adv_unbiased, Tensor[] first_layer_split) -> (Tensor rank, "
       "Tensor sizes, Tensor reliability, Tensor stage1_logits, Tensor probs, Tensor ecag, "
       "Tensor cag, Tensor admissible, Tensor pseudo_rewards, Tensor pseudo_adv)");
+  // Private, CPU only: acquisition_step (blocked rollout branch, MKL for layer 2 and the heads)
+  // with its first layers' hidden products from the same split bf16 pieces: one bf16 x bf16 ->
+  // float32 GEMM per block of rollouts and one for the prompts (MKL's cblas_gemm_bf16bf16f32 on
+  // AMX / AVX512-BF16 where torch exports it: build_info's cpu_bf16_gemm), exact products, float32
+  // sums, no float32 copy of the hidden states.
+  m.def(
+      "_acquisition_step_split(Tensor ids, Tensor lengths, Tensor h_prompt, Tensor h_resp, "
+      "Tensor[] stage1, Tensor[] stage2, float max_len, float cag_eps, bool cag_unbiased, "
+      "float adv_eps, bool adv_unbiased, Tensor[] first_layer_split) -> (Tensor rank, "
+      "Tensor sizes, Tensor reliability, Tensor stage1_logits, Tensor probs, Tensor ecag, "
+      "Tensor cag, Tensor admissible, Tensor pseudo_rewards, Tensor pseudo_adv)");
   // Private, CPU only: the fused step's tail run by a team of `threads` threads per block of
   // `prompts` prompts and stage, with barriers where the CUDA kernel has __syncthreads, so the CPU
   // tests the kernel's division of the work over a block (results equal the one-thread op bit for
@@ -134,6 +148,7 @@ TORCH_LIBRARY_IMPL(care_ext, CPU, m) {
   m.impl("_acquisition_step_fused", &without_split<acquisition_step_fused_split_cpu>);
   m.impl("_acquisition_step_fused_split", &acquisition_step_fused_split_cpu);
   m.impl("_acquisition_step_fused_block", &acquisition_step_fused_block_cpu);
+  m.impl("_acquisition_step_split", &acquisition_step_split_cpu);
 }
 
 TORCH_LIBRARY_IMPL(care_ext, CompositeExplicitAutograd, m) {

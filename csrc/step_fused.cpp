@@ -26,6 +26,8 @@ Tensor split_products(const Tensor& x, const Tensor& split) {
   return x.to(at::kFloat).mm(w.to(at::kFloat).t());
 }
 
+}  // namespace
+
 void check_split(at::TensorList split, const Tensor& h_prompt, const Tensor& h_resp, int64_t H,
                  int64_t rollout_units, int64_t prompt_units, const char* op) {
   TORCH_CHECK(split.size() == 2, "care_ext.", op, ": first_layer_split must hold 2 tensors "
@@ -52,6 +54,8 @@ void check_split(at::TensorList split, const Tensor& h_prompt, const Tensor& h_r
               ": both first_layer_split tensors must have the same number of terms, got ",
               split[0].size(0), " and ", split[1].size(0));
 }
+
+namespace {
 
 // A 2-D weight as the tail reads it: through its own strides, not copied (a column-major weight,
 // care_ext.ops.fused_step_layout, is what the CUDA kernel reads coalesced). Mat's strides are

@@ -60,9 +60,8 @@ struct BlockRows {
   std::vector<int64_t> order, pos;
 };
 
-// Converts rows [row0, row0 + rows) of h [*, H] (float32/bfloat16/float16, any strides) into
-// br.x's first `rows` rows, in buffer order for `lead` ([rows] bool, or nullptr: block order).
-void load_block(const Tensor& h, int64_t row0, int64_t rows, const bool* lead, BlockRows& br) {
+// The buffer order of a block of `rows` rows for `lead` ([rows] bool, or nullptr: block order).
+void order_block(int64_t rows, const bool* lead, BlockRows& br) {
   br.order.clear();
   br.pos.assign(static_cast<size_t>(rows), 0);
   for (int pass = 0; pass < (lead != nullptr ? 2 : 1); ++pass) {
@@ -73,6 +72,12 @@ void load_block(const Tensor& h, int64_t row0, int64_t rows, const bool* lead, B
       }
     }
   }
+}
+
+// Converts rows [row0, row0 + rows) of h [*, H] (float32/bfloat16/float16, any strides) into
+// br.x's first `rows` rows, in buffer order for `lead` ([rows] bool, or nullptr: block order).
+void load_block(const Tensor& h, int64_t row0, int64_t rows, const bool* lead, BlockRows& br) {
+  order_block(rows, lead, br);
   const int64_t H = h.size(1), rs = h.stride(0), cs = h.stride(1);
   float* dst = br.x.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(),
@@ -109,7 +114,7 @@ void finish_branch(const BlockRows& br, int64_t p0, int64_t n, int64_t G, const 
                    const std::vector<int64_t>& sel, Tensor a) {
   const int64_t rows = n * G, used = static_cast<int64_t>(sel.size());
   if (bp.Fr > 0) {  // the features of the buffer's rows, in buffer order
-    Tensor it = at::empty({used}, br.x.options().dtype(at::kLong));
+    Tensor it = at::empty({used}, bp.feat.options().dtype(at::kLong));
     std::copy(br.order.begin(), br.order.begin() + used, it.data_ptr<int64_t>());
     a.addmm_(bp.feat.narrow(0, p0 * G, rows).index_select(0, it), bp.w1f_t);
   }
@@ -172,10 +177,34 @@ void run_block_shared(const BlockRows& br, int64_t p0, int64_t n, int64_t G,
   finish_branch(br, p0, n, G, m, sel_m, lead.narrow(1, sh.off_m, m.w1h_t.size(1)));
 }
 
+// A block on the split first layers: the block's bf16 rows times all T * Rt split rows in one
+// bf16 GEMM (exact products, float32 sums; no float32 copy of the block), then each branch's
+// pre-activations, in buffer order, summed from its T terms plus its bias.
+void run_block_split(const Tensor& h_resp, int64_t p0, int64_t n, int64_t G, BlockRows& br,
+                     const bool* lead, const std::vector<BranchPlan>& plans, const Tensor& split2d,
+                     int64_t T, int64_t Rt, const std::vector<int64_t>& cols) {
+  const int64_t rows = n * G;
+  order_block(rows, lead, br);
+  const Tensor c = bf16_products(h_resp.narrow(0, p0 * G, rows), split2d);  // [rows, T * Rt]
+  for (size_t i = 0; i < plans.size(); ++i) {
+    const BranchPlan& bp = plans[i];
+    const std::vector<int64_t> sel = selected_rows(bp, p0, rows, G);
+    const int64_t used = static_cast<int64_t>(sel.size());
+    if (used == 0) continue;  // every prompt of the block pools to zero
+    const int64_t R1 = bp.b1.size(0);
+    Tensor a = at::empty({used, R1}, c.options());
+    const Tensor b1 = bp.b1.contiguous();
+    sum_split_terms(c.const_data_ptr<float>(), T * Rt, T, Rt, cols[i], b1.const_data_ptr<float>(),
+                    R1, br.order.data(), used, a.data_ptr<float>(), R1);
+    finish_branch(br, p0, n, G, bp, sel, a);
+  }
+}
+
 }  // namespace
 
 void rollout_pools_cpu(const Tensor& h_resp, int64_t B, int64_t G,
-                       std::vector<RolloutBranch>& branches) {
+                       std::vector<RolloutBranch>& branches, const Tensor& split,
+                       const std::vector<int64_t>& split_cols) {
   TORCH_INTERNAL_ASSERT(h_resp.dim() == 2 && h_resp.size(0) == B * G && G >= 1);
   const int64_t H = h_resp.size(1);
   std::vector<BranchPlan> plans;
@@ -216,6 +245,27 @@ void rollout_pools_cpu(const Tensor& h_resp, int64_t B, int64_t G,
   }
   const int64_t per_block = std::max<int64_t>(1, kBlockRows / G);
   const int64_t nblocks = (B + per_block - 1) / per_block;
+  if (split.defined()) {
+    TORCH_INTERNAL_ASSERT(split.dim() == 3 && split.size(2) == H &&
+                          split_cols.size() == plans.size() &&
+                          h_resp.scalar_type() == at::kBFloat16);
+    const int64_t T = split.size(0), Rt = split.size(1);
+    const Tensor split2d = split.reshape({T * Rt, H});
+    auto blocks_split = [&](int64_t k0, int64_t k1) {
+      BlockRows br;  // the buffer order only: the GEMM reads the bf16 rows in place
+      for (int64_t kb = k0; kb < k1; ++kb) {
+        const int64_t p0 = kb * per_block, n = std::min(per_block, B - p0);
+        run_block_split(h_resp, p0, n, G, br, lead != nullptr ? lead + p0 * G : nullptr, plans,
+                        split2d, T, Rt, split_cols);
+      }
+    };
+    if (nblocks >= at::get_num_threads()) {
+      at::parallel_for(0, nblocks, 1, blocks_split);
+    } else {
+      blocks_split(0, nblocks);
+    }
+    return;
+  }
   auto blocks = [&](int64_t k0, int64_t k1) {
     BlockRows br;  // one buffer per task, reused by its blocks
     br.x = at::empty({std::min(per_block, B) * G, H}, h_resp.options().dtype(at::kFloat));

@@ -1,7 +1,8 @@
-"""The fused step's split-bf16 first layers (care_ext.bf16_split + ``first_layer_split``): the
-pieces reconstruct the weights to the stated bound, and the fused step on them matches the float64
-composition as tightly as the float32 path does (CPU: the same products in float32; CUDA: bf16
-tensor-core GEMMs with float32 accumulation)."""
+"""The split-bf16 first layers (care_ext.bf16_split + ``first_layer_split``): the pieces
+reconstruct the weights to the stated bound, and both steps on them -- the fused step (CPU: the
+same products in float32; CUDA: bf16 tensor-core GEMMs with float32 accumulation) and the CPU
+step ``_acquisition_step_split`` (MKL's bf16 x bf16 -> float32 GEMM where torch exports it) --
+match the float64 composition as tightly as the float32 path does."""
 from __future__ import annotations
 
 import pytest
@@ -47,21 +48,71 @@ def _inputs(B, G, H, seed):
     return step_inputs(B, G, H, torch.bfloat16, torch.Generator().manual_seed(seed))
 
 
-def _run(device, ids, lengths, h_p, h_r, s1, s2, split):
-    return run_step("_acquisition_step_fused_split", device, ids, lengths, h_p, h_r, s1, s2, split)
+SPLIT_OPS = ["_acquisition_step_fused_split", "_acquisition_step_split"]
+"""The ops that take first_layer_split; _acquisition_step_split has a CPU kernel only."""
 
 
+def _skip_cpu_only(op, device):
+    if op == "_acquisition_step_split" and torch.device(device).type != "cpu":
+        pytest.skip("_acquisition_step_split has a CPU kernel only")
+
+
+def _run(device, ids, lengths, h_p, h_r, s1, s2, split, op="_acquisition_step_fused_split"):
+    return run_step(op, device, ids, lengths, h_p, h_r, s1, s2, split)
+
+
+@pytest.mark.parametrize("op", SPLIT_OPS)
 @pytest.mark.parametrize("B,G,H", [(0, 8, 64), (1, 1, 32), (7, 5, 130), (64, 8, 256),
-                                   (33, 16, 130), (5, 64, 64), (3, 8, 4096)])
-def test_split_step_matches_composition(device, B, G, H):
+                                   (33, 16, 130), (5, 64, 64), (3, 8, 4096), (70, 8, 96)])
+def test_split_step_matches_composition(device, B, G, H, op):
+    _skip_cpu_only(op, device)
     ids, lengths, h_p, h_r, s1, s2 = _inputs(B, G, H, B * G + H)
-    got = _run(device, ids, lengths, h_p, h_r, s1, s2, first_layer_split(s1, s2, H))
+    got = _run(device, ids, lengths, h_p, h_r, s1, s2, first_layer_split(s1, s2, H), op)
     assert_step_like_reference(got, ids, lengths, h_p, h_r, s1, s2)
 
 
-def test_split_terms_trade_accuracy(device):
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_cpu_split_step_reads_strided_states_and_any_thread_count(threads):
+    """_acquisition_step_split multiplies the bf16 rows in place: a strided view of the hidden
+    states (rows 2H apart, NaN between them) gives the reference's results, on 1-3 threads
+    (4 blocks: several per thread, or blocks one after the other with BLAS threads), with
+    Stage-I's and Stage-II's weights in the core's shared CPU layout."""
+    import care_ext.ops as ops
+
+    B, G, H = 100, 8, 64
+    ids, lengths, h_p, h_r, s1, s2 = _inputs(B, G, H, 5)
+    wide = torch.full((B, G, 2 * H), float("nan"), dtype=torch.bfloat16)
+    wide[..., :H] = h_r
+    view = wide[..., :H]
+    assert view.stride() == (G * 2 * H, 2 * H, 1)
+    w1, w2 = ops.shared_first_layers(s1, s2)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = run_step("_acquisition_step_split", "cpu", ids, lengths, h_p, view, w1, w2,
+                       first_layer_split(s1, s2, H))
+    finally:
+        torch.set_num_threads(old)
+    assert_step_like_reference(got, ids, lengths, h_p, h_r, s1, s2)
+
+
+def test_build_info_says_whether_the_cpu_bf16_gemm_is_there():
+    """build_info's cpu_bf16_gemm is true exactly when this torch exports MKL's bf16 GEMM (the
+    library declares it weak: a torch without it still loads care_ext, with float32 products)."""
+    import ctypes
+    import json
+    import os
+
+    lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+    exported = hasattr(lib, "cblas_gemm_bf16bf16f32")
+    assert json.loads(torch.ops.care_ext.build_info())["cpu_bf16_gemm"] is exported
+
+
+@pytest.mark.parametrize("op", SPLIT_OPS)
+def test_split_terms_trade_accuracy(device, op):
     """Fewer pieces: larger error against float64, in the order the bounds say (1 piece is bf16
     weights, visibly off; 3 pieces are as close as the float32 path)."""
+    _skip_cpu_only(op, device)
     B, G, H = 48, 8, 1024
     ids, lengths, h_p, h_r, s1, s2 = _inputs(B, G, H, 11)
     ref64 = R.acquisition_step(ids, lengths, h_p, h_r, to64(s1), to64(s2), 4000.0, 0.0, False,
@@ -69,15 +120,18 @@ def test_split_terms_trade_accuracy(device):
     i = R.AcquisitionOutputs._fields.index("stage1_logits")
     errs = []
     for terms in (1, 2, 3):
-        out = _run(device, ids, lengths, h_p, h_r, s1, s2, first_layer_split(s1, s2, H, terms))
+        out = _run(device, ids, lengths, h_p, h_r, s1, s2, first_layer_split(s1, s2, H, terms),
+                   op)
         errs.append((out[i].cpu().double() - ref64[i].double()).abs().max().item())
-    plain = _run(device, ids, lengths, h_p, h_r, s1, s2, [])
+    plain = run_step("acquisition_step", device, ids, lengths, h_p, h_r, s1, s2)
     err_plain = (plain[i].cpu().double() - ref64[i].double()).abs().max().item()
     assert errs[0] > 10 * errs[2] and errs[0] > errs[1] >= errs[2] * 0.5
     assert errs[2] <= 2 * err_plain + 1e-6, (errs, err_plain)
 
 
-def test_split_argument_errors(device):
+@pytest.mark.parametrize("op", SPLIT_OPS)
+def test_split_argument_errors(device, op):
+    _skip_cpu_only(op, device)
     B, G, H = 4, 8, 32
     ids, lengths, h_p, h_r, s1, s2 = _inputs(B, G, H, 2)
     split = first_layer_split(s1, s2, H)
@@ -92,13 +146,14 @@ def test_split_argument_errors(device):
         kw = dict(ids=ids, lengths=lengths, h_p=h_p, h_r=h_r, s1=s1, s2=s2)
         kw.update(over)
         with pytest.raises(RuntimeError, match=msg) as err:
-            _run(device, **kw, split=sp)
-        assert "care_ext._acquisition_step_fused_split:" in str(err.value)  # the op that was called
+            _run(device, **kw, split=sp, op=op)
+        assert f"care_ext.{op}:" in str(err.value)  # the op that was called
 
 
 def test_public_wrapper_passes_the_split_to_the_fused_op(device):
     """care_ext.ops.acquisition_step(first_layer_split=...) (what the core calls with
-    CareConfig.first_layer_gemm) runs the split op, not the float32 one."""
+    CareConfig.first_layer_gemm) runs the split op of the device -- the CPU step on the CPU, the
+    fused one on CUDA --, not the float32 one."""
     import care_ext.ops as ops
 
     ids, lengths, h_p, h_r, s1, s2 = _inputs(24, 8, 96, 4)
@@ -106,7 +161,8 @@ def test_public_wrapper_passes_the_split_to_the_fused_op(device):
     d = lambda ts: [t.to(device) for t in ts]  # noqa: E731
     args = (ids.to(device), lengths.to(device), h_p.to(device), h_r.to(device), d(s1), d(s2))
     got = ops.acquisition_step(*args, first_layer_split=d(split))
-    want = _run(device, ids, lengths, h_p, h_r, s1, s2, split)
+    op = "_acquisition_step_split" if device == "cpu" else "_acquisition_step_fused_split"
+    want = _run(device, ids, lengths, h_p, h_r, s1, s2, split, op)
     plain = ops.acquisition_step(*args)
     i = R.AcquisitionOutputs._fields.index("stage1_logits")
     assert torch.equal(got[i], want[i]) and not torch.equal(got[i], plain[i])

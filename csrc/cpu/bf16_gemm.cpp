@@ -1,0 +1,71 @@
+// CPU: bf16 x bf16 -> float32 products for the split first layers (care_ext.bf16_split).
+//
+// A product of two bf16 numbers is exact in float32, so a GEMM of bf16 hidden states with the
+// bf16 pieces of a float32 weight gives float32 GEMM results up to the order of the float32 sums.
+// MKL's cblas_gemm_bf16bf16f32 runs it on AMX tiles / AVX512-BF16 where the CPU has them (one
+// Xeon core: [256, 4096] x [4096, 384] in 0.9 ms, about the time of a float32 [256, 4096] x
+// [4096, 128] GEMM with its bf16 -> float32 conversion, for three times the products;
+// bench/RESULTS.md, 2026-11-27, third session). torch's x86 builds export it from libtorch_cpu; it is declared
+// weak here, so the library also loads against a torch without MKL, where the products run as a
+// float32 GEMM on converted copies (the same exact products, slower).
+#include "../classifier_parts.h"
+
+#include <ATen/ops/empty.h>
+
+#include <cstdint>
+#include <limits>
+
+extern "C" {
+// mkl_cblas.h: CBLAS_LAYOUT / CBLAS_TRANSPOSE are C enums (int), MKL_INT is int in torch's
+// LP64 MKL, MKL_BF16 is unsigned short.
+void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
+                            const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta,
+                            float* c, int ldc) __attribute__((weak));
+}
+
+namespace care_ext {
+namespace {
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;  // CblasRowMajor, CblasNoTrans, ...
+
+bool fits_int(int64_t v) { return v >= 0 && v <= std::numeric_limits<int>::max(); }
+}  // namespace
+
+bool cpu_bf16_gemm_available() { return cblas_gemm_bf16bf16f32 != nullptr; }
+
+Tensor bf16_products(const Tensor& a, const Tensor& b) {
+  TORCH_INTERNAL_ASSERT(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(1) &&
+                        a.scalar_type() == at::kBFloat16 && b.scalar_type() == at::kBFloat16 &&
+                        a.device().is_cpu() && b.device().is_cpu());
+  const int64_t M = a.size(0), N = b.size(0), K = a.size(1);
+  const Tensor A = a.stride(1) == 1 && a.stride(0) >= K ? a : a.contiguous();
+  const Tensor Bm = b.stride(1) == 1 && b.stride(0) >= K ? b : b.contiguous();
+  if (!cpu_bf16_gemm_available() || !fits_int(M) || !fits_int(N) || !fits_int(K) ||
+      !fits_int(A.stride(0)) || !fits_int(Bm.stride(0)) || M == 0 || N == 0 || K == 0) {
+    return A.to(at::kFloat).mm(Bm.to(at::kFloat).t());
+  }
+  Tensor c = at::empty({M, N}, a.options().dtype(at::kFloat));
+  cblas_gemm_bf16bf16f32(kRowMajor, kNoTrans, kTrans, static_cast<int>(M), static_cast<int>(N),
+                         static_cast<int>(K), 1.0f,
+                         reinterpret_cast<const uint16_t*>(A.const_data_ptr<at::BFloat16>()),
+                         static_cast<int>(A.stride(0)),
+                         reinterpret_cast<const uint16_t*>(Bm.const_data_ptr<at::BFloat16>()),
+                         static_cast<int>(Bm.stride(0)), 0.0f, c.data_ptr<float>(),
+                         static_cast<int>(N));
+  return c;
+}
+
+void sum_split_terms(const float* c, int64_t ldc, int64_t T, int64_t Rt, int64_t col,
+                     const float* bias, int64_t units, const int64_t* rows, int64_t n, float* out,
+                     int64_t ldo) {
+  for (int64_t k = 0; k < n; ++k) {
+    const float* src = c + (rows != nullptr ? rows[k] : k) * ldc + col;
+    float* dst = out + k * ldo;
+    for (int64_t u = 0; u < units; ++u) dst[u] = src[u];
+    for (int64_t t = 1; t < T; ++t) {
+      for (int64_t u = 0; u < units; ++u) dst[u] += src[t * Rt + u];
+    }
+    for (int64_t u = 0; u < units; ++u) dst[u] += bias[u];
+  }
+}
+
+}  // namespace care_ext
