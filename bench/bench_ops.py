@@ -41,7 +41,7 @@ import care_ext
 from care_ext import reference as R
 from care_ext.bf16_split import first_layer_split
 from care_ext.ops import core_step_layout
-from step_goals import STEP_OPS
+from step_goals import ALL_STEP_OPS, CPU_STEP_OPS
 
 SHAPES = {"cpu": ["64x8x2048", "64x8x3072", "64x8x4096", "512x16x4096"],
           "cuda": ["64x8x2048", "64x8x3072", "64x8x4096", "512x16x4096", "1024x64x4096"]}
@@ -99,6 +99,9 @@ def op_calls(x, impl):
     split = getattr(impl, "_acquisition_step_fused_split", None)
     split_step = ((lambda *a: split(*a, x["split"])) if split is not None  # noqa: E731
                   else impl.acquisition_step)
+    cpu_split = getattr(impl, "_acquisition_step_split", None)
+    cpu_split_step = ((lambda *a: cpu_split(*a, x["split"])) if cpu_split is not None  # noqa: E731
+                      else impl.acquisition_step)
     return {
         "cluster_stats": lambda: impl.cluster_stats(x["ids"]),
         "group_advantage": lambda: impl.group_advantage(x["r"], 1e-6, False),
@@ -118,6 +121,10 @@ def op_calls(x, impl):
         "acquisition_step_fused_split": lambda: split_step(
             x["ids"], x["lengths"], x["h_p"], x["h_r"], x["s1"], x["s2"], 4000.0, 0.0, False, 1e-6,
             False),
+        # the CPU step on split-bf16 first layers (MKL's bf16 GEMM; CPU and native only)
+        "acquisition_step_split": lambda: cpu_split_step(
+            x["ids"], x["lengths"], x["h_p"], x["h_r"], x["s1"], x["s2"], 4000.0, 0.0, False, 1e-6,
+            False),
     }
 
 
@@ -126,7 +133,8 @@ class _Native:
 
     def __getattr__(self, name):
         op = getattr(torch.ops.care_ext, name)
-        if name in ("acquisition_step", "_acquisition_step_fused", "_acquisition_step_fused_split"):
+        if name in ("acquisition_step", "_acquisition_step_fused", "_acquisition_step_fused_split",
+                    "_acquisition_step_split"):
             return lambda ids, l, hp, hr, s1, s2, *a: op(ids, l, hp, hr, list(s1), list(s2), *a)
         return op
 
@@ -255,7 +263,7 @@ def main(argv=None) -> int:
             x = make_inputs(B, G, H, dev, getattr(torch, args.hidden_dtype))
             floor = memory_floor_us(x, dev)
             extra = {}
-            if set(STEP_OPS) & set(args.ops or ["acquisition_step"]):
+            if set(ALL_STEP_OPS) & set(args.ops or ["acquisition_step"]):
                 extra = step_flops(x)
                 if dev == "cpu":
                     # one BLAS thread per block: the rate of all cores is threads x the 1-thread rate
@@ -270,9 +278,10 @@ def main(argv=None) -> int:
                 rm = dict(x, s1=[w.contiguous() for w in x["s1"]],
                           s2=[w.contiguous() for w in x["s2"]])
                 calls["native_rowmajor"] = op_calls(rm, native)
-            for op in args.ops or list(calls["native"]):
+            for op in args.ops or [o for o in calls["native"]
+                                   if dev == "cpu" or o not in CPU_STEP_OPS]:
                 result = dict(shape=shape, op=op, floor_us=floor,
-                              **(extra if op in STEP_OPS else {}))
+                              **(extra if op in ALL_STEP_OPS else {}))
                 for prov in args.providers:
                     try:
                         if prov in ("native", "reference", "native_rowmajor"):

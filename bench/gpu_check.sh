@@ -7,8 +7,8 @@
 # bench/step_goals.py), the device time per kernel of one step call (bench/profile_step.py),
 # compute-sanitizer (memcheck on every kernel, racecheck and synccheck on the block- and
 # warp-cooperative ones), bench_step three ways (default, fused, split-bf16 first layers), then
-# the single ops, the figures (bench/plot_bench.py) and the CPU step's thread scaling on the
-# machine's 16 cores (bench/thread_scaling.py).
+# the single ops, the figures (bench/plot_bench.py), the CPU step's thread scaling on the
+# machine's 16 cores (bench/thread_scaling.py) and the CPU step with split-bf16 first layers.
 #
 #   device run:  bash bench/gpu_check.sh
 set -uo pipefail
@@ -163,4 +163,11 @@ fi
 timeout "$(cap 90)" python3 "$REPO/bench/thread_scaling.py" --threads 1 2 4 8 16 --rounds 2 \
   --min-time 0.2 --shapes 64x8x4096 512x16x4096 --out "$OUT/thread_scaling" > "$OUT/thread_scaling.log" 2>&1
 stamp "CPU thread scaling exit $? : $(grep -E ' native +(1|16) ' "$OUT/thread_scaling.log" | tr -s ' ' | tr '\n' ';')"
+# the CPU step with float32 and with split-bf16 first layers (MKL's bf16 GEMM: AMX on recent Xeons;
+# build_info's cpu_bf16_gemm) against the eager reference on all of this machine's cores
+timeout "$(cap 60)" python3 "$REPO/bench/bench_ops.py" --device cpu --min-time 0.2 \
+  --ops acquisition_step acquisition_step_split --providers native reference \
+  --shapes 64x8x4096 512x16x4096 --out "$OUT/bench_cpu_split" > "$OUT/bench_cpu_split.log" 2>&1
+stamp "CPU step float32 / split-bf16 exit $? : $(grep -E '^cpu' "$OUT/bench_cpu_split.log" \
+  | tr -s ' ' | tr '\n' ';')"
 stamp "done"

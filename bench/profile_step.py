@@ -23,7 +23,7 @@ import torch
 
 import care_ext
 from bench_ops import make_inputs, op_calls
-from step_goals import STEP_OPS
+from step_goals import ALL_STEP_OPS, STEP_OPS
 
 
 def kernel_times(fn, device: str, calls: int) -> dict[str, list[tuple[str, int, float]]]:
@@ -62,7 +62,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--shapes", nargs="*", default=["64x8x4096", "1024x64x4096"])
-    ap.add_argument("--ops", nargs="*", default=list(STEP_OPS), choices=STEP_OPS)
+    ap.add_argument("--ops", nargs="*", choices=ALL_STEP_OPS,
+                    help="default: every step op the device has (the CPU-only ones on the CPU)")
     ap.add_argument("--calls", type=int, default=20, help="profiled calls per shape and op")
     ap.add_argument("--out", default="bench/out/profile_step", help="output path prefix")
     args = ap.parse_args(argv)
@@ -75,6 +76,8 @@ def main(argv=None) -> int:
     if args.calls < 1:
         print("--calls must be >= 1", file=sys.stderr)
         return 2
+    if not args.ops:
+        args.ops = list(STEP_OPS if args.device == "cuda" else ALL_STEP_OPS)
     native = torch.ops.care_ext
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -3,9 +3,9 @@
     python bench/step_goals.py $OUT/bench_step_ops.jsonl
     python bench/step_goals.py bench/out/bench_ops.jsonl        # a --device cpu run
 
-For every step op measured (acquisition_step, acquisition_step_fused, acquisition_step_fused_split)
-it prints, per shape, the host-inclusive native time and the goals that apply to the row's device
-(a row without ``device`` counts as a GPU row):
+For every step op measured (acquisition_step, acquisition_step_fused, acquisition_step_fused_split,
+and on the CPU acquisition_step_split) it prints, per shape, the host-inclusive native time and the
+goals that apply to the row's device (a row without ``device`` counts as a GPU row):
     GPU  64x8x4096      native <= 25 us, >= 70x the eager reference, >= 15x the CUDA-graph replay
     GPU  1024x64x4096   native <= 2x the memory floor (floor_us: reading the hidden states once)
     CPU  64x8x4096, 512x16x4096   native >= 5x the eager reference on the run's threads; the
@@ -20,6 +20,9 @@ import sys
 from pathlib import Path
 
 STEP_OPS = ("acquisition_step", "acquisition_step_fused", "acquisition_step_fused_split")
+CPU_STEP_OPS = ("acquisition_step_split",)
+"""Step ops with a CPU kernel only (the split-bf16 first layers on MKL's bf16 GEMM)."""
+ALL_STEP_OPS = STEP_OPS + CPU_STEP_OPS
 CPU_GOAL_SHAPES = ("64x8x4096", "512x16x4096")
 
 
@@ -40,7 +43,7 @@ def goal_lines(rows: list[dict]) -> list[str]:
     """One line per (step op, goal shape) found in ``rows`` (bench_ops.py JSON rows)."""
     out = []
     for r in rows:
-        if r.get("op") not in STEP_OPS:
+        if r.get("op") not in ALL_STEP_OPS:
             continue
         nat = r.get("native_us")
         name = f"{r['op']:<29} {r['shape']:>13}  native={_num(nat, '.1f')}us"

@@ -107,14 +107,15 @@ def test_profile_step_reports_every_op(tmp_path):
     assert profile_step.main(["--device", "cpu", "--shapes", "6x4x32", "--calls", "2",
                               "--out", str(out)]) == 0
     rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
-    assert {r["op"] for r in rows} == set(profile_step.STEP_OPS)
+    # on the CPU every step op, the CPU-only split step too
+    assert {r["op"] for r in rows} == set(profile_step.ALL_STEP_OPS)
     assert {r["side"] for r in rows} == {"host"}  # no device side without CUDA
-    for op in profile_step.STEP_OPS:
+    for op in profile_step.ALL_STEP_OPS:
         mine = [r for r in rows if r["op"] == op]
         assert any(r["kernel"].startswith("care_ext::") for r in mine), op  # the op itself is seen
         assert abs(sum(r["us"] for r in mine) - mine[0]["total_us"]) < 1e-6 * mine[0]["total_us"] + 1e-9
     text = out.with_suffix(".txt").read_text()
-    assert all(f"{op} 6x4x32 (cpu, host)" in text for op in profile_step.STEP_OPS)
+    assert all(f"{op} 6x4x32 (cpu, host)" in text for op in profile_step.ALL_STEP_OPS)
     assert profile_step.main(["--device", "cpu", "--calls", "0", "--out", str(out)]) == 2
 
 
