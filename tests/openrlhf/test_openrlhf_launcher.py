@@ -193,3 +193,34 @@ def test_drop_mode_remove_flag_checks():
     assert not any("nothing can leave" in n for n in check_stock_flags(one_step, OpenRLHFCareOptions()))
     four_steps = GRPO + ["--rollout.batch_size", "64", "--train.batch_size", "128"]
     assert not any("nothing can leave" in n for n in check_stock_flags(four_steps, remove))
+
+
+@pytest.mark.parametrize("task", ["math", "kk"])
+def test_recipe_hands_the_launcher_absolute_paths_and_passing_flags(tmp_path, task):
+    """training/openrlhf/grpo_care.sh, run with relative DATA_DIR and RUN: the launcher gets
+    absolute data, checkpoint and CARE paths (under ``ray job submit`` the entrypoint does not run
+    in the caller's directory), and the recipe's flags pass the launcher's checks without a
+    warning. The launch itself (OpenRLHF on GPUs) is replaced by a ``python3`` on PATH that
+    records its arguments when called with ``-m``; every other python call runs for real."""
+    recipe = os.path.join(os.path.dirname(__file__), "..", "..", "training", "openrlhf",
+                          "grpo_care.sh")
+    shim, argv_file = tmp_path / "bin", tmp_path / "argv.json"
+    shim.mkdir()
+    record = f"import json, sys; json.dump(sys.argv[1:], open({str(argv_file)!r}, 'w'))"
+    (shim / "python3").write_text(
+        f'#!/bin/sh\nif [ "$1" = "-m" ]; then shift 2; exec {sys.executable} -c "{record}" "$@"; fi\n'
+        f'exec {sys.executable} "$@"\n')
+    (shim / "python").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    for f in shim.iterdir():
+        f.chmod(0o755)
+    env = dict(os.environ, PATH=f"{shim}{os.pathsep}{os.environ['PATH']}", MODEL="Qwen/Qwen3-4B-Base",
+               TASK=task, DATA_DIR="data/openrlhf", RUN="runs/try")
+    env.pop("RAY_ADDRESS", None)
+    subprocess.run(["bash", recipe], env=env, cwd=tmp_path, check=True, capture_output=True)
+    argv = json.loads(argv_file.read_text())
+    value = {k: v for k, v in zip(argv, argv[1:]) if k.startswith("--")}
+    for flag in ("--data.prompt_dataset", "--eval.dataset", "--ckpt.path", "--ckpt.output_dir",
+                 "--care.label_store", "--care.state_dir"):
+        assert os.path.isabs(value[flag]) and value[flag].startswith(str(tmp_path)), flag
+    care, rest = split_care_argv(argv)
+    assert check_stock_flags(rest, parse_care_args(care)) == []

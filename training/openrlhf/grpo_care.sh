@@ -18,6 +18,11 @@ NODES=${NODES:-1}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 STRATEGY=${STRATEGY:-care}
 RUN=${RUN:-runs/openrlhf/$(basename "$MODEL")-$TASK-$STRATEGY}
+# Absolute paths: with RAY_ADDRESS the entrypoint runs under Ray's job supervisor on the head node,
+# not in this shell's directory, so a relative data, checkpoint or label-store path would resolve
+# elsewhere (shared storage at the same path on every node is still the caller's to provide).
+DATA_DIR=$(realpath -m "$DATA_DIR")
+RUN=$(realpath -m "$RUN")
 case "$MODEL" in *8B*) VLLM_TP=${VLLM_TP:-2} ;; *) VLLM_TP=${VLLM_TP:-1} ;; esac
 GPUS=$((NODES * GPUS_PER_NODE))
 ENGINES=$((GPUS / VLLM_TP))
