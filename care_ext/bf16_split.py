@@ -17,6 +17,7 @@ weight version (the caller caches them with the folded weights); the fused step
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -47,14 +48,20 @@ def split_bf16(w: Tensor, terms: int = TERMS) -> Tensor:
         raise ValueError(f"split_bf16 takes float32 weights, got {w.dtype}")
     if not 1 <= terms <= 3:
         raise ValueError(f"terms must be 1, 2 or 3, got {terms}")
-    if not bool(torch.isfinite(w).all()):
-        raise ValueError("split_bf16: the weights hold NaN or Inf")
-    pieces, rest = [], w
-    for _ in range(terms):
-        p = rest.to(torch.bfloat16)
-        pieces.append(p)
-        rest = rest - p.float()
-    return torch.stack(pieces)
+    if w.numel() > 0:  # min and max carry any NaN or Inf (a pass without a bool temporary)
+        lo, hi = torch.aminmax(w.detach())
+        if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
+            raise ValueError("split_bf16: the weights hold NaN or Inf")
+    # in place on one float32 remainder: the core splits its first layers after every update, and
+    # allocating a new tensor per operation cost 3x the arithmetic (on the CPU, 384 x 4096: 5.9 ms
+    # with temporaries, 1.8 ms in place, the isfinite check 2.0 ms more; bench/RESULTS.md)
+    out = torch.empty((terms, *w.shape), dtype=torch.bfloat16, device=w.device)
+    rest = w.detach().clone()
+    for t in range(terms):
+        out[t].copy_(rest)  # round to nearest even
+        if t + 1 < terms:
+            rest.sub_(out[t])  # exact: what the piece left, in float32
+    return out
 
 
 def first_layer_split(stage1: Sequence[Tensor], stage2: Sequence[Tensor], hidden_size: int,
