@@ -242,14 +242,12 @@ def acquisition_step(ids: Tensor, lengths: Tensor, h_prompt: Tensor, h_resp: Ten
     it, ``build_info()["cpu_bf16_gemm"]``). The reference fallback ignores it (same values up to
     float32 rounding).
     """
-    if native_available(ids.device) and first_layer_split is not None and ids.device.type == "cpu":
-        return AcquisitionOutputs(*torch.ops.care_ext._acquisition_step_split(
-            ids, lengths, h_prompt, h_resp, list(stage1), list(stage2), max_len, cag_eps,
-            cag_unbiased, adv_eps, adv_unbiased, list(first_layer_split)))
     if native_available(ids.device) and first_layer_split is not None:
-        return AcquisitionOutputs(*torch.ops.care_ext._acquisition_step_fused_split(
-            ids, lengths, h_prompt, h_resp, list(stage1), list(stage2), max_len, cag_eps,
-            cag_unbiased, adv_eps, adv_unbiased, list(first_layer_split)))
+        op = (torch.ops.care_ext._acquisition_step_split if ids.device.type == "cpu"
+              else torch.ops.care_ext._acquisition_step_fused_split)
+        return AcquisitionOutputs(*op(ids, lengths, h_prompt, h_resp, list(stage1), list(stage2),
+                                      max_len, cag_eps, cag_unbiased, adv_eps, adv_unbiased,
+                                      list(first_layer_split)))
     if native_available(ids.device):
         op = (torch.ops.care_ext._acquisition_step_fused if os.environ.get("CARE_EXT_FUSED_STEP") == "1"
               else torch.ops.care_ext.acquisition_step)

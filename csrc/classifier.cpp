@@ -96,25 +96,25 @@ Tensor prompt_and_head(const Weights& w, const Tensor& h_prompt, const Tensor& p
   return head_from_prompt_pre(w, w.pb.addmm(hp, w.pw.narrow(1, 0, H).t()), prompt_feat, pool);
 }
 
-Tensor adjacent_columns(const Tensor& a, const Tensor& b, bool& a_first) {
-  a_first = true;
+AdjacentColumns adjacent_columns(const Tensor& a, const Tensor& bias_a, const Tensor& b,
+                                 const Tensor& bias_b) {
   if (a.dim() != 2 || b.dim() != 2 || a.scalar_type() != at::kFloat ||
       b.scalar_type() != at::kFloat || a.size(0) != b.size(0) || a.size(0) < 1 ||
       a.size(1) < 1 || b.size(1) < 1 || a.stride(1) != 1 || b.stride(1) != 1 ||
       a.stride(0) != b.stride(0) || a.stride(0) < a.size(1) + b.size(1) || !a.is_alias_of(b)) {
-    return Tensor();
+    return {};
   }
   const int64_t gap = b.storage_offset() - a.storage_offset();
-  if (gap == a.size(1)) {
-    a_first = true;
-  } else if (gap == -b.size(1)) {
-    a_first = false;
-  } else {
-    return Tensor();
-  }
+  if (gap != a.size(1) && gap != -b.size(1)) return {};
+  const bool a_first = gap == a.size(1);
   const Tensor& first = a_first ? a : b;
-  return first.as_strided({a.size(0), a.size(1) + b.size(1)}, {a.stride(0), 1},
-                          first.storage_offset());
+  AdjacentColumns r;
+  r.w = first.as_strided({a.size(0), a.size(1) + b.size(1)}, {a.stride(0), 1},
+                         first.storage_offset());
+  r.bias = a_first ? at::cat({bias_a, bias_b}) : at::cat({bias_b, bias_a});
+  r.off_a = a_first ? 0 : b.size(1);
+  r.off_b = a_first ? a.size(1) : 0;
+  return r;
 }
 
 void rollout_pools_dense(const Tensor& h_resp, int64_t B, int64_t G,
@@ -263,14 +263,13 @@ StepTuple step_impl(const Tensor& ids, const Tensor& lengths, const Tensor& h_pr
     const Tensor hp = h_prompt.to(at::kFloat);  // converted once for both prompt branches
     // Both prompt branches' hidden columns: one GEMM where the weights share one row-major
     // buffer (the CARE core's CPU layout, care_ext.ops.core_step_layout), else one GEMM each.
-    bool first1 = true;
     const Tensor p1h = w1.pw.narrow(1, 0, H).t(), p2h = w2.pw.narrow(1, 0, H).t();
-    const Tensor both = dev.is_cpu() ? adjacent_columns(p1h, p2h, first1) : Tensor();
-    if (both.defined()) {
-      const Tensor bias = first1 ? at::cat({w1.pb, w2.pb}) : at::cat({w2.pb, w1.pb});
-      const Tensor pre = bias.addmm(hp, both);
-      pre1 = pre.narrow(1, first1 ? 0 : w2.P, w1.P);
-      pre2 = pre.narrow(1, first1 ? w1.P : 0, w2.P);
+    const AdjacentColumns both =
+        dev.is_cpu() ? adjacent_columns(p1h, w1.pb, p2h, w2.pb) : AdjacentColumns{};
+    if (both.w.defined()) {
+      const Tensor pre = both.bias.addmm(hp, both.w);
+      pre1 = pre.narrow(1, both.off_a, w1.P);
+      pre2 = pre.narrow(1, both.off_b, w2.P);
     } else {
       pre1 = w1.pb.addmm(hp, p1h);
       pre2 = w2.pb.addmm(hp, p2h);

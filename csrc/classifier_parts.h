@@ -52,11 +52,18 @@ Tensor head_from_prompt_pre(const Weights& w, Tensor pre, const Tensor& prompt_f
 
 // Two weight views a [K, Na] and b [K, Nb] (float32, unit column stride, the same row stride ld)
 // that are adjacent column blocks of one row-major matrix -- b's columns start right after a's
-// (or a's after b's) in the same storage, ld >= Na + Nb -- as one [K, Na + Nb] view over both;
-// `a_first` says which comes first. Undefined when they are not (then multiply them apart).
-// The CARE core stores both stages' first layers so on the CPU (care_ext.ops.core_step_layout):
-// one GEMM over both is ~17% cheaper on MKL than two (bench/RESULTS.md, 2026-11-27, third session).
-Tensor adjacent_columns(const Tensor& a, const Tensor& b, bool& a_first);
+// (or a's after b's) in the same storage, ld >= Na + Nb -- with their biases [Na] and [Nb]:
+// `w` is one [K, Na + Nb] view over both, `bias` the two biases in the same column order, and
+// a's and b's columns start at off_a and off_b. `w` is undefined when they are not adjacent
+// (then multiply them apart). The CARE core stores both stages' first layers so on the CPU
+// (care_ext.ops.core_step_layout): one GEMM over both is ~17% cheaper on MKL than two
+// (bench/RESULTS.md, 2026-11-27, third session).
+struct AdjacentColumns {
+  Tensor w, bias;
+  int64_t off_a = 0, off_b = 0;
+};
+AdjacentColumns adjacent_columns(const Tensor& a, const Tensor& bias_a, const Tensor& b,
+                                 const Tensor& bias_b);
 
 // One classifier's rollout branch as input to the pooled computation:
 //   w    its weights;

@@ -27,7 +27,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/addmm.h>
-#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
@@ -150,10 +149,8 @@ void run_block(const BlockRows& br, int64_t p0, int64_t n, int64_t G, const Bran
 // row-major buffer (adjacent_columns): the masked rows -- the buffer's leading rows -- are
 // multiplied once by both ([used_m, H] x [H, R1u + R1m]), the other rows by u's columns only.
 struct SharedFirstLayer {
-  Tensor w_t;  // [H, R1u + R1m] view over both branches' hidden columns
-  Tensor b;    // [R1u + R1m] their biases, in the same column order
-  int64_t off_u = 0, off_m = 0;
-  size_t u = 0, m = 0;  // the branches' plan indices
+  AdjacentColumns both;  // a = u's hidden columns, b = m's
+  size_t u = 0, m = 0;   // the branches' plan indices
 };
 
 void run_block_shared(const BlockRows& br, int64_t p0, int64_t n, int64_t G,
@@ -166,15 +163,15 @@ void run_block_shared(const BlockRows& br, int64_t p0, int64_t n, int64_t G,
     run_block(br, p0, n, G, u);
     return;
   }
-  const Tensor lead = sh.b.addmm(br.x.narrow(0, 0, used_m), sh.w_t);
+  const Tensor lead = sh.both.bias.addmm(br.x.narrow(0, 0, used_m), sh.both.w);
   Tensor a_u = at::empty({rows, u.w1h_t.size(1)}, br.x.options());
-  a_u.narrow(0, 0, used_m).copy_(lead.narrow(1, sh.off_u, u.w1h_t.size(1)));
+  a_u.narrow(0, 0, used_m).copy_(lead.narrow(1, sh.both.off_a, u.w1h_t.size(1)));
   if (rows > used_m) {
     Tensor rest = a_u.narrow(0, used_m, rows - used_m);
     at::addmm_out(rest, u.b1, br.x.narrow(0, used_m, rows - used_m), u.w1h_t);
   }
   finish_branch(br, p0, n, G, u, selected_rows(u, p0, rows, G), a_u);
-  finish_branch(br, p0, n, G, m, sel_m, lead.narrow(1, sh.off_m, m.w1h_t.size(1)));
+  finish_branch(br, p0, n, G, m, sel_m, lead.narrow(1, sh.both.off_b, m.w1h_t.size(1)));
 }
 
 // A block on the split first layers: the block's bf16 rows times all T * Rt split rows in one
@@ -229,49 +226,41 @@ void rollout_pools_cpu(const Tensor& h_resp, int64_t B, int64_t G,
   // Stage-I (unmasked) and Stage-II (masked) with their hidden columns in one buffer: one GEMM
   // over both for the masked rows (the CARE core's CPU layout, care_ext.ops.core_step_layout).
   std::optional<SharedFirstLayer> shared;
-  if (plans.size() == 2 && (plans[0].mask == nullptr) != (plans[1].mask == nullptr)) {
+  if (!split.defined() && plans.size() == 2 &&
+      (plans[0].mask == nullptr) != (plans[1].mask == nullptr)) {
     SharedFirstLayer sh;
     sh.u = plans[0].mask == nullptr ? 0 : 1;
     sh.m = 1 - sh.u;
-    const BranchPlan &u = plans[sh.u], &m = plans[sh.m];
-    bool u_first = true;
-    sh.w_t = adjacent_columns(u.w1h_t, m.w1h_t, u_first);
-    if (sh.w_t.defined()) {
-      sh.b = u_first ? at::cat({u.b1, m.b1}) : at::cat({m.b1, u.b1});
-      sh.off_u = u_first ? 0 : m.w1h_t.size(1);
-      sh.off_m = u_first ? u.w1h_t.size(1) : 0;
-      shared = sh;
-    }
+    sh.both = adjacent_columns(plans[sh.u].w1h_t, plans[sh.u].b1, plans[sh.m].w1h_t,
+                               plans[sh.m].b1);
+    if (sh.both.w.defined()) shared = sh;
   }
-  const int64_t per_block = std::max<int64_t>(1, kBlockRows / G);
-  const int64_t nblocks = (B + per_block - 1) / per_block;
+  Tensor split2d;  // [T * Rt, H]: every term's rows, for one bf16 GEMM per block
+  int64_t T = 0, Rt = 0;
   if (split.defined()) {
     TORCH_INTERNAL_ASSERT(split.dim() == 3 && split.size(2) == H &&
                           split_cols.size() == plans.size() &&
                           h_resp.scalar_type() == at::kBFloat16);
-    const int64_t T = split.size(0), Rt = split.size(1);
-    const Tensor split2d = split.reshape({T * Rt, H});
-    auto blocks_split = [&](int64_t k0, int64_t k1) {
-      BlockRows br;  // the buffer order only: the GEMM reads the bf16 rows in place
-      for (int64_t kb = k0; kb < k1; ++kb) {
-        const int64_t p0 = kb * per_block, n = std::min(per_block, B - p0);
-        run_block_split(h_resp, p0, n, G, br, lead != nullptr ? lead + p0 * G : nullptr, plans,
-                        split2d, T, Rt, split_cols);
-      }
-    };
-    if (nblocks >= at::get_num_threads()) {
-      at::parallel_for(0, nblocks, 1, blocks_split);
-    } else {
-      blocks_split(0, nblocks);
-    }
-    return;
+    T = split.size(0);
+    Rt = split.size(1);
+    split2d = split.reshape({T * Rt, H});
   }
+  const int64_t per_block = std::max<int64_t>(1, kBlockRows / G);
+  const int64_t nblocks = (B + per_block - 1) / per_block;
   auto blocks = [&](int64_t k0, int64_t k1) {
-    BlockRows br;  // one buffer per task, reused by its blocks
-    br.x = at::empty({std::min(per_block, B) * G, H}, h_resp.options().dtype(at::kFloat));
+    BlockRows br;  // one buffer per task, reused by its blocks (the split path reads the bf16
+                   // rows in place and uses only the buffer order)
+    if (!split.defined()) {
+      br.x = at::empty({std::min(per_block, B) * G, H}, h_resp.options().dtype(at::kFloat));
+    }
     for (int64_t kb = k0; kb < k1; ++kb) {
       const int64_t p0 = kb * per_block, n = std::min(per_block, B - p0);
-      load_block(h_resp, p0 * G, n * G, lead != nullptr ? lead + p0 * G : nullptr, br);
+      const bool* block_lead = lead != nullptr ? lead + p0 * G : nullptr;
+      if (split.defined()) {
+        run_block_split(h_resp, p0, n, G, br, block_lead, plans, split2d, T, Rt, split_cols);
+        continue;
+      }
+      load_block(h_resp, p0 * G, n * G, block_lead, br);
       if (shared.has_value()) {
         run_block_shared(br, p0, n, G, plans, *shared);
       } else {
