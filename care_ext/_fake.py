@@ -104,3 +104,11 @@ def _acquisition_step_fused_split(ids: Tensor, lengths: Tensor, h_prompt: Tensor
     torch._check(len(first_layer_split) in (0, 2), lambda: "first_layer_split must hold 0 or 2 tensors")
     return _acquisition_step(ids, lengths, h_prompt, h_resp, stage1, stage2, max_len, cag_eps,
                              cag_unbiased, adv_eps, adv_unbiased)
+
+
+@torch.library.register_fake(_LIB + "_split_bf16")
+def _split_bf16(w: Tensor, terms: int, out: Tensor):
+    torch._check(w.dim() == 2 and w.dtype == torch.float32, lambda: "w must be float32 [R, H]")
+    torch._check(out.dtype == torch.bfloat16 and tuple(out.shape) == (terms, *w.shape),
+                 lambda: "out must be bfloat16 [terms, R, H]")
+    return None

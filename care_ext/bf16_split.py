@@ -23,61 +23,75 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from . import reference
+from .ops import native_available
+
 TERMS = 3
 """Default pieces per weight: 3 reproduces float32 weights to within float32 rounding (2^-24
 relative); 2 leaves up to 2^-16 relative, a third less tensor-core work."""
 
 
-def split_bf16(w: Tensor, terms: int = TERMS) -> Tensor:
+def split_bf16(w: Tensor, terms: int = TERMS, out: Tensor | None = None) -> Tensor:
     """Split a float32 tensor into ``terms`` bfloat16 pieces whose float32 sum approximates it.
 
     Args:
-        w: float32, any shape, finite.
+        w: float32, any shape and strides, finite.
         terms: 1..3.
+        out: optional bfloat16 [terms, *w.shape] (any strides) to write the pieces into; a caller
+            that re-splits weights of one shape reuses it (the CARE core, after every update).
 
     Returns:
-        bfloat16 [terms, *w.shape]: piece 0 = bf16(w), piece t = bf16(w - sum of pieces < t)
-        (round to nearest even). ``split_bf16(w).float().sum(0)`` equals ``w`` to 2^-24 relative
-        for 3 pieces, 2^-16 for 2, 2^-8 for 1 (bf16 has float32's exponent range, so no piece
-        overflows; pieces of weights below ~2^-110 lose bits to bf16's subnormals).
+        bfloat16 [terms, *w.shape] (``out`` when given): piece 0 = bf16(w), piece t =
+        bf16(w - sum of pieces < t) (round to nearest even). ``split_bf16(w).float().sum(0)``
+        equals ``w`` to 2^-24 relative for 3 pieces, 2^-16 for 2, 2^-8 for 1 (bf16 has float32's
+        exponent range: weights below ~3.396e38 split without overflow, larger ones are refused;
+        pieces of weights below ~2^-110 lose bits to bf16's subnormals). On the CPU a 2-D ``w`` runs
+        ``care_ext::_split_bf16`` (one pass, same pieces bit for bit), otherwise
+        :func:`care_ext.reference.split_bf16` (torch ops).
 
     Raises:
-        ValueError: non-float32 input, terms outside 1..3, or non-finite values.
+        ValueError: non-float32 input, terms outside 1..3, ``out`` of the wrong shape, dtype or
+            device, or non-finite values or values beyond bf16's range (``out``'s contents are
+            then unspecified).
     """
     if w.dtype != torch.float32:
         raise ValueError(f"split_bf16 takes float32 weights, got {w.dtype}")
     if not 1 <= terms <= 3:
         raise ValueError(f"terms must be 1, 2 or 3, got {terms}")
-    if w.numel() > 0:  # min and max carry any NaN or Inf (a pass without a bool temporary)
-        lo, hi = torch.aminmax(w.detach())
-        if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
-            raise ValueError("split_bf16: the weights hold NaN or Inf")
-    # in place on one float32 remainder: the core splits its first layers after every update, and
-    # allocating a new tensor per operation cost 3x the arithmetic (on the CPU, 384 x 4096: 5.9 ms
-    # with temporaries, 1.8 ms in place, the isfinite check 2.0 ms more; bench/RESULTS.md)
-    out = torch.empty((terms, *w.shape), dtype=torch.bfloat16, device=w.device)
-    rest = w.detach().clone()
-    for t in range(terms):
-        out[t].copy_(rest)  # round to nearest even
-        if t + 1 < terms:
-            rest.sub_(out[t])  # exact: what the piece left, in float32
+    shape = (terms, *w.shape)
+    if out is None:
+        out = torch.empty(shape, dtype=torch.bfloat16, device=w.device)
+    elif out.dtype != torch.bfloat16 or tuple(out.shape) != shape or out.device != w.device:
+        raise ValueError(f"split_bf16: out must be bfloat16 {list(shape)} on {w.device}, got "
+                         f"{out.dtype} {list(out.shape)} on {out.device}")
+    if w.dim() == 2 and w.device.type == "cpu" and native_available(w.device):
+        torch.ops.care_ext._split_bf16(w.detach(), terms, out)
+    else:
+        reference.split_bf16(w, terms, out)
     return out
 
 
 def first_layer_split(stage1: Sequence[Tensor], stage2: Sequence[Tensor], hidden_size: int,
-                      terms: int = TERMS) -> list[Tensor]:
+                      terms: int = TERMS, out: Sequence[Tensor] | None = None) -> list[Tensor]:
     """The ``first_layer_split`` argument of the fused step for two folded classifiers.
 
     Args:
         stage1, stage2: the 10 folded float32 weights of each classifier
             (:data:`care_ext.reference.CLASSIFIER_WEIGHT_NAMES` order: prompt_w [P, H + Fp],
-            resp1_w [R1, H + Fr], ...).
+            resp1_w [R1, H + Fr], ...), any strides.
         hidden_size: H (the first H columns of prompt_w and resp1_w are the hidden-state ones).
         terms: bf16 pieces per weight (1..3).
+        out: optional result of an earlier call with the same shapes, overwritten in place (the
+            CARE core re-splits after every update into the same buffers).
 
     Returns:
-        [rollout bf16 [terms, R1_1 + R1_2, H], prompt bf16 [terms, P_1 + P_2, H]]: both stages'
-        hidden columns stacked (Stage-I's units first) and split with :func:`split_bf16`.
+        [rollout bf16 [terms, R1_1 + R1_2, H], prompt bf16 [terms, P_1 + P_2, H]], contiguous:
+        both stages' hidden columns stacked (Stage-I's units first) and split with
+        :func:`split_bf16`, each stage written straight into its rows.
+
+    Raises:
+        ValueError: not 10 weights per stage, first layers narrower than H, ``out`` that does not
+            match, or non-finite weights.
     """
     H = int(hidden_size)
     for name, w in (("stage1", stage1), ("stage2", stage2)):
@@ -87,6 +101,21 @@ def first_layer_split(stage1: Sequence[Tensor], stage2: Sequence[Tensor], hidden
             if w[i].dim() != 2 or w[i].shape[1] < H:
                 raise ValueError(f"{name}[{i}] must be [units, H + features] with H = {H}, "
                                  f"got {tuple(w[i].shape)}")
-    rollout = torch.cat([stage1[2][:, :H], stage2[2][:, :H]])
-    prompt = torch.cat([stage1[0][:, :H], stage2[0][:, :H]])
-    return [split_bf16(rollout, terms).contiguous(), split_bf16(prompt, terms).contiguous()]
+    if out is not None and len(out) != 2:
+        raise ValueError(f"first_layer_split: out must hold 2 tensors, got {len(out)}")
+    result = []
+    for k, i in enumerate((2, 0)):  # rollout (resp1_w), then prompt (prompt_w)
+        n1, n2 = stage1[i].shape[0], stage2[i].shape[0]
+        shape = (terms, n1 + n2, H)
+        buf = out[k] if out is not None else None
+        if buf is None:
+            buf = torch.empty(shape, dtype=torch.bfloat16, device=stage1[i].device)
+        elif (buf.dtype != torch.bfloat16 or tuple(buf.shape) != shape
+              or buf.device != stage1[i].device or not buf.is_contiguous()):
+            raise ValueError(f"first_layer_split: out[{k}] must be a contiguous bfloat16 "
+                             f"{list(shape)} on {stage1[i].device}, got {buf.dtype} "
+                             f"{list(buf.shape)} on {buf.device}")
+        split_bf16(stage1[i][:, :H], terms, out=buf[:, :n1])
+        split_bf16(stage2[i][:, :H], terms, out=buf[:, n1:])
+        result.append(buf)
+    return result

@@ -15,6 +15,7 @@ Conventions used throughout:
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Sequence
 
 import torch
@@ -299,3 +300,27 @@ def acquisition_step(ids: Tensor, lengths: Tensor, h_prompt: Tensor, h_resp: Ten
     reliability = torch.softmax(logits1, dim=1)[:, 1]
     return AcquisitionOutputs(gf.rank, gf.sizes, reliability, logits1, probs, ecag, gf.cag,
                               gf.admissible, gf.pseudo_rewards, gf.pseudo_adv)
+
+
+def split_bf16(w: Tensor, terms: int, out: Tensor) -> None:
+    """A float32 matrix as ``terms`` bfloat16 pieces (the twin of ``care_ext::_split_bf16``).
+
+    Args:
+        w: float32 [R, H], any strides, finite. terms: 1..3.
+        out: bfloat16 [terms, R, H], written in place: piece 0 = bf16(w), piece t = bf16(w - sum
+            of pieces < t), each rounded to nearest even, remainders in float32 (exact).
+
+    Raises:
+        ValueError: ``w`` holds a NaN or an Inf, or a value beyond bfloat16's range (|w| >=
+            ~3.3962e38: its first piece rounds to infinity); ``out`` is then left unspecified.
+    """
+    rest = w.detach().clone()  # in place on one float32 remainder: no temporary per operation
+    for t in range(terms):
+        out[t].copy_(rest)  # round to nearest even
+        rest.sub_(out[t])  # exact: what the piece left, in float32
+    if rest.numel() > 0:  # finite iff w is and no piece overflowed; min and max carry any NaN
+        lo, hi = torch.aminmax(rest)
+        if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
+            raise ValueError("split_bf16: the weights hold NaN or Inf, or values beyond "
+                             "bfloat16's range (|w| >= ~3.3962e38, whose first piece rounds to "
+                             "infinity)")

@@ -52,6 +52,7 @@ class ClassifierTrainer:
         self._folded: tuple[list[Tensor], list[Tensor]] | None = None
         self._raw: tuple[list[Tensor], list[Tensor]] | None = None
         self._split: dict[int, list[Tensor]] = {}
+        self._split_buffers: dict[int, list[Tensor]] = {}  # reused by every re-split
 
     # ------------------------------------------------------------------------------------------
     def folded(self) -> tuple[list[Tensor], list[Tensor]]:
@@ -60,23 +61,37 @@ class ClassifierTrainer:
         Stored as :func:`care_ext.ops.core_step_layout` says (same values, every op takes any
         strides): on CUDA every matrix column-major (the layout the fused step's kernel reads
         coalesced); on the CPU at LLM hidden sizes both stages' first layers side by side (one GEMM
-        for both); else row-major contiguous, as :meth:`CareClassifier.fold` returns them."""
+        for both); else row-major contiguous, as :meth:`CareClassifier.fold` returns them. On the
+        CPU with ``first_layer_gemm`` other than float32, row-major: the split step takes its
+        hidden products from :meth:`first_layer_split`'s pieces."""
         if self._folded is None:
             raw = self.stage1.fold(), self.stage2.fold()
-            self._folded = core_step_layout(*raw, self.hidden_size)
-            # the split pieces are stacked from these row-major copies: from the side-by-side
-            # CPU layout the stacking is a transposing copy (~3 ms at H = 4096 on this VM)
-            self._raw = raw if self.cfg.first_layer_gemm != "float32" else None
+            split = self.cfg.first_layer_gemm != "float32"
+            if split and not raw[0][0].is_cuda:
+                # the CPU split step reads only the first layers' feature columns from these (its
+                # hidden products come from the pieces): the side-by-side copy would go unused
+                self._folded, self._raw = raw, None
+            else:
+                self._folded = core_step_layout(*raw, self.hidden_size)
+                # the split pieces are read from these row-major copies: from a transposed layout
+                # the reads are strided (~6x slower on the CPU)
+                self._raw = raw if split else None
         return self._folded
 
     def first_layer_split(self, terms: int) -> list[Tensor]:
         """The folded first layers' hidden columns as ``terms`` bf16 pieces for the split steps'
-        bf16 GEMMs (:func:`care_ext.bf16_split.first_layer_split`; cached between updates)."""
+        bf16 GEMMs (:func:`care_ext.bf16_split.first_layer_split`; cached between updates).
+
+        The pieces are written into the same buffers after every update (fresh tensors cost the
+        CPU core first-touch page faults each time): the tensors returned are valid until the
+        next update."""
         if terms not in self._split:
             w1, w2 = self.folded()
             if self._raw is not None:
                 w1, w2 = self._raw
-            self._split[terms] = first_layer_split(w1, w2, self.hidden_size, terms)
+            self._split[terms] = first_layer_split(w1, w2, self.hidden_size, terms,
+                                                   out=self._split_buffers.get(terms))
+            self._split_buffers[terms] = self._split[terms]
         return self._split[terms]
 
     def _batch(self, samples: list[Sample]) -> dict[str, Tensor]:

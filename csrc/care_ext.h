@@ -107,6 +107,10 @@ StepTuple acquisition_step(const Tensor& ids, const Tensor& lengths, const Tenso
                            const Tensor& h_resp, at::TensorList stage1, at::TensorList stage2,
                            double max_len, double cag_eps, bool cag_unbiased, double adv_eps,
                            bool adv_unbiased);
+// Private, CPU: w (float32 [R, H], any strides) as `terms` bf16 pieces written into out (bf16
+// [terms, R, H], any strides), piece t = bf16(w - pieces before t); a ValueError when w holds a
+// NaN or Inf (care_ext::_split_bf16, cpu/bf16_split.cpp).
+void split_bf16_cpu(const Tensor& w, int64_t terms, const Tensor& out);
 // Private, CPU: acquisition_step with its first layers' hidden products from the split bf16
 // pieces (care_ext::_acquisition_step_split; bf16 x bf16 -> float32 GEMMs, exact products).
 StepTuple acquisition_step_split_cpu(const Tensor& ids, const Tensor& lengths,

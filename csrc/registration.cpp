@@ -116,6 +116,10 @@ TORCH_LIBRARY(care_ext, m) {
       "float adv_eps, bool adv_unbiased, Tensor[] first_layer_split) -> (Tensor rank, "
       "Tensor sizes, Tensor reliability, Tensor stage1_logits, Tensor probs, Tensor ecag, "
       "Tensor cag, Tensor admissible, Tensor pseudo_rewards, Tensor pseudo_adv)");
+  // Private, CPU only: a float32 matrix (any strides) as `terms` bf16 pieces written in one pass
+  // into a caller's buffer (the CARE core re-splits its first layers after every update);
+  // the pieces of care_ext.reference.split_bf16, bit for bit.
+  m.def("_split_bf16(Tensor w, int terms, Tensor(a!) out) -> ()");
   // Private, CPU only: the fused step's tail run by a team of `threads` threads per block of
   // `prompts` prompts and stage, with barriers where the CUDA kernel has __syncthreads, so the CPU
   // tests the kernel's division of the work over a block (results equal the one-thread op bit for
@@ -149,6 +153,7 @@ TORCH_LIBRARY_IMPL(care_ext, CPU, m) {
   m.impl("_acquisition_step_fused_split", &acquisition_step_fused_split_cpu);
   m.impl("_acquisition_step_fused_block", &acquisition_step_fused_block_cpu);
   m.impl("_acquisition_step_split", &acquisition_step_split_cpu);
+  m.impl("_split_bf16", &split_bf16_cpu);
 }
 
 TORCH_LIBRARY_IMPL(care_ext, CompositeExplicitAutograd, m) {

@@ -123,11 +123,17 @@ def test_trainer_split_cache_follows_the_weights():
     w1, w2 = tr.folded()
     for got, want in zip(s3, first_layer_split(w1, w2, tr.hidden_size, 3)):
         assert torch.equal(got, want)
+    before = [p.clone() for p in s3]
     for b in batches[1:]:
         ctl.decide(b.uids, b.ids, **b.kwargs())
         ctl.update()
-    assert tr.first_layer_split(3) is not s3  # an update invalidates the pieces with the weights
-    assert not torch.equal(tr.first_layer_split(3)[0], s3[0])
+    now = tr.first_layer_split(3)  # an update invalidates the pieces with the weights ...
+    assert now is not s3 and not torch.equal(now[0], before[0])
+    w1, w2 = tr.folded()
+    for got, want in zip(now, first_layer_split(w1, w2, tr.hidden_size, 3)):
+        assert torch.equal(got, want)
+    # ... and the new pieces are written into the old ones' buffers (no fresh pages per update)
+    assert [p.data_ptr() for p in now] == [p.data_ptr() for p in s3]
 
 
 def _folded_after_one_update(device, H=64, with_batch=False):

@@ -44,6 +44,103 @@ def test_split_rejects_bad_input():
         first_layer_split(w, w, 32)
 
 
+def _bits(t):
+    return t.view(torch.int16)
+
+
+def _hard_weights(R, H, seed):
+    """float32 [R, H] over 2^-140 .. 2^120 (bf16 subnormals included), with zeros, -0, exact bf16
+    values, halfway cases of the first rounding and bf16's largest finite value."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(R, H, generator=gen) * torch.pow(
+        2.0, torch.randint(-140, 120, (R, H), generator=gen).float())
+    flat = w.view(-1)
+    flat[:6] = torch.tensor([0.0, -0.0, 1.0, -3.0, 1.0 + 2.0 ** -8, 1.0 + 3 * 2.0 ** -8])
+    flat[6:8] = torch.tensor([3.3895314e38, -3.3895314e38])
+    return w
+
+
+@pytest.mark.parametrize("terms", [1, 2, 3])
+@pytest.mark.parametrize("layout", ["contiguous", "column_slice", "transposed"])
+def test_native_split_equals_reference_bit_for_bit(terms, layout):
+    """care_ext::_split_bf16 against its torch twin (care_ext.reference.split_bf16): the same
+    pieces, bit for bit, from any strides into a slice of a larger buffer."""
+    from care_ext import reference
+    w = _hard_weights(67, 131, seed=terms)
+    if layout == "column_slice":  # a folded weight's hidden columns
+        w = torch.cat([w, torch.ones(67, 5)], 1)[:, :131]
+    elif layout == "transposed":
+        w = w.t().contiguous().t()
+    big = torch.zeros(terms, 100, 131, dtype=torch.bfloat16)
+    out = big[:, 20:87]  # rows of a stacked buffer: strided over terms
+    torch.ops.care_ext._split_bf16(w, terms, out)
+    want = torch.empty(terms, 67, 131, dtype=torch.bfloat16)
+    reference.split_bf16(w, terms, want)
+    assert torch.equal(_bits(out), _bits(want))
+    assert not big[:, :20].any() and not big[:, 87:].any()  # nothing written outside the slice
+
+
+def test_native_split_writes_a_strided_output():
+    from care_ext import reference
+    w = _hard_weights(33, 40, seed=7)
+    out = torch.empty(3, 40, 33, dtype=torch.bfloat16).transpose(1, 2)  # inner stride 33
+    torch.ops.care_ext._split_bf16(w, 3, out)
+    want = torch.empty(3, 33, 40, dtype=torch.bfloat16)
+    reference.split_bf16(w, 3, want)
+    assert torch.equal(_bits(out.contiguous()), _bits(want))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), 3.4028234e38,
+                                 -3.3962e38])
+def test_native_split_rejects_non_finite_weights(bad):
+    """NaN, Inf, and finite weights whose first bf16 piece rounds to infinity (their pieces would
+    sum to NaN): a ValueError from the op, from the wrapper and from the reference."""
+    from care_ext import reference
+    w = torch.randn(64, 300)
+    w[50, 299] = bad  # the last thread's rows, the last column
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        torch.ops.care_ext._split_bf16(w, 3, torch.empty(3, 64, 300, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        split_bf16(w)
+    for terms in (1, 2, 3):
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            reference.split_bf16(w, terms, torch.empty(terms, 64, 300, dtype=torch.bfloat16))
+
+
+def test_native_split_argument_errors():
+    w = torch.randn(4, 8)
+    op = torch.ops.care_ext._split_bf16
+    with pytest.raises(RuntimeError, match="out must be bfloat16"):
+        op(w, 3, torch.empty(2, 4, 8, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="out must be bfloat16"):
+        op(w, 3, torch.empty(3, 4, 8))
+    with pytest.raises(RuntimeError, match="float32"):
+        op(w.double(), 3, torch.empty(3, 4, 8, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="terms"):
+        op(w, 4, torch.empty(4, 4, 8, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="out must be bfloat16"):
+        split_bf16(w, 3, out=torch.empty(3, 8, 4, dtype=torch.bfloat16))
+
+
+def test_first_layer_split_reuses_its_buffers(device):
+    """``out=`` writes the pieces of new weights into an earlier result's buffers: the same values
+    as a fresh split, the same storage."""
+    gen = torch.Generator().manual_seed(5)
+    w1, w2 = (random_weights(48, 9, 1, 3, gen), random_weights(48, 9, 0, 3, gen))
+    w1, w2 = [t.to(device) for t in w1], [t.to(device) for t in w2]
+    first = first_layer_split(w1, w2, 48)
+    ptrs = [p.data_ptr() for p in first]
+    v1, v2 = ([t * 1.5 for t in w1], [t - 0.25 for t in w2])
+    again = first_layer_split(v1, v2, 48, out=first)
+    assert [p.data_ptr() for p in again] == ptrs
+    for got, want in zip(again, first_layer_split(v1, v2, 48)):
+        assert torch.equal(_bits(got), _bits(want))
+    with pytest.raises(ValueError, match="out must hold 2"):
+        first_layer_split(v1, v2, 48, out=first[:1])
+    with pytest.raises(ValueError, match=r"out\[1\] must be a contiguous bfloat16"):
+        first_layer_split(v1, v2, 48, terms=2, out=[first[0][:2], first[1]])
+
+
 def _inputs(B, G, H, seed):
     return step_inputs(B, G, H, torch.bfloat16, torch.Generator().manual_seed(seed))
 

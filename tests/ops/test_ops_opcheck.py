@@ -47,13 +47,16 @@ def _samples(device, shapes=((5, 8), (3, 1)), step_dtype=torch.float32, forward_
             (ids, lengths, h_p.bfloat16(), h_r.bfloat16(), s1, s2, 50.0, 0.0, False, 1e-6, False,
              first_layer_split(s1, s2, H)))
         out["_acquisition_step_split"] = out["_acquisition_step_fused_split"]
+        w = s1[2][:, :H]  # a folded first layer's hidden columns: a strided view
+        out.setdefault("_split_bf16", []).append(
+            (w, 3, torch.empty(3, *w.shape, dtype=torch.bfloat16, device=device)))
     return out
 
 
 OPS = ["cluster_stats", "group_advantage", "cag", "classwise_cag", "expected_cag",
        "group_features", "classifier_forward", "acquisition_step", "_acquisition_step_fused",
-       "_acquisition_step_fused_split", "_acquisition_step_split"]
-CPU_ONLY_OPS = {"_acquisition_step_split"}
+       "_acquisition_step_fused_split", "_acquisition_step_split", "_split_bf16"]
+CPU_ONLY_OPS = {"_acquisition_step_split", "_split_bf16"}
 
 
 @pytest.mark.parametrize("name", OPS)
@@ -86,14 +89,24 @@ def test_cpu_outputs_do_not_depend_on_the_thread_count(name):
     threads, each row's arithmetic is fixed), on batches large enough to be split: 37 prompts of 8
     (the blocked step: 2 blocks, in parallel on 2 threads, one after the other on 3) and 300 of 4
     (5 blocks, in parallel), bf16 hidden states in the step, a rollout mask in the forward."""
-    cases = _samples("cpu", ((37, 8), (300, 4)), torch.bfloat16, forward_mask=True)[name]
     op = getattr(torch.ops.care_ext, name)
+    if name == "_split_bf16":  # writes into its out argument: 50 rows of 1000, 4 chunks of rows
+        w = torch.randn(50, 1003, generator=torch.Generator().manual_seed(3))[:, :1000]
+        buf = torch.empty(3, 50, 1000, dtype=torch.bfloat16)
+        cases = [(w, 3, buf)]
+
+        def call(*args):
+            op(*args)
+            return args[2].clone()
+    else:
+        cases = _samples("cpu", ((37, 8), (300, 4)), torch.bfloat16, forward_mask=True)[name]
+        call = op
     before = torch.get_num_threads()
     try:
         outs = []
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            outs.append([op(*args) for args in cases])
+            outs.append([call(*args) for args in cases])
     finally:
         torch.set_num_threads(before)
     flat = [[t for o in run for t in (o if isinstance(o, (tuple, list)) else (o,))] for run in outs]
