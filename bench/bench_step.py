@@ -13,6 +13,7 @@ raw rows of the trained prompts come from memory.
     python bench/bench_step.py --device cpu --shapes 64x8x4096 --threads 1
     python bench/bench_step.py --device cpu --shapes 64x8x4096 --threads 1 --projected
     python bench/bench_step.py --device cpu --threads 1 --first-layer-backward autograd fused
+    python bench/bench_step.py --device cpu --threads 2 --first-layer-gemm float32 bf16x3
     python bench/bench_step.py --device cuda --out $OUT/bench_step
 """
 from __future__ import annotations
@@ -87,6 +88,7 @@ def run(device: str, B: int, G: int, H: int, steps: int, warmup: int, strategy: 
     return dict(device=device, shape=f"{B}x{G}x{H}", strategy=strategy, decide_ms=d, update_ms=u,
                 update_share=u / (d + u), steps=steps, projected=projected,
                 first_layer_backward=first_layer_backward, first_layer_gemm=first_layer_gemm,
+                split_terms=ctl.trainer.split_terms if ctl.trainer is not None else None,
                 project_ms=statistics.median(t_project) * 1e3 if t_project else None)
 
 
@@ -104,8 +106,11 @@ def main(argv=None) -> int:
                     choices=["auto", "autograd", "fused"],
                     help="classifier training's first-layer backward (CareConfig."
                          "first_layer_backward); several: each in turn per shape, side by side")
-    ap.add_argument("--first-layer-gemm", default="float32", choices=["float32", "bf16x3", "bf16x2"],
-                    help="the decide step's first layers on CUDA (CareConfig.first_layer_gemm)")
+    ap.add_argument("--first-layer-gemm", nargs="+", default=["auto"],
+                    choices=["auto", "float32", "bf16x3", "bf16x2"],
+                    help="the decide step's first layers (CareConfig.first_layer_gemm; rows record "
+                         "what 'auto' resolved to as split_terms); several: each in turn per "
+                         "shape, side by side")
     ap.add_argument("--out", default="bench/out/bench_step")
     args = ap.parse_args(argv)
     if args.threads:
@@ -114,15 +119,15 @@ def main(argv=None) -> int:
     rows = []
     for shape in args.shapes:
         B, G, H = map(int, shape.split("x"))
-        for flb in args.first_layer_backward:
+        for flb, gemm in [(f, g) for f in args.first_layer_backward for g in args.first_layer_gemm]:
             r = run(args.device, B, G, H, args.steps, args.warmup, args.strategy, args.projected, flb,
-                    args.first_layer_gemm)
+                    gemm)
             r.update(device_name=name, torch=torch.__version__, threads=torch.get_num_threads(),
                      native=care_ext.HAS_NATIVE, date=time.strftime("%Y-%m-%d %H:%M:%S"))
             rows.append(r)
             proj = f", projection {r['project_ms']:.1f} ms" if r["project_ms"] is not None else ""
             print(f"{args.device} {shape:>12} {args.strategy}{' projected' if args.projected else ''}"
-                  f" [first layers: {flb}, {args.first_layer_gemm}]: decide {r['decide_ms']:.1f} ms, update "
+                  f" [first layers: {flb}, {gemm} ({r['split_terms']})]: decide {r['decide_ms']:.1f} ms, update "
                   f"{r['update_ms']:.1f} ms ({100 * r['update_share']:.0f}% of the step){proj}",
                   flush=True)
     out = Path(args.out).with_suffix(".jsonl")

@@ -31,6 +31,64 @@ TERMS = 3
 relative); 2 leaves up to 2^-16 relative, a third less tensor-core work."""
 
 
+GEMM_MODES = {"float32": 0, "bf16x3": 3, "bf16x2": 2}
+"""``CareConfig.first_layer_gemm`` values with a fixed meaning -> bf16 pieces per weight (0: the
+float32 GEMMs). 'auto' resolves to one of them (:func:`resolve_first_layer_gemm`)."""
+AUTO_MIN_HIDDEN = 1024
+"""'auto' splits only at hidden sizes >= this (LLM sizes, where the first layers are the step's
+cost); below it the float32 path and its float order are kept (the CPU lab, H = 128)."""
+
+
+def cpu_bf16_hardware() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AMX-BF16 or AVX512-BF16 in /proc/cpuinfo's
+    flags; False where there is no /proc/cpuinfo) and the library reaches MKL's bf16 GEMM
+    (``care_ext.build_info()["cpu_bf16_gemm"]``)."""
+    global _CPU_BF16
+    if _CPU_BF16 is None:
+        from . import build_info
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                text = f.read()
+        except OSError:
+            text = ""
+        _CPU_BF16 = bool(build_info().get("cpu_bf16_gemm")) and bf16_flags_in(text)
+    return _CPU_BF16
+
+
+_CPU_BF16: bool | None = None
+
+
+def bf16_flags_in(cpuinfo: str) -> bool:
+    """Whether the first ``flags`` line of a /proc/cpuinfo text names amx_bf16 or avx512_bf16."""
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            return bool(set(line.partition(":")[2].split()) & {"amx_bf16", "avx512_bf16"})
+    return False
+
+
+def resolve_first_layer_gemm(mode: str, device: torch.device | str, hidden_size: int) -> int:
+    """bf16 pieces per first-layer weight for ``CareConfig.first_layer_gemm`` (0 = float32 GEMMs).
+
+    Args:
+        mode: 'float32', 'bf16x3', 'bf16x2', or 'auto': 3 on a CPU with bf16 hardware
+            (:func:`cpu_bf16_hardware`) at ``hidden_size`` >= :data:`AUTO_MIN_HIDDEN`, else 0
+            (CUDA: the split fused step has not been measured on a GPU yet; CPUs without bf16
+            units would run the split products as float32 GEMMs on converted copies, slower).
+        device: where the CARE core runs its classifiers.
+        hidden_size: H.
+
+    Raises:
+        ValueError: an unknown mode.
+    """
+    if mode == "auto":
+        return 3 if (torch.device(device).type == "cpu" and hidden_size >= AUTO_MIN_HIDDEN
+                     and cpu_bf16_hardware()) else 0
+    if mode not in GEMM_MODES:
+        raise ValueError(f"first_layer_gemm must be 'auto' or one of {tuple(GEMM_MODES)}, got "
+                         f"{mode!r}")
+    return GEMM_MODES[mode]
+
+
 def split_bf16(w: Tensor, terms: int = TERMS, out: Tensor | None = None) -> Tensor:
     """Split a float32 tensor into ``terms`` bfloat16 pieces whose float32 sum approximates it.
 

@@ -112,16 +112,17 @@ class CareConfig:
     H = 128, keeps the float order its recorded numbers were made with). Same maths; the float32
     rounding of the classifier weights differs between the two."""
 
-    first_layer_gemm: str = "float32"
+    first_layer_gemm: str = "auto"
     """How the acquisition step multiplies bf16 hidden states by the classifiers' first layers:
     'float32' (converted states, float32 GEMMs), or 'bf16x3' / 'bf16x2': bf16 GEMMs with each
     float32 weight split into 3 bf16 pieces (float32-exact weights) or 2 (2^-16 relative);
     products exact, sums float32 (:mod:`care_ext.bf16_split`). On CUDA the fused step's
     tensor-core GEMMs; on the CPU MKL's bf16 GEMM (AMX / AVX512-BF16 Xeons; elsewhere float32
     GEMMs on converted copies, slower: ``care_ext.build_info()["cpu_bf16_gemm"]`` says which).
-    Used only where it applies: bf16 hidden states, raw (not projected) states, count classifiers;
-    float32 elsewhere. Default float32 (bench/RESULTS.md has the CPU measurements; CUDA is
-    unmeasured)."""
+    'auto' (default): 'bf16x3' on a CPU with bf16 units at H >= 1024, 'float32' elsewhere
+    (:func:`care_ext.bf16_split.resolve_first_layer_gemm`; CUDA's split step is not yet measured
+    on a GPU). Used only where it applies: bf16 hidden states, raw (not projected) states, count
+    classifiers; float32 elsewhere. bench/RESULTS.md has the CPU measurements."""
 
     # --- inputs and monitoring ------------------------------------------------------------------
     nonfinite: str = "error"
@@ -147,7 +148,7 @@ class CareConfig:
                    "stage2_correct_majority": ("class0", "exclude"),
                    "nonfinite": ("error", "drop"),
                    "first_layer_backward": ("auto", "autograd", "fused"),
-                   "first_layer_gemm": ("float32", "bf16x3", "bf16x2")}
+                   "first_layer_gemm": ("auto", "float32", "bf16x3", "bf16x2")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

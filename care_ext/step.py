@@ -441,9 +441,9 @@ class CareController:
         lens = torch.where(bad.to(dev)[:, None], torch.zeros_like(lens), lens)
         if not self.strategy.regression:
             split = None
-            if (cfg.first_layer_gemm != "float32" and projected is None
+            if (self.trainer.split_terms > 0 and projected is None
                     and hp.dtype == hr.dtype == torch.bfloat16):
-                split = self.trainer.first_layer_split(int(cfg.first_layer_gemm[-1]))
+                split = self.trainer.first_layer_split(self.trainer.split_terms)
             out = ops.acquisition_step(ids.to(dev), lens, hp, hr, w1, w2, cfg.max_len, cfg.cag_eps,
                                        cfg.cag_unbiased, cfg.adv_eps, cfg.adv_unbiased,
                                        first_layer_split=split)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .bf16_split import first_layer_split
+from .bf16_split import first_layer_split, resolve_first_layer_gemm
 from .classifiers import CareClassifier, balanced_ce, stage1_classifier, stage2_classifier
 from .config import CareConfig
 from .ops import core_step_layout
@@ -51,6 +51,8 @@ class ClassifierTrainer:
         self.updates = 0
         self._folded: tuple[list[Tensor], list[Tensor]] | None = None
         self._raw: tuple[list[Tensor], list[Tensor]] | None = None
+        self.split_terms = resolve_first_layer_gemm(cfg.first_layer_gemm, cfg.device, hidden_size)
+        """bf16 pieces per first-layer weight in the decide step (0: float32 GEMMs)."""
         self._split: dict[int, list[Tensor]] = {}
         self._split_buffers: dict[int, list[Tensor]] = {}  # reused by every re-split
 
@@ -62,11 +64,11 @@ class ClassifierTrainer:
         strides): on CUDA every matrix column-major (the layout the fused step's kernel reads
         coalesced); on the CPU at LLM hidden sizes both stages' first layers side by side (one GEMM
         for both); else row-major contiguous, as :meth:`CareClassifier.fold` returns them. On the
-        CPU with ``first_layer_gemm`` other than float32, row-major: the split step takes its
+        CPU with split first layers (:attr:`split_terms` > 0), row-major: the split step takes its
         hidden products from :meth:`first_layer_split`'s pieces."""
         if self._folded is None:
             raw = self.stage1.fold(), self.stage2.fold()
-            split = self.cfg.first_layer_gemm != "float32"
+            split = self.split_terms > 0
             if split and not raw[0][0].is_cuda:
                 # the CPU split step reads only the first layers' feature columns from these (its
                 # hidden products come from the pieces): the side-by-side copy would go unused

@@ -30,7 +30,7 @@ def test_bench_ops_writes_every_provider_row(tmp_path):
 
 
 @pytest.mark.parametrize("extra", [[], ["--first-layer-backward", "autograd", "fused"],
-                                   ["--projected"], ["--first-layer-gemm", "bf16x3"]])
+                                   ["--projected"], ["--first-layer-gemm", "float32", "bf16x3"]])
 def test_bench_step_runs(tmp_path, extra):
     import bench_step
 
@@ -38,13 +38,18 @@ def test_bench_step_runs(tmp_path, extra):
     assert bench_step.main(["--device", "cpu", "--shapes", "12x4x32", "--steps", "2", "--warmup", "1",
                             "--out", str(out), *extra]) == 0
     rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
-    assert len(rows) == (2 if "fused" in extra else 1)
+    assert len(rows) == (2 if "fused" in extra or "bf16x3" in extra else 1)
     for r in rows:
         assert r["decide_ms"] > 0 and r["update_ms"] > 0 and r["shape"] == "12x4x32"
     if "--projected" in extra:
         assert rows[0]["projected"] and rows[0]["project_ms"] > 0
     if "fused" in extra:
         assert [r["first_layer_backward"] for r in rows] == ["autograd", "fused"]
+    if "bf16x3" in extra:  # side by side in one run, each row saying what ran
+        assert [(r["first_layer_gemm"], r["split_terms"]) for r in rows] == [("float32", 0),
+                                                                             ("bf16x3", 3)]
+    else:  # the default, 'auto', keeps float32 at this small width
+        assert all(r["first_layer_gemm"] == "auto" and r["split_terms"] == 0 for r in rows)
 
 
 def test_step_goals_reads_a_bench_run(tmp_path, capsys):

@@ -136,11 +136,11 @@ def test_trainer_split_cache_follows_the_weights():
     assert [p.data_ptr() for p in now] == [p.data_ptr() for p in s3]
 
 
-def _folded_after_one_update(device, H=64, with_batch=False):
+def _folded_after_one_update(device, H=64, with_batch=False, **config):
     world = make_world(B=32, G=8, H=H, seed=3)
     b = make_batch(world, 0, seed=3)
-    ctl = CareController(CareConfig(strategy="care", group_size=8, warmup_steps=1, device=device),
-                         GoldOracle(dict(b.gold)))
+    ctl = CareController(CareConfig(strategy="care", group_size=8, warmup_steps=1, device=device,
+                                    **config), GoldOracle(dict(b.gold)))
     kw = b.kwargs() if device == "cpu" else {k: v.cuda() if k != "lengths" else v
                                               for k, v in b.kwargs().items()}
     ctl.decide(b.uids, b.ids, **kw)
@@ -157,13 +157,14 @@ def test_folded_weights_are_row_major_on_the_cpu():
 
 
 def test_folded_first_layers_share_a_buffer_on_the_cpu_at_llm_widths():
-    """On the CPU at H >= SHARED_LAYOUT_MIN_HIDDEN the core stores both stages' first layers side
-    by side (one GEMM for both in the CPU step), same values, and the step gives what the
-    row-major weights give."""
+    """On the CPU at H >= SHARED_LAYOUT_MIN_HIDDEN with float32 first layers the core stores both
+    stages' first layers side by side (one GEMM for both in the CPU step), same values, and the
+    step gives what the row-major weights give."""
     from care_ext.ops import SHARED_LAYOUT_MIN_HIDDEN
 
     H = SHARED_LAYOUT_MIN_HIDDEN
-    (w1, w2), tr, b = _folded_after_one_update("cpu", H=H, with_batch=True)
+    (w1, w2), tr, b = _folded_after_one_update("cpu", H=H, with_batch=True,
+                                               first_layer_gemm="float32")
     row1, row2 = tr.stage1.fold(), tr.stage2.fold()
     for got, want in zip(w1 + w2, row1 + row2):
         assert torch.equal(got, want)
@@ -178,6 +179,20 @@ def test_folded_first_layers_share_a_buffer_on_the_cpu_at_llm_widths():
                                    atol=1e-6, msg=name)
 
 
+def test_folded_weights_stay_row_major_for_the_cpu_split_step():
+    """With split first layers on the CPU the side-by-side copy is skipped (the split step reads
+    only the feature columns of the first layers): fold()'s weights, and pieces split from them."""
+    from care_ext.bf16_split import first_layer_split
+    from care_ext.ops import SHARED_LAYOUT_MIN_HIDDEN
+
+    (w1, w2), tr = _folded_after_one_update("cpu", H=SHARED_LAYOUT_MIN_HIDDEN,
+                                            first_layer_gemm="bf16x3")
+    for got, want in zip(w1 + w2, tr.stage1.fold() + tr.stage2.fold()):
+        assert got.is_contiguous() and torch.equal(got, want)
+    for got, want in zip(tr.first_layer_split(3), first_layer_split(w1, w2, tr.hidden_size, 3)):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.cuda
 def test_folded_weights_are_column_major_on_cuda():
     """On CUDA the matrices are stored column-major (the fused tail's coalesced layout), same values."""
@@ -186,3 +201,41 @@ def test_folded_weights_are_column_major_on_cuda():
         assert torch.equal(got, want)
         if got.dim() == 2:
             assert got.t().is_contiguous() and not got.is_contiguous(), i
+
+
+def test_auto_first_layer_gemm_resolves_by_device_size_and_cpu():
+    from care_ext.bf16_split import bf16_flags_in, cpu_bf16_hardware, resolve_first_layer_gemm
+    spr = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+    epyc = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma bmi2\nbugs\t\t: avx512_bf16\n"
+    assert bf16_flags_in(spr) and not bf16_flags_in(epyc) and not bf16_flags_in("")
+    assert bf16_flags_in("flags : avx512_bf16\n") and not bf16_flags_in("flags : avx512f\n")
+    fixed = {"float32": 0, "bf16x3": 3, "bf16x2": 2}
+    for mode, terms in fixed.items():  # fixed modes hold everywhere
+        assert resolve_first_layer_gemm(mode, "cuda", 4096) == terms
+        assert resolve_first_layer_gemm(mode, "cpu", 64) == terms
+    assert resolve_first_layer_gemm("auto", "cuda", 4096) == 0  # CUDA: unmeasured, float32
+    assert resolve_first_layer_gemm("auto", "cpu", 1023) == 0  # small H keeps the lab's order
+    assert resolve_first_layer_gemm("auto", "cpu", 1024) == (3 if cpu_bf16_hardware() else 0)
+    with pytest.raises(ValueError, match="first_layer_gemm"):
+        resolve_first_layer_gemm("bf16x4", "cpu", 4096)
+
+
+def test_default_auto_decides_like_float32_at_llm_width():
+    """The default ('auto') at H = 1024 on this CPU: the split step where the CPU has bf16 units
+    (else float32), with the decisions and weights of an explicit 'float32' controller."""
+    from care_ext.bf16_split import cpu_bf16_hardware
+    world = make_world(B=16, G=4, H=1024, seed=4)
+    batches = [make_batch(world, s, seed=4) for s in range(3)]
+    gold = {u: g for b in batches for u, g in b.gold.items()}
+    ctls = [CareController(CareConfig(strategy="care", group_size=4, warmup_steps=1, **c),
+                           GoldOracle(gold)) for c in ({"first_layer_gemm": "float32"}, {})]
+    for b in batches:
+        kw = b.kwargs()
+        kw["h_prompt"], kw["h_resp"] = kw["h_prompt"].bfloat16(), kw["h_resp"].bfloat16()
+        ref, auto = (c.decide(b.uids, b.ids, **kw) for c in ctls)
+        assert bool(ctls[1].trainer._split) == cpu_bf16_hardware()  # the pieces were built
+        assert not ctls[0].trainer._split
+        assert torch.equal(ref.source, auto.source)
+        torch.testing.assert_close(auto.weight, ref.weight, rtol=1e-4, atol=1e-5)
+        for c in ctls:
+            c.update()
