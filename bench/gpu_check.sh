@@ -170,4 +170,11 @@ timeout "$(cap 60)" python3 "$REPO/bench/bench_ops.py" --device cpu --min-time 0
   --shapes 64x8x4096 512x16x4096 --out "$OUT/bench_cpu_split" > "$OUT/bench_cpu_split.log" 2>&1
 stamp "CPU step float32 / split-bf16 exit $? : $(grep -E '^cpu' "$OUT/bench_cpu_split.log" \
   | tr -s ' ' | tr '\n' ';')"
+# the CARE core's decide on the host CPU (where OpenRLHF's controller runs it) with float32 and
+# split first layers side by side, and what the default 'auto' resolves to on this CPU
+timeout "$(cap 60)" python3 "$REPO/bench/bench_step.py" --device cpu --threads 8 --steps 4 \
+  --warmup 2 --shapes 64x8x4096 --first-layer-gemm auto float32 bf16x3 \
+  --out "$OUT/bench_step_cpu_gemm" > "$OUT/bench_step_cpu_gemm.log" 2>&1
+stamp "CPU core decide auto / float32 / bf16x3 exit $? : $(grep -E 'decide' \
+  "$OUT/bench_step_cpu_gemm.log" | tr -s ' ' | tr '\n' ';')"
 stamp "done"
