@@ -357,8 +357,11 @@ class CareController:
                 self._awaiting[uids[i]] = (self._parts(i, ids_c, gf, *raw[i]), payloads[i])
 
         # ---- metrics ------------------------------------------------------------------------
-        mets = M.deployable(source, rewards, weight, gf.sizes, lengths if has_lengths else None,
-                            reliability, ecag)
+        fin = ~bad  # the feature monitors skip rows dropped for non-finite features
+        mets = M.deployable(source, rewards, weight, gf.sizes,
+                            lengths[fin.to(lengths.device)] if has_lengths else None,
+                            None if reliability is None else reliability[fin],
+                            None if ecag is None else ecag[fin])
         n_step, _ = self.store.spent(step=t, run=run)
         n_all, cost_all = self.store.spent()
         mets.update({"budget/labels_step": float(n_step), "budget/labels_total": float(n_all),

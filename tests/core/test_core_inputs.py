@@ -142,3 +142,17 @@ def test_config_accepts_the_documented_edge_values():
                      grad_clip=0.0, cag_eps=0.0, soft_adv=0, class_weight_clip=[1.0, 1.0])
     assert cfg.class_weight_clip == (1.0, 1.0)
     assert CareConfig.from_dict(CareConfig().to_dict()) == CareConfig()
+
+
+def test_dropped_nonfinite_rows_stay_out_of_the_feature_monitors(batch):
+    """Under nonfinite='drop' the bad rows' lengths (NaN, Inf) and the classifier outputs on
+    their zeroed features must not enter care/length_mean, care/reliability_mean, care/ecag_mean
+    (a NaN mean used to make the monitor vanish, an Inf one to read inf)."""
+    kw = batch.kwargs()
+    kw["lengths"] = kw["lengths"].double().clone()
+    kw["lengths"][3, 0] = float("nan")
+    kw["lengths"][5, 2] = float("inf")
+    d = care(batch, nonfinite="drop").decide(batch.uids, batch.ids, **kw)
+    ok = [i for i in range(B) if i not in (3, 5)]
+    assert d.metrics["care/length_mean"] == pytest.approx(float(batch.lengths[ok].double().mean()))
+    assert d.metrics["care/reliability_mean"] == pytest.approx(float(d.reliability[ok].double().mean()))
