@@ -602,6 +602,10 @@ class CareController:
         if sd["trainer"] is not None:
             self._build_trainer(sd["trainer"]["hidden_size"])
             self.trainer.load_state_dict(sd["trainer"])
+        else:  # saved before the classifiers existed: back to the untrained ones of a new run
+            self.trainer = None
+            if self.strategy.learned and self.config.hidden_size is not None:
+                self._build_trainer(self.config.hidden_size)
         self._samples = [Sample(**d) for d in sd["samples"]]
         self._awaiting = dict(sd["awaiting"])
         self._audit = list(sd["audit"])
