@@ -8,7 +8,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
+
+_INT_MIN = {"group_size": 1, "hidden_size": 1, "seed": None, "global_budget": 0, "warmup_steps": 0,
+            "prompt_dim": 1, "resp_hidden_dim": 1, "resp_out_dim": 1, "head_dim": 1,
+            "train_steps": 0, "replay_capacity": 0, "replay_batch": 0}
+"""Integer fields of :class:`CareConfig` and their least value (None: any int; hidden_size and
+global_budget may also be None)."""
+_NONNEG_FLOAT = ("soft_adv", "decay_lambda", "adv_eps", "cag_eps", "aux_weight",
+                 "class_balance_power", "lr", "weight_decay", "grad_clip")
+"""Float fields that must be finite and >= 0 (0 keeps its documented meaning, e.g. no aux head)."""
+_BOOL = ("buy_trusted_if_short", "use_cached_labels", "adv_unbiased", "cag_unbiased",
+         "train_on_cached", "sim_metrics")
 
 
 def ceil_frac(frac: float, n: int) -> int:
@@ -136,14 +148,29 @@ class CareConfig:
 
     def __post_init__(self) -> None:
         self.class_weight_clip = tuple(self.class_weight_clip)
-        if self.group_size < 1:
-            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
+        for name, lo in _INT_MIN.items():
+            v, optional = getattr(self, name), name in ("hidden_size", "global_budget")
+            if v is None and optional:
+                continue
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or (lo is not None and v < lo):
+                raise ValueError(f"{name} must be an int{f' >= {lo}' if lo is not None else ''}"
+                                 f"{' or None' if optional else ''}, got {v!r}")
+        for name in _NONNEG_FLOAT:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        for name in _BOOL:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        clip = self.class_weight_clip
+        if (len(clip) != 2 or not all(isinstance(c, numbers.Real) and not isinstance(c, bool)
+                                      and math.isfinite(c) for c in clip)
+                or not 0 <= clip[0] <= clip[1]):
+            raise ValueError(f"class_weight_clip must be (lo, hi) with 0 <= lo <= hi finite, got {clip!r}")
         for name in ("budget_frac", "alpha", "audit_frac"):
             v = getattr(self, name)
             if not (0.0 <= v <= 1.0):
                 raise ValueError(f"{name} must be in [0, 1], got {v}")
-        if self.global_budget is not None and self.global_budget < 0:
-            raise ValueError(f"global_budget must be >= 0 or None, got {self.global_budget}")
         choices = {"trust_weight": ("reliability", "official"),
                    "stage2_correct_majority": ("class0", "exclude"),
                    "nonfinite": ("error", "drop"),

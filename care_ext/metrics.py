@@ -27,7 +27,8 @@ def deployable(source: Tensor, rewards: Tensor, weight: Tensor, sizes: Tensor,
     """Monitors from what the host gave and what was decided (no gold of unbought prompts).
 
     Args: source int8 [B]; rewards float32 [B, G]; weight float32 [B]; sizes int64 [B, G];
-    lengths [B, G] or None; reliability / ecag float32 [B] or None.
+    lengths [N, G] or None; reliability / ecag float32 [N] or None: the N rows whose features
+    are finite (rows dropped for non-finite features are left out of these means).
     """
     B, G = sizes.shape
     kept = source != DROPPED

@@ -357,8 +357,11 @@ class CareController:
                 self._awaiting[uids[i]] = (self._parts(i, ids_c, gf, *raw[i]), payloads[i])
 
         # ---- metrics ------------------------------------------------------------------------
-        mets = M.deployable(source, rewards, weight, gf.sizes, lengths if has_lengths else None,
-                            reliability, ecag)
+        fin = ~bad  # the feature monitors skip rows dropped for non-finite features
+        mets = M.deployable(source, rewards, weight, gf.sizes,
+                            lengths[fin.to(lengths.device)] if has_lengths else None,
+                            None if reliability is None else reliability[fin],
+                            None if ecag is None else ecag[fin])
         n_step, _ = self.store.spent(step=t, run=run)
         n_all, cost_all = self.store.spent()
         mets.update({"budget/labels_step": float(n_step), "budget/labels_total": float(n_all),
@@ -599,6 +602,10 @@ class CareController:
         if sd["trainer"] is not None:
             self._build_trainer(sd["trainer"]["hidden_size"])
             self.trainer.load_state_dict(sd["trainer"])
+        else:  # saved before the classifiers existed: back to the untrained ones of a new run
+            self.trainer = None
+            if self.strategy.learned and self.config.hidden_size is not None:
+                self._build_trainer(self.config.hidden_size)
         self._samples = [Sample(**d) for d in sd["samples"]]
         self._awaiting = dict(sd["awaiting"])
         self._audit = list(sd["audit"])

@@ -13,7 +13,6 @@ turns a plan into decisions with the same budget semantics for every strategy:
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -24,12 +23,14 @@ from ..config import CareConfig
 
 
 def top_rows(score: Tensor, eligible: Tensor, k: int) -> Tensor:
-    """bool [B]: the k eligible rows with the highest score, ties to the lower index."""
-    s = torch.where(eligible, score.double(), torch.full_like(score, -math.inf, dtype=torch.float64))
-    order = torch.sort(-s, stable=True).indices
+    """bool [B]: the k eligible rows with the highest score, ties to the lower index.
+
+    Only eligible rows are ever picked (fewer than k if fewer are eligible); a NaN score makes a
+    row ineligible (like a NaN acquisition score, which is never bought), -inf ranks last."""
+    rows = (eligible & ~torch.isnan(score)).nonzero().flatten()
+    order = rows[torch.sort(-score[rows].double(), stable=True).indices]
     out = torch.zeros_like(eligible)
-    k = min(k, int(eligible.sum()))
-    out[order[:k]] = True
+    out[order[:max(k, 0)]] = True
     return out
 
 

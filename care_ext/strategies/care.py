@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 
 from ..config import ceil_frac
 from .base import Plan, StepContext, Strategy, cluster_entropy, top_rows
@@ -51,11 +52,13 @@ class Care(Strategy):
         cfg, B = ctx.cfg, ctx.B
         rel = ctx.reliability
         k1 = ceil_frac(cfg.alpha, B) if ctx.step >= cfg.warmup_steps else 0
-        trusted = top_rows(rel, ctx.fresh, k1)
         if cfg.trust_weight == "reliability":
             weight = rel.float().clone()
         else:
             weight = (cfg.soft_adv * ctx.ecag).clamp(0.0, 1.0).float()
+        # a row whose classifier output is not finite (e.g. overflowing but finite hidden states)
+        # is never trusted: its advantage weight would be NaN
+        trusted = top_rows(rel, ctx.fresh & torch.isfinite(weight), k1)
         if self.variant == "no-stage2":
             score = 1.0 - rel
         elif self.variant == "entropy":

@@ -145,3 +145,21 @@ def test_stage2_can_exclude_correct_majorities():
     r1, r2 = c.trainer.replay1.items, c.trainer.replay2.items
     assert any(x.majority_correct for x in r1)
     assert len(r2) == sum(1 for x in r1 if not x.majority_correct) and not any(x.majority_correct for x in r2)
+
+
+@pytest.mark.parametrize("rule", ["reliability", "official"])
+def test_a_row_with_nonfinite_reliability_is_never_trusted(rule):
+    """Finite but overflowing hidden states are accepted as input (test_core_inputs) and make the
+    classifiers' outputs NaN for that row. With alpha = 1 every fresh row is gated: the NaN row
+    must not be trusted with a NaN weight (which would poison the host's loss)."""
+    Bs = 8
+    b = make_batch(make_world(B=Bs, G=G, H=H), 0)
+    c = CareController(CareConfig(strategy="care", group_size=G, warmup_steps=0, alpha=1.0,
+                                  budget_frac=0.0, trust_weight=rule), GoldOracle(b.gold))
+    hp = b.h_prompt.clone()
+    hp[0] = 3e38
+    d = c.decide(b.uids, b.ids, lengths=b.lengths, h_prompt=hp, h_resp=b.h_resp)
+    assert math.isnan(float(d.reliability[0]))  # the premise: the classifier overflows on row 0
+    assert d.source[0] == DROPPED and float(d.weight[0]) == 0.0
+    assert (d.source[1:] == TRUSTED).all()
+    assert torch.isfinite(d.weight).all() and torch.isfinite(d.advantages).all()

@@ -1,4 +1,6 @@
 """Bad input gives a clear error or the documented fallback, never a silent wrong decision."""
+import math
+
 import pytest
 import torch
 
@@ -115,3 +117,42 @@ def test_config_validation():
         CareConfig(trust_weight="exp")
     with pytest.raises(ValueError, match="unknown strategy"):
         CareController(CareConfig(strategy="nope"), GoldOracle({}))
+
+
+@pytest.mark.parametrize("field,value", [
+    ("group_size", 2.0), ("hidden_size", 0), ("global_budget", 2.5), ("global_budget", True),
+    ("warmup_steps", -1), ("prompt_dim", 0), ("resp_hidden_dim", -3), ("train_steps", -1),
+    ("replay_capacity", -5), ("replay_batch", -1), ("seed", 1.5),
+    ("soft_adv", math.nan), ("decay_lambda", -1.0), ("adv_eps", -1.0), ("cag_eps", math.nan),
+    ("aux_weight", -1.0), ("class_balance_power", -0.5), ("lr", math.inf), ("weight_decay", -0.1),
+    ("grad_clip", math.nan), ("use_cached_labels", "no"), ("adv_unbiased", 1),
+    ("class_weight_clip", (4.0, 0.25)), ("class_weight_clip", (0.25,)),
+    ("class_weight_clip", (-1.0, 4.0))])
+def test_config_rejects_bad_values_by_name(field, value):
+    """Each of these used to be accepted and either silently change the run (negative
+    train_steps = no training, 'no' = True, a reversed clip, NaN eps -> NaN scores) or fail
+    steps later with an unrelated message."""
+    with pytest.raises(ValueError, match=field):
+        CareConfig(**{field: value})
+
+
+def test_config_accepts_the_documented_edge_values():
+    cfg = CareConfig(group_size=1, hidden_size=None, global_budget=0, warmup_steps=0, train_steps=0,
+                     replay_capacity=0, replay_batch=0, aux_weight=0.0, class_balance_power=0,
+                     grad_clip=0.0, cag_eps=0.0, soft_adv=0, class_weight_clip=[1.0, 1.0])
+    assert cfg.class_weight_clip == (1.0, 1.0)
+    assert CareConfig.from_dict(CareConfig().to_dict()) == CareConfig()
+
+
+def test_dropped_nonfinite_rows_stay_out_of_the_feature_monitors(batch):
+    """Under nonfinite='drop' the bad rows' lengths (NaN, Inf) and the classifier outputs on
+    their zeroed features must not enter care/length_mean, care/reliability_mean, care/ecag_mean
+    (a NaN mean used to make the monitor vanish, an Inf one to read inf)."""
+    kw = batch.kwargs()
+    kw["lengths"] = kw["lengths"].double().clone()
+    kw["lengths"][3, 0] = float("nan")
+    kw["lengths"][5, 2] = float("inf")
+    d = care(batch, nonfinite="drop").decide(batch.uids, batch.ids, **kw)
+    ok = [i for i in range(B) if i not in (3, 5)]
+    assert d.metrics["care/length_mean"] == pytest.approx(float(batch.lengths[ok].double().mean()))
+    assert d.metrics["care/reliability_mean"] == pytest.approx(float(d.reliability[ok].double().mean()))

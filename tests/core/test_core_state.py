@@ -59,3 +59,29 @@ def test_load_rejects_another_strategy(tmp_path):
     other = CareController(CareConfig(strategy="random", group_size=G), GoldOracle({}))
     with pytest.raises(ValueError, match="strategy"):
         other.load(tmp_path / "x.pt")
+
+
+@pytest.mark.parametrize("hidden_size", [None, H])
+def test_loading_a_checkpoint_from_before_the_classifiers_existed_resets_them(tmp_path, hidden_size):
+    """A checkpoint taken before the first decide holds no trained classifiers. Loading it into a
+    controller that has already trained must restore the untrained state of a new run, not keep
+    the trained classifiers (the resumed run would decide differently)."""
+    world = make_world(B=B, G=G, H=H)
+    batches = [make_batch(world, s) for s in range(3)]
+    gold = {u: g for b in batches for u, g in b.gold.items()}
+
+    def controller():
+        return CareController(CareConfig(strategy="care", group_size=G, warmup_steps=0,
+                                         hidden_size=hidden_size), GoldOracle(gold))
+
+    controller().save(tmp_path / "start.pt")
+    used = controller()
+    for b in batches[:2]:
+        used.decide(b.uids, b.ids, **b.kwargs())
+        used.update()
+    used.load(tmp_path / "start.pt")
+    new = controller()
+    b = batches[2]
+    d, d_new = used.decide(b.uids, b.ids, **b.kwargs()), new.decide(b.uids, b.ids, **b.kwargs())
+    assert torch.equal(d.reliability, d_new.reliability) and torch.equal(d.score, d_new.score)
+    assert len(used.trainer.replay1) == 0

@@ -151,3 +151,18 @@ def test_budget_caps_hold_for_every_strategy(strategy):
         assert torch.isfinite(d.advantages).all()
     if strategy not in ("ttrl", "ttrl-mask"):
         assert c.store.spent()[0] == cap_total  # the global cap is reached, never passed
+
+
+def test_top_rows_picks_only_eligible_rows_and_never_a_nan_score():
+    from care_ext.strategies import top_rows
+    nan, inf = math.nan, math.inf
+    # an eligible NaN row and an ineligible row: nothing may be picked
+    assert top_rows(torch.tensor([nan, 1.0]), torch.tensor([True, False]), 1).tolist() == [False, False]
+    # an eligible -inf row ranks last but is still eligible; ineligible rows never come in
+    got = top_rows(torch.tensor([0.0, -inf, 2.0]), torch.tensor([False, True, False]), 2)
+    assert got.tolist() == [False, True, False]
+    # ties to the lower index; k larger than the eligible rows
+    assert top_rows(torch.ones(4), torch.tensor([True, True, False, True]), 2).tolist() == \
+        [True, True, False, False]
+    assert top_rows(torch.tensor([3.0, nan, 1.0, 2.0]), torch.ones(4, dtype=torch.bool), 9).tolist() == \
+        [True, False, True, True]
