@@ -65,9 +65,10 @@ def _noop(_: object) -> None:
 
 
 class _Worker:
-    __slots__ = ("proc", "conn")
+    __slots__ = ("proc", "conn", "busy")
 
     def __init__(self, ctx, warm_up):
+        self.busy = False  #: a job was sent and its result not yet received
         parent, child = ctx.Pipe(duplex=True)
         self.proc = ctx.Process(target=_worker_main, args=(child, warm_up), daemon=True)
         self.proc.start()
@@ -134,6 +135,9 @@ class WorkerPool:
         if self._pid != os.getpid():  # used after a fork: the old workers belong to the parent
             self._workers = []
             self._pid = os.getpid()
+        for w in [w for w in self._workers if w.busy]:  # left running by an interrupted map
+            w.kill()  # its pending result must not be read as the answer to a later job
+            self._workers.remove(w)
         self._workers = [w for w in self._workers if w.proc.is_alive()]
         while len(self._workers) < self.n_workers:
             self._workers.append(_Worker(self._ctx, self._warm_up))
@@ -142,7 +146,9 @@ class WorkerPool:
         """Run ``fn(arg)`` for each arg in the workers; results in input order.
 
         A result is :class:`JobFailed` when the job overran ``job_timeout_s``, raised, or its
-        worker died. Never raises for a job's failure.
+        worker died. Never raises for a job's failure. A call interrupted by an exception (a
+        signal handler's, KeyboardInterrupt) leaves its running workers to be killed and replaced
+        by the next call, so that no later job receives an earlier job's result.
         """
         if not args:
             return []
@@ -157,6 +163,7 @@ class WorkerPool:
                     w = idle.pop()
                     i = pending.pop()
                     try:
+                        w.busy = True
                         w.conn.send((fn, args[i]))
                     except Exception as e:  # noqa: BLE001 - dead pipe or unpicklable job
                         results[i] = JobFailed(f"send failed: {e}")
@@ -176,6 +183,7 @@ class WorkerPool:
                         results[i] = JobFailed("worker died")
                         idle.append(self._replace(w))
                         continue
+                    w.busy = False
                     results[i] = payload if status == "ok" else JobFailed(payload)
                     idle.append(w)
                 now = time.monotonic()
