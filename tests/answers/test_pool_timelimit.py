@@ -6,6 +6,7 @@ import time
 import pytest
 
 from care_ext.answers.pool import WorkerPool
+from care_ext.answers.timelimit import time_limit
 
 
 class _Interrupted(Exception):
@@ -32,3 +33,40 @@ def test_an_interrupted_map_does_not_leak_its_result_into_the_next():
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
         pool.close()
+
+
+def test_the_callers_timer_survives_a_time_limit():
+    """time_limit used to switch off a real-time timer the caller had armed (the inline clusterer
+    runs it on the caller's main thread), so the caller's own timeout never fired."""
+    fired = []
+    old = signal.signal(signal.SIGALRM, lambda s, f: fired.append(time.monotonic()))
+    try:
+        t0 = time.monotonic()
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        with time_limit(5.0):
+            pass
+        left, _ = signal.getitimer(signal.ITIMER_REAL)
+        assert 0.2 < left <= 0.5
+        deadline = time.monotonic() + 5
+        while not fired and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(fired) == 1 and fired[0] - t0 < 2.0
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_a_callers_timer_that_came_due_inside_the_limit_fires_after_it():
+    fired = []
+    old = signal.signal(signal.SIGALRM, lambda s, f: fired.append(1))
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        with time_limit(5.0):
+            time.sleep(0.2)  # the caller's timer is due meanwhile; ours has not expired
+        deadline = time.monotonic() + 2
+        while not fired and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert fired == [1]
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
