@@ -1,11 +1,12 @@
 """The worker pool and the signal time limit as seen by a caller with its own signals."""
 
+import functools
 import signal
 import time
 
 import pytest
 
-from care_ext.answers.pool import WorkerPool
+from care_ext.answers.pool import JobFailed, WorkerPool
 from care_ext.answers.timelimit import time_limit
 
 
@@ -70,3 +71,26 @@ def test_a_callers_timer_that_came_due_inside_the_limit_fires_after_it():
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+
+
+def test_the_warm_up_does_not_count_against_the_first_job():
+    """The job clock started at send, while a fresh worker was still warming up: with a warm-up
+    longer than job_timeout_s every job on a cold (or just replaced) worker timed out, the
+    worker was replaced, and the next job met the same fate."""
+    pool = WorkerPool(1, job_timeout_s=1.0, warm_up=functools.partial(time.sleep, 2.0))
+    try:
+        assert pool.map(abs, [-1]) == [1]
+        assert pool.map(abs, [-2]) == [2] and pool.killed == 0
+    finally:
+        pool.close()
+
+
+def test_a_hanging_warm_up_is_bounded():
+    hang = functools.partial(time.sleep, 60.0)
+    pool = WorkerPool(1, job_timeout_s=0.5, warm_up=hang, warm_up_timeout_s=1.0)
+    try:
+        t = time.monotonic()
+        (res,) = pool.map(abs, [-1])
+        assert isinstance(res, JobFailed) and time.monotonic() - t < 20
+    finally:
+        pool.close()
