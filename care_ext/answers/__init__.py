@@ -105,7 +105,8 @@ def answer_ids(
         response without an extractable answer, or a gold that matches no response (or no gold).
 
     Raises:
-        KeyError: unknown task. ValueError: ragged responses, wrong lengths, missing contexts.
+        KeyError: unknown task. ValueError: responses not a list of groups (e.g. a flat list of
+        strings), ragged responses, wrong lengths, missing contexts.
     """
     c = clusterer if clusterer is not None else default_clusterer()
     return c(responses, task, gold, contexts=contexts)

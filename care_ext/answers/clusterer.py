@@ -209,10 +209,19 @@ class AnswerClusterer:
         import torch  # lazy: workers and key-only users never pay for it
 
         spec = get_task(task)
+        if isinstance(responses, (str, bytes, bytearray)) or any(
+            isinstance(r, (str, bytes, bytearray)) for r in responses
+        ):
+            # a flat list of B*G strings would otherwise be read as groups of characters
+            raise ValueError(
+                "responses must be B groups (lists) of G responses, not a flat list of strings"
+            )
         B = len(responses)
         G = len(responses[0]) if B else 0
         if any(len(r) != G for r in responses):
             raise ValueError("responses must be rectangular: every group needs the same G")
+        if any(isinstance(x, (str, bytes, bytearray)) for x in (gold, contexts)):
+            raise ValueError("gold and contexts must be length-B lists (one entry per group)")
         if gold is not None and len(gold) != B:
             raise ValueError(f"gold has {len(gold)} entries for {B} groups")
         if contexts is not None and len(contexts) != B:

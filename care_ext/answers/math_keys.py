@@ -1,12 +1,13 @@
 """Math answers: extraction of the last box and the cheap canonical key (pure Python, no sympy).
 
 The key removes LaTeX noise that never changes the value (spacing commands, ``\\left``/``\\right``,
-``\\dfrac``, ``\\text{}`` wrappers, a trailing period, degree marks, a lone ``x=`` prefix,
-thousands separators) and turns integers, terminating decimals and fractions of two integers into
-their exact reduced value, so "025" and "25" share a key and so do "0.5", ".50", "1/2" and
-"\\frac{1}{2}". Word answers ("none", "\\text{Evelyn}") are lower-cased and match only the
-same words. It never maps two different integers to one key (the official code's sympy
-normalisation maps "025" and "007" to "0"; this one works on the digit string).
+``\\dfrac``, ``\\text{}`` wrappers, a trailing period, degree marks, a currency sign ``\\$``, a
+lone ``x=`` prefix, thousands separators) and turns integers, terminating decimals and fractions
+of two integers into their exact reduced value, so "025" and "25" share a key and so do "0.5",
+".50", "1/2" and "\\frac{1}{2}". Word answers ("none", "\\text{Evelyn}") are lower-cased and
+match only the same words. It never maps two different integers to one key (the official code's
+sympy normalisation maps "025" and "007" to "0"; this one works on the digit string). A comma
+followed by a space is a list separator, never a thousands separator ("1, 100" is not 1100).
 """
 
 from __future__ import annotations
@@ -27,7 +28,13 @@ DEFAULT_MAX_SYMBOLIC_CHARS = 200
 #: they are compared on their digit strings).
 _MAX_RATIONAL_DIGITS = 60
 
-_SPACING = re.compile(r"\\[,;:! ]|\\q?quad(?![a-zA-Z])|~")
+_SPACING = re.compile(r"\\[,;: ]|\\q?quad(?![a-zA-Z])|~")
+# a negative thin space joins what it sits between ("32,\\!348" and "11,\\! 111" are thousands
+# separators, as in math-verify): removed with the whitespace after it, not turned into a space
+_NEG_SPACE = re.compile(r"\\!\s*")
+# a currency sign ("\\$18.90", as MATH500 writes money): math-verify drops it; here too, before the
+# math-mode "$" delimiters go (else "\\$36" would leave a stray "\\36" that parses as nothing)
+_CURRENCY = re.compile(r"(?<!\\)\\\$")
 _LEFT_RIGHT_DOT = re.compile(r"\\(?:left|right)\.")
 _LEFT_RIGHT = re.compile(r"\\(?:left|right|big|Big|bigg|Bigg)[lr]?(?![a-zA-Z])")
 _DISPLAY = re.compile(r"\\(?:displaystyle|textstyle)(?![a-zA-Z])")
@@ -39,6 +46,9 @@ _FRAC_DIGIT_BRACE = re.compile(r"\\frac(\d)\{")
 _FRAC_BRACE_DIGIT = re.compile(r"\\frac\{([^{}]*)\}(\d)")
 _SQRT_DIGIT = re.compile(r"\\sqrt(\d)")
 _SPACE_NOT_BETWEEN_LETTERS = re.compile(r"(?<![A-Za-z]) | (?![A-Za-z])")
+# "1, 100" is a list (math-verify: the set {1, 100}), "1,100" is 1100: a space between a digit's
+# comma and exactly three digits is kept, so the list neither gets the key of, nor parses as, 1100
+_LIST_COMMA_SPACE = re.compile(r"(?<=\d,) (?=\d{3}(?!\d))")
 _VAR_PREFIX = re.compile(r"^[A-Za-z]=(?!=)")
 _THOUSANDS = re.compile(r"^[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 
@@ -66,7 +76,9 @@ def extract_math_answer(text: str, context: object = None) -> str | None:
 
 
 def _normalise(s: str) -> str:
+    s = _CURRENCY.sub("", s)
     s = s.replace("$", "")
+    s = _NEG_SPACE.sub("", s)
     s = _LEFT_RIGHT_DOT.sub("", s)
     s = _LEFT_RIGHT.sub("", s)
     s = _DISPLAY.sub("", s)
@@ -79,7 +91,7 @@ def _normalise(s: str) -> str:
         s = t
     s = _DEGREE.sub("", s)
     s = " ".join(s.split())
-    s = _SPACE_NOT_BETWEEN_LETTERS.sub("", s)
+    s = _drop_spaces(s)
     s = _FRAC_DIGITS.sub(r"\\frac{\1}{\2}", s)
     s = _FRAC_DIGIT_BRACE.sub(r"\\frac{\1}{", s)
     s = _FRAC_BRACE_DIGIT.sub(r"\\frac{\1}{\2}", s)
@@ -92,6 +104,15 @@ def _normalise(s: str) -> str:
     if _THOUSANDS.match(s):
         s = s.replace(",", "")
     return s
+
+
+def _drop_spaces(s: str) -> str:
+    """Remove the spaces not between two letters, except a list comma's (``_LIST_COMMA_SPACE``)."""
+
+    def keep_list_space(m: re.Match) -> str:
+        return " " if _LIST_COMMA_SPACE.match(s, m.start()) else ""
+
+    return _SPACE_NOT_BETWEEN_LETTERS.sub(keep_list_space, s)
 
 
 def _int_text(sign: str, digits: str) -> str:

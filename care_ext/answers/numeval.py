@@ -2,6 +2,8 @@
 
 Accepted: decimal numbers, ``+ - * / ^``, ``\\cdot``, ``\\times``, ``\\div``, implicit
 multiplication, ``\\frac{}{}``, ``\\sqrt{}``, ``\\sqrt[n]{}``, ``\\pi``, parentheses and braces.
+A number directly followed by ``\\frac`` is refused: it is a mixed number ("1\\frac{4}{5}" = 9/5,
+as math-verify and MATH500 read it), which implicit multiplication would get wrong.
 Anything else (letters, commas, sets, intervals, percent, units, ``e``, ``i``, functions) makes
 the whole answer "not evaluable" (``None``) and leaves the decision to math-verify. Overflow,
 division by zero and complex results also give ``None``.
@@ -25,6 +27,7 @@ _MAX_LEN = 120
 _MAX_ABS = 1e200
 
 _TOKEN = re.compile(r"\s*(?:(\d+\.\d*|\.\d+|\d+)|(\\[a-zA-Z]+)|(.))")
+_FRACS = ("\\frac", "\\dfrac", "\\tfrac")
 _COMMANDS = {"\\frac", "\\dfrac", "\\tfrac", "\\sqrt", "\\pi", "\\cdot", "\\times", "\\div"}
 
 
@@ -96,9 +99,16 @@ class _Parser:
                 # cannot happen (the tokeniser is greedy) except "2{3}", rejected as ambiguous
                 if tok[0].isdigit() or tok[0] == "." or tok == "{":
                     raise _Fail
+                if tok in _FRACS and self._after_number():
+                    raise _Fail  # "1\frac{4}{5}" is the mixed number 9/5 in math-verify, not 4/5
                 v *= self.power()
             else:
                 return v
+
+    def _after_number(self) -> bool:
+        """Whether the token just consumed is a number literal."""
+        prev = self.t[self.i - 1] if self.i > 0 else ""
+        return prev[:1].isdigit() or prev[:1] == "."
 
     def unary(self) -> float:
         tok = self.peek()

@@ -36,12 +36,20 @@ class JobFailed:
         return f"JobFailed({self.reason!r})"
 
 
+#: the message a worker sends once its warm-up is done
+_READY = ("ready", None)
+
+
 def _worker_main(conn: Connection, warm_up: Callable[[], None] | None) -> None:
     try:
         if warm_up is not None:
             warm_up()
     except Exception:  # noqa: BLE001 - a failed warm-up must not kill the worker
         pass
+    try:
+        conn.send(_READY)  # the parent starts the first job's clock now
+    except (EOFError, OSError):
+        return
     while True:
         try:
             msg = conn.recv()
@@ -65,9 +73,11 @@ def _noop(_: object) -> None:
 
 
 class _Worker:
-    __slots__ = ("proc", "conn")
+    __slots__ = ("proc", "conn", "busy", "ready")
 
     def __init__(self, ctx, warm_up):
+        self.busy = False  #: a job was sent and its result not yet received
+        self.ready = False  #: the worker has reported the end of its warm-up
         parent, child = ctx.Pipe(duplex=True)
         self.proc = ctx.Process(target=_worker_main, args=(child, warm_up), daemon=True)
         self.proc.start()
@@ -103,11 +113,13 @@ class WorkerPool:
     Args:
         n_workers: number of worker processes (>= 1). Started lazily on the first :meth:`map`.
         job_timeout_s: hard wall-clock limit of one job, measured from when it is sent to a
-            worker; past it the worker is killed and replaced and the job returns
-            :class:`JobFailed`.
+            worker, or from the end of the worker's warm-up if that is later; past it the worker
+            is killed and replaced and the job returns :class:`JobFailed`.
         mp_context: multiprocessing start method ("forkserver", "spawn" or "fork").
         warm_up: optional picklable module-level callable each worker runs once at start
             (e.g. import math-verify), not counted against any job.
+        warm_up_timeout_s: hard limit of a worker's warm-up (default 120 s); a job waiting on a
+            warm-up that overruns it fails like a timed-out job.
 
     Thread-safe: concurrent :meth:`map` calls are serialised.
     """
@@ -118,6 +130,7 @@ class WorkerPool:
         job_timeout_s: float = 30.0,
         mp_context: str = "forkserver",
         warm_up: Callable[[], None] | None = None,
+        warm_up_timeout_s: float = 120.0,
     ):
         if n_workers < 1:
             raise ValueError("n_workers must be >= 1")
@@ -125,6 +138,7 @@ class WorkerPool:
         self.job_timeout_s = job_timeout_s
         self._ctx = mp.get_context(mp_context)
         self._warm_up = warm_up
+        self.warm_up_timeout_s = warm_up_timeout_s
         self._workers: list[_Worker] = []
         self._lock = threading.Lock()
         self._pid = os.getpid()
@@ -134,6 +148,9 @@ class WorkerPool:
         if self._pid != os.getpid():  # used after a fork: the old workers belong to the parent
             self._workers = []
             self._pid = os.getpid()
+        for w in [w for w in self._workers if w.busy]:  # left running by an interrupted map
+            w.kill()  # its pending result must not be read as the answer to a later job
+            self._workers.remove(w)
         self._workers = [w for w in self._workers if w.proc.is_alive()]
         while len(self._workers) < self.n_workers:
             self._workers.append(_Worker(self._ctx, self._warm_up))
@@ -142,7 +159,9 @@ class WorkerPool:
         """Run ``fn(arg)`` for each arg in the workers; results in input order.
 
         A result is :class:`JobFailed` when the job overran ``job_timeout_s``, raised, or its
-        worker died. Never raises for a job's failure.
+        worker died. Never raises for a job's failure. A call interrupted by an exception (a
+        signal handler's, KeyboardInterrupt) leaves its running workers to be killed and replaced
+        by the next call, so that no later job receives an earlier job's result.
         """
         if not args:
             return []
@@ -157,12 +176,14 @@ class WorkerPool:
                     w = idle.pop()
                     i = pending.pop()
                     try:
+                        w.busy = True
                         w.conn.send((fn, args[i]))
                     except Exception as e:  # noqa: BLE001 - dead pipe or unpicklable job
                         results[i] = JobFailed(f"send failed: {e}")
                         idle.append(self._replace(w))
                         continue
-                    busy[w.conn] = (w, i, time.monotonic() + self.job_timeout_s)
+                    warm_up_left = 0.0 if w.ready else self.warm_up_timeout_s
+                    busy[w.conn] = (w, i, time.monotonic() + warm_up_left + self.job_timeout_s)
                 if not busy:
                     continue
                 now = time.monotonic()
@@ -176,6 +197,11 @@ class WorkerPool:
                         results[i] = JobFailed("worker died")
                         idle.append(self._replace(w))
                         continue
+                    if status == _READY[0]:  # warm-up over: the job's clock starts now
+                        w.ready = True
+                        busy[conn] = (w, i, time.monotonic() + self.job_timeout_s)
+                        continue
+                    w.busy = False
                     results[i] = payload if status == "ok" else JobFailed(payload)
                     idle.append(w)
                 now = time.monotonic()

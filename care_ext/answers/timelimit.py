@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -36,7 +37,9 @@ def time_limit(seconds: float | None) -> Iterator[None]:
     ``None`` or ``<= 0`` means no limit. Must run on the main thread of its process (check with
     :func:`can_time_limit`); raises ``RuntimeError`` otherwise instead of silently not limiting.
     Once expired, it raises again every 0.1 s (at most ``seconds``) until the block exits, so a
-    swallowed first raise does not lift the limit.
+    swallowed first raise does not lift the limit. A real-time timer the caller had armed (its
+    own ``signal.alarm``/``setitimer`` timeout) is suspended inside the block and re-armed on exit
+    with its remaining time (at once if that ran out meanwhile), together with its handler.
     """
     if seconds is None or seconds <= 0:
         yield
@@ -53,7 +56,9 @@ def time_limit(seconds: float | None) -> Iterator[None]:
     # ignored in ..."), and code that catches BaseException drops it too; with a one-shot timer
     # the block would then run unbounded (a CI run hung > 20 min in a sympy simplify inside a 1 s
     # limit; a dropped first raise is the one way found for that to happen).
-    signal.setitimer(signal.ITIMER_REAL, seconds, min(max(seconds, 0.01), 0.1))
+    repeat = min(max(seconds, 0.01), 0.1)
+    outer_delay, outer_interval = signal.setitimer(signal.ITIMER_REAL, seconds, repeat)
+    started = time.monotonic()
     try:
         yield
     finally:
@@ -64,3 +69,6 @@ def time_limit(seconds: float | None) -> Iterator[None]:
                 break
             except SymbolicTimeout:
                 continue
+        if outer_delay > 0:  # the caller's timer: re-arm what was left of it
+            remaining = outer_delay - (time.monotonic() - started)
+            signal.setitimer(signal.ITIMER_REAL, max(remaining, 1e-6), outer_interval)

@@ -110,3 +110,20 @@ def test_ragged_and_wrong_lengths_raise(inline):
 def test_empty_batch(inline):
     ids, gold = answer_ids([], "math", clusterer=inline)
     assert ids.shape == (0, 0) and gold.shape == (0,)
+
+
+def test_flat_list_of_strings_is_rejected(inline):
+    # two 9-character responses passed without the group level: read as B=2 groups of G=9
+    # characters, they gave a [2, 9] tensor of -1 instead of an error
+    flat = [B % "1", B % "2"]
+    with pytest.raises(ValueError, match="groups"):
+        answer_ids(flat, "math", clusterer=inline)
+    with pytest.raises(ValueError, match="groups"):
+        answer_ids(B % "1", "math", clusterer=inline)
+
+
+def test_gold_as_one_string_is_rejected(inline):
+    # gold "42" for B=2 was read as the golds "4" and "2"
+    r = [[B % "4"], [B % "2"]]
+    with pytest.raises(ValueError, match="length-B"):
+        answer_ids(r, "math", "42", clusterer=inline)

@@ -58,3 +58,49 @@ def test_pathological_answers_are_exact_only():
 
 def test_empty_answer_is_invalid():
     assert math_key("  ") is None and math_key("$$") is None
+
+
+@pytest.mark.parametrize(
+    "a,b",
+    [("\\$18.90", "18.9"), ("\\$36", "36"), ("\\$32,\\!348", "32348"), ("32,\\!348", "32,348"),
+     ("\\$ 5", "5"), ("11,\\! 111,\\! 111,\\! 100", "11111111100")],
+)
+def test_currency_sign_and_negative_thin_space(a, b):
+    # MATH500 writes money as "\$18.90" and "\$32,\!348"; math-verify reads them as 18.9 and
+    # 32348, so the key must not leave a stray "\18.90" (which math-verify cannot parse)
+    ka, kb = math_key(a), math_key(b)
+    assert ka.number and ka.text == kb.text
+
+
+def test_comma_space_is_a_list_not_a_thousands_separator():
+    # math-verify: "1,100" is 1100 but "1, 100" is the set {1, 100}
+    assert math_key("1,100").text == "1100"
+    for lst in ["1, 100", "1,\\ 100", "2, 025"]:
+        k = math_key(lst)
+        assert not k.number and k.text not in ("1100", "2025")
+
+
+def test_math500_money_golds_match_plain_answers(data_dir, inline):
+    import json
+
+    from care_ext.answers import answer_ids
+
+    golds = [json.loads(line)["answer"] for line in open(data_dir / "math500.jsonl")]
+    money = [g for g in golds if g.startswith("\\$")]
+    assert len(money) >= 3
+    plain = {"\\$32,\\!348": "32348", "\\$18.90": "18.9", "\\$36": "36"}
+    assert set(plain) <= set(money)
+    r = [["\\boxed{%s}" % plain[g], "\\boxed{%s}" % g, "\\boxed{7}"] for g in plain]
+    ids, gid = answer_ids(r, "math", list(plain), clusterer=inline)
+    for row, g in zip(ids.tolist(), gid.tolist()):
+        assert row[0] == row[1] == g != row[2]
+
+
+def test_list_answer_is_not_the_number(inline):
+    from care_ext.answers import answer_ids
+
+    B = "\\boxed{%s}"
+    r = [[B % "1, 100", B % "1100", B % "1,100", B % "1,\\ 100"]]
+    ids, gid = answer_ids(r, "math", ["1100"], clusterer=inline)
+    ids = ids[0].tolist()
+    assert ids[1] == ids[2] == gid.item() and ids[0] == ids[3] != ids[1]
