@@ -43,6 +43,9 @@ from care_ext.bf16_split import first_layer_split
 from care_ext.ops import core_step_layout
 from step_goals import ALL_STEP_OPS, CPU_STEP_OPS
 
+CPU_ONLY_OPS = CPU_STEP_OPS + ("first_layer_split",)
+"""Ops whose native kernel is CPU only (skipped on CUDA unless named with --ops)."""
+
 SHAPES = {"cpu": ["64x8x2048", "64x8x3072", "64x8x4096", "512x16x4096"],
           "cuda": ["64x8x2048", "64x8x3072", "64x8x4096", "512x16x4096", "1024x64x4096"]}
 
@@ -84,11 +87,12 @@ def make_inputs(B: int, G: int, H: int, device: str, hidden_dtype: torch.dtype, 
     r2 = (torch.rand(B, G, generator=gen) < 0.4).float()
     to = lambda t: t.to(device)  # noqa: E731
     s1, s2 = [to(t) for t in s1], [to(t) for t in s2]
+    rows = (s1, s2)  # row-major, what the core splits from (ClassifierTrainer.first_layer_split)
     if layout == "core":  # the layout the CARE core passes (ClassifierTrainer.folded)
         s1, s2 = core_step_layout(s1, s2, H)
     return dict(ids=to(ids), lengths=to(lengths), h_p=to(h_p), h_r=to(h_r),
-                s1=s1, s2=s2, r=to(r), r2=to(r2),
-                split=[to(t) for t in split],
+                s1=s1, s2=s2, r=to(r), r2=to(r2), rows=rows,
+                split=[to(t) for t in split], split_out=[torch.empty_like(to(t)) for t in split],
                 sizes=to(R.cluster_stats(ids)[1]), logits=to(torch.randn(B, G + 1, generator=gen)))
 
 
@@ -102,6 +106,19 @@ def op_calls(x, impl):
     cpu_split = getattr(impl, "_acquisition_step_split", None)
     cpu_split_step = ((lambda *a: cpu_split(*a, x["split"])) if cpu_split is not None  # noqa: E731
                       else impl.acquisition_step)
+    splitter = (torch.ops.care_ext._split_bf16 if isinstance(impl, _Native)
+                else getattr(impl, "split_bf16", None))
+
+    def first_layer_split_into():
+        """What the core re-splits after every update: both stages' first layers' hidden columns,
+        3 bf16 pieces, into reused buffers (native: CPU only)."""
+        H = x["h_r"].shape[2]
+        for k, i in enumerate((2, 0)):  # resp1_w, prompt_w
+            w1, w2 = x["rows"][0][i], x["rows"][1][i]
+            buf, n1 = x["split_out"][k], w1.shape[0]
+            splitter(w1[:, :H], 3, buf[:, :n1])
+            splitter(w2[:, :H], 3, buf[:, n1:])
+
     return {
         "cluster_stats": lambda: impl.cluster_stats(x["ids"]),
         "group_advantage": lambda: impl.group_advantage(x["r"], 1e-6, False),
@@ -125,6 +142,8 @@ def op_calls(x, impl):
         "acquisition_step_split": lambda: cpu_split_step(
             x["ids"], x["lengths"], x["h_p"], x["h_r"], x["s1"], x["s2"], 4000.0, 0.0, False, 1e-6,
             False),
+        # the split pieces of both stages' first layers (care_ext::_split_bf16 vs its torch twin)
+        "first_layer_split": first_layer_split_into,
     }
 
 
@@ -279,7 +298,7 @@ def main(argv=None) -> int:
                           s2=[w.contiguous() for w in x["s2"]])
                 calls["native_rowmajor"] = op_calls(rm, native)
             for op in args.ops or [o for o in calls["native"]
-                                   if dev == "cpu" or o not in CPU_STEP_OPS]:
+                                   if dev == "cpu" or o not in CPU_ONLY_OPS]:
                 result = dict(shape=shape, op=op, floor_us=floor,
                               **(extra if op in ALL_STEP_OPS else {}))
                 for prov in args.providers:
