@@ -17,7 +17,6 @@ weight version (the caller caches them with the folded weights); the fused step
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
