@@ -17,6 +17,7 @@ weight version (the caller caches them with the folded weights); the fused step
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -38,23 +39,18 @@ AUTO_MIN_HIDDEN = 1024
 cost); below it the float32 path and its float order are kept (the CPU lab, H = 128)."""
 
 
+@functools.cache
 def cpu_bf16_hardware() -> bool:
     """Whether this CPU multiplies bf16 in hardware (AMX-BF16 or AVX512-BF16 in /proc/cpuinfo's
     flags; False where there is no /proc/cpuinfo) and the library reaches MKL's bf16 GEMM
-    (``care_ext.build_info()["cpu_bf16_gemm"]``)."""
-    global _CPU_BF16
-    if _CPU_BF16 is None:
-        from . import build_info
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-                text = f.read()
-        except OSError:
-            text = ""
-        _CPU_BF16 = bool(build_info().get("cpu_bf16_gemm")) and bf16_flags_in(text)
-    return _CPU_BF16
-
-
-_CPU_BF16: bool | None = None
+    (``care_ext.build_info()["cpu_bf16_gemm"]``). Read once per process."""
+    from . import build_info
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        text = ""
+    return bool(build_info().get("cpu_bf16_gemm")) and bf16_flags_in(text)
 
 
 def bf16_flags_in(cpuinfo: str) -> bool:

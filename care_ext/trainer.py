@@ -50,7 +50,6 @@ class ClassifierTrainer:
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.updates = 0
         self._folded: tuple[list[Tensor], list[Tensor]] | None = None
-        self._raw: tuple[list[Tensor], list[Tensor]] | None = None
         self.split_terms = resolve_first_layer_gemm(cfg.first_layer_gemm, cfg.device, hidden_size)
         """bf16 pieces per first-layer weight in the decide step (0: float32 GEMMs)."""
         self._split: dict[int, list[Tensor]] = {}
@@ -68,16 +67,13 @@ class ClassifierTrainer:
         hidden products from :meth:`first_layer_split`'s pieces."""
         if self._folded is None:
             raw = self.stage1.fold(), self.stage2.fold()
-            split = self.split_terms > 0
-            if split and not raw[0][0].is_cuda:
+            if self.split_terms > 0 and not raw[0][0].is_cuda:
                 # the CPU split step reads only the first layers' feature columns from these (its
-                # hidden products come from the pieces): the side-by-side copy would go unused
-                self._folded, self._raw = raw, None
+                # hidden products come from the pieces), and the pieces are split from row-major
+                # weights fastest: the side-by-side copy would go unused
+                self._folded = raw
             else:
                 self._folded = core_step_layout(*raw, self.hidden_size)
-                # the split pieces are read from these row-major copies: from a transposed layout
-                # the reads are strided (~6x slower on the CPU)
-                self._raw = raw if split else None
         return self._folded
 
     def first_layer_split(self, terms: int) -> list[Tensor]:
@@ -89,8 +85,6 @@ class ClassifierTrainer:
         next update."""
         if terms not in self._split:
             w1, w2 = self.folded()
-            if self._raw is not None:
-                w1, w2 = self._raw
             self._split[terms] = first_layer_split(w1, w2, self.hidden_size, terms,
                                                    out=self._split_buffers.get(terms))
             self._split_buffers[terms] = self._split[terms]
