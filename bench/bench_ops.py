@@ -92,7 +92,8 @@ def make_inputs(B: int, G: int, H: int, device: str, hidden_dtype: torch.dtype, 
         s1, s2 = core_step_layout(s1, s2, H)
     return dict(ids=to(ids), lengths=to(lengths), h_p=to(h_p), h_r=to(h_r),
                 s1=s1, s2=s2, r=to(r), r2=to(r2), rows=rows,
-                split=[to(t) for t in split], split_out=[torch.empty_like(to(t)) for t in split],
+                split=[to(t) for t in split], split2=[to(t[:2].contiguous()) for t in split],
+                split_out=[torch.empty_like(to(t)) for t in split],
                 sizes=to(R.cluster_stats(ids)[1]), logits=to(torch.randn(B, G + 1, generator=gen)))
 
 
@@ -103,6 +104,8 @@ def op_calls(x, impl):
     split = getattr(impl, "_acquisition_step_fused_split", None)
     split_step = ((lambda *a: split(*a, x["split"])) if split is not None  # noqa: E731
                   else impl.acquisition_step)
+    split2_step = ((lambda *a: split(*a, x["split2"])) if split is not None  # noqa: E731
+                   else impl.acquisition_step)
     cpu_split = getattr(impl, "_acquisition_step_split", None)
     cpu_split_step = ((lambda *a: cpu_split(*a, x["split"])) if cpu_split is not None  # noqa: E731
                       else impl.acquisition_step)
@@ -136,6 +139,10 @@ def op_calls(x, impl):
             False),
         # the fused step on split-bf16 first layers (bf16 hidden states; native only)
         "acquisition_step_fused_split": lambda: split_step(
+            x["ids"], x["lengths"], x["h_p"], x["h_r"], x["s1"], x["s2"], 4000.0, 0.0, False, 1e-6,
+            False),
+        # the same with 2 pieces (hi, mid: weights to 2^-16; CareConfig.first_layer_gemm="bf16x2")
+        "acquisition_step_fused_split2": lambda: split2_step(
             x["ids"], x["lengths"], x["h_p"], x["h_r"], x["s1"], x["s2"], 4000.0, 0.0, False, 1e-6,
             False),
         # the CPU step on split-bf16 first layers (MKL's bf16 GEMM; CPU and native only)

@@ -10,7 +10,11 @@
 # the single ops, the figures (bench/plot_bench.py), the CPU step's thread scaling on the
 # machine's 16 cores (bench/thread_scaling.py) and the CPU step with split-bf16 first layers.
 #
-#   device run:  bash bench/gpu_check.sh
+# GPU_CHECK_QUICK=1: after a kernel change, the checks that need the GPU only (~4 min): build,
+# SASS, the CUDA-marked op tests, the core on CUDA with the fused step, the step benchmark without
+# torch.compile, profile_step and the sanitizers; the rest is skipped.
+#
+#   device run:  bash bench/gpu_check.sh            (GPU_CHECK_QUICK=1 bash bench/gpu_check.sh)
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 # The device tool brings back at most 8 files from $OUT: every stage writes into a work folder, and
@@ -58,28 +62,35 @@ stamp "sass_report exit $? : $(grep -cE '^PASS' "$OUT/sass_report.log") rules pa
 
 stamp "op tests (CPU and CUDA)"
 # not -x: one session must show every failing test (up to 25), not the first one only
+QUICK=${GPU_CHECK_QUICK:-0}
+MARK=(); [ "$QUICK" = 1 ] && MARK=(-m cuda)  # quick: the CUDA parametrisations only (CI runs the CPU ones)
 CARE_EXT_REQUIRE_NATIVE=1 timeout "$(cap 150)" python3 -m pytest -q --maxfail=25 -rf -p no:cacheprovider \
-  --rootdir "$REPO" "$REPO/tests/ops" > "$OUT/tests.log" 2>&1
+  ${MARK[@]+"${MARK[@]}"} --rootdir "$REPO" "$REPO/tests/ops" > "$OUT/tests.log" 2>&1
 stamp "tests exit $? : $(tail -1 "$OUT/tests.log")"
 grep -E "^FAILED" "$OUT/tests.log" | head -25 >> "$OUT/summary.txt"
-# the fused step's tail with several prompts per block (CARE_EXT_TAIL_PROMPTS, default 1)
-CARE_EXT_TAIL_PROMPTS=4 CARE_EXT_REQUIRE_NATIVE=1 timeout "$(cap 60)" python3 -m pytest -q --maxfail=10 -rf \
+# the fused step's tail with several prompts per block (CARE_EXT_TAIL_PROMPTS; default by B)
+[ "$QUICK" = 1 ] || CARE_EXT_TAIL_PROMPTS=4 CARE_EXT_REQUIRE_NATIVE=1 timeout "$(cap 60)" python3 -m pytest -q --maxfail=10 -rf \
   -p no:cacheprovider --rootdir "$REPO" "$REPO/tests/ops/test_ops_classifier.py" -k step \
   > "$OUT/tests_tail_prompts4.log" 2>&1
-stamp "step tests with CARE_EXT_TAIL_PROMPTS=4: exit $? : $(tail -1 "$OUT/tests_tail_prompts4.log")"
-for fused in 0 1; do  # the CARE core on the GPU with the default step, then with the fused one
+[ "$QUICK" = 1 ] || stamp "step tests with CARE_EXT_TAIL_PROMPTS=4: exit $? : $(tail -1 "$OUT/tests_tail_prompts4.log")"
+FUSED=(0 1); [ "$QUICK" = 1 ] && FUSED=(1)
+for fused in "${FUSED[@]}"; do  # the CARE core on the GPU with the default step, then with the fused one
   CARE_EXT_FUSED_STEP=$fused CARE_EXT_REQUIRE_NATIVE=1 timeout "$(cap 60)" python3 -m pytest -q -p no:cacheprovider \
     --rootdir "$REPO" "$REPO/tests/core/test_core_cuda.py" > "$OUT/tests_core_fused$fused.log" 2>&1
   stamp "core on CUDA, CARE_EXT_FUSED_STEP=$fused: exit $? : $(tail -1 "$OUT/tests_core_fused$fused.log")"
 done
 
 stamp "benchmarks: the whole step first (the goals' shapes), then every op"
-timeout "$(cap 120)" python3 "$REPO/bench/bench_ops.py" --device cuda --min-time 0.2 \
-  --ops acquisition_step acquisition_step_fused acquisition_step_fused_split --shapes 64x8x4096 1024x64x4096 512x16x4096 64x8x2048 \
+PROV=(native reference compile cudagraph native_graph)
+[ "$QUICK" = 1 ] && PROV=(native reference cudagraph native_graph)
+timeout "$(cap 120)" python3 "$REPO/bench/bench_ops.py" --device cuda --min-time 0.2 --providers "${PROV[@]}" \
+  --ops acquisition_step acquisition_step_fused acquisition_step_fused_split acquisition_step_fused_split2 \
+  --shapes 64x8x4096 1024x64x4096 512x16x4096 64x8x2048 \
   --out "$OUT/bench_step_ops" > "$OUT/bench.log" 2>&1
 stamp "bench (step) exit $? : $(grep -E '64x8x4096|1024x64x4096' "$OUT/bench.log" | tr -s ' ' | tr '\n' ';')"
 python3 "$REPO/bench/step_goals.py" "$OUT/bench_step_ops.jsonl" >> "$OUT/summary.txt" 2>&1
-for tp in 2 4; do  # the fused ops with 2 and 4 prompts per tail block (L2 traffic of the head weights)
+TPS=(1 2 4); [ "$QUICK" = 1 ] && TPS=(1)
+for tp in "${TPS[@]}"; do  # the fused ops with 1, 2 and 4 prompts per tail block (the default picks by B)
   CARE_EXT_TAIL_PROMPTS=$tp timeout "$(cap 45)" python3 "$REPO/bench/bench_ops.py" --device cuda \
     --min-time 0.2 --providers native native_graph --ops acquisition_step_fused acquisition_step_fused_split \
     --shapes 64x8x4096 1024x64x4096 --out "$OUT/bench_step_ops_tail$tp" > "$OUT/bench_tail$tp.log" 2>&1
@@ -136,6 +147,7 @@ for tool in racecheck synccheck; do
     python3 /tmp/sanitize_sync.py > "$OUT/sanitizer_$tool.log" 2>&1
   stamp "compute-sanitizer $tool exit $? : $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|sync script ok' "$OUT/sanitizer_$tool.log" | tr '\n' ' ')"
 done
+[ "$QUICK" = 1 ] && { stamp "done (quick)"; exit 0; }
 
 for fused in 0 1; do
   CARE_EXT_FUSED_STEP=$fused timeout "$(cap 60)" python3 "$REPO/bench/bench_step.py" --device cuda --steps 4 \

@@ -22,7 +22,8 @@ Rules (``--check``; exit status 1 when one fails):
 - ``l2-tile``: the loop body of rollout layer 2 (``sass: l2-fma``) keeps its kL2TileRows x
   kL2TileUnits tile in registers and loads kL2Steps steps of weights before using them: at least
   kL2Steps * kL2TileRows * kL2TileUnits FFMAs in one basic block, at most one global load per
-  kL2TileRows FFMAs and one shared load per kL2TileUnits FFMAs (constants read from step_tail.h).
+  kL2TileRows FFMAs and one shared load per 4 * kL2TileUnits FFMAs (the tile's rollouts read as
+  float4: LDS.128; constants read from step_tail.h).
 - ``dot-loads-ahead``: the head's dot products (``sass: dot-fma``) issue kDotChunk global loads
   before their first FFMA (loads in flight, not one latency per multiply-add).
 - ``address-arithmetic``: those two loop bodies spend at most INT_PER_FFMA integer instructions
@@ -401,10 +402,11 @@ def _tail_rules(tail: Kernel, markers: dict[str, tuple[str, int]],
         s = loop_stats(hot_block(tail.instrs, loc), loc)
         f = s["tagged_ffma"]
         want = steps * rows * units
-        ok = (f >= want and s.get("global-load", 0) * rows <= f and s.get("shared-load", 0) * units <= f)
+        ok = (f >= want and s.get("global-load", 0) * rows <= f
+              and s.get("shared-load", 0) * 4 * units <= f)
         rules.append(Rule("l2-tile", ok,
                           f"body: {f} FFMA (want >= {want}), {s.get('global-load', 0)} global loads "
-                          f"(<= FFMA/{rows}), {s.get('shared-load', 0)} shared loads (<= FFMA/{units}), "
+                          f"(<= FFMA/{rows}), {s.get('shared-load', 0)} shared loads (<= FFMA/{4 * units}), "
                           f"{s.get('int', 0)} integer ({s['int_per_ffma']} per FFMA)"))
     loc = markers.get("dot-fma")
     if loc is None:

@@ -62,37 +62,50 @@ struct PreAct {
   }
 };
 
-// Rollout layer 2 in register tiles: the pooled rollouts go kL2Rows at a time (their ReLU outputs
-// staged in out2, then added to the pool in rollout order), each thread computes a kL2TileRows x
-// kL2TileUnits tile of (rollout, unit) outputs (units 32 apart), so one weight load serves
-// kL2TileRows rollouts and one r1 load (a broadcast) kL2TileUnits units.
-constexpr int kL2Rows = 8;
-constexpr int kL2TileRows = 4;
+// Rollout layer 2 in register tiles, the mean pool in registers: layer 1 writes the pooled
+// rollouts' outputs transposed and compacted (r1t[k * ld + c] for the c-th pooled rollout, ld a
+// multiple of 4, zeros past the last one), so the kL2TileRows consecutive rollouts of a tile are
+// kL2TileRows / 4 aligned float4 reads (shared-memory broadcasts) per step of the sum over R1.
+// Each thread computes kL2TileRows x kL2TileUnits (rollout, unit) outputs (units 32 apart: one
+// line per weight load), one weight load serving kL2TileRows rollouts; it adds their ReLUs to its
+// units' pool sums in registers, so no output is staged and no barrier is needed between tiles.
+// The tiles go round-robin to kL2RowGroups row groups (tile t to group t % kL2RowGroups); each
+// group's partial pool is stored once and the groups are added in group order: the same sums in
+// the same order on any number of threads (the CPU's one thread included).
+constexpr int kL2TileRows = 8;
 constexpr int kL2TileUnits = 4;
+constexpr int kL2RowGroups = 2;
+static_assert(kL2TileRows % 4 == 0, "a tile's rollouts are read as float4");
 
 // Steps of the k sum whose weights a rollout layer-2 tile loads before using them, and of a head
 // dot product (dot_in_order): on the GPU each thread then has kL2Steps * kL2TileUnits, or
 // kDotChunk, independent loads in flight instead of one per multiply-add (latency-bound L2 reads
-// otherwise).
+// otherwise: at 64x8 one 256-thread block per SM streams the head's 655 KB).
 constexpr int kL2Steps = 4;
-constexpr int kDotChunk = 16;
+constexpr int kDotChunk = 32;
 
 // Prompts one block may run together: their rollout and prompt branches one after another, then
 // their head layers side by side, so each head weight is read once for all of them (the weights,
 // ~0.8 MB per classifier at CARE's sizes, are what every block streams from L2).
 constexpr int kMaxTailPrompts = 4;
 
-// Scratch of one classifier for a block of nb prompts: r1 [G*R1], rows [G] (the pooled rollouts'
-// indices, as floats) and out2 [kL2Rows*R2], reused prompt after prompt; per prompt slot q:
+// Scratch of one classifier for a block of nb prompts: r1t [R1][r1t_ld(G)] (first, at the 16-byte
+// aligned base: its float4 reads), rows [G] (the pooled rollouts' indices, as floats) and part
+// [kL2RowGroups][R2] (the row groups' pool sums), reused prompt after prompt; per prompt slot q:
 // p [nb][P], pool [nb][R2], z [nb][K], logits [nb][C]; then (8-byte aligned, one float of padding
 // at most) e [C] doubles: the expected CAG's exponentials and probabilities.
 struct HeadScratch {
-  float *r1, *rows, *out2, *p, *pool, *z, *logits;
+  float *r1t, *rows, *part, *p, *pool, *z, *logits;
   double* e;
 };
 
-CARE_HD int head_scratch_float_part(const HeadWeights& w, int G, int nb) {  // r1 .. logits
-  return G * w.R1 + G + kL2Rows * w.R2 + nb * (w.P + w.R2 + w.K + w.C);
+// r1t's leading dimension: G rounded up to whole tiles, plus 4 (a multiple of 4 for the float4
+// reads whose stride in banks is not a multiple of 32: layer 1's column writes conflict 4-way at
+// most).
+CARE_HD int r1t_ld(int G) { return (G + kL2TileRows - 1) / kL2TileRows * kL2TileRows + 4; }
+
+CARE_HD int head_scratch_float_part(const HeadWeights& w, int G, int nb) {  // r1t .. logits
+  return w.R1 * r1t_ld(G) + G + kL2RowGroups * w.R2 + nb * (w.P + w.R2 + w.K + w.C);
 }
 
 CARE_HD int head_scratch_floats(const HeadWeights& w, int G, int nb) {
@@ -101,10 +114,10 @@ CARE_HD int head_scratch_floats(const HeadWeights& w, int G, int nb) {
 
 CARE_HD HeadScratch head_scratch(float* base, const HeadWeights& w, int G, int nb) {
   HeadScratch s;
-  s.r1 = base;
-  s.rows = s.r1 + G * w.R1;
-  s.out2 = s.rows + G;
-  s.p = s.out2 + kL2Rows * w.R2;
+  s.r1t = base;
+  s.rows = s.r1t + w.R1 * r1t_ld(G);
+  s.part = s.rows + G;
+  s.p = s.part + kL2RowGroups * w.R2;
   s.pool = s.p + nb * w.P;
   s.z = s.pool + nb * w.R2;
   s.logits = s.z + nb * w.K;
@@ -147,11 +160,29 @@ CARE_HD void dot_in_order(const Mat& W, int r, int c0, const float* x, int ldx, 
   }
 }
 
+// x[a] = p[a] for a < kL2TileRows: a tile's rollouts at one step of the k sum (p 16-byte aligned;
+// float4 shared-memory reads on the GPU, broadcast to the warp).
+CARE_HD void load_tile_rows(const float* p, float (&x)[kL2TileRows]) {
+#if defined(__CUDA_ARCH__)
+  CARE_UNROLL
+  for (int a = 0; a < kL2TileRows; a += 4) {
+    const float4 v = *reinterpret_cast<const float4*>(p + a);
+    x[a] = v.x;
+    x[a + 1] = v.y;
+    x[a + 2] = v.z;
+    x[a + 3] = v.w;
+  }
+#else
+  for (int a = 0; a < kL2TileRows; ++a) x[a] = p[a];
+#endif
+}
+
 // Adds the next Q steps of rollout layer 2's sums to a tile: wp[u] points at the weight of unit
-// u's next step (consecutive steps cs apart), r1p[a] at rollout a's next layer-1 output; both are
-// advanced past the Q steps. The tile's weights of all Q steps are loaded before they are used.
+// u's next step (consecutive steps cs apart), r1p at the tile's first rollout in r1t at the next
+// step (consecutive steps ld apart); both are advanced past the Q steps. The tile's weights of
+// all Q steps are loaded before they are used.
 template <int Q>
-CARE_HD void l2_steps(const float* (&wp)[kL2TileUnits], int cs, const float* (&r1p)[kL2TileRows],
+CARE_HD void l2_steps(const float* (&wp)[kL2TileUnits], int cs, const float*& r1p, int ld,
                       float (&v)[kL2TileRows][kL2TileUnits]) {
   float wv[Q][kL2TileUnits];
   CARE_UNROLL
@@ -164,100 +195,111 @@ CARE_HD void l2_steps(const float* (&wp)[kL2TileUnits], int cs, const float* (&r
   }
   CARE_UNROLL
   for (int q = 0; q < Q; ++q) {
+    float x[kL2TileRows];
+    load_tile_rows(r1p + q * ld, x);
     CARE_UNROLL
     for (int a = 0; a < kL2TileRows; ++a) {
-      const float x = r1p[a][q];
       CARE_UNROLL
-      for (int u = 0; u < kL2TileUnits; ++u) v[a][u] += wv[q][u] * x;  // sass: l2-fma
+      for (int u = 0; u < kL2TileUnits; ++u) v[a][u] += wv[q][u] * x[a];  // sass: l2-fma
     }
   }
-  CARE_UNROLL
-  for (int a = 0; a < kL2TileRows; ++a) r1p[a] += Q;
+  r1p += Q * ld;
 }
 
 // The rollout and prompt branches of one classifier for one prompt b: the prompt branch's output
 // into p [P] and the (masked) mean pool of rollout layer 2 into pool [R2] (all threads may read
 // them after the final sync). pre_r (rows b*G .. b*G+G-1) and pre_p (row b) are the first-layer
 // GEMM outputs without bias; rfeat [G, Fr] (nullptr when Fr = 0), pfeat [Fp]; mask [G] or nullptr
-// (pool all G). Uses s.r1, s.rows and s.out2.
+// (pool all G). Uses s.r1t, s.rows and s.part.
 template <class Sync>
 CARE_HD void branches(const HeadWeights& w, int G, int64_t b, PreAct pre_r, const float* rfeat,
                       const bool* mask, PreAct pre_p, const float* pfeat, const HeadScratch& s,
                       float* p, float* pool, int tid, int nth, Sync sync) {
-  for (int i = tid; i < G * w.R1; i += nth) {  // rollout layer 1: bias, features, ReLU
-    const int g = i / w.R1, k = i - g * w.R1;
-    float v = pre_r.at(b * G + g, k) + w.r1b[k];
-    for (int f = 0; f < w.Fr; ++f) v += w.r1w.at(k, w.H + f) * rfeat[g * w.Fr + f];
-    s.r1[i] = relu_f(v);
-  }
-  for (int i = tid; i < w.P; i += nth) {  // prompt branch: bias, features, ReLU
-    float v = pre_p.at(b, i) + w.pb[i];
-    for (int f = 0; f < w.Fp; ++f) v += w.pw.at(i, w.H + f) * pfeat[f];
-    p[i] = relu_f(v);
-  }
-  for (int j = tid; j < w.R2; j += nth) pool[j] = 0.f;
   if (tid == 0) {  // the pooled rollouts in order: the mask's true entries, or all G
     int n = 0;
     for (int g = 0; g < G; ++g) {
       if (mask == nullptr || mask[g]) s.rows[n++] = static_cast<float>(g);
     }
   }
-  sync();
   int count = 0;
   for (int g = 0; g < G; ++g) count += (mask == nullptr || mask[g]) ? 1 : 0;
   const float inv = count > 0 ? 1.f / static_cast<float>(count) : 0.f;  // empty mask: pool 0
+  const int n_tiles = (count + kL2TileRows - 1) / kL2TileRows;
+  const int ld = r1t_ld(G);
+  for (int i = tid; i < w.P; i += nth) {  // prompt branch: bias, features, ReLU
+    float v = pre_p.at(b, i) + w.pb[i];
+    for (int f = 0; f < w.Fp; ++f) v += w.pw.at(i, w.H + f) * pfeat[f];
+    p[i] = relu_f(v);
+  }
+  sync();  // rows
+  // rollout layer 1 of the pooled rollouts: bias, features, ReLU, into r1t (zeros up to whole
+  // tiles); consecutive threads take consecutive units k, so the GEMM output is read in lines
+  for (int i = tid; i < n_tiles * kL2TileRows * w.R1; i += nth) {
+    const int c = i / w.R1, k = i - c * w.R1;
+    float v = 0.f;
+    if (c < count) {
+      const int g = static_cast<int>(s.rows[c]);
+      v = pre_r.at(b * G + g, k) + w.r1b[k];
+      for (int f = 0; f < w.Fr; ++f) v += w.r1w.at(k, w.H + f) * rfeat[g * w.Fr + f];
+      v = relu_f(v);
+    }
+    s.r1t[k * ld + c] = v;
+  }
+  sync();
   // rollout layer 2 + ReLU + (masked) mean pool:
-  //   out(g, j) = relu(r2b[j] + sum_k r2w(j, k) r1(g, k)), each summed over k in order;
-  //   pool[j] = inv * (sum over the pooled g, in order, of out(g, j))
-  // A tile's units are j0 + 32 u (u < kL2TileUnits) and j0 runs over consecutive items, so for each
-  // u the 32 threads of a warp touch 32 consecutive units: one line per weight load and no bank
-  // conflicts on out2.
+  //   out(c, j) = relu(r2b[j] + sum_k r2w(j, k) r1(c, k)), each summed over k in order;
+  //   part[r][j] = sum over the tiles t = r, r + kL2RowGroups, ... in order, of the tile's
+  //   rollouts in order, of out(c, j); pool[j] = inv * (part[0][j] + part[1][j] + ...)
+  // Consecutive items take consecutive j0, so for each u the 32 threads of a warp touch 32
+  // consecutive units: one line per weight load.
   constexpr int kGroup = 32 * kL2TileUnits;  // units covered by 32 consecutive items
-  const int n_tj = (w.R2 + kGroup - 1) / kGroup * 32;  // items per row tile
-  for (int c0 = 0; c0 < count; c0 += kL2Rows) {  // same trip count in every thread
-    const int gc = count - c0 < kL2Rows ? count - c0 : kL2Rows;
-    const int n_tt = (gc + kL2TileRows - 1) / kL2TileRows;
-    for (int it = tid; it < n_tt * n_tj; it += nth) {
-      const int tt = it / n_tj, jt = it - tt * n_tj;
-      const int t0 = tt * kL2TileRows, j0 = (jt / 32) * kGroup + jt % 32;
-      const float* r1p[kL2TileRows];
-      const float* wp[kL2TileUnits];  // the tile's weight rows at step 0 (a unit past R2: row 0)
+  const int n_tj = (w.R2 + kGroup - 1) / kGroup * 32;  // items per row group
+  const int cs = w.r2w.cs;
+  for (int it = tid; it < kL2RowGroups * n_tj; it += nth) {
+    const int rg = it / n_tj, jt = it - rg * n_tj;
+    const int j0 = (jt / 32) * kGroup + jt % 32;
+    const float* wrow[kL2TileUnits];  // each unit's weight row (a unit past R2: row 0, not stored)
+    float bias[kL2TileUnits], pacc[kL2TileUnits];
+    CARE_UNROLL
+    for (int u = 0; u < kL2TileUnits; ++u) {
+      const bool in = j0 + 32 * u < w.R2;
+      bias[u] = in ? w.r2b[j0 + 32 * u] : 0.f;
+      wrow[u] = w.r2w.row(in ? j0 + 32 * u : 0);
+      pacc[u] = 0.f;
+    }
+    for (int t = rg; t < n_tiles; t += kL2RowGroups) {
+      const int t0 = t * kL2TileRows;
+      const float* wp[kL2TileUnits];
       float v[kL2TileRows][kL2TileUnits];
       CARE_UNROLL
-      for (int a = 0; a < kL2TileRows; ++a) {  // a partial tile repeats its last row (not stored)
-        const int t = t0 + a < gc ? t0 + a : gc - 1;
-        r1p[a] = s.r1 + static_cast<int>(s.rows[c0 + t]) * w.R1;
-      }
-      CARE_UNROLL
       for (int u = 0; u < kL2TileUnits; ++u) {
-        const bool in = j0 + 32 * u < w.R2;  // a unit past R2 computes row 0's sums, never stored
-        const float bias = in ? w.r2b[j0 + 32 * u] : 0.f;
-        wp[u] = w.r2w.row(in ? j0 + 32 * u : 0);
+        wp[u] = wrow[u];
         CARE_UNROLL
-        for (int a = 0; a < kL2TileRows; ++a) v[a][u] = bias;
+        for (int a = 0; a < kL2TileRows; ++a) v[a][u] = bias[u];
       }
-      const int cs = w.r2w.cs;
+      const float* r1p = s.r1t + t0;
       int k = 0;
-      for (; k + kL2Steps <= w.R1; k += kL2Steps) l2_steps<kL2Steps>(wp, cs, r1p, v);
-      for (; k < w.R1; ++k) l2_steps<1>(wp, cs, r1p, v);  // the last R1 % kL2Steps steps
+      for (; k + kL2Steps <= w.R1; k += kL2Steps) l2_steps<kL2Steps>(wp, cs, r1p, ld, v);
+      for (; k < w.R1; ++k) l2_steps<1>(wp, cs, r1p, ld, v);  // the last R1 % kL2Steps steps
       CARE_UNROLL
-      for (int a = 0; a < kL2TileRows; ++a) {
-        CARE_UNROLL
-        for (int u = 0; u < kL2TileUnits; ++u) {
-          const int j = j0 + 32 * u;
-          if (t0 + a < gc && j < w.R2) s.out2[(t0 + a) * w.R2 + j] = relu_f(v[a][u]);
+      for (int a = 0; a < kL2TileRows; ++a) {  // rows past count (zero inputs) are not pooled
+        if (t0 + a < count) {
+          CARE_UNROLL
+          for (int u = 0; u < kL2TileUnits; ++u) pacc[u] += relu_f(v[a][u]);
         }
       }
     }
-    sync();
-    for (int j = tid; j < w.R2; j += nth) {  // the thread that owns pool[j] adds in rollout order
-      float acc = pool[j];
-      for (int t = 0; t < gc; ++t) acc += s.out2[t * w.R2 + j];
-      pool[j] = acc;
+    CARE_UNROLL
+    for (int u = 0; u < kL2TileUnits; ++u) {
+      if (j0 + 32 * u < w.R2) s.part[rg * w.R2 + j0 + 32 * u] = pacc[u];
     }
-    sync();  // out2 is overwritten by the next chunk
   }
-  for (int j = tid; j < w.R2; j += nth) pool[j] *= inv;
+  sync();
+  for (int j = tid; j < w.R2; j += nth) {
+    float acc = s.part[j];
+    for (int r = 1; r < kL2RowGroups; ++r) acc += s.part[r * w.R2 + j];
+    pool[j] = acc * inv;
+  }
   sync();
 }
 

@@ -23,11 +23,12 @@ struct BlockSync {
   }
 };
 
-// M = 1: one prompt per block (80 registers, 3 blocks of 256 threads per SM); M =
-// kMaxTailPrompts: up to M prompts per block, whose head layers keep M accumulators per thread
-// (at least 2 blocks per SM requested: without it ptxas capped the registers at 80 and spilled).
+// M = 1: one prompt per block; M = kMaxTailPrompts: up to M prompts per block, whose head layers
+// keep M accumulators per thread. Both ask for at least 2 blocks of 256 threads per SM (128
+// registers at most): rollout layer 2's 8 x 4 tiles, their weights 4 steps ahead and the tile's
+// float4 inputs need ~100.
 template <int M>
-__global__ void __launch_bounds__(kTailThreads, M == 1 ? 3 : 2)
+__global__ void __launch_bounds__(kTailThreads, 2)
     step_tail_kernel(StepTailArgs a, int64_t B) {
   extern __shared__ __align__(16) float scratch[];  // head_scratch places doubles 8-byte aligned
   const int64_t b0 = static_cast<int64_t>(blockIdx.x) * a.prompts_per_block;
@@ -48,13 +49,23 @@ int64_t dynamic_smem_limit() {
   return limit;
 }
 
-// Prompts per block: CARE_EXT_TAIL_PROMPTS (1 .. kMaxTailPrompts; default 1, one prompt per block
-// as before), lowered while the scratch would exceed the shared-memory limit.
-// More prompts per block read each head weight once for all of them (a fraction of the L2
-// traffic) at the price of fewer blocks; the GPU check benchmarks 1, 2 and 4.
-int tail_prompts_per_block() {
+// Prompts per block: CARE_EXT_TAIL_PROMPTS (1 .. kMaxTailPrompts) when set, else the most of
+// 4, 2, 1 that still gives every SM a block of each stage (ceil(B / n) >= the SM count: at 64
+// prompts 1, at 512 on a 132-SM H100 2, at 1024 4); lowered by the caller while the scratch would
+// exceed the shared-memory limit. More prompts per block read each head weight once for all of
+// them (at 1024 x 64 one prompt per block streams 2048 x 0.8 MB of head weights from L2), fewer
+// give more blocks to hide the latency of those reads when B is small.
+int tail_prompts_per_block(int64_t B) {
   const char* env = std::getenv("CARE_EXT_TAIL_PROMPTS");
-  if (env == nullptr || *env == 0) return 1;
+  if (env == nullptr || *env == 0) {
+    int dev = 0, sms = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    for (int n = kMaxTailPrompts; n > 1; n /= 2) {
+      if ((B + n - 1) / n >= sms) return n;
+    }
+    return 1;
+  }
   char* end = nullptr;
   const long n = std::strtol(env, &end, 10);
   TORCH_CHECK(*end == 0 && n >= 1 && n <= kMaxTailPrompts, "CARE_EXT_TAIL_PROMPTS must be an "
@@ -80,7 +91,7 @@ StepTuple acquisition_step_fused_split_cuda(const Tensor& ids, const Tensor& len
                                          first_layer_split);
   if (f.B == 0) return f.outputs();
   StepTailArgs args = f.args;
-  args.prompts_per_block = tail_prompts_per_block();
+  args.prompts_per_block = tail_prompts_per_block(f.B);
   auto smem_of = [&] {
     return step_tail_scratch_floats(args) * static_cast<int64_t>(sizeof(float));
   };
@@ -92,14 +103,16 @@ StepTuple acquisition_step_fused_split_cuda(const Tensor& ids, const Tensor& len
   while (args.prompts_per_block > 1 && smem_of() > limit_of()) --args.prompts_per_block;
   const int64_t smem = smem_of();
   const char* op = fused_step_op_name(first_layer_split);
-  if (args.prompts_per_block < asked) {  // say so: a benchmark of the grouped tail would mislead
+  const char* env = std::getenv("CARE_EXT_TAIL_PROMPTS");
+  const bool from_env = env != nullptr && *env != 0;
+  if (from_env && args.prompts_per_block < asked) {  // a benchmark of the grouped tail would mislead
     TORCH_WARN_ONCE("care_ext.", op, ": CARE_EXT_TAIL_PROMPTS=", asked, " needs more than the ",
                     dynamic_smem_limit<kMaxTailPrompts>(), " bytes of dynamic shared memory per ",
                     "block at G = ", args.G, "; the tail runs ", args.prompts_per_block,
                     " prompt(s) per block");
   }
   TORCH_CHECK(smem <= limit_of(), "care_ext.", op, ": the classifiers need ", smem,
-              " bytes of per-block scratch (G * R1 + G + ", kL2Rows,
+              " bytes of per-block scratch (R1 * r1t_ld(G) + G + ", kL2RowGroups,
               " * R2 + P + R2 + K + C + 1 + 2 * C floats: head_scratch_floats), more than the ",
               limit_of(), " bytes of dynamic shared memory this kernel may use; use "
               "acquisition_step");

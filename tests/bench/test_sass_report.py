@@ -101,7 +101,7 @@ MARKERS = {"l2-fma": ("step_tail.h", 130), "dot-fma": ("step_tail.h", 105)}
 CONSTS = {"kL2TileRows": 4, "kL2TileUnits": 4, "kL2Steps": 4, "kDotChunk": 16}
 
 
-def _tail(l2_loads=16, l2_lds=16, l2_int=40, dot_ahead=16, dot_int=60, fp64_at=None):
+def _tail(l2_loads=16, l2_lds=4, l2_int=40, dot_ahead=16, dot_int=60, fp64_at=None):
     l2 = ([("|", "", 0)] + [("LDG.E", "step_tail.h", 29)] * l2_loads + [("LDS", "step_tail.h", 128)] * l2_lds
           + [("IADD3", "step_tail.h", 29)] * l2_int + [("FFMA", "step_tail.h", 130)] * 64 + [("BRA", "", 0)])
     dot = ([("|", "", 0)] + [("LDG.E", "step_tail.h", 29)] * dot_ahead + [("IMAD.WIDE", "step_tail.h", 29)] * dot_int
@@ -130,7 +130,7 @@ def test_rules_pass_on_code_generated_as_meant():
     (lambda: [_tail(), _kernel("x", [], {"REG": 40, "STACK": 16, "LOCAL": 0}), *_shufflers()], "no-local-memory"),
     (lambda: [_tail(fp64_at=264), *_shufflers()], "tail-fp32"),       # a double literal in the tail
     (lambda: [_tail(l2_loads=32), *_shufflers()], "l2-tile"),         # a weight load per 2 FFMAs
-    (lambda: [_tail(l2_lds=32), *_shufflers()], "l2-tile"),           # an r1 load per 2 FFMAs
+    (lambda: [_tail(l2_lds=16), *_shufflers()], "l2-tile"),           # scalar r1 loads, not float4
     (lambda: [_tail(dot_ahead=4), *_shufflers()], "dot-loads-ahead"),  # loads issued one by one
     (lambda: [_tail(l2_int=180), *_shufflers()], "address-arithmetic"),
     (lambda: [_tail(dot_int=140), *_shufflers()], "address-arithmetic"),
