@@ -67,7 +67,8 @@ def resolve_first_layer_gemm(mode: str, device: torch.device | str, hidden_size:
     Args:
         mode: 'float32', 'bf16x3', 'bf16x2', or 'auto': 3 on a CPU with bf16 hardware
             (:func:`cpu_bf16_hardware`) at ``hidden_size`` >= :data:`AUTO_MIN_HIDDEN`, else 0
-            (CUDA: the split fused step has not been measured on a GPU yet; CPUs without bf16
+            (CUDA: on an H100 the core decided slower with the split, 11.1 vs 7.5 ms at
+            64x8x4096, as it re-splits through torch ops after every update; CPUs without bf16
             units would run the split products as float32 GEMMs on converted copies, slower).
         device: where the CARE core runs its classifiers.
         hidden_size: H.

@@ -132,8 +132,8 @@ class CareConfig:
     tensor-core GEMMs; on the CPU MKL's bf16 GEMM (AMX / AVX512-BF16 Xeons; elsewhere float32
     GEMMs on converted copies, slower: ``care_ext.build_info()["cpu_bf16_gemm"]`` says which).
     'auto' (default): 'bf16x3' on a CPU with bf16 units at H >= 1024, 'float32' elsewhere
-    (:func:`care_ext.bf16_split.resolve_first_layer_gemm`; CUDA's split step is not yet measured
-    on a GPU). Used only where it applies: bf16 hidden states, raw (not projected) states, count
+    (:func:`care_ext.bf16_split.resolve_first_layer_gemm`; on an H100 the core decided slower with
+    the split than with float32). Used only where it applies: bf16 hidden states, raw (not projected) states, count
     classifiers; float32 elsewhere. bench/RESULTS.md has the CPU measurements."""
 
     # --- inputs and monitoring ------------------------------------------------------------------
