@@ -13,9 +13,22 @@
 #include <c10/core/DispatchKeySet.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 namespace care_ext {
+
+// CARE_EXT_TAIL_STAGE_R2 (run time): "1" makes each block of the fused step's tail stage its rollout
+// layer-2 weight first (stage_r2w; CUDA: in shared memory, opting in above 48 KB; the CPU's
+// _acquisition_step_fused_block: a buffer of the block's), unset or "0" reads it where it is.
+// Off by default until a GPU run has measured it (bench/gpu_check.sh runs both).
+inline bool tail_stage_r2w_requested() {
+  const char* env = std::getenv("CARE_EXT_TAIL_STAGE_R2");
+  if (env == nullptr || *env == 0 || std::strcmp(env, "0") == 0) return false;
+  TORCH_CHECK(std::strcmp(env, "1") == 0, "CARE_EXT_TAIL_STAGE_R2 must be 0 or 1, got '", env, "'");
+  return true;
+}
 
 // Held for the whole of every op that runs ATen GEMMs (classifier_forward, acquisition_step, the
 // fused step's host part): the ops compute in float32 whatever a caller's torch.autocast region

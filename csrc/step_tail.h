@@ -97,6 +97,7 @@ constexpr int kMaxTailPrompts = 4;
 struct HeadScratch {
   float *r1t, *rows, *part, *p, *pool, *z, *logits;
   double* e;
+  const float* r2w;  // rollout layer 2's weight staged k-major ([R1][R2], stage_r2w), or nullptr
 };
 
 // r1t's leading dimension: G rounded up to whole tiles, plus 4 (a multiple of 4 for the float4
@@ -123,7 +124,21 @@ CARE_HD HeadScratch head_scratch(float* base, const HeadWeights& w, int G, int n
   s.logits = s.z + nb * w.K;
   const int floats = head_scratch_float_part(w, G, nb);
   s.e = reinterpret_cast<double*>(base + floats + (floats & 1));  // base is 16-byte aligned
+  s.r2w = nullptr;
   return s;
+}
+
+// Copies rollout layer 2's weight (element (j, k) = unit j's weight of input k, any strides) into
+// dst [R1][R2] (k-major): read there, a warp's 32 consecutive units at one k are 32 consecutive
+// floats, as in a column-major weight. The CUDA kernel may stage it so in shared memory once per
+// block (CARE_EXT_TAIL_STAGE_R2=1): each 8-rollout tile of layer 2 reads all of it, 1 MB per
+// prompt and classifier at G = 64, from L2 when it does not stay in L1. Same values, so the same
+// sums: results do not depend on staging.
+CARE_HD void stage_r2w(const Mat& r2w, int R1, int R2, float* dst, int tid, int nth) {
+  for (int i = tid; i < R1 * R2; i += nth) {
+    const int k = i / R2, j = i - k * R2;
+    dst[i] = r2w.at(j, k);
+  }
 }
 
 CARE_HD float relu_f(float v) { return v > 0.f ? v : 0.f; }
@@ -210,7 +225,7 @@ CARE_HD void l2_steps(const float* (&wp)[kL2TileUnits], int cs, const float*& r1
 // into p [P] and the (masked) mean pool of rollout layer 2 into pool [R2] (all threads may read
 // them after the final sync). pre_r (rows b*G .. b*G+G-1) and pre_p (row b) are the first-layer
 // GEMM outputs without bias; rfeat [G, Fr] (nullptr when Fr = 0), pfeat [Fp]; mask [G] or nullptr
-// (pool all G). Uses s.r1t, s.rows and s.part.
+// (pool all G). Uses s.r1t, s.rows and s.part, and reads layer 2's weight from s.r2w when staged.
 template <class Sync>
 CARE_HD void branches(const HeadWeights& w, int G, int64_t b, PreAct pre_r, const float* rfeat,
                       const bool* mask, PreAct pre_p, const float* pfeat, const HeadScratch& s,
@@ -254,7 +269,8 @@ CARE_HD void branches(const HeadWeights& w, int G, int64_t b, PreAct pre_r, cons
   // consecutive units: one line per weight load.
   constexpr int kGroup = 32 * kL2TileUnits;  // units covered by 32 consecutive items
   const int n_tj = (w.R2 + kGroup - 1) / kGroup * 32;  // items per row group
-  const int cs = w.r2w.cs;
+  const Mat r2w = s.r2w != nullptr ? Mat{s.r2w, 1, w.R2} : w.r2w;
+  const int cs = r2w.cs;
   for (int it = tid; it < kL2RowGroups * n_tj; it += nth) {
     const int rg = it / n_tj, jt = it - rg * n_tj;
     const int j0 = (jt / 32) * kGroup + jt % 32;
@@ -264,7 +280,7 @@ CARE_HD void branches(const HeadWeights& w, int G, int64_t b, PreAct pre_r, cons
     for (int u = 0; u < kL2TileUnits; ++u) {
       const bool in = j0 + 32 * u < w.R2;
       bias[u] = in ? w.r2b[j0 + 32 * u] : 0.f;
-      wrow[u] = w.r2w.row(in ? j0 + 32 * u : 0);
+      wrow[u] = r2w.row(in ? j0 + 32 * u : 0);
       pacc[u] = 0.f;
     }
     for (int t = rg; t < n_tiles; t += kL2RowGroups) {
@@ -371,13 +387,15 @@ CARE_HD int step_tail_scratch_floats(const StepTailArgs& a) {
 // One stage of the nb prompts b0 .. b0+nb-1 (nb <= M <= kMaxTailPrompts, the scratch sized for
 // at least nb; M = 1 is the one-prompt layout, compiled apart for its smaller register count):
 // stage 0 = Stage-I (reliability and its logits), 1 = Stage-II (probs over the admissible classes
-// and expected CAG). The stages share nothing but read-only inputs.
+// and expected CAG). The stages share nothing but read-only inputs. r2w_staged: this stage's
+// rollout layer-2 weight as stage_r2w wrote it (complete before the first sync), or nullptr.
 template <int M, class Sync>
 CARE_HD void step_tail(const StepTailArgs& a, int64_t b0, int nb, int stage, float* scratch,
-                       int tid, int nth, Sync sync) {
+                       int tid, int nth, Sync sync, const float* r2w_staged = nullptr) {
   const int G = a.G, C2 = G + 1;
   if (stage == 0) {
-    const HeadScratch s = head_scratch(scratch, a.w1, G, nb);
+    HeadScratch s = head_scratch(scratch, a.w1, G, nb);
+    s.r2w = r2w_staged;
     classifier_tail<M>(a.w1, G, b0, nb, a.pre_r1, a.len_norm, nullptr, a.pre_p1, a.prompt_feat, s,
                        tid, nth, sync);
     for (int q = tid; q < nb; q += nth) {
@@ -390,7 +408,8 @@ CARE_HD void step_tail(const StepTailArgs& a, int64_t b0, int nb, int stage, flo
       a.reliability[b] = e1 / (e0 + e1);
     }
   } else {
-    const HeadScratch s = head_scratch(scratch, a.w2, G, nb);
+    HeadScratch s = head_scratch(scratch, a.w2, G, nb);
+    s.r2w = r2w_staged;
     classifier_tail<M>(a.w2, G, b0, nb, a.pre_r2, nullptr, a.minority, a.pre_p2, a.prompt_feat, s,
                        tid, nth, sync);
     for (int q = 0; q < nb; ++q) {

@@ -90,16 +90,26 @@ StepTuple acquisition_step_fused_block_cpu(const Tensor& ids, const Tensor& leng
   f.args.prompts_per_block = static_cast<int>(prompts);
   const int n = static_cast<int>(threads), per = static_cast<int>(prompts);
   std::vector<float> scratch(static_cast<size_t>(step_tail_scratch_floats(f.args)));
+  // CARE_EXT_TAIL_STAGE_R2=1: each block stages its stage's layer-2 weight first, as the CUDA
+  // kernel does with it (stage_r2w), into a buffer of its own
+  const bool staged = tail_stage_r2w_requested();
+  std::vector<float> r2w(staged ? static_cast<size_t>(std::max(
+                                      f.args.w1.R1 * f.args.w1.R2, f.args.w2.R1 * f.args.w2.R2))
+                                : 0);
   TeamBarrier barrier(n);
   auto member = [&](int tid) {
     for (int64_t b0 = 0; b0 < f.B; b0 += per) {
       const int nb = static_cast<int>(std::min<int64_t>(per, f.B - b0));
       for (int stage = 0; stage < 2; ++stage) {  // one block after another, one shared scratch
+        const HeadWeights& w = stage == 0 ? f.args.w1 : f.args.w2;
+        if (staged) stage_r2w(w.r2w, w.R1, w.R2, r2w.data(), tid, n);
+        const float* r2w_staged = staged ? r2w.data() : nullptr;
         if (per == 1) {  // the kernel's two instantiations, as the CUDA launch picks them
-          step_tail<1>(f.args, b0, nb, stage, scratch.data(), tid, n, TeamSync{&barrier});
+          step_tail<1>(f.args, b0, nb, stage, scratch.data(), tid, n, TeamSync{&barrier},
+                       r2w_staged);
         } else {
           step_tail<kMaxTailPrompts>(f.args, b0, nb, stage, scratch.data(), tid, n,
-                                     TeamSync{&barrier});
+                                     TeamSync{&barrier}, r2w_staged);
         }
         barrier.wait();  // the next block overwrites the scratch this one's last reads use
       }

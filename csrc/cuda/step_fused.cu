@@ -29,12 +29,22 @@ struct BlockSync {
 // float4 inputs need ~100.
 template <int M>
 __global__ void __launch_bounds__(kTailThreads, 2)
-    step_tail_kernel(StepTailArgs a, int64_t B) {
+    step_tail_kernel(StepTailArgs a, int64_t B, int r2w_offset) {
   extern __shared__ __align__(16) float scratch[];  // head_scratch places doubles 8-byte aligned
   const int64_t b0 = static_cast<int64_t>(blockIdx.x) * a.prompts_per_block;
   const int nb = static_cast<int>(B - b0 < a.prompts_per_block ? B - b0 : a.prompts_per_block);
-  step_tail<M>(a, b0, nb, static_cast<int>(blockIdx.y), scratch, static_cast<int>(threadIdx.x),
-               static_cast<int>(blockDim.x), BlockSync{});
+  const int stage = static_cast<int>(blockIdx.y), tid = static_cast<int>(threadIdx.x),
+            nth = static_cast<int>(blockDim.x);
+  float* r2w = nullptr;
+  if (r2w_offset > 0) {  // CARE_EXT_TAIL_STAGE_R2=1; written before step_tail's first barrier
+    r2w = scratch + r2w_offset;
+    if (stage == 0) {
+      stage_r2w(a.w1.r2w, a.w1.R1, a.w1.R2, r2w, tid, nth);
+    } else {
+      stage_r2w(a.w2.r2w, a.w2.R1, a.w2.R2, r2w, tid, nth);
+    }
+  }
+  step_tail<M>(a, b0, nb, stage, scratch, tid, nth, BlockSync{}, r2w);
 }
 
 // The dynamic shared memory a launch of step_tail_kernel<M> may ask for without opting in: the
@@ -47,6 +57,32 @@ int64_t dynamic_smem_limit() {
     return std::min<int64_t>(kMaxTailSmem, static_cast<int64_t>(attr.maxDynamicSharedSizeBytes));
   }();
   return limit;
+}
+
+// The dynamic shared memory a launch of step_tail_kernel<M> may ask for after opting in: the
+// device's per-block maximum less the kernel's static shared memory (queried once).
+template <int M>
+int64_t optin_smem_limit() {
+  static const int64_t limit = [] {
+    int dev = 0, optin = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    cudaFuncAttributes attr;
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, step_tail_kernel<M>));
+    return static_cast<int64_t>(optin) - static_cast<int64_t>(attr.sharedSizeBytes);
+  }();
+  return limit;
+}
+
+// Opts step_tail_kernel<M> in to `bytes` of dynamic shared memory on the current device when that
+// is above the 48 KB default (set at every such launch: the attribute is per device and cheap).
+template <int M>
+void allow_dynamic_smem(int64_t bytes) {
+  if (bytes > kMaxTailSmem) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(step_tail_kernel<M>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(bytes)));
+  }
 }
 
 // Prompts per block: CARE_EXT_TAIL_PROMPTS (1 .. kMaxTailPrompts) when set, else the most of
@@ -92,17 +128,34 @@ StepTuple acquisition_step_fused_split_cuda(const Tensor& ids, const Tensor& len
   if (f.B == 0) return f.outputs();
   StepTailArgs args = f.args;
   args.prompts_per_block = tail_prompts_per_block(f.B);
+  const char* op = fused_step_op_name(first_layer_split);
+  // CARE_EXT_TAIL_STAGE_R2=1: the larger stage's layer-2 weight after the scratch (16-byte aligned)
+  const int64_t r2w_floats = tail_stage_r2w_requested()
+      ? std::max<int64_t>(args.w1.R1 * args.w1.R2, args.w2.R1 * args.w2.R2) : 0;
+  bool staged = r2w_floats > 0;
+  auto scratch_floats = [&] { return (step_tail_scratch_floats(args) + 3) / 4 * 4; };
   auto smem_of = [&] {
-    return step_tail_scratch_floats(args) * static_cast<int64_t>(sizeof(float));
+    return (scratch_floats() + (staged ? r2w_floats : 0)) * static_cast<int64_t>(sizeof(float));
   };
   auto limit_of = [&] {
+    if (staged) {
+      return args.prompts_per_block == 1 ? optin_smem_limit<1>()
+                                         : optin_smem_limit<kMaxTailPrompts>();
+    }
     return args.prompts_per_block == 1 ? dynamic_smem_limit<1>()
                                        : dynamic_smem_limit<kMaxTailPrompts>();
   };
   const int asked = args.prompts_per_block;
   while (args.prompts_per_block > 1 && smem_of() > limit_of()) --args.prompts_per_block;
+  if (staged && smem_of() > limit_of()) {  // not even one prompt fits beside the staged weight
+    TORCH_WARN_ONCE("care_ext.", op, ": CARE_EXT_TAIL_STAGE_R2=1 needs ", smem_of(), " bytes of "
+                    "shared memory per block, more than the ", limit_of(), " this device allows; "
+                    "the tail reads rollout layer 2's weight from global memory");
+    staged = false;
+    args.prompts_per_block = asked;
+    while (args.prompts_per_block > 1 && smem_of() > limit_of()) --args.prompts_per_block;
+  }
   const int64_t smem = smem_of();
-  const char* op = fused_step_op_name(first_layer_split);
   const char* env = std::getenv("CARE_EXT_TAIL_PROMPTS");
   const bool from_env = env != nullptr && *env != 0;
   if (from_env && args.prompts_per_block < asked) {  // a benchmark of the grouped tail would mislead
@@ -120,11 +173,15 @@ StepTuple acquisition_step_fused_split_cuda(const Tensor& ids, const Tensor& len
   TORCH_CHECK(blocks <= 2147483647LL, "care_ext.", op, ": B = ", f.B, " is too large");
   const dim3 grid(static_cast<unsigned>(blocks), 2);  // blocks of prompts, one per stage
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int r2w_offset = staged ? static_cast<int>(scratch_floats()) : 0;
   if (args.prompts_per_block == 1) {
-    step_tail_kernel<1><<<grid, kTailThreads, static_cast<size_t>(smem), stream>>>(args, f.B);
+    allow_dynamic_smem<1>(smem);
+    step_tail_kernel<1><<<grid, kTailThreads, static_cast<size_t>(smem), stream>>>(args, f.B,
+                                                                                   r2w_offset);
   } else {
-    step_tail_kernel<kMaxTailPrompts>
-        <<<grid, kTailThreads, static_cast<size_t>(smem), stream>>>(args, f.B);
+    allow_dynamic_smem<kMaxTailPrompts>(smem);
+    step_tail_kernel<kMaxTailPrompts><<<grid, kTailThreads, static_cast<size_t>(smem), stream>>>(
+        args, f.B, r2w_offset);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return f.outputs();

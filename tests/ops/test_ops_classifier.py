@@ -293,20 +293,23 @@ def test_step_reads_weights_spread_past_32_bit_offsets(tmp_path, op):
 ODD = {"P": 13, "R1": 7, "R2": 19, "K": 11}  # layer sizes off the tail's tiles and chunks
 
 
+@pytest.mark.parametrize("staged", ["0", "1"], ids=["r2w-in-place", "r2w-staged"])
 @pytest.mark.parametrize("split", [False, True], ids=["fp32", "split"])
 @pytest.mark.parametrize("G, threads, prompts, dims", [
     (3, 2, 1, {}), (8, 5, 1, {}), (8, 256, 1, {}), (64, 32, 1, {}), (64, 256, 1, {}),
     (16, 7, 1, ODD), (16, 256, 1, ODD), (3, 3, 4, {}), (8, 5, 3, {}), (8, 256, 4, {}),
     (64, 256, 2, {}), (64, 256, 4, {}), (16, 7, 4, ODD), (16, 256, 2, ODD)])
 def test_fused_step_tail_over_a_block_of_threads_gives_the_same_bits(G, threads, prompts, dims,
-                                                                      split):
+                                                                      split, staged, monkeypatch):
     """The CUDA kernel runs the tail of one prompt, or of several (CARE_EXT_TAIL_PROMPTS), on a
     block of 256 threads that divide every loop among themselves and meet at __syncthreads. The
     private CPU op runs that division with a real team of threads and a barrier at each sync (one
     scratch per block, as shared memory): every output equals the one-thread CPU op's bit for bit
     (each sum keeps its order whoever computes it and however many prompts share a block), for 2
     to 256 threads, 1 to 4 prompts per block (5 prompts: a short last block), layer sizes off the
-    tiles, and both first-layer paths."""
+    tiles, and both first-layer paths. With CARE_EXT_TAIL_STAGE_R2=1 each block first copies its
+    rollout layer-2 weight k-major into a buffer of its own (the kernel: shared memory) and reads
+    it there: the same bits again."""
     from care_ext.bf16_split import first_layer_split
 
     gen = torch.Generator().manual_seed(G * 31 + threads)
@@ -315,10 +318,45 @@ def test_fused_step_tail_over_a_block_of_threads_gives_the_same_bits(G, threads,
     pieces = first_layer_split(s1, s2, 40) if split else []
     one = run_step("_acquisition_step_fused_split" if split else "_acquisition_step_fused", "cpu",
                    ids, lengths, h_p, h_r, s1, s2, pieces if split else None)
+    monkeypatch.setenv("CARE_EXT_TAIL_STAGE_R2", staged)
     many = run_step("_acquisition_step_fused_block", "cpu", ids, lengths, h_p, h_r, s1, s2, pieces,
                     threads, prompts)
     for k, (a, b) in enumerate(zip(many, one)):
         assert torch.equal(a, b), k
+
+
+def test_tail_stage_r2_env_is_checked(monkeypatch):
+    ids, lengths, h_p, h_r, s1, s2 = step_inputs(2, 4, 16, torch.float32, torch.Generator())
+    monkeypatch.setenv("CARE_EXT_TAIL_STAGE_R2", "yes")
+    with pytest.raises(RuntimeError, match="CARE_EXT_TAIL_STAGE_R2 must be 0 or 1, got 'yes'"):
+        run_step("_acquisition_step_fused_block", "cpu", ids, lengths, h_p, h_r, s1, s2, [], 8, 1)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("split", [False, True], ids=["fp32", "split"])
+@pytest.mark.parametrize("B, G, dims", [(5, 3, {}), (300, 8, {}), (600, 64, {}), (40, 16, ODD)])
+def test_cuda_tail_with_its_layer2_weight_staged_gives_the_same_bits(B, G, dims, split,
+                                                                     monkeypatch):
+    """CARE_EXT_TAIL_STAGE_R2=1: every block of the CUDA tail copies its rollout layer-2 weight
+    into shared memory (opting in above 48 KB) and reads it there; same values in the same order,
+    so every output equals the unstaged kernel's bit for bit, for row-major and column-major
+    (the core's) weights and with 1 to 4 prompts per block (B picks them)."""
+    from care_ext.bf16_split import first_layer_split
+    from care_ext.ops import fused_step_layout
+
+    gen = torch.Generator().manual_seed(B + G)
+    ids, lengths, h_p, h_r, s1, s2 = step_inputs(B, G, 64, torch.bfloat16, gen, **dims)
+    pieces = first_layer_split(s1, s2, 64) if split else None
+    op = "_acquisition_step_fused_split" if split else "_acquisition_step_fused"
+    for layout in (list, fused_step_layout):
+        w1, w2 = layout([t.cuda() for t in s1]), layout([t.cuda() for t in s2])
+        monkeypatch.setenv("CARE_EXT_TAIL_STAGE_R2", "0")
+        plain = run_step(op, "cuda", ids, lengths, h_p, h_r, w1, w2, pieces)
+        monkeypatch.setenv("CARE_EXT_TAIL_STAGE_R2", "1")
+        staged = run_step(op, "cuda", ids, lengths, h_p, h_r, w1, w2, pieces)
+        for k, (a, b) in enumerate(zip(staged, plain)):
+            assert torch.equal(a, b), (layout.__name__, k)
+        assert_step_like_reference(staged, ids, lengths, h_p, h_r, s1, s2)
 
 
 def test_fused_step_block_checks_its_threads():
