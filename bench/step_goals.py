@@ -4,8 +4,8 @@
     python bench/step_goals.py bench/out/bench_ops.jsonl        # a --device cpu run
 
 For every step op measured (acquisition_step, acquisition_step_fused, acquisition_step_fused_split
-with 3 bf16 pieces and _split2 with 2, and on the CPU acquisition_step_split) it prints, per shape, the host-inclusive native time and the
-goals that apply to the row's device (a row without ``device`` counts as a GPU row):
+with 3 bf16 pieces and _split2 with 2, and on the CPU acquisition_step_split) it prints, per
+shape, the host-inclusive native time and the goals that apply to the row's device (a row without ``device`` counts as a GPU row):
     GPU  64x8x4096      native <= 25 us, >= 70x the eager reference, >= 15x the CUDA-graph replay
     GPU  1024x64x4096   native <= 2x the memory floor (floor_us: reading the hidden states once)
     CPU  64x8x4096, 512x16x4096   native >= 5x the eager reference on the run's threads; the

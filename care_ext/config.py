@@ -133,8 +133,8 @@ class CareConfig:
     GEMMs on converted copies, slower: ``care_ext.build_info()["cpu_bf16_gemm"]`` says which).
     'auto' (default): 'bf16x3' on a CPU with bf16 units at H >= 1024, 'float32' elsewhere
     (:func:`care_ext.bf16_split.resolve_first_layer_gemm`; on an H100 the core decided slower with
-    the split than with float32). Used only where it applies: bf16 hidden states, raw (not projected) states, count
-    classifiers; float32 elsewhere. bench/RESULTS.md has the CPU measurements."""
+    the split than with float32). Used only where it applies: bf16 hidden states, raw (not
+    projected) states, count classifiers; float32 elsewhere. bench/RESULTS.md has the CPU measurements."""
 
     # --- inputs and monitoring ------------------------------------------------------------------
     nonfinite: str = "error"

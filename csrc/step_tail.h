@@ -221,6 +221,61 @@ CARE_HD void l2_steps(const float* (&wp)[kL2TileUnits], int cs, const float*& r1
   r1p += Q * ld;
 }
 
+// Rollout layer 2 + ReLU + the row groups' pool sums into s.part (see branches), its weight read
+// through r2w: the classifier's own, or the copy stage_r2w made. branches calls it once for each
+// case, so each call reads one kind of memory (on the GPU: LDG or LDS, not a generic LD).
+CARE_HD void layer2_pool_parts(const HeadWeights& w, const Mat& r2w, const HeadScratch& s,
+                               int count, int n_tiles, int ld, int tid, int nth) {
+  // rollout layer 2 + ReLU + (masked) mean pool:
+  //   out(c, j) = relu(r2b[j] + sum_k r2w(j, k) r1(c, k)), each summed over k in order;
+  //   part[r][j] = sum over the tiles t = r, r + kL2RowGroups, ... in order, of the tile's
+  //   rollouts in order, of out(c, j); pool[j] = inv * (part[0][j] + part[1][j] + ...)
+  // Consecutive items take consecutive j0, so for each u the 32 threads of a warp touch 32
+  // consecutive units: one line per weight load.
+  constexpr int kGroup = 32 * kL2TileUnits;  // units covered by 32 consecutive items
+  const int n_tj = (w.R2 + kGroup - 1) / kGroup * 32;  // items per row group
+  const int cs = r2w.cs;
+  for (int it = tid; it < kL2RowGroups * n_tj; it += nth) {
+    const int rg = it / n_tj, jt = it - rg * n_tj;
+    const int j0 = (jt / 32) * kGroup + jt % 32;
+    const float* wrow[kL2TileUnits];  // each unit's weight row (a unit past R2: row 0, not stored)
+    float bias[kL2TileUnits], pacc[kL2TileUnits];
+    CARE_UNROLL
+    for (int u = 0; u < kL2TileUnits; ++u) {
+      const bool in = j0 + 32 * u < w.R2;
+      bias[u] = in ? w.r2b[j0 + 32 * u] : 0.f;
+      wrow[u] = r2w.row(in ? j0 + 32 * u : 0);
+      pacc[u] = 0.f;
+    }
+    for (int t = rg; t < n_tiles; t += kL2RowGroups) {
+      const int t0 = t * kL2TileRows;
+      const float* wp[kL2TileUnits];
+      float v[kL2TileRows][kL2TileUnits];
+      CARE_UNROLL
+      for (int u = 0; u < kL2TileUnits; ++u) {
+        wp[u] = wrow[u];
+        CARE_UNROLL
+        for (int a = 0; a < kL2TileRows; ++a) v[a][u] = bias[u];
+      }
+      const float* r1p = s.r1t + t0;
+      int k = 0;
+      for (; k + kL2Steps <= w.R1; k += kL2Steps) l2_steps<kL2Steps>(wp, cs, r1p, ld, v);
+      for (; k < w.R1; ++k) l2_steps<1>(wp, cs, r1p, ld, v);  // the last R1 % kL2Steps steps
+      CARE_UNROLL
+      for (int a = 0; a < kL2TileRows; ++a) {  // rows past count (zero inputs) are not pooled
+        if (t0 + a < count) {
+          CARE_UNROLL
+          for (int u = 0; u < kL2TileUnits; ++u) pacc[u] += relu_f(v[a][u]);
+        }
+      }
+    }
+    CARE_UNROLL
+    for (int u = 0; u < kL2TileUnits; ++u) {
+      if (j0 + 32 * u < w.R2) s.part[rg * w.R2 + j0 + 32 * u] = pacc[u];
+    }
+  }
+}
+
 // The rollout and prompt branches of one classifier for one prompt b: the prompt branch's output
 // into p [P] and the (masked) mean pool of rollout layer 2 into pool [R2] (all threads may read
 // them after the final sync). pre_r (rows b*G .. b*G+G-1) and pre_p (row b) are the first-layer
@@ -261,54 +316,11 @@ CARE_HD void branches(const HeadWeights& w, int G, int64_t b, PreAct pre_r, cons
     s.r1t[k * ld + c] = v;
   }
   sync();
-  // rollout layer 2 + ReLU + (masked) mean pool:
-  //   out(c, j) = relu(r2b[j] + sum_k r2w(j, k) r1(c, k)), each summed over k in order;
-  //   part[r][j] = sum over the tiles t = r, r + kL2RowGroups, ... in order, of the tile's
-  //   rollouts in order, of out(c, j); pool[j] = inv * (part[0][j] + part[1][j] + ...)
-  // Consecutive items take consecutive j0, so for each u the 32 threads of a warp touch 32
-  // consecutive units: one line per weight load.
-  constexpr int kGroup = 32 * kL2TileUnits;  // units covered by 32 consecutive items
-  const int n_tj = (w.R2 + kGroup - 1) / kGroup * 32;  // items per row group
-  const Mat r2w = s.r2w != nullptr ? Mat{s.r2w, 1, w.R2} : w.r2w;
-  const int cs = r2w.cs;
-  for (int it = tid; it < kL2RowGroups * n_tj; it += nth) {
-    const int rg = it / n_tj, jt = it - rg * n_tj;
-    const int j0 = (jt / 32) * kGroup + jt % 32;
-    const float* wrow[kL2TileUnits];  // each unit's weight row (a unit past R2: row 0, not stored)
-    float bias[kL2TileUnits], pacc[kL2TileUnits];
-    CARE_UNROLL
-    for (int u = 0; u < kL2TileUnits; ++u) {
-      const bool in = j0 + 32 * u < w.R2;
-      bias[u] = in ? w.r2b[j0 + 32 * u] : 0.f;
-      wrow[u] = r2w.row(in ? j0 + 32 * u : 0);
-      pacc[u] = 0.f;
-    }
-    for (int t = rg; t < n_tiles; t += kL2RowGroups) {
-      const int t0 = t * kL2TileRows;
-      const float* wp[kL2TileUnits];
-      float v[kL2TileRows][kL2TileUnits];
-      CARE_UNROLL
-      for (int u = 0; u < kL2TileUnits; ++u) {
-        wp[u] = wrow[u];
-        CARE_UNROLL
-        for (int a = 0; a < kL2TileRows; ++a) v[a][u] = bias[u];
-      }
-      const float* r1p = s.r1t + t0;
-      int k = 0;
-      for (; k + kL2Steps <= w.R1; k += kL2Steps) l2_steps<kL2Steps>(wp, cs, r1p, ld, v);
-      for (; k < w.R1; ++k) l2_steps<1>(wp, cs, r1p, ld, v);  // the last R1 % kL2Steps steps
-      CARE_UNROLL
-      for (int a = 0; a < kL2TileRows; ++a) {  // rows past count (zero inputs) are not pooled
-        if (t0 + a < count) {
-          CARE_UNROLL
-          for (int u = 0; u < kL2TileUnits; ++u) pacc[u] += relu_f(v[a][u]);
-        }
-      }
-    }
-    CARE_UNROLL
-    for (int u = 0; u < kL2TileUnits; ++u) {
-      if (j0 + 32 * u < w.R2) s.part[rg * w.R2 + j0 + 32 * u] = pacc[u];
-    }
+  // rollout layer 2 + ReLU + (masked) mean pool (layer2_pool_parts), then the row groups added
+  if (s.r2w != nullptr) {
+    layer2_pool_parts(w, Mat{s.r2w, 1, w.R2}, s, count, n_tiles, ld, tid, nth);
+  } else {
+    layer2_pool_parts(w, w.r2w, s, count, n_tiles, ld, tid, nth);
   }
   sync();
   for (int j = tid; j < w.R2; j += nth) {
