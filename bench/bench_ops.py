@@ -100,15 +100,18 @@ def make_inputs(B: int, G: int, H: int, device: str, hidden_dtype: torch.dtype, 
 def op_calls(x, impl):
     """name -> zero-argument callable running that op with implementation `impl` (module-like)."""
     cag, adm = R.classwise_cag(x["sizes"], 0.0, False)
-    fused = getattr(impl, "_acquisition_step_fused", None) or impl.acquisition_step
-    split = getattr(impl, "_acquisition_step_fused_split", None)
-    split_step = ((lambda *a: split(*a, x["split"])) if split is not None  # noqa: E731
-                  else impl.acquisition_step)
-    split2_step = ((lambda *a: split(*a, x["split2"])) if split is not None  # noqa: E731
-                   else impl.acquisition_step)
-    cpu_split = getattr(impl, "_acquisition_step_split", None)
-    cpu_split_step = ((lambda *a: cpu_split(*a, x["split"])) if cpu_split is not None  # noqa: E731
-                      else impl.acquisition_step)
+    step = (x["ids"], x["lengths"], x["h_p"], x["h_r"], x["s1"], x["s2"], 4000.0, 0.0, False, 1e-6,
+            False)
+
+    def step_call(name, *pieces):
+        """The step op `name` of impl on the step's arguments (and the split pieces); impl's
+        public acquisition_step where it has no such op (the reference providers: the reference
+        step)."""
+        op = getattr(impl, name, None)
+        if op is None:
+            return lambda: impl.acquisition_step(*step)
+        return lambda: op(*step, *pieces)
+
     splitter = (torch.ops.care_ext._split_bf16 if isinstance(impl, _Native)
                 else getattr(impl, "split_bf16", None))
 
@@ -130,25 +133,15 @@ def op_calls(x, impl):
         "expected_cag": lambda: impl.expected_cag(x["logits"], cag, adm),
         "group_features": lambda: impl.group_features(x["ids"], x["lengths"], 4000.0, 0.0, False,
                                                       1e-6, False),
-        "acquisition_step": lambda: impl.acquisition_step(
-            x["ids"], x["lengths"], x["h_p"], x["h_r"], x["s1"], x["s2"], 4000.0, 0.0, False, 1e-6,
-            False),
+        "acquisition_step": lambda: impl.acquisition_step(*step),
         # the private fused step (native only; the other providers run the reference step)
-        "acquisition_step_fused": lambda: fused(
-            x["ids"], x["lengths"], x["h_p"], x["h_r"], x["s1"], x["s2"], 4000.0, 0.0, False, 1e-6,
-            False),
+        "acquisition_step_fused": step_call("_acquisition_step_fused"),
         # the fused step on split-bf16 first layers (bf16 hidden states; native only)
-        "acquisition_step_fused_split": lambda: split_step(
-            x["ids"], x["lengths"], x["h_p"], x["h_r"], x["s1"], x["s2"], 4000.0, 0.0, False, 1e-6,
-            False),
+        "acquisition_step_fused_split": step_call("_acquisition_step_fused_split", x["split"]),
         # the same with 2 pieces (hi, mid: weights to 2^-16; CareConfig.first_layer_gemm="bf16x2")
-        "acquisition_step_fused_split2": lambda: split2_step(
-            x["ids"], x["lengths"], x["h_p"], x["h_r"], x["s1"], x["s2"], 4000.0, 0.0, False, 1e-6,
-            False),
+        "acquisition_step_fused_split2": step_call("_acquisition_step_fused_split", x["split2"]),
         # the CPU step on split-bf16 first layers (MKL's bf16 GEMM; CPU and native only)
-        "acquisition_step_split": lambda: cpu_split_step(
-            x["ids"], x["lengths"], x["h_p"], x["h_r"], x["s1"], x["s2"], 4000.0, 0.0, False, 1e-6,
-            False),
+        "acquisition_step_split": step_call("_acquisition_step_split", x["split"]),
         # the split pieces of both stages' first layers (care_ext::_split_bf16 vs its torch twin)
         "first_layer_split": first_layer_split_into,
     }

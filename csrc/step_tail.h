@@ -113,7 +113,8 @@ CARE_HD int head_scratch_floats(const HeadWeights& w, int G, int nb) {
   return head_scratch_float_part(w, G, nb) + 1 + 2 * w.C;
 }
 
-CARE_HD HeadScratch head_scratch(float* base, const HeadWeights& w, int G, int nb) {
+CARE_HD HeadScratch head_scratch(float* base, const HeadWeights& w, int G, int nb,
+                                 const float* r2w = nullptr) {
   HeadScratch s;
   s.r1t = base;
   s.rows = s.r1t + w.R1 * r1t_ld(G);
@@ -124,7 +125,7 @@ CARE_HD HeadScratch head_scratch(float* base, const HeadWeights& w, int G, int n
   s.logits = s.z + nb * w.K;
   const int floats = head_scratch_float_part(w, G, nb);
   s.e = reinterpret_cast<double*>(base + floats + (floats & 1));  // base is 16-byte aligned
-  s.r2w = nullptr;
+  s.r2w = r2w;
   return s;
 }
 
@@ -406,8 +407,7 @@ CARE_HD void step_tail(const StepTailArgs& a, int64_t b0, int nb, int stage, flo
                        int tid, int nth, Sync sync, const float* r2w_staged = nullptr) {
   const int G = a.G, C2 = G + 1;
   if (stage == 0) {
-    HeadScratch s = head_scratch(scratch, a.w1, G, nb);
-    s.r2w = r2w_staged;
+    const HeadScratch s = head_scratch(scratch, a.w1, G, nb, r2w_staged);
     classifier_tail<M>(a.w1, G, b0, nb, a.pre_r1, a.len_norm, nullptr, a.pre_p1, a.prompt_feat, s,
                        tid, nth, sync);
     for (int q = tid; q < nb; q += nth) {
@@ -420,8 +420,7 @@ CARE_HD void step_tail(const StepTailArgs& a, int64_t b0, int nb, int stage, flo
       a.reliability[b] = e1 / (e0 + e1);
     }
   } else {
-    HeadScratch s = head_scratch(scratch, a.w2, G, nb);
-    s.r2w = r2w_staged;
+    const HeadScratch s = head_scratch(scratch, a.w2, G, nb, r2w_staged);
     classifier_tail<M>(a.w2, G, b0, nb, a.pre_r2, nullptr, a.minority, a.pre_p2, a.prompt_feat, s,
                        tid, nth, sync);
     for (int q = 0; q < nb; ++q) {

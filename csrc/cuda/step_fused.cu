@@ -85,14 +85,13 @@ void allow_dynamic_smem(int64_t bytes) {
   }
 }
 
-// Prompts per block: CARE_EXT_TAIL_PROMPTS (1 .. kMaxTailPrompts) when set, else the most of
+// Prompts per block: env = CARE_EXT_TAIL_PROMPTS (1 .. kMaxTailPrompts) when set, else the most of
 // 4, 2, 1 that still gives every SM a block of each stage (ceil(B / n) >= the SM count: at 64
 // prompts 1, at 512 on a 132-SM H100 2, at 1024 4); lowered by the caller while the scratch would
 // exceed the shared-memory limit. More prompts per block read each head weight once for all of
 // them (at 1024 x 64 one prompt per block streams 2048 x 0.8 MB of head weights from L2), fewer
 // give more blocks to hide the latency of those reads when B is small.
-int tail_prompts_per_block(int64_t B) {
-  const char* env = std::getenv("CARE_EXT_TAIL_PROMPTS");
+int tail_prompts_per_block(int64_t B, const char* env) {
   if (env == nullptr || *env == 0) {
     int dev = 0, sms = 0;
     C10_CUDA_CHECK(cudaGetDevice(&dev));
@@ -127,7 +126,9 @@ StepTuple acquisition_step_fused_split_cuda(const Tensor& ids, const Tensor& len
                                          first_layer_split);
   if (f.B == 0) return f.outputs();
   StepTailArgs args = f.args;
-  args.prompts_per_block = tail_prompts_per_block(f.B);
+  const char* env = std::getenv("CARE_EXT_TAIL_PROMPTS");
+  const bool from_env = env != nullptr && *env != 0;
+  args.prompts_per_block = tail_prompts_per_block(f.B, env);
   const char* op = fused_step_op_name(first_layer_split);
   // CARE_EXT_TAIL_STAGE_R2=1: the larger stage's layer-2 weight after the scratch (16-byte aligned)
   const int64_t r2w_floats = tail_stage_r2w_requested()
@@ -156,8 +157,6 @@ StepTuple acquisition_step_fused_split_cuda(const Tensor& ids, const Tensor& len
     while (args.prompts_per_block > 1 && smem_of() > limit_of()) --args.prompts_per_block;
   }
   const int64_t smem = smem_of();
-  const char* env = std::getenv("CARE_EXT_TAIL_PROMPTS");
-  const bool from_env = env != nullptr && *env != 0;
   if (from_env && args.prompts_per_block < asked) {  // a benchmark of the grouped tail would mislead
     TORCH_WARN_ONCE("care_ext.", op, ": CARE_EXT_TAIL_PROMPTS=", asked, " needs more than the ",
                     dynamic_smem_limit<kMaxTailPrompts>(), " bytes of dynamic shared memory per ",
