@@ -96,15 +96,19 @@ for tp in "${TPS[@]}"; do  # the fused ops with 1, 2 and 4 prompts per tail bloc
     --shapes 64x8x4096 1024x64x4096 --out "$OUT/bench_step_ops_tail$tp" > "$OUT/bench_tail$tp.log" 2>&1
   stamp "bench CARE_EXT_TAIL_PROMPTS=$tp exit $? : $(grep -E '64x8x4096|1024x64x4096' "$OUT/bench_tail$tp.log" | tr -s ' ' | tr '\n' ';')"
 done
-# the tail with its rollout layer-2 weight staged in shared memory (CARE_EXT_TAIL_STAGE_R2=1, off by
-# default until measured) next to the default, same run: the step and its kernels' device times
-CARE_EXT_TAIL_STAGE_R2=1 timeout "$(cap 45)" python3 "$REPO/bench/bench_ops.py" --device cuda \
-  --min-time 0.2 --providers native native_graph --ops acquisition_step_fused_split acquisition_step_fused_split2 \
-  --shapes 64x8x4096 1024x64x4096 512x16x4096 --out "$OUT/bench_step_ops_stage_r2" > "$OUT/bench_stage_r2.log" 2>&1
-stamp "bench CARE_EXT_TAIL_STAGE_R2=1 exit $? : $(grep -E '^cuda' "$OUT/bench_stage_r2.log" | tr -s ' ' | tr '\n' ';')"
-CARE_EXT_TAIL_STAGE_R2=1 timeout "$(cap 30)" python3 "$REPO/bench/profile_step.py" --device cuda \
-  --ops acquisition_step_fused_split acquisition_step_fused_split2 --shapes 64x8x4096 1024x64x4096 --out "$OUT/profile_step_stage_r2" > "$OUT/profile_step_stage_r2.log" 2>&1
-stamp "profile_step CARE_EXT_TAIL_STAGE_R2=1 exit $? : $(grep -E 'step_tail_kernel' "$OUT/profile_step_stage_r2.log" | tr -s ' ' | cut -c1-60 | tr '\n' ';')"
+# the tail's variants next to the default, same run (the step and its kernels' device times): the
+# rollout layer-2 weight staged in shared memory (CARE_EXT_TAIL_STAGE_R2=1) and layer 2 on tensor
+# cores (CARE_EXT_TAIL_L2=mma), alone and together; off by default until measured
+for variant in "CARE_EXT_TAIL_STAGE_R2=1" "CARE_EXT_TAIL_L2=mma" "CARE_EXT_TAIL_L2=mma CARE_EXT_TAIL_STAGE_R2=1"; do
+  tag=$(echo "$variant" | tr -d ' ' | tr '=' '_' | sed 's/CARE_EXT_TAIL_//g')
+  env $variant timeout "$(cap 45)" python3 "$REPO/bench/bench_ops.py" --device cuda \
+    --min-time 0.2 --providers native native_graph --ops acquisition_step_fused_split acquisition_step_fused_split2 \
+    --shapes 64x8x4096 1024x64x4096 512x16x4096 --out "$OUT/bench_step_ops_$tag" > "$OUT/bench_$tag.log" 2>&1
+  stamp "bench $variant exit $? : $(grep -E '^cuda' "$OUT/bench_$tag.log" | tr -s ' ' | tr '\n' ';')"
+  env $variant timeout "$(cap 30)" python3 "$REPO/bench/profile_step.py" --device cuda \
+    --ops acquisition_step_fused_split2 --shapes 64x8x4096 1024x64x4096 --out "$OUT/profile_step_$tag" > "$OUT/profile_step_$tag.log" 2>&1
+  stamp "profile_step $variant exit $? : $(grep -E 'step_tail_kernel' "$OUT/profile_step_$tag.log" | tr -s ' ' | cut -c1-60 | tr '\n' ';')"
+done
 # device time per kernel of one step call (which kernel to work on next); totals into summary.txt
 timeout "$(cap 45)" python3 "$REPO/bench/profile_step.py" --device cuda --shapes 64x8x4096 1024x64x4096 \
   --out "$OUT/profile_step" > "$OUT/profile_step.log" 2>&1
@@ -157,9 +161,13 @@ for tool in racecheck synccheck; do
   stamp "compute-sanitizer $tool exit $? : $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|sync script ok' "$OUT/sanitizer_$tool.log" | tr '\n' ' ')"
 done
 # the same with the tail's layer-2 weight staged in shared memory (written before the first barrier)
-CARE_EXT_TAIL_STAGE_R2=1 PYTHONPATH="$REPO/bench" timeout "$(cap 60)" compute-sanitizer --tool racecheck \
+# and layer 2 on tensor cores (warp-wide mma.sync and shuffles), and memcheck of the latter
+CARE_EXT_TAIL_L2=mma CARE_EXT_TAIL_STAGE_R2=1 PYTHONPATH="$REPO/bench" timeout "$(cap 60)" compute-sanitizer --tool racecheck \
   --error-exitcode 9 python3 /tmp/sanitize_sync.py > "$OUT/sanitizer_racecheck_stage_r2.log" 2>&1
-stamp "compute-sanitizer racecheck, CARE_EXT_TAIL_STAGE_R2=1 exit $? : $(grep -E 'RACECHECK SUMMARY|sync script ok' "$OUT/sanitizer_racecheck_stage_r2.log" | tr '\n' ' ')"
+stamp "compute-sanitizer racecheck, CARE_EXT_TAIL_L2=mma CARE_EXT_TAIL_STAGE_R2=1 exit $? : $(grep -E 'RACECHECK SUMMARY|sync script ok' "$OUT/sanitizer_racecheck_stage_r2.log" | tr '\n' ' ')"
+CARE_EXT_TAIL_L2=mma timeout "$(cap 60)" compute-sanitizer --tool memcheck --error-exitcode 9 python3 /tmp/sanitize_ops.py \
+  > "$OUT/sanitizer_mma.log" 2>&1
+stamp "compute-sanitizer memcheck, CARE_EXT_TAIL_L2=mma exit $? : $(grep -E 'ERROR SUMMARY|sanitize script ok' "$OUT/sanitizer_mma.log" | tr '\n' ' ')"
 [ "$QUICK" = 1 ] && { stamp "done (quick)"; exit 0; }
 
 for fused in 0 1; do

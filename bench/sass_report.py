@@ -26,6 +26,9 @@ Rules (``--check``; exit status 1 when one fails):
   float4: LDS.128), global and shared loads counted together: the weights come from global
   memory (LDG), or from shared memory where the tail stages them (CARE_EXT_TAIL_STAGE_R2; the
   body checked is the one with the most FFMAs of the tagged line). Constants from step_tail.h.
+- ``l2-mma``: the tensor-core layer 2 (``sass: l2-mma``, CARE_EXT_TAIL_L2=mma) compiled to TF32
+  HMMA instructions, at least 3 * kMmaUnitTiles in one basic block (one step of 8 k for all of a
+  warp's unit tiles, three products each, unrolled).
 - ``dot-loads-ahead``: the head's dot products (``sass: dot-fma``) issue kDotChunk global loads
   before their first FFMA (loads in flight, not one latency per multiply-add).
 - ``address-arithmetic``: those two loop bodies spend at most INT_PER_FFMA integer instructions
@@ -422,6 +425,19 @@ def _tail_rules(tail: Kernel, markers: dict[str, tuple[str, int]],
         rules.append(Rule("dot-loads-ahead", ok,
                           f"body: {s['tagged_ffma']} FFMA, {s['global_loads_before_first_ffma']} global "
                           f"loads before the first (want >= {consts['kDotChunk']})"))
+
+    loc = markers.get("l2-mma")
+    if loc is None:
+        rules.append(Rule("l2-mma", False, "no `// sass: l2-mma` marker in csrc/"))
+    else:
+        body = hot_block(tail.instrs, loc, op="HMMA")
+        mmas = [i.op for i in body if i.loc == loc and i.op.startswith("HMMA")]
+        want = 3 * consts["kMmaUnitTiles"]
+        ok = len(mmas) >= want and all(".TF32" in op for op in mmas)
+        rules.append(Rule("l2-mma", ok,
+                          f"body: {len(mmas)} HMMA (want >= {want}, all TF32: "
+                          f"{sorted(set(mmas))}), {mix(body).get('shared-load', 0)} shared + "
+                          f"{mix(body).get('global-load', 0)} global loads"))
 
     worst = []
     for name, cap in INT_PER_FFMA.items():

@@ -30,6 +30,20 @@ inline bool tail_stage_r2w_requested() {
   return true;
 }
 
+// CARE_EXT_TAIL_L2 (run time): how the CUDA tail runs rollout layer 2 (the step's largest
+// arithmetic: B * G * R1 * R2 multiply-adds per classifier). "ffma" (the default until a GPU run
+// has measured the other): float32 FFMA register tiles, the same sums in the same order as the
+// CPU twin; "mma": tensor cores, three TF32 products per float32 one (layer2_pool_parts_mma:
+// float32-accurate, another summation order), where the device has them (sm_80+) and R1 is a
+// multiple of 8, else the FFMA tiles. The CPU always runs the FFMA tiles (the value is checked).
+inline bool tail_l2_mma_requested() {
+  const char* env = std::getenv("CARE_EXT_TAIL_L2");
+  if (env == nullptr || *env == 0 || std::strcmp(env, "ffma") == 0) return false;
+  TORCH_CHECK(std::strcmp(env, "mma") == 0, "CARE_EXT_TAIL_L2 must be ffma or mma, got '", env,
+              "'");
+  return true;
+}
+
 // Held for the whole of every op that runs ATen GEMMs (classifier_forward, acquisition_step, the
 // fused step's host part): the ops compute in float32 whatever a caller's torch.autocast region
 // says. Without it their inner mm/addmm calls re-dispatch through the Autocast keys, come back in

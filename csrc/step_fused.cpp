@@ -148,6 +148,7 @@ FusedStep prepare_fused_step(const Tensor& ids, const Tensor& lengths, const Ten
   a.w1 = head_weights(w1, f.keep, H, G + 1, 1);
   a.w2 = head_weights(w2, f.keep, H, G + 1, 0);
   a.G = static_cast<int>(G);
+  a.l2_mma = 0;             // the CUDA launch may run layer 2 on tensor cores (CARE_EXT_TAIL_L2)
   a.prompts_per_block = 1;  // the CUDA launch may group prompts (CARE_EXT_TAIL_PROMPTS)
   a.prompt_feat = f.prompt_feat.data_ptr<float>();
   a.len_norm = f.len_norm.data_ptr<float>();

@@ -100,10 +100,21 @@ struct HeadScratch {
   const float* r2w;  // rollout layer 2's weight staged k-major ([R1][R2], stage_r2w), or nullptr
 };
 
-// r1t's leading dimension: G rounded up to whole tiles, plus 4 (a multiple of 4 for the float4
-// reads whose stride in banks is not a multiple of 32: layer 1's column writes conflict 4-way at
-// most).
-CARE_HD int r1t_ld(int G) { return (G + kL2TileRows - 1) / kL2TileRows * kL2TileRows + 4; }
+// Rows of r1t that layer 1 writes for `count` pooled rollouts: up to whole 16-row tiles of the
+// tensor-core layer 2 (layer2_pool_parts_mma; the FFMA tiles of kL2TileRows fit in them), zeros
+// past the last rollout.
+CARE_HD int r1t_rows(int count) { return (count + 15) / 16 * 16; }
+
+// r1t's leading dimension: G rounded up to 16-row tiles, plus 8: a multiple of 4 (the FFMA path's
+// float4 reads) that is 8 or 24 modulo the 32 shared-memory banks, so the tensor-core path's
+// fragment reads (lanes at 4 steps k x 8 rows) touch 32 distinct banks; layer 1's column writes
+// conflict 8-way at most (a small loop).
+CARE_HD int r1t_ld(int G) { return (G + 15) / 16 * 16 + 8; }
+
+// Leading dimension of rollout layer 2's weight staged k-major (stage_r2w: [R1][R2 + 8]): the
+// tensor-core path reads it at 4 steps k x 8 units per fragment, 8 banks apart row to row.
+CARE_HD int staged_r2w_ld(int R2) { return R2 + 8; }
+CARE_HD int staged_r2w_floats(int R1, int R2) { return R1 * staged_r2w_ld(R2); }
 
 CARE_HD int head_scratch_float_part(const HeadWeights& w, int G, int nb) {  // r1t .. logits
   return w.R1 * r1t_ld(G) + G + kL2RowGroups * w.R2 + nb * (w.P + w.R2 + w.K + w.C);
@@ -130,15 +141,16 @@ CARE_HD HeadScratch head_scratch(float* base, const HeadWeights& w, int G, int n
 }
 
 // Copies rollout layer 2's weight (element (j, k) = unit j's weight of input k, any strides) into
-// dst [R1][R2] (k-major): read there, a warp's 32 consecutive units at one k are 32 consecutive
-// floats, as in a column-major weight. The CUDA kernel may stage it so in shared memory once per
+// dst [R1][staged_r2w_ld(R2)] (k-major): read there, a warp's 32 consecutive units at one k are 32
+// consecutive floats, as in a column-major weight. The CUDA kernel may stage it so in shared memory once per
 // block (CARE_EXT_TAIL_STAGE_R2=1): each 8-rollout tile of layer 2 reads all of it, 1 MB per
 // prompt and classifier at G = 64, from L2 when it does not stay in L1. Same values, so the same
 // sums: results do not depend on staging.
 CARE_HD void stage_r2w(const Mat& r2w, int R1, int R2, float* dst, int tid, int nth) {
+  const int ld = staged_r2w_ld(R2);
   for (int i = tid; i < R1 * R2; i += nth) {
     const int k = i / R2, j = i - k * R2;
-    dst[i] = r2w.at(j, k);
+    dst[k * ld + j] = r2w.at(j, k);
   }
 }
 
@@ -277,15 +289,127 @@ CARE_HD void layer2_pool_parts(const HeadWeights& w, const Mat& r2w, const HeadS
   }
 }
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+// Rollout layer 2 on tensor cores, float32-accurate: mma.sync m16n8k8 in TF32 (10-bit mantissas)
+// three times per product, each operand x split as hi = tf32(x), lo = tf32(x - hi) and
+// a b ~ a_hi b_lo + a_lo b_hi + a_hi b_hi (small terms first; a_lo b_lo, ~2^-22 of a b, dropped),
+// accumulated in float32: the "3xTF32" of CUTLASS's fast-accurate GEMMs, ~float32's error, on units
+// with ~8x the FFMA rate. The sums' order is the tensor core's, not the FFMA tiles': results match
+// the reference to float32 tolerance, not the CPU twin bit for bit.
+__device__ __forceinline__ uint32_t tf32_bits(float x) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+  return r;
+}
+
+__device__ __forceinline__ void split_tf32(float x, uint32_t& hi, uint32_t& lo) {
+  hi = tf32_bits(x);
+  lo = tf32_bits(x - __uint_as_float(hi));
+}
+
+// d += a b for one 16x8 (rows x units) tile over 8 steps k: a as the row-major A fragment (a[0]:
+// (row g, k t), a[1]: (g + 8, t), a[2]: (g, t + 4), a[3]: (g + 8, t + 4); g = lane / 4,
+// t = lane % 4), b as the column-major B fragment (b[0]: (k t, unit g), b[1]: (t + 4, g)), d as
+// the accumulator fragment (d[0], d[1]: row g, units 2t and 2t + 1; d[2], d[3]: row g + 8).
+__device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4],
+                                         const uint32_t (&b)[2]) {
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));  // sass: l2-mma
+}
+
+// Units of rollout layer 2 one warp takes at a time in layer2_pool_parts_mma: kMmaUnitTiles tiles
+// of 8 (accumulators: 4 floats per tile and lane).
+constexpr int kMmaUnitTiles = 8;
+
+// Rollout layer 2 + ReLU + the pool sums into s.part[0] (part[1..] zeroed), on tensor cores, for
+// R1 a multiple of 8 (the caller checks). Each warp takes kMmaUnitTiles * 8 consecutive units and
+// runs the pooled rollouts in 16-row tiles (r1t holds zeros up to r1t_rows(count)); per 8 steps
+// of k it reads one A fragment of r1t (conflict-free: r1t_ld) and kMmaUnitTiles B fragments of
+// the weight through r2w (staged: [R1][R2 + 8], conflict-free). Rows past count are not pooled;
+// units past R2 read unit R2 - 1's weights and are not stored. Each lane sums its units over its
+// rows, then the 8 lanes of a unit pair add theirs (shuffles).
+__device__ __forceinline__ void layer2_pool_parts_mma(const HeadWeights& w, const Mat& r2w,
+                                                      const HeadScratch& s, int count, int ld,
+                                                      int tid, int nth) {
+  const int lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const int warps = nth >> 5, n_mt = r1t_rows(count) / 16, ksteps = w.R1 / 8;
+  constexpr int kUnits = 8 * kMmaUnitTiles;
+  for (int u0 = (tid >> 5) * kUnits; u0 < w.R2; u0 += warps * kUnits) {
+    const float* bcol[kMmaUnitTiles];  // unit u0 + 8 n + g's weights (clamped into the matrix)
+    CARE_UNROLL
+    for (int n = 0; n < kMmaUnitTiles; ++n) {
+      const int unit = u0 + 8 * n + g;
+      bcol[n] = r2w.row(unit < w.R2 ? unit : w.R2 - 1);
+    }
+    float pacc[kMmaUnitTiles][2];
+    CARE_UNROLL
+    for (int n = 0; n < kMmaUnitTiles; ++n) pacc[n][0] = pacc[n][1] = 0.f;
+    for (int mt = 0; mt < n_mt; ++mt) {
+      float acc[kMmaUnitTiles][4];
+      CARE_UNROLL
+      for (int n = 0; n < kMmaUnitTiles; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+      const float* ap = s.r1t + mt * 16 + g;  // (row mt * 16 + g, step k) at ap[k * ld]
+      for (int ks = 0; ks < ksteps; ++ks) {
+        const int k0 = ks * 8 + t;
+        uint32_t ahi[4], alo[4];
+        split_tf32(ap[k0 * ld], ahi[0], alo[0]);
+        split_tf32(ap[k0 * ld + 8], ahi[1], alo[1]);
+        split_tf32(ap[(k0 + 4) * ld], ahi[2], alo[2]);
+        split_tf32(ap[(k0 + 4) * ld + 8], ahi[3], alo[3]);
+        CARE_UNROLL
+        for (int n = 0; n < kMmaUnitTiles; ++n) {
+          uint32_t bhi[2], blo[2];
+          split_tf32(bcol[n][k0 * r2w.cs], bhi[0], blo[0]);
+          split_tf32(bcol[n][(k0 + 4) * r2w.cs], bhi[1], blo[1]);
+          mma_tf32(acc[n], ahi, blo);
+          mma_tf32(acc[n], alo, bhi);
+          mma_tf32(acc[n], ahi, bhi);
+        }
+      }
+      const bool in0 = mt * 16 + g < count, in1 = mt * 16 + g + 8 < count;
+      CARE_UNROLL
+      for (int n = 0; n < kMmaUnitTiles; ++n) {
+        CARE_UNROLL
+        for (int e = 0; e < 2; ++e) {
+          const int unit = u0 + 8 * n + 2 * t + e;
+          const float bias = unit < w.R2 ? w.r2b[unit] : 0.f;
+          pacc[n][e] += (in0 ? relu_f(acc[n][e] + bias) : 0.f) +
+                        (in1 ? relu_f(acc[n][2 + e] + bias) : 0.f);
+        }
+      }
+    }
+    CARE_UNROLL
+    for (int n = 0; n < kMmaUnitTiles; ++n) {
+      CARE_UNROLL
+      for (int e = 0; e < 2; ++e) {
+        float v = pacc[n][e];
+        v += __shfl_xor_sync(0xffffffffu, v, 4);
+        v += __shfl_xor_sync(0xffffffffu, v, 8);
+        v += __shfl_xor_sync(0xffffffffu, v, 16);
+        const int unit = u0 + 8 * n + 2 * t + e;
+        if (g == 0 && unit < w.R2) {
+          s.part[unit] = v;
+          for (int r = 1; r < kL2RowGroups; ++r) s.part[r * w.R2 + unit] = 0.f;
+        }
+      }
+    }
+  }
+}
+#endif
+
 // The rollout and prompt branches of one classifier for one prompt b: the prompt branch's output
 // into p [P] and the (masked) mean pool of rollout layer 2 into pool [R2] (all threads may read
 // them after the final sync). pre_r (rows b*G .. b*G+G-1) and pre_p (row b) are the first-layer
 // GEMM outputs without bias; rfeat [G, Fr] (nullptr when Fr = 0), pfeat [Fp]; mask [G] or nullptr
 // (pool all G). Uses s.r1t, s.rows and s.part, and reads layer 2's weight from s.r2w when staged.
+// l2_mma: layer 2 on tensor cores where it can run (CUDA on sm_80+, R1 a multiple of 8), else the
+// FFMA tiles; the CPU twin always runs the FFMA tiles.
 template <class Sync>
 CARE_HD void branches(const HeadWeights& w, int G, int64_t b, PreAct pre_r, const float* rfeat,
                       const bool* mask, PreAct pre_p, const float* pfeat, const HeadScratch& s,
-                      float* p, float* pool, int tid, int nth, Sync sync) {
+                      float* p, float* pool, bool l2_mma, int tid, int nth, Sync sync) {
   if (tid == 0) {  // the pooled rollouts in order: the mask's true entries, or all G
     int n = 0;
     for (int g = 0; g < G; ++g) {
@@ -296,7 +420,7 @@ CARE_HD void branches(const HeadWeights& w, int G, int64_t b, PreAct pre_r, cons
   for (int g = 0; g < G; ++g) count += (mask == nullptr || mask[g]) ? 1 : 0;
   const float inv = count > 0 ? 1.f / static_cast<float>(count) : 0.f;  // empty mask: pool 0
   const int n_tiles = (count + kL2TileRows - 1) / kL2TileRows;
-  const int ld = r1t_ld(G);
+  const int ld = r1t_ld(G), rows = r1t_rows(count);
   for (int i = tid; i < w.P; i += nth) {  // prompt branch: bias, features, ReLU
     float v = pre_p.at(b, i) + w.pb[i];
     for (int f = 0; f < w.Fp; ++f) v += w.pw.at(i, w.H + f) * pfeat[f];
@@ -305,7 +429,7 @@ CARE_HD void branches(const HeadWeights& w, int G, int64_t b, PreAct pre_r, cons
   sync();  // rows
   // rollout layer 1 of the pooled rollouts: bias, features, ReLU, into r1t (zeros up to whole
   // tiles); consecutive threads take consecutive units k, so the GEMM output is read in lines
-  for (int i = tid; i < n_tiles * kL2TileRows * w.R1; i += nth) {
+  for (int i = tid; i < rows * w.R1; i += nth) {
     const int c = i / w.R1, k = i - c * w.R1;
     float v = 0.f;
     if (c < count) {
@@ -318,8 +442,20 @@ CARE_HD void branches(const HeadWeights& w, int G, int64_t b, PreAct pre_r, cons
   }
   sync();
   // rollout layer 2 + ReLU + (masked) mean pool (layer2_pool_parts), then the row groups added
+  const Mat staged{s.r2w, 1, staged_r2w_ld(w.R2)};
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ < 800
+  (void)l2_mma;
+#else
+  if (l2_mma && w.R1 % 8 == 0) {  // tensor cores (CARE_EXT_TAIL_L2=mma): CUDA only
+    if (s.r2w != nullptr) {
+      layer2_pool_parts_mma(w, staged, s, count, ld, tid, nth);
+    } else {
+      layer2_pool_parts_mma(w, w.r2w, s, count, ld, tid, nth);
+    }
+  } else
+#endif
   if (s.r2w != nullptr) {
-    layer2_pool_parts(w, Mat{s.r2w, 1, w.R2}, s, count, n_tiles, ld, tid, nth);
+    layer2_pool_parts(w, staged, s, count, n_tiles, ld, tid, nth);
   } else {
     layer2_pool_parts(w, w.r2w, s, count, n_tiles, ld, tid, nth);
   }
@@ -339,13 +475,13 @@ CARE_HD void branches(const HeadWeights& w, int G, int64_t b, PreAct pre_r, cons
 template <int M, class Sync>
 CARE_HD void classifier_tail(const HeadWeights& w, int G, int64_t b0, int nb, PreAct pre_r,
                              const float* rfeat, const bool* mask, PreAct pre_p,
-                             const float* pfeat, const HeadScratch& s, int tid, int nth,
-                             Sync sync) {
+                             const float* pfeat, const HeadScratch& s, bool l2_mma, int tid,
+                             int nth, Sync sync) {
   for (int q = 0; q < nb; ++q) {
     const int64_t b = b0 + q;
     branches(w, G, b, pre_r, rfeat != nullptr ? rfeat + b * G * w.Fr : nullptr,
              mask != nullptr ? mask + b * G : nullptr, pre_p, pfeat + b * w.Fp, s, s.p + q * w.P,
-             s.pool + q * w.R2, tid, nth, sync);
+             s.pool + q * w.R2, l2_mma, tid, nth, sync);
   }
   for (int i = tid; i < w.K; i += nth) {  // head layer 1 on [p ; pool] of every prompt
     float v[M];
@@ -377,6 +513,7 @@ struct StepTailArgs {
   HeadWeights w1, w2;  // Stage-I (Fr = 1, C = 2) and Stage-II (Fr = 0, C = G+1)
   int G;
   int prompts_per_block;     // 1 .. kMaxTailPrompts: block k runs prompts k*n .. k*n+n-1
+  int l2_mma;                // 1: rollout layer 2 on tensor cores where it can run (branches)
   PreAct pre_r1, pre_r2;     // rows B*G: [., R1] of stage 1 and of stage 2
   PreAct pre_p1, pre_p2;     // rows B: [., P] of stage 1 and of stage 2
   const float* prompt_feat;  // [B, G+1]
@@ -409,7 +546,7 @@ CARE_HD void step_tail(const StepTailArgs& a, int64_t b0, int nb, int stage, flo
   if (stage == 0) {
     const HeadScratch s = head_scratch(scratch, a.w1, G, nb, r2w_staged);
     classifier_tail<M>(a.w1, G, b0, nb, a.pre_r1, a.len_norm, nullptr, a.pre_p1, a.prompt_feat, s,
-                       tid, nth, sync);
+                       a.l2_mma != 0, tid, nth, sync);
     for (int q = tid; q < nb; q += nth) {
       const int64_t b = b0 + q;
       const float l0 = s.logits[q * 2], l1 = s.logits[q * 2 + 1];
@@ -422,7 +559,7 @@ CARE_HD void step_tail(const StepTailArgs& a, int64_t b0, int nb, int stage, flo
   } else {
     const HeadScratch s = head_scratch(scratch, a.w2, G, nb, r2w_staged);
     classifier_tail<M>(a.w2, G, b0, nb, a.pre_r2, nullptr, a.minority, a.pre_p2, a.prompt_feat, s,
-                       tid, nth, sync);
+                       a.l2_mma != 0, tid, nth, sync);
     for (int q = 0; q < nb; ++q) {
       const int64_t o1 = (b0 + q) * C2;
       if (q > 0) sync();  // thread 0's last reads of e (previous prompt) come before new writes

@@ -359,6 +359,57 @@ def test_cuda_tail_with_its_layer2_weight_staged_gives_the_same_bits(B, G, dims,
         assert_step_like_reference(staged, ids, lengths, h_p, h_r, s1, s2)
 
 
+def test_tail_l2_env_is_checked_and_the_cpu_keeps_its_ffma_tiles(monkeypatch):
+    """CARE_EXT_TAIL_L2 takes ffma or mma; anything else is an error naming it. The CPU twin has no
+    tensor cores: with mma it runs the FFMA tiles, so its outputs keep their bits."""
+    ids, lengths, h_p, h_r, s1, s2 = step_inputs(3, 8, 16, torch.bfloat16, torch.Generator())
+    block = lambda: run_step(  # noqa: E731
+        "_acquisition_step_fused_block", "cpu", ids, lengths, h_p, h_r, s1, s2, [], 8, 1)
+    monkeypatch.setenv("CARE_EXT_TAIL_L2", "tf32")
+    with pytest.raises(RuntimeError, match="CARE_EXT_TAIL_L2 must be ffma or mma, got 'tf32'"):
+        block()
+    monkeypatch.setenv("CARE_EXT_TAIL_L2", "ffma")
+    ffma = block()
+    monkeypatch.setenv("CARE_EXT_TAIL_L2", "mma")
+    for k, (a, b) in enumerate(zip(block(), ffma)):
+        assert torch.equal(a, b), k
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("staged", ["0", "1"], ids=["r2w-in-place", "r2w-staged"])
+@pytest.mark.parametrize("split", [False, True], ids=["fp32", "split"])
+@pytest.mark.parametrize("B, G, dims", [(6, 1, {}), (5, 3, {}), (300, 8, {}), (600, 64, {}),
+                                        (40, 16, {"R2": 19, "K": 11}), (40, 16, ODD)])
+def test_cuda_tail_with_layer2_on_tensor_cores_is_like_the_reference(B, G, dims, split, staged,
+                                                                     monkeypatch):
+    """CARE_EXT_TAIL_L2=mma: rollout layer 2 on tensor cores, three TF32 products per float32 one
+    (layer2_pool_parts_mma). Every output is within the float32 path's own error of the float64
+    reference, for 1 to 64 rollouts (16-row tiles, partly empty), masked pools (Stage-II's
+    minority), R2 off the 64-unit warp tiles, row-major and column-major weights, the weight read
+    in place or staged in shared memory, and both first-layer paths; with R1 = 7 (not a multiple of
+    8) the kernel keeps the FFMA tiles, so the outputs equal the default's bit for bit."""
+    from care_ext.bf16_split import first_layer_split
+    from care_ext.ops import fused_step_layout
+
+    gen = torch.Generator().manual_seed(B * 7 + G)
+    ids, lengths, h_p, h_r, s1, s2 = step_inputs(B, G, 64, torch.bfloat16, gen, **dims)
+    pieces = first_layer_split(s1, s2, 64) if split else None
+    op = "_acquisition_step_fused_split" if split else "_acquisition_step_fused"
+    monkeypatch.setenv("CARE_EXT_TAIL_STAGE_R2", staged)
+    for layout in (list, fused_step_layout):
+        w1, w2 = layout([t.cuda() for t in s1]), layout([t.cuda() for t in s2])
+        monkeypatch.setenv("CARE_EXT_TAIL_L2", "ffma")
+        ffma = run_step(op, "cuda", ids, lengths, h_p, h_r, w1, w2, pieces)
+        monkeypatch.setenv("CARE_EXT_TAIL_L2", "mma")
+        mma = run_step(op, "cuda", ids, lengths, h_p, h_r, w1, w2, pieces)
+        assert_step_like_reference(mma, ids, lengths, h_p, h_r, s1, s2)
+        same = [torch.equal(a, b) for a, b in zip(mma, ffma)]
+        if dims.get("R1", 64) % 8:
+            assert all(same), (layout.__name__, same)
+        else:  # the tensor cores ran: another summation order, so some pool bits differ
+            assert not all(same), (layout.__name__, "tensor-core path gave the FFMA bits")
+
+
 def test_fused_step_block_checks_its_threads():
     ids, lengths, h_p, h_r, s1, s2 = step_inputs(2, 4, 16, torch.float32, torch.Generator())
     block = lambda threads, prompts: run_step(  # noqa: E731
