@@ -14,12 +14,19 @@ raw rows of the trained prompts come from memory.
     python bench/bench_step.py --device cpu --shapes 64x8x4096 --threads 1 --projected
     python bench/bench_step.py --device cpu --threads 1 --first-layer-backward autograd fused
     python bench/bench_step.py --device cpu --threads 2 --first-layer-gemm float32 bf16x3
+    python bench/bench_step.py --device cpu --threads 2 --update sync background --gap-ms 100
     python bench/bench_step.py --device cuda --out $OUT/bench_step
+
+``--update background`` trains on the controller's background thread
+(CareConfig.background_update): ``update_ms`` is then what the caller waits for, the update() call
+plus the wait before the next decide after ``--gap-ms`` of other work, and ``train_ms`` the
+training itself.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -50,13 +57,20 @@ def batch(step: int, B: int, G: int, H: int, gen: torch.Generator, device: str):
 
 def run(device: str, B: int, G: int, H: int, steps: int, warmup: int, strategy: str,
         projected: bool = False, first_layer_backward: str = "auto",
-        first_layer_gemm: str = "float32") -> dict:
+        first_layer_gemm: str = "float32", background: bool = False, gap_ms: float = 0.0) -> dict:
+    """decide + update of one controller for warmup + steps steps; medians of the steps after the
+    warm-up. update_ms is what the update costs the caller: the update() call, plus, after
+    ``gap_ms`` of other work (a sleep: the policy update and the next rollouts in a real loop),
+    the wait for a background update (CareConfig.background_update) before the next decide;
+    train_ms is the training itself wherever it ran."""
     gen = torch.Generator().manual_seed(0)
     gold: dict[str, int] = {}
     ctl = CareController(CareConfig(strategy=strategy, group_size=G, device=device, warmup_steps=2,
                                     first_layer_backward=first_layer_backward,
-                                    first_layer_gemm=first_layer_gemm), GoldOracle(gold))
-    t_decide, t_update, t_project = [], [], []
+                                    first_layer_gemm=first_layer_gemm,
+                                    background_update=background), GoldOracle(gold))
+    t_decide, t_update, t_project, t_train = [], [], [], []
+    timed: list[float] = []
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for step in range(warmup + steps):
         uids, ids, g, lengths, h_p, h_r = batch(step, B, G, H, gen, device)
@@ -78,15 +92,37 @@ def run(device: str, B: int, G: int, H: int, steps: int, warmup: int, strategy: 
         ctl.decide(uids, ids, lengths=lengths, **feats)
         sync()
         t1 = time.perf_counter()
+        if ctl.trainer is not None and not timed:  # the training's own time, on any thread
+            train = ctl.trainer.train
+
+            def timed_train(samples, train=train):
+                ts = time.perf_counter()
+                out = train(samples)
+                sync()
+                timed.append(time.perf_counter() - ts)
+                return out
+
+            ctl.trainer.train = timed_train
+            timed.append(math.nan)  # marks the wrapper as installed
         ctl.update()
         sync()
         t2 = time.perf_counter()
+        if gap_ms > 0:
+            time.sleep(gap_ms / 1e3)
+        t3 = time.perf_counter()
+        ctl.wait_update()
+        sync()
+        t4 = time.perf_counter()
         if step >= warmup:
             t_decide.append(t1 - t0)
-            t_update.append(t2 - t1)
+            t_update.append(t2 - t1 + t4 - t3)
+            t_train.append(timed[-1])
     d, u = statistics.median(t_decide) * 1e3, statistics.median(t_update) * 1e3
+    trained = [t for t in t_train if not math.isnan(t)]
     return dict(device=device, shape=f"{B}x{G}x{H}", strategy=strategy, decide_ms=d, update_ms=u,
                 update_share=u / (d + u), steps=steps, projected=projected,
+                update_mode="background" if background else "sync", gap_ms=gap_ms,
+                train_ms=statistics.median(trained) * 1e3 if trained else None,
                 first_layer_backward=first_layer_backward, first_layer_gemm=first_layer_gemm,
                 split_terms=ctl.trainer.split_terms if ctl.trainer is not None else None,
                 project_ms=statistics.median(t_project) * 1e3 if t_project else None)
@@ -111,6 +147,11 @@ def main(argv=None) -> int:
                     help="the decide step's first layers (CareConfig.first_layer_gemm; rows record "
                          "what 'auto' resolved to as split_terms); several: each in turn per "
                          "shape, side by side")
+    ap.add_argument("--update", nargs="+", default=["sync"], choices=["sync", "background"],
+                    help="CareConfig.background_update off / on; several: each in turn per shape")
+    ap.add_argument("--gap-ms", type=float, default=0.0,
+                    help="other work (a sleep) between update() and the next decide: what a "
+                         "background update can hide behind (a policy step takes seconds)")
     ap.add_argument("--out", default="bench/out/bench_step")
     args = ap.parse_args(argv)
     if args.threads:
@@ -119,16 +160,19 @@ def main(argv=None) -> int:
     rows = []
     for shape in args.shapes:
         B, G, H = map(int, shape.split("x"))
-        for flb, gemm in [(f, g) for f in args.first_layer_backward for g in args.first_layer_gemm]:
+        for flb, gemm, upd in [(f, g, u) for f in args.first_layer_backward
+                               for g in args.first_layer_gemm for u in args.update]:
             r = run(args.device, B, G, H, args.steps, args.warmup, args.strategy, args.projected, flb,
-                    gemm)
+                    gemm, upd == "background", args.gap_ms)
             r.update(device_name=name, torch=torch.__version__, threads=torch.get_num_threads(),
                      native=care_ext.HAS_NATIVE, date=time.strftime("%Y-%m-%d %H:%M:%S"))
             rows.append(r)
             proj = f", projection {r['project_ms']:.1f} ms" if r["project_ms"] is not None else ""
             print(f"{args.device} {shape:>12} {args.strategy}{' projected' if args.projected else ''}"
-                  f" [first layers: {flb}, {gemm} ({r['split_terms']})]: decide {r['decide_ms']:.1f} ms, update "
-                  f"{r['update_ms']:.1f} ms ({100 * r['update_share']:.0f}% of the step){proj}",
+                  f" [first layers: {flb}, {gemm} ({r['split_terms']}); {upd} update, gap "
+                  f"{args.gap_ms:g} ms]: decide {r['decide_ms']:.1f} ms, update "
+                  f"{r['update_ms']:.1f} ms ({100 * r['update_share']:.0f}% of the step; training "
+                  f"{r['train_ms'] or 0:.1f} ms){proj}",
                   flush=True)
     out = Path(args.out).with_suffix(".jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -76,7 +76,8 @@ grep -E "^FAILED" "$OUT/tests.log" | head -25 >> "$OUT/summary.txt"
 FUSED=(0 1); [ "$QUICK" = 1 ] && FUSED=(1)
 for fused in "${FUSED[@]}"; do  # the CARE core on the GPU with the default step, then with the fused one
   CARE_EXT_FUSED_STEP=$fused CARE_EXT_REQUIRE_NATIVE=1 timeout "$(cap 60)" python3 -m pytest -q -p no:cacheprovider \
-    --rootdir "$REPO" "$REPO/tests/core/test_core_cuda.py" > "$OUT/tests_core_fused$fused.log" 2>&1
+    --rootdir "$REPO" "$REPO/tests/core/test_core_cuda.py" "$REPO/tests/core/test_core_background_update.py" \
+    > "$OUT/tests_core_fused$fused.log" 2>&1
   stamp "core on CUDA, CARE_EXT_FUSED_STEP=$fused: exit $? : $(tail -1 "$OUT/tests_core_fused$fused.log")"
 done
 
@@ -178,6 +179,12 @@ done
 timeout "$(cap 60)" python3 "$REPO/bench/bench_step.py" --device cuda --steps 4 --warmup 2 \
   --first-layer-gemm bf16x3 --out "$OUT/bench_step_bf16x3" > "$OUT/bench_step_bf16x3.log" 2>&1
 stamp "bench_step first_layer_gemm=bf16x3 exit $? : $(grep -E 'decide' "$OUT/bench_step_bf16x3.log" | tr '\n' ' ')"
+# the update on the controller's background thread (CareConfig.background_update) with 200 ms of
+# other work before the next decide: what the caller still waits for, next to the synchronous one
+timeout "$(cap 60)" python3 "$REPO/bench/bench_step.py" --device cuda --steps 4 --warmup 2 \
+  --shapes 64x8x4096 --update sync background --gap-ms 200 --out "$OUT/bench_step_background" \
+  > "$OUT/bench_step_background.log" 2>&1
+stamp "bench_step background update exit $? : $(grep -E 'decide' "$OUT/bench_step_background.log" | tr '\n' ' ')"
 
 stamp "benchmarks of the single ops (what time is left)"
 timeout "$(cap 60)" python3 "$REPO/bench/bench_ops.py" --device cuda --min-time 0.1 \

@@ -20,7 +20,7 @@ _NONNEG_FLOAT = ("soft_adv", "decay_lambda", "adv_eps", "cag_eps", "aux_weight",
                  "class_balance_power", "lr", "weight_decay", "grad_clip")
 """Float fields that must be finite and >= 0 (0 keeps its documented meaning, e.g. no aux head)."""
 _BOOL = ("buy_trusted_if_short", "use_cached_labels", "adv_unbiased", "cag_unbiased",
-         "train_on_cached", "sim_metrics")
+         "train_on_cached", "sim_metrics", "background_update")
 
 
 def ceil_frac(frac: float, n: int) -> int:
@@ -117,6 +117,15 @@ class CareConfig:
     """History samples drawn per gradient step (Stage-II: stratified by count label)."""
     train_on_cached: bool = True
     """Cached labels (bought at an earlier step, new rollouts now) also train the classifiers."""
+    background_update: bool = False
+    """``CareController.update`` trains the classifiers on a background thread and returns at
+    once; the next call that needs them (``decide``, ``first_layer_projection``, ``state_dict`` /
+    ``save``, ``load_state_dict``, ``wait_update``) waits for it first and re-raises its error.
+    Same operations in the same order, so the same classifiers and decisions as the synchronous
+    update; only the ``train/*`` metrics move: each ``update()`` returns those of the previous
+    background update (``wait_update()`` returns the latest). The update's 3 gradient steps x 2
+    classifiers cost several times a decide (bench/bench_step.py); in a training loop they then
+    overlap the policy update and the next rollouts instead of stalling them."""
     first_layer_backward: str = "auto"
     """How classifier training differentiates the BatchNorm -> Linear first layers (their inputs
     are data): 'fused' = one GEMM per backward (:mod:`care_ext.bn_linear`), 'autograd' = separate

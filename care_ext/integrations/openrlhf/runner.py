@@ -296,7 +296,9 @@ class CareRunner:
 
     def after_policy_update(self) -> dict[str, float]:
         """Train the classifiers on this step's labels (``controller.update``) and return the
-        step's CARE metrics, every key under ``care/`` (wandb ``train/care/...``)."""
+        step's CARE metrics, every key under ``care/`` (wandb ``train/care/...``). With
+        ``--care.background_update true`` the training runs on while the next rollouts are
+        generated, and ``care/classifier/train/*`` are the previous update's."""
         out = dict(self.last_metrics)
         out.update({f"classifier/{k}": v for k, v in self.controller.update().items()})
         self.last_metrics = {}

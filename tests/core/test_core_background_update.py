@@ -1,0 +1,113 @@
+"""CareConfig.background_update: the classifiers train on a background thread between update()
+and the next call that reads them; decisions and classifiers equal the synchronous update's."""
+import threading
+
+import pytest
+import torch
+
+from care_ext.config import CareConfig
+from care_ext.labels import GoldOracle
+from care_ext.step import CareController
+
+from core_synth import make_batch, make_world
+
+B, G, H = 24, 8, 16
+
+
+def _run(background, steps=6, save_at=None, tmp_path=None, hidden=H, device="cpu"):
+    world = make_world(B=B, G=G, H=hidden)
+    batches = [make_batch(world, s % 4) for s in range(steps)]  # prompts recur: cached labels too
+    gold = {u: g for b in batches for u, g in b.gold.items()}
+    cfg = CareConfig(strategy="care", group_size=G, warmup_steps=2, seed=3,
+                     background_update=background, device=device)
+    ctl = CareController(cfg, GoldOracle(gold))
+    decisions, metrics = [], []
+    for s, b in enumerate(batches):
+        decisions.append(ctl.decide(b.uids, b.ids, **b.kwargs()))
+        metrics.append(ctl.update())
+        if s == save_at:  # right after a background update started: save waits for it
+            ctl.save(tmp_path / "ckpt.pt")
+    metrics.append(ctl.wait_update())
+    return ctl, decisions, metrics
+
+
+@pytest.mark.parametrize("hidden, device", [
+    (H, "cpu"), (1024, "cpu"), pytest.param(1024, "cuda", marks=pytest.mark.cuda)],
+    ids=["lab-width", "llm-width", "llm-width-cuda"])
+def test_background_update_decides_like_the_synchronous_one(hidden, device):
+    """Every decision (sources, rewards, weights, Stage-II scores) and the final classifiers and
+    optimisers are bit-identical; each background update() returns the previous one's metrics,
+    which equal the synchronous update's of that step (wait_update gives the last). On CUDA the
+    background thread launches on its own current stream (the device's default) and cuBLAS
+    handle."""
+    sync, d_sync, m_sync = _run(False, hidden=hidden, device=device)
+    bg, d_bg, m_bg = _run(True, hidden=hidden, device=device)
+    assert bg._background_updates == 6 and sync._background_updates == 0  # it did run apart
+    for a, b in zip(d_bg, d_sync):
+        assert torch.equal(a.source, b.source)
+        assert torch.equal(a.rewards, b.rewards) and torch.equal(a.weight, b.weight)
+        assert torch.equal(a.score.nan_to_num(-1), b.score.nan_to_num(-1))
+    assert m_bg[0] == {} and m_bg[1:-1] == m_sync[:-2] and m_bg[-1] == m_sync[-2]
+    assert any("train/stage1_loss" in m for m in m_sync)
+    for mod in ("stage1", "stage2"):
+        ref = getattr(sync.trainer, mod).state_dict()
+        for k, v in getattr(bg.trainer, mod).state_dict().items():
+            assert torch.equal(v, ref[k]), (mod, k)
+    assert len(bg.trainer.replay1) == len(sync.trainer.replay1) > 0
+
+
+def test_save_waits_for_the_background_update(tmp_path):
+    """A checkpoint taken right after a background update() holds the trained classifiers: it
+    equals the synchronous run's checkpoint at that step."""
+    _run(True, steps=4, save_at=2, tmp_path=tmp_path)
+    bg = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    _run(False, steps=4, save_at=2, tmp_path=tmp_path)
+    sync = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert bg["trainer"]["updates"] == sync["trainer"]["updates"] == 3
+    for k, v in sync["trainer"]["stage1"].items():
+        assert torch.equal(bg["trainer"]["stage1"][k], v), k
+
+
+def test_background_update_runs_while_the_caller_goes_on_and_its_error_surfaces():
+    """update() returns while the training is still running (it blocks here on an event the
+    test sets afterwards); the next decide waits for it. An error in the background training is
+    raised by the next call that waits (decide), once."""
+    world = make_world(B=B, G=G, H=H)
+    batches = [make_batch(world, s) for s in range(4)]
+    gold = {u: g for b in batches for u, g in b.gold.items()}
+    ctl = CareController(CareConfig(strategy="care", group_size=G, warmup_steps=1, seed=1,
+                                    background_update=True), GoldOracle(gold))
+    b = batches[0]
+    ctl.decide(b.uids, b.ids, **b.kwargs())
+    release, started = threading.Event(), threading.Event()
+    train = ctl.trainer.train
+
+    def slow_train(samples):
+        started.set()
+        assert release.wait(10)
+        return train(samples)
+
+    ctl.trainer.train = slow_train
+    assert ctl.update() == {}
+    assert started.wait(10) and ctl._pending is not None and not ctl._pending[1].done()
+    release.set()
+    b = batches[1]
+    ctl.decide(b.uids, b.ids, **b.kwargs())  # waits for the update
+    assert ctl.trainer.updates == 1 and ctl._pending is None
+
+    def failing_train(samples):
+        raise RuntimeError("classifier training failed")
+
+    ctl.trainer.train = failing_train
+    ctl.update()
+    b = batches[2]
+    with pytest.raises(RuntimeError, match="classifier training failed"):
+        ctl.decide(b.uids, b.ids, **b.kwargs())
+    ctl.trainer.train = train
+    ctl.decide(b.uids, b.ids, **b.kwargs())  # raised once; the controller goes on
+    assert ctl.update(background=False)["train/samples"] > 0  # per-call override
+
+
+def test_background_update_flag_is_checked():
+    with pytest.raises(ValueError, match="background_update must be True or False"):
+        CareConfig(background_update="yes")
