@@ -203,6 +203,11 @@ fi
 timeout "$(cap 90)" python3 "$REPO/bench/thread_scaling.py" --threads 1 2 4 8 16 --rounds 2 \
   --min-time 0.2 --shapes 64x8x4096 512x16x4096 --out "$OUT/thread_scaling" > "$OUT/thread_scaling.log" 2>&1
 stamp "CPU thread scaling exit $? : $(grep -E ' native +(1|16) ' "$OUT/thread_scaling.log" | tr -s ' ' | tr '\n' ';')"
+# the same at 64x8 with CARE_EXT_CPU_SMALL_BLOCKS=1 (blocks of ceil(B / threads) prompts when the
+# 256-row blocks are fewer than the threads: off by default until this machine measures it)
+CARE_EXT_CPU_SMALL_BLOCKS=1 timeout "$(cap 60)" python3 "$REPO/bench/thread_scaling.py" --threads 1 4 8 16 --rounds 2 \
+  --min-time 0.2 --shapes 64x8x4096 --out "$OUT/thread_scaling_small_blocks" > "$OUT/thread_scaling_small_blocks.log" 2>&1
+stamp "CPU thread scaling, CARE_EXT_CPU_SMALL_BLOCKS=1 exit $? : $(grep -E ' native +(1|16) ' "$OUT/thread_scaling_small_blocks.log" | tr -s ' ' | tr '\n' ';')"
 # the CPU step with float32 and with split-bf16 first layers (MKL's bf16 GEMM: AMX on recent Xeons;
 # build_info's cpu_bf16_gemm) against the eager reference on all of this machine's cores
 timeout "$(cap 60)" python3 "$REPO/bench/bench_ops.py" --device cpu --min-time 0.2 \

@@ -30,6 +30,8 @@
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <vector>
 
@@ -40,6 +42,37 @@ namespace {
 // while both branches read it, and keeps the per-block GEMMs large enough to run near peak.
 // (On the 2-core EPYC, 128..1024 rows measured within the machine's noise at 512x16x4096.)
 constexpr int64_t kBlockRows = 256;
+
+// Rows under which CARE_EXT_CPU_SMALL_BLOCKS does not shrink a block (GEMMs of fewer rows reread
+// the first layers' weights, 1 MB per branch at H = 4096, for too little work).
+constexpr int64_t kMinBlockRows = 32;
+
+// CARE_EXT_CPU_SMALL_BLOCKS (run time): "1" gives the blocks ceil(B / threads) prompts (never
+// under kMinBlockRows rows) when kBlockRows-row blocks would be fewer than the threads (64x8 on a
+// many-core controller: two blocks), so that every thread runs blocks of its own with
+// single-threaded GEMMs; unset or "0": kBlockRows-row blocks, run one after the other on MKL's
+// threads when they are too few. Off until a many-core machine measures it (on 2 threads it
+// changes nothing: 64x8 makes two blocks). Results within float32 rounding of the default, not
+// always its bits: a block's few masked (Stage-II) rows may take another MKL kernel than the same
+// rows among more, and the blocks now depend on the thread count.
+bool small_blocks_requested() {
+  const char* env = std::getenv("CARE_EXT_CPU_SMALL_BLOCKS");
+  if (env == nullptr || *env == 0 || std::strcmp(env, "0") == 0) return false;
+  TORCH_CHECK(std::strcmp(env, "1") == 0, "CARE_EXT_CPU_SMALL_BLOCKS must be 0 or 1, got '", env,
+              "'");
+  return true;
+}
+
+// Prompts per block of B prompts of G rollouts on `threads` threads (see kBlockRows and
+// small_blocks_requested).
+int64_t prompts_per_block(int64_t B, int64_t G, int64_t threads, bool small) {
+  int64_t per = std::max<int64_t>(1, kBlockRows / G);
+  if (small && (B + per - 1) / per < threads) {
+    const int64_t want = std::max((B + threads - 1) / threads, (kMinBlockRows + G - 1) / G);
+    per = std::min(per, want);
+  }
+  return per;
+}
 
 struct BranchPlan {
   Tensor w1h_t;  // [H, R1] view of resp1_w's hidden columns, transposed
@@ -245,7 +278,8 @@ void rollout_pools_cpu(const Tensor& h_resp, int64_t B, int64_t G,
     Rt = split.size(1);
     split2d = split.reshape({T * Rt, H});
   }
-  const int64_t per_block = std::max<int64_t>(1, kBlockRows / G);
+  const int64_t per_block = prompts_per_block(B, G, at::get_num_threads(),
+                                              small_blocks_requested());
   const int64_t nblocks = (B + per_block - 1) / per_block;
   auto blocks = [&](int64_t k0, int64_t k1) {
     BlockRows br;  // one buffer per task, reused by its blocks (the split path reads the bf16
@@ -274,7 +308,8 @@ void rollout_pools_cpu(const Tensor& h_resp, int64_t B, int64_t G,
     // Fewer blocks than threads (64x8 makes two blocks; a controller may have 16 cores): one
     // block at a time, outside any parallel region, so BLAS threads each GEMM over all cores, as
     // before the library was built with OpenMP. Smaller blocks instead measured no better on two
-    // threads (bench/RESULTS.md, 2026-11-27). Same results either way.
+    // threads (bench/RESULTS.md, 2026-11-27); CARE_EXT_CPU_SMALL_BLOCKS=1 makes them for the
+    // many-core case, unmeasured there yet (results within float32 rounding).
     blocks(0, nblocks);
   }
 }

@@ -492,6 +492,41 @@ def test_acquisition_step_many_blocks(device, B, G, threads, op):
         assert_like_torch(got[i], ref32[i], ref64[i].double(), name)
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["fp32", "split"])
+@pytest.mark.parametrize("B, G, threads", [(64, 8, 4), (64, 8, 16), (33, 16, 6), (5, 64, 8)])
+def test_cpu_small_blocks_give_every_thread_a_block_and_the_same_results(B, G, threads, split,
+                                                                         monkeypatch):
+    """CARE_EXT_CPU_SMALL_BLOCKS=1 (for many-core controllers): with more threads than 256-row
+    blocks, ceil(B / threads) prompts per block (at least 32 rows), run in parallel with
+    single-threaded GEMMs. Same decisions as the default (two big blocks on all threads' GEMMs):
+    integer and bool outputs equal, the classifier outputs within float32 error of the reference
+    (not bit for bit: a block's few masked Stage-II rows may take another MKL kernel than the
+    same rows among more), with both first-layer paths; a bad value is an error naming the knob."""
+    from care_ext.bf16_split import first_layer_split
+
+    gen = torch.Generator().manual_seed(B + G + threads)
+    ids, lengths, h_p, h_r, s1, s2 = step_inputs(B, G, 256, torch.bfloat16, gen)
+    op, extra = "acquisition_step", None
+    if split:
+        op, extra = "_acquisition_step_split", first_layer_split(s1, s2, 256)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        monkeypatch.setenv("CARE_EXT_CPU_SMALL_BLOCKS", "0")
+        big = run_step(op, "cpu", ids, lengths, h_p, h_r, s1, s2, extra)
+        monkeypatch.setenv("CARE_EXT_CPU_SMALL_BLOCKS", "1")
+        small = run_step(op, "cpu", ids, lengths, h_p, h_r, s1, s2, extra)
+        monkeypatch.setenv("CARE_EXT_CPU_SMALL_BLOCKS", "many")
+        with pytest.raises(RuntimeError, match="CARE_EXT_CPU_SMALL_BLOCKS must be 0 or 1"):
+            run_step(op, "cpu", ids, lengths, h_p, h_r, s1, s2, extra)
+    finally:
+        torch.set_num_threads(before)
+    for k, (a, b) in enumerate(zip(small, big)):
+        if a.dtype in (torch.int64, torch.bool):
+            assert torch.equal(a, b), R.AcquisitionOutputs._fields[k]
+    assert_step_like_reference(small, ids, lengths, h_p, h_r, s1, s2)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_classifier_forward_masked_blocks_non_contiguous_mask(device, dtype):
     """A transposed (non-contiguous) mask, float16 hidden states, rows with 0, 1 and all G masked."""
