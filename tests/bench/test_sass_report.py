@@ -97,18 +97,23 @@ def _kernel(name, body, res=None):
     return S.Kernel(name, name, "x.cubin", res or {"REG": 40, "STACK": 0, "LOCAL": 0}, instrs)
 
 
-MARKERS = {"l2-fma": ("step_tail.h", 130), "dot-fma": ("step_tail.h", 105)}
-CONSTS = {"kL2TileRows": 4, "kL2TileUnits": 4, "kL2Steps": 4, "kDotChunk": 16}
+MARKERS = {"l2-fma": ("step_tail.h", 130), "dot-fma": ("step_tail.h", 105),
+           "l2-mma": ("step_tail.h", 319)}
+CONSTS = {"kL2TileRows": 4, "kL2TileUnits": 4, "kL2Steps": 4, "kDotChunk": 16, "kMmaUnitTiles": 2}
 
 
-def _tail(l2_loads=16, l2_lds=4, l2_int=40, dot_ahead=16, dot_int=60, fp64_at=None):
+def _tail(l2_loads=16, l2_lds=4, l2_int=40, dot_ahead=16, dot_int=60, fp64_at=None,
+          mma_op="HMMA.1688.F32.TF32", mmas=6):
     l2 = ([("|", "", 0)] + [("LDG.E", "step_tail.h", 29)] * l2_loads + [("LDS", "step_tail.h", 128)] * l2_lds
           + [("IADD3", "step_tail.h", 29)] * l2_int + [("FFMA", "step_tail.h", 130)] * 64 + [("BRA", "", 0)])
     dot = ([("|", "", 0)] + [("LDG.E", "step_tail.h", 29)] * dot_ahead + [("IMAD.WIDE", "step_tail.h", 29)] * dot_int
            + [("FFMA", "step_tail.h", 105)] * 64 + [("LDG.E", "step_tail.h", 29)] * (64 - dot_ahead)
            + [("BRA", "", 0)])
+    mma = ([("|", "", 0)] + [("LDS", "step_tail.h", 290)] * 12 + [("FADD", "step_tail.h", 310)] * 8
+           + [(mma_op, "step_tail.h", 319)] * mmas + [("BRA", "", 0)])
     extra = [("DADD", "step_tail.h", fp64_at)] if fp64_at else []
-    return _kernel("step_tail_kernel", l2 + dot + extra + [("DFMA", "group_math.h", 194), ("EXIT", "", 0)])
+    return _kernel("step_tail_kernel", l2 + dot + mma + extra
+                   + [("DFMA", "group_math.h", 194), ("EXIT", "", 0)])
 
 
 def _shufflers():
@@ -122,7 +127,7 @@ def _verdicts(kernels):
 def test_rules_pass_on_code_generated_as_meant():
     v = _verdicts([_tail(), *_shufflers()])
     assert v == {"no-local-memory": True, "tail-fp32": True, "l2-tile": True, "dot-loads-ahead": True,
-                 "address-arithmetic": True, "warp-clustering": True}
+                 "l2-mma": True, "address-arithmetic": True, "warp-clustering": True}
 
 
 @pytest.mark.parametrize("kernels, failing", [
@@ -132,6 +137,9 @@ def test_rules_pass_on_code_generated_as_meant():
     (lambda: [_tail(l2_loads=32), *_shufflers()], "l2-tile"),         # a weight load per 2 FFMAs
     (lambda: [_tail(l2_lds=16), *_shufflers()], "l2-tile"),           # scalar r1 loads, not float4
     (lambda: [_tail(dot_ahead=4), *_shufflers()], "dot-loads-ahead"),  # loads issued one by one
+    (lambda: [_tail(mmas=3), *_shufflers()], "l2-mma"),               # not unrolled over the tiles
+    (lambda: [_tail(mma_op="HMMA.16816.F32.BF16"), *_shufflers()], "l2-mma"),  # not TF32
+    (lambda: [_tail(mmas=0), *_shufflers()], "l2-mma"),               # no tensor-core layer 2
     (lambda: [_tail(l2_int=180), *_shufflers()], "address-arithmetic"),
     (lambda: [_tail(dot_int=140), *_shufflers()], "address-arithmetic"),
     (lambda: [_tail(), _kernel("cluster_stats_kernel", [("LDG.E.64", "cluster.cu", 9)]),
@@ -160,11 +168,15 @@ def test_the_markers_and_tile_sizes_are_in_the_source():
     """The rules find their loops by `// sass:` tags and their bounds in step_tail.h: a refactor
     that drops a tag or renames a constant must show up here, not as a vacuous pass in CI."""
     m = S.sass_markers()
-    assert set(m) >= {"l2-fma", "dot-fma"} and all(f == "step_tail.h" for f, _ in m.values())
+    assert set(m) >= {"l2-fma", "dot-fma", "l2-mma"} and all(f == "step_tail.h" for f, _ in m.values())
     lines = (S.CSRC / "step_tail.h").read_text().splitlines()
     assert "+=" in lines[m["l2-fma"][1] - 1] and "+=" in lines[m["dot-fma"][1] - 1]
+    # the mma marker is on the asm statement's last line (where nvcc's line info puts its HMMA)
+    asm = "\n".join(lines[m["l2-mma"][1] - 4:m["l2-mma"][1]])
+    assert "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32" in asm and lines[m["l2-mma"][1] - 1].endswith(
+        ");  // sass: l2-mma")
     c = S.source_constants()
-    assert {"kL2TileRows", "kL2TileUnits", "kL2Steps", "kDotChunk"} <= set(c)
+    assert {"kL2TileRows", "kL2TileUnits", "kL2Steps", "kDotChunk", "kMmaUnitTiles"} <= set(c)
 
 
 def test_duplicate_markers_are_refused(tmp_path):
