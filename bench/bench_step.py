@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -70,7 +69,7 @@ def run(device: str, B: int, G: int, H: int, steps: int, warmup: int, strategy: 
                                     first_layer_gemm=first_layer_gemm,
                                     background_update=background), GoldOracle(gold))
     t_decide, t_update, t_project, t_train = [], [], [], []
-    timed: list[float] = []
+    timed: list[float] = []  # the training's own time per update, on whatever thread it ran
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for step in range(warmup + steps):
         uids, ids, g, lengths, h_p, h_r = batch(step, B, G, H, gen, device)
@@ -92,10 +91,9 @@ def run(device: str, B: int, G: int, H: int, steps: int, warmup: int, strategy: 
         ctl.decide(uids, ids, lengths=lengths, **feats)
         sync()
         t1 = time.perf_counter()
-        if ctl.trainer is not None and not timed:  # the training's own time, on any thread
-            train = ctl.trainer.train
+        if ctl.trainer is not None and "train" not in vars(ctl.trainer):  # not wrapped yet
 
-            def timed_train(samples, train=train):
+            def timed_train(samples, train=ctl.trainer.train):
                 ts = time.perf_counter()
                 out = train(samples)
                 sync()
@@ -103,7 +101,6 @@ def run(device: str, B: int, G: int, H: int, steps: int, warmup: int, strategy: 
                 return out
 
             ctl.trainer.train = timed_train
-            timed.append(math.nan)  # marks the wrapper as installed
         ctl.update()
         sync()
         t2 = time.perf_counter()
@@ -116,13 +113,13 @@ def run(device: str, B: int, G: int, H: int, steps: int, warmup: int, strategy: 
         if step >= warmup:
             t_decide.append(t1 - t0)
             t_update.append(t2 - t1 + t4 - t3)
-            t_train.append(timed[-1])
+            if timed:
+                t_train.append(timed[-1])
     d, u = statistics.median(t_decide) * 1e3, statistics.median(t_update) * 1e3
-    trained = [t for t in t_train if not math.isnan(t)]
     return dict(device=device, shape=f"{B}x{G}x{H}", strategy=strategy, decide_ms=d, update_ms=u,
                 update_share=u / (d + u), steps=steps, projected=projected,
                 update_mode="background" if background else "sync", gap_ms=gap_ms,
-                train_ms=statistics.median(trained) * 1e3 if trained else None,
+                train_ms=statistics.median(t_train) * 1e3 if t_train else None,
                 first_layer_backward=first_layer_backward, first_layer_gemm=first_layer_gemm,
                 split_terms=ctl.trainer.split_terms if ctl.trainer is not None else None,
                 project_ms=statistics.median(t_project) * 1e3 if t_project else None)

@@ -13,10 +13,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import threading
 import uuid
 import warnings
 from collections import Counter
-import threading
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable, Sequence

@@ -19,16 +19,20 @@
 
 namespace care_ext {
 
+// A run-time switch read from the environment variable `name`: false when unset, empty or `off`,
+// true when `on`; any other value is an error naming the variable and both values.
+inline bool env_switch(const char* name, const char* off, const char* on) {
+  const char* env = std::getenv(name);
+  if (env == nullptr || *env == 0 || std::strcmp(env, off) == 0) return false;
+  TORCH_CHECK(std::strcmp(env, on) == 0, name, " must be ", off, " or ", on, ", got '", env, "'");
+  return true;
+}
+
 // CARE_EXT_TAIL_STAGE_R2 (run time): "1" makes each block of the fused step's tail stage its rollout
 // layer-2 weight first (stage_r2w; CUDA: in shared memory, opting in above 48 KB; the CPU's
 // _acquisition_step_fused_block: a buffer of the block's), unset or "0" reads it where it is.
 // Off by default until a GPU run has measured it (bench/gpu_check.sh runs both).
-inline bool tail_stage_r2w_requested() {
-  const char* env = std::getenv("CARE_EXT_TAIL_STAGE_R2");
-  if (env == nullptr || *env == 0 || std::strcmp(env, "0") == 0) return false;
-  TORCH_CHECK(std::strcmp(env, "1") == 0, "CARE_EXT_TAIL_STAGE_R2 must be 0 or 1, got '", env, "'");
-  return true;
-}
+inline bool tail_stage_r2w_requested() { return env_switch("CARE_EXT_TAIL_STAGE_R2", "0", "1"); }
 
 // CARE_EXT_TAIL_L2 (run time): how the CUDA tail runs rollout layer 2 (the step's largest
 // arithmetic: B * G * R1 * R2 multiply-adds per classifier). "ffma" (the default until a GPU run
@@ -36,13 +40,7 @@ inline bool tail_stage_r2w_requested() {
 // CPU twin; "mma": tensor cores, three TF32 products per float32 one (layer2_pool_parts_mma:
 // float32-accurate, another summation order), where the device has them (sm_80+) and R1 is a
 // multiple of 8, else the FFMA tiles. The CPU always runs the FFMA tiles (the value is checked).
-inline bool tail_l2_mma_requested() {
-  const char* env = std::getenv("CARE_EXT_TAIL_L2");
-  if (env == nullptr || *env == 0 || std::strcmp(env, "ffma") == 0) return false;
-  TORCH_CHECK(std::strcmp(env, "mma") == 0, "CARE_EXT_TAIL_L2 must be ffma or mma, got '", env,
-              "'");
-  return true;
-}
+inline bool tail_l2_mma_requested() { return env_switch("CARE_EXT_TAIL_L2", "ffma", "mma"); }
 
 // Held for the whole of every op that runs ATen GEMMs (classifier_forward, acquisition_step, the
 // fused step's host part): the ops compute in float32 whatever a caller's torch.autocast region

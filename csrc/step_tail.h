@@ -97,7 +97,7 @@ constexpr int kMaxTailPrompts = 4;
 struct HeadScratch {
   float *r1t, *rows, *part, *p, *pool, *z, *logits;
   double* e;
-  const float* r2w;  // rollout layer 2's weight staged k-major ([R1][R2], stage_r2w), or nullptr
+  const float* r2w;  // rollout layer 2's weight staged k-major (stage_r2w), or nullptr
 };
 
 // Rows of r1t that layer 1 writes for `count` pooled rollouts: up to whole 16-row tiles of the
@@ -141,11 +141,11 @@ CARE_HD HeadScratch head_scratch(float* base, const HeadWeights& w, int G, int n
 }
 
 // Copies rollout layer 2's weight (element (j, k) = unit j's weight of input k, any strides) into
-// dst [R1][staged_r2w_ld(R2)] (k-major): read there, a warp's 32 consecutive units at one k are 32
-// consecutive floats, as in a column-major weight. The CUDA kernel may stage it so in shared memory once per
-// block (CARE_EXT_TAIL_STAGE_R2=1): each 8-rollout tile of layer 2 reads all of it, 1 MB per
-// prompt and classifier at G = 64, from L2 when it does not stay in L1. Same values, so the same
-// sums: results do not depend on staging.
+// dst [R1][staged_r2w_ld(R2)] (k-major): read there, a warp's 32 consecutive units at one k are
+// 32 consecutive floats, as in a column-major weight. The CUDA kernel may stage it so in shared
+// memory once per block (CARE_EXT_TAIL_STAGE_R2=1): each 8-rollout tile of layer 2 reads all of
+// it, 1 MB per prompt and classifier at G = 64, from L2 when it does not stay in L1. Same values,
+// so the same sums: results do not depend on staging.
 CARE_HD void stage_r2w(const Mat& r2w, int R1, int R2, float* dst, int tid, int nth) {
   const int ld = staged_r2w_ld(R2);
   for (int i = tid; i < R1 * R2; i += nth) {
@@ -531,6 +531,12 @@ struct StepTailArgs {
 CARE_HD int step_tail_scratch_floats(const StepTailArgs& a) {
   const int n = a.prompts_per_block;
   const int s1 = head_scratch_floats(a.w1, a.G, n), s2 = head_scratch_floats(a.w2, a.G, n);
+  return s1 > s2 ? s1 : s2;
+}
+
+// Floats of the staged rollout layer-2 weight (stage_r2w) the larger stage needs.
+CARE_HD int step_tail_staged_r2w_floats(const StepTailArgs& a) {
+  const int s1 = staged_r2w_floats(a.w1.R1, a.w1.R2), s2 = staged_r2w_floats(a.w2.R1, a.w2.R2);
   return s1 > s2 ? s1 : s2;
 }
 

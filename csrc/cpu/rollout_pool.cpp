@@ -30,8 +30,6 @@
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <optional>
 #include <vector>
 
@@ -55,13 +53,7 @@ constexpr int64_t kMinBlockRows = 32;
 // changes nothing: 64x8 makes two blocks). Results within float32 rounding of the default, not
 // always its bits: a block's few masked (Stage-II) rows may take another MKL kernel than the same
 // rows among more, and the blocks now depend on the thread count.
-bool small_blocks_requested() {
-  const char* env = std::getenv("CARE_EXT_CPU_SMALL_BLOCKS");
-  if (env == nullptr || *env == 0 || std::strcmp(env, "0") == 0) return false;
-  TORCH_CHECK(std::strcmp(env, "1") == 0, "CARE_EXT_CPU_SMALL_BLOCKS must be 0 or 1, got '", env,
-              "'");
-  return true;
-}
+bool small_blocks_requested() { return env_switch("CARE_EXT_CPU_SMALL_BLOCKS", "0", "1"); }
 
 // Prompts per block of B prompts of G rollouts on `threads` threads (see kBlockRows and
 // small_blocks_requested).

@@ -94,10 +94,7 @@ StepTuple acquisition_step_fused_block_cpu(const Tensor& ids, const Tensor& leng
   // kernel does with it (stage_r2w), into a buffer of its own
   const bool staged = tail_stage_r2w_requested();
   tail_l2_mma_requested();  // checked; the CPU runs layer 2's FFMA tiles whatever it says
-  std::vector<float> r2w(staged ? static_cast<size_t>(std::max(
-                                      staged_r2w_floats(f.args.w1.R1, f.args.w1.R2),
-                                      staged_r2w_floats(f.args.w2.R1, f.args.w2.R2)))
-                                : 0);
+  std::vector<float> r2w(staged ? static_cast<size_t>(step_tail_staged_r2w_floats(f.args)) : 0);
   TeamBarrier barrier(n);
   auto member = [&](int tid) {
     for (int64_t b0 = 0; b0 < f.B; b0 += per) {

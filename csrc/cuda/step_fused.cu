@@ -131,9 +131,7 @@ StepTuple acquisition_step_fused_split_cuda(const Tensor& ids, const Tensor& len
   args.prompts_per_block = tail_prompts_per_block(f.B, env);
   const char* op = fused_step_op_name(first_layer_split);
   // CARE_EXT_TAIL_STAGE_R2=1: the larger stage's layer-2 weight after the scratch (16-byte aligned)
-  const int64_t r2w_floats = tail_stage_r2w_requested()
-      ? std::max(staged_r2w_floats(args.w1.R1, args.w1.R2),
-                 staged_r2w_floats(args.w2.R1, args.w2.R2)) : 0;
+  const int64_t r2w_floats = tail_stage_r2w_requested() ? step_tail_staged_r2w_floats(args) : 0;
   args.l2_mma = tail_l2_mma_requested() ? 1 : 0;  // the kernel checks R1 % 8 and the arch
   bool staged = r2w_floats > 0;
   auto scratch_floats = [&] { return (step_tail_scratch_floats(args) + 3) / 4 * 4; };

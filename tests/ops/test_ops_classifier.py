@@ -332,6 +332,31 @@ def test_tail_stage_r2_env_is_checked(monkeypatch):
         run_step("_acquisition_step_fused_block", "cpu", ids, lengths, h_p, h_r, s1, s2, [], 8, 1)
 
 
+def _cuda_fused_step_under(var, values, B, G, dims, split, seed, monkeypatch):
+    """The private fused CUDA step (split-bf16 or float32 first layers) on B x G inputs of H = 64
+    (layer sizes ``dims``, generator ``seed``), run with the environment variable ``var`` set to
+    each of ``values`` in turn, for row-major and for column-major (the core's) weights.
+
+    Returns the CPU inputs (ids, lengths, h_prompt, h_resp, stage-I and stage-II weights: what
+    assert_step_like_reference takes) and, per layout, (its name, the outputs per value)."""
+    from care_ext.bf16_split import first_layer_split
+    from care_ext.ops import fused_step_layout
+
+    gen = torch.Generator().manual_seed(seed)
+    ids, lengths, h_p, h_r, s1, s2 = step_inputs(B, G, 64, torch.bfloat16, gen, **dims)
+    pieces = first_layer_split(s1, s2, 64) if split else None
+    op = "_acquisition_step_fused_split" if split else "_acquisition_step_fused"
+    runs = []
+    for layout in (list, fused_step_layout):
+        w1, w2 = layout([t.cuda() for t in s1]), layout([t.cuda() for t in s2])
+        outs = []
+        for value in values:
+            monkeypatch.setenv(var, value)
+            outs.append(run_step(op, "cuda", ids, lengths, h_p, h_r, w1, w2, pieces))
+        runs.append((layout.__name__, outs))
+    return (ids, lengths, h_p, h_r, s1, s2), runs
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("split", [False, True], ids=["fp32", "split"])
 @pytest.mark.parametrize("B, G, dims", [(5, 3, {}), (300, 8, {}), (600, 64, {}), (40, 16, ODD)])
@@ -341,22 +366,12 @@ def test_cuda_tail_with_its_layer2_weight_staged_gives_the_same_bits(B, G, dims,
     into shared memory (opting in above 48 KB) and reads it there; same values in the same order,
     so every output equals the unstaged kernel's bit for bit, for row-major and column-major
     (the core's) weights and with 1 to 4 prompts per block (B picks them)."""
-    from care_ext.bf16_split import first_layer_split
-    from care_ext.ops import fused_step_layout
-
-    gen = torch.Generator().manual_seed(B + G)
-    ids, lengths, h_p, h_r, s1, s2 = step_inputs(B, G, 64, torch.bfloat16, gen, **dims)
-    pieces = first_layer_split(s1, s2, 64) if split else None
-    op = "_acquisition_step_fused_split" if split else "_acquisition_step_fused"
-    for layout in (list, fused_step_layout):
-        w1, w2 = layout([t.cuda() for t in s1]), layout([t.cuda() for t in s2])
-        monkeypatch.setenv("CARE_EXT_TAIL_STAGE_R2", "0")
-        plain = run_step(op, "cuda", ids, lengths, h_p, h_r, w1, w2, pieces)
-        monkeypatch.setenv("CARE_EXT_TAIL_STAGE_R2", "1")
-        staged = run_step(op, "cuda", ids, lengths, h_p, h_r, w1, w2, pieces)
+    inputs, runs = _cuda_fused_step_under("CARE_EXT_TAIL_STAGE_R2", ("0", "1"), B, G, dims,
+                                          split, B + G, monkeypatch)
+    for layout, (plain, staged) in runs:
         for k, (a, b) in enumerate(zip(staged, plain)):
-            assert torch.equal(a, b), (layout.__name__, k)
-        assert_step_like_reference(staged, ids, lengths, h_p, h_r, s1, s2)
+            assert torch.equal(a, b), (layout, k)
+        assert_step_like_reference(staged, *inputs)
 
 
 def test_tail_l2_env_is_checked_and_the_cpu_keeps_its_ffma_tiles(monkeypatch):
@@ -388,26 +403,16 @@ def test_cuda_tail_with_layer2_on_tensor_cores_is_like_the_reference(B, G, dims,
     minority), R2 off the 64-unit warp tiles, row-major and column-major weights, the weight read
     in place or staged in shared memory, and both first-layer paths; with R1 = 7 (not a multiple of
     8) the kernel keeps the FFMA tiles, so the outputs equal the default's bit for bit."""
-    from care_ext.bf16_split import first_layer_split
-    from care_ext.ops import fused_step_layout
-
-    gen = torch.Generator().manual_seed(B * 7 + G)
-    ids, lengths, h_p, h_r, s1, s2 = step_inputs(B, G, 64, torch.bfloat16, gen, **dims)
-    pieces = first_layer_split(s1, s2, 64) if split else None
-    op = "_acquisition_step_fused_split" if split else "_acquisition_step_fused"
     monkeypatch.setenv("CARE_EXT_TAIL_STAGE_R2", staged)
-    for layout in (list, fused_step_layout):
-        w1, w2 = layout([t.cuda() for t in s1]), layout([t.cuda() for t in s2])
-        monkeypatch.setenv("CARE_EXT_TAIL_L2", "ffma")
-        ffma = run_step(op, "cuda", ids, lengths, h_p, h_r, w1, w2, pieces)
-        monkeypatch.setenv("CARE_EXT_TAIL_L2", "mma")
-        mma = run_step(op, "cuda", ids, lengths, h_p, h_r, w1, w2, pieces)
-        assert_step_like_reference(mma, ids, lengths, h_p, h_r, s1, s2)
+    inputs, runs = _cuda_fused_step_under("CARE_EXT_TAIL_L2", ("ffma", "mma"), B, G, dims, split,
+                                          B * 7 + G, monkeypatch)
+    for layout, (ffma, mma) in runs:
+        assert_step_like_reference(mma, *inputs)
         same = [torch.equal(a, b) for a, b in zip(mma, ffma)]
         if dims.get("R1", 64) % 8:
-            assert all(same), (layout.__name__, same)
+            assert all(same), (layout, same)
         else:  # the tensor cores ran: another summation order, so some pool bits differ
-            assert not all(same), (layout.__name__, "tensor-core path gave the FFMA bits")
+            assert not all(same), (layout, "tensor-core path gave the FFMA bits")
 
 
 def test_fused_step_block_checks_its_threads():
