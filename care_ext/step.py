@@ -608,7 +608,9 @@ class CareController:
 
         def train() -> None:
             try:
-                result.set_result(trainer.train(samples))
+                metrics = trainer.train(samples)
+                trainer.prepare_decide()  # the next decide's weights, off its critical path
+                result.set_result(metrics)
             except BaseException as e:  # noqa: B036 - re-raised by wait_update
                 result.set_exception(e)
 

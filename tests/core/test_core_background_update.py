@@ -14,12 +14,17 @@ from core_synth import make_batch, make_world
 B, G, H = 24, 8, 16
 
 
-def _run(background, steps=6, save_at=None, tmp_path=None, hidden=H, device="cpu"):
+def _run(background, steps=6, save_at=None, tmp_path=None, hidden=H, device="cpu",
+         first_layer_gemm="auto"):
     world = make_world(B=B, G=G, H=hidden)
     batches = [make_batch(world, s % 4) for s in range(steps)]  # prompts recur: cached labels too
+    if first_layer_gemm != "auto":  # the split step reads bf16 hidden states
+        for b in batches:
+            b.h_prompt, b.h_resp = b.h_prompt.bfloat16(), b.h_resp.bfloat16()
     gold = {u: g for b in batches for u, g in b.gold.items()}
     cfg = CareConfig(strategy="care", group_size=G, warmup_steps=2, seed=3,
-                     background_update=background, device=device)
+                     background_update=background, device=device,
+                     first_layer_gemm=first_layer_gemm)
     ctl = CareController(cfg, GoldOracle(gold))
     decisions, metrics = [], []
     for s, b in enumerate(batches):
@@ -31,17 +36,19 @@ def _run(background, steps=6, save_at=None, tmp_path=None, hidden=H, device="cpu
     return ctl, decisions, metrics
 
 
-@pytest.mark.parametrize("hidden, device", [
-    (H, "cpu"), (1024, "cpu"), pytest.param(1024, "cuda", marks=pytest.mark.cuda)],
-    ids=["lab-width", "llm-width", "llm-width-cuda"])
-def test_background_update_decides_like_the_synchronous_one(hidden, device):
+@pytest.mark.parametrize("hidden, device, gemm", [
+    (H, "cpu", "auto"), (1024, "cpu", "auto"), (1024, "cpu", "bf16x3"),
+    pytest.param(1024, "cuda", "auto", marks=pytest.mark.cuda)],
+    ids=["lab-width", "llm-width", "llm-width-split", "llm-width-cuda"])
+def test_background_update_decides_like_the_synchronous_one(hidden, device, gemm):
     """Every decision (sources, rewards, weights, Stage-II scores) and the final classifiers and
     optimisers are bit-identical; each background update() returns the previous one's metrics,
     which equal the synchronous update's of that step (wait_update gives the last). On CUDA the
     background thread launches on its own current stream (the device's default) and cuBLAS
-    handle."""
-    sync, d_sync, m_sync = _run(False, hidden=hidden, device=device)
-    bg, d_bg, m_bg = _run(True, hidden=hidden, device=device)
+    handle. With split first layers (bf16 hidden states) the background thread also folds and
+    splits the next decide's weights (ClassifierTrainer.prepare_decide)."""
+    sync, d_sync, m_sync = _run(False, hidden=hidden, device=device, first_layer_gemm=gemm)
+    bg, d_bg, m_bg = _run(True, hidden=hidden, device=device, first_layer_gemm=gemm)
     assert bg._background_updates == 6 and sync._background_updates == 0  # it did run apart
     for a, b in zip(d_bg, d_sync):
         assert torch.equal(a.source, b.source)
@@ -111,3 +118,22 @@ def test_background_update_runs_while_the_caller_goes_on_and_its_error_surfaces(
 def test_background_update_flag_is_checked():
     with pytest.raises(ValueError, match="background_update must be True or False"):
         CareConfig(background_update="yes")
+
+
+def test_background_update_prepares_the_next_decides_weights():
+    """After a background update the folded weights and the split pieces the decides asked for
+    are cached already (computed on the background thread), and equal a fresh fold and split of
+    the trained classifiers; a synchronous update leaves them to the next decide."""
+    from care_ext.bf16_split import first_layer_split
+
+    bg, _, _ = _run(True, steps=3, hidden=1024, first_layer_gemm="bf16x3")
+    sync, _, _ = _run(False, steps=3, hidden=1024, first_layer_gemm="bf16x3")
+    assert sync.trainer._folded is None and sync.trainer._split == {}
+    t = bg.trainer
+    assert t._folded is not None and set(t._split) == {3}
+    fresh = t.stage1.fold(), t.stage2.fold()
+    for got, want in zip(t._folded, fresh):
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+    for a, b in zip(t._split[3], first_layer_split(*fresh, 1024, 3)):
+        assert torch.equal(a, b)
