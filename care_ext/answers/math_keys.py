@@ -35,6 +35,9 @@ _NEG_SPACE = re.compile(r"\\!\s*")
 # a currency sign ("\\$18.90", as MATH500 writes money): math-verify drops it; here too, before the
 # math-mode "$" delimiters go (else "\\$36" would leave a stray "\\36" that parses as nothing)
 _CURRENCY = re.compile(r"(?<!\\)\\\$")
+# U+2212 MINUS SIGN, as models and typeset sources write it: math-verify reads "− 5" as -5, so
+# the key does too (else "−5" and "-5" agree only through a math-verify call)
+_UNICODE_MINUS = "\u2212"
 _LEFT_RIGHT_DOT = re.compile(r"\\(?:left|right)\.")
 _LEFT_RIGHT = re.compile(r"\\(?:left|right|big|Big|bigg|Bigg)[lr]?(?![a-zA-Z])")
 _DISPLAY = re.compile(r"\\(?:displaystyle|textstyle)(?![a-zA-Z])")
@@ -76,6 +79,7 @@ def extract_math_answer(text: str, context: object = None) -> str | None:
 
 
 def _normalise(s: str) -> str:
+    s = s.replace(_UNICODE_MINUS, "-")
     s = _CURRENCY.sub("", s)
     s = s.replace("$", "")
     s = _NEG_SPACE.sub("", s)

@@ -26,13 +26,16 @@ from care_ext.answers.math_keys import math_key
         ("\\frac {\\sqrt 3} {2}", "\\frac{\\sqrt{3}}{2}"),
         ("\\text{Evelyn}", "evelyn"),
         ("$5$", "5"),
+        ("\u22125", "-5"),
+        ("\u2212\\frac{3}{6}", "-0.5"),
+        ("x^2 \u2212 1", "x^2-1"),
     ],
 )
 def test_same_key(a, b):
     assert math_key(a).text == math_key(b).text
 
 
-@pytest.mark.parametrize("a,b", [("025", "007"), ("025", "0"), ("10", "100"), ("-5", "5"), ("1/2", "1/3"), ("0.1", "1")])
+@pytest.mark.parametrize("a,b", [("025", "007"), ("025", "0"), ("10", "100"), ("-5", "5"), ("\u22125", "5"), ("1/2", "1/3"), ("0.1", "1")])
 def test_distinct_numbers_have_distinct_keys(a, b):
     ka, kb = math_key(a), math_key(b)
     assert ka.number and kb.number and ka.text != kb.text
