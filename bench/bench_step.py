@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -122,7 +123,11 @@ def run(device: str, B: int, G: int, H: int, steps: int, warmup: int, strategy: 
                 train_ms=statistics.median(t_train) * 1e3 if t_train else None,
                 first_layer_backward=first_layer_backward, first_layer_gemm=first_layer_gemm,
                 split_terms=ctl.trainer.split_terms if ctl.trainer is not None else None,
-                project_ms=statistics.median(t_project) * 1e3 if t_project else None)
+                project_ms=statistics.median(t_project) * 1e3 if t_project else None,
+                # the OpenMP placement: on a 2-core VM the decide after a background update took
+                # 12-15 ms unbound and 8 ms with OMP_PROC_BIND=true (bench/RESULTS.md)
+                omp_proc_bind=os.environ.get("OMP_PROC_BIND"),
+                omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"))
 
 
 def main(argv=None) -> int:
