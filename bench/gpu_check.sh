@@ -185,6 +185,17 @@ timeout "$(cap 60)" python3 "$REPO/bench/bench_step.py" --device cuda --steps 4 
   --shapes 64x8x4096 --update sync background --gap-ms 200 --out "$OUT/bench_step_background" \
   > "$OUT/bench_step_background.log" 2>&1
 stamp "bench_step background update exit $? : $(grep -E 'decide' "$OUT/bench_step_background.log" | tr '\n' ' ')"
+# the CPU controller's decide after a background update, OpenMP threads unbound and bound: on the
+# 2-core VM it took 12-15 ms unbound and 8 ms with OMP_PROC_BIND=true (docs/core.md)
+for bind in unset true; do
+  (
+    if [ "$bind" = true ]; then export OMP_PROC_BIND=true; fi
+    timeout "$(cap 60)" python3 "$REPO/bench/bench_step.py" --device cpu --threads 8 --steps 6 \
+      --warmup 2 --shapes 64x8x4096 --update sync background --gap-ms 300 \
+      --out "$OUT/bench_step_cpu_bg_bind_$bind" > "$OUT/bench_step_cpu_bg_bind_$bind.log" 2>&1
+  )
+  stamp "bench_step cpu background, OMP_PROC_BIND=$bind exit $? : $(grep -E 'decide' "$OUT/bench_step_cpu_bg_bind_$bind.log" | tr '\n' ' ')"
+done
 
 stamp "benchmarks of the single ops (what time is left)"
 timeout "$(cap 60)" python3 "$REPO/bench/bench_ops.py" --device cuda --min-time 0.1 \
