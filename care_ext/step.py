@@ -600,16 +600,20 @@ class CareController:
         samples, self._samples = self._samples, []
         self._need_update = False
         done, self._update_metrics = self._update_metrics, {}
-        # A thread per update, ended before the next decide: a thread that stays alive keeps its
-        # own OpenMP team, and with two teams libgomp stops spinning between parallel regions
-        # (more threads than cores), which made every later decide ~1.5x slower on 2 cores.
+        # A thread per update, ended before the next decide: with a pool thread that stayed alive
+        # every later decide ran ~1.5x slower on 2 cores. Even so, unbound OpenMP threads can
+        # leave the next decide waiting for its worker (docs/core.md, "CPU threads with
+        # background_update"; OMP_PROC_BIND=true removed it there).
         result: Future = Future()
         trainer = self.trainer
 
         def train() -> None:
             try:
                 metrics = trainer.train(samples)
-                trainer.prepare_decide()  # the next decide's weights, off its critical path
+                try:  # the next decide's weights, off its critical path
+                    trainer.prepare_decide()
+                except Exception:  # noqa: BLE001 - caches only what succeeded: the decide redoes
+                    pass  # the rest and raises the error there, after a completed training
                 result.set_result(metrics)
             except BaseException as e:  # noqa: B036 - re-raised by wait_update
                 result.set_exception(e)

@@ -137,3 +137,26 @@ def test_background_update_prepares_the_next_decides_weights():
             assert torch.equal(a, b)
     for a, b in zip(t._split[3], first_layer_split(*fresh, 1024, 3)):
         assert torch.equal(a, b)
+
+
+def test_a_failed_preparation_is_left_to_the_decide():
+    """prepare_decide is an optimisation: when it raises, the background update still returns its
+    training's metrics, and the next decide folds the classifiers itself."""
+    world = make_world(B=B, G=G, H=H)
+    batches = [make_batch(world, s) for s in range(3)]
+    gold = {u: g for b in batches for u, g in b.gold.items()}
+    ctl = CareController(CareConfig(strategy="care", group_size=G, warmup_steps=1, seed=1,
+                                    background_update=True), GoldOracle(gold))
+    b = batches[0]
+    ctl.decide(b.uids, b.ids, **b.kwargs())
+
+    def failing_prepare():
+        raise RuntimeError("preparation failed")
+
+    ctl.trainer.prepare_decide = failing_prepare
+    ctl.update()
+    assert ctl.wait_update()["train/samples"] > 0
+    assert ctl.trainer._folded is None
+    b = batches[1]
+    d = ctl.decide(b.uids, b.ids, **b.kwargs())
+    assert ctl.trainer._folded is not None and len(d.source) == B
