@@ -36,6 +36,18 @@ def _run(background, steps=6, save_at=None, tmp_path=None, hidden=H, device="cpu
     return ctl, decisions, metrics
 
 
+def _decided_once(steps):
+    """A background-update controller at lab width after its first decide, and its batches."""
+    world = make_world(B=B, G=G, H=H)
+    batches = [make_batch(world, s) for s in range(steps)]
+    gold = {u: g for b in batches for u, g in b.gold.items()}
+    ctl = CareController(CareConfig(strategy="care", group_size=G, warmup_steps=1, seed=1,
+                                    background_update=True), GoldOracle(gold))
+    b = batches[0]
+    ctl.decide(b.uids, b.ids, **b.kwargs())
+    return ctl, batches
+
+
 @pytest.mark.parametrize("hidden, device, gemm", [
     (H, "cpu", "auto"), (1024, "cpu", "auto"), (1024, "cpu", "bf16x3"),
     pytest.param(1024, "cuda", "auto", marks=pytest.mark.cuda)],
@@ -50,7 +62,7 @@ def test_background_update_decides_like_the_synchronous_one(hidden, device, gemm
     sync, d_sync, m_sync = _run(False, hidden=hidden, device=device, first_layer_gemm=gemm)
     bg, d_bg, m_bg = _run(True, hidden=hidden, device=device, first_layer_gemm=gemm)
     assert bg._background_updates == 6 and sync._background_updates == 0  # it did run apart
-    for a, b in zip(d_bg, d_sync):
+    for a, b in zip(d_bg, d_sync, strict=True):
         assert torch.equal(a.source, b.source)
         assert torch.equal(a.rewards, b.rewards) and torch.equal(a.weight, b.weight)
         assert torch.equal(a.score.nan_to_num(-1), b.score.nan_to_num(-1))
@@ -79,13 +91,7 @@ def test_background_update_runs_while_the_caller_goes_on_and_its_error_surfaces(
     """update() returns while the training is still running (it blocks here on an event the
     test sets afterwards); the next decide waits for it. An error in the background training is
     raised by the next call that waits (decide), once."""
-    world = make_world(B=B, G=G, H=H)
-    batches = [make_batch(world, s) for s in range(4)]
-    gold = {u: g for b in batches for u, g in b.gold.items()}
-    ctl = CareController(CareConfig(strategy="care", group_size=G, warmup_steps=1, seed=1,
-                                    background_update=True), GoldOracle(gold))
-    b = batches[0]
-    ctl.decide(b.uids, b.ids, **b.kwargs())
+    ctl, batches = _decided_once(4)
     release, started = threading.Event(), threading.Event()
     train = ctl.trainer.train
 
@@ -132,23 +138,17 @@ def test_background_update_prepares_the_next_decides_weights():
     t = bg.trainer
     assert t._folded is not None and set(t._split) == {3}
     fresh = t.stage1.fold(), t.stage2.fold()
-    for got, want in zip(t._folded, fresh):
-        for a, b in zip(got, want):
+    for got, want in zip(t._folded, fresh, strict=True):
+        for a, b in zip(got, want, strict=True):
             assert torch.equal(a, b)
-    for a, b in zip(t._split[3], first_layer_split(*fresh, 1024, 3)):
+    for a, b in zip(t._split[3], first_layer_split(*fresh, 1024, 3), strict=True):
         assert torch.equal(a, b)
 
 
 def test_a_failed_preparation_is_left_to_the_decide():
     """prepare_decide is an optimisation: when it raises, the background update still returns its
     training's metrics, and the next decide folds the classifiers itself."""
-    world = make_world(B=B, G=G, H=H)
-    batches = [make_batch(world, s) for s in range(3)]
-    gold = {u: g for b in batches for u, g in b.gold.items()}
-    ctl = CareController(CareConfig(strategy="care", group_size=G, warmup_steps=1, seed=1,
-                                    background_update=True), GoldOracle(gold))
-    b = batches[0]
-    ctl.decide(b.uids, b.ids, **b.kwargs())
+    ctl, batches = _decided_once(3)
 
     def failing_prepare():
         raise RuntimeError("preparation failed")
