@@ -123,11 +123,7 @@ def run(device: str, B: int, G: int, H: int, steps: int, warmup: int, strategy: 
                 train_ms=statistics.median(t_train) * 1e3 if t_train else None,
                 first_layer_backward=first_layer_backward, first_layer_gemm=first_layer_gemm,
                 split_terms=ctl.trainer.split_terms if ctl.trainer is not None else None,
-                project_ms=statistics.median(t_project) * 1e3 if t_project else None,
-                # the OpenMP placement: on a 2-core VM the decide after a background update took
-                # 12-15 ms unbound and 8 ms with OMP_PROC_BIND=true (bench/RESULTS.md)
-                omp_proc_bind=os.environ.get("OMP_PROC_BIND"),
-                omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"))
+                project_ms=statistics.median(t_project) * 1e3 if t_project else None)
 
 
 def main(argv=None) -> int:
@@ -166,8 +162,12 @@ def main(argv=None) -> int:
                                for g in args.first_layer_gemm for u in args.update]:
             r = run(args.device, B, G, H, args.steps, args.warmup, args.strategy, args.projected, flb,
                     gemm, upd == "background", args.gap_ms)
+            # OpenMP placement too: on a 2-core VM the decide after a background update took
+            # 12-15 ms unbound and 8 ms with OMP_PROC_BIND=true (bench/RESULTS.md)
             r.update(device_name=name, torch=torch.__version__, threads=torch.get_num_threads(),
-                     native=care_ext.HAS_NATIVE, date=time.strftime("%Y-%m-%d %H:%M:%S"))
+                     native=care_ext.HAS_NATIVE, date=time.strftime("%Y-%m-%d %H:%M:%S"),
+                     omp_proc_bind=os.environ.get("OMP_PROC_BIND"),
+                     omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"))
             rows.append(r)
             proj = f", projection {r['project_ms']:.1f} ms" if r["project_ms"] is not None else ""
             print(f"{args.device} {shape:>12} {args.strategy}{' projected' if args.projected else ''}"

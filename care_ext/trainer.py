@@ -54,7 +54,6 @@ class ClassifierTrainer:
         """bf16 pieces per first-layer weight in the decide step (0: float32 GEMMs)."""
         self._split: dict[int, list[Tensor]] = {}
         self._split_buffers: dict[int, list[Tensor]] = {}  # reused by every re-split
-        self._split_asked: set[int] = set()  # piece counts a decide has asked for
 
     # ------------------------------------------------------------------------------------------
     def folded(self) -> tuple[list[Tensor], list[Tensor]]:
@@ -84,7 +83,6 @@ class ClassifierTrainer:
         The pieces are written into the same buffers after every update (fresh tensors cost the
         CPU core first-touch page faults each time): the tensors returned are valid until the
         next update."""
-        self._split_asked.add(terms)
         if terms not in self._split:
             w1, w2 = self.folded()
             self._split[terms] = first_layer_split(w1, w2, self.hidden_size, terms,
@@ -99,7 +97,7 @@ class ClassifierTrainer:
         and splitting at H = 4096 then leaves the decide's critical path. Same tensors as the
         decide would compute itself."""
         self.folded()
-        for terms in sorted(self._split_asked):
+        for terms in sorted(self._split_buffers):  # the piece counts split so far
             self.first_layer_split(terms)
 
     def _batch(self, samples: list[Sample]) -> dict[str, Tensor]:
