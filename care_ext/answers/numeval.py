@@ -28,7 +28,7 @@ _MAX_ABS = 1e200
 
 _TOKEN = re.compile(r"\s*(?:(\d+\.\d*|\.\d+|\d+)|(\\[a-zA-Z]+)|(.))")
 _FRACS = ("\\frac", "\\dfrac", "\\tfrac")
-_COMMANDS = {"\\frac", "\\dfrac", "\\tfrac", "\\sqrt", "\\pi", "\\cdot", "\\times", "\\div"}
+_COMMANDS = {*_FRACS, "\\sqrt", "\\pi", "\\cdot", "\\times", "\\div"}
 
 
 class _Fail(Exception):
@@ -94,7 +94,7 @@ class _Parser:
                 if d == 0:
                     raise _Fail
                 v /= d
-            elif tok is not None and (tok[0].isdigit() or tok[0] == "." or tok in ("(", "{", "\\frac", "\\dfrac", "\\tfrac", "\\sqrt", "\\pi")):
+            elif tok is not None and (tok[0].isdigit() or tok[0] == "." or tok in ("(", "{", *_FRACS, "\\sqrt", "\\pi")):
                 # implicit multiplication, e.g. 2\sqrt{3} or 3\pi; a number right after a number
                 # cannot happen (the tokeniser is greedy) except "2{3}", rejected as ambiguous
                 if tok[0].isdigit() or tok[0] == "." or tok == "{":
