@@ -57,7 +57,7 @@ def batch(step: int, B: int, G: int, H: int, gen: torch.Generator, device: str):
 
 def run(device: str, B: int, G: int, H: int, steps: int, warmup: int, strategy: str,
         projected: bool = False, first_layer_backward: str = "auto",
-        first_layer_gemm: str = "float32", background: bool = False, gap_ms: float = 0.0) -> dict:
+        first_layer_gemm: str = "auto", background: bool = False, gap_ms: float = 0.0) -> dict:
     """decide + update of one controller for warmup + steps steps; medians of the steps after the
     warm-up. update_ms is what the update costs the caller: the update() call, plus, after
     ``gap_ms`` of other work (a sleep: the policy update and the next rollouts in a real loop),

@@ -313,8 +313,9 @@ class CareController:
 
         # ---- ledger and oracle ------------------------------------------------------------
         labels: dict[str, Any] = {u: known[u].label for u in uids if u in known}
-        retry = [i for i, u in enumerate(uids) if fresh[i] and u not in known and u in ledger
-                 and (ledger[u].status == "requested" or bool(lost[i]))]
+        retry = [i for i, (u, f, lo) in enumerate(zip(uids, fresh.tolist(), lost.tolist()))
+                 if f and u not in known and u in ledger
+                 and (ledger[u].status == "requested" or lo)]
         new = [uids[i] for i in selected.nonzero().flatten().tolist()
                if uids[i] not in known and (uids[i] not in ledger or ledger[uids[i]].status == "failed")]
         kind = "async" if self.oracle.asynchronous else "sync"
@@ -322,7 +323,7 @@ class CareController:
                                      run=run)
         index = {u: i for i, u in enumerate(uids)}
         ask = sorted({index[u] for u in charged} | set(retry))
-        ok, failed, pending = self._ask(uids, payloads, ask, labels, t)
+        ok, failed, pending = self._ask(uids, payloads, ask, labels)
 
         # ---- sources, rewards, weights ----------------------------------------------------
         source = torch.full((B,), DROPPED, dtype=torch.int8)
@@ -330,20 +331,19 @@ class CareController:
             source[fresh & plan.trusted] = TRUSTED
         got = torch.tensor([u in labels for u in uids], dtype=torch.bool)
         bought_now = torch.zeros(B, dtype=torch.bool)
-        for i in ok:
-            bought_now[i] = True
+        bought_now[torch.tensor(ok, dtype=torch.long)] = True
         bought_now |= selected & got & ~earlier  # labels stored at this very step (a resumed rerun)
         source[bought_now] = BOUGHT
         source[cached & got] = CACHED
-        for i in failed + pending:
-            source[i] = DROPPED
+        source[torch.tensor(failed + pending, dtype=torch.long)] = DROPPED
         source[selected & ~bought_now] = DROPPED
         source[bad | waiting] = DROPPED
 
         labelled = (source == BOUGHT) | (source == CACHED)
         gold = torch.full((B,), -1, dtype=torch.long)
-        for i in labelled.nonzero().flatten().tolist():
-            gold[i] = self._resolve(labels[uids[i]], payloads[i])
+        rows_l = labelled.nonzero().flatten()
+        gold[rows_l] = torch.tensor([self._resolve(labels[uids[i]], payloads[i])
+                                     for i in rows_l.tolist()], dtype=torch.long)
         true_r = gold_correct(ids_c, gold).float()
         rewards = torch.where(labelled[:, None], true_r, gf.pseudo_rewards)
         weight = torch.zeros(B)
@@ -357,11 +357,13 @@ class CareController:
         if self.trainer is not None:
             rows = (source == BOUGHT) | ((source == CACHED) if cfg.train_on_cached else False)
             train_rows = rows.nonzero().flatten().tolist()
-            raw = self._raw_rows(sorted(set(train_rows) | set(pending)), h_prompt, h_resp, projected, G)
-            for i in train_rows:
-                self._samples.append(_make_sample(self._parts(i, ids_c, gf, *raw[i]), int(gold[i])))
+            need = sorted(set(train_rows) | set(pending))
+            parts = dict(zip(need, _row_parts(need, ids_c, gf,
+                                              *self._raw_rows(need, h_prompt, h_resp, projected, G))))
+            self._samples.extend(_make_samples([parts[i] for i in train_rows],
+                                               gold[train_rows].tolist()))
             for i in pending:
-                self._awaiting[uids[i]] = (self._parts(i, ids_c, gf, *raw[i]), payloads[i])
+                self._awaiting[uids[i]] = (parts[i], payloads[i])
 
         # ---- metrics ------------------------------------------------------------------------
         fin = ~bad  # the feature monitors skip rows dropped for non-finite features
@@ -409,24 +411,39 @@ class CareController:
             strat_buy[order[: max(0, cap - int(audit.sum()))]] = True
         return cap, audit, strat_buy
 
-    def _raw_rows(self, rows: list[int], h_prompt, h_resp, projected, G: int) -> dict:
-        """{row: (h_prompt [H], h_resp [G, H])} for ``rows``: slices of the raw inputs, or one
-        ``projected.fetch_raw`` call."""
-        if projected is None:
-            return {i: (h_prompt[i], h_resp[i]) for i in rows}
+    def _raw_rows(self, rows: list[int], h_prompt, h_resp, projected,
+                  G: int) -> tuple[list[Tensor], list[Tensor]]:
+        """The raw hidden states of ``rows`` as CPU tensors of their own, one per row (h_prompt
+        [H] each, h_resp [G, H] each; the host's dtype): what the rows' samples keep.
+
+        Slices of the raw inputs, or one ``projected.fetch_raw`` call. A device input is gathered
+        and copied to the host once for all rows (one transfer instead of two per row); every
+        row is then a copy of its own, so a sample kept by a replay buffer never holds a step's
+        other rows alive."""
         if not rows:
-            return {}
-        hp, hr = projected.fetch_raw(list(rows))
-        H, n = self.trainer.hidden_size, len(rows)
-        if tuple(hp.shape) != (n, H) or tuple(hr.shape) != (n, G, H):
-            raise ValueError(f"fetch_raw returned {tuple(hp.shape)} and {tuple(hr.shape)} for {n} rows; "
-                             f"expected {(n, H)} and {(n, G, H)}")
-        fin = _finite_rows(hp.reshape(n, -1)) & _finite_rows(hr.reshape(n, -1))
-        if not bool(fin.all()):
-            raise ValueError(f"fetch_raw returned non-finite hidden states for rows "
-                             f"{[rows[j] for j in (~fin).nonzero().flatten().tolist()][:10]} whose "
-                             "projections were finite (raw rows do not match the projected ones?)")
-        return {i: (hp[j], hr[j]) for j, i in enumerate(rows)}
+            return [], []
+        if projected is None:
+            hp, hr = h_prompt.detach(), h_resp.detach()
+        else:
+            hp, hr = projected.fetch_raw(list(rows))
+            H, n = self.trainer.hidden_size, len(rows)
+            if tuple(hp.shape) != (n, H) or tuple(hr.shape) != (n, G, H):
+                raise ValueError(f"fetch_raw returned {tuple(hp.shape)} and {tuple(hr.shape)} for {n} rows; "
+                                 f"expected {(n, H)} and {(n, G, H)}")
+            fin = _finite_rows(hp.reshape(n, -1)) & _finite_rows(hr.reshape(n, -1))
+            if not bool(fin.all()):
+                raise ValueError(f"fetch_raw returned non-finite hidden states for rows "
+                                 f"{[rows[j] for j in (~fin).nonzero().flatten().tolist()][:10]} whose "
+                                 "projections were finite (raw rows do not match the projected ones?)")
+            hp, hr, rows = hp.detach(), hr.detach(), list(range(n))
+        out = []
+        for t in (hp, hr):
+            if t.device.type != "cpu":
+                t = t[torch.tensor(rows, device=t.device)].cpu()
+                out.append([r.clone() for r in t.unbind(0)])
+            else:
+                out.append([t[i].clone() for i in rows])
+        return out[0], out[1]
 
     def _classify(self, ids, lengths, h_prompt, h_resp, gf, bad, projected=None):
         """(reliability [B], Stage-II score [B]) through the fused op with folded weights
@@ -491,7 +508,7 @@ class CareController:
         if self._audit[1]:
             mets["audit/pseudo_label_acc"] = self._audit[0] / self._audit[1]
 
-    def _ask(self, uids, payloads, rows, labels, t) -> tuple[list[int], list[int], list[int]]:
+    def _ask(self, uids, payloads, rows, labels) -> tuple[list[int], list[int], list[int]]:
         """Call the oracle for those rows; store what arrives. Returns (ok, failed, pending) rows.
 
         A uid counts as answered only once its result is recorded: a result the store cannot
@@ -507,7 +524,7 @@ class CareController:
                 if res.uid not in index or res.uid in answered:
                     continue
                 try:
-                    recorded = self._record(res, t, labels)
+                    recorded = self._record(res, labels)
                 except Exception as exc:  # noqa: BLE001 - one bad label must not leak its charge
                     labels.pop(res.uid, None)
                     self.store.release(res.uid)
@@ -529,16 +546,13 @@ class CareController:
                 failed.append(i)
         return ok, failed, pending
 
-    def _record(self, res: OracleResult, t: int, labels: dict) -> bool:
+    def _record(self, res: OracleResult, labels: dict) -> bool:
         """Store an 'ok' label / refund a failure. False: an 'ok' label for a uid whose charge
         was refunded (or never made) - ignored, since storing it would be a label bought past
         the caps; re-buy it through a new request."""
         if res.status == "ok":
             label = json_safe(res.label)  # the value the store gives back at later steps
-            row = self.store.ledger([res.uid]).get(res.uid)
-            if not self.store.put(res.uid, label, self.oracle.name,
-                                  row.cost if row else self.oracle.cost, row.step if row else t,
-                                  only_charged=True, run=row.run if row else self.run_id):
+            if not self.store.put_charged(res.uid, label, self.oracle.name):
                 warnings.warn(f"care_ext: oracle {type(self.oracle).__name__} delivered a label "
                               f"for {res.uid!r}, whose request was refunded or never charged; "
                               "ignored (it would exceed the budget)", RuntimeWarning)
@@ -552,21 +566,14 @@ class CareController:
         """Store asynchronous labels that arrived; queue their samples for the next update."""
         n = 0
         for res in self.oracle.poll(self.step):
-            recorded = self._record(res, self.step, {})
+            recorded = self._record(res, {})
             parts = self._awaiting.pop(res.uid, None)
             if res.status == "ok" and recorded:
                 n += 1
                 if parts is not None and self.trainer is not None:
-                    self._samples.append(_make_sample(parts[0], self._resolve(res.label, parts[1])))
+                    self._samples.extend(_make_samples([parts[0]],
+                                                       [self._resolve(res.label, parts[1])]))
         return n
-
-    @staticmethod
-    def _parts(i, ids, gf, hp_i, hr_i) -> dict:
-        return {"ids": ids[i].clone(), "rank": gf.rank[i].clone(),
-                "h_prompt": hp_i.detach().cpu().clone(), "h_resp": hr_i.detach().cpu().clone(),
-                "prompt_feat": gf.prompt_feat[i].clone(), "len_norm": gf.len_norm[i].clone(),
-                "minority": gf.minority_mask[i].clone(), "admissible": gf.admissible[i].clone(),
-                "cag": gf.cag[i].clone()}
 
     # ------------------------------------------------------------------------------------------
     # update, state
@@ -731,14 +738,57 @@ def _buy_order(score: Tensor, priority: Tensor | None, eligible: Tensor) -> Tens
     return order[eligible[order]]
 
 
-def _make_sample(parts: dict, gold: int) -> Sample:
-    """A training sample from a row's features and its gold answer id."""
-    correct = gold_correct(parts["ids"], torch.tensor(gold))
-    maj = bool((correct & (parts["rank"] == 0)).any())
-    count = 0 if maj else int((correct & (parts["rank"] > 0)).sum())
-    if not bool(parts["admissible"][count]):
-        raise ValueError(f"count label {count} is not admissible for cluster sizes of this prompt")
-    true_cag = 0.0 if maj else float(parts["cag"][count])
-    return Sample(parts["h_prompt"], parts["h_resp"], parts["prompt_feat"], parts["len_norm"],
-                  parts["minority"], parts["admissible"], parts["cag"], correct, int(maj), count,
-                  true_cag)
+_GF_PARTS = (("rank", "rank"), ("prompt_feat", "prompt_feat"), ("len_norm", "len_norm"),
+             ("minority", "minority_mask"), ("admissible", "admissible"), ("cag", "cag"))
+"""(part name, GroupFeatures field) of the features a row's sample keeps from the fused op."""
+
+
+def _row_parts(rows: list[int], ids: Tensor, gf, hp: list[Tensor], hr: list[Tensor]) -> list[dict]:
+    """The features a training sample keeps, one dict per row of ``rows``: ``ids`` [G] (int64),
+    ``rank`` [G], ``prompt_feat`` [1+G], ``len_norm`` [G], ``minority`` [G], ``admissible`` [G+1],
+    ``cag`` [G+1] (as in :class:`~care_ext.replay.Sample`), and ``h_prompt``/``h_resp`` from
+    ``hp``/``hr`` (the rows' own CPU copies, :meth:`CareController._raw_rows`).
+
+    The small features of all rows are gathered once per field and split into per-row views
+    (a few hundred bytes per row, so a step's gathered block outliving some of its rows costs
+    little); the step's B x G inputs are never referenced."""
+    if not rows:
+        return []
+    idx = torch.tensor(rows, dtype=torch.long)
+    src = {"ids": ids, **{name: getattr(gf, field) for name, field in _GF_PARTS}}
+    small = {name: t[idx].unbind(0) for name, t in src.items()}
+    return [{**{name: small[name][j] for name in small}, "h_prompt": hp[j], "h_resp": hr[j]}
+            for j in range(len(rows))]
+
+
+def _make_samples(parts: list[dict], gold: list[int]) -> list[Sample]:
+    """Training samples from rows' features (:func:`_row_parts` dicts) and their gold answer ids
+    (-1: none), the labels of all rows computed together:
+
+    - ``correct`` [G]: the rollouts whose id is the gold's;
+    - ``majority_correct``: a correct rollout has rank 0 (the majority cluster);
+    - ``count``: 0 if the majority is correct, else the correct rollouts outside it;
+    - ``true_cag``: 0.0 if the majority is correct, else ``cag[count]``.
+
+    Raises:
+        ValueError: a row's count label is not admissible for its cluster sizes (the first such
+            row; no sample is made then).
+    """
+    if not parts:
+        return []
+    ids = torch.stack([p["ids"] for p in parts])
+    rank = torch.stack([p["rank"] for p in parts])
+    correct = gold_correct(ids, torch.tensor(gold, dtype=torch.long))
+    maj = (correct & (rank == 0)).any(1)
+    count = torch.where(maj, 0, (correct & (rank > 0)).sum(1))
+    adm = torch.stack([p["admissible"] for p in parts]).gather(1, count[:, None])[:, 0]
+    if not bool(adm.all()):
+        j = int((~adm).nonzero()[0, 0])
+        raise ValueError(f"count label {int(count[j])} is not admissible for cluster sizes of "
+                         "this prompt")
+    cag = torch.stack([p["cag"] for p in parts]).gather(1, count[:, None])[:, 0]
+    true_cag = torch.where(maj, torch.zeros((), dtype=cag.dtype), cag)
+    return [Sample(p["h_prompt"], p["h_resp"], p["prompt_feat"], p["len_norm"], p["minority"],
+                   p["admissible"], p["cag"], c, int(m), n, float(tc))
+            for p, c, m, n, tc in zip(parts, correct.unbind(0), maj.tolist(), count.tolist(),
+                                      true_cag.tolist())]

@@ -183,7 +183,8 @@ class LabelStore:
         with self._lock:
             for i in range(0, len(uids), 500):
                 chunk = uids[i:i + 500]
-                q = f"SELECT uid, {cols} FROM {table} WHERE uid IN ({','.join('?' * len(chunk))})"
+                q = (f"SELECT uid{', ' if cols else ''}{cols} FROM {table} "
+                     f"WHERE uid IN ({','.join('?' * len(chunk))})")
                 out.extend(self._db.execute(q, chunk).fetchall())
         return out
 
@@ -254,20 +255,25 @@ class LabelStore:
             n_step = db.execute(f"SELECT COUNT(*) FROM ledger WHERE status IN {CHARGED} "
                                 "AND step = ? AND run = ?", (step, run)).fetchone()[0]
             n_all = db.execute(f"SELECT COUNT(*) FROM ledger WHERE status IN {CHARGED}").fetchone()[0]
+            # the uids' ledger rows and stored labels in a few IN queries (inside the
+            # transaction, so no other writer changes them before the inserts)
+            rows = {u: (st, a) for u, st, a in self._select("ledger", "status, attempts", uids)}
+            stored = {u for (u,) in self._select("labels", "", uids)}
+            inserts = []
             for u in uids:
                 if n_step >= step_cap or (global_cap is not None and n_all >= global_cap):
                     break
-                row = db.execute("SELECT status, attempts FROM ledger WHERE uid = ?", (u,)).fetchone()
-                if (row is not None and row[0] in CHARGED) or db.execute(
-                        "SELECT 1 FROM labels WHERE uid = ?", (u,)).fetchone():
-                    continue
-                attempts = (row[1] if row else 0) + 1
-                db.execute("INSERT OR REPLACE INTO ledger (uid, status, step, cost, kind, time, "
-                           "attempts, run) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                           (u, status, step, float(cost_each), kind, now, attempts, run))
+                row = rows.get(u)
+                if (row is not None and row[0] in CHARGED) or u in stored:
+                    continue  # a uid listed twice is charged once: its row is charged now
+                inserts.append((u, status, step, float(cost_each), kind, now,
+                                (row[1] if row else 0) + 1, run))
+                rows[u] = (status, inserts[-1][6])
                 taken.append(u)
                 n_step += 1
                 n_all += 1
+            db.executemany("INSERT OR REPLACE INTO ledger (uid, status, step, cost, kind, time, "
+                           "attempts, run) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", inserts)
         return taken
 
     def put(self, uid: str, label: Any, source: str, cost: float, step: int,
@@ -286,6 +292,23 @@ class LabelStore:
             db.execute("INSERT OR REPLACE INTO labels (uid, label, source, cost, step, time, run) "
                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
                        (uid, text, source, float(cost), int(step), time.time(), run))
+            db.execute("UPDATE ledger SET status = 'stored' WHERE uid = ?", (uid,))
+        return True
+
+    def put_charged(self, uid: str, label: Any, source: str) -> bool:
+        """Store the label of a charged request, with the cost, step and run of the ledger row
+        that paid for it, and mark that row stored, in one transaction (the row is read inside
+        it). False, and nothing stored, when the uid has no charged row (refunded 'failed', or
+        never requested): a late label for a refunded request would be a charge past the caps."""
+        text = json.dumps(json_safe(label))
+        with self._tx() as db:
+            row = db.execute("SELECT status, cost, step, run FROM ledger WHERE uid = ?",
+                             (uid,)).fetchone()
+            if row is None or row[0] not in CHARGED:
+                return False
+            db.execute("INSERT OR REPLACE INTO labels (uid, label, source, cost, step, time, run) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (uid, text, source, float(row[1]), int(row[2]), time.time(), row[3]))
             db.execute("UPDATE ledger SET status = 'stored' WHERE uid = ?", (uid,))
         return True
 

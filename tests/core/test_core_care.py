@@ -4,10 +4,11 @@ import math
 import pytest
 import torch
 
+from care_ext import ops as c_ops
 from care_ext import reference
 from care_ext.config import CareConfig
 from care_ext.decision import BOUGHT, DROPPED, TRUSTED
-from care_ext.labels import CallableOracle, GoldOracle
+from care_ext.labels import CallableOracle, GoldOracle, QueueOracle
 from care_ext.step import CareController
 
 from core_synth import make_batch, make_world
@@ -163,3 +164,71 @@ def test_a_row_with_nonfinite_reliability_is_never_trusted(rule):
     assert d.source[0] == DROPPED and float(d.weight[0]) == 0.0
     assert (d.source[1:] == TRUSTED).all()
     assert torch.isfinite(d.weight).all() and torch.isfinite(d.advantages).all()
+
+
+def _expected_sample(b, gf, i, gold):
+    """Row i's sample by the definitions (care_ext.replay.Sample), one row at a time."""
+    correct = (b.ids[i] == gold) & (gold >= 0)
+    maj = bool((correct & (gf.rank[i] == 0)).any())
+    count = 0 if maj else int((correct & (gf.rank[i] > 0)).sum())
+    return dict(ids=b.ids[i], rank=gf.rank[i], h_prompt=b.h_prompt[i], h_resp=b.h_resp[i],
+                prompt_feat=gf.prompt_feat[i], len_norm=gf.len_norm[i],
+                minority=gf.minority_mask[i], admissible=gf.admissible[i], cag=gf.cag[i],
+                correct=correct, majority_correct=int(maj), count=count,
+                true_cag=0.0 if maj else float(gf.cag[i][count]))
+
+
+def _assert_sample(s, want, inputs):
+    for k, v in want.items():
+        if k in ("ids", "rank"):
+            continue  # the sample keeps ids only through its labels; rank is not a Sample field
+        got = getattr(s, k)
+        if isinstance(v, torch.Tensor):
+            assert got.dtype == v.dtype and torch.equal(got, v), k
+        else:
+            assert type(got) is type(v) and got == v, k
+    for t in (s.h_prompt, s.h_resp):  # its own copy: neither the step's inputs nor their views
+        assert all(t.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+                   for x in inputs)
+
+
+def test_samples_hold_their_rows_features_and_the_labels_their_gold_defines():
+    world = make_world(B=B, G=G, H=H)
+    gold = {}
+    c = CareController(CareConfig(strategy="care", group_size=G, warmup_steps=1), GoldOracle(gold))
+    seen = []
+    for s in range(3):
+        b = make_batch(world, s, p_wrong=0.6)
+        gold.update(b.gold)
+        d = c.decide(b.uids, b.ids, **b.kwargs())
+        gf = c_ops.group_features(b.ids, b.lengths)
+        rows = (d.source == BOUGHT).nonzero().flatten().tolist()
+        samples = list(c._samples)  # this step's, in row order
+        assert len(samples) == len(rows) > 0
+        for s_, i in zip(samples, rows):
+            _assert_sample(s_, _expected_sample(b, gf, i, torch.tensor(b.gold[b.uids[i]])),
+                           [b.h_prompt, b.h_resp])
+            seen.append((s_.majority_correct, s_.count))
+        c.update()
+    # both label kinds and a count above 0 occurred, so every branch of the labels was checked
+    assert {m for m, _ in seen} == {0, 1} and max(n for _, n in seen) > 0
+
+
+def test_a_late_label_makes_the_sample_of_the_step_that_asked():
+    world = make_world(B=B, G=G, H=H)
+    q = QueueOracle()
+    c = CareController(CareConfig(strategy="care", group_size=G, warmup_steps=0), q)
+    b0 = make_batch(world, 0, p_wrong=0.6)
+    c.decide(b0.uids, b0.ids, **b0.kwargs())
+    c.update()
+    asked = [u for u, _ in q.take_requests()]
+    for u in asked:
+        q.deliver(u, b0.gold[u])
+    b1 = make_batch(world, 1, prefix="t")
+    c.decide(b1.uids, b1.ids, **b1.kwargs())
+    gf = c_ops.group_features(b0.ids, b0.lengths)
+    arrived = c._samples[:len(asked)]  # polled before this step's purchases
+    for s_, u in zip(arrived, asked):
+        i = b0.uids.index(u)
+        _assert_sample(s_, _expected_sample(b0, gf, i, torch.tensor(b0.gold[u])),
+                       [b0.h_prompt, b0.h_resp, b1.h_prompt, b1.h_resp])

@@ -39,6 +39,33 @@ def test_store_persists_and_never_charges_a_uid_twice(tmp_path):
     assert s.ledger(["b"])["b"].status == "requested"
 
 
+def test_put_charged_records_the_paying_row_and_refuses_an_uncharged_uid():
+    s = LabelStore()
+    assert s.reserve(["a", "b"], step=3, cost_each=2.5, kind="async", step_cap=5, global_cap=None,
+                     run="r1") == ["a", "b"]
+    s.release("b")  # refunded
+    assert s.put_charged("a", 7, "queue") and s.ledger(["a"])["a"].status == "stored"
+    a = s.get(["a"])["a"]
+    assert (a.label, a.source, a.cost, a.step, a.run) == (7, "queue", 2.5, 3, "r1")
+    assert not s.put_charged("b", 8, "queue") and not s.put_charged("zz", 9, "queue")
+    assert set(s.get(["a", "b", "zz"])) == {"a"} and s.ledger(["b"])["b"].status == "failed"
+    assert s.spent() == (1, 2.5)
+
+
+def test_reserve_charges_a_repeated_uid_once_and_counts_attempts(tmp_path):
+    s = LabelStore(tmp_path / "labels.sqlite")
+    assert s.reserve(["a", "a", "b", "c"], step=0, cost_each=1.0, kind="sync", step_cap=2,
+                     global_cap=None) == ["a", "b"]  # the cap counts "a" once
+    s.release("a")  # refunded: a new request pays again, as attempt 2
+    s.put("b", 1, "judge", 1.0, 0)
+    assert s.reserve(["b", "a", "c", "d"], step=1, cost_each=1.0, kind="sync", step_cap=5,
+                     global_cap=3) == ["a", "c"]  # b is stored; the global cap stops d
+    s.close()
+    db = sqlite3.connect(tmp_path / "labels.sqlite")
+    assert dict(db.execute("SELECT uid, attempts FROM ledger").fetchall()) == {"a": 2, "b": 1, "c": 1}
+    db.close()
+
+
 def test_corrupted_store_file_is_a_clear_error(tmp_path):
     path = tmp_path / "labels.sqlite"
     s = LabelStore(path)
