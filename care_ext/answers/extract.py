@@ -34,8 +34,11 @@ def last_braced_command(text: str, commands: tuple[str, ...] = ("boxed", "fbox")
     """Content of the last ``\\cmd{...}`` (any ``cmd`` in ``commands``), braces matched.
 
     ``\\boxed 5`` (a single token without braces, as some models write) is accepted too and gives
-    that token. Returns the content stripped of surrounding whitespace, or ``None`` when there
-    is no such command or its braces are unbalanced (a truncated response).
+    that token. Whitespace between the command and its argument is skipped, newlines included, as
+    LaTeX does: ``\\boxed \\n 5`` gives ``5`` (as math-verify reads it) and ``\\boxed\\n{5}`` and
+    ``\\boxed {5}`` give ``5`` (math-verify 0.9 reads nothing from these two). Returns the content
+    stripped of surrounding whitespace, or ``None`` when there is no such command or its braces are
+    unbalanced (a truncated response).
 
     The scan starts at the last occurrence of any of the commands, so a response with several
     boxes yields only the final one (math-verify would merge them into a set).
@@ -56,7 +59,7 @@ def last_braced_command(text: str, commands: tuple[str, ...] = ("boxed", "fbox")
         return None
     i = best + 1 + len(best_cmd)
     n = len(text)
-    while i < n and text[i] in " \t":
+    while i < n and text[i].isspace():
         i += 1
     if i >= n:
         return None

@@ -11,6 +11,14 @@ def test_fbox_and_unbraced_box():
     assert last_braced_command("so \\boxed 5$.") == "5"
 
 
+def test_whitespace_before_the_argument_is_skipped_newlines_included():
+    # math-verify reads 5 from the first two; LaTeX reads 5 from all four
+    for r in ("$\\boxed \n 5$.", "so \\boxed\n5", "so \\boxed\n{5}", "\\boxed \n\t {5} end"):
+        assert last_braced_command(r) == "5", r
+    assert last_braced_command("\\boxed{3} and \\boxed \n 7") == "7"
+    assert last_braced_command("the end: \\boxed \n ") is None
+
+
 def test_truncated_or_missing_box_is_none():
     assert last_braced_command("\\boxed{\\frac{1}{2}") is None
     assert last_braced_command("the answer is 5") is None
