@@ -1,7 +1,8 @@
 """End-to-end cost of the CARE core per RL step: CareController.decide + update.
 
 Synthetic batches of CARE's shapes (answer ids with a planted majority, lengths, bf16 hidden
-states), fresh prompt uids every step so labels are really bought (GoldOracle, in-memory store).
+states), fresh prompt uids every step so labels are really bought (GoldOracle; the label store in memory,
+or in a SQLite file with ``--store-dir``).
 Reports the median decide and update wall times after a warm-up, per (device, B, G, H), and the
 share of the step that the classifier update takes.
 
@@ -37,7 +38,7 @@ from bench_ops import cpu_name
 
 import care_ext
 from care_ext.config import CareConfig
-from care_ext.labels import GoldOracle
+from care_ext.labels import GoldOracle, LabelStore
 from care_ext.projection import ProjectedHidden
 from care_ext.step import CareController
 
@@ -57,18 +58,26 @@ def batch(step: int, B: int, G: int, H: int, gen: torch.Generator, device: str):
 
 def run(device: str, B: int, G: int, H: int, steps: int, warmup: int, strategy: str,
         projected: bool = False, first_layer_backward: str = "auto",
-        first_layer_gemm: str = "auto", background: bool = False, gap_ms: float = 0.0) -> dict:
+        first_layer_gemm: str = "auto", background: bool = False, gap_ms: float = 0.0,
+        store_dir: str | None = None) -> dict:
     """decide + update of one controller for warmup + steps steps; medians of the steps after the
     warm-up. update_ms is what the update costs the caller: the update() call, plus, after
     ``gap_ms`` of other work (a sleep: the policy update and the next rollouts in a real loop),
     the wait for a background update (CareConfig.background_update) before the next decide;
-    train_ms is the training itself wherever it ran."""
+    train_ms is the training itself wherever it ran. ``store_dir``: the label store is a fresh
+    SQLite file there (every label a committed transaction, as in a real run) instead of
+    memory."""
     gen = torch.Generator().manual_seed(0)
+    store = None
+    if store_dir is not None:
+        Path(store_dir).mkdir(parents=True, exist_ok=True)
+        path = Path(store_dir) / f"bench_step_{os.getpid()}_{time.time_ns()}.sqlite"
+        store = LabelStore(path)
     gold: dict[str, int] = {}
     ctl = CareController(CareConfig(strategy=strategy, group_size=G, device=device, warmup_steps=2,
                                     first_layer_backward=first_layer_backward,
                                     first_layer_gemm=first_layer_gemm,
-                                    background_update=background), GoldOracle(gold))
+                                    background_update=background), GoldOracle(gold), store)
     t_decide, t_update, t_project, t_train = [], [], [], []
     timed: list[float] = []  # the training's own time per update, on whatever thread it ran
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -117,9 +126,15 @@ def run(device: str, B: int, G: int, H: int, steps: int, warmup: int, strategy: 
             if timed:
                 t_train.append(timed[-1])
     d, u = statistics.median(t_decide) * 1e3, statistics.median(t_update) * 1e3
+    if store is not None:
+        ctl.wait_update()
+        store.close()
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
     return dict(device=device, shape=f"{B}x{G}x{H}", strategy=strategy, decide_ms=d, update_ms=u,
                 update_share=u / (d + u), steps=steps, projected=projected,
                 update_mode="background" if background else "sync", gap_ms=gap_ms,
+                store="file" if store_dir is not None else "memory",
                 train_ms=statistics.median(t_train) * 1e3 if t_train else None,
                 first_layer_backward=first_layer_backward, first_layer_gemm=first_layer_gemm,
                 split_terms=ctl.trainer.split_terms if ctl.trainer is not None else None,
@@ -150,6 +165,9 @@ def main(argv=None) -> int:
     ap.add_argument("--gap-ms", type=float, default=0.0,
                     help="other work (a sleep) between update() and the next decide: what a "
                          "background update can hide behind (a policy step takes seconds)")
+    ap.add_argument("--store-dir", default=None,
+                    help="keep the label store in a fresh SQLite file in this directory (the "
+                         "file system's commit cost counts, as in a real run) instead of memory")
     ap.add_argument("--out", default="bench/out/bench_step")
     args = ap.parse_args(argv)
     if args.threads:
@@ -161,7 +179,7 @@ def main(argv=None) -> int:
         for flb, gemm, upd in [(f, g, u) for f in args.first_layer_backward
                                for g in args.first_layer_gemm for u in args.update]:
             r = run(args.device, B, G, H, args.steps, args.warmup, args.strategy, args.projected, flb,
-                    gemm, upd == "background", args.gap_ms)
+                    gemm, upd == "background", args.gap_ms, args.store_dir)
             # OpenMP placement too: on a 2-core VM the decide after a background update took
             # 12-15 ms unbound and 8 ms with OMP_PROC_BIND=true (bench/RESULTS.md)
             r.update(device_name=name, torch=torch.__version__, threads=torch.get_num_threads(),

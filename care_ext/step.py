@@ -11,6 +11,7 @@ store and ledger persist on their own (SQLite).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import threading
@@ -511,68 +512,105 @@ class CareController:
     def _ask(self, uids, payloads, rows, labels) -> tuple[list[int], list[int], list[int]]:
         """Call the oracle for those rows; store what arrives. Returns (ok, failed, pending) rows.
 
-        A uid counts as answered only once its result is recorded: a result the store cannot
-        record (e.g. a label ``json`` refuses) is refunded and dropped with a warning, and the
-        remaining results of the step are still taken."""
+        Each result is stored as it arrives, or, from an :attr:`~care_ext.labels.Oracle.instant`
+        oracle, all of them in one transaction once the oracle is done. A uid counts as answered
+        only once its result is recorded: a result the store cannot record (e.g. a label
+        ``json`` refuses) is refunded and dropped with a warning, and the remaining results of
+        the step are still taken."""
         ok, failed, pending = [], [], []
         if not rows:
             return ok, failed, pending
         index = {uids[i]: i for i in rows}
         answered: set[str] = set()
-        try:
-            for res in self.oracle.request_many([(uids[i], payloads[i]) for i in rows]):
-                if res.uid not in index or res.uid in answered:
-                    continue
-                try:
-                    recorded = self._record(res, labels)
-                except Exception as exc:  # noqa: BLE001 - one bad label must not leak its charge
+        by_status = {"ok": ok, "failed": failed, "pending": pending}
+        held: list[OracleResult] = []  # an instant oracle's results, recorded together
+
+        def record(results: list[OracleResult]) -> None:
+            for res, out in zip(results, self._record_many(results, labels)):
+                answered.add(res.uid)
+                if isinstance(out, Exception):  # one bad label must not leak its charge
                     labels.pop(res.uid, None)
                     self.store.release(res.uid)
-                    answered.add(res.uid)
                     failed.append(index[res.uid])
                     warnings.warn(f"care_ext: the label of {res.uid!r} from oracle "
-                                  f"{type(self.oracle).__name__} could not be stored ({exc!r}); "
+                                  f"{type(self.oracle).__name__} could not be stored ({out!r}); "
                                   "the prompt is dropped and its charge refunded", RuntimeWarning)
+                else:
+                    by_status.get(res.status if out else "failed", failed).append(index[res.uid])
+
+        try:
+            seen: set[str] = set()
+            for res in self.oracle.request_many([(uids[i], payloads[i]) for i in rows]):
+                if res.uid not in index or res.uid in seen:
                     continue
-                answered.add(res.uid)
-                by_status = {"ok": ok, "failed": failed, "pending": pending}
-                by_status.get(res.status if recorded else "failed", failed).append(index[res.uid])
+                seen.add(res.uid)
+                if self.oracle.instant:
+                    held.append(res)
+                else:
+                    record([res])
         except Exception as exc:  # noqa: BLE001 - a broken oracle drops the rest, uncharged
             warnings.warn(f"care_ext: oracle {type(self.oracle).__name__} raised {exc!r}; the "
                           "prompts it did not answer are dropped and not charged", RuntimeWarning)
+        record(held)
         for u, i in index.items():
             if u not in answered:
                 self.store.release(u)
                 failed.append(i)
         return ok, failed, pending
 
-    def _record(self, res: OracleResult, labels: dict) -> bool:
-        """Store an 'ok' label / refund a failure. False: an 'ok' label for a uid whose charge
-        was refunded (or never made) - ignored, since storing it would be a label bought past
-        the caps; re-buy it through a new request."""
-        if res.status == "ok":
-            label = json_safe(res.label)  # the value the store gives back at later steps
-            if not self.store.put_charged(res.uid, label, self.oracle.name):
+    def _record_many(self, results: list[OracleResult], labels: dict) -> list[bool | Exception]:
+        """Store the 'ok' labels of ``results`` (one transaction) and refund the failures.
+
+        One outcome per result: True (recorded; an 'ok' label is added to ``labels``), False
+        (an 'ok' label for a uid whose charge was refunded or never made: ignored with a
+        warning, since storing it would be a label bought past the caps; re-buy it through a
+        new request), or the exception that kept the result from being recorded (a label
+        ``json`` refuses, a store error); the caller refunds and drops those."""
+        out: list[bool | Exception] = [True] * len(results)
+        good: list[tuple[int, Any]] = []
+        for j, res in enumerate(results):
+            try:
+                if res.status == "ok":
+                    label = json_safe(res.label)  # the value the store gives back later
+                    json.dumps(label)
+                    good.append((j, label))
+                elif res.status != "pending":
+                    self.store.release(res.uid)
+            except Exception as exc:  # noqa: BLE001 - reported per result
+                out[j] = exc
+        try:
+            stored = self.store.put_charged_many([(results[j].uid, label, self.oracle.name)
+                                                  for j, label in good])
+        except Exception as exc:  # noqa: BLE001 - the transaction stored none of them
+            stored = [exc] * len(good)
+        for (j, label), st in zip(good, stored):
+            uid = results[j].uid
+            if st is True:
+                labels[uid] = label
+            elif st is False:
                 warnings.warn(f"care_ext: oracle {type(self.oracle).__name__} delivered a label "
-                              f"for {res.uid!r}, whose request was refunded or never charged; "
+                              f"for {uid!r}, whose request was refunded or never charged; "
                               "ignored (it would exceed the budget)", RuntimeWarning)
-                return False
-            labels[res.uid] = label
-        elif res.status != "pending":
-            self.store.release(res.uid)
-        return True
+            out[j] = st
+        return out
 
     def _poll(self) -> int:
-        """Store asynchronous labels that arrived; queue their samples for the next update."""
+        """Store asynchronous labels that arrived (one transaction for all of them); queue their
+        samples for the next update. A label that cannot be stored raises, after the others."""
         n = 0
-        for res in self.oracle.poll(self.step):
-            recorded = self._record(res, {})
+        results = list(self.oracle.poll(self.step))
+        error = None
+        for res, out in zip(results, self._record_many(results, {})):
             parts = self._awaiting.pop(res.uid, None)
-            if res.status == "ok" and recorded:
+            if isinstance(out, Exception):
+                error = error or out
+            elif res.status == "ok" and out:
                 n += 1
                 if parts is not None and self.trainer is not None:
                     self._samples.extend(_make_samples([parts[0]],
                                                        [self._resolve(res.label, parts[1])]))
+        if error is not None:
+            raise error
         return n
 
     # ------------------------------------------------------------------------------------------

@@ -44,10 +44,15 @@ class Oracle:
         asynchronous: requests answer 'pending'; labels come back through :meth:`poll`.
         cost: cost recorded per label (budget caps count labels; cost is for accounting).
         name: recorded as the label's source in the store.
+        instant: :meth:`request_many` yields every result without waiting (an in-process
+            lookup): the controller then stores one step's labels in one transaction. False
+            (the default): each label is committed as it arrives, so a crash loses at most the
+            label in hand, never one that came back earlier (for an oracle that bills per call).
     """
 
     simulation = False
     asynchronous = False
+    instant = False
     cost = 1.0
     name = "oracle"
 
@@ -94,6 +99,7 @@ class GoldOracle(Oracle):
     """
 
     simulation = True
+    instant = True
     name = "gold"
 
     def __init__(self, gold: Mapping[str, Any] | Callable[[str, Any], Any], cost: float = 1.0) -> None:

@@ -28,7 +28,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 SCHEMA_VERSION = "2"
 CHARGED = ("requested", "pending", "stored")
@@ -300,17 +300,31 @@ class LabelStore:
         that paid for it, and mark that row stored, in one transaction (the row is read inside
         it). False, and nothing stored, when the uid has no charged row (refunded 'failed', or
         never requested): a late label for a refunded request would be a charge past the caps."""
-        text = json.dumps(json_safe(label))
+        return self.put_charged_many([(uid, label, source)])[0]
+
+    def put_charged_many(self, items: Sequence[tuple[str, Any, str]]) -> list[bool]:
+        """:meth:`put_charged` for several ``(uid, label, source)`` in one transaction: one
+        commit, so one sync of the file, for all of them instead of one each (a few hundred µs
+        each on a local disk, more on a network file system). One result per item, in order.
+        Every label is encoded before the transaction starts: one that ``json`` refuses raises
+        and nothing is stored."""
+        texts = [json.dumps(json_safe(label)) for _, label, _ in items]
+        if not texts:
+            return []
+        out = []
         with self._tx() as db:
-            row = db.execute("SELECT status, cost, step, run FROM ledger WHERE uid = ?",
-                             (uid,)).fetchone()
-            if row is None or row[0] not in CHARGED:
-                return False
-            db.execute("INSERT OR REPLACE INTO labels (uid, label, source, cost, step, time, run) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                       (uid, text, source, float(row[1]), int(row[2]), time.time(), row[3]))
-            db.execute("UPDATE ledger SET status = 'stored' WHERE uid = ?", (uid,))
-        return True
+            for (uid, _, source), text in zip(items, texts):
+                row = db.execute("SELECT status, cost, step, run FROM ledger WHERE uid = ?",
+                                 (uid,)).fetchone()
+                if row is None or row[0] not in CHARGED:
+                    out.append(False)
+                    continue
+                db.execute("INSERT OR REPLACE INTO labels (uid, label, source, cost, step, time, "
+                           "run) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           (uid, text, source, float(row[1]), int(row[2]), time.time(), row[3]))
+                db.execute("UPDATE ledger SET status = 'stored' WHERE uid = ?", (uid,))
+                out.append(True)
+        return out
 
     def release(self, uid: str) -> None:
         """The oracle gave up on a charged request: mark it failed and refund its cost."""

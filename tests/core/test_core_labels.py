@@ -140,6 +140,50 @@ def test_sigkill_between_requested_and_stored_then_resume(tmp_path):
         assert db.execute("SELECT COUNT(*) FROM ledger WHERE status != 'stored'").fetchone()[0] == 0
 
 
+def _commits(store: LabelStore) -> list:
+    """COMMIT statements the store's connection runs from now on (sqlite3's trace hook)."""
+    seen: list = []
+    store._db.set_trace_callback(lambda q: seen.append(q) if q.strip().upper() == "COMMIT" else None)
+    return seen
+
+
+def test_an_instant_oracle_s_labels_are_committed_together_a_billing_one_s_one_by_one(tmp_path):
+    b = make_batch(make_world(B=B, G=G, H=H), 0)
+    n = math.ceil(0.2 * B)
+    for name, oracle, want in (("gold", GoldOracle(b.gold), 2),  # reserve + all labels
+                               ("judge", CallableOracle(lambda u, p: b.gold[u], backoff_s=0),
+                                1 + n)):  # reserve + one per label
+        store = LabelStore(tmp_path / f"{name}.sqlite")
+        commits = _commits(store)
+        d = CareController(CareConfig(strategy="random", group_size=G), oracle, store).decide(b.uids, b.ids)
+        assert d.labels_bought == n and store.spent() == (n, float(n)) and len(store) == n
+        assert len(commits) == want, name
+
+
+def test_a_billing_oracle_s_label_is_durable_before_the_rest_come_back(tmp_path):
+    b = make_batch(make_world(B=B, G=G, H=H), 0)
+    path = tmp_path / "labels.sqlite"
+    n, calls, seen_stored = math.ceil(0.2 * B), [], []
+
+    def judge(uid, payload):
+        calls.append(uid)
+        if len(calls) == n:  # the last call waits until another reader sees the others stored
+            deadline = time.time() + 20
+            while time.time() < deadline:
+                with sqlite3.connect(path) as db:
+                    k = db.execute("SELECT COUNT(*) FROM labels").fetchone()[0]
+                if k == n - 1:
+                    break
+                time.sleep(0.01)
+            seen_stored.append(k)
+        return b.gold[uid]
+
+    c = CareController(CareConfig(strategy="random", group_size=G),
+                       CallableOracle(judge, backoff_s=0, max_workers=1), LabelStore(path))
+    assert c.decide(b.uids, b.ids).labels_bought == n
+    assert seen_stored == [n - 1]
+
+
 def _gold_batch(step=0):
     return make_batch(make_world(B=B, G=G, H=H), step)
 
