@@ -436,14 +436,14 @@ class CareController:
                 raise ValueError(f"fetch_raw returned non-finite hidden states for rows "
                                  f"{[rows[j] for j in (~fin).nonzero().flatten().tolist()][:10]} whose "
                                  "projections were finite (raw rows do not match the projected ones?)")
-            hp, hr, rows = hp.detach(), hr.detach(), list(range(n))
+            hp, hr, rows = hp.detach(), hr.detach(), None  # already the rows, in order
         out = []
         for t in (hp, hr):
             if t.device.type != "cpu":
-                t = t[torch.tensor(rows, device=t.device)].cpu()
+                t = (t if rows is None else t[torch.tensor(rows, device=t.device)]).cpu()
                 out.append([r.clone() for r in t.unbind(0)])
             else:
-                out.append([t[i].clone() for i in rows])
+                out.append([t[i].clone() for i in (range(t.shape[0]) if rows is None else rows)])
         return out[0], out[1]
 
     def _classify(self, ids, lengths, h_prompt, h_resp, gf, bad, projected=None):
