@@ -1,8 +1,8 @@
 """End-to-end cost of the CARE core per RL step: CareController.decide + update.
 
 Synthetic batches of CARE's shapes (answer ids with a planted majority, lengths, bf16 hidden
-states), fresh prompt uids every step so labels are really bought (GoldOracle; the label store in memory,
-or in a SQLite file with ``--store-dir``).
+states), fresh prompt uids every step so labels are really bought (GoldOracle; the label store
+in memory, or in a SQLite file with ``--store-dir``).
 Reports the median decide and update wall times after a warm-up, per (device, B, G, H), and the
 share of the step that the classifier update takes.
 

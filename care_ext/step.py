@@ -314,8 +314,8 @@ class CareController:
 
         # ---- ledger and oracle ------------------------------------------------------------
         labels: dict[str, Any] = {u: known[u].label for u in uids if u in known}
-        retry = [i for i, (u, f, lo) in enumerate(zip(uids, fresh.tolist(), lost.tolist()))
-                 if f and u not in known and u in ledger
+        flags = zip(uids, fresh.tolist(), lost.tolist(), strict=True)
+        retry = [i for i, (u, f, lo) in enumerate(flags) if f and u not in known and u in ledger
                  and (ledger[u].status == "requested" or lo)]
         new = [uids[i] for i in selected.nonzero().flatten().tolist()
                if uids[i] not in known and (uids[i] not in ledger or ledger[uids[i]].status == "failed")]
@@ -359,8 +359,8 @@ class CareController:
             rows = (source == BOUGHT) | ((source == CACHED) if cfg.train_on_cached else False)
             train_rows = rows.nonzero().flatten().tolist()
             need = sorted(set(train_rows) | set(pending))
-            parts = dict(zip(need, _row_parts(need, ids_c, gf,
-                                              *self._raw_rows(need, h_prompt, h_resp, projected, G))))
+            raw = self._raw_rows(need, h_prompt, h_resp, projected, G)
+            parts = dict(zip(need, _row_parts(need, ids_c, gf, *raw), strict=True))
             self._samples.extend(_make_samples([parts[i] for i in train_rows],
                                                gold[train_rows].tolist()))
             for i in pending:
@@ -429,13 +429,14 @@ class CareController:
             hp, hr = projected.fetch_raw(list(rows))
             H, n = self.trainer.hidden_size, len(rows)
             if tuple(hp.shape) != (n, H) or tuple(hr.shape) != (n, G, H):
-                raise ValueError(f"fetch_raw returned {tuple(hp.shape)} and {tuple(hr.shape)} for {n} rows; "
-                                 f"expected {(n, H)} and {(n, G, H)}")
+                raise ValueError(f"fetch_raw returned {tuple(hp.shape)} and {tuple(hr.shape)} for "
+                                 f"{n} rows; expected {(n, H)} and {(n, G, H)}")
             fin = _finite_rows(hp.reshape(n, -1)) & _finite_rows(hr.reshape(n, -1))
             if not bool(fin.all()):
-                raise ValueError(f"fetch_raw returned non-finite hidden states for rows "
-                                 f"{[rows[j] for j in (~fin).nonzero().flatten().tolist()][:10]} whose "
-                                 "projections were finite (raw rows do not match the projected ones?)")
+                odd = [rows[j] for j in (~fin).nonzero().flatten().tolist()][:10]
+                raise ValueError(f"fetch_raw returned non-finite hidden states for rows {odd} whose "
+                                 "projections were finite (raw rows do not match the projected "
+                                 "ones?)")
             hp, hr, rows = hp.detach(), hr.detach(), None  # already the rows, in order
         out = []
         for t in (hp, hr):
@@ -526,7 +527,7 @@ class CareController:
         held: list[OracleResult] = []  # an instant oracle's results, recorded together
 
         def record(results: list[OracleResult]) -> None:
-            for res, out in zip(results, self._record_many(results, labels)):
+            for res, out in zip(results, self._record_many(results, labels), strict=True):
                 answered.add(res.uid)
                 if isinstance(out, Exception):  # one bad label must not leak its charge
                     labels.pop(res.uid, None)
@@ -583,7 +584,7 @@ class CareController:
                                                   for j, label in good])
         except Exception as exc:  # noqa: BLE001 - the transaction stored none of them
             stored = [exc] * len(good)
-        for (j, label), st in zip(good, stored):
+        for (j, label), st in zip(good, stored, strict=True):
             uid = results[j].uid
             if st is True:
                 labels[uid] = label
@@ -600,7 +601,7 @@ class CareController:
         n = 0
         results = list(self.oracle.poll(self.step))
         error = None
-        for res, out in zip(results, self._record_many(results, {})):
+        for res, out in zip(results, self._record_many(results, {}), strict=True):
             parts = self._awaiting.pop(res.uid, None)
             if isinstance(out, Exception):
                 error = error or out
@@ -829,4 +830,4 @@ def _make_samples(parts: list[dict], gold: list[int]) -> list[Sample]:
     return [Sample(p["h_prompt"], p["h_resp"], p["prompt_feat"], p["len_norm"], p["minority"],
                    p["admissible"], p["cag"], c, int(m), n, float(tc))
             for p, c, m, n, tc in zip(parts, correct.unbind(0), maj.tolist(), count.tolist(),
-                                      true_cag.tolist())]
+                                      true_cag.tolist(), strict=True)]

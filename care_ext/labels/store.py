@@ -313,7 +313,7 @@ class LabelStore:
             return []
         out = []
         with self._tx() as db:
-            for (uid, _, source), text in zip(items, texts):
+            for (uid, _, source), text in zip(items, texts, strict=True):
                 row = db.execute("SELECT status, cost, step, run FROM ledger WHERE uid = ?",
                                  (uid,)).fetchone()
                 if row is None or row[0] not in CHARGED:

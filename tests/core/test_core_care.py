@@ -205,7 +205,7 @@ def test_samples_hold_their_rows_features_and_the_labels_their_gold_defines():
         rows = (d.source == BOUGHT).nonzero().flatten().tolist()
         samples = list(c._samples)  # this step's, in row order
         assert len(samples) == len(rows) > 0
-        for s_, i in zip(samples, rows):
+        for s_, i in zip(samples, rows, strict=True):
             _assert_sample(s_, _expected_sample(b, gf, i, torch.tensor(b.gold[b.uids[i]])),
                            [b.h_prompt, b.h_resp])
             seen.append((s_.majority_correct, s_.count))
@@ -228,7 +228,7 @@ def test_a_late_label_makes_the_sample_of_the_step_that_asked():
     c.decide(b1.uids, b1.ids, **b1.kwargs())
     gf = c_ops.group_features(b0.ids, b0.lengths)
     arrived = c._samples[:len(asked)]  # polled before this step's purchases
-    for s_, u in zip(arrived, asked):
+    for s_, u in zip(arrived, asked, strict=True):
         i = b0.uids.index(u)
         _assert_sample(s_, _expected_sample(b0, gf, i, torch.tensor(b0.gold[u])),
                        [b0.h_prompt, b0.h_resp, b1.h_prompt, b1.h_resp])

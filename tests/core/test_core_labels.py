@@ -62,7 +62,8 @@ def test_reserve_charges_a_repeated_uid_once_and_counts_attempts(tmp_path):
                      global_cap=3) == ["a", "c"]  # b is stored; the global cap stops d
     s.close()
     db = sqlite3.connect(tmp_path / "labels.sqlite")
-    assert dict(db.execute("SELECT uid, attempts FROM ledger").fetchall()) == {"a": 2, "b": 1, "c": 1}
+    attempts = dict(db.execute("SELECT uid, attempts FROM ledger").fetchall())
+    assert attempts == {"a": 2, "b": 1, "c": 1}
     db.close()
 
 
@@ -143,7 +144,8 @@ def test_sigkill_between_requested_and_stored_then_resume(tmp_path):
 def _commits(store: LabelStore) -> list:
     """COMMIT statements the store's connection runs from now on (sqlite3's trace hook)."""
     seen: list = []
-    store._db.set_trace_callback(lambda q: seen.append(q) if q.strip().upper() == "COMMIT" else None)
+    store._db.set_trace_callback(
+        lambda q: seen.append(q) if q.strip().upper() == "COMMIT" else None)
     return seen
 
 
@@ -155,7 +157,8 @@ def test_an_instant_oracle_s_labels_are_committed_together_a_billing_one_s_one_b
                                 1 + n)):  # reserve + one per label
         store = LabelStore(tmp_path / f"{name}.sqlite")
         commits = _commits(store)
-        d = CareController(CareConfig(strategy="random", group_size=G), oracle, store).decide(b.uids, b.ids)
+        c = CareController(CareConfig(strategy="random", group_size=G), oracle, store)
+        d = c.decide(b.uids, b.ids)
         assert d.labels_bought == n and store.spent() == (n, float(n)) and len(store) == n
         assert len(commits) == want, name
 
