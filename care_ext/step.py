@@ -434,9 +434,9 @@ class CareController:
             fin = _finite_rows(hp.reshape(n, -1)) & _finite_rows(hr.reshape(n, -1))
             if not bool(fin.all()):
                 odd = [rows[j] for j in (~fin).nonzero().flatten().tolist()][:10]
-                raise ValueError(f"fetch_raw returned non-finite hidden states for rows {odd} whose "
-                                 "projections were finite (raw rows do not match the projected "
-                                 "ones?)")
+                raise ValueError(f"fetch_raw returned non-finite hidden states for rows {odd} "
+                                 "whose projections were finite (raw rows do not match the "
+                                 "projected ones?)")
             hp, hr, rows = hp.detach(), hr.detach(), None  # already the rows, in order
         out = []
         for t in (hp, hr):
