@@ -789,8 +789,8 @@ def _row_parts(rows: list[int], ids: Tensor, gf, hp: list[Tensor], hr: list[Tens
     ``hp``/``hr`` (the rows' own CPU copies, :meth:`CareController._raw_rows`).
 
     The small features of all rows are gathered once per field and split into per-row views
-    (a few hundred bytes per row, so a step's gathered block outliving some of its rows costs
-    little); the step's B x G inputs are never referenced."""
+    (about 31 G bytes per row with its ``correct``, 0.5 KB at G = 16, so a step's gathered block
+    outliving some of its rows costs little); the step's B x G inputs are never referenced."""
     if not rows:
         return []
     idx = torch.tensor(rows, dtype=torch.long)
