@@ -107,18 +107,26 @@ class CareClassifier(nn.Module):
                 [h_prompt.to(f32), prompt_feat.to(f32)], dim=1))))
         mask = (torch.ones(B, G, dtype=torch.bool, device=h_resp.device) if resp_mask is None
                 else resp_mask)
+
+        def pooled(x: Tensor) -> Tensor:  # [B, G, ...] -> the rows of the pooled rollouts
+            # every rollout (no mask): all rows in order, a view instead of a gathered copy
+            return x.reshape(B * G, *x.shape[2:]) if resp_mask is None else x[mask]
+
         # only pooled rollouts pass the rollout branch (and its BatchNorm)
         if self.training and self.fused_resp:
-            parts = [h_resp[mask]] + ([resp_feat[mask]] if self.resp_feat else [])
+            parts = [pooled(h_resp)] + ([pooled(resp_feat)] if self.resp_feat else [])
             r1 = bn_linear(self.resp_bn, self.resp_fc1, parts)
         else:
             x = h_resp.to(f32)
             if self.resp_feat:
                 x = torch.cat([x, resp_feat.to(f32)], dim=2)
-            r1 = self.resp_fc1(_bn(self.resp_bn, x[mask]))
+            r1 = self.resp_fc1(_bn(self.resp_bn, pooled(x)))
         r_rows = torch.relu(self.resp_fc2(torch.relu(r1)))
-        r = r_rows.new_zeros(B, G, r_rows.shape[1])
-        r[mask] = r_rows
+        if resp_mask is None:  # the same values as scattering into zeros under an all-true mask
+            r = r_rows.view(B, G, r_rows.shape[1])
+        else:
+            r = r_rows.new_zeros(B, G, r_rows.shape[1])
+            r[mask] = r_rows
         m = mask.to(f32)[..., None]
         pool = (r * m).sum(1) / m.sum(1).clamp(min=1.0)
         logits = self.head(torch.cat([p, pool], dim=1))

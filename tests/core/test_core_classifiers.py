@@ -135,3 +135,26 @@ def test_a_non_finite_batch_skips_its_steps_and_leaves_the_classifiers_finite():
     m = tr.train(_samples(6, G, H, 2))
     assert "train/nonfinite_skipped" not in m and m["train/stage1_loss"] > 0
     assert not torch.equal(tr.stage1.state_dict()["head.fc2.weight"], before["head.fc2.weight"])
+
+
+@pytest.mark.parametrize("backward", ["autograd", "fused"])
+def test_no_mask_trains_exactly_like_an_all_true_mask(backward):
+    # without a mask the rollout branch takes every row as a view (no gather, no scatter back):
+    # the same logits, aux logits, gradients and BatchNorm statistics, bit for bit
+    G, H = 6, 20
+    cfg = CareConfig(group_size=G, hidden_size=H, prompt_dim=16, resp_hidden_dim=8,
+                     resp_out_dim=12, head_dim=10, aux_weight=0.5, first_layer_backward=backward)
+    b = make_batch(make_world(B=10, G=G, H=H), 0)
+    gf = ops.group_features(b.ids, b.lengths)
+    runs = []
+    for mask in (None, torch.ones(10, G, dtype=torch.bool)):
+        torch.manual_seed(0)
+        m = stage1_classifier(H, G, cfg).train()
+        logits, aux = m(b.h_prompt, gf.prompt_feat, b.h_resp.bfloat16(), gf.len_norm[..., None], mask)
+        (logits.square().sum() + aux.sin().sum()).backward()
+        runs.append((logits, aux, {k: p.grad for k, p in m.named_parameters()},
+                     {k: v.clone() for k, v in m.named_buffers()}))
+    (l0, a0, g0, s0), (l1, a1, g1, s1) = runs
+    assert torch.equal(l0, l1) and torch.equal(a0, a1)
+    assert g0.keys() == g1.keys() and all(torch.equal(g0[k], g1[k]) for k in g0)
+    assert all(torch.equal(s0[k], s1[k]) for k in s0)
