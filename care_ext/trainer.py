@@ -19,6 +19,43 @@ from .ops import core_step_layout
 from .replay import ReplayBuffer, Sample, stack
 
 
+class _StageBatches:
+    """One stage's training batches over one update: this update's samples stacked on the
+    device once, each gradient step's replay samples written after them.
+
+    ``batch(replay)`` equals ``stack(current + replay)`` moved to ``device``, field by field
+    (:func:`care_ext.replay.stack`), but the current samples, the bulk of every batch, are
+    stacked and copied to the device once per update instead of once per gradient step (on
+    CUDA, a host-to-device copy of their hidden states each time). The buffers live as long as
+    this object, one update; the tensors ``batch`` returns are views of them, valid until the
+    next call (each gradient step's graph is done with them by then).
+
+    Args:
+        current: this update's samples (at least one). extra: the most replay samples a batch
+            adds. device: where the batches go.
+    """
+
+    def __init__(self, current: list[Sample], extra: int, device) -> None:
+        self.current, self.device, self.n = current, device, len(current)
+        cur = stack(current)
+        self.bufs = {k: torch.empty((self.n + extra, *v.shape[1:]), dtype=v.dtype, device=device)
+                     for k, v in cur.items()}
+        for k, v in cur.items():
+            self.bufs[k][:self.n].copy_(v)
+
+    def batch(self, replay: list[Sample]) -> dict[str, Tensor]:
+        m = self.n + len(replay)
+        if replay:
+            rep = stack(replay)
+            if m > next(iter(self.bufs.values())).shape[0] or any(
+                    v.dtype != self.bufs[k].dtype or v.shape[1:] != self.bufs[k].shape[1:]
+                    for k, v in rep.items()):  # not what the buffers hold: stacked as before
+                return {k: v.to(self.device) for k, v in stack(self.current + replay).items()}
+            for k, v in rep.items():
+                self.bufs[k][self.n:m].copy_(v)
+        return {k: b[:m] for k, b in self.bufs.items()}
+
+
 def _adamw(module: torch.nn.Module, cfg: CareConfig) -> torch.optim.AdamW:
     """AdamW with the fused kernel (one pass over all parameters instead of ~10 per-tensor ops per
     parameter in Python: the optimiser was a third of the update's time on one CPU thread)."""
@@ -100,9 +137,6 @@ class ClassifierTrainer:
         for terms in sorted(self._split_buffers):  # the piece counts split so far
             self.first_layer_split(terms)
 
-    def _batch(self, samples: list[Sample]) -> dict[str, Tensor]:
-        return {k: v.to(self.cfg.device) for k, v in stack(samples).items()}
-
     def _stage1_loss(self, b: dict[str, Tensor]) -> tuple[Tensor, float]:
         cfg = self.cfg
         logits, aux = self.stage1(b["h_prompt"], b["prompt_feat"], b["h_resp"],
@@ -166,20 +200,23 @@ class ClassifierTrainer:
         l1, la, l2, n1, n2, skipped = 0.0, 0.0, 0.0, 0, 0, 0
         self.stage1.train()
         self.stage2.train()
+        dev, extra = self.cfg.device, max(cfg.replay_batch, 0)
+        batches1 = _StageBatches(cur1, extra, dev)
+        batches2 = _StageBatches(cur2, extra, dev) if cur2 else None
         try:
             for _ in range(cfg.train_steps):
-                b1 = cur1 + self.replay1.sample(cfg.replay_batch, self.gen)
-                if len(b1) >= 2:
+                rep1 = self.replay1.sample(cfg.replay_batch, self.gen)
+                if len(cur1) + len(rep1) >= 2:
                     r = self._step(self.stage1, self.opt1,
-                                   lambda: self._stage1_loss(self._batch(b1)))
+                                   lambda: self._stage1_loss(batches1.batch(rep1)))
                     if r is None:
                         skipped += 1
                     else:
                         l1, la, n1 = l1 + r[0], la + r[1], n1 + 1
-                b2 = cur2 + self.replay2.sample_stratified(cfg.replay_batch, self.gen)
-                if len(b2) >= 2 and cur2:
+                rep2 = self.replay2.sample_stratified(cfg.replay_batch, self.gen)
+                if len(cur2) + len(rep2) >= 2 and cur2:
                     r = self._step(self.stage2, self.opt2,
-                                   lambda: (self._stage2_loss(self._batch(b2)), 0.0))
+                                   lambda: (self._stage2_loss(batches2.batch(rep2)), 0.0))
                     if r is None:
                         skipped += 1
                     else:

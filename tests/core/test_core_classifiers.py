@@ -158,3 +158,24 @@ def test_no_mask_trains_exactly_like_an_all_true_mask(backward):
     assert torch.equal(l0, l1) and torch.equal(a0, a1)
     assert g0.keys() == g1.keys() and all(torch.equal(g0[k], g1[k]) for k in g0)
     assert all(torch.equal(s0[k], s1[k]) for k in s0)
+
+
+def test_stage_batches_equal_stacking_current_and_replay_every_step():
+    import dataclasses
+
+    from care_ext.replay import stack
+    from care_ext.trainer import _StageBatches
+
+    cur, hist = _samples(5, 4, 6, seed=1), _samples(9, 4, 6, seed=2)
+    cur16 = [dataclasses.replace(s, h_resp=s.h_resp.bfloat16()) for s in cur]
+    # replay sets of several sizes, an empty one, then one larger than the buffers, and float32
+    # replay after bfloat16 current samples (stack promotes; a bf16 buffer would round): the last
+    # two are stacked as before
+    for current, reps in ((cur, (hist[:4], hist[4:6], [], hist[2:3], hist[:7], hist[5:9])),
+                          (cur16, (hist[:3], []))):
+        sb = _StageBatches(current, 4, "cpu")
+        for rep in reps:
+            got, want = sb.batch(rep), stack(current + rep)
+            assert got.keys() == want.keys()
+            for k in want:
+                assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), (len(rep), k)
