@@ -151,6 +151,12 @@ class CareConfig:
     'drop' (those prompts are DROPPED, never bought or trained on)."""
     sim_metrics: bool = True
     """With a simulation oracle, also log ``sim/*`` metrics that read every prompt's gold."""
+    sim_cag_recall_ties: str = "credit"
+    """How ``sim/cag_recall`` treats prompts tied at the Oracle's k-th true CAG (often many at
+    0: right majorities): 'credit' counts a bought tied prompt as the Oracle's while its top k
+    has room for the tie (the overlap under the tie-break most favourable to the bought set;
+    the same for any row order), 'index' breaks ties to the lower row index (releases before
+    2026-11-27 and the lab numbers recorded with them; it depends on the batch order)."""
 
     extra: dict = field(default_factory=dict)
     """Free-form host data stored with the config (never read by the core)."""
@@ -184,7 +190,8 @@ class CareConfig:
                    "stage2_correct_majority": ("class0", "exclude"),
                    "nonfinite": ("error", "drop"),
                    "first_layer_backward": ("auto", "autograd", "fused"),
-                   "first_layer_gemm": ("auto", "float32", "bf16x3", "bf16x2")}
+                   "first_layer_gemm": ("auto", "float32", "bf16x3", "bf16x2"),
+                   "sim_cag_recall_ties": ("credit", "index")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

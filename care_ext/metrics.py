@@ -10,6 +10,7 @@ trust precision/recall, CAG recall of the bought set, wrong-majority share of th
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from .strategies.base import cluster_entropy, top_rows
@@ -52,11 +53,41 @@ def deployable(source: Tensor, rewards: Tensor, weight: Tensor, sizes: Tensor,
     return {k: v for k, v in m.items() if v == v}  # an empty selection logs nothing, not NaN
 
 
+def cag_recall(true_cag: Tensor, eligible: Tensor, bought: Tensor, ties: str = "credit") -> float:
+    """Share of the k = ``bought.sum()`` bought rows that an Oracle buying the k ``eligible`` rows
+    of highest ``true_cag`` (NaN: never) would have bought too; NaN when nothing was bought.
+
+    Args:
+        true_cag: float [B]. eligible, bought: bool [B] (bought rows are eligible ones).
+        ties: rows tied at the Oracle's k-th value: 'credit' counts bought tied rows as the
+            Oracle's up to the places its top k has left for the tie (invariant to row order),
+            'index' takes the Oracle's tied rows in row order (:func:`top_rows`).
+    """
+    if ties not in ("credit", "index"):
+        raise ValueError(f"ties must be 'credit' or 'index', got {ties!r}")
+    k = int(bought.sum())
+    if k == 0:
+        return float("nan")
+    if ties == "index":
+        return float((top_rows(true_cag, eligible, k) & bought).sum()) / k
+    v = true_cag.double()
+    el = eligible & ~torch.isnan(v)
+    if int(el.sum()) <= k:  # the Oracle buys every eligible row
+        return float((bought & el).sum()) / k
+    kth = torch.sort(v[el], descending=True).values[k - 1]
+    above = el & (v > kth)
+    tied = bought & el & (v == kth)
+    credit = int((bought & above).sum()) + min(int(tied.sum()), k - int(above.sum()))
+    return credit / k
+
+
 def simulation(source: Tensor, rewards: Tensor, true_rewards: Tensor, majority_correct: Tensor,
-               true_cag: Tensor, fresh: Tensor, bought_by_strategy: Tensor) -> dict[str, float]:
+               true_cag: Tensor, fresh: Tensor, bought_by_strategy: Tensor,
+               cag_recall_ties: str = "credit") -> dict[str, float]:
     """``sim/*`` monitors; every argument [B] or [B, G] on the CPU.
 
-    ``bought_by_strategy`` excludes the audit slice, so CAG recall measures the strategy.
+    ``bought_by_strategy`` excludes the audit slice, so CAG recall measures the strategy;
+    ``cag_recall_ties``: :func:`cag_recall`'s ``ties`` (CareConfig.sim_cag_recall_ties).
     """
     kept = source != DROPPED
     trusted = source == TRUSTED
@@ -68,10 +99,8 @@ def simulation(source: Tensor, rewards: Tensor, true_rewards: Tensor, majority_c
     good = majority_correct & fresh
     if good.any():
         m["sim/trust_recall"] = _mean(trusted[good])
-    k = int(bought_by_strategy.sum())
-    if k:
-        best = top_rows(true_cag, fresh, k)
-        m["sim/cag_recall"] = float((best & bought_by_strategy).sum()) / k
+    if bought_by_strategy.any():
+        m["sim/cag_recall"] = cag_recall(true_cag, fresh, bought_by_strategy, cag_recall_ties)
     if bought.any():
         m["sim/bought_wrong_majority"] = _mean(~majority_correct[bought])
     return m

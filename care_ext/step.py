@@ -387,7 +387,7 @@ class CareController:
             if bool(k.any()):
                 mets.update(M.simulation(source[k], rewards[k], ctx.true_rewards()[k],
                                          ctx.majority_correct()[k], ctx.true_cag()[k], fresh[k],
-                                         (strat_buy & bought_now)[k]))
+                                         (strat_buy & bought_now)[k], cfg.sim_cag_recall_ties))
         score = plan.score.float().clone() if plan is not None and plan.score is not None \
             else torch.full((B,), math.nan)
 

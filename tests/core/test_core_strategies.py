@@ -166,3 +166,49 @@ def test_top_rows_picks_only_eligible_rows_and_never_a_nan_score():
         [True, True, False, False]
     assert top_rows(torch.tensor([3.0, nan, 1.0, 2.0]), torch.ones(4, dtype=torch.bool), 9).tolist() == \
         [True, False, True, True]
+
+
+def test_cag_recall_credits_ties_at_the_oracle_cut_in_any_row_order():
+    from care_ext.metrics import cag_recall
+
+    nan = float("nan")
+    cag = torch.tensor([0.9, 0.0, 0.0, 0.0, 0.0, nan])
+    everyone = torch.ones(6, dtype=torch.bool)
+    bought = torch.tensor([True, False, False, True, False, False])
+    # the Oracle's top 2 is row 0 and any of the four zeros: a bought zero is as good as row 1
+    assert cag_recall(cag, everyone, bought) == 1.0
+    assert cag_recall(cag, everyone, bought, ties="index") == 0.5  # rows 0 and 1 by index
+    for seed in range(5):  # 'credit' does not depend on the row order; 'index' may
+        p = torch.randperm(6, generator=torch.Generator().manual_seed(seed))
+        assert cag_recall(cag[p], everyone, bought[p]) == 1.0
+    # places at the cut are limited: two bought zeros for one remaining place
+    assert cag_recall(cag, everyone, torch.tensor([False, True, True, False, False, False])) == 0.5
+    # the Oracle's top 3 is rows 0-2: bought rows 0 and 2 count, the NaN row 4 never does, nor
+    # row 3 below the cut
+    cag2 = torch.tensor([0.9, 0.7, 0.5, 0.2, nan])
+    everyone5 = torch.ones(5, dtype=torch.bool)
+    assert cag_recall(cag2, everyone5, torch.tensor([True, False, True, False, True])) == 2 / 3
+    assert cag_recall(cag2, everyone5, torch.tensor([False, False, False, True, True])) == 0.0
+    # fewer eligible rows than purchases: the Oracle buys them all
+    few = torch.tensor([True, True, False, False, False])
+    assert cag_recall(cag2, few, torch.tensor([True, False, True, False, False])) == 0.5
+    assert math.isnan(cag_recall(cag, everyone, torch.zeros(6, dtype=torch.bool)))
+    with pytest.raises(ValueError, match="ties"):
+        cag_recall(cag, everyone, bought, ties="first")
+
+
+def test_sim_cag_recall_ties_is_a_config_choice():
+    with pytest.raises(ValueError, match="sim_cag_recall_ties"):
+        CareConfig(sim_cag_recall_ties="first")
+    world = make_world(B=B, G=G, H=H)
+    gold = {}
+    runs = {"credit": [], "index": []}
+    for step in range(6):  # right majorities (true CAG 0) fill the Oracle's cut
+        b = make_batch(world, step, p_wrong=0.1)
+        gold.update(b.gold)
+        for ties, out in runs.items():
+            c = CareController(CareConfig(strategy="random", group_size=G,
+                                          sim_cag_recall_ties=ties), GoldOracle(gold))
+            out.append(c.decide(b.uids, b.ids).metrics["sim/cag_recall"])
+    assert all(x >= y for x, y in zip(runs["credit"], runs["index"], strict=True))
+    assert runs["credit"] != runs["index"]
