@@ -50,6 +50,19 @@ def test_put_charged_records_the_paying_row_and_refuses_an_uncharged_uid():
     assert not s.put_charged("b", 8, "queue") and not s.put_charged("zz", 9, "queue")
     assert set(s.get(["a", "b", "zz"])) == {"a"} and s.ledger(["b"])["b"].status == "failed"
     assert s.spent() == (1, 2.5)
+    # several in one transaction: each judged on its own row
+    assert s.reserve(["c", "d"], step=4, cost_each=1.5, kind="sync", step_cap=5, global_cap=None,
+                     run="r2") == ["c", "d"]
+    assert s.put_charged_many([("c", [1], "judge"), ("b", 9, "judge"), ("d", {"x": 2}, "judge"),
+                               ("yy", 0, "judge")]) == [True, False, True, False]
+    got = s.get(["b", "c", "d", "yy"])
+    assert set(got) == {"c", "d"} and got["d"].label == {"x": 2} and got["c"].run == "r2"
+    assert (got["c"].cost, got["c"].step) == (1.5, 4) and s.spent() == (3, 5.5)
+    assert {u: r.status for u, r in s.ledger(["b", "c", "d"]).items()} == {
+        "b": "failed", "c": "stored", "d": "stored"}
+    with pytest.raises(TypeError):  # json refuses it: nothing of the call is stored
+        s.put_charged_many([("a", 5, "judge"), ("c", object(), "judge")])
+    assert s.get(["a"])["a"].label == 7
 
 
 def test_reserve_charges_a_repeated_uid_once_and_counts_attempts(tmp_path):
