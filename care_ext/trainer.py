@@ -201,9 +201,9 @@ class ClassifierTrainer:
         self.stage1.train()
         self.stage2.train()
         dev, extra = self.cfg.device, max(cfg.replay_batch, 0)
-        batches1 = _StageBatches(cur1, extra, dev)
-        batches2 = _StageBatches(cur2, extra, dev) if cur2 else None
-        try:
+        try:  # the batches too: whatever raises, the classifiers go back to eval mode
+            batches1 = _StageBatches(cur1, extra, dev)
+            batches2 = _StageBatches(cur2, extra, dev) if cur2 else None
             for _ in range(cfg.train_steps):
                 rep1 = self.replay1.sample(cfg.replay_batch, self.gen)
                 if len(cur1) + len(rep1) >= 2:

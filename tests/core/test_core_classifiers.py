@@ -179,3 +179,18 @@ def test_stage_batches_equal_stacking_current_and_replay_every_step():
             assert got.keys() == want.keys()
             for k in want:
                 assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), (len(rep), k)
+
+
+def test_a_batch_that_cannot_be_stacked_leaves_the_classifiers_in_eval_mode():
+    import dataclasses
+
+    from care_ext.trainer import ClassifierTrainer
+
+    G, H = 4, 6
+    t = ClassifierTrainer(CareConfig(group_size=G, hidden_size=H, prompt_dim=8, resp_hidden_dim=4,
+                                     resp_out_dim=6, head_dim=5), H)
+    good = _samples(3, G, H, seed=3)
+    bad = dataclasses.replace(good[0], h_resp=torch.randn(G + 1, H))  # another group size
+    with pytest.raises(RuntimeError):
+        t.train(good + [bad])
+    assert not t.stage1.training and not t.stage2.training
