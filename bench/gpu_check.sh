@@ -12,7 +12,8 @@
 #
 # GPU_CHECK_QUICK=1: after a kernel change, the checks that need the GPU only (~4 min): build,
 # SASS, the CUDA-marked op tests, the core on CUDA with the fused step, the step benchmark without
-# torch.compile, profile_step and the sanitizers; the rest is skipped.
+# torch.compile, profile_step and the sanitizers, then bench_step on CUDA if time is left; the rest
+# is skipped.
 #
 #   device run:  bash bench/gpu_check.sh            (GPU_CHECK_QUICK=1 bash bench/gpu_check.sh)
 set -uo pipefail
@@ -169,6 +170,13 @@ stamp "compute-sanitizer racecheck, CARE_EXT_TAIL_L2=mma CARE_EXT_TAIL_STAGE_R2=
 CARE_EXT_TAIL_L2=mma timeout "$(cap 60)" compute-sanitizer --tool memcheck --error-exitcode 9 python3 /tmp/sanitize_ops.py \
   > "$OUT/sanitizer_mma.log" 2>&1
 stamp "compute-sanitizer memcheck, CARE_EXT_TAIL_L2=mma exit $? : $(grep -E 'ERROR SUMMARY|sanitize script ok' "$OUT/sanitizer_mma.log" | tr '\n' ' ')"
+# quick only, last (it runs if time is left): the CARE core's decide and update on CUDA, which the
+# eighth session's changes predict down (decide 512x16 30 -> 15-20 ms; update 67 -> 50-57 ms)
+if [ "$QUICK" = 1 ]; then
+  timeout "$(cap 45)" python3 "$REPO/bench/bench_step.py" --device cuda --steps 3 --warmup 1 \
+    --out "$OUT/bench_step_quick" > "$OUT/bench_step_quick.log" 2>&1
+  stamp "bench_step (quick) exit $? : $(grep -E 'decide' "$OUT/bench_step_quick.log" | tr -s ' ' | tr '\n' ';')"
+fi
 [ "$QUICK" = 1 ] && { stamp "done (quick)"; exit 0; }
 
 for fused in 0 1; do
