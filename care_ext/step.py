@@ -34,6 +34,7 @@ from .labels.store import json_safe
 from .projection import (FirstLayerProjection, ProjectedHidden, first_layer_projection, pad_columns,
                          padded_width, reduced_weights)
 from .replay import Sample
+from .samples import make_samples, row_parts
 from .strategies import StepContext, Strategy, get_strategy
 from .strategies.base import gold_correct
 from .trainer import ClassifierTrainer
@@ -360,8 +361,8 @@ class CareController:
             train_rows = rows.nonzero().flatten().tolist()
             need = sorted(set(train_rows) | set(pending))
             raw = self._raw_rows(need, h_prompt, h_resp, projected, G)
-            parts = dict(zip(need, _row_parts(need, ids_c, gf, *raw), strict=True))
-            self._samples.extend(_make_samples([parts[i] for i in train_rows],
+            parts = dict(zip(need, row_parts(need, ids_c, gf, *raw), strict=True))
+            self._samples.extend(make_samples([parts[i] for i in train_rows],
                                                gold[train_rows].tolist()))
             for i in pending:
                 self._awaiting[uids[i]] = (parts[i], payloads[i])
@@ -608,7 +609,7 @@ class CareController:
             elif res.status == "ok" and out:
                 n += 1
                 if parts is not None and self.trainer is not None:
-                    self._samples.extend(_make_samples([parts[0]],
+                    self._samples.extend(make_samples([parts[0]],
                                                        [self._resolve(res.label, parts[1])]))
         if error is not None:
             raise error
@@ -775,59 +776,3 @@ def _buy_order(score: Tensor, priority: Tensor | None, eligible: Tensor) -> Tens
     if priority is not None:
         order = order[torch.sort((~priority[order]).to(torch.int8), stable=True).indices]
     return order[eligible[order]]
-
-
-_GF_PARTS = (("rank", "rank"), ("prompt_feat", "prompt_feat"), ("len_norm", "len_norm"),
-             ("minority", "minority_mask"), ("admissible", "admissible"), ("cag", "cag"))
-"""(part name, GroupFeatures field) of the features a row's sample keeps from the fused op."""
-
-
-def _row_parts(rows: list[int], ids: Tensor, gf, hp: list[Tensor], hr: list[Tensor]) -> list[dict]:
-    """The features a training sample keeps, one dict per row of ``rows``: ``ids`` [G] (int64),
-    ``rank`` [G], ``prompt_feat`` [1+G], ``len_norm`` [G], ``minority`` [G], ``admissible`` [G+1],
-    ``cag`` [G+1] (as in :class:`~care_ext.replay.Sample`), and ``h_prompt``/``h_resp`` from
-    ``hp``/``hr`` (the rows' own CPU copies, :meth:`CareController._raw_rows`).
-
-    The small features of all rows are gathered once per field and split into per-row views
-    (about 31 G bytes per row with its ``correct``, 0.5 KB at G = 16, so a step's gathered block
-    outliving some of its rows costs little); the step's B x G inputs are never referenced."""
-    if not rows:
-        return []
-    idx = torch.tensor(rows, dtype=torch.long)
-    src = {"ids": ids, **{name: getattr(gf, field) for name, field in _GF_PARTS}}
-    small = {name: t[idx].unbind(0) for name, t in src.items()}
-    return [{**{name: small[name][j] for name in small}, "h_prompt": hp[j], "h_resp": hr[j]}
-            for j in range(len(rows))]
-
-
-def _make_samples(parts: list[dict], gold: list[int]) -> list[Sample]:
-    """Training samples from rows' features (:func:`_row_parts` dicts) and their gold answer ids
-    (-1: none), the labels of all rows computed together:
-
-    - ``correct`` [G]: the rollouts whose id is the gold's;
-    - ``majority_correct``: a correct rollout has rank 0 (the majority cluster);
-    - ``count``: 0 if the majority is correct, else the correct rollouts outside it;
-    - ``true_cag``: 0.0 if the majority is correct, else ``cag[count]``.
-
-    Raises:
-        ValueError: a row's count label is not admissible for its cluster sizes (the first such
-            row; no sample is made then).
-    """
-    if not parts:
-        return []
-    ids = torch.stack([p["ids"] for p in parts])
-    rank = torch.stack([p["rank"] for p in parts])
-    correct = gold_correct(ids, torch.tensor(gold, dtype=torch.long))
-    maj = (correct & (rank == 0)).any(1)
-    count = torch.where(maj, 0, (correct & (rank > 0)).sum(1))
-    adm = torch.stack([p["admissible"] for p in parts]).gather(1, count[:, None])[:, 0]
-    if not bool(adm.all()):
-        j = int((~adm).nonzero()[0, 0])
-        raise ValueError(f"count label {int(count[j])} is not admissible for cluster sizes of "
-                         "this prompt")
-    cag = torch.stack([p["cag"] for p in parts]).gather(1, count[:, None])[:, 0]
-    true_cag = torch.where(maj, torch.zeros((), dtype=cag.dtype), cag)
-    return [Sample(p["h_prompt"], p["h_resp"], p["prompt_feat"], p["len_norm"], p["minority"],
-                   p["admissible"], p["cag"], c, int(m), n, float(tc))
-            for p, c, m, n, tc in zip(parts, correct.unbind(0), maj.tolist(), count.tolist(),
-                                      true_cag.tolist(), strict=True)]
