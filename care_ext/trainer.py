@@ -37,8 +37,9 @@ class _StageBatches:
 
     def __init__(self, current: list[Sample], extra: int, device) -> None:
         self.current, self.device, self.n = current, device, len(current)
+        self.rows = self.n + extra  # what the buffers hold
         cur = stack(current)
-        self.bufs = {k: torch.empty((self.n + extra, *v.shape[1:]), dtype=v.dtype, device=device)
+        self.bufs = {k: torch.empty((self.rows, *v.shape[1:]), dtype=v.dtype, device=device)
                      for k, v in cur.items()}
         for k, v in cur.items():
             self.bufs[k][:self.n].copy_(v)
@@ -47,7 +48,7 @@ class _StageBatches:
         m = self.n + len(replay)
         if replay:
             rep = stack(replay)
-            if m > next(iter(self.bufs.values())).shape[0] or any(
+            if m > self.rows or any(
                     v.dtype != self.bufs[k].dtype or v.shape[1:] != self.bufs[k].shape[1:]
                     for k, v in rep.items()):  # not what the buffers hold: stacked as before
                 return {k: v.to(self.device) for k, v in stack(self.current + replay).items()}

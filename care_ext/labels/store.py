@@ -266,9 +266,9 @@ class LabelStore:
                 row = rows.get(u)
                 if (row is not None and row[0] in CHARGED) or u in stored:
                     continue  # a uid listed twice is charged once: its row is charged now
-                inserts.append((u, status, step, float(cost_each), kind, now,
-                                (row[1] if row else 0) + 1, run))
-                rows[u] = (status, inserts[-1][6])
+                attempts = (row[1] if row else 0) + 1
+                inserts.append((u, status, step, float(cost_each), kind, now, attempts, run))
+                rows[u] = (status, attempts)
                 taken.append(u)
                 n_step += 1
                 n_all += 1
@@ -289,11 +289,17 @@ class LabelStore:
                 row = db.execute("SELECT status FROM ledger WHERE uid = ?", (uid,)).fetchone()
                 if row is None or row[0] not in CHARGED:
                     return False
-            db.execute("INSERT OR REPLACE INTO labels (uid, label, source, cost, step, time, run) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                       (uid, text, source, float(cost), int(step), time.time(), run))
-            db.execute("UPDATE ledger SET status = 'stored' WHERE uid = ?", (uid,))
+            self._write_label(db, uid, text, source, cost, step, run)
         return True
+
+    @staticmethod
+    def _write_label(db, uid: str, text: str, source: str, cost: float, step: int,
+                     run: str) -> None:
+        """Inside a transaction: the label row (JSON text) and its ledger row marked stored."""
+        db.execute("INSERT OR REPLACE INTO labels (uid, label, source, cost, step, time, run) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                   (uid, text, source, float(cost), int(step), time.time(), run))
+        db.execute("UPDATE ledger SET status = 'stored' WHERE uid = ?", (uid,))
 
     def put_charged(self, uid: str, label: Any, source: str) -> bool:
         """Store the label of a charged request, with the cost, step and run of the ledger row
@@ -319,10 +325,7 @@ class LabelStore:
                 if row is None or row[0] not in CHARGED:
                     out.append(False)
                     continue
-                db.execute("INSERT OR REPLACE INTO labels (uid, label, source, cost, step, time, "
-                           "run) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                           (uid, text, source, float(row[1]), int(row[2]), time.time(), row[3]))
-                db.execute("UPDATE ledger SET status = 'stored' WHERE uid = ?", (uid,))
+                self._write_label(db, uid, text, source, row[1], row[2], row[3])
                 out.append(True)
         return out
 
