@@ -12,8 +12,9 @@
 #
 # GPU_CHECK_QUICK=1: after a kernel change, the checks that need the GPU only (~4 min): build,
 # SASS, the CUDA-marked op tests, the core on CUDA with the fused step, the step benchmark without
-# torch.compile, profile_step and the sanitizers, then bench_step on CUDA if time is left; the rest
-# is skipped.
+# torch.compile, the tail's layer 2 on FFMA tiles against tensor cores, profile_step and the
+# sanitizers, then bench_step on CUDA and the CPU step's small blocks on and off (16 threads) if
+# time is left; the rest is skipped.
 #
 #   device run:  bash bench/gpu_check.sh            (GPU_CHECK_QUICK=1 bash bench/gpu_check.sh)
 set -uo pipefail
@@ -98,18 +99,23 @@ for tp in "${TPS[@]}"; do  # the fused ops with 1, 2 and 4 prompts per tail bloc
     --shapes 64x8x4096 1024x64x4096 --out "$OUT/bench_step_ops_tail$tp" > "$OUT/bench_tail$tp.log" 2>&1
   stamp "bench CARE_EXT_TAIL_PROMPTS=$tp exit $? : $(grep -E '64x8x4096|1024x64x4096' "$OUT/bench_tail$tp.log" | tr -s ' ' | tr '\n' ';')"
 done
-# the tail's variants next to the default, same run (the step and its kernels' device times): the
-# rollout layer-2 weight staged in shared memory (CARE_EXT_TAIL_STAGE_R2=1) and layer 2 on tensor
-# cores (CARE_EXT_TAIL_L2=mma), alone and together; off by default until measured
-for variant in "CARE_EXT_TAIL_STAGE_R2=1" "CARE_EXT_TAIL_L2=mma" "CARE_EXT_TAIL_L2=mma CARE_EXT_TAIL_STAGE_R2=1"; do
-  tag=$(echo "$variant" | tr -d ' ' | tr '=' '_' | sed 's/CARE_EXT_TAIL_//g')
-  env $variant timeout "$(cap 45)" python3 "$REPO/bench/bench_ops.py" --device cuda \
-    --min-time 0.2 --providers native native_graph --ops acquisition_step_fused_split acquisition_step_fused_split2 \
-    --shapes 64x8x4096 1024x64x4096 512x16x4096 --out "$OUT/bench_step_ops_$tag" > "$OUT/bench_$tag.log" 2>&1
-  stamp "bench $variant exit $? : $(grep -E '^cuda' "$OUT/bench_$tag.log" | tr -s ' ' | tr '\n' ';')"
-  env $variant timeout "$(cap 30)" python3 "$REPO/bench/profile_step.py" --device cuda \
-    --ops acquisition_step_fused_split2 --shapes 64x8x4096 1024x64x4096 --out "$OUT/profile_step_$tag" > "$OUT/profile_step_$tag.log" 2>&1
-  stamp "profile_step $variant exit $? : $(grep -E 'step_tail_kernel' "$OUT/profile_step_$tag.log" | tr -s ' ' | cut -c1-60 | tr '\n' ';')"
+# rollout layer 2 on FFMA tiles and on tensor cores (CARE_EXT_TAIL_L2=ffma / mma; auto picks mma
+# from G = 32), alternated in one run at G = 8, 16, 32 and 64: the step, then its kernels' device
+# times. (CARE_EXT_TAIL_STAGE_R2=1, the layer-2 weight staged in shared memory, lost on the H200 of
+# 2026-11-27: 714.8 against 512.9 us of tail at 1024x64x4096; only its racecheck still runs.)
+for round in 1 2; do
+  for l2 in ffma mma; do
+    CARE_EXT_TAIL_L2=$l2 timeout "$(cap 30)" python3 "$REPO/bench/bench_ops.py" --device cuda \
+      --min-time 0.2 --providers native native_graph --ops acquisition_step_fused_split2 \
+      --shapes 64x8x4096 512x16x4096 256x32x4096 1024x64x4096 --out "$OUT/bench_step_ops_L2_${l2}_$round" \
+      > "$OUT/bench_L2_${l2}_$round.log" 2>&1
+    stamp "bench CARE_EXT_TAIL_L2=$l2 (round $round) exit $? : $(grep -E '^cuda' "$OUT/bench_L2_${l2}_$round.log" | tr -s ' ' | cut -d' ' -f2,4,5 | tr '\n' ';')"
+  done
+done
+for l2 in ffma mma; do
+  CARE_EXT_TAIL_L2=$l2 timeout "$(cap 30)" python3 "$REPO/bench/profile_step.py" --device cuda \
+    --ops acquisition_step_fused_split2 --shapes 64x8x4096 256x32x4096 1024x64x4096 --out "$OUT/profile_step_L2_$l2" > "$OUT/profile_step_L2_$l2.log" 2>&1
+  stamp "profile_step CARE_EXT_TAIL_L2=$l2 exit $? : $(grep -E 'step_tail_kernel|device\)' "$OUT/profile_step_L2_$l2.log" | tr -s ' ' | cut -c1-60 | tr '\n' ';')"
 done
 # device time per kernel of one step call (which kernel to work on next); totals into summary.txt
 timeout "$(cap 45)" python3 "$REPO/bench/profile_step.py" --device cuda --shapes 64x8x4096 1024x64x4096 \
@@ -176,6 +182,18 @@ if [ "$QUICK" = 1 ]; then
   timeout "$(cap 45)" python3 "$REPO/bench/bench_step.py" --device cuda --steps 3 --warmup 1 \
     --out "$OUT/bench_step_quick" > "$OUT/bench_step_quick.log" 2>&1
   stamp "bench_step (quick) exit $? : $(grep -E 'decide' "$OUT/bench_step_quick.log" | tr -s ' ' | tr '\n' ';')"
+fi
+# quick only: the CPU step's small blocks (CARE_EXT_CPU_SMALL_BLOCKS, default 1 since 2026-11-27)
+# against the 256-row blocks at 64x8x4096 on 1, 8 and 16 of this host's threads, alternated
+if [ "$QUICK" = 1 ]; then
+  for round in 1 2; do
+    for sb in 1 0; do
+      CARE_EXT_CPU_SMALL_BLOCKS=$sb timeout "$(cap 25)" python3 "$REPO/bench/thread_scaling.py" --threads 1 8 16 \
+        --rounds 1 --min-time 0.2 --shapes 64x8x4096 --out "$OUT/thread_scaling_sb${sb}_$round" \
+        > "$OUT/thread_scaling_sb${sb}_$round.log" 2>&1
+      stamp "CPU step CARE_EXT_CPU_SMALL_BLOCKS=$sb (round $round) exit $? : $(grep -E ' native +(1|8|16) ' "$OUT/thread_scaling_sb${sb}_$round.log" | tr -s ' ' | cut -d' ' -f4,5 | tr '\n' ';')"
+    done
+  done
 fi
 [ "$QUICK" = 1 ] && { stamp "done (quick)"; exit 0; }
 

@@ -36,11 +36,24 @@ inline bool tail_stage_r2w_requested() { return env_switch("CARE_EXT_TAIL_STAGE_
 
 // CARE_EXT_TAIL_L2 (run time): how the CUDA tail runs rollout layer 2 (the step's largest
 // arithmetic: B * G * R1 * R2 multiply-adds per classifier). "ffma" (the default until a GPU run
-// has measured the other): float32 FFMA register tiles, the same sums in the same order as the
+// has measured the others): float32 FFMA register tiles, the same sums in the same order as the
 // CPU twin; "mma": tensor cores, three TF32 products per float32 one (layer2_pool_parts_mma:
 // float32-accurate, another summation order), where the device has them (sm_80+) and R1 is a
-// multiple of 8, else the FFMA tiles. The CPU always runs the FFMA tiles (the value is checked).
-inline bool tail_l2_mma_requested() { return env_switch("CARE_EXT_TAIL_L2", "ffma", "mma"); }
+// multiple of 8, else the FFMA tiles; "auto": mma for groups of at least kTailL2MmaMinG rollouts
+// (where each split weight serves 2 or more 16-row tiles), ffma below. The CPU always runs the
+// FFMA tiles (the value is checked).
+constexpr int64_t kTailL2MmaMinG = 32;
+
+// Whether the CUDA tail asks for tensor-core layer 2 at group size G (CARE_EXT_TAIL_L2, above);
+// any value but ffma, mma, auto or unset is an error naming the variable.
+inline bool tail_l2_mma_requested(int64_t G) {
+  const char* env = std::getenv("CARE_EXT_TAIL_L2");
+  if (env == nullptr || *env == 0 || std::strcmp(env, "ffma") == 0) return false;
+  if (std::strcmp(env, "mma") == 0) return true;
+  TORCH_CHECK(std::strcmp(env, "auto") == 0, "CARE_EXT_TAIL_L2 must be ffma, mma or auto, got '",
+              env, "'");
+  return G >= kTailL2MmaMinG;
+}
 
 // Held for the whole of every op that runs ATen GEMMs (classifier_forward, acquisition_step, the
 // fused step's host part): the ops compute in float32 whatever a caller's torch.autocast region

@@ -319,17 +319,23 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4],
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));  // sass: l2-mma
 }
 
-// Units of rollout layer 2 one warp takes at a time in layer2_pool_parts_mma: kMmaUnitTiles tiles
-// of 8 (accumulators: 4 floats per tile and lane).
-constexpr int kMmaUnitTiles = 8;
+// Units of rollout layer 2 one warp takes at a time in layer2_pool_parts_mma (kMmaUnitTiles tiles
+// of 8) and its 16-row tiles of pooled rollouts held at once (kMmaRowTiles): accumulators of 4
+// floats per (row tile, unit tile) and lane, 32 registers. (4 row tiles, 64 accumulators, spilled
+// under the kernel's 128-register cap.)
+constexpr int kMmaUnitTiles = 4;
+constexpr int kMmaRowTiles = 2;
 
 // Rollout layer 2 + ReLU + the pool sums into s.part[0] (part[1..] zeroed), on tensor cores, for
 // R1 a multiple of 8 (the caller checks). Each warp takes kMmaUnitTiles * 8 consecutive units and
-// runs the pooled rollouts in 16-row tiles (r1t holds zeros up to r1t_rows(count)); per 8 steps
-// of k it reads one A fragment of r1t (conflict-free: r1t_ld) and kMmaUnitTiles B fragments of
-// the weight through r2w (staged: [R1][R2 + 8], conflict-free). Rows past count are not pooled;
-// units past R2 read unit R2 - 1's weights and are not stored. Each lane sums its units over its
-// rows, then the 8 lanes of a unit pair add theirs (shuffles).
+// up to kMmaRowTiles 16-row tiles of pooled rollouts at once (r1t holds zeros up to
+// r1t_rows(count)); per 8 steps of k it loads and splits its kMmaUnitTiles B fragments of the
+// weight (through r2w; staged: [R1][R2 + 8], conflict-free) once and uses them for all of its row
+// tiles, each one A fragment of r1t (conflict-free: r1t_ld). So the weight is read once per
+// prompt, warp pass and kMmaRowTiles row tiles, not once per row tile.
+// Rows past count are not pooled; units past R2 read unit R2 - 1's weights and are not stored.
+// Each lane sums its units over its rows (row tiles in order), then the 8 lanes of a unit pair
+// add theirs (shuffles).
 __device__ __forceinline__ void layer2_pool_parts_mma(const HeadWeights& w, const Mat& r2w,
                                                       const HeadScratch& s, int count, int ld,
                                                       int tid, int nth) {
@@ -346,37 +352,54 @@ __device__ __forceinline__ void layer2_pool_parts_mma(const HeadWeights& w, cons
     float pacc[kMmaUnitTiles][2];
     CARE_UNROLL
     for (int n = 0; n < kMmaUnitTiles; ++n) pacc[n][0] = pacc[n][1] = 0.f;
-    for (int mt = 0; mt < n_mt; ++mt) {
-      float acc[kMmaUnitTiles][4];
+    for (int mt0 = 0; mt0 < n_mt; mt0 += kMmaRowTiles) {
+      float acc[kMmaRowTiles][kMmaUnitTiles][4];
       CARE_UNROLL
-      for (int n = 0; n < kMmaUnitTiles; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-      const float* ap = s.r1t + mt * 16 + g;  // (row mt * 16 + g, step k) at ap[k * ld]
-      for (int ks = 0; ks < ksteps; ++ks) {
-        const int k0 = ks * 8 + t;
-        uint32_t ahi[4], alo[4];
-        split_tf32(ap[k0 * ld], ahi[0], alo[0]);
-        split_tf32(ap[k0 * ld + 8], ahi[1], alo[1]);
-        split_tf32(ap[(k0 + 4) * ld], ahi[2], alo[2]);
-        split_tf32(ap[(k0 + 4) * ld + 8], ahi[3], alo[3]);
+      for (int m = 0; m < kMmaRowTiles; ++m) {
         CARE_UNROLL
         for (int n = 0; n < kMmaUnitTiles; ++n) {
-          uint32_t bhi[2], blo[2];
-          split_tf32(bcol[n][k0 * r2w.cs], bhi[0], blo[0]);
-          split_tf32(bcol[n][(k0 + 4) * r2w.cs], bhi[1], blo[1]);
-          mma_tf32(acc[n], ahi, blo);
-          mma_tf32(acc[n], alo, bhi);
-          mma_tf32(acc[n], ahi, bhi);
+          acc[m][n][0] = acc[m][n][1] = acc[m][n][2] = acc[m][n][3] = 0.f;
         }
       }
-      const bool in0 = mt * 16 + g < count, in1 = mt * 16 + g + 8 < count;
-      CARE_UNROLL
-      for (int n = 0; n < kMmaUnitTiles; ++n) {
+      for (int ks = 0; ks < ksteps; ++ks) {
+        const int k0 = ks * 8 + t;
+        uint32_t bhi[kMmaUnitTiles][2], blo[kMmaUnitTiles][2];
         CARE_UNROLL
-        for (int e = 0; e < 2; ++e) {
-          const int unit = u0 + 8 * n + 2 * t + e;
-          const float bias = unit < w.R2 ? w.r2b[unit] : 0.f;
-          pacc[n][e] += (in0 ? relu_f(acc[n][e] + bias) : 0.f) +
-                        (in1 ? relu_f(acc[n][2 + e] + bias) : 0.f);
+        for (int n = 0; n < kMmaUnitTiles; ++n) {
+          split_tf32(bcol[n][k0 * r2w.cs], bhi[n][0], blo[n][0]);
+          split_tf32(bcol[n][(k0 + 4) * r2w.cs], bhi[n][1], blo[n][1]);
+        }
+        CARE_UNROLL
+        for (int m = 0; m < kMmaRowTiles; ++m) {
+          if (mt0 + m < n_mt) {  // the same for the whole warp
+            const float* ap = s.r1t + (mt0 + m) * 16 + g;  // (row g of the tile, step k): ap[k*ld]
+            uint32_t ahi[4], alo[4];
+            split_tf32(ap[k0 * ld], ahi[0], alo[0]);
+            split_tf32(ap[k0 * ld + 8], ahi[1], alo[1]);
+            split_tf32(ap[(k0 + 4) * ld], ahi[2], alo[2]);
+            split_tf32(ap[(k0 + 4) * ld + 8], ahi[3], alo[3]);
+            CARE_UNROLL
+            for (int n = 0; n < kMmaUnitTiles; ++n) {
+              mma_tf32(acc[m][n], ahi, blo[n]);
+              mma_tf32(acc[m][n], alo, bhi[n]);
+              mma_tf32(acc[m][n], ahi, bhi[n]);
+            }
+          }
+        }
+      }
+      CARE_UNROLL
+      for (int m = 0; m < kMmaRowTiles; ++m) {
+        const int row = (mt0 + m) * 16 + g;  // rows past count (zeros, or past the tiles): not pooled
+        const bool in0 = row < count, in1 = row + 8 < count;
+        CARE_UNROLL
+        for (int n = 0; n < kMmaUnitTiles; ++n) {
+          CARE_UNROLL
+          for (int e = 0; e < 2; ++e) {
+            const int unit = u0 + 8 * n + 2 * t + e;
+            const float bias = unit < w.R2 ? w.r2b[unit] : 0.f;
+            pacc[n][e] += (in0 ? relu_f(acc[m][n][e] + bias) : 0.f) +
+                          (in1 ? relu_f(acc[m][n][2 + e] + bias) : 0.f);
+          }
         }
       }
     }

@@ -93,7 +93,7 @@ StepTuple acquisition_step_fused_block_cpu(const Tensor& ids, const Tensor& leng
   // CARE_EXT_TAIL_STAGE_R2=1: each block stages its stage's layer-2 weight first, as the CUDA
   // kernel does with it (stage_r2w), into a buffer of its own
   const bool staged = tail_stage_r2w_requested();
-  tail_l2_mma_requested();  // checked; the CPU runs layer 2's FFMA tiles whatever it says
+  tail_l2_mma_requested(0);  // checked; the CPU runs layer 2's FFMA tiles whatever it says
   std::vector<float> r2w(staged ? static_cast<size_t>(step_tail_staged_r2w_floats(f.args)) : 0);
   TeamBarrier barrier(n);
   auto member = [&](int tid) {

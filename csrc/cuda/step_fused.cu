@@ -132,7 +132,7 @@ StepTuple acquisition_step_fused_split_cuda(const Tensor& ids, const Tensor& len
   const char* op = fused_step_op_name(first_layer_split);
   // CARE_EXT_TAIL_STAGE_R2=1: the larger stage's layer-2 weight after the scratch (16-byte aligned)
   const int64_t r2w_floats = tail_stage_r2w_requested() ? step_tail_staged_r2w_floats(args) : 0;
-  args.l2_mma = tail_l2_mma_requested() ? 1 : 0;  // the kernel checks R1 % 8 and the arch
+  args.l2_mma = tail_l2_mma_requested(args.G) ? 1 : 0;  // the kernel checks R1 % 8 and the arch
   bool staged = r2w_floats > 0;
   auto scratch_floats = [&] { return (step_tail_scratch_floats(args) + 3) / 4 * 4; };
   auto smem_of = [&] {

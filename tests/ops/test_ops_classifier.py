@@ -375,19 +375,35 @@ def test_cuda_tail_with_its_layer2_weight_staged_gives_the_same_bits(B, G, dims,
 
 
 def test_tail_l2_env_is_checked_and_the_cpu_keeps_its_ffma_tiles(monkeypatch):
-    """CARE_EXT_TAIL_L2 takes ffma or mma; anything else is an error naming it. The CPU twin has no
-    tensor cores: with mma it runs the FFMA tiles, so its outputs keep their bits."""
+    """CARE_EXT_TAIL_L2 takes ffma, mma or auto; anything else is an error naming it. The CPU twin
+    has no tensor cores: with mma or auto it runs the FFMA tiles, so its outputs keep their bits."""
     ids, lengths, h_p, h_r, s1, s2 = step_inputs(3, 8, 16, torch.bfloat16, torch.Generator())
     block = lambda: run_step(  # noqa: E731
         "_acquisition_step_fused_block", "cpu", ids, lengths, h_p, h_r, s1, s2, [], 8, 1)
     monkeypatch.setenv("CARE_EXT_TAIL_L2", "tf32")
-    with pytest.raises(RuntimeError, match="CARE_EXT_TAIL_L2 must be ffma or mma, got 'tf32'"):
+    with pytest.raises(RuntimeError, match="CARE_EXT_TAIL_L2 must be ffma, mma or auto, got 'tf32'"):
         block()
     monkeypatch.setenv("CARE_EXT_TAIL_L2", "ffma")
     ffma = block()
-    monkeypatch.setenv("CARE_EXT_TAIL_L2", "mma")
-    for k, (a, b) in enumerate(zip(block(), ffma)):
-        assert torch.equal(a, b), k
+    for value in ("mma", "auto"):
+        monkeypatch.setenv("CARE_EXT_TAIL_L2", value)
+        for k, (a, b) in enumerate(zip(block(), ffma)):
+            assert torch.equal(a, b), (value, k)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("G, tensor_cores", [(8, False), (31, False), (32, True), (64, True)])
+def test_cuda_tail_l2_auto_picks_by_group_size(G, tensor_cores, monkeypatch):
+    """CARE_EXT_TAIL_L2=auto runs rollout layer 2 on tensor cores from G = 32 rollouts on (the
+    outputs are mma's bits) and the FFMA tiles below (ffma's bits); either way like the reference."""
+    inputs, runs = _cuda_fused_step_under("CARE_EXT_TAIL_L2", ("ffma", "mma", "auto"), 20, G, {},
+                                          True, G, monkeypatch)
+    for layout, (ffma, mma, auto) in runs:
+        assert not all(torch.equal(a, b) for a, b in zip(mma, ffma)), layout  # the modes differ
+        picked = mma if tensor_cores else ffma
+        for k, (a, b) in enumerate(zip(auto, picked)):
+            assert torch.equal(a, b), (layout, k)
+        assert_step_like_reference(auto, *inputs)
 
 
 @pytest.mark.cuda
@@ -501,12 +517,13 @@ def test_acquisition_step_many_blocks(device, B, G, threads, op):
 @pytest.mark.parametrize("B, G, threads", [(64, 8, 4), (64, 8, 16), (33, 16, 6), (5, 64, 8)])
 def test_cpu_small_blocks_give_every_thread_a_block_and_the_same_results(B, G, threads, split,
                                                                          monkeypatch):
-    """CARE_EXT_CPU_SMALL_BLOCKS=1 (for many-core controllers): with more threads than 256-row
-    blocks, ceil(B / threads) prompts per block (at least 32 rows), run in parallel with
-    single-threaded GEMMs. Same decisions as the default (two big blocks on all threads' GEMMs):
-    integer and bool outputs equal, the classifier outputs within float32 error of the reference
-    (not bit for bit: a block's few masked Stage-II rows may take another MKL kernel than the
-    same rows among more), with both first-layer paths; a bad value is an error naming the knob."""
+    """CARE_EXT_CPU_SMALL_BLOCKS=1 (the default, unset included; for many-core controllers): with
+    more threads than 256-row blocks, ceil(B / threads) prompts per block (at least 32 rows), run
+    in parallel with single-threaded GEMMs. Same decisions as CARE_EXT_CPU_SMALL_BLOCKS=0 (two big
+    blocks on all threads' GEMMs): integer and bool outputs equal, the classifier outputs within
+    float32 error of the reference (not bit for bit: a block's few masked Stage-II rows may take
+    another MKL kernel than the same rows among more), with both first-layer paths; a bad value is
+    an error naming the knob."""
     from care_ext.bf16_split import first_layer_split
 
     gen = torch.Generator().manual_seed(B + G + threads)
@@ -521,14 +538,18 @@ def test_cpu_small_blocks_give_every_thread_a_block_and_the_same_results(B, G, t
         big = run_step(op, "cpu", ids, lengths, h_p, h_r, s1, s2, extra)
         monkeypatch.setenv("CARE_EXT_CPU_SMALL_BLOCKS", "1")
         small = run_step(op, "cpu", ids, lengths, h_p, h_r, s1, s2, extra)
+        monkeypatch.delenv("CARE_EXT_CPU_SMALL_BLOCKS")
+        default = run_step(op, "cpu", ids, lengths, h_p, h_r, s1, s2, extra)
         monkeypatch.setenv("CARE_EXT_CPU_SMALL_BLOCKS", "many")
-        with pytest.raises(RuntimeError, match="CARE_EXT_CPU_SMALL_BLOCKS must be 0 or 1"):
+        with pytest.raises(RuntimeError, match="CARE_EXT_CPU_SMALL_BLOCKS must be 1 or 0"):
             run_step(op, "cpu", ids, lengths, h_p, h_r, s1, s2, extra)
     finally:
         torch.set_num_threads(before)
     for k, (a, b) in enumerate(zip(small, big)):
         if a.dtype in (torch.int64, torch.bool):
             assert torch.equal(a, b), R.AcquisitionOutputs._fields[k]
+    for k, (a, b) in enumerate(zip(default, small)):  # unset is small blocks
+        assert torch.equal(a, b), R.AcquisitionOutputs._fields[k]
     assert_step_like_reference(small, ids, lengths, h_p, h_r, s1, s2)
 
 
