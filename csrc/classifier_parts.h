@@ -31,28 +31,31 @@ inline bool env_switch(const char* name, const char* off, const char* on) {
 // CARE_EXT_TAIL_STAGE_R2 (run time): "1" makes each block of the fused step's tail stage its rollout
 // layer-2 weight first (stage_r2w; CUDA: in shared memory, opting in above 48 KB; the CPU's
 // _acquisition_step_fused_block: a buffer of the block's), unset or "0" reads it where it is.
-// Off by default until a GPU run has measured it (bench/gpu_check.sh runs both).
+// Off by default: on the H200 (2026-11-27) it made the tail slower, 714.8 against 512.9 us at
+// 1024x64x4096 and 31.7 against 24.1 us at 64x8x4096 (one block per SM with 128 KB staged).
 inline bool tail_stage_r2w_requested() { return env_switch("CARE_EXT_TAIL_STAGE_R2", "0", "1"); }
 
 // CARE_EXT_TAIL_L2 (run time): how the CUDA tail runs rollout layer 2 (the step's largest
-// arithmetic: B * G * R1 * R2 multiply-adds per classifier). "ffma" (the default until a GPU run
-// has measured the others): float32 FFMA register tiles, the same sums in the same order as the
-// CPU twin; "mma": tensor cores, three TF32 products per float32 one (layer2_pool_parts_mma:
-// float32-accurate, another summation order), where the device has them (sm_80+) and R1 is a
-// multiple of 8, else the FFMA tiles; "auto": mma for groups of at least kTailL2MmaMinG rollouts
-// (where each split weight serves 2 or more 16-row tiles), ffma below. The CPU always runs the
-// FFMA tiles (the value is checked).
+// arithmetic: B * G * R1 * R2 multiply-adds per classifier). "ffma": float32 FFMA register tiles,
+// the same sums in the same order as the CPU twin; "mma": tensor cores, three TF32 products per
+// float32 one (layer2_pool_parts_mma: float32-accurate, another summation order), where the
+// device has them (sm_80+) and R1 is a multiple of 8, else the FFMA tiles; "auto" (the default,
+// also when unset or empty): mma for groups of at least kTailL2MmaMinG rollouts, ffma below. On
+// the H200 (2026-11-27, bench/RESULTS.md, ninth session; graph replays of the split step) mma
+// against ffma took 698 vs 743 us at 1024x64x4096, 146 vs 148 at 256x32, but 182 vs 171 at 512x16
+// and 51 vs 47 at 64x8: one or two 16-row tiles share too little of each split weight. The CPU
+// always runs the FFMA tiles (the value is checked).
 constexpr int64_t kTailL2MmaMinG = 32;
 
 // Whether the CUDA tail asks for tensor-core layer 2 at group size G (CARE_EXT_TAIL_L2, above);
-// any value but ffma, mma, auto or unset is an error naming the variable.
+// any value but ffma, mma, auto, empty or unset is an error naming the variable.
 inline bool tail_l2_mma_requested(int64_t G) {
   const char* env = std::getenv("CARE_EXT_TAIL_L2");
-  if (env == nullptr || *env == 0 || std::strcmp(env, "ffma") == 0) return false;
+  if (env == nullptr || *env == 0 || std::strcmp(env, "auto") == 0) return G >= kTailL2MmaMinG;
   if (std::strcmp(env, "mma") == 0) return true;
-  TORCH_CHECK(std::strcmp(env, "auto") == 0, "CARE_EXT_TAIL_L2 must be ffma, mma or auto, got '",
+  TORCH_CHECK(std::strcmp(env, "ffma") == 0, "CARE_EXT_TAIL_L2 must be ffma, mma or auto, got '",
               env, "'");
-  return G >= kTailL2MmaMinG;
+  return false;
 }
 
 // Held for the whole of every op that runs ATen GEMMs (classifier_forward, acquisition_step, the

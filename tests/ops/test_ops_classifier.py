@@ -375,8 +375,8 @@ def test_cuda_tail_with_its_layer2_weight_staged_gives_the_same_bits(B, G, dims,
 
 
 def test_tail_l2_env_is_checked_and_the_cpu_keeps_its_ffma_tiles(monkeypatch):
-    """CARE_EXT_TAIL_L2 takes ffma, mma or auto; anything else is an error naming it. The CPU twin
-    has no tensor cores: with mma or auto it runs the FFMA tiles, so its outputs keep their bits."""
+    """CARE_EXT_TAIL_L2 takes ffma, mma, auto or nothing; anything else is an error naming it. The
+    CPU twin has no tensor cores: whatever the value, it runs the FFMA tiles (same bits)."""
     ids, lengths, h_p, h_r, s1, s2 = step_inputs(3, 8, 16, torch.bfloat16, torch.Generator())
     block = lambda: run_step(  # noqa: E731
         "_acquisition_step_fused_block", "cpu", ids, lengths, h_p, h_r, s1, s2, [], 8, 1)
@@ -385,7 +385,7 @@ def test_tail_l2_env_is_checked_and_the_cpu_keeps_its_ffma_tiles(monkeypatch):
         block()
     monkeypatch.setenv("CARE_EXT_TAIL_L2", "ffma")
     ffma = block()
-    for value in ("mma", "auto"):
+    for value in ("mma", "auto", ""):
         monkeypatch.setenv("CARE_EXT_TAIL_L2", value)
         for k, (a, b) in enumerate(zip(block(), ffma)):
             assert torch.equal(a, b), (value, k)
@@ -394,11 +394,14 @@ def test_tail_l2_env_is_checked_and_the_cpu_keeps_its_ffma_tiles(monkeypatch):
 @pytest.mark.cuda
 @pytest.mark.parametrize("G, tensor_cores", [(8, False), (31, False), (32, True), (64, True)])
 def test_cuda_tail_l2_auto_picks_by_group_size(G, tensor_cores, monkeypatch):
-    """CARE_EXT_TAIL_L2=auto runs rollout layer 2 on tensor cores from G = 32 rollouts on (the
-    outputs are mma's bits) and the FFMA tiles below (ffma's bits); either way like the reference."""
-    inputs, runs = _cuda_fused_step_under("CARE_EXT_TAIL_L2", ("ffma", "mma", "auto"), 20, G, {},
-                                          True, G, monkeypatch)
-    for layout, (ffma, mma, auto) in runs:
+    """CARE_EXT_TAIL_L2=auto (the default: unset or empty is auto) runs rollout layer 2 on tensor
+    cores from G = 32 rollouts on (the outputs are mma's bits) and the FFMA tiles below (ffma's
+    bits); either way like the reference."""
+    inputs, runs = _cuda_fused_step_under("CARE_EXT_TAIL_L2", ("ffma", "mma", "auto", ""), 20, G,
+                                          {}, True, G, monkeypatch)
+    for layout, (ffma, mma, auto, default) in runs:
+        for k, (a, b) in enumerate(zip(default, auto)):
+            assert torch.equal(a, b), (layout, "default", k)
         assert not all(torch.equal(a, b) for a, b in zip(mma, ffma)), layout  # the modes differ
         picked = mma if tensor_cores else ffma
         for k, (a, b) in enumerate(zip(auto, picked)):
