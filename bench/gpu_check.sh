@@ -13,7 +13,7 @@
 # GPU_CHECK_QUICK=1: after a kernel change, the checks that need the GPU only (~4 min): build,
 # SASS, the CUDA-marked op tests, the core on CUDA with the fused step, the step benchmark without
 # torch.compile, the tail's layer 2 on FFMA tiles against tensor cores, profile_step and the
-# sanitizers, then bench_step on CUDA and the CPU step's small blocks on and off (16 threads) if
+# sanitizers, then bench_step on CUDA and Nsight Compute on the tail kernel (where ncu exists) if
 # time is left; the rest is skipped.
 #
 #   device run:  bash bench/gpu_check.sh            (GPU_CHECK_QUICK=1 bash bench/gpu_check.sh)
@@ -183,16 +183,25 @@ if [ "$QUICK" = 1 ]; then
     --out "$OUT/bench_step_quick" > "$OUT/bench_step_quick.log" 2>&1
   stamp "bench_step (quick) exit $? : $(grep -E 'decide' "$OUT/bench_step_quick.log" | tr -s ' ' | tr '\n' ';')"
 fi
-# quick only: the CPU step's small blocks (CARE_EXT_CPU_SMALL_BLOCKS, default 1 since 2026-11-27)
-# against the 256-row blocks at 64x8x4096 on 1, 8 and 16 of this host's threads, alternated
-if [ "$QUICK" = 1 ]; then
-  for round in 1 2; do
-    for sb in 1 0; do
-      CARE_EXT_CPU_SMALL_BLOCKS=$sb timeout "$(cap 25)" python3 "$REPO/bench/thread_scaling.py" --threads 1 8 16 \
-        --rounds 1 --min-time 0.2 --shapes 64x8x4096 --out "$OUT/thread_scaling_sb${sb}_$round" \
-        > "$OUT/thread_scaling_sb${sb}_$round.log" 2>&1
-      stamp "CPU step CARE_EXT_CPU_SMALL_BLOCKS=$sb (round $round) exit $? : $(grep -E ' native +(1|8|16) ' "$OUT/thread_scaling_sb${sb}_$round.log" | tr -s ' ' | cut -d' ' -f4,5 | tr '\n' ';')"
-    done
+# quick only, if time is left: Nsight Compute on the tail kernel of the split2 step at 64x8x4096
+# and 1024x64x4096 (where its time goes: throughput against the SM's and memory's peaks, warp
+# stalls, the hottest source lines), when this machine has ncu
+if [ "$QUICK" = 1 ] && command -v ncu > /dev/null; then
+  cat > /tmp/ncu_tail.py <<'PY'
+import sys, torch, care_ext
+from bench_ops import make_inputs, op_calls
+for shape in sys.argv[1:]:
+    B, G, H = map(int, shape.split("x"))
+    fn = op_calls(make_inputs(B, G, H, "cuda", torch.bfloat16), torch.ops.care_ext)["acquisition_step_fused_split2"]
+    fn(); torch.cuda.synchronize()  # warm-up launch (skipped by --launch-skip 1 per shape)
+    fn(); torch.cuda.synchronize()
+PY
+  for shape in 64x8x4096 1024x64x4096; do
+    PYTHONPATH="$REPO/bench" timeout "$(cap 60)" ncu --kernel-name regex:step_tail --launch-skip 1 --launch-count 1 \
+      --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
+      --section MemoryWorkloadAnalysis --section SourceCounters python3 /tmp/ncu_tail.py $shape \
+      > "$OUT/ncu_tail_$shape.txt" 2>&1
+    stamp "ncu step_tail $shape exit $? : $(grep -E 'Duration|Compute \(SM\) Throughput|Memory Throughput' "$OUT/ncu_tail_$shape.txt" | tr -s ' ' | tr '\n' ';')"
   done
 fi
 [ "$QUICK" = 1 ] && { stamp "done (quick)"; exit 0; }
@@ -240,11 +249,12 @@ fi
 timeout "$(cap 90)" python3 "$REPO/bench/thread_scaling.py" --threads 1 2 4 8 16 --rounds 2 \
   --min-time 0.2 --shapes 64x8x4096 512x16x4096 --out "$OUT/thread_scaling" > "$OUT/thread_scaling.log" 2>&1
 stamp "CPU thread scaling exit $? : $(grep -E ' native +(1|16) ' "$OUT/thread_scaling.log" | tr -s ' ' | tr '\n' ';')"
-# the same at 64x8 with CARE_EXT_CPU_SMALL_BLOCKS=1 (blocks of ceil(B / threads) prompts when the
-# 256-row blocks are fewer than the threads: off by default until this machine measures it)
-CARE_EXT_CPU_SMALL_BLOCKS=1 timeout "$(cap 60)" python3 "$REPO/bench/thread_scaling.py" --threads 1 4 8 16 --rounds 2 \
-  --min-time 0.2 --shapes 64x8x4096 --out "$OUT/thread_scaling_small_blocks" > "$OUT/thread_scaling_small_blocks.log" 2>&1
-stamp "CPU thread scaling, CARE_EXT_CPU_SMALL_BLOCKS=1 exit $? : $(grep -E ' native +(1|16) ' "$OUT/thread_scaling_small_blocks.log" | tr -s ' ' | tr '\n' ';')"
+# the same at 64x8 with CARE_EXT_CPU_SMALL_BLOCKS=0 (two 256-row blocks on MKL's threads; the
+# default 1 gives every thread a block of ceil(B / threads) prompts: 1.4-1.6 against 3.7 ms on 16
+# threads on the H200 machine's host, 2026-11-27)
+CARE_EXT_CPU_SMALL_BLOCKS=0 timeout "$(cap 60)" python3 "$REPO/bench/thread_scaling.py" --threads 1 4 8 16 --rounds 2 \
+  --min-time 0.2 --shapes 64x8x4096 --out "$OUT/thread_scaling_big_blocks" > "$OUT/thread_scaling_big_blocks.log" 2>&1
+stamp "CPU thread scaling, CARE_EXT_CPU_SMALL_BLOCKS=0 exit $? : $(grep -E ' native +(1|16) ' "$OUT/thread_scaling_big_blocks.log" | tr -s ' ' | tr '\n' ';')"
 # the CPU step with float32 and with split-bf16 first layers (MKL's bf16 GEMM: AMX on recent Xeons;
 # build_info's cpu_bf16_gemm) against the eager reference on all of this machine's cores
 timeout "$(cap 60)" python3 "$REPO/bench/bench_ops.py" --device cpu --min-time 0.2 \

@@ -50,17 +50,36 @@ struct HeadWeights {
 // bf16 pieces of a split float32 weight (hi, mid, lo: see care_ext/bf16_split.py), summed here
 // smallest piece first (each piece is ~2^-8 of the one before: the small ones meet first).
 struct PreAct {
+  static constexpr int kMaxTerms = 3;  // plain: 1; split: 1..3 pieces (check_split)
   const float* p;
   int64_t ld;
   int terms;
   int64_t term_stride;
-  CARE_HD float at(int64_t r, int k) const {
+  // The terms of (r, k) into x[0 .. terms-1] (loads only: a caller can have many in flight).
+  CARE_HD void load(int64_t r, int k, float (&x)[kMaxTerms]) const {
     const float* q = p + r * ld + k;
-    float v = q[(terms - 1) * term_stride];
-    for (int t = terms - 2; t >= 0; --t) v += q[t * term_stride];
+    CARE_UNROLL
+    for (int t = 0; t < kMaxTerms; ++t) x[t] = t < terms ? q[t * term_stride] : 0.f;
+  }
+  // Their sum, smallest piece first: x[terms-1] + ... + x[0] (compile-time indices: on the GPU
+  // x stays in registers; a run-time index would put it in local memory).
+  CARE_HD float sum(const float (&x)[kMaxTerms]) const {
+    static_assert(kMaxTerms == 3, "sum() spells out up to 3 terms");
+    float v = terms >= 3 ? x[2] : (terms == 2 ? x[1] : x[0]);
+    if (terms >= 3) v += x[1];
+    if (terms >= 2) v += x[0];
     return v;
   }
+  CARE_HD float at(int64_t r, int k) const {
+    float x[kMaxTerms];
+    load(r, k, x);
+    return sum(x);
+  }
 };
+
+// Items of rollout layer 1 a thread loads before it computes them (branches): their GEMM outputs
+// in flight together, not one memory latency per item.
+constexpr int kL1Chunk = 4;
 
 // Rollout layer 2 in register tiles, the mean pool in registers: layer 1 writes the pooled
 // rollouts' outputs transposed and compacted (r1t[k * ld + c] for the c-th pooled rollout, ld a
@@ -389,7 +408,7 @@ __device__ __forceinline__ void layer2_pool_parts_mma(const HeadWeights& w, cons
       }
       CARE_UNROLL
       for (int m = 0; m < kMmaRowTiles; ++m) {
-        const int row = (mt0 + m) * 16 + g;  // rows past count (zeros, or past the tiles): not pooled
+        const int row = (mt0 + m) * 16 + g;  // rows past count (zeros or past the tiles): unpooled
         const bool in0 = row < count, in1 = row + 8 < count;
         CARE_UNROLL
         for (int n = 0; n < kMmaUnitTiles; ++n) {
@@ -433,14 +452,29 @@ template <class Sync>
 CARE_HD void branches(const HeadWeights& w, int G, int64_t b, PreAct pre_r, const float* rfeat,
                       const bool* mask, PreAct pre_p, const float* pfeat, const HeadScratch& s,
                       float* p, float* pool, bool l2_mma, int tid, int nth, Sync sync) {
-  if (tid == 0) {  // the pooled rollouts in order: the mask's true entries, or all G
-    int n = 0;
-    for (int g = 0; g < G; ++g) {
-      if (mask == nullptr || mask[g]) s.rows[n++] = static_cast<float>(g);
+  // the pooled rollouts in order (the mask's true entries, or all G) into s.rows, and their count
+  int count = 0;
+#if defined(__CUDA_ARCH__)
+  {  // every warp reads the mask 32 entries at a time and counts by ballot; warp 0 writes rows
+     // (one load per lane and step, where a serial loop paid one memory latency per entry)
+    const int lane = tid & 31;
+    for (int g0 = 0; g0 < G; g0 += 32) {
+      const int g = g0 + lane;
+      const bool in = g < G && (mask == nullptr || mask[g]);
+      const unsigned bal = __ballot_sync(0xffffffffu, in);
+      const int before = __popc(bal & ((1u << lane) - 1u));  // true entries below this lane
+      if (tid < 32 && in) s.rows[count + before] = static_cast<float>(g);
+      count += __popc(bal);
     }
   }
-  int count = 0;
-  for (int g = 0; g < G; ++g) count += (mask == nullptr || mask[g]) ? 1 : 0;
+#else
+  for (int g = 0; g < G; ++g) {
+    if (mask == nullptr || mask[g]) {
+      if (tid == 0) s.rows[count] = static_cast<float>(g);
+      ++count;
+    }
+  }
+#endif
   const float inv = count > 0 ? 1.f / static_cast<float>(count) : 0.f;  // empty mask: pool 0
   const int n_tiles = (count + kL2TileRows - 1) / kL2TileRows;
   const int ld = r1t_ld(G), rows = r1t_rows(count);
@@ -451,17 +485,33 @@ CARE_HD void branches(const HeadWeights& w, int G, int64_t b, PreAct pre_r, cons
   }
   sync();  // rows
   // rollout layer 1 of the pooled rollouts: bias, features, ReLU, into r1t (zeros up to whole
-  // tiles); consecutive threads take consecutive units k, so the GEMM output is read in lines
-  for (int i = tid; i < rows * w.R1; i += nth) {
-    const int c = i / w.R1, k = i - c * w.R1;
-    float v = 0.f;
-    if (c < count) {
-      const int g = static_cast<int>(s.rows[c]);
-      v = pre_r.at(b * G + g, k) + w.r1b[k];
-      for (int f = 0; f < w.Fr; ++f) v += w.r1w.at(k, w.H + f) * rfeat[g * w.Fr + f];
-      v = relu_f(v);
+  // tiles); consecutive threads take consecutive units k, so the GEMM output is read in lines.
+  // Each thread takes kL1Chunk items at a time (items tid, tid + nth, ...): first all their loads,
+  // then their sums, each in the order of PreAct::at.
+  const int n_items = rows * w.R1;
+  for (int i0 = tid; i0 < n_items; i0 += kL1Chunk * nth) {
+    float x[kL1Chunk][PreAct::kMaxTerms];
+    int cu[kL1Chunk], ku[kL1Chunk], gu[kL1Chunk];  // rollout slot, unit, rollout (-1: zero row)
+    CARE_UNROLL
+    for (int u = 0; u < kL1Chunk; ++u) {
+      const int i = i0 + u * nth;
+      cu[u] = i / w.R1;
+      ku[u] = i - cu[u] * w.R1;
+      gu[u] = i < n_items && cu[u] < count ? static_cast<int>(s.rows[cu[u]]) : -1;
+      if (gu[u] >= 0) pre_r.load(b * G + gu[u], ku[u], x[u]);
     }
-    s.r1t[k * ld + c] = v;
+    CARE_UNROLL
+    for (int u = 0; u < kL1Chunk; ++u) {
+      if (i0 + u * nth >= n_items) break;
+      const int c = cu[u], k = ku[u], g = gu[u];
+      float v = 0.f;
+      if (g >= 0) {
+        v = pre_r.sum(x[u]) + w.r1b[k];
+        for (int f = 0; f < w.Fr; ++f) v += w.r1w.at(k, w.H + f) * rfeat[g * w.Fr + f];
+        v = relu_f(v);
+      }
+      s.r1t[k * ld + c] = v;
+    }
   }
   sync();
   // rollout layer 2 + ReLU + (masked) mean pool (layer2_pool_parts), then the row groups added
