@@ -123,3 +123,31 @@ def test_expected_large_logits_are_stable(device):
     probs, _ = torch.ops.care_ext.expected_cag(logits, torch.zeros(1, 3, device=device), adm)
     assert torch.isfinite(probs).all()
     assert abs(probs[0, 0].item() - 1 / (1 + math.exp(-1))) < 1e-6
+
+
+def test_expected_non_finite_logits_like_the_reference(device):
+    """NaN and infinite logits on both sides of the 16-class chunks admissible_max reads its flags
+    in: an admissible NaN anywhere (class 3, 17 or 20) makes the row's softmax NaN, an inadmissible
+    one is ignored, an admissible +inf or an all -inf row give what the reference gives (NaN)."""
+    gen = torch.Generator().manual_seed(7)
+    B, C = 7, 33
+    logits = torch.randn(B, C, generator=gen)
+    cag = torch.rand(B, C, generator=gen)
+    adm = torch.rand(B, C, generator=gen) < 0.6
+    adm[:, 0] = True
+    nan, inf = float("nan"), float("inf")
+    logits[0, 20], adm[0, 20] = nan, True    # admissible NaN in the second chunk
+    logits[1, 20], adm[1, 20] = nan, False   # inadmissible NaN: ignored
+    logits[2, :] = -inf                      # every logit -inf
+    logits[3, 31], adm[3, 31] = inf, True    # admissible +inf in the last chunk
+    logits[4, 3], logits[4, 17] = nan, nan   # two admissible NaNs, two chunks
+    adm[4, 3] = adm[4, 17] = True
+    adm[5, 1:] = False                       # one admissible class, in the first chunk
+    adm[6, :16] = False
+    adm[6, 16] = True                        # the first admissible class opens the second chunk
+    probs, ecag = torch.ops.care_ext.expected_cag(logits.to(device), cag.to(device), adm.to(device))
+    rp, re = R.expected_cag(logits.double(), cag.double(), adm)
+    for got, ref in ((probs.cpu(), rp), (ecag.cpu(), re)):
+        assert torch.equal(torch.isnan(got), torch.isnan(ref))
+        assert torch.allclose(got.double(), ref, rtol=1e-6, atol=1e-7, equal_nan=True)
+    assert not torch.isnan(probs[1]).any() and torch.isnan(probs[0, adm[0]]).all()
