@@ -569,23 +569,22 @@ class CareController:
         new request), or the exception that kept the result from being recorded (a label
         ``json`` refuses, a store error); the caller refunds and drops those."""
         out: list[bool | Exception] = [True] * len(results)
-        good: list[tuple[int, Any]] = []
+        good: list[tuple[int, Any, str]] = []
         for j, res in enumerate(results):
             try:
                 if res.status == "ok":
                     label = json_safe(res.label)  # the value the store gives back later
-                    json.dumps(label)
-                    good.append((j, label))
+                    good.append((j, label, json.dumps(label)))  # encoded once: checked and stored
                 elif res.status != "pending":
                     self.store.release(res.uid)
             except Exception as exc:  # noqa: BLE001 - reported per result
                 out[j] = exc
         try:
-            stored = self.store.put_charged_many([(results[j].uid, label, self.oracle.name)
-                                                  for j, label in good])
+            stored = self.store.put_charged_texts([(results[j].uid, text, self.oracle.name)
+                                                   for j, _, text in good])
         except Exception as exc:  # noqa: BLE001 - the transaction stored none of them
             stored = [exc] * len(good)
-        for (j, label), st in zip(good, stored, strict=True):
+        for (j, label, _), st in zip(good, stored, strict=True):
             uid = results[j].uid
             if st is True:
                 labels[uid] = label

@@ -65,6 +65,40 @@ def test_put_charged_records_the_paying_row_and_refuses_an_uncharged_uid():
     assert s.get(["a"])["a"].label == 7
 
 
+def test_put_charged_texts_writes_the_rows_one_statement_each_would(tmp_path):
+    """put_charged_texts (what the controller stores a step's labels with: pre-encoded labels,
+    ledger rows read by IN queries, two executemany) leaves the same labels and ledger as
+    put_charged called once per item, over more uids than one IN query takes (500), with a uid
+    listed twice (its last label stays), uncharged and unknown uids (False, nothing stored) and
+    labels json must encode; the result list is per item, in order."""
+    import json
+
+    n = 1203
+    uids = [f"u{i}" for i in range(n)]
+    items = [(u, {"a": i % 7, "t": [i, "x"]}, "judge") for i, u in enumerate(uids)]
+    items += [("u5", "again", "judge2"), ("u9", 1.5, "judge"), ("nope", 3, "judge")]
+    stores = []
+    for batched in (False, True):
+        s = LabelStore(tmp_path / f"labels_{batched}.sqlite")
+        assert len(s.reserve(uids, step=2, cost_each=0.5, kind="sync", step_cap=n,
+                             global_cap=None, run="r")) == n
+        s.release("u9")  # refunded: a label for it is refused
+        if batched:
+            got = s.put_charged_texts([(u, json.dumps(lab), src) for u, lab, src in items])
+        else:
+            got = [s.put_charged(u, lab, src) for u, lab, src in items]
+        assert got == [u not in ("u9", "nope") for u, _, _ in items]
+        stores.append(s)
+    seq, bat = stores
+    keys = uids + ["nope"]
+    strip = lambda d: {u: (x.label, x.source, x.cost, x.step, x.run) for u, x in d.items()}  # noqa: E731
+    assert strip(bat.get(keys)) == strip(seq.get(keys))
+    assert bat.get(["u5"])["u5"].label == "again" and "u9" not in bat.get(["u9"])
+    assert bat.ledger(keys) == seq.ledger(keys)
+    assert bat.spent() == seq.spent() == (n - 1, 0.5 * (n - 1))
+    assert bat.put_charged_texts([]) == []
+
+
 def test_reserve_charges_a_repeated_uid_once_and_counts_attempts(tmp_path):
     s = LabelStore(tmp_path / "labels.sqlite")
     assert s.reserve(["a", "a", "b", "c"], step=0, cost_each=1.0, kind="sync", step_cap=2,

@@ -381,7 +381,8 @@ def test_tail_l2_env_is_checked_and_the_cpu_keeps_its_ffma_tiles(monkeypatch):
     block = lambda: run_step(  # noqa: E731
         "_acquisition_step_fused_block", "cpu", ids, lengths, h_p, h_r, s1, s2, [], 8, 1)
     monkeypatch.setenv("CARE_EXT_TAIL_L2", "tf32")
-    with pytest.raises(RuntimeError, match="CARE_EXT_TAIL_L2 must be ffma, mma or auto, got 'tf32'"):
+    with pytest.raises(RuntimeError,
+                       match="CARE_EXT_TAIL_L2 must be ffma, mma or auto, got 'tf32'"):
         block()
     monkeypatch.setenv("CARE_EXT_TAIL_L2", "ffma")
     ffma = block()
