@@ -191,8 +191,8 @@ CARE_HD void classwise_cag_row(const int64_t* sizes, int G, double eps, bool unb
 
 // The largest admissible logit in double (NaN if any admissible logit is NaN), in k order;
 // *any: whether some class is admissible (else the result is -inf).
-// The flags are read kAdmissibleChunk at a time before they are used (on the GPU: that many loads
-// in flight, where the loop compiled to 4 per memory latency); the classes are still taken in order.
+// The flags are read kAdmissibleChunk at a time before they are used (on the GPU: that many
+// loads in flight, where the loop compiled to 4 per memory latency); classes still in order.
 constexpr int kAdmissibleChunk = 16;
 
 template <typename F>

@@ -45,16 +45,16 @@ constexpr int64_t kBlockRows = 256;
 // the first layers' weights, 1 MB per branch at H = 4096, for too little work).
 constexpr int64_t kMinBlockRows = 32;
 
-// CARE_EXT_CPU_SMALL_BLOCKS (run time): unset or "1" (the default) gives the blocks ceil(B / threads)
-// prompts (never under kMinBlockRows rows) when kBlockRows-row blocks would be fewer than the
-// threads (64x8 on a many-core controller: two blocks), so that every thread runs blocks of its
-// own with single-threaded GEMMs; "0": kBlockRows-row blocks, run one after the other on MKL's
-// threads when they are too few. Measured on the 16-core host of the H200 machine (2026-11-27,
-// bench/RESULTS.md, ninth session): the CPU step at 64x8x4096 took 2.63 / 1.81 / 1.47 ms on
-// 4 / 8 / 16 threads with small blocks, 3.07 / 2.51 / 3.36 ms without. On 2 threads it changes
-// nothing (64x8 makes two blocks). Results within float32 rounding of "0", not always its bits:
-// a block's few masked (Stage-II) rows may take another MKL kernel than the same rows among more,
-// and the blocks depend on the thread count.
+// CARE_EXT_CPU_SMALL_BLOCKS (run time): unset or "1" (the default) gives the blocks
+// ceil(B / threads) prompts (never under kMinBlockRows rows) when kBlockRows-row blocks would be
+// fewer than the threads (64x8 on a many-core controller: two blocks), so that every thread runs
+// blocks of its own with single-threaded GEMMs; "0": kBlockRows-row blocks, run one after the
+// other on MKL's threads when they are too few. Measured on the 16-core host of the H200 machine
+// (2026-11-27, bench/RESULTS.md, ninth session): the CPU step at 64x8x4096 took 2.63 / 1.81 /
+// 1.47 ms on 4 / 8 / 16 threads with small blocks, 3.07 / 2.51 / 3.36 ms without. On 2 threads
+// it changes nothing (64x8 makes two blocks). Results within float32 rounding of "0", not always
+// its bits: a block's few masked (Stage-II) rows may take another MKL kernel than the same rows
+// among more, and the blocks depend on the thread count.
 bool small_blocks_requested() { return !env_switch("CARE_EXT_CPU_SMALL_BLOCKS", "1", "0"); }
 
 // Prompts per block of B prompts of G rollouts on `threads` threads (see kBlockRows and

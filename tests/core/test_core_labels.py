@@ -91,7 +91,10 @@ def test_put_charged_texts_writes_the_rows_one_statement_each_would(tmp_path):
         stores.append(s)
     seq, bat = stores
     keys = uids + ["nope"]
-    strip = lambda d: {u: (x.label, x.source, x.cost, x.step, x.run) for u, x in d.items()}  # noqa: E731
+
+    def strip(d):
+        return {u: (x.label, x.source, x.cost, x.step, x.run) for u, x in d.items()}
+
     assert strip(bat.get(keys)) == strip(seq.get(keys))
     assert bat.get(["u5"])["u5"].label == "again" and "u9" not in bat.get(["u9"])
     assert bat.ledger(keys) == seq.ledger(keys)
