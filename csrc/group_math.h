@@ -261,10 +261,8 @@ CARE_HD void expected_cag_spread(const float* logits, const float* cag, const bo
     e[k] = admissible[k] ? exp(static_cast<double>(logits[k]) - mx) : 0.0;
   }
   sync();
-  double z = 0.0;
-  for (int k = 0; k < C; ++k) {
-    if (admissible[k]) z += e[k];
-  }
+  double z = 0.0;  // e is +0.0 off the admissible classes: adding it leaves z's bits (z >= 0)
+  for (int k = 0; k < C; ++k) z += e[k];  // shared memory only (no admissible[k] load per class)
   sync();  // every thread has read e before it is overwritten
   for (int k = tid; k < C; k += nth) {
     const double p = admissible[k] ? e[k] / z : 0.0;
