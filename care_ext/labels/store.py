@@ -289,17 +289,18 @@ class LabelStore:
                 row = db.execute("SELECT status FROM ledger WHERE uid = ?", (uid,)).fetchone()
                 if row is None or row[0] not in CHARGED:
                     return False
-            self._write_label(db, uid, text, source, cost, step, run)
+            self._write_labels(db, [(uid, text, source, float(cost), int(step), time.time(),
+                                     run)])
         return True
 
     @staticmethod
-    def _write_label(db, uid: str, text: str, source: str, cost: float, step: int,
-                     run: str) -> None:
-        """Inside a transaction: the label row (JSON text) and its ledger row marked stored."""
-        db.execute("INSERT OR REPLACE INTO labels (uid, label, source, cost, step, time, run) "
-                   "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                   (uid, text, source, float(cost), int(step), time.time(), run))
-        db.execute("UPDATE ledger SET status = 'stored' WHERE uid = ?", (uid,))
+    def _write_labels(db, rows: list[tuple]) -> None:
+        """Inside a transaction: label rows ``(uid, JSON text, source, cost, step, time, run)``
+        and their ledger rows marked stored (two ``executemany``, rows in order)."""
+        db.executemany("INSERT OR REPLACE INTO labels (uid, label, source, cost, step, time, run) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+        db.executemany("UPDATE ledger SET status = 'stored' WHERE uid = ?",
+                       [(r[0],) for r in rows])
 
     def put_charged(self, uid: str, label: Any, source: str) -> bool:
         """Store the label of a charged request, with the cost, step and run of the ledger row
@@ -331,18 +332,15 @@ class LabelStore:
         with self._tx() as db:
             rows = {u: (st, c, sp, r) for u, st, c, sp, r in
                     self._select("ledger", "status, cost, step, run", [u for u, _, _ in items])}
-            labels, stored = [], []
+            labels = []
             for uid, text, source in items:
                 row = rows.get(uid)
                 if row is None or row[0] not in CHARGED:
                     out.append(False)
                     continue
                 labels.append((uid, text, source, float(row[1]), int(row[2]), now, row[3]))
-                stored.append((uid,))
                 out.append(True)
-            db.executemany("INSERT OR REPLACE INTO labels (uid, label, source, cost, step, time, "
-                           "run) VALUES (?, ?, ?, ?, ?, ?, ?)", labels)
-            db.executemany("UPDATE ledger SET status = 'stored' WHERE uid = ?", stored)
+            self._write_labels(db, labels)
         return out
 
     def release(self, uid: str) -> None:
