@@ -39,7 +39,7 @@ import torch
 
 import care_ext
 from care_ext import reference as R
-from care_ext.bf16_split import first_layer_split
+from care_ext.bf16_split import first_layer_split, pack_first_layer_split
 from care_ext.ops import core_step_layout
 from step_goals import ALL_STEP_OPS, CPU_STEP_OPS
 
@@ -93,6 +93,7 @@ def make_inputs(B: int, G: int, H: int, device: str, hidden_dtype: torch.dtype, 
     return dict(ids=to(ids), lengths=to(lengths), h_p=to(h_p), h_r=to(h_r),
                 s1=s1, s2=s2, r=to(r), r2=to(r2), rows=rows,
                 split=[to(t) for t in split], split2=[to(t[:2].contiguous()) for t in split],
+                packed=pack_first_layer_split(split) if device == "cpu" else None,
                 split_out=[torch.empty_like(to(t)) for t in split],
                 sizes=to(R.cluster_stats(ids)[1]), logits=to(torch.randn(B, G + 1, generator=gen)))
 
@@ -142,6 +143,10 @@ def op_calls(x, impl):
         "acquisition_step_fused_split2": step_call("_acquisition_step_fused_split", x["split2"]),
         # the CPU step on split-bf16 first layers (MKL's bf16 GEMM; CPU and native only)
         "acquisition_step_split": step_call("_acquisition_step_split", x["split"]),
+        # the same on the pieces packed once for oneDNN's BRGeMM (AMX CPUs; CPU and native only;
+        # where there is no packing it is the row above)
+        "acquisition_step_split_packed": step_call("_acquisition_step_split",
+                                                   x["split"] + (x["packed"] or [])),
         # the split pieces of both stages' first layers (care_ext::_split_bf16 vs its torch twin)
         "first_layer_split": first_layer_split_into,
     }

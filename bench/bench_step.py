@@ -16,6 +16,8 @@ raw rows of the trained prompts come from memory.
     python bench/bench_step.py --device cpu --threads 1 --first-layer-backward autograd fused
     python bench/bench_step.py --device cpu --threads 2 --first-layer-gemm float32 bf16x3
     python bench/bench_step.py --device cpu --threads 2 --update sync background --gap-ms 100
+    python bench/bench_step.py --device cpu --threads 16 --first-layer-gemm bf16x3 \
+        --first-layer-pack off on
     python bench/bench_step.py --device cuda --out $OUT/bench_step
 
 ``--update background`` trains on the controller's background thread
@@ -56,10 +58,17 @@ def batch(step: int, B: int, G: int, H: int, gen: torch.Generator, device: str):
     return uids, ids, gold, lengths, h_p, h_r
 
 
+def packs(ctl: CareController) -> bool:
+    """Whether the controller's decide multiplies on packed first-layer pieces (the split it
+    passes the step holds 4 tensors; CareConfig.first_layer_pack on a CPU with AMX)."""
+    tr = ctl.trainer
+    return bool(tr is not None and tr.split_terms > 0 and len(tr.step_split(tr.split_terms)) == 4)
+
+
 def run(device: str, B: int, G: int, H: int, steps: int, warmup: int, strategy: str,
         projected: bool = False, first_layer_backward: str = "auto",
         first_layer_gemm: str = "auto", background: bool = False, gap_ms: float = 0.0,
-        store_dir: str | None = None) -> dict:
+        store_dir: str | None = None, first_layer_pack: bool = False) -> dict:
     """decide + update of one controller for warmup + steps steps; medians of the steps after the
     warm-up. update_ms is what the update costs the caller: the update() call, plus, after
     ``gap_ms`` of other work (a sleep: the policy update and the next rollouts in a real loop),
@@ -77,6 +86,7 @@ def run(device: str, B: int, G: int, H: int, steps: int, warmup: int, strategy: 
     ctl = CareController(CareConfig(strategy=strategy, group_size=G, device=device, warmup_steps=2,
                                     first_layer_backward=first_layer_backward,
                                     first_layer_gemm=first_layer_gemm,
+                                    first_layer_pack=first_layer_pack,
                                     background_update=background), GoldOracle(gold), store)
     t_decide, t_update, t_project, t_train = [], [], [], []
     timed: list[float] = []  # the training's own time per update, on whatever thread it ran
@@ -138,6 +148,8 @@ def run(device: str, B: int, G: int, H: int, steps: int, warmup: int, strategy: 
                 train_ms=statistics.median(t_train) * 1e3 if t_train else None,
                 first_layer_backward=first_layer_backward, first_layer_gemm=first_layer_gemm,
                 split_terms=ctl.trainer.split_terms if ctl.trainer is not None else None,
+                first_layer_pack=first_layer_pack,
+                packed=packs(ctl),
                 project_ms=statistics.median(t_project) * 1e3 if t_project else None)
 
 
@@ -160,6 +172,10 @@ def main(argv=None) -> int:
                     help="the decide step's first layers (CareConfig.first_layer_gemm; rows record "
                          "what 'auto' resolved to as split_terms); several: each in turn per "
                          "shape, side by side")
+    ap.add_argument("--first-layer-pack", nargs="+", default=["off"], choices=["off", "on"],
+                    help="CareConfig.first_layer_pack (split first layers packed once per update "
+                         "for oneDNN's BRGeMM on AMX CPUs; rows record whether it packed); "
+                         "several: each in turn per shape")
     ap.add_argument("--update", nargs="+", default=["sync"], choices=["sync", "background"],
                     help="CareConfig.background_update off / on; several: each in turn per shape")
     ap.add_argument("--gap-ms", type=float, default=0.0,
@@ -176,10 +192,11 @@ def main(argv=None) -> int:
     rows = []
     for shape in args.shapes:
         B, G, H = map(int, shape.split("x"))
-        for flb, gemm, upd in [(f, g, u) for f in args.first_layer_backward
-                               for g in args.first_layer_gemm for u in args.update]:
+        for flb, gemm, pack, upd in [(f, g, k, u) for f in args.first_layer_backward
+                                     for g in args.first_layer_gemm
+                                     for k in args.first_layer_pack for u in args.update]:
             r = run(args.device, B, G, H, args.steps, args.warmup, args.strategy, args.projected, flb,
-                    gemm, upd == "background", args.gap_ms, args.store_dir)
+                    gemm, upd == "background", args.gap_ms, args.store_dir, pack == "on")
             # OpenMP placement too: on a 2-core VM the decide after a background update took
             # 12-15 ms unbound and 8 ms with OMP_PROC_BIND=true (bench/RESULTS.md)
             r.update(device_name=name, torch=torch.__version__, threads=torch.get_num_threads(),
@@ -189,7 +206,8 @@ def main(argv=None) -> int:
             rows.append(r)
             proj = f", projection {r['project_ms']:.1f} ms" if r["project_ms"] is not None else ""
             print(f"{args.device} {shape:>12} {args.strategy}{' projected' if args.projected else ''}"
-                  f" [first layers: {flb}, {gemm} ({r['split_terms']}); {upd} update, gap "
+                  f" [first layers: {flb}, {gemm} ({r['split_terms']})"
+                  f"{', packed' if r['packed'] else ''}; {upd} update, gap "
                   f"{args.gap_ms:g} ms]: decide {r['decide_ms']:.1f} ms, update "
                   f"{r['update_ms']:.1f} ms ({100 * r['update_share']:.0f}% of the step; training "
                   f"{r['train_ms'] or 0:.1f} ms){proj}",

@@ -8,13 +8,15 @@
 # compute-sanitizer (memcheck on every kernel, racecheck and synccheck on the block- and
 # warp-cooperative ones), bench_step three ways (default, fused, split-bf16 first layers), then
 # the single ops, the figures (bench/plot_bench.py), the CPU step's thread scaling on the
-# machine's 16 cores (bench/thread_scaling.py) and the CPU step with split-bf16 first layers.
+# machine's 16 cores (bench/thread_scaling.py) and the CPU step with split-bf16 first layers
+# (MKL's GEMM and the packed pieces).
 #
 # GPU_CHECK_QUICK=1: after a kernel change, the checks that need the GPU only (~4 min): build,
 # SASS, the CUDA-marked op tests, the core on CUDA with the fused step, the step benchmark without
 # torch.compile, the tail's layer 2 on FFMA tiles against tensor cores, profile_step and the
-# sanitizers, then bench_step on CUDA and Nsight Compute on the tail kernel (where ncu exists) if
-# time is left; the rest is skipped.
+# sanitizers, then bench_step on CUDA, the CPU split step on packed pieces against MKL's (the
+# host's cores) and Nsight Compute on the tail kernel (where ncu exists) if time is left; the rest
+# is skipped.
 #
 #   device run:  bash bench/gpu_check.sh            (GPU_CHECK_QUICK=1 bash bench/gpu_check.sh)
 set -uo pipefail
@@ -183,6 +185,19 @@ if [ "$QUICK" = 1 ]; then
     --out "$OUT/bench_step_quick" > "$OUT/bench_step_quick.log" 2>&1
   stamp "bench_step (quick) exit $? : $(grep -E 'decide' "$OUT/bench_step_quick.log" | tr -s ' ' | tr '\n' ';')"
 fi
+# quick only, if time is left: the CPU split step on pieces packed for oneDNN's BRGeMM against
+# MKL's per-call packing, on this host's cores (small blocks: on the 2-core AMX VM a 32-row block's
+# step took 0.77-0.80 against 1.17 ms; CareConfig.first_layer_pack stays off until this says more)
+if [ "$QUICK" = 1 ]; then
+  timeout "$(cap 40)" python3 "$REPO/bench/bench_ops.py" --device cpu --min-time 0.2 \
+    --ops acquisition_step_split acquisition_step_split_packed --providers native reference \
+    --shapes 64x8x4096 512x16x4096 --out "$OUT/bench_cpu_packed" > "$OUT/bench_cpu_packed.log" 2>&1
+  stamp "CPU split step MKL / packed exit $? : $(grep -E '^cpu' "$OUT/bench_cpu_packed.log" | tr -s ' ' | tr '\n' ';')"
+  timeout "$(cap 40)" python3 "$REPO/bench/bench_step.py" --device cpu --steps 4 --warmup 2 \
+    --shapes 64x8x4096 --first-layer-gemm bf16x3 --first-layer-pack off on \
+    --out "$OUT/bench_step_cpu_packed" > "$OUT/bench_step_cpu_packed.log" 2>&1
+  stamp "CPU core decide, first_layer_pack off / on exit $? : $(grep -E 'decide' "$OUT/bench_step_cpu_packed.log" | tr -s ' ' | tr '\n' ';')"
+fi
 # quick only, if time is left: Nsight Compute on the tail kernel of the split2 step at 64x8x4096
 # and 1024x64x4096 (where its time goes: throughput against the SM's and memory's peaks, warp
 # stalls, the hottest source lines), when this machine has ncu
@@ -258,7 +273,7 @@ stamp "CPU thread scaling, CARE_EXT_CPU_SMALL_BLOCKS=0 exit $? : $(grep -E ' nat
 # the CPU step with float32 and with split-bf16 first layers (MKL's bf16 GEMM: AMX on recent Xeons;
 # build_info's cpu_bf16_gemm) against the eager reference on all of this machine's cores
 timeout "$(cap 60)" python3 "$REPO/bench/bench_ops.py" --device cpu --min-time 0.2 \
-  --ops acquisition_step acquisition_step_split --providers native reference \
+  --ops acquisition_step acquisition_step_split acquisition_step_split_packed --providers native reference \
   --shapes 64x8x4096 512x16x4096 --out "$OUT/bench_cpu_split" > "$OUT/bench_cpu_split.log" 2>&1
 stamp "CPU step float32 / split-bf16 exit $? : $(grep -E '^cpu' "$OUT/bench_cpu_split.log" \
   | tr -s ' ' | tr '\n' ';')"

@@ -92,7 +92,8 @@ def _acquisition_step(ids: Tensor, lengths: Tensor, h_prompt: Tensor, h_resp: Te
 def _acquisition_step_split(ids: Tensor, lengths: Tensor, h_prompt: Tensor, h_resp: Tensor,
                             stage1, stage2, max_len: float, cag_eps: float, cag_unbiased: bool,
                             adv_eps: float, adv_unbiased: bool, first_layer_split):
-    torch._check(len(first_layer_split) == 2, lambda: "first_layer_split must hold 2 tensors")
+    torch._check(len(first_layer_split) in (2, 4),
+                 lambda: "first_layer_split must hold 2 tensors, or 4 with their packing")
     return _acquisition_step(ids, lengths, h_prompt, h_resp, stage1, stage2, max_len, cag_eps,
                              cag_unbiased, adv_eps, adv_unbiased)
 
@@ -111,4 +112,12 @@ def _split_bf16(w: Tensor, terms: int, out: Tensor):
     torch._check(w.dim() == 2 and w.dtype == torch.float32, lambda: "w must be float32 [R, H]")
     torch._check(out.dtype == torch.bfloat16 and tuple(out.shape) == (terms, *w.shape),
                  lambda: "out must be bfloat16 [terms, R, H]")
+    return None
+
+
+@torch.library.register_fake(_LIB + "_pack_bf16_split")
+def _pack_bf16_split(split: Tensor, out: Tensor):
+    torch._check(split.dim() == 3 and split.dtype == torch.bfloat16,
+                 lambda: "split must be bfloat16 [T, R, H]")
+    torch._check(out.dtype == torch.bfloat16 and out.dim() == 1, lambda: "out must be 1-D bfloat16")
     return None

@@ -173,3 +173,72 @@ def first_layer_split(stage1: Sequence[Tensor], stage2: Sequence[Tensor], hidden
         split_bf16(stage2[i][:, :H], terms, out=buf[:, n1:])
         result.append(buf)
     return result
+
+
+PACK_COLS = 64
+"""Split rows per packed block (oneDNN's bf16 BRGeMM packs at most 64 columns of B at a time)."""
+
+
+def cpu_brgemm_available() -> bool:
+    """Whether the CPU split step can multiply on packed pieces (:func:`pack_first_layer_split`):
+    oneDNN's bf16 BRGeMM on AMX through torch, with the packed layout checked once against
+    oneDNN's own packing (``build_info()["cpu_brgemm"]``). False on CPUs without AMX-BF16, without
+    the native library, or with ``CARE_EXT_CPU_BRGEMM=0`` in the environment when it loaded."""
+    from . import build_info
+    return bool(build_info().get("cpu_brgemm"))
+
+
+def packed_numel(rows: int, hidden_size: int) -> int:
+    """Elements of the packing of ``rows`` split rows of ``hidden_size`` (even) bf16 values: per
+    block of :data:`PACK_COLS` rows, ``hidden_size`` times the block's rows rounded up to 16."""
+    full, rest = divmod(int(rows), PACK_COLS)
+    return int(hidden_size) * (full * PACK_COLS + (rest + 15) // 16 * 16)
+
+
+def pack_first_layer_split(split: Sequence[Tensor], out: Sequence[Tensor] | None = None
+                           ) -> list[Tensor] | None:
+    """The packing of :func:`first_layer_split`'s pieces for the CPU split step's BRGeMM calls.
+
+    The CPU step (``_acquisition_step_split``) then takes ``[*split, *packed]`` as its
+    ``first_layer_split`` and multiplies on the packed pieces, instead of MKL's GEMM re-packing
+    them at every call (bench/RESULTS.md, tenth session: a 32-row block 153 instead of 323 us).
+    Pack again whenever the pieces change (the CARE core does so after every update).
+
+    Args:
+        split: [rollout bf16 [T, R1, H], prompt bf16 [T, P, H]] on the CPU, H even.
+        out: optional result of an earlier call with the same shapes, overwritten in place.
+
+    Returns:
+        [rollout packed, prompt packed], each a 1-D bfloat16 tensor of
+        :func:`packed_numel` (T * units, H) elements; None where the packed path is unavailable
+        (:func:`cpu_brgemm_available` False, CUDA tensors, or an odd H): pass the 2 pieces alone.
+
+    Raises:
+        ValueError: not 2 pieces, pieces that are not bf16 [T, units, H], or ``out`` that does not
+            match.
+    """
+    if len(split) != 2:
+        raise ValueError(f"pack_first_layer_split: split must hold 2 tensors, got {len(split)}")
+    for k, p in enumerate(split):
+        if p.dtype != torch.bfloat16 or p.dim() != 3:
+            raise ValueError(f"pack_first_layer_split: split[{k}] must be bfloat16 [T, units, H], "
+                             f"got {p.dtype} {list(p.shape)}")
+    H = split[0].shape[2]
+    if (split[0].device.type != "cpu" or H % 2 or not native_available("cpu")
+            or not cpu_brgemm_available()):
+        return None
+    if out is not None and len(out) != 2:
+        raise ValueError(f"pack_first_layer_split: out must hold 2 tensors, got {len(out)}")
+    result = []
+    for k, p in enumerate(split):
+        n = packed_numel(p.shape[0] * p.shape[1], p.shape[2])
+        buf = out[k] if out is not None else None
+        if buf is None:
+            buf = torch.empty(n, dtype=torch.bfloat16)
+        elif (buf.dtype != torch.bfloat16 or tuple(buf.shape) != (n,) or buf.device.type != "cpu"
+              or not buf.is_contiguous()):
+            raise ValueError(f"pack_first_layer_split: out[{k}] must be a contiguous bfloat16 "
+                             f"[{n}] CPU tensor, got {buf.dtype} {list(buf.shape)} on {buf.device}")
+        torch.ops.care_ext._pack_bf16_split(p, buf)
+        result.append(buf)
+    return result

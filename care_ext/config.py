@@ -20,7 +20,8 @@ _NONNEG_FLOAT = ("soft_adv", "decay_lambda", "adv_eps", "cag_eps", "aux_weight",
                  "class_balance_power", "lr", "weight_decay", "grad_clip")
 """Float fields that must be finite and >= 0 (0 keeps its documented meaning, e.g. no aux head)."""
 _BOOL = ("buy_trusted_if_short", "use_cached_labels", "adv_unbiased", "cag_unbiased",
-         "train_on_cached", "sim_metrics", "background_update")
+         "train_on_cached", "sim_metrics", "background_update",
+         "first_layer_pack")
 
 
 def ceil_frac(frac: float, n: int) -> int:
@@ -144,6 +145,18 @@ class CareConfig:
     (:func:`care_ext.bf16_split.resolve_first_layer_gemm`; on an H100 the core decided slower with
     the split than with float32). Used only where it applies: bf16 hidden states, raw (not
     projected) states, count classifiers; float32 elsewhere. bench/RESULTS.md has the CPU measurements."""
+
+    first_layer_pack: bool = False
+    """With split first layers on a CPU with AMX (``care_ext.build_info()["cpu_brgemm"]``): pack
+    the bf16 pieces once per update for oneDNN's BRGeMM (:func:`care_ext.bf16_split.
+    pack_first_layer_split`), so that the step's first-layer GEMMs skip MKL's re-packing of the
+    weights at every call. Same products; float32 sums in another order. Off by default: on a
+    2-core AMX Xeon a 32-row block's step took 0.77-0.80 against 1.17 ms and a 64-row one
+    0.88-0.98 against 1.30-1.39 ms (the small blocks of a many-core controller), but with 256-row
+    blocks the decide moved within its noise, and the packing (~1-2 ms per update at H = 4096)
+    lands on the next decide unless :attr:`background_update` runs it (bench/RESULTS.md, tenth
+    session). Turn it on for controllers with many cores; bench/gpu_check.sh measures it on the
+    GPU host's 16 cores."""
 
     # --- inputs and monitoring ------------------------------------------------------------------
     nonfinite: str = "error"

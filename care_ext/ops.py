@@ -240,9 +240,10 @@ def acquisition_step(ids: Tensor, lengths: Tensor, h_prompt: Tensor, h_resp: Ten
     first layers (:func:`care_ext.bf16_split.first_layer_split`); the native step then multiplies
     with bf16 GEMMs, exact products and float32 sums -- on CUDA the fused step's tensor-core GEMMs,
     on the CPU ``_acquisition_step_split`` (MKL's bf16 GEMM on AMX / AVX512-BF16 where torch has
-    it, ``build_info()["cpu_bf16_gemm"]``). The reference fallback ignores it (same values up to
-    float32 rounding).
-    """
+    it, ``build_info()["cpu_bf16_gemm"]``). On the CPU it may also hold the pieces' packing
+    (4 tensors: :func:`care_ext.bf16_split.pack_first_layer_split`), multiplied by oneDNN's BRGeMM
+    on AMX without per-call packing. The reference fallback ignores it (same values up to float32
+    rounding)."""
     if native_available(ids.device) and first_layer_split is not None:
         op = (torch.ops.care_ext._acquisition_step_split if ids.device.type == "cpu"
               else torch.ops.care_ext._acquisition_step_fused_split)

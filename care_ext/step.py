@@ -473,7 +473,7 @@ class CareController:
             split = None
             if (self.trainer.split_terms > 0 and projected is None
                     and hp.dtype == hr.dtype == torch.bfloat16):
-                split = self.trainer.first_layer_split(self.trainer.split_terms)
+                split = self.trainer.step_split(self.trainer.split_terms)
             out = ops.acquisition_step(ids.to(dev), lens, hp, hr, w1, w2, cfg.max_len, cfg.cag_eps,
                                        cfg.cag_unbiased, cfg.adv_eps, cfg.adv_unbiased,
                                        first_layer_split=split)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .bf16_split import first_layer_split, resolve_first_layer_gemm
+from .bf16_split import first_layer_split, pack_first_layer_split, resolve_first_layer_gemm
 from .classifiers import CareClassifier, balanced_ce, stage1_classifier, stage2_classifier
 from .config import CareConfig
 from .ops import core_step_layout
@@ -92,6 +92,8 @@ class ClassifierTrainer:
         """bf16 pieces per first-layer weight in the decide step (0: float32 GEMMs)."""
         self._split: dict[int, list[Tensor]] = {}
         self._split_buffers: dict[int, list[Tensor]] = {}  # reused by every re-split
+        self._packed: dict[int, list[Tensor] | None] = {}  # the pieces packed (CPU with AMX)
+        self._packed_buffers: dict[int, list[Tensor]] = {}  # reused by every re-pack
 
     # ------------------------------------------------------------------------------------------
     def folded(self) -> tuple[list[Tensor], list[Tensor]]:
@@ -128,15 +130,30 @@ class ClassifierTrainer:
             self._split_buffers[terms] = self._split[terms]
         return self._split[terms]
 
+    def step_split(self, terms: int) -> list[Tensor]:
+        """The ``first_layer_split`` argument of the decide's step: :meth:`first_layer_split`'s 2
+        pieces, followed, with ``CareConfig.first_layer_pack`` on a CPU with AMX, by their packing
+        for oneDNN's BRGeMM (:func:`care_ext.bf16_split.pack_first_layer_split`). Cached between
+        updates, packed into the same buffers after each."""
+        pieces = self.first_layer_split(terms)
+        if not self.cfg.first_layer_pack:
+            return pieces
+        if terms not in self._packed:
+            self._packed[terms] = pack_first_layer_split(pieces,
+                                                         out=self._packed_buffers.get(terms))
+            if self._packed[terms] is not None:
+                self._packed_buffers[terms] = self._packed[terms]
+        return pieces + (self._packed[terms] or [])
+
     def prepare_decide(self) -> None:
-        """Fold the classifiers (:meth:`folded`) and split their first layers for every piece
-        count a decide has asked for (:meth:`first_layer_split`) now, so that the next decide
+        """Fold the classifiers (:meth:`folded`), split their first layers for every piece count
+        a decide has asked for and pack them (:meth:`step_split`) now, so that the next decide
         finds them cached. The background update calls it after training: the ~1 ms of folding
-        and splitting at H = 4096 then leaves the decide's critical path. Same tensors as the
-        decide would compute itself."""
+        and splitting at H = 4096 (and the packing) then leaves the decide's critical path. Same
+        tensors as the decide would compute itself."""
         self.folded()
         for terms in sorted(self._split_buffers):  # the piece counts split so far
-            self.first_layer_split(terms)
+            self.step_split(terms)
 
     def _stage1_loss(self, b: dict[str, Tensor]) -> tuple[Tensor, float]:
         cfg = self.cfg
@@ -230,6 +247,7 @@ class ClassifierTrainer:
         self.updates += 1
         self._folded = None
         self._split = {}
+        self._packed = {}
         if n1:
             m["train/stage1_loss"], m["train/stage1_aux_loss"] = l1 / n1, la / n1
         if n2:
@@ -275,3 +293,4 @@ class ClassifierTrainer:
         self.updates = sd["updates"]
         self._folded = None
         self._split = {}
+        self._packed = {}

@@ -111,6 +111,10 @@ StepTuple acquisition_step(const Tensor& ids, const Tensor& lengths, const Tenso
 // [terms, R, H], any strides), piece t = bf16(w - pieces before t); a ValueError when w holds a
 // NaN or Inf (care_ext::_split_bf16, cpu/bf16_split.cpp).
 void split_bf16_cpu(const Tensor& w, int64_t terms, const Tensor& out);
+// Private, CPU with AMX: split (bf16 [T, R, H], H even) packed for oneDNN's BRGeMM into out (1-D
+// bf16 of packed_bf16_numel(T * R, H) elements; care_ext::_pack_bf16_split, cpu/bf16_brgemm.cpp).
+void pack_bf16_split_cpu(const Tensor& split, const Tensor& out);
+bool cpu_brgemm_available();
 // Private, CPU: acquisition_step with its first layers' hidden products from the split bf16
 // pieces (care_ext::_acquisition_step_split; bf16 x bf16 -> float32 GEMMs, exact products).
 StepTuple acquisition_step_split_cpu(const Tensor& ids, const Tensor& lengths,

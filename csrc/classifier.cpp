@@ -215,7 +215,8 @@ FeatureTuple group_features_dispatch(const Tensor& ids, const Tensor& lengths, d
 namespace {
 
 // acquisition_step, or with `split` non-empty (first_layer_split; CPU, bf16 hidden states) its
-// first layers' hidden products from the split bf16 pieces.
+// first layers' hidden products from the split bf16 pieces: MKL's bf16 GEMM on the 2 pieces, or
+// with 4 tensors oneDNN's BRGeMM on their packing (split[2], split[3]).
 StepTuple step_impl(const Tensor& ids, const Tensor& lengths, const Tensor& h_prompt,
                     const Tensor& h_resp, at::TensorList stage1, at::TensorList stage2,
                     double max_len, double cag_eps, bool cag_unbiased, double adv_eps,
@@ -235,8 +236,9 @@ StepTuple step_impl(const Tensor& ids, const Tensor& lengths, const Tensor& h_pr
   const bool with_split = !split.empty();
   if (with_split) {
     TORCH_CHECK(dev.is_cpu(), "care_ext.", op, ": runs on the CPU; got inputs on ", dev);
-    check_split(split, h_prompt, h_resp, H, w1.R1 + w2.R1, w1.P + w2.P, op);
+    check_split(split, h_prompt, h_resp, H, w1.R1 + w2.R1, w1.P + w2.P, op, /*packed_ok=*/true);
   }
+  const bool packed = with_split && split.size() == 4;  // BRGeMM on the packed pieces
   // Stage-I pools all G rollouts with the normalised length as their feature; Stage-II pools the
   // valid non-majority rollouts with no rollout feature. Both read the hidden states once.
   std::vector<RolloutBranch> branches{
@@ -244,14 +246,15 @@ StepTuple step_impl(const Tensor& ids, const Tensor& lengths, const Tensor& h_pr
       {&w2, len_norm.new_empty({B * G, 0}), minority, Tensor()}};
   const Tensor hr = h_resp.reshape({B * G, H});
   if (with_split) {  // Stage-I's units first in the split pieces, then Stage-II's
-    rollout_pools_cpu(hr, B, G, branches, split[0], {0, w1.R1});
+    rollout_pools_cpu(hr, B, G, branches, split[0], {0, w1.R1}, packed ? split[2] : Tensor());
   } else {
     rollout_pools(hr, B, G, branches);
   }
   Tensor pre1, pre2;
   if (with_split) {  // both prompt branches from one bf16 GEMM over all T pieces
     const int64_t T = split[1].size(0), Pt = w1.P + w2.P;
-    const Tensor c = bf16_products(h_prompt, split[1].reshape({T * Pt, H}));
+    const Tensor c = packed ? bf16_products_packed(h_prompt, split[3], T * Pt)
+                            : bf16_products(h_prompt, split[1].reshape({T * Pt, H}));
     pre1 = at::empty({B, w1.P}, c.options());
     pre2 = at::empty({B, w2.P}, c.options());
     const Tensor b1 = w1.pb.contiguous(), b2 = w2.pb.contiguous();

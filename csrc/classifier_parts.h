@@ -133,9 +133,12 @@ void rollout_pools_dense(const Tensor& h_resp, int64_t B, int64_t G,
 // h_resp bfloat16): the first layers' hidden products come from bf16_products of each block's
 // rows with all T * Rt split rows, branch i's units at columns split_cols[i] .. + R1 of each
 // term; the float32 buffer and its conversion are skipped.
+// With `packed` also defined (split packed by care_ext::_pack_bf16_split), those products run
+// as oneDNN BRGeMM calls on the packed pieces (bf16_products_packed) instead of MKL's GEMM.
 void rollout_pools_cpu(const Tensor& h_resp, int64_t B, int64_t G,
                        std::vector<RolloutBranch>& branches, const Tensor& split = Tensor(),
-                       const std::vector<int64_t>& split_cols = {});
+                       const std::vector<int64_t>& split_cols = {},
+                       const Tensor& packed = Tensor());
 
 // bf16 x bf16 -> float32 products on the CPU (cpu/bf16_gemm.cpp): a [M, K] times b [N, K]^T,
 // both bfloat16 (unit column stride), as a float32 [M, N]. Every product is exact in float32;
@@ -143,6 +146,15 @@ void rollout_pools_cpu(const Tensor& h_resp, int64_t B, int64_t G,
 // float32 GEMM on converted copies does. cpu_bf16_gemm_available() says which (build_info).
 bool cpu_bf16_gemm_available();
 Tensor bf16_products(const Tensor& a, const Tensor& b);
+
+// The same products on pieces packed once (cpu/bf16_brgemm.cpp): a bf16 [M, K] (unit column
+// stride, else copied) times the N split rows packed by care_ext::_pack_bf16_split, float32
+// [M, N], by oneDNN's BRGeMM on AMX. Every product exact, float32 sums in another order than
+// MKL's. cpu_brgemm_available(): whether this CPU and torch have it (AMX bf16; the packed layout
+// checked against oneDNN's once; CARE_EXT_CPU_BRGEMM=0 turns it off). packed_bf16_numel: the
+// packed size of N rows of K (even) bf16 values.
+int64_t packed_bf16_numel(int64_t N, int64_t K);
+Tensor bf16_products_packed(const Tensor& a, const Tensor& packed, int64_t N);
 
 // Pre-activations from split-term products: out[k, u] = sum_t c[r_k, t * Rt + col + u] + bias[u]
 // for k < n (r_k = rows[k], or k when rows is null), u < units; c row stride ldc, out ldo.
@@ -152,9 +164,11 @@ void sum_split_terms(const float* c, int64_t ldc, int64_t T, int64_t Rt, int64_t
 
 // The checks of a first_layer_split argument (care_ext.bf16_split.first_layer_split: rollout
 // bf16 [T, rollout_units, H] and prompt bf16 [T, prompt_units, H], 1 <= T <= 3, bf16 hidden
-// states), messages naming `op`.
+// states), messages naming `op`. With `packed_ok`, 4 tensors are accepted too: the two pieces and
+// their packing (care_ext.bf16_split.pack_first_layer_split: 1-D bf16 of packed_bf16_numel).
 void check_split(at::TensorList split, const Tensor& h_prompt, const Tensor& h_resp, int64_t H,
-                 int64_t rollout_units, int64_t prompt_units, const char* op);
+                 int64_t rollout_units, int64_t prompt_units, const char* op,
+                 bool packed_ok = false);
 
 // group_features through the dispatcher (the inputs' device's kernel).
 FeatureTuple group_features_dispatch(const Tensor& ids, const Tensor& lengths, double max_len,

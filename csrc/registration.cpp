@@ -60,6 +60,9 @@ std::string build_info() {
   // MKL's bf16 x bf16 -> float32 GEMM (the split first layers on the CPU), exported by torch's
   // x86 builds; false: those products run as float32 GEMMs on converted copies
   s += std::string("\"cpu_bf16_gemm\": ") + (cpu_bf16_gemm_available() ? "true" : "false") + ", ";
+  // oneDNN's bf16 BRGeMM on AMX with pieces packed once (cpu/bf16_brgemm.cpp; off with
+  // CARE_EXT_CPU_BRGEMM=0); false: the split step runs MKL's GEMM, packing per call
+  s += std::string("\"cpu_brgemm\": ") + (cpu_brgemm_available() ? "true" : "false") + ", ";
 #ifdef NDEBUG
   s += "\"debug\": false}";
 #else
@@ -108,8 +111,9 @@ TORCH_LIBRARY(care_ext, m) {
   // Private, CPU only: acquisition_step (blocked rollout branch, MKL for layer 2 and the heads)
   // with its first layers' hidden products from the same split bf16 pieces: one bf16 x bf16 ->
   // float32 GEMM per block of rollouts and one for the prompts (MKL's cblas_gemm_bf16bf16f32 on
-  // AMX / AVX512-BF16 where torch exports it: build_info's cpu_bf16_gemm), exact products, float32
-  // sums, no float32 copy of the hidden states.
+  // AMX / AVX512-BF16 where torch exports it: build_info's cpu_bf16_gemm; with 4 tensors, the
+  // pieces and their packing from _pack_bf16_split, oneDNN's BRGeMM: build_info's cpu_brgemm),
+  // exact products, float32 sums, no float32 copy of the hidden states.
   m.def(
       "_acquisition_step_split(Tensor ids, Tensor lengths, Tensor h_prompt, Tensor h_resp, "
       "Tensor[] stage1, Tensor[] stage2, float max_len, float cag_eps, bool cag_unbiased, "
@@ -120,6 +124,10 @@ TORCH_LIBRARY(care_ext, m) {
   // into a caller's buffer (the CARE core re-splits its first layers after every update);
   // the pieces of care_ext.reference.split_bf16, bit for bit.
   m.def("_split_bf16(Tensor w, int terms, Tensor(a!) out) -> ()");
+  // Private, CPU with AMX only: split bf16 pieces ([T, R, H], H even) packed into a caller's 1-D
+  // buffer in the layout of oneDNN's bf16 BRGeMM, once per classifier update; the split step then
+  // multiplies on them without MKL's per-call packing (first_layer_split of 4 tensors).
+  m.def("_pack_bf16_split(Tensor split, Tensor(a!) out) -> ()");
   // Private, CPU only: the fused step's tail run by a team of `threads` threads per block of
   // `prompts` prompts and stage, with barriers where the CUDA kernel has __syncthreads, so the CPU
   // tests the kernel's division of the work over a block (results equal the one-thread op bit for
@@ -154,6 +162,7 @@ TORCH_LIBRARY_IMPL(care_ext, CPU, m) {
   m.impl("_acquisition_step_fused_block", &acquisition_step_fused_block_cpu);
   m.impl("_acquisition_step_split", &acquisition_step_split_cpu);
   m.impl("_split_bf16", &split_bf16_cpu);
+  m.impl("_pack_bf16_split", &pack_bf16_split_cpu);
 }
 
 TORCH_LIBRARY_IMPL(care_ext, CompositeExplicitAutograd, m) {

@@ -29,10 +29,12 @@ Tensor split_products(const Tensor& x, const Tensor& split) {
 }  // namespace
 
 void check_split(at::TensorList split, const Tensor& h_prompt, const Tensor& h_resp, int64_t H,
-                 int64_t rollout_units, int64_t prompt_units, const char* op) {
-  TORCH_CHECK(split.size() == 2, "care_ext.", op, ": first_layer_split must hold 2 tensors "
-              "(rollout and prompt first layers, from care_ext.bf16_split.first_layer_split), got ",
-              split.size());
+                 int64_t rollout_units, int64_t prompt_units, const char* op, bool packed_ok) {
+  TORCH_CHECK(split.size() == 2 || (packed_ok && split.size() == 4), "care_ext.", op,
+              ": first_layer_split must hold 2 tensors (rollout and prompt first layers, from "
+              "care_ext.bf16_split.first_layer_split)",
+              packed_ok ? ", or 4 (those and their packing, pack_first_layer_split)" : "",
+              ", got ", split.size());
   TORCH_CHECK(h_prompt.scalar_type() == at::kBFloat16 && h_resp.scalar_type() == at::kBFloat16,
               "care_ext.", op, ": first_layer_split needs bfloat16 hidden states (their products "
               "with the bf16 pieces are exact only then), got ", h_prompt.scalar_type(), " and ",
@@ -53,6 +55,23 @@ void check_split(at::TensorList split, const Tensor& h_prompt, const Tensor& h_r
   TORCH_CHECK(split[0].size(0) == split[1].size(0), "care_ext.", op,
               ": both first_layer_split tensors must have the same number of terms, got ",
               split[0].size(0), " and ", split[1].size(0));
+  if (split.size() == 4) {  // the pieces packed for oneDNN's BRGeMM (CPU)
+    TORCH_CHECK(cpu_brgemm_available(), "care_ext.", op, ": first_layer_split holds packed "
+                "pieces, but this CPU or torch has no AMX bf16 BRGeMM to use them "
+                "(care_ext.bf16_split.cpu_brgemm_available() is False); pass the 2 pieces");
+    for (size_t i = 0; i < 2; ++i) {
+      const Tensor& p = split[i + 2];
+      const int64_t want = H % 2 == 0 ? packed_bf16_numel(split[i].size(0) * units[i], H) : -1;
+      TORCH_CHECK(p.defined() && p.scalar_type() == at::kBFloat16 && p.dim() == 1 &&
+                      p.is_contiguous() && p.numel() == want && p.device() == h_resp.device(),
+                  "care_ext.", op, ": first_layer_split[", i + 2, "] (", names[i], ", packed) "
+                  "must be the contiguous 1-D bfloat16 packing of first_layer_split[", i,
+                  "] (care_ext.bf16_split.pack_first_layer_split; ", want, " elements, H even), "
+                  "got ", p.defined() ? p.scalar_type() : at::ScalarType::Undefined, " ",
+                  p.defined() ? p.sizes() : at::IntArrayRef{}, " on ",
+                  p.defined() ? p.device() : h_resp.device());
+    }
+  }
 }
 
 namespace {

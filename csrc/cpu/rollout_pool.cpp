@@ -202,14 +202,18 @@ void run_block_shared(const BlockRows& br, int64_t p0, int64_t n, int64_t G,
 }
 
 // A block on the split first layers: the block's bf16 rows times all T * Rt split rows in one
-// bf16 GEMM (exact products, float32 sums; no float32 copy of the block), then each branch's
+// bf16 GEMM (exact products, float32 sums; no float32 copy of the block; on `packed`, when
+// defined, BRGeMM calls instead of MKL's GEMM and its per-call packing), then each branch's
 // pre-activations, in buffer order, summed from its T terms plus its bias.
 void run_block_split(const Tensor& h_resp, int64_t p0, int64_t n, int64_t G, BlockRows& br,
                      const bool* lead, const std::vector<BranchPlan>& plans, const Tensor& split2d,
-                     int64_t T, int64_t Rt, const std::vector<int64_t>& cols) {
+                     const Tensor& packed, int64_t T, int64_t Rt,
+                     const std::vector<int64_t>& cols) {
   const int64_t rows = n * G;
   order_block(rows, lead, br);
-  const Tensor c = bf16_products(h_resp.narrow(0, p0 * G, rows), split2d);  // [rows, T * Rt]
+  const Tensor x = h_resp.narrow(0, p0 * G, rows);
+  const Tensor c = packed.defined() ? bf16_products_packed(x, packed, T * Rt)  // [rows, T * Rt]
+                                    : bf16_products(x, split2d);
   for (size_t i = 0; i < plans.size(); ++i) {
     const BranchPlan& bp = plans[i];
     const std::vector<int64_t> sel = selected_rows(bp, p0, rows, G);
@@ -228,7 +232,7 @@ void run_block_split(const Tensor& h_resp, int64_t p0, int64_t n, int64_t G, Blo
 
 void rollout_pools_cpu(const Tensor& h_resp, int64_t B, int64_t G,
                        std::vector<RolloutBranch>& branches, const Tensor& split,
-                       const std::vector<int64_t>& split_cols) {
+                       const std::vector<int64_t>& split_cols, const Tensor& packed) {
   TORCH_INTERNAL_ASSERT(h_resp.dim() == 2 && h_resp.size(0) == B * G && G >= 1);
   const int64_t H = h_resp.size(1);
   std::vector<BranchPlan> plans;
@@ -285,7 +289,8 @@ void rollout_pools_cpu(const Tensor& h_resp, int64_t B, int64_t G,
       const int64_t p0 = kb * per_block, n = std::min(per_block, B - p0);
       const bool* block_lead = lead != nullptr ? lead + p0 * G : nullptr;
       if (split.defined()) {
-        run_block_split(h_resp, p0, n, G, br, block_lead, plans, split2d, T, Rt, split_cols);
+        run_block_split(h_resp, p0, n, G, br, block_lead, plans, split2d, packed, T, Rt,
+                        split_cols);
         continue;
       }
       load_block(h_resp, p0 * G, n * G, block_lead, br);

@@ -52,6 +52,21 @@ def test_bench_step_runs(tmp_path, extra):
         assert all(r["first_layer_gemm"] == "auto" and r["split_terms"] == 0 for r in rows)
 
 
+def test_bench_step_packs_when_asked(tmp_path):
+    """--first-layer-pack off on: two rows side by side, the second packed exactly where the CPU
+    has the packed path (build_info's cpu_brgemm)."""
+    import bench_step
+    from care_ext.bf16_split import cpu_brgemm_available
+
+    out = tmp_path / "step"
+    assert bench_step.main(["--device", "cpu", "--shapes", "12x4x32", "--steps", "2", "--warmup",
+                            "1", "--first-layer-gemm", "bf16x3", "--first-layer-pack", "off", "on",
+                            "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert [(r["first_layer_pack"], r["packed"]) for r in rows] == [
+        (False, False), (True, cpu_brgemm_available())]
+
+
 def test_step_goals_reads_a_bench_run(tmp_path, capsys):
     """The goal lines gpu_check.sh prints: PASS/FAIL from the run's own numbers, n/a where a
     provider is missing, other ops and shapes ignored."""

@@ -193,6 +193,50 @@ def test_folded_weights_stay_row_major_for_the_cpu_split_step():
         assert torch.equal(got, want)
 
 
+def test_trainer_packs_the_split_pieces_when_asked():
+    """CareConfig.first_layer_pack on a CPU with AMX: the step's split is the 2 pieces and their
+    packing, equal to a fresh packing, re-packed into the same buffers after an update, and the
+    decide's outputs match the unpacked decide's; off (the default) or without AMX: the 2 pieces."""
+    from care_ext.bf16_split import (cpu_brgemm_available, first_layer_split,
+                                     pack_first_layer_split)
+
+    world = make_world(B=24, G=8, H=64, seed=4)
+    batches = [make_batch(world, s, seed=4) for s in range(3)]
+    gold = {u: g for b in batches for u, g in b.gold.items()}
+    ctls = [CareController(CareConfig(strategy="care", group_size=8, warmup_steps=1,
+                                      first_layer_gemm="bf16x3", first_layer_pack=pack),
+                           GoldOracle(dict(gold))) for pack in (False, True)]
+    for ctl in ctls:
+        b = batches[0]
+        ctl.decide(b.uids, b.ids, **{k: v.bfloat16() if k.startswith("h_") else v
+                                     for k, v in b.kwargs().items()})
+        ctl.update()
+    plain, packed = (c.trainer.step_split(3) for c in ctls)
+    assert len(plain) == 2 and len(packed) == (4 if cpu_brgemm_available() else 2)
+    tr = ctls[1].trainer
+    w1, w2 = tr.folded()
+    fresh = first_layer_split(w1, w2, tr.hidden_size, 3)
+    want = fresh + (pack_first_layer_split(fresh) or [])
+    for got, w in zip(packed, want, strict=True):
+        assert torch.equal(got.view(torch.int16), w.view(torch.int16))
+    assert all(a is b for a, b in zip(tr.step_split(3), packed, strict=True))  # cached
+    ptrs = [p.data_ptr() for p in packed]
+    b = batches[1]
+    kw = {k: v.bfloat16() if k.startswith("h_") else v for k, v in b.kwargs().items()}
+    outs = []
+    for ctl in ctls:
+        outs.append(ctl.decide(b.uids, b.ids, **kw))
+        ctl.update()
+    again = tr.step_split(3)
+    assert [p.data_ptr() for p in again] == ptrs  # re-split and re-packed in place
+    w1, w2 = tr.folded()
+    fresh = first_layer_split(w1, w2, tr.hidden_size, 3)
+    for got, w in zip(again, fresh + (pack_first_layer_split(fresh) or []), strict=True):
+        assert torch.equal(got.view(torch.int16), w.view(torch.int16))
+    assert torch.equal(outs[0].source, outs[1].source)
+    torch.testing.assert_close(outs[0].score, outs[1].score, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
 @pytest.mark.cuda
 def test_folded_weights_are_column_major_on_cuda():
     """On CUDA the matrices are stored column-major (the fused tail's coalesced layout), same values."""
