@@ -155,6 +155,12 @@ Tensor bf16_products(const Tensor& a, const Tensor& b);
 // packed size of N rows of K (even) bf16 values.
 int64_t packed_bf16_numel(int64_t N, int64_t K);
 Tensor bf16_products_packed(const Tensor& a, const Tensor& packed, int64_t N);
+// The same into c (float32, row stride ldc) from a (bf16 rows, row stride lda); with `only`, just
+// those column blocks (indices of packed_block_cols()-column blocks), the rest of c untouched.
+int64_t packed_block_cols();
+void bf16_products_packed_into(const at::BFloat16* a, int64_t M, int64_t lda,
+                               const at::BFloat16* packed, int64_t N, int64_t K, float* c,
+                               int64_t ldc, const std::vector<int64_t>* only = nullptr);
 
 // Pre-activations from split-term products: out[k, u] = sum_t c[r_k, t * Rt + col + u] + bias[u]
 // for k < n (r_k = rows[k], or k when rows is null), u < units; c row stride ldc, out ldo.

@@ -128,13 +128,16 @@ void pack_bf16_split_cpu(const Tensor& split, const Tensor& out) {
   });
 }
 
+int64_t packed_block_cols() { return kPackCols; }
+
 void bf16_products_packed_into(const at::BFloat16* a, int64_t M, int64_t lda,
-                          const at::BFloat16* packed, int64_t N, int64_t K, float* c,
-                          int64_t ldc) {
+                               const at::BFloat16* packed, int64_t N, int64_t K, float* c,
+                               int64_t ldc, const std::vector<int64_t>* only) {
   TORCH_INTERNAL_ASSERT(K % 2 == 0 && lda >= K && ldc >= N);
-  if (M == 0 || N == 0) return;
   const int64_t panels = (M + kPanelRows - 1) / kPanelRows;
-  const int64_t blocks = (N + kPackCols - 1) / kPackCols;
+  const int64_t blocks = only != nullptr ? static_cast<int64_t>(only->size())
+                                         : (N + kPackCols - 1) / kPackCols;
+  if (M == 0 || N == 0 || blocks == 0) return;
   // Tasks: a row panel times a column block. Inside a parallel region (a block of rollouts, one
   // task of rollout_pools_cpu) at::parallel_for runs them in order on this thread: panel by
   // panel, every column block over the panel's rows, which stay in L2; outside one (the prompts)
@@ -142,7 +145,8 @@ void bf16_products_packed_into(const at::BFloat16* a, int64_t M, int64_t lda,
   at::parallel_for(0, panels * blocks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t m0 = (t / blocks) * kPanelRows, m1 = std::min(M, m0 + kPanelRows);
-      const int64_t n0 = (t % blocks) * kPackCols, nb = std::min(kPackCols, N - n0);
+      const int64_t j = only != nullptr ? (*only)[static_cast<size_t>(t % blocks)] : t % blocks;
+      const int64_t n0 = j * kPackCols, nb = std::min(kPackCols, N - n0);
       const at::BFloat16* b = packed + packed_bf16_numel(n0, K);
       for (int64_t r = m0; r < m1; r += kTileRows) {
         at::native::cpublas::brgemm(std::min(kTileRows, m1 - r), nb, K, lda, block_ld(nb), ldc,

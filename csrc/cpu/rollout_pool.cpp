@@ -30,6 +30,7 @@
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <cstring>
 #include <optional>
 #include <vector>
 
@@ -205,15 +206,85 @@ void run_block_shared(const BlockRows& br, int64_t p0, int64_t n, int64_t G,
 // bf16 GEMM (exact products, float32 sums; no float32 copy of the block; on `packed`, when
 // defined, BRGeMM calls instead of MKL's GEMM and its per-call packing), then each branch's
 // pre-activations, in buffer order, summed from its T terms plus its bias.
+// The column blocks of packed split pieces (packed_block_cols() columns each, over all T terms'
+// Rt units): `masked` those whose every column is a unit of the masked branch (Stage-II with the
+// CARE core's 64 units per stage: 3 of the 6 blocks), which only that branch's rows need; `all`
+// the others. Without a masked branch every block is in `all`.
+struct PackedBlocks {
+  std::vector<int64_t> all, masked;
+  size_t masked_plan = 0;
+};
+
+PackedBlocks packed_blocks(const std::vector<BranchPlan>& plans, const std::vector<int64_t>& cols,
+                           int64_t T, int64_t Rt) {
+  PackedBlocks pb;
+  int64_t m = -1;
+  for (size_t i = 0; i < plans.size(); ++i) {
+    if (plans[i].mask != nullptr) m = static_cast<int64_t>(i);
+  }
+  const int64_t N = T * Rt, bc = packed_block_cols();
+  for (int64_t j = 0; j * bc < N; ++j) {
+    bool masked_only = m >= 0;
+    for (int64_t col = j * bc; masked_only && col < std::min(N, (j + 1) * bc); ++col) {
+      const int64_t u = col % Rt - cols[static_cast<size_t>(m)];
+      masked_only = u >= 0 && u < plans[static_cast<size_t>(m)].b1.size(0);
+    }
+    (masked_only ? pb.masked : pb.all).push_back(j);
+  }
+  pb.masked_plan = static_cast<size_t>(std::max<int64_t>(m, 0));
+  return pb;
+}
+
+// bf16 x [rows, H] (unit column stride) times the packed pieces -> float32 [rows, T * Rt]: the
+// `all` column blocks for every row, the `masked` ones only for the masked branch's rows of this
+// block (gathered, multiplied, scattered back; their other rows are never read): at 64x8 the
+// Stage-II units need 41% of the rows.
+Tensor packed_block_products(const Tensor& x, const Tensor& packed, int64_t N,
+                             const PackedBlocks& pb, const std::vector<int64_t>& sel_m) {
+  const int64_t rows = x.size(0), H = x.size(1), bc = packed_block_cols();
+  Tensor c = at::empty({rows, N}, x.options().dtype(at::kFloat));
+  const auto* xp = x.const_data_ptr<at::BFloat16>();
+  const auto* pp = packed.const_data_ptr<at::BFloat16>();
+  float* cp = c.data_ptr<float>();
+  bf16_products_packed_into(xp, rows, x.stride(0), pp, N, H, cp, N, &pb.all);
+  const int64_t used = static_cast<int64_t>(sel_m.size());
+  if (pb.masked.empty() || used == 0) return c;
+  Tensor xm = at::empty({used, H}, x.options());
+  auto* xmp = xm.mutable_data_ptr<at::BFloat16>();
+  for (int64_t g = 0; g < used; ++g) {
+    std::memcpy(xmp + g * H, xp + sel_m[static_cast<size_t>(g)] * x.stride(0),
+                static_cast<size_t>(H) * sizeof(at::BFloat16));
+  }
+  Tensor cm = at::empty({used, N}, c.options());
+  const float* cmp = cm.const_data_ptr<float>();
+  bf16_products_packed_into(xmp, used, H, pp, N, H, cm.data_ptr<float>(), N, &pb.masked);
+  for (int64_t g = 0; g < used; ++g) {
+    for (const int64_t j : pb.masked) {
+      const int64_t n0 = j * bc, nb = std::min(bc, N - n0);
+      std::memcpy(cp + sel_m[static_cast<size_t>(g)] * N + n0, cmp + g * N + n0,
+                  static_cast<size_t>(nb) * sizeof(float));
+    }
+  }
+  return c;
+}
+
 void run_block_split(const Tensor& h_resp, int64_t p0, int64_t n, int64_t G, BlockRows& br,
                      const bool* lead, const std::vector<BranchPlan>& plans, const Tensor& split2d,
-                     const Tensor& packed, int64_t T, int64_t Rt,
+                     const Tensor& packed, const PackedBlocks& pb, int64_t T, int64_t Rt,
                      const std::vector<int64_t>& cols) {
   const int64_t rows = n * G;
   order_block(rows, lead, br);
-  const Tensor x = h_resp.narrow(0, p0 * G, rows);
-  const Tensor c = packed.defined() ? bf16_products_packed(x, packed, T * Rt)  // [rows, T * Rt]
-                                    : bf16_products(x, split2d);
+  Tensor x = h_resp.narrow(0, p0 * G, rows);
+  Tensor c;  // [rows, T * Rt]
+  if (packed.defined()) {
+    if (x.stride(1) != 1) x = x.contiguous();
+    c = packed_block_products(x, packed, T * Rt, pb,
+                              pb.masked.empty()
+                                  ? std::vector<int64_t>{}
+                                  : selected_rows(plans[pb.masked_plan], p0, rows, G));
+  } else {
+    c = bf16_products(x, split2d);
+  }
   for (size_t i = 0; i < plans.size(); ++i) {
     const BranchPlan& bp = plans[i];
     const std::vector<int64_t> sel = selected_rows(bp, p0, rows, G);
@@ -276,6 +347,8 @@ void rollout_pools_cpu(const Tensor& h_resp, int64_t B, int64_t G,
     Rt = split.size(1);
     split2d = split.reshape({T * Rt, H});
   }
+  const PackedBlocks pblocks =
+      packed.defined() ? packed_blocks(plans, split_cols, T, Rt) : PackedBlocks{};
   const int64_t per_block = prompts_per_block(B, G, at::get_num_threads(),
                                               small_blocks_requested());
   const int64_t nblocks = (B + per_block - 1) / per_block;
@@ -289,8 +362,8 @@ void rollout_pools_cpu(const Tensor& h_resp, int64_t B, int64_t G,
       const int64_t p0 = kb * per_block, n = std::min(per_block, B - p0);
       const bool* block_lead = lead != nullptr ? lead + p0 * G : nullptr;
       if (split.defined()) {
-        run_block_split(h_resp, p0, n, G, br, block_lead, plans, split2d, packed, T, Rt,
-                        split_cols);
+        run_block_split(h_resp, p0, n, G, br, block_lead, plans, split2d, packed, pblocks, T,
+                        Rt, split_cols);
         continue;
       }
       load_block(h_resp, p0 * G, n * G, block_lead, br);
