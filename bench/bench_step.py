@@ -68,7 +68,7 @@ def packs(ctl: CareController) -> bool:
 def run(device: str, B: int, G: int, H: int, steps: int, warmup: int, strategy: str,
         projected: bool = False, first_layer_backward: str = "auto",
         first_layer_gemm: str = "auto", background: bool = False, gap_ms: float = 0.0,
-        store_dir: str | None = None, first_layer_pack: bool = False) -> dict:
+        store_dir: str | None = None, first_layer_pack: str = "auto") -> dict:
     """decide + update of one controller for warmup + steps steps; medians of the steps after the
     warm-up. update_ms is what the update costs the caller: the update() call, plus, after
     ``gap_ms`` of other work (a sleep: the policy update and the next rollouts in a real loop),
@@ -172,7 +172,8 @@ def main(argv=None) -> int:
                     help="the decide step's first layers (CareConfig.first_layer_gemm; rows record "
                          "what 'auto' resolved to as split_terms); several: each in turn per "
                          "shape, side by side")
-    ap.add_argument("--first-layer-pack", nargs="+", default=["off"], choices=["off", "on"],
+    ap.add_argument("--first-layer-pack", nargs="+", default=["auto"],
+                    choices=["auto", "off", "on"],
                     help="CareConfig.first_layer_pack (split first layers packed once per update "
                          "for oneDNN's BRGeMM on AMX CPUs; rows record whether it packed); "
                          "several: each in turn per shape")
@@ -196,7 +197,7 @@ def main(argv=None) -> int:
                                      for g in args.first_layer_gemm
                                      for k in args.first_layer_pack for u in args.update]:
             r = run(args.device, B, G, H, args.steps, args.warmup, args.strategy, args.projected, flb,
-                    gemm, upd == "background", args.gap_ms, args.store_dir, pack == "on")
+                    gemm, upd == "background", args.gap_ms, args.store_dir, pack)
             # OpenMP placement too: on a 2-core VM the decide after a background update took
             # 12-15 ms unbound and 8 ms with OMP_PROC_BIND=true (bench/RESULTS.md)
             r.update(device_name=name, torch=torch.__version__, threads=torch.get_num_threads(),

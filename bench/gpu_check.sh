@@ -187,7 +187,8 @@ if [ "$QUICK" = 1 ]; then
 fi
 # quick only, if time is left: the CPU split step on pieces packed for oneDNN's BRGeMM against
 # MKL's per-call packing, on this host's cores (small blocks: on the 2-core AMX VM a 32-row block's
-# step took 0.77-0.80 against 1.17 ms; CareConfig.first_layer_pack stays off until this says more)
+# step took 0.75-0.87 against 1.08-1.17 ms; CareConfig.first_layer_pack="auto" packs only with a
+# background update: whether "on" pays with a synchronous one on many cores is what this says)
 if [ "$QUICK" = 1 ]; then
   timeout "$(cap 40)" python3 "$REPO/bench/bench_ops.py" --device cpu --min-time 0.2 \
     --ops acquisition_step_split acquisition_step_split_packed --providers native reference \

@@ -20,8 +20,7 @@ _NONNEG_FLOAT = ("soft_adv", "decay_lambda", "adv_eps", "cag_eps", "aux_weight",
                  "class_balance_power", "lr", "weight_decay", "grad_clip")
 """Float fields that must be finite and >= 0 (0 keeps its documented meaning, e.g. no aux head)."""
 _BOOL = ("buy_trusted_if_short", "use_cached_labels", "adv_unbiased", "cag_unbiased",
-         "train_on_cached", "sim_metrics", "background_update",
-         "first_layer_pack")
+         "train_on_cached", "sim_metrics", "background_update")
 
 
 def ceil_frac(frac: float, n: int) -> int:
@@ -146,17 +145,19 @@ class CareConfig:
     the split than with float32). Used only where it applies: bf16 hidden states, raw (not
     projected) states, count classifiers; float32 elsewhere. bench/RESULTS.md has the CPU measurements."""
 
-    first_layer_pack: bool = False
+    first_layer_pack: str = "auto"
     """With split first layers on a CPU with AMX (``care_ext.build_info()["cpu_brgemm"]``): pack
     the bf16 pieces once per update for oneDNN's BRGeMM (:func:`care_ext.bf16_split.
     pack_first_layer_split`), so that the step's first-layer GEMMs skip MKL's re-packing of the
-    weights at every call. Same products; float32 sums in another order. Off by default: on a
-    2-core AMX Xeon a 32-row block's step took 0.77-0.80 against 1.17 ms and a 64-row one
-    0.88-0.98 against 1.30-1.39 ms (the small blocks of a many-core controller), but with 256-row
-    blocks the decide moved within its noise, and the packing (~1-2 ms per update at H = 4096)
-    lands on the next decide unless :attr:`background_update` runs it (bench/RESULTS.md, tenth
-    session). Turn it on for controllers with many cores; bench/gpu_check.sh measures it on the
-    GPU host's 16 cores."""
+    weights at every call (and Stage-II's units skip the rows outside its mask). Same products,
+    float32 sums in another order. 'on', 'off', or 'auto' (default): on with
+    :attr:`background_update`, whose thread then does the packing, off otherwise. On 2 threads of
+    an AMX Xeon (bench/RESULTS.md, tenth session) the decide after a background update took
+    7.8-11.5 against 9.8-12.5 ms at 64x8x4096 and 33.7-35.2 against 40.4-42.3 ms at 512x16x4096;
+    with a synchronous update the packing (~1-2 ms per update at H = 4096) lands on the next decide:
+    12.6-12.8 against 10.6 ms at 64x8, 42-43 ms either way at 512x16. Controllers with many cores
+    (small blocks: a 32-row block's step 0.75-0.87 against 1.08-1.17 ms) may want 'on';
+    bench/gpu_check.sh measures it on the GPU host's 16 cores."""
 
     # --- inputs and monitoring ------------------------------------------------------------------
     nonfinite: str = "error"
@@ -204,6 +205,7 @@ class CareConfig:
                    "nonfinite": ("error", "drop"),
                    "first_layer_backward": ("auto", "autograd", "fused"),
                    "first_layer_gemm": ("auto", "float32", "bf16x3", "bf16x2"),
+                   "first_layer_pack": ("auto", "on", "off"),
                    "sim_cag_recall_ties": ("credit", "index")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

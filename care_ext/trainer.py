@@ -130,13 +130,20 @@ class ClassifierTrainer:
             self._split_buffers[terms] = self._split[terms]
         return self._split[terms]
 
+    @property
+    def packs(self) -> bool:
+        """Whether :meth:`step_split` packs the pieces: ``CareConfig.first_layer_pack`` 'on', or
+        'auto' with ``background_update`` (the update's thread packs, in :meth:`prepare_decide`)."""
+        mode = self.cfg.first_layer_pack
+        return mode == "on" or (mode == "auto" and self.cfg.background_update)
+
     def step_split(self, terms: int) -> list[Tensor]:
         """The ``first_layer_split`` argument of the decide's step: :meth:`first_layer_split`'s 2
-        pieces, followed, with ``CareConfig.first_layer_pack`` on a CPU with AMX, by their packing
-        for oneDNN's BRGeMM (:func:`care_ext.bf16_split.pack_first_layer_split`). Cached between
-        updates, packed into the same buffers after each."""
+        pieces, followed, where :attr:`packs` says so, by their packing for oneDNN's BRGeMM
+        (:func:`care_ext.bf16_split.pack_first_layer_split`; none on CPUs without AMX). Cached
+        between updates, packed into the same buffers after each."""
         pieces = self.first_layer_split(terms)
-        if not self.cfg.first_layer_pack:
+        if not self.packs:
             return pieces
         if terms not in self._packed:
             self._packed[terms] = pack_first_layer_split(pieces,

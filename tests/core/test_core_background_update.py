@@ -143,6 +143,15 @@ def test_background_update_prepares_the_next_decides_weights():
             assert torch.equal(a, b)
     for a, b in zip(t._split[3], first_layer_split(*fresh, 1024, 3), strict=True):
         assert torch.equal(a, b)
+    # first_layer_pack='auto' with a background update: packed there too, where the CPU has AMX
+    from care_ext.bf16_split import cpu_brgemm_available, pack_first_layer_split
+    assert t.packs and not sync.trainer.packs
+    if cpu_brgemm_available():
+        want = pack_first_layer_split(first_layer_split(*fresh, 1024, 3))
+        for a, b in zip(t._packed[3], want, strict=True):
+            assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+    else:
+        assert t._packed.get(3) is None
 
 
 def test_a_failed_preparation_is_left_to_the_decide():

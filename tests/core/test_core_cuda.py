@@ -107,6 +107,19 @@ def test_split_bf16_first_layers_decide_like_float32(device):
 def test_first_layer_gemm_accepts_only_the_documented_values():
     with pytest.raises(ValueError, match="first_layer_gemm"):
         CareConfig(first_layer_gemm="tf32")
+    with pytest.raises(ValueError, match="first_layer_pack"):
+        CareConfig(first_layer_pack=True)
+
+
+@pytest.mark.parametrize("mode,background,packs", [("auto", False, False), ("auto", True, True),
+                                                    ("on", False, True), ("off", True, False)])
+def test_first_layer_pack_modes(mode, background, packs):
+    """'auto' packs exactly when the update runs in the background (its thread packs)."""
+    from care_ext.trainer import ClassifierTrainer
+
+    cfg = CareConfig(strategy="care", group_size=8, first_layer_pack=mode,
+                     background_update=background)
+    assert ClassifierTrainer(cfg, 32).packs is packs
 
 
 def test_trainer_split_cache_follows_the_weights():
@@ -194,9 +207,9 @@ def test_folded_weights_stay_row_major_for_the_cpu_split_step():
 
 
 def test_trainer_packs_the_split_pieces_when_asked():
-    """CareConfig.first_layer_pack on a CPU with AMX: the step's split is the 2 pieces and their
-    packing, equal to a fresh packing, re-packed into the same buffers after an update, and the
-    decide's outputs match the unpacked decide's; off (the default) or without AMX: the 2 pieces."""
+    """CareConfig.first_layer_pack='on' on a CPU with AMX: the step's split is the 2 pieces and
+    their packing, equal to a fresh packing, re-packed into the same buffers after an update, and
+    the decide's outputs match the unpacked decide's; 'off' or without AMX: the 2 pieces."""
     from care_ext.bf16_split import (cpu_brgemm_available, first_layer_split,
                                      pack_first_layer_split)
 
@@ -205,7 +218,7 @@ def test_trainer_packs_the_split_pieces_when_asked():
     gold = {u: g for b in batches for u, g in b.gold.items()}
     ctls = [CareController(CareConfig(strategy="care", group_size=8, warmup_steps=1,
                                       first_layer_gemm="bf16x3", first_layer_pack=pack),
-                           GoldOracle(dict(gold))) for pack in (False, True)]
+                           GoldOracle(dict(gold))) for pack in ("off", "on")]
     for ctl in ctls:
         b = batches[0]
         ctl.decide(b.uids, b.ids, **{k: v.bfloat16() if k.startswith("h_") else v
