@@ -167,9 +167,11 @@ def test_packing_switch_and_availability():
         "print(json.dumps([info['cpu_brgemm'], cpu_brgemm_available(),\n"
         "                  pack_first_layer_split([s, s]) is None]))\n")
     env = dict(os.environ, CARE_EXT_CPU_BRGEMM="0")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True).stdout.strip().splitlines()[-1]
-    assert json.loads(out) == [False, False, True]
+    # cwd "/": the installed package, not a source tree without its compiled library
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       cwd="/", timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == [False, False, True]
     flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
     if "amx_bf16" not in flags:  # no AMX: never available, whatever the switch
         assert not cpu_brgemm_available()
