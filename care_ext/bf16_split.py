@@ -202,7 +202,9 @@ def pack_first_layer_split(split: Sequence[Tensor], out: Sequence[Tensor] | None
     The CPU step (``_acquisition_step_split``) then takes ``[*split, *packed]`` as its
     ``first_layer_split`` and multiplies on the packed pieces, instead of MKL's GEMM re-packing
     them at every call (bench/RESULTS.md, tenth session: a 32-row block 153 instead of 323 us).
-    Pack again whenever the pieces change (the CARE core does so after every update).
+    Pack again whenever the pieces change (the CARE core does so after every update). While
+    ``torch.backends.mkldnn`` is disabled (torch's BRGeMM needs it) the step ignores the packing
+    and runs MKL's GEMM on the pieces.
 
     Args:
         split: [rollout bf16 [T, R1, H], prompt bf16 [T, P, H]] on the CPU, H even.

@@ -238,7 +238,8 @@ StepTuple step_impl(const Tensor& ids, const Tensor& lengths, const Tensor& h_pr
     TORCH_CHECK(dev.is_cpu(), "care_ext.", op, ": runs on the CPU; got inputs on ", dev);
     check_split(split, h_prompt, h_resp, H, w1.R1 + w2.R1, w1.P + w2.P, op, /*packed_ok=*/true);
   }
-  const bool packed = with_split && split.size() == 4;  // BRGeMM on the packed pieces
+  // BRGeMM on the packed pieces; MKL on the plain ones while torch.backends.mkldnn is disabled
+  const bool packed = with_split && split.size() == 4 && cpu_brgemm_enabled();
   // Stage-I pools all G rollouts with the normalised length as their feature; Stage-II pools the
   // valid non-majority rollouts with no rollout feature. Both read the hidden states once.
   std::vector<RolloutBranch> branches{

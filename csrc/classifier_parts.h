@@ -153,6 +153,9 @@ Tensor bf16_products(const Tensor& a, const Tensor& b);
 // MKL's. cpu_brgemm_available(): whether this CPU and torch have it (AMX bf16; the packed layout
 // checked against oneDNN's once; CARE_EXT_CPU_BRGEMM=0 turns it off). packed_bf16_numel: the
 // packed size of N rows of K (even) bf16 values.
+// cpu_brgemm_enabled(): available and torch.backends.mkldnn.enabled now (torch's BRGeMM needs
+// it at every call; with it off the split step ignores packed pieces and runs MKL's GEMM).
+bool cpu_brgemm_enabled();
 int64_t packed_bf16_numel(int64_t N, int64_t K);
 Tensor bf16_products_packed(const Tensor& a, const Tensor& packed, int64_t N);
 // The same into c (float32, row stride ldc) from a (bf16 rows, row stride lda); with `only`, just

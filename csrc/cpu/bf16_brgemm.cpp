@@ -21,6 +21,7 @@
 // is still the one this file writes; if oneDNN ever changes it, the packed path turns itself off.
 #include "../classifier_parts.h"
 
+#include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 #include <ATen/ops/empty.h>
@@ -90,6 +91,12 @@ bool cpu_brgemm_available() {
     return at::native::cpublas::could_pack(at::kBFloat16) && layout_matches();
   }();
   return available;
+}
+
+bool cpu_brgemm_enabled() {
+  // torch's BRGeMM checks torch.backends.mkldnn.enabled at every call (and refuses VNNI input
+  // when it is off), so the step asks too, each time, and runs MKL on the plain pieces then
+  return cpu_brgemm_available() && at::globalContext().userEnabledMkldnn();
 }
 
 int64_t packed_bf16_numel(int64_t N, int64_t K) {

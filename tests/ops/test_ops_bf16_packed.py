@@ -111,6 +111,22 @@ def test_packed_pieces_are_what_the_step_multiplies():
 
 
 @needs_brgemm
+def test_packed_pieces_are_ignored_while_mkldnn_is_disabled():
+    """torch's BRGeMM runs only with torch.backends.mkldnn enabled; with it disabled the step
+    multiplies the plain pieces with MKL (the same results as the 2-piece call) instead of failing."""
+    B, G, H = 16, 8, 64
+    ids, lengths, h_p, h_r, s1, s2 = _inputs(B, G, H, 9)
+    split = first_layer_split(s1, s2, H)
+    other = pack_first_layer_split(first_layer_split([w * 2 for w in s1], [w * 2 for w in s2], H))
+    plain = run_step("_acquisition_step_split", "cpu", ids, lengths, h_p, h_r, s1, s2, split)
+    with torch.backends.mkldnn.flags(enabled=False):
+        got = run_step("_acquisition_step_split", "cpu", ids, lengths, h_p, h_r, s1, s2,
+                       split + other)  # packed pieces of other weights: provably not read
+    for a, b in zip(plain, got, strict=True):
+        assert torch.equal(a, b)
+
+
+@needs_brgemm
 def test_pack_reuses_its_buffers_and_checks_them():
     gen = torch.Generator().manual_seed(3)
     split = [torch.randn(3, 40, 64, generator=gen).bfloat16(),
