@@ -121,8 +121,8 @@ void pack_bf16_split_cpu(const Tensor& split, const Tensor& out) {
               out.sizes());
   TORCH_CHECK(cpu_brgemm_available(), op, ": this CPU or torch has no AMX bf16 BRGeMM "
               "(care_ext.bf16_split.cpu_brgemm_available() is False)");
-  const Tensor w = split.reshape({N, K}).stride(1) == 1 ? split.reshape({N, K})
-                                                       : split.reshape({N, K}).contiguous();
+  Tensor w = split.reshape({N, K});
+  if (w.stride(1) != 1) w = w.contiguous();
   const auto* src = reinterpret_cast<const uint16_t*>(w.const_data_ptr<at::BFloat16>());
   auto* dst = reinterpret_cast<uint16_t*>(out.mutable_data_ptr<at::BFloat16>());
   const int64_t blocks = (N + kPackCols - 1) / kPackCols;

@@ -202,10 +202,6 @@ void run_block_shared(const BlockRows& br, int64_t p0, int64_t n, int64_t G,
   finish_branch(br, p0, n, G, m, sel_m, lead.narrow(1, sh.both.off_b, m.w1h_t.size(1)));
 }
 
-// A block on the split first layers: the block's bf16 rows times all T * Rt split rows in one
-// bf16 GEMM (exact products, float32 sums; no float32 copy of the block; on `packed`, when
-// defined, BRGeMM calls instead of MKL's GEMM and its per-call packing), then each branch's
-// pre-activations, in buffer order, summed from its T terms plus its bias.
 // The column blocks of packed split pieces (packed_block_cols() columns each, over all T terms'
 // Rt units): `masked` those whose every column is a unit of the masked branch (Stage-II with the
 // CARE core's 64 units per stage: 3 of the 6 blocks), which only that branch's rows need; `all`
@@ -268,6 +264,10 @@ Tensor packed_block_products(const Tensor& x, const Tensor& packed, int64_t N,
   return c;
 }
 
+// A block on the split first layers: the block's bf16 rows times all T * Rt split rows in one
+// bf16 GEMM (exact products, float32 sums; no float32 copy of the block; on `packed`, when
+// defined, BRGeMM calls instead of MKL's GEMM and its per-call packing), then each branch's
+// pre-activations, in buffer order, summed from its T terms plus its bias.
 void run_block_split(const Tensor& h_resp, int64_t p0, int64_t n, int64_t G, BlockRows& br,
                      const bool* lead, const std::vector<BranchPlan>& plans, const Tensor& split2d,
                      const Tensor& packed, const PackedBlocks& pb, int64_t T, int64_t Rt,
