@@ -155,7 +155,7 @@ class CareConfig:
     an AMX Xeon (bench/RESULTS.md, tenth session) the decide after a background update took
     7.8-11.5 against 9.8-12.5 ms at 64x8x4096 and 33.7-35.2 against 40.4-42.3 ms at 512x16x4096;
     with a synchronous update the packing (~1-2 ms per update at H = 4096) lands on the next decide:
-    12.6-12.8 against 10.6 ms at 64x8, 42-43 ms either way at 512x16. Controllers with many cores
+    12.6-12.8 against 10.6 ms at 64x8, 42-44 ms either way at 512x16. Controllers with many cores
     (small blocks: a 32-row block's step 0.75-0.87 against 1.08-1.17 ms) may want 'on';
     bench/gpu_check.sh measures it on the GPU host's 16 cores."""
 
