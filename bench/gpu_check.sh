@@ -14,8 +14,8 @@
 # GPU_CHECK_QUICK=1: after a kernel change, the checks that need the GPU only (~4 min): build,
 # SASS, the CUDA-marked op tests, the core on CUDA with the fused step, the step benchmark without
 # torch.compile, the tail's layer 2 on FFMA tiles against tensor cores, profile_step and the
-# sanitizers, then bench_step on CUDA, the CPU split step on packed pieces against MKL's (the
-# host's cores) and Nsight Compute on the tail kernel (where ncu exists) if time is left; the rest
+# sanitizers, then bench_step on CUDA, Nsight Compute on the tail kernel (where ncu exists) and
+# the CPU split step on packed pieces against MKL's (the host's cores) if time is left; the rest
 # is skipped.
 #
 #   device run:  bash bench/gpu_check.sh            (GPU_CHECK_QUICK=1 bash bench/gpu_check.sh)
@@ -185,20 +185,6 @@ if [ "$QUICK" = 1 ]; then
     --out "$OUT/bench_step_quick" > "$OUT/bench_step_quick.log" 2>&1
   stamp "bench_step (quick) exit $? : $(grep -E 'decide' "$OUT/bench_step_quick.log" | tr -s ' ' | tr '\n' ';')"
 fi
-# quick only, if time is left: the CPU split step on pieces packed for oneDNN's BRGeMM against
-# MKL's per-call packing, on this host's cores (small blocks: on the 2-core AMX VM a 32-row block's
-# step took 0.75-0.87 against 1.08-1.17 ms; CareConfig.first_layer_pack="auto" packs only with a
-# background update: whether "on" pays with a synchronous one on many cores is what this says)
-if [ "$QUICK" = 1 ]; then
-  timeout "$(cap 40)" python3 "$REPO/bench/bench_ops.py" --device cpu --min-time 0.2 \
-    --ops acquisition_step_split acquisition_step_split_packed --providers native reference \
-    --shapes 64x8x4096 512x16x4096 --out "$OUT/bench_cpu_packed" > "$OUT/bench_cpu_packed.log" 2>&1
-  stamp "CPU split step MKL / packed exit $? : $(grep -E '^cpu' "$OUT/bench_cpu_packed.log" | tr -s ' ' | tr '\n' ';')"
-  timeout "$(cap 40)" python3 "$REPO/bench/bench_step.py" --device cpu --steps 4 --warmup 2 \
-    --shapes 64x8x4096 --first-layer-gemm bf16x3 --first-layer-pack off on \
-    --out "$OUT/bench_step_cpu_packed" > "$OUT/bench_step_cpu_packed.log" 2>&1
-  stamp "CPU core decide, first_layer_pack off / on exit $? : $(grep -E 'decide' "$OUT/bench_step_cpu_packed.log" | tr -s ' ' | tr '\n' ';')"
-fi
 # quick only, if time is left: Nsight Compute on the tail kernel of the split2 step at 64x8x4096
 # and 1024x64x4096 (where its time goes: throughput against the SM's and memory's peaks, warp
 # stalls, the hottest source lines), when this machine has ncu
@@ -219,6 +205,21 @@ PY
       > "$OUT/ncu_tail_$shape.txt" 2>&1
     stamp "ncu step_tail $shape exit $? : $(grep -E 'Duration|Compute \(SM\) Throughput|Memory Throughput' "$OUT/ncu_tail_$shape.txt" | tr -s ' ' | tr '\n' ';')"
   done
+fi
+# quick only, last (after ncu, if time is left): the CPU split step on pieces packed for oneDNN's
+# BRGeMM against MKL's per-call packing, on this host's cores (small blocks: on the 2-core AMX VM a
+# 32-row block's step took 0.75-0.87 against 1.08-1.17 ms; CareConfig.first_layer_pack="auto"
+# packs only with a background update: whether "on" pays with a synchronous one on many cores is
+# what this says)
+if [ "$QUICK" = 1 ]; then
+  timeout "$(cap 40)" python3 "$REPO/bench/bench_ops.py" --device cpu --min-time 0.2 \
+    --ops acquisition_step_split acquisition_step_split_packed --providers native reference \
+    --shapes 64x8x4096 512x16x4096 --out "$OUT/bench_cpu_packed" > "$OUT/bench_cpu_packed.log" 2>&1
+  stamp "CPU split step MKL / packed exit $? : $(grep -E '^cpu' "$OUT/bench_cpu_packed.log" | tr -s ' ' | tr '\n' ';')"
+  timeout "$(cap 40)" python3 "$REPO/bench/bench_step.py" --device cpu --steps 4 --warmup 2 \
+    --shapes 64x8x4096 --first-layer-gemm bf16x3 --first-layer-pack off on \
+    --out "$OUT/bench_step_cpu_packed" > "$OUT/bench_step_cpu_packed.log" 2>&1
+  stamp "CPU core decide, first_layer_pack off / on exit $? : $(grep -E 'decide' "$OUT/bench_step_cpu_packed.log" | tr -s ' ' | tr '\n' ';')"
 fi
 [ "$QUICK" = 1 ] && { stamp "done (quick)"; exit 0; }
 
