@@ -274,20 +274,20 @@ void run_block_split(const Tensor& h_resp, int64_t p0, int64_t n, int64_t G, Blo
                      const std::vector<int64_t>& cols) {
   const int64_t rows = n * G;
   order_block(rows, lead, br);
+  std::vector<std::vector<int64_t>> sels;  // each branch's rows of this block, block order
+  sels.reserve(plans.size());
+  for (const BranchPlan& bp : plans) sels.push_back(selected_rows(bp, p0, rows, G));
   Tensor x = h_resp.narrow(0, p0 * G, rows);
   Tensor c;  // [rows, T * Rt]
   if (packed.defined()) {
     if (x.stride(1) != 1) x = x.contiguous();
-    c = packed_block_products(x, packed, T * Rt, pb,
-                              pb.masked.empty()
-                                  ? std::vector<int64_t>{}
-                                  : selected_rows(plans[pb.masked_plan], p0, rows, G));
+    c = packed_block_products(x, packed, T * Rt, pb, sels[pb.masked_plan]);
   } else {
     c = bf16_products(x, split2d);
   }
   for (size_t i = 0; i < plans.size(); ++i) {
     const BranchPlan& bp = plans[i];
-    const std::vector<int64_t> sel = selected_rows(bp, p0, rows, G);
+    const std::vector<int64_t>& sel = sels[i];
     const int64_t used = static_cast<int64_t>(sel.size());
     if (used == 0) continue;  // every prompt of the block pools to zero
     const int64_t R1 = bp.b1.size(0);
