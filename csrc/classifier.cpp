@@ -9,6 +9,10 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+
+#include <algorithm>
+#include <vector>
 
 namespace care_ext {
 namespace {
@@ -80,8 +84,59 @@ void check_hidden(const Tensor& t, int64_t dim, const char* op, const char* name
               name, " must be float32, bfloat16 or float16, got ", st);
 }
 
+namespace {
+
+// head_from_prompt_pre on the CPU in fewer passes: one pass adds the prompt features' products
+// to `pre` and applies relu into the first P columns of the head's input [B, P + R2] (the pool
+// copied beside them), then head layer 1 is one GEMM over K = P + R2 (no bias), one pass adds
+// h1b and applies relu, and head layer 2 is an addmm. The same products as the ATen composite;
+// layer 1's two GEMMs become one float32 sum.
+Tensor head_cpu(const Weights& w, const Tensor& pre, const Tensor& prompt_feat,
+                const Tensor& pool) {
+  const int64_t B = pre.size(0), P = w.P, R2 = w.R2, Fp = prompt_feat.size(1);
+  const int64_t H = w.pw.size(1) - Fp;
+  Tensor zin = at::empty({B, P + R2}, pre.options());
+  zin.narrow(1, P, R2).copy_(pool);
+  std::vector<float> wf(static_cast<size_t>(Fp * P));  // prompt_w's feature columns, [Fp, P]
+  const auto pw = w.pw.accessor<float, 2>();
+  for (int64_t f = 0; f < Fp; ++f) {
+    for (int64_t u = 0; u < P; ++u) wf[static_cast<size_t>(f * P + u)] = pw[u][H + f];
+  }
+  const Tensor feat = prompt_feat.to(at::kFloat);
+  const float* fp = feat.const_data_ptr<float>();
+  const float* pp = pre.const_data_ptr<float>();
+  const int64_t f0 = feat.stride(0), f1 = feat.stride(1), p0 = pre.stride(0), p1 = pre.stride(1);
+  float* zp = zin.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    float* __restrict__ row = zp + b * (P + R2);
+    for (int64_t u = 0; u < P; ++u) row[u] = pp[b * p0 + u * p1];
+    for (int64_t f = 0; f < Fp; ++f) {
+      const float v = fp[b * f0 + f * f1];
+      const float* __restrict__ wr = wf.data() + f * P;
+      for (int64_t u = 0; u < P; ++u) row[u] += v * wr[u];
+    }
+    for (int64_t u = 0; u < P; ++u) row[u] = std::max(row[u], 0.0f);  // NaN stays NaN
+  }
+  Tensor z = at::mm(zin, w.h1w.t());  // [B, K]
+  const Tensor h1b = w.h1b.contiguous();
+  const float* __restrict__ bias = h1b.const_data_ptr<float>();
+  float* zz = z.data_ptr<float>();
+  const int64_t K = w.K;
+  for (int64_t b = 0; b < B; ++b) {
+    float* __restrict__ row = zz + b * K;
+    for (int64_t k = 0; k < K; ++k) row[k] = std::max(row[k] + bias[k], 0.0f);
+  }
+  return w.h2b.addmm(z, w.h2w.t());
+}
+
+}  // namespace
+
 Tensor head_from_prompt_pre(const Weights& w, Tensor pre, const Tensor& prompt_feat,
                             const Tensor& pool) {
+  if (pre.device().is_cpu() && pre.scalar_type() == at::kFloat && pool.scalar_type() == at::kFloat &&
+      pre.size(0) > 0) {
+    return head_cpu(w, pre, prompt_feat, pool);
+  }
   const int64_t H = w.pw.size(1) - prompt_feat.size(1);
   Tensor p = pre.addmm_(prompt_feat, w.pw.narrow(1, H, prompt_feat.size(1)).t()).relu_();
   Tensor z = w.h1b.addmm(p, w.h1w.narrow(1, 0, w.P).t());

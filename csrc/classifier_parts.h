@@ -87,7 +87,9 @@ Tensor prompt_and_head(const Weights& w, const Tensor& h_prompt, const Tensor& p
                        const Tensor& pool);
 
 // The same from the prompt branch's hidden-column pre-activation pre = prompt_b + h_p W_h^T
-// ([B, P] float32, any strides): adds the feature columns, then relu and the head.
+// ([B, P] float32, any strides): adds the feature columns, then relu and the head. On the CPU in
+// fused passes with head layer 1 as one GEMM over [p ; pool] (pre is not written); elsewhere ATen
+// ops (pre is updated in place).
 Tensor head_from_prompt_pre(const Weights& w, Tensor pre, const Tensor& prompt_feat,
                             const Tensor& pool);
 

@@ -28,6 +28,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 
 #include <algorithm>
 #include <cstring>
@@ -134,35 +135,58 @@ std::vector<int64_t> selected_rows(const BranchPlan& bp, int64_t p0, int64_t row
   return sel;
 }
 
-// The rest of a branch after the first layer's hidden columns: `a` [used, R1] (any strides) holds
-// b1 + x W1h^T for the buffer's first `used` rows; adds the feature columns, then relu, layer 2,
-// relu and the (masked) mean per prompt into the pool.
+// The rest of a branch after the first layer's hidden columns: `a` [used, R1] (unit column
+// stride, any row stride) holds b1 + x W1h^T for the buffer's first `used` rows. One pass over
+// `a` adds the feature columns and applies relu; layer 2 is one GEMM without its bias (MKL,
+// beta = 0); one pass over its output adds b2, applies relu and sums each row into its prompt's
+// (masked) mean. The same sums as addmm + relu_ + addmm + relu_ + a sum (each product rounded,
+// then added; b2 added after the GEMM's sum as MKL does with beta = 1), without the feature
+// GEMM, the bias copies and the relu passes (~0.2 ms of a 3 ms step at 64x8x4096 on one thread;
+// bench/RESULTS.md, eleventh session). relu keeps NaN (std::max(NaN, 0) is NaN).
 void finish_branch(const BlockRows& br, int64_t p0, int64_t n, int64_t G, const BranchPlan& bp,
                    const std::vector<int64_t>& sel, Tensor a) {
-  const int64_t rows = n * G, used = static_cast<int64_t>(sel.size());
-  if (bp.Fr > 0) {  // the features of the buffer's rows, in buffer order
-    Tensor it = at::empty({used}, bp.feat.options().dtype(at::kLong));
-    std::copy(br.order.begin(), br.order.begin() + used, it.data_ptr<int64_t>());
-    a.addmm_(bp.feat.narrow(0, p0 * G, rows).index_select(0, it), bp.w1f_t);
+  const int64_t used = static_cast<int64_t>(sel.size()), R1 = a.size(1), R2 = bp.R2;
+  TORCH_INTERNAL_ASSERT(a.scalar_type() == at::kFloat && a.stride(1) == 1 && a.size(0) == used);
+  float* ap = a.data_ptr<float>();
+  const int64_t lda = a.stride(0), Fr = bp.Fr;
+  std::vector<float> wf(static_cast<size_t>(Fr * R1));  // resp1_w's feature columns, [Fr, R1]
+  if (Fr > 0) {
+    const auto w = bp.w1f_t.accessor<float, 2>();
+    for (int64_t f = 0; f < Fr; ++f) {
+      for (int64_t u = 0; u < R1; ++u) wf[static_cast<size_t>(f * R1 + u)] = w[f][u];
+    }
   }
-  a.relu_();
-  const Tensor r = bp.b2.addmm(a, bp.w2_t).relu_().contiguous();
-  const float* rp = r.data_ptr<float>();
+  const float* feat = bp.feat.const_data_ptr<float>();  // [B*G, Fr]
+  const int64_t fs0 = bp.feat.stride(0), fs1 = bp.feat.stride(1);
+  for (int64_t k = 0; k < used; ++k) {
+    float* __restrict__ row = ap + k * lda;
+    const int64_t g = p0 * G + br.order[static_cast<size_t>(k)];  // the row of the batch
+    for (int64_t f = 0; f < Fr; ++f) {
+      const float v = feat[g * fs0 + f * fs1];
+      const float* __restrict__ w = wf.data() + f * R1;
+      for (int64_t u = 0; u < R1; ++u) row[u] += v * w[u];
+    }
+    for (int64_t u = 0; u < R1; ++u) row[u] = std::max(row[u], 0.0f);  // NaN stays NaN
+  }
+  const Tensor r = at::mm(a, bp.w2_t);  // [used, R2], contiguous
+  const Tensor b2 = bp.b2.contiguous();
+  const float* rp = r.const_data_ptr<float>();
+  const float* bias = b2.const_data_ptr<float>();
   // (masked) mean per prompt: sum the rows in block order, then divide by the count clamped to >= 1
   std::vector<int64_t> count(static_cast<size_t>(n), 0);
   for (const int64_t j : sel) {
     const int64_t i = j / G;
     ++count[static_cast<size_t>(i)];
-    float* out = bp.pool + (p0 + i) * bp.R2;
-    const float* row = rp + br.pos[static_cast<size_t>(j)] * bp.R2;
-    for (int64_t c = 0; c < bp.R2; ++c) out[c] += row[c];
+    float* __restrict__ out = bp.pool + (p0 + i) * R2;
+    const float* __restrict__ row = rp + br.pos[static_cast<size_t>(j)] * R2;
+    for (int64_t c = 0; c < R2; ++c) out[c] += std::max(row[c] + bias[c], 0.0f);
   }
   for (int64_t i = 0; i < n; ++i) {
     const int64_t c_i = count[static_cast<size_t>(i)];
     if (c_i <= 1) continue;  // one row or none needs no division
     const float inv = 1.0f / static_cast<float>(c_i);
-    float* out = bp.pool + (p0 + i) * bp.R2;
-    for (int64_t c = 0; c < bp.R2; ++c) out[c] *= inv;
+    float* out = bp.pool + (p0 + i) * R2;
+    for (int64_t c = 0; c < R2; ++c) out[c] *= inv;
   }
 }
 

@@ -596,6 +596,27 @@ def test_cpu_masked_rows_are_never_read():
     assert R.classifier_forward(h_p, pf, poisoned, None, mask, w).isnan().any()
 
 
+@pytest.mark.parametrize("where", ["rollout", "prompt"])
+def test_nan_in_a_pooled_row_reaches_the_logits_as_in_torch(device, where):
+    """relu keeps NaN (torch.relu(nan) is nan): a NaN hidden state in a row the classifier pools
+    (or in a prompt's state) makes exactly that prompt's logits NaN, in the native kernels' fused
+    relu passes (CPU: feature columns + relu, bias + relu + pool, head) as in the reference."""
+    gen = torch.Generator().manual_seed(11)
+    B, G, H = 6, 4, 32
+    h_p, h_r = torch.randn(B, H, generator=gen), torch.randn(B, G, H, generator=gen)
+    pf, rf = torch.rand(B, 3, generator=gen), torch.rand(B, G, 1, generator=gen)
+    w = random_weights(H, 3, 1, 2, gen)
+    if where == "rollout":
+        h_r[2, 1, 5] = float("nan")
+    else:
+        h_p[2, 5] = float("nan")
+    got = torch.ops.care_ext.classifier_forward(h_p.to(device), pf.to(device), h_r.to(device),
+                                                rf.to(device), None, [t.to(device) for t in w]).cpu()
+    ref = R.classifier_forward(h_p, pf, h_r, rf, None, w)
+    assert torch.equal(ref.isnan().any(1), torch.arange(B) == 2)
+    assert torch.equal(got.isnan(), ref.isnan())
+
+
 def test_fused_step_tail_sees_every_input():
     """The fused tail must use each input it is given: perturbing one rollout's hidden state, a
     minority rollout, a length or one weight of each kind changes the outputs it feeds."""
