@@ -194,7 +194,7 @@ Tensor classifier_forward(const Tensor& h_prompt, const Tensor& prompt_feat, con
                           const std::optional<Tensor>& resp_feat,
                           const std::optional<Tensor>& resp_mask, at::TensorList weights) {
   const char* op = "classifier_forward";
-  const NoAutocast no_autocast;
+  const KernelDispatchGuard dispatch_guard;
   check_hidden(h_prompt, 2, op, "h_prompt", "[B, H]");
   check_hidden(h_resp, 3, op, "h_resp", "[B, G, H]");
   const int64_t B = h_prompt.size(0), H = h_prompt.size(1), G = h_resp.size(1);
@@ -276,7 +276,7 @@ StepTuple step_impl(const Tensor& ids, const Tensor& lengths, const Tensor& h_pr
                     const Tensor& h_resp, at::TensorList stage1, at::TensorList stage2,
                     double max_len, double cag_eps, bool cag_unbiased, double adv_eps,
                     bool adv_unbiased, at::TensorList split, const char* op) {
-  const NoAutocast no_autocast;
+  const KernelDispatchGuard dispatch_guard;
   static auto expected_op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("care_ext::expected_cag", "")

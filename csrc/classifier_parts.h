@@ -59,12 +59,20 @@ inline bool tail_l2_mma_requested(int64_t G) {
 }
 
 // Held for the whole of every op that runs ATen GEMMs (classifier_forward, acquisition_step, the
-// fused step's host part): the ops compute in float32 whatever a caller's torch.autocast region
-// says. Without it their inner mm/addmm calls re-dispatch through the Autocast keys, come back in
-// bfloat16 and fail (a dtype mismatch, or data_ptr<float> on a bf16 tensor). at::parallel_for
-// carries the exclusion into the CPU step's worker threads (thread-local state propagates).
-struct NoAutocast {
-  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+// fused step's host part):
+//   * Autocast keys excluded: the ops compute in float32 whatever a caller's torch.autocast
+//     region says. Without it their inner mm/addmm calls re-dispatch through the Autocast keys,
+//     come back in bfloat16 and fail (a dtype mismatch, or data_ptr<float> on a bf16 tensor).
+//   * Autograd and ADInplaceOrView keys excluded (what torch's own kernels run under,
+//     at::AutoDispatchBelowADInplaceOrView): the ops a kernel calls are never recorded (none of
+//     these ops has a derivative), so their narrow/t/empty skip the autograd layer and the view
+//     tracking. The public step at 1x8x64 on one thread: -11% (bench/RESULTS.md, eleventh
+//     session).
+// at::parallel_for carries the exclusions into the CPU step's worker threads (thread-local state
+// propagates).
+struct KernelDispatchGuard {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset |
+                                          c10::autograd_dispatch_keyset_with_ADInplaceOrView};
 };
 
 // The 10 folded weights of one classifier (float32, on the inputs' device) and their sizes.

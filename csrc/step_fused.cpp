@@ -122,7 +122,7 @@ FusedStep prepare_fused_step(const Tensor& ids, const Tensor& lengths, const Ten
                              double max_len, double cag_eps, bool cag_unbiased, double adv_eps,
                              bool adv_unbiased, at::TensorList first_layer_split) {
   const char* op = fused_step_op_name(first_layer_split);
-  const NoAutocast no_autocast;  // the first-layer GEMMs below stay float32
+  const KernelDispatchGuard dispatch_guard;  // the first-layer GEMMs below stay float32
   check_step_inputs(ids, h_prompt, h_resp, op);
   const int64_t B = ids.size(0), G = ids.size(1), H = h_prompt.size(1);
   const auto dev = ids.device();

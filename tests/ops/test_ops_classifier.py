@@ -617,6 +617,31 @@ def test_nan_in_a_pooled_row_reaches_the_logits_as_in_torch(device, where):
     assert torch.equal(got.isnan(), ref.isnan())
 
 
+def test_weights_that_require_grad_give_the_same_outputs(device):
+    """A training loop's live parameters (requires_grad) go in as they are: the kernels run their
+    inner ops below the autograd keys, and the outputs equal those of detached weights bit for
+    bit (classifier_forward and the acquisition step)."""
+    gen = torch.Generator().manual_seed(12)
+    B, G, H = 5, 4, 32
+    h_p, h_r = torch.randn(B, H, generator=gen), torch.randn(B, G, H, generator=gen)
+    pf, rf = torch.rand(B, 3, generator=gen), torch.rand(B, G, 1, generator=gen)
+    w = [t.to(device) for t in random_weights(H, 3, 1, 2, gen)]
+    live = [t.clone().requires_grad_() for t in w]
+    args = (h_p.to(device), pf.to(device), h_r.to(device), rf.to(device), None)
+    assert torch.equal(torch.ops.care_ext.classifier_forward(*args, live).detach(),
+                       torch.ops.care_ext.classifier_forward(*args, w))
+    ids, lengths, h_p, h_r, s1, s2 = step_inputs(B, G, H, torch.float32, gen)
+    ids, lengths, h_p, h_r = (t.to(device) for t in (ids, lengths, h_p, h_r))
+    s1, s2 = [t.to(device) for t in s1], [t.to(device) for t in s2]
+    rest = (4000.0, 0.0, False, 1e-6, False)
+    plain = torch.ops.care_ext.acquisition_step(ids, lengths, h_p, h_r, s1, s2, *rest)
+    grads = torch.ops.care_ext.acquisition_step(
+        ids, lengths, h_p, h_r, [t.clone().requires_grad_() for t in s1],
+        [t.clone().requires_grad_() for t in s2], *rest)
+    for a, b in zip(plain, grads):
+        assert torch.equal(a, b.detach())
+
+
 def test_fused_step_tail_sees_every_input():
     """The fused tail must use each input it is given: perturbing one rollout's hidden state, a
     minority rollout, a length or one weight of each kind changes the outputs it feeds."""
