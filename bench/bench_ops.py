@@ -94,6 +94,8 @@ def make_inputs(B: int, G: int, H: int, device: str, hidden_dtype: torch.dtype, 
                 s1=s1, s2=s2, r=to(r), r2=to(r2), rows=rows,
                 split=[to(t) for t in split], split2=[to(t[:2].contiguous()) for t in split],
                 packed=pack_first_layer_split(split) if device == "cpu" else None,
+                packed2=(pack_first_layer_split([t[:2].contiguous() for t in split])
+                         if device == "cpu" else None),
                 split_out=[torch.empty_like(to(t)) for t in split],
                 sizes=to(R.cluster_stats(ids)[1]), logits=to(torch.randn(B, G + 1, generator=gen)))
 
@@ -147,6 +149,9 @@ def op_calls(x, impl):
         # where there is no packing it is the row above)
         "acquisition_step_split_packed": step_call("_acquisition_step_split",
                                                    x["split"] + (x["packed"] or [])),
+        # the same with 2 pieces (CareConfig.first_layer_gemm="bf16x2": weights to 2^-16)
+        "acquisition_step_split2_packed": step_call("_acquisition_step_split",
+                                                    x["split2"] + (x["packed2"] or [])),
         # the split pieces of both stages' first layers (care_ext::_split_bf16 vs its torch twin)
         "first_layer_split": first_layer_split_into,
     }

@@ -213,7 +213,8 @@ fi
 # what this says)
 if [ "$QUICK" = 1 ]; then
   timeout "$(cap 40)" python3 "$REPO/bench/bench_ops.py" --device cpu --min-time 0.2 \
-    --ops acquisition_step_split acquisition_step_split_packed --providers native reference \
+    --ops acquisition_step_split acquisition_step_split_packed acquisition_step_split2_packed \
+    --providers native reference \
     --shapes 64x8x4096 512x16x4096 --out "$OUT/bench_cpu_packed" > "$OUT/bench_cpu_packed.log" 2>&1
   stamp "CPU split step MKL / packed exit $? : $(grep -E '^cpu' "$OUT/bench_cpu_packed.log" | tr -s ' ' | tr '\n' ';')"
   timeout "$(cap 40)" python3 "$REPO/bench/bench_step.py" --device cpu --steps 4 --warmup 2 \
@@ -275,7 +276,8 @@ stamp "CPU thread scaling, CARE_EXT_CPU_SMALL_BLOCKS=0 exit $? : $(grep -E ' nat
 # the CPU step with float32 and with split-bf16 first layers (MKL's bf16 GEMM: AMX on recent Xeons;
 # build_info's cpu_bf16_gemm) against the eager reference on all of this machine's cores
 timeout "$(cap 60)" python3 "$REPO/bench/bench_ops.py" --device cpu --min-time 0.2 \
-  --ops acquisition_step acquisition_step_split acquisition_step_split_packed --providers native reference \
+  --ops acquisition_step acquisition_step_split acquisition_step_split_packed \
+  acquisition_step_split2_packed --providers native reference \
   --shapes 64x8x4096 512x16x4096 --out "$OUT/bench_cpu_split" > "$OUT/bench_cpu_split.log" 2>&1
 stamp "CPU step float32 / split-bf16 exit $? : $(grep -E '^cpu' "$OUT/bench_cpu_split.log" \
   | tr -s ' ' | tr '\n' ';')"

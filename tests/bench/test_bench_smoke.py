@@ -29,6 +29,25 @@ def test_bench_ops_writes_every_provider_row(tmp_path):
     assert out.with_suffix(".csv").exists()
 
 
+def test_bench_ops_cpu_split_steps(tmp_path):
+    """The CPU-only split steps (MKL's GEMM on 3 pieces, BRGeMM on 3 packed pieces, on 2 packed
+    pieces: bf16x2) each write a native and a reference row (on a CPU without AMX the packed ops
+    run MKL's path on the plain pieces)."""
+    import bench_ops
+
+    out = tmp_path / "ops"
+    ops = ["acquisition_step_split", "acquisition_step_split_packed",
+           "acquisition_step_split2_packed"]
+    rc = bench_ops.main(["--device", "cpu", "--threads", "1", "--shapes", "6x4x32", "--min-time",
+                         "0.01", "--providers", "native", "reference", "--ops", *ops,
+                         "--out", str(out)])
+    assert rc == 0
+    rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert [r["op"] for r in rows] == ops
+    for r in rows:
+        assert r["native_us"] > 0 and r["reference_us"] > 0 and "native_error" not in r, r
+
+
 @pytest.mark.parametrize("extra", [[], ["--first-layer-backward", "autograd", "fused"],
                                    ["--projected"], ["--first-layer-gemm", "float32", "bf16x3"]])
 def test_bench_step_runs(tmp_path, extra):
