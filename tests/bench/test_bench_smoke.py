@@ -6,6 +6,7 @@ import importlib.util
 import json
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.native
 
@@ -228,3 +229,37 @@ def test_thread_scaling_rejects_bad_arguments(tmp_path, bad):
     with pytest.raises(SystemExit) as e:
         thread_scaling.main([*bad, "--out", str(tmp_path / "x")])
     assert e.value.code == 2
+
+
+def test_step_precision_rows(tmp_path, capsys):
+    """bench/step_precision.py: one row per variant with each float output's error against the
+    float64 step; float32 and bf16x3 land at float32 rounding, bf16x2 within its 2^-16 weights."""
+    import step_precision
+
+    out = tmp_path / "prec"
+    assert step_precision.main(["--shapes", "6x4x64", "--threads", "1", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert [r["variant"] for r in rows] == ["eager float32 reference", "native float32",
+                                            "native bf16x3", "native bf16x2"]
+    for r in rows:
+        tol = 1e-4 if r["variant"] == "native bf16x2" else 1e-5
+        assert all(0.0 <= r[n] < tol for n in step_precision.OUTPUTS.values()), r
+    assert "logits1" in capsys.readouterr().out
+
+
+def test_step_precision_relative_error_is_max_abs_over_max_ref():
+    import step_precision
+
+    ref = [None, None, torch.tensor([2.0, -4.0]), torch.tensor([[1.0]]), torch.tensor([[8.0]]),
+           torch.tensor([0.5])]
+    got = [None, None, torch.tensor([2.5, -4.0]), torch.tensor([[1.0]]), torch.tensor([[6.0]]),
+           torch.tensor([0.5])]
+    assert step_precision.relative_errors(got, ref) == {"reliability": 0.125, "logits1": 0.0,
+                                                        "probs": 0.25, "ecag": 0.0}
+
+
+def test_step_precision_rejects_odd_h():
+    import step_precision
+
+    with pytest.raises(SystemExit):
+        step_precision.main(["--shapes", "2x4x33"])
