@@ -143,7 +143,11 @@ class CareConfig:
     'auto' (default): 'bf16x3' on a CPU with bf16 units at H >= 1024, 'float32' elsewhere
     (:func:`care_ext.bf16_split.resolve_first_layer_gemm`; on an H100 the core decided slower with
     the split than with float32). Used only where it applies: bf16 hidden states, raw (not
-    projected) states, count classifiers; float32 elsewhere. bench/RESULTS.md has the CPU measurements."""
+    projected) states, count classifiers; float32 elsewhere. bench/RESULTS.md has the CPU measurements.
+    The trade of 'bf16x2', measured at 64x8x4096 on an AMX Xeon (eleventh session): the step on
+    one core 2.9-3.0 against 3.4-3.7 ms for 'bf16x3' (5.5x against 4.4x the eager reference), its
+    logits 1.8e-6 of the largest logit from a float64 step against 5.0e-7 for 'bf16x3' and
+    6.6e-7 for 'float32' (``bench/step_precision.py``)."""
 
     first_layer_pack: str = "auto"
     """With split first layers on a CPU with AMX (``care_ext.build_info()["cpu_brgemm"]``): pack
