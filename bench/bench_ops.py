@@ -41,6 +41,7 @@ import care_ext
 from care_ext import reference as R
 from care_ext.bf16_split import first_layer_split, pack_first_layer_split
 from care_ext.ops import core_step_layout
+import bench_args
 from step_goals import ALL_STEP_OPS, CPU_STEP_OPS
 
 CPU_ONLY_OPS = CPU_STEP_OPS + ("first_layer_split",)
@@ -98,6 +99,18 @@ def make_inputs(B: int, G: int, H: int, device: str, hidden_dtype: torch.dtype, 
                          if device == "cpu" else None),
                 split_out=[torch.empty_like(to(t)) for t in split],
                 sizes=to(R.cluster_stats(ids)[1]), logits=to(torch.randn(B, G + 1, generator=gen)))
+
+
+OP_NAMES = ("cluster_stats", "group_advantage", "cag", "classwise_cag", "expected_cag",
+            "group_features", "acquisition_step", "acquisition_step_fused",
+            "acquisition_step_fused_split", "acquisition_step_fused_split2",
+            "acquisition_step_split", "acquisition_step_split_packed",
+            "acquisition_step_split2_packed", "first_layer_split")
+"""Every op bench_ops times (the keys of :func:`op_calls`, in its order)."""
+PROVIDERS = ("native", "reference", "compile", "cudagraph", "native_graph", "native_rowmajor")
+"""native: torch.ops.care_ext; reference: care_ext.reference eager; compile: torch.compile of the
+reference; cudagraph / native_graph: CUDA-graph replays of reference / native (CUDA only);
+native_rowmajor: native on row-major contiguous weights."""
 
 
 def op_calls(x, impl):
@@ -261,14 +274,17 @@ def cpu_gemm_rate(H: int, min_time: float) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--shapes", nargs="*", help="BxGxH, default per device")
-    ap.add_argument("--ops", nargs="*", help="subset of ops (default: all)")
-    ap.add_argument("--providers", nargs="*", default=["native", "reference", "compile", "cudagraph",
-                                                          "native_graph"])
+    ap.add_argument("--device", type=bench_args.device, default=bench_args.default_device())
+    ap.add_argument("--shapes", nargs="*", type=bench_args.shape, help="BxGxH, default per device")
+    ap.add_argument("--ops", nargs="*", choices=OP_NAMES, metavar="OP",
+                    help="subset of ops (default: all the device has): " + ", ".join(OP_NAMES))
+    ap.add_argument("--providers", nargs="*", choices=PROVIDERS,
+                    default=["native", "reference", "compile", "cudagraph", "native_graph"])
     ap.add_argument("--hidden-dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ap.add_argument("--min-time", type=float, default=0.5, help="seconds per measurement")
+    ap.add_argument("--threads", type=bench_args.positive_int, default=None,
+                    help="torch CPU threads")
+    ap.add_argument("--min-time", type=bench_args.positive_float, default=0.5,
+                    help="seconds per measurement")
     ap.add_argument("--out", default="bench/out/bench_ops", help="output path prefix")
     args = ap.parse_args(argv)
     if args.threads:
@@ -288,7 +304,7 @@ def main(argv=None) -> int:
     # a row per line as it is measured (a timeout or a crash keeps the rows so far)
     with open(out.with_suffix(".jsonl"), "w") as jsonl:
         for shape in args.shapes or SHAPES[dev]:
-            B, G, H = map(int, shape.split("x"))
+            B, G, H = bench_args.dims(shape)
             x = make_inputs(B, G, H, dev, getattr(torch, args.hidden_dtype))
             floor = memory_floor_us(x, dev)
             extra = {}

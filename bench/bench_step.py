@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+import bench_args
 from bench_ops import cpu_name
 
 import care_ext
@@ -155,12 +156,16 @@ def run(device: str, B: int, G: int, H: int, steps: int, warmup: int, strategy: 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--shapes", nargs="*", default=["64x8x4096", "512x16x4096"])
+    ap.add_argument("--device", type=bench_args.device, default=bench_args.default_device())
+    ap.add_argument("--shapes", nargs="*", type=bench_args.shape,
+                    default=["64x8x4096", "512x16x4096"])
     ap.add_argument("--strategy", default="care")
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--steps", type=bench_args.positive_int, default=8,
+                    help="measured steps (decide + update) per configuration")
+    ap.add_argument("--warmup", type=bench_args.non_negative_int, default=3,
+                    help="steps run first and not measured")
+    ap.add_argument("--threads", type=bench_args.positive_int, default=None,
+                    help="torch CPU threads")
     ap.add_argument("--projected", action="store_true",
                     help="decide on first-layer projections (--care.worker_reduce first_layer)")
     ap.add_argument("--first-layer-backward", nargs="+", default=["auto"],
@@ -192,7 +197,7 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name() if args.device == "cuda" else cpu_name()
     rows = []
     for shape in args.shapes:
-        B, G, H = map(int, shape.split("x"))
+        B, G, H = bench_args.dims(shape)
         for flb, gemm, pack, upd in [(f, g, k, u) for f in args.first_layer_backward
                                      for g in args.first_layer_gemm
                                      for k in args.first_layer_pack for u in args.update]:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+import bench_args
 import care_ext
 from bench_ops import make_inputs, op_calls
 from step_goals import ALL_STEP_OPS, STEP_OPS
@@ -60,8 +61,9 @@ def kernel_times(fn, device: str, calls: int) -> dict[str, list[tuple[str, int, 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--shapes", nargs="*", default=["64x8x4096", "1024x64x4096"])
+    ap.add_argument("--device", type=bench_args.device, default=bench_args.default_device())
+    ap.add_argument("--shapes", nargs="*", type=bench_args.shape,
+                    default=["64x8x4096", "1024x64x4096"])
     ap.add_argument("--ops", nargs="*", choices=ALL_STEP_OPS,
                     help="default: every step op the device has (the CPU-only ones on the CPU)")
     ap.add_argument("--calls", type=int, default=20, help="profiled calls per shape and op")
@@ -84,7 +86,7 @@ def main(argv=None) -> int:
     lines = []
     with open(out.with_suffix(".jsonl"), "w") as jsonl:
         for shape in args.shapes:
-            B, G, H = map(int, shape.split("x"))
+            B, G, H = bench_args.dims(shape)
             x = make_inputs(B, G, H, args.device, torch.bfloat16)
             calls = op_calls(x, native)
             for op in args.ops:

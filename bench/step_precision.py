@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_args  # noqa: E402  (the bench directory, put on the path above)
 
 OUTPUTS = {2: "reliability", 3: "logits1", 4: "probs", 5: "ecag"}
 """Index in the step's output tuple -> name, for the outputs with a float value."""
@@ -66,18 +67,17 @@ def measure(B: int, G: int, H: int) -> list[dict]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shapes", nargs="+", default=["64x8x4096"], help="BxGxH (H even)")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--shapes", nargs="+", type=bench_args.shape, default=["64x8x4096"],
+                    help="BxGxH (H even)")
+    ap.add_argument("--threads", type=bench_args.positive_int, default=None,
+                    help="torch CPU threads")
     ap.add_argument("--out", default=None, help="write JSON lines to OUT.jsonl")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
     for shape in args.shapes:
-        try:
-            B, G, H = (int(v) for v in shape.split("x"))
-        except ValueError:
-            ap.error(f"a shape is BxGxH, got {shape!r}")
+        B, G, H = bench_args.dims(shape)
         if H % 2:
             ap.error(f"H must be even (bf16 pairs of the packed pieces), got {shape!r}")
         rows += measure(B, G, H)

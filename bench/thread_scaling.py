@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+import bench_args
 from bench_ops import _Native, cpu_name, host_time, make_inputs, op_calls
 
 import care_ext
@@ -137,7 +138,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2],
                     help="thread counts (1 is added if missing: speedups are over one thread)")
-    ap.add_argument("--shapes", nargs="+", default=["64x8x4096", "512x16x4096"], help="BxGxH")
+    ap.add_argument("--shapes", nargs="+", type=bench_args.shape,
+                    default=["64x8x4096", "512x16x4096"], help="BxGxH")
     ap.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--min-time", type=float, default=0.5, help="seconds per measurement")
@@ -148,10 +150,6 @@ def main(argv=None) -> int:
         ap.error(f"--threads must be >= 1, got {args.threads}")
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
-    for shape in args.shapes:
-        dims = shape.split("x")
-        if len(dims) != 3 or not all(d.isdigit() and int(d) > 0 for d in dims):
-            ap.error(f"shape {shape!r} is not BxGxH with positive integers")
     if "native" in args.providers and not care_ext.HAS_NATIVE:
         print(f"native library not loaded: {care_ext.NATIVE_ERROR}", file=sys.stderr)
         return 2

@@ -263,3 +263,37 @@ def test_step_precision_rejects_odd_h():
 
     with pytest.raises(SystemExit):
         step_precision.main(["--shapes", "2x4x33"])
+
+
+@pytest.mark.parametrize("bad", [["--shapes", "64x8"], ["--shapes", "0x8x64"], ["--ops", "nope"],
+                                 ["--providers", "eager"], ["--threads", "0"],
+                                 ["--min-time", "0"], ["--device", "tpu"]])
+def test_bench_ops_rejects_bad_arguments(tmp_path, bad):
+    """A bad argument is a usage error (exit 2) before anything runs, not a traceback from the
+    middle of a run or a run that silently measures nothing (an unknown --ops name did that)."""
+    import bench_ops
+
+    with pytest.raises(SystemExit) as e:
+        bench_ops.main(["--device", "cpu", *bad, "--out", str(tmp_path / "x")])
+    assert e.value.code == 2
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_bench_ops_op_names_are_its_ops():
+    """bench_ops.OP_NAMES (the --ops choices) lists exactly the ops op_calls times, in order."""
+    import bench_ops
+
+    x = bench_ops.make_inputs(2, 4, 32, "cpu", torch.bfloat16)
+    assert tuple(bench_ops.op_calls(x, bench_ops.R)) == bench_ops.OP_NAMES
+
+
+@pytest.mark.parametrize("bad", [["--shapes", "4x8"], ["--steps", "0"], ["--warmup", "-1"],
+                                 ["--threads", "0"], ["--device", "cuda"]])
+def test_bench_step_rejects_bad_arguments(tmp_path, bad):
+    import bench_step
+
+    if bad == ["--device", "cuda"] and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    with pytest.raises(SystemExit) as e:
+        bench_step.main([*bad, "--out", str(tmp_path / "x")])
+    assert e.value.code == 2
