@@ -141,8 +141,8 @@ std::vector<int64_t> selected_rows(const BranchPlan& bp, int64_t p0, int64_t row
 // beta = 0); one pass over its output adds b2, applies relu and sums each row into its prompt's
 // (masked) mean. The same sums as addmm + relu_ + addmm + relu_ + a sum (each product rounded,
 // then added; b2 added after the GEMM's sum as MKL does with beta = 1), without the feature
-// GEMM, the bias copies and the relu passes (~0.2 ms of a 3 ms step at 64x8x4096 on one thread;
-// bench/RESULTS.md, eleventh session). relu keeps NaN (std::max(NaN, 0) is NaN).
+// GEMM, the bias copies and the relu passes (the step 2-4.5% faster at 64x8x4096 and
+// 512x16x4096; bench/RESULTS.md, eleventh session). relu keeps NaN (std::max(NaN, 0) is NaN).
 void finish_branch(const BlockRows& br, int64_t p0, int64_t n, int64_t G, const BranchPlan& bp,
                    const std::vector<int64_t>& sel, Tensor a) {
   const int64_t used = static_cast<int64_t>(sel.size()), R1 = a.size(1), R2 = bp.R2;
