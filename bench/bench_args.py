@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import torch
 
@@ -27,26 +29,24 @@ def dims(text: str) -> tuple[int, int, int]:
     return b, g, h
 
 
-def positive_int(text: str) -> int:
-    """An integer >= 1 (thread counts, steps, calls, rounds)."""
+def _int_at_least(text: str, low: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (thread counts, steps, calls, rounds)."""
+    return _int_at_least(text, 1)
 
 
 def non_negative_int(text: str) -> int:
     """An integer >= 0 (warm-up steps)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+    return _int_at_least(text, 0)
 
 
 def positive_float(text: str) -> float:
@@ -73,3 +73,12 @@ def device(text: str) -> str:
 def default_device() -> str:
     """'cuda' where a CUDA device is visible, else 'cpu'."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def write_jsonl(prefix: str | Path, rows: list[dict]) -> Path:
+    """Writes ``rows`` as JSON lines to ``prefix`` with the suffix .jsonl (its directory made as
+    needed) and returns that path."""
+    path = Path(prefix).with_suffix(".jsonl")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -28,7 +28,6 @@ training itself.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -218,10 +217,7 @@ def main(argv=None) -> int:
                   f"{r['update_ms']:.1f} ms ({100 * r['update_share']:.0f}% of the step; training "
                   f"{r['train_ms'] or 0:.1f} ms){proj}",
                   flush=True)
-    out = Path(args.out).with_suffix(".jsonl")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    print(f"wrote {out}")
+    print(f"wrote {bench_args.write_jsonl(args.out, rows)}")
     return 0
 
 

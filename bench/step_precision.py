@@ -14,7 +14,6 @@ over 'bf16x3' (float32-exact weights): bench/RESULTS.md has the runs. JSON lines
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -86,10 +85,7 @@ def main(argv=None) -> int:
         print(f"{r['shape']:>12} {r['variant']:<24} "
               + " ".join(f"{r[n]:11.1e}" for n in OUTPUTS.values()))
     if args.out:
-        path = Path(args.out).with_suffix(".jsonl")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        print(f"wrote {path}")
+        print(f"wrote {bench_args.write_jsonl(args.out, rows)}")
     return 0
 
 
