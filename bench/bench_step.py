@@ -206,6 +206,7 @@ def main(argv=None) -> int:
             # 12-15 ms unbound and 8 ms with OMP_PROC_BIND=true (bench/RESULTS.md)
             r.update(device_name=name, torch=torch.__version__, threads=torch.get_num_threads(),
                      native=care_ext.HAS_NATIVE, date=time.strftime("%Y-%m-%d %H:%M:%S"),
+                     build_info=care_ext.build_info(),
                      omp_proc_bind=os.environ.get("OMP_PROC_BIND"),
                      omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"))
             rows.append(r)

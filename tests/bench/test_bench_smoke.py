@@ -61,6 +61,7 @@ def test_bench_step_runs(tmp_path, extra):
     assert len(rows) == (2 if "fused" in extra or "bf16x3" in extra else 1)
     for r in rows:
         assert r["decide_ms"] > 0 and r["update_ms"] > 0 and r["shape"] == "12x4x32"
+        assert r["build_info"]["native"] is True  # which build ran (RESULTS.md provenance)
     if "--projected" in extra:
         assert rows[0]["projected"] and rows[0]["project_ms"] > 0
     if "fused" in extra:
