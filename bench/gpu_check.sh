@@ -221,6 +221,11 @@ if [ "$QUICK" = 1 ]; then
     --shapes 64x8x4096 --first-layer-gemm bf16x3 --first-layer-pack off on \
     --out "$OUT/bench_step_cpu_packed" > "$OUT/bench_step_cpu_packed.log" 2>&1
   stamp "CPU core decide, first_layer_pack off / on exit $? : $(grep -E 'decide' "$OUT/bench_step_cpu_packed.log" | tr -s ' ' | tr '\n' ';')"
+  # issue 7's "threads used well" for the core's default CPU path (packed bf16x3 on AMX)
+  timeout "$(cap 40)" python3 "$REPO/bench/thread_scaling.py" --op acquisition_step_split_packed \
+    --threads 1 2 4 8 16 --rounds 1 --min-time 0.2 --shapes 64x8x4096 \
+    --out "$OUT/thread_scaling_packed" > "$OUT/thread_scaling_packed.log" 2>&1
+  stamp "CPU thread scaling, packed split step exit $? : $(grep -E ' native +(1|16) ' "$OUT/thread_scaling_packed.log" | tr -s ' ' | tr '\n' ';')"
 fi
 [ "$QUICK" = 1 ] && { stamp "done (quick)"; exit 0; }
 

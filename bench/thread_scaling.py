@@ -4,7 +4,9 @@ Issue 7 asks for the CPU step "with threads used well". A speedup alone does not
 shared VM, or where memory bandwidth or clocks do not grow with the cores, no code scales by the
 thread count. So every round measures, in one process and one after the other at each thread
 count, three things:
-    native      torch.ops.care_ext.acquisition_step (the blocked CPU kernel)
+    native      torch.ops.care_ext.acquisition_step (the blocked CPU kernel; with --op one of the
+                CPU split steps instead, e.g. acquisition_step_split_packed, the default path
+                of the CARE core on AMX CPUs)
     reference   care_ext.reference.acquisition_step (plain torch eager)
     gemm        one float32 [2048, H] x [H, 64] product: eight of the step's Stage-I blocks as a
                 single GEMM, MKL's own split over the threads. The step is GEMM-bound, so this
@@ -18,6 +20,7 @@ GEMM does here). Writes <out>.jsonl (one row each, with torch, build_info, CPU c
 
     python bench/thread_scaling.py --threads 1 2 --shapes 64x8x4096 512x16x4096
     python bench/thread_scaling.py --threads 1 2 4 8 16 --out $OUT/thread_scaling   # 16 cores
+    python bench/thread_scaling.py --op acquisition_step_split_packed --threads 1 2
 """
 from __future__ import annotations
 
@@ -32,11 +35,14 @@ from pathlib import Path
 import torch
 import bench_args
 from bench_ops import _Native, cpu_name, host_time, make_inputs, op_calls
+from step_goals import CPU_STEP_OPS
 
 import care_ext
 from care_ext import reference as R
 
 PROVIDERS = ("native", "reference", "gemm")
+OPS = ("acquisition_step",) + CPU_STEP_OPS
+"""The step ops --op may name (bench_ops' names; the reference is always the eager step)."""
 
 
 def gemm_probe(H: int):
@@ -46,7 +52,8 @@ def gemm_probe(H: int):
 
 
 def measure(shapes: list[str], threads: list[int], providers: list[str], rounds: int,
-            min_time: float, hidden_dtype: torch.dtype, log=print) -> list[dict]:
+            min_time: float, hidden_dtype: torch.dtype, log=print,
+            op: str = "acquisition_step") -> list[dict]:
     """Times of every (shape, provider, threads) in every round, as rows
     ``{shape, provider, threads, round, ms}`` (median milliseconds of the round's calls).
 
@@ -54,14 +61,15 @@ def measure(shapes: list[str], threads: list[int], providers: list[str], rounds:
         shapes: "BxGxH" strings. threads: thread counts, 1 among them. providers: names from
         PROVIDERS. rounds: >= 1; odd rounds run the thread counts in reverse. min_time: seconds per
         measurement. hidden_dtype: the hidden states' dtype (bfloat16 as captured, or float32).
+        op: the native step op (OPS); the split ones need bfloat16 hidden states.
     """
     before = torch.get_num_threads()
     rows = []
     try:
         for shape in shapes:
-            B, G, H = (int(v) for v in shape.split("x"))
+            B, G, H = bench_args.dims(shape)
             x = make_inputs(B, G, H, "cpu", hidden_dtype)
-            calls = {"native": op_calls(x, _Native())["acquisition_step"],
+            calls = {"native": op_calls(x, _Native())[op],
                      "reference": op_calls(x, R)["acquisition_step"], "gemm": gemm_probe(H)}
             for rnd in range(rounds):
                 for t in (threads if rnd % 2 == 0 else threads[::-1]):
@@ -126,8 +134,9 @@ def plot(summary: list[dict], meta: dict, path: Path) -> bool:
         ax.set_ylabel("speedup over 1 thread")
         ax.set_title(shape)
         ax.legend(fontsize=8)
-    fig.suptitle(f"CPU acquisition step, thread scaling: {meta['device_name']}, "
-                 f"{meta['cpu_count']} CPUs, torch {meta['torch']}, {meta['date']}", fontsize=9)
+    fig.suptitle(f"CPU {meta.get('op', 'acquisition_step')}, thread scaling: "
+                 f"{meta['device_name']}, {meta['cpu_count']} CPUs, torch {meta['torch']}, "
+                 f"{meta['date']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -144,8 +153,12 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--min-time", type=float, default=0.5, help="seconds per measurement")
     ap.add_argument("--hidden-dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--op", default="acquisition_step", choices=OPS,
+                    help="the native step timed (default: the public float32 step)")
     ap.add_argument("--out", default="bench/out/thread_scaling", help="output path prefix")
     args = ap.parse_args(argv)
+    if args.op != "acquisition_step" and args.hidden_dtype != "bfloat16":
+        ap.error(f"--op {args.op} multiplies bf16 pieces: it needs --hidden-dtype bfloat16")
     if min(args.threads) < 1:
         ap.error(f"--threads must be >= 1, got {args.threads}")
     if args.rounds < 1:
@@ -160,10 +173,11 @@ def main(argv=None) -> int:
         print(f"warning: {max(threads)} threads on {cpus} CPUs: oversubscribed", file=sys.stderr)
     meta = {"device": "cpu", "device_name": cpu_name(),
             "cpu_count": cpus, "torch": torch.__version__, "build_info": care_ext.build_info(),
-            "hidden_dtype": args.hidden_dtype, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    print(f"thread scaling on {cpus} CPUs, threads {threads}, {args.rounds} rounds")
+            "hidden_dtype": args.hidden_dtype, "op": args.op,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    print(f"thread scaling of {args.op} on {cpus} CPUs, threads {threads}, {args.rounds} rounds")
     rows = measure(args.shapes, threads, args.providers, args.rounds, args.min_time,
-                   getattr(torch, args.hidden_dtype))
+                   getattr(torch, args.hidden_dtype), op=args.op)
     summary = summarise(rows)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -222,8 +222,24 @@ def test_thread_scaling_rows_and_summary(tmp_path):
             assert r["efficiency"] == pytest.approx(r["speedup"] / 2)
 
 
+def test_thread_scaling_times_the_op_asked_for(tmp_path):
+    """--op acquisition_step_split_packed: the native rows time the packed split step (the CARE
+    core's default on AMX CPUs), every row says so, and the reference is still the eager step."""
+    import thread_scaling
+
+    out = tmp_path / "scaling"
+    assert thread_scaling.main(["--op", "acquisition_step_split_packed", "--threads", "2",
+                                "--shapes", "6x4x32", "--rounds", "1", "--min-time", "0.01",
+                                "--providers", "native", "reference", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert rows and all(r["op"] == "acquisition_step_split_packed" for r in rows)
+    assert {(r["provider"], r["threads"]) for r in rows if r["kind"] == "summary"} == {
+        ("native", 1), ("native", 2), ("reference", 1), ("reference", 2)}
+
+
 @pytest.mark.parametrize("bad", [["--threads", "0"], ["--rounds", "0"], ["--shapes", "6x4"],
-                                 ["--providers", "eager"]])
+                                 ["--providers", "eager"], ["--op", "cluster_stats"],
+                                 ["--op", "acquisition_step_split", "--hidden-dtype", "float32"]])
 def test_thread_scaling_rejects_bad_arguments(tmp_path, bad):
     import thread_scaling
 
