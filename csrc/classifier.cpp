@@ -84,6 +84,17 @@ void check_hidden(const Tensor& t, int64_t dim, const char* op, const char* name
               name, " must be float32, bfloat16 or float16, got ", st);
 }
 
+std::vector<float> feature_weights(const Tensor& wf_t) {
+  const int64_t F = wf_t.size(0), U = wf_t.size(1);
+  std::vector<float> out(static_cast<size_t>(F * U));
+  if (F == 0) return out;
+  const auto w = wf_t.accessor<float, 2>();
+  for (int64_t f = 0; f < F; ++f) {
+    for (int64_t u = 0; u < U; ++u) out[static_cast<size_t>(f * U + u)] = w[f][u];
+  }
+  return out;
+}
+
 namespace {
 
 // head_from_prompt_pre on the CPU in fewer passes: one pass adds the prompt features' products
@@ -97,25 +108,16 @@ Tensor head_cpu(const Weights& w, const Tensor& pre, const Tensor& prompt_feat,
   const int64_t H = w.pw.size(1) - Fp;
   Tensor zin = at::empty({B, P + R2}, pre.options());
   zin.narrow(1, P, R2).copy_(pool);
-  std::vector<float> wf(static_cast<size_t>(Fp * P));  // prompt_w's feature columns, [Fp, P]
-  const auto pw = w.pw.accessor<float, 2>();
-  for (int64_t f = 0; f < Fp; ++f) {
-    for (int64_t u = 0; u < P; ++u) wf[static_cast<size_t>(f * P + u)] = pw[u][H + f];
-  }
+  const std::vector<float> wf = feature_weights(w.pw.narrow(1, H, Fp).t());  // [Fp, P]
   const Tensor feat = prompt_feat.to(at::kFloat);
   const float* fp = feat.const_data_ptr<float>();
   const float* pp = pre.const_data_ptr<float>();
   const int64_t f0 = feat.stride(0), f1 = feat.stride(1), p0 = pre.stride(0), p1 = pre.stride(1);
   float* zp = zin.data_ptr<float>();
   for (int64_t b = 0; b < B; ++b) {
-    float* __restrict__ row = zp + b * (P + R2);
+    float* row = zp + b * (P + R2);
     for (int64_t u = 0; u < P; ++u) row[u] = pp[b * p0 + u * p1];
-    for (int64_t f = 0; f < Fp; ++f) {
-      const float v = fp[b * f0 + f * f1];
-      const float* __restrict__ wr = wf.data() + f * P;
-      for (int64_t u = 0; u < P; ++u) row[u] += v * wr[u];
-    }
-    for (int64_t u = 0; u < P; ++u) row[u] = std::max(row[u], 0.0f);  // NaN stays NaN
+    add_features_relu(row, P, Fp > 0 ? fp + b * f0 : nullptr, f1, Fp, wf.data());
   }
   Tensor z = at::mm(zin, w.h1w.t());  // [B, K]
   const Tensor h1b = w.h1b.contiguous();
@@ -133,8 +135,8 @@ Tensor head_cpu(const Weights& w, const Tensor& pre, const Tensor& prompt_feat,
 
 Tensor head_from_prompt_pre(const Weights& w, Tensor pre, const Tensor& prompt_feat,
                             const Tensor& pool) {
-  if (pre.device().is_cpu() && pre.scalar_type() == at::kFloat && pool.scalar_type() == at::kFloat &&
-      pre.size(0) > 0) {
+  if (pre.device().is_cpu() && pre.scalar_type() == at::kFloat &&
+      pool.scalar_type() == at::kFloat && pre.size(0) > 0) {
     return head_cpu(w, pre, prompt_feat, pool);
   }
   const int64_t H = w.pw.size(1) - prompt_feat.size(1);

@@ -13,6 +13,7 @@
 #include <c10/core/DispatchKeySet.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -93,6 +94,22 @@ void check_hidden(const Tensor& t, int64_t dim, const char* op, const char* name
 // features [B, Fp] float32 and the pooled rollout branch [B, R2] float32.
 Tensor prompt_and_head(const Weights& w, const Tensor& h_prompt, const Tensor& prompt_feat,
                        const Tensor& pool);
+
+// CPU passes over a first layer's output, shared by the rollout branch (cpu/rollout_pool.cpp)
+// and the head (classifier.cpp). feature_weights: a first layer's feature columns, given as the
+// [F, U] view w.narrow(1, H, F).t() of its weight w [U, H + F] (float32), copied contiguous.
+// add_features_relu: row[u] = relu(row[u] + sum_f v[f * vs] * wf[f * U + u]) for u < U, one
+// pass (relu keeps NaN: std::max(NaN, 0) is NaN); v is not read when F = 0 (may be null).
+std::vector<float> feature_weights(const Tensor& wf_t);
+inline void add_features_relu(float* __restrict__ row, int64_t U, const float* v, int64_t vs,
+                              int64_t F, const float* wf) {
+  for (int64_t f = 0; f < F; ++f) {
+    const float x = v[f * vs];
+    const float* __restrict__ w = wf + f * U;
+    for (int64_t u = 0; u < U; ++u) row[u] += x * w[u];
+  }
+  for (int64_t u = 0; u < U; ++u) row[u] = std::max(row[u], 0.0f);
+}
 
 // The same from the prompt branch's hidden-column pre-activation pre = prompt_b + h_p W_h^T
 // ([B, P] float32, any strides): adds the feature columns, then relu and the head. On the CPU in

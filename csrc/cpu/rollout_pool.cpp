@@ -149,24 +149,12 @@ void finish_branch(const BlockRows& br, int64_t p0, int64_t n, int64_t G, const 
   TORCH_INTERNAL_ASSERT(a.scalar_type() == at::kFloat && a.stride(1) == 1 && a.size(0) == used);
   float* ap = a.data_ptr<float>();
   const int64_t lda = a.stride(0), Fr = bp.Fr;
-  std::vector<float> wf(static_cast<size_t>(Fr * R1));  // resp1_w's feature columns, [Fr, R1]
-  if (Fr > 0) {
-    const auto w = bp.w1f_t.accessor<float, 2>();
-    for (int64_t f = 0; f < Fr; ++f) {
-      for (int64_t u = 0; u < R1; ++u) wf[static_cast<size_t>(f * R1 + u)] = w[f][u];
-    }
-  }
-  const float* feat = bp.feat.const_data_ptr<float>();  // [B*G, Fr]
+  const std::vector<float> wf = feature_weights(bp.w1f_t);  // resp1_w's feature columns
+  const float* feat = bp.feat.const_data_ptr<float>();     // [B*G, Fr]
   const int64_t fs0 = bp.feat.stride(0), fs1 = bp.feat.stride(1);
   for (int64_t k = 0; k < used; ++k) {
-    float* __restrict__ row = ap + k * lda;
     const int64_t g = p0 * G + br.order[static_cast<size_t>(k)];  // the row of the batch
-    for (int64_t f = 0; f < Fr; ++f) {
-      const float v = feat[g * fs0 + f * fs1];
-      const float* __restrict__ w = wf.data() + f * R1;
-      for (int64_t u = 0; u < R1; ++u) row[u] += v * w[u];
-    }
-    for (int64_t u = 0; u < R1; ++u) row[u] = std::max(row[u], 0.0f);  // NaN stays NaN
+    add_features_relu(ap + k * lda, R1, Fr > 0 ? feat + g * fs0 : nullptr, fs1, Fr, wf.data());
   }
   const Tensor r = at::mm(a, bp.w2_t);  // [used, R2], contiguous
   const Tensor b2 = bp.b2.contiguous();
