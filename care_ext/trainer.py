@@ -152,6 +152,14 @@ class ClassifierTrainer:
                 self._packed_buffers[terms] = self._packed[terms]
         return pieces + (self._packed[terms] or [])
 
+    def _drop_decide_cache(self) -> None:
+        """Forget what :meth:`folded`, :meth:`first_layer_split` and :meth:`step_split` cached:
+        the classifiers changed (an update, a loaded state). The buffers stay for the re-split
+        and re-pack to write into."""
+        self._folded = None
+        self._split = {}
+        self._packed = {}
+
     def prepare_decide(self) -> None:
         """Fold the classifiers (:meth:`folded`), split their first layers for every piece count
         a decide has asked for and pack them (:meth:`step_split`) now, so that the next decide
@@ -252,9 +260,7 @@ class ClassifierTrainer:
         self.replay1.extend(cur1)
         self.replay2.extend(cur2)
         self.updates += 1
-        self._folded = None
-        self._split = {}
-        self._packed = {}
+        self._drop_decide_cache()
         if n1:
             m["train/stage1_loss"], m["train/stage1_aux_loss"] = l1 / n1, la / n1
         if n2:
@@ -298,6 +304,4 @@ class ClassifierTrainer:
         self.replay2.extend([pool[i] for i in sd["replay2"]])
         self.gen.set_state(sd["gen"])
         self.updates = sd["updates"]
-        self._folded = None
-        self._split = {}
-        self._packed = {}
+        self._drop_decide_cache()
