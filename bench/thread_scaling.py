@@ -145,13 +145,14 @@ def plot(summary: list[dict], meta: dict, path: Path) -> bool:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+    ap.add_argument("--threads", type=bench_args.positive_int, nargs="+", default=[1, 2],
                     help="thread counts (1 is added if missing: speedups are over one thread)")
     ap.add_argument("--shapes", nargs="+", type=bench_args.shape,
                     default=["64x8x4096", "512x16x4096"], help="BxGxH")
     ap.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--min-time", type=float, default=0.5, help="seconds per measurement")
+    ap.add_argument("--rounds", type=bench_args.positive_int, default=3)
+    ap.add_argument("--min-time", type=bench_args.positive_float, default=0.5,
+                    help="seconds per measurement")
     ap.add_argument("--hidden-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--op", default="acquisition_step", choices=OPS,
                     help="the native step timed (default: the public float32 step)")
@@ -159,10 +160,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.op != "acquisition_step" and args.hidden_dtype != "bfloat16":
         ap.error(f"--op {args.op} multiplies bf16 pieces: it needs --hidden-dtype bfloat16")
-    if min(args.threads) < 1:
-        ap.error(f"--threads must be >= 1, got {args.threads}")
-    if args.rounds < 1:
-        ap.error("--rounds must be >= 1")
     if "native" in args.providers and not care_ext.HAS_NATIVE:
         print(f"native library not loaded: {care_ext.NATIVE_ERROR}", file=sys.stderr)
         return 2
