@@ -54,10 +54,11 @@ struct ExpectedArgs {
 ExpectedArgs prepare_expected_cag(const Tensor& logits, const Tensor& cag, const Tensor& admissible);
 
 struct FeatureArgs {
-  Tensor ids, lengths;  // int64 [B, G]; float32 [B, G]
+  Tensor ids, lengths;  // int64 [B, G]; [B, G] float32, float64, int64 or int32, contiguous
   Tensor rank, sizes, prompt_feat, len_norm, minority_mask, cag, admissible, pseudo_rewards,
       pseudo_adv;
   int64_t B, G;
+  Lengths lengths_view() const;  // `lengths` in place, as the kernels read it
 };
 FeatureArgs prepare_group_features(const Tensor& ids, const Tensor& lengths, double max_len);
 

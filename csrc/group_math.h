@@ -285,11 +285,37 @@ struct FeatureParams {
   bool cag_unbiased, adv_unbiased;
 };
 
+// Response lengths as the caller stored them: float32, float64, int64 or int32 (other dtypes are
+// converted to float32 on the host first). Each value is read as static_cast<float>, the
+// conversion of lengths.to(torch.float32), so the results keep the bits of a float32 copy; the
+// kernels read in place because that copy cost the CUDA step a kernel and three host ops per call.
+enum class LengthKind : int { kFloat, kDouble, kLong, kInt };
+
+struct Lengths {
+  const void* data;
+  LengthKind kind;
+
+  CARE_HD float operator[](int64_t i) const {
+    switch (kind) {
+      case LengthKind::kDouble: return static_cast<float>(static_cast<const double*>(data)[i]);
+      case LengthKind::kLong: return static_cast<float>(static_cast<const int64_t*>(data)[i]);
+      case LengthKind::kInt: return static_cast<float>(static_cast<const int32_t*>(data)[i]);
+      default: return static_cast<const float*>(data)[i];
+    }
+  }
+  // The lengths from element `offset` on (a row's).
+  CARE_HD Lengths from(int64_t offset) const {
+    const char* base = static_cast<const char*>(data);
+    const int64_t bytes = kind == LengthKind::kDouble || kind == LengthKind::kLong ? 8 : 4;
+    return Lengths{base + offset * bytes, kind};
+  }
+};
+
 // One prompt's slices of group_features' inputs and outputs.
 struct FeatureRow {
   const int64_t* rank;   // [G] cluster rank per response (cluster_row), -1 invalid
   const int64_t* sizes;  // [G] cluster sizes in rank order
-  const float* lengths;  // [G]
+  Lengths lengths;       // [G]
   float* prompt_feat;    // [G+1]
   float* len_norm;       // [G]
   bool* minority;        // [G]
@@ -338,10 +364,10 @@ CARE_HD void features_per_class(const FeatureRow& r, int G, const FeatureParams&
 // One row of group_features on one thread. lanes > 1 runs the CUDA kernel's division of the row
 // over a warp's lanes, lane by lane: every lane's phase 1, then (the kernel's __syncwarp) every
 // lane's phase 2 (the private op _group_features_lanes; lanes = 1 is the plain CPU kernel).
-CARE_HD void group_features_row(const int64_t* ids, const float* lengths, int G,
-                                const FeatureParams& p, int64_t* rank, int64_t* sizes,
-                                float* prompt_feat, float* len_norm, bool* minority, float* cag,
-                                bool* admissible, float* pseudo, float* adv, int lanes = 1) {
+CARE_HD void group_features_row(const int64_t* ids, Lengths lengths, int G, const FeatureParams& p,
+                                int64_t* rank, int64_t* sizes, float* prompt_feat, float* len_norm,
+                                bool* minority, float* cag, bool* admissible, float* pseudo,
+                                float* adv, int lanes = 1) {
   cluster_row(ids, G, rank, sizes);
   const FeatureRow r{rank, sizes, lengths, prompt_feat, len_norm, minority, cag, admissible,
                      pseudo, adv};

@@ -145,7 +145,11 @@ FeatureArgs prepare_group_features(const Tensor& ids, const Tensor& lengths, dou
   a.G = ids.size(1);
   check_group(a.G, op, "ids");
   a.ids = ids.contiguous();
-  a.lengths = lengths.to(at::kFloat).contiguous();
+  // read in place where the kernels can (Lengths); other dtypes as a float32 copy, the same values
+  const auto lt = lengths.scalar_type();
+  const bool in_place =
+      lt == at::kFloat || lt == at::kDouble || lt == at::kLong || lt == at::kInt;
+  a.lengths = (in_place ? lengths : lengths.to(at::kFloat)).contiguous();
   const auto i64 = ids.options();
   const auto f32 = ids.options().dtype(at::kFloat);
   const auto b8 = ids.options().dtype(at::kBool);
@@ -159,6 +163,15 @@ FeatureArgs prepare_group_features(const Tensor& ids, const Tensor& lengths, dou
   a.pseudo_rewards = at::empty({a.B, a.G}, f32);
   a.pseudo_adv = at::empty({a.B, a.G}, f32);
   return a;
+}
+
+Lengths FeatureArgs::lengths_view() const {
+  switch (lengths.scalar_type()) {
+    case at::kDouble: return Lengths{lengths.const_data_ptr<double>(), LengthKind::kDouble};
+    case at::kLong: return Lengths{lengths.const_data_ptr<int64_t>(), LengthKind::kLong};
+    case at::kInt: return Lengths{lengths.const_data_ptr<int32_t>(), LengthKind::kInt};
+    default: return Lengths{lengths.const_data_ptr<float>(), LengthKind::kFloat};
+  }
 }
 
 }  // namespace care_ext

@@ -13,7 +13,7 @@ namespace {
 FeatureTuple features_rows(const FeatureArgs& a, const FeatureParams& p, int lanes) {
   const int G = static_cast<int>(a.G);
   const int64_t* in = a.ids.data_ptr<int64_t>();
-  const float* len = a.lengths.data_ptr<float>();
+  const Lengths len = a.lengths_view();
   int64_t* rank = a.rank.data_ptr<int64_t>();
   int64_t* sizes = a.sizes.data_ptr<int64_t>();
   float* pf = a.prompt_feat.data_ptr<float>();
@@ -26,7 +26,7 @@ FeatureTuple features_rows(const FeatureArgs& a, const FeatureParams& p, int lan
   at::parallel_for(0, a.B, row_grain(a.G), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t o = b * G, o1 = b * (G + 1);
-      group_features_row(in + o, len + o, G, p, rank + o, sizes + o, pf + o1, ln + o, mino + o,
+      group_features_row(in + o, len.from(o), G, p, rank + o, sizes + o, pf + o1, ln + o, mino + o,
                          cag + o1, adm + o1, ps + o, adv + o, lanes);
     }
   });

@@ -9,7 +9,7 @@ namespace {
 
 struct FeaturePtrs {
   const int64_t* ids;
-  const float* lengths;
+  Lengths lengths;
   int64_t* rank;
   int64_t* sizes;
   float* prompt_feat;
@@ -27,9 +27,9 @@ __global__ void group_features_kernel(FeaturePtrs p, int64_t B, int G, FeaturePa
   const int lane = threadIdx.x & 31;
   const int64_t o = b * G, o1 = b * (G + 1);
   cluster_row_warp(p.ids + o, G, lane, p.rank + o, p.sizes + o);  // visible to the warp on return
-  const FeatureRow r{p.rank + o,     p.sizes + o,    p.lengths + o,    p.prompt_feat + o1,
-                     p.len_norm + o, p.minority + o, p.cag + o1,       p.admissible + o1,
-                     p.pseudo + o,   p.adv + o};
+  const FeatureRow r{p.rank + o,       p.sizes + o,   p.lengths.from(o), p.prompt_feat + o1,
+                     p.len_norm + o,   p.minority + o, p.cag + o1,       p.admissible + o1,
+                     p.pseudo + o,     p.adv + o};
   features_per_response(r, G, fp, lane, 32);
   __syncwarp();  // phase 2 reads the other lanes' pseudo rewards and cleared class entries
   features_per_class(r, G, fp, lane, 32);
@@ -43,7 +43,7 @@ FeatureTuple group_features_cuda(const Tensor& ids, const Tensor& lengths, doubl
   FeatureArgs a = prepare_group_features(ids, lengths, max_len);
   if (a.B == 0) return feature_tuple(a);
   const c10::cuda::CUDAGuard guard(a.ids.device());
-  const FeaturePtrs p{a.ids.data_ptr<int64_t>(),       a.lengths.data_ptr<float>(),
+  const FeaturePtrs p{a.ids.data_ptr<int64_t>(),       a.lengths_view(),
                       a.rank.data_ptr<int64_t>(),      a.sizes.data_ptr<int64_t>(),
                       a.prompt_feat.data_ptr<float>(), a.len_norm.data_ptr<float>(),
                       a.minority_mask.data_ptr<bool>(), a.cag.data_ptr<float>(),

@@ -44,6 +44,54 @@ def test_group_features_length_dtypes(device):
     assert float(outs[0].max()) <= 1.0 and float(outs[0].min()) >= 0.0
 
 
+def _length_cases(B, G, gen):
+    """Lengths in every dtype the ops take, whose float32 conversion rounds: int64 values that
+    an int64 -> float64 -> float32 path rounds differently (2^60 + 2^36 + 1), float64 values
+    between float32 neighbours, negatives (clamped to 0), and the dtypes converted on the host."""
+    big = torch.tensor([2**60 + 2**36 + 1, 2**62 + 2**38 + 1, 2**24 + 1, -5, 0, 7])
+    i64 = big[torch.randint(0, len(big), (B, G), generator=gen)]
+    i64 = i64 + torch.randint(0, 3, (B, G), generator=gen) * 2**40
+    f64 = torch.rand(B, G, generator=gen, dtype=torch.float64) * 2e18 - 1e17
+    small = torch.randint(-3, 300, (B, G), generator=gen)
+    yield "int64", i64
+    yield "int64, non-contiguous", i64.t().contiguous().t()
+    yield "int32", (i64 % 2**31).to(torch.int32)
+    yield "float64", f64
+    yield "float32", f64.float()
+    for dt in (torch.float16, torch.bfloat16, torch.int16, torch.uint8):
+        yield str(dt), small.clamp(min=0).to(dt) if dt == torch.uint8 else small.to(dt)
+
+
+def test_group_features_reads_every_length_dtype_as_its_float32_copy(device):
+    """group_features (and so every step) reads int64/int32/float64/float32 lengths in place and
+    converts each value as lengths.to(torch.float32) does: all nine outputs equal the bits of a
+    call on the float32 copy, for values whose conversion rounds."""
+    gen = torch.Generator().manual_seed(3)
+    B, G = 37, 8
+    ids = random_ids(B, G, gen).to(device)
+    for name, lengths in _length_cases(B, G, gen):
+        lengths = lengths.to(device)
+        got = torch.ops.care_ext.group_features(ids, lengths, 2.0**63, 0.0, False, 1e-6, True)
+        want = torch.ops.care_ext.group_features(ids, lengths.to(torch.float32), 2.0**63, 0.0,
+                                                 False, 1e-6, True)
+        for field, g, w in zip(R.GroupFeatures._fields, got, want):
+            assert torch.equal(g, w), f"{name}: {field}"
+        assert 0.0 < float(got[3].max()) < 1.0, name  # unclamped: the rounding shows
+
+
+def test_step_reads_int64_lengths_as_their_float32_copy(device):
+    gen = torch.Generator().manual_seed(4)
+    ids, _, h_p, h_r, s1, s2 = step_inputs(5, 8, 32, torch.float32, gen)
+    lengths = next(_length_cases(5, 8, gen))[1]
+    args = lambda ln: (ids.to(device), ln.to(device), h_p.to(device), h_r.to(device),  # noqa: E731
+                       [w.to(device) for w in s1], [w.to(device) for w in s2], 2.0**63, 0.0,
+                       False, 1e-6, True)
+    got = torch.ops.care_ext.acquisition_step(*args(lengths))
+    want = torch.ops.care_ext.acquisition_step(*args(lengths.float()))
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert torch.equal(g, w), i
+
+
 @pytest.mark.parametrize("lanes", [2, 3, 32, 70])
 @pytest.mark.parametrize("G", [1, 2, 8, 33, 64])
 def test_group_features_split_over_lanes_gives_the_same_bits(G, lanes):
