@@ -184,6 +184,11 @@ if [ "$QUICK" = 1 ]; then
   timeout "$(cap 45)" python3 "$REPO/bench/bench_step.py" --device cuda --steps 3 --warmup 1 \
     --out "$OUT/bench_step_quick" > "$OUT/bench_step_quick.log" 2>&1
   stamp "bench_step (quick) exit $? : $(grep -E 'decide' "$OUT/bench_step_quick.log" | tr -s ' ' | tr '\n' ';')"
+  # where the update's 33-39 ms go on CUDA (ninth session; ~1700 ops per update): host ms, ops and
+  # device ms per phase, scalar reads on the device, CUDA sync calls (bench/profile_update.py)
+  timeout "$(cap 40)" python3 "$REPO/bench/profile_update.py" --device cuda --updates 2 \
+    --shapes 64x8x4096 512x16x4096 --out "$OUT/profile_update" > "$OUT/profile_update.log" 2>&1
+  stamp "profile_update exit $? : $(grep -E '^update' "$OUT/profile_update.log" | tr -s ' ' | tr '\n' ';')"
 fi
 # quick only, if time is left: Nsight Compute on the tail kernel of the split2 step at 64x8x4096
 # and 1024x64x4096 (where its time goes: throughput against the SM's and memory's peaks, warp

@@ -314,3 +314,38 @@ def test_bench_step_rejects_bad_arguments(tmp_path, bad):
     with pytest.raises(SystemExit) as e:
         bench_step.main([*bad, "--out", str(tmp_path / "x")])
     assert e.value.code == 2
+
+
+def test_profile_update_finds_every_phase(tmp_path):
+    """profile_update wraps the trainer's methods from outside: every phase that runs ops must
+    still be found (a renamed method would leave its ops in 'rest'), the phases' host times fit
+    in the update's wall time, and the counted ops are the phases' sum."""
+    import profile_update
+
+    out = tmp_path / "pu"
+    assert profile_update.main(["--device", "cpu", "--shapes", "6x4x32", "--updates", "1",
+                                "--warmup", "3", "--threads", "1", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    by_phase = {r["phase"]: r for r in rows}
+    assert set(by_phase) == set(profile_update.PHASES) | {"total"}
+    total = by_phase.pop("total")
+    for phase in ("replay", "batch", "forward", "backward", "clip", "adam"):
+        assert by_phase[phase]["ops"] > 0 and by_phase[phase]["host_ms"] > 0, phase
+    assert by_phase["backward"]["ops"] > by_phase["clip"]["ops"]  # backward's ops are counted
+    assert sum(r["ops"] for r in by_phase.values()) == total["ops"]
+    assert sum(r["host_ms"] for r in by_phase.values()) == pytest.approx(total["host_ms"], rel=1e-6)
+    assert total["scalar_reads"].get("cpu", 0) > 0 and total["syncs"] == 0
+    assert "update 6x4x32 (cpu, 1 threads)" in out.with_suffix(".txt").read_text()
+    # the wrappers are gone afterwards
+    import care_ext.trainer as trainer
+    assert trainer._StageBatches.batch.__name__ == "batch"
+    assert torch.Tensor.backward.__name__ == "backward"
+
+
+@pytest.mark.parametrize("bad", [["--shapes", "4x8"], ["--updates", "0"], ["--threads", "0"]])
+def test_profile_update_rejects_bad_arguments(tmp_path, bad):
+    import profile_update
+
+    with pytest.raises(SystemExit) as e:
+        profile_update.main([*bad, "--out", str(tmp_path / "x")])
+    assert e.value.code == 2
