@@ -121,3 +121,17 @@ def _pack_bf16_split(split: Tensor, out: Tensor):
                  lambda: "split must be bfloat16 [T, R, H]")
     torch._check(out.dtype == torch.bfloat16 and out.dim() == 1, lambda: "out must be 1-D bfloat16")
     return None
+
+
+@torch.library.register_fake(_LIB + "_bf16_mm")
+def _bf16_mm(a: Tensor, b: Tensor):
+    torch._check(a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[0],
+                 lambda: "a [M, K] and b [K, N] expected")
+    return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.float32)
+
+
+@torch.library.register_fake(_LIB + "_column_stats")
+def _column_stats(x: Tensor):
+    torch._check(x.dim() == 2, lambda: "x must be [N, D]")
+    return (x.new_empty((x.shape[1],), dtype=torch.float32),
+            x.new_empty((x.shape[1],), dtype=torch.float32))

@@ -128,6 +128,12 @@ TORCH_LIBRARY(care_ext, m) {
   // buffer in the layout of oneDNN's bf16 BRGeMM, once per classifier update; the split step then
   // multiplies on them without MKL's per-call packing (first_layer_split of 4 tensors).
   m.def("_pack_bf16_split(Tensor split, Tensor(a!) out) -> ()");
+  // Private, CPU only: the training path of the first layers on split-bf16 pieces
+  // (care_ext.bn_linear, CareConfig.first_layer_backward="split"): a bf16 GEMM with float32
+  // output (exact products; either operand may be a transposed view), and per-column mean and
+  // biased variance of the bf16 hidden states read once (float64 sums).
+  m.def("_bf16_mm(Tensor a, Tensor b) -> Tensor");
+  m.def("_column_stats(Tensor x) -> (Tensor mean, Tensor var)");
   // Private, CPU only: the fused step's tail run by a team of `threads` threads per block of
   // `prompts` prompts and stage, with barriers where the CUDA kernel has __syncthreads, so the CPU
   // tests the kernel's division of the work over a block (results equal the one-thread op bit for
@@ -163,6 +169,8 @@ TORCH_LIBRARY_IMPL(care_ext, CPU, m) {
   m.impl("_acquisition_step_split", &acquisition_step_split_cpu);
   m.impl("_split_bf16", &split_bf16_cpu);
   m.impl("_pack_bf16_split", &pack_bf16_split_cpu);
+  m.impl("_bf16_mm", &bf16_mm_cpu);
+  m.impl("_column_stats", &column_stats_cpu);
 }
 
 TORCH_LIBRARY_IMPL(care_ext, CompositeExplicitAutograd, m) {

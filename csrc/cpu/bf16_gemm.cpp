@@ -12,6 +12,7 @@
 
 #include <ATen/ops/empty.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 
@@ -66,6 +67,53 @@ void sum_split_terms(const float* c, int64_t ldc, int64_t T, int64_t Rt, int64_t
     }
     for (int64_t u = 0; u < units; ++u) dst[u] += bias[u];
   }
+}
+
+}  // namespace care_ext
+
+namespace care_ext {
+namespace {
+
+// How MKL reads a bf16 matrix [rows, cols] in row-major terms: (transposed?, leading dimension),
+// or nothing when neither its rows nor its columns are unit-stride (the caller copies).
+struct BlasView {
+  bool ok, trans;
+  int64_t ld;
+};
+BlasView blas_view(const Tensor& t) {
+  const int64_t r = t.size(0), c = t.size(1);
+  if (t.stride(1) == 1 && t.stride(0) >= std::max<int64_t>(c, 1)) return {true, false, t.stride(0)};
+  if (t.stride(0) == 1 && t.stride(1) >= std::max<int64_t>(r, 1)) return {true, true, t.stride(1)};
+  return {false, false, 0};
+}
+
+}  // namespace
+
+Tensor bf16_mm_cpu(const Tensor& a_in, const Tensor& b_in) {
+  TORCH_CHECK(a_in.dim() == 2 && b_in.dim() == 2 && a_in.size(1) == b_in.size(0),
+              "care_ext._bf16_mm: a [M, K] and b [K, N] expected, got ", a_in.sizes(), " and ",
+              b_in.sizes());
+  TORCH_CHECK(a_in.scalar_type() == at::kBFloat16 && b_in.scalar_type() == at::kBFloat16,
+              "care_ext._bf16_mm: a and b must be bfloat16, got ", a_in.scalar_type(), " and ",
+              b_in.scalar_type());
+  TORCH_CHECK(a_in.device().is_cpu() && b_in.device().is_cpu(),
+              "care_ext._bf16_mm: runs on the CPU; got ", a_in.device(), " and ", b_in.device());
+  const int64_t M = a_in.size(0), K = a_in.size(1), N = b_in.size(1);
+  const Tensor a = blas_view(a_in).ok ? a_in : a_in.contiguous();
+  const Tensor b = blas_view(b_in).ok ? b_in : b_in.contiguous();
+  const BlasView va = blas_view(a), vb = blas_view(b);
+  if (!cpu_bf16_gemm_available() || !fits_int(M) || !fits_int(N) || !fits_int(K) ||
+      !fits_int(va.ld) || !fits_int(vb.ld) || M == 0 || N == 0 || K == 0) {
+    return a.to(at::kFloat).mm(b.to(at::kFloat));  // the same exact products, float32 GEMM
+  }
+  Tensor c = at::empty({M, N}, a.options().dtype(at::kFloat));
+  cblas_gemm_bf16bf16f32(kRowMajor, va.trans ? kTrans : kNoTrans, vb.trans ? kTrans : kNoTrans,
+                         static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), 1.0f,
+                         reinterpret_cast<const uint16_t*>(a.const_data_ptr<at::BFloat16>()),
+                         static_cast<int>(va.ld),
+                         reinterpret_cast<const uint16_t*>(b.const_data_ptr<at::BFloat16>()),
+                         static_cast<int>(vb.ld), 0.0f, c.data_ptr<float>(), static_cast<int>(N));
+  return c;
 }
 
 }  // namespace care_ext

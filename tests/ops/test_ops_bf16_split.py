@@ -263,3 +263,60 @@ def test_public_wrapper_passes_the_split_to_the_fused_op(device):
     plain = ops.acquisition_step(*args)
     i = R.AcquisitionOutputs._fields.index("stage1_logits")
     assert torch.equal(got[i], want[i]) and not torch.equal(got[i], plain[i])
+
+
+@pytest.mark.parametrize("layout", ["rows", "a transposed", "b transposed", "both strided"])
+@pytest.mark.parametrize("M,K,N", [(37, 96, 20), (1, 5, 3), (200, 4096, 192)])
+def test_bf16_mm_is_the_exact_products_summed_in_float32(layout, M, K, N):
+    """care_ext::_bf16_mm (the split training route's GEMM): every operand layout MKL can read
+    in place, and strided ones it copies, give bf16 x bf16 products summed in float32: within a
+    float32 sum's rounding of the float64 product."""
+    gen = torch.Generator().manual_seed(M + K + N)
+    a = torch.randn(M, K, generator=gen).bfloat16()
+    b = torch.randn(K, N, generator=gen).bfloat16() * 3
+    if layout == "a transposed":
+        a = a.t().contiguous().t()
+    elif layout == "b transposed":
+        b = b.t().contiguous().t()
+    elif layout == "both strided":
+        a = torch.cat([a, a], 1)[:, ::2]
+        b = torch.cat([b, b], 0)[::2]
+    got = torch.ops.care_ext._bf16_mm(a, b)
+    want = a.double() @ b.double()
+    assert got.dtype == torch.float32 and got.shape == (M, N)
+    scale = (a.double().abs() @ b.double().abs()).clamp(min=1e-30)
+    assert float(((got.double() - want).abs() / scale).max()) < K * 2**-23
+
+
+def test_bf16_mm_and_column_stats_argument_errors():
+    x = torch.randn(4, 6).bfloat16()
+    with pytest.raises(RuntimeError, match="a \\[M, K\\] and b \\[K, N\\]"):
+        torch.ops.care_ext._bf16_mm(x, x)
+    with pytest.raises(RuntimeError, match="must be bfloat16"):
+        torch.ops.care_ext._bf16_mm(x.float(), x.t())
+    with pytest.raises(RuntimeError, match="bfloat16 or float32"):
+        torch.ops.care_ext._column_stats(x.double())
+    with pytest.raises(RuntimeError, match="at least one row"):
+        torch.ops.care_ext._column_stats(x[:0])
+    with pytest.raises(RuntimeError, match="\\[N, D\\]"):
+        torch.ops.care_ext._column_stats(x[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("N,D", [(1, 3), (2, 64), (37, 130), (1920, 200)])
+def test_column_stats_match_float64(dtype, N, D):
+    """care_ext::_column_stats: per-column mean and biased variance within a few float32
+    roundings of the float64 values (the mean to 2^-22 of |mean| + std, the variance to 4e-6
+    relative), also for columns whose mean is 1e4 times their spread (the shifted sums keep the
+    variance) and for a strided view."""
+    gen = torch.Generator().manual_seed(N * D)
+    x = torch.randn(N, D, generator=gen) * torch.linspace(0.01, 3, D)
+    x[:, ::3] += 1e3  # large means
+    x = torch.cat([x, x], 1)[:, ::2].to(dtype)  # a strided view: copied
+    mean, var = torch.ops.care_ext._column_stats(x)
+    xd = x.double()
+    want_mean, want_var = xd.mean(0), xd.var(0, unbiased=False)
+    assert mean.dtype == var.dtype == torch.float32
+    scale = want_mean.abs() + want_var.sqrt()
+    assert float(((mean.double() - want_mean).abs() / scale.clamp(min=1e-30)).max()) < 2**-22
+    torch.testing.assert_close(var.double(), want_var, rtol=4e-6, atol=1e-12)

@@ -50,13 +50,17 @@ def _samples(device, shapes=((5, 8), (3, 1)), step_dtype=torch.float32, forward_
         w = s1[2][:, :H]  # a folded first layer's hidden columns: a strided view
         out.setdefault("_split_bf16", []).append(
             (w, 3, torch.empty(3, *w.shape, dtype=torch.bfloat16, device=device)))
+        hr = h_r.reshape(B * G, H).bfloat16()
+        out.setdefault("_bf16_mm", []).append((hr, w.t().bfloat16()))
+        out.setdefault("_column_stats", []).append((hr,))
     return out
 
 
 OPS = ["cluster_stats", "group_advantage", "cag", "classwise_cag", "expected_cag",
        "group_features", "classifier_forward", "acquisition_step", "_acquisition_step_fused",
-       "_acquisition_step_fused_split", "_acquisition_step_split", "_split_bf16"]
-CPU_ONLY_OPS = {"_acquisition_step_split", "_split_bf16"}
+       "_acquisition_step_fused_split", "_acquisition_step_split", "_split_bf16", "_bf16_mm",
+       "_column_stats"]
+CPU_ONLY_OPS = {"_acquisition_step_split", "_split_bf16", "_bf16_mm", "_column_stats"}
 
 
 @pytest.mark.parametrize("name", OPS)
