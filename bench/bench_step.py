@@ -13,7 +13,7 @@ raw rows of the trained prompts come from memory.
 
     python bench/bench_step.py --device cpu --shapes 64x8x4096 --threads 1
     python bench/bench_step.py --device cpu --shapes 64x8x4096 --threads 1 --projected
-    python bench/bench_step.py --device cpu --threads 1 --first-layer-backward autograd fused
+    python bench/bench_step.py --device cpu --threads 1 --first-layer-backward autograd fused split
     python bench/bench_step.py --device cpu --threads 2 --first-layer-gemm float32 bf16x3
     python bench/bench_step.py --device cpu --threads 2 --update sync background --gap-ms 100
     python bench/bench_step.py --device cpu --threads 16 --first-layer-gemm bf16x3 \
@@ -39,6 +39,7 @@ import bench_args
 from bench_ops import cpu_name
 
 import care_ext
+from care_ext.bn_linear import BACKWARDS
 from care_ext.config import CareConfig
 from care_ext.labels import GoldOracle, LabelStore
 from care_ext.projection import ProjectedHidden
@@ -168,7 +169,7 @@ def main(argv=None) -> int:
     ap.add_argument("--projected", action="store_true",
                     help="decide on first-layer projections (--care.worker_reduce first_layer)")
     ap.add_argument("--first-layer-backward", nargs="+", default=["auto"],
-                    choices=["auto", "autograd", "fused"],
+                    choices=list(BACKWARDS),
                     help="classifier training's first-layer backward (CareConfig."
                          "first_layer_backward); several: each in turn per shape, side by side")
     ap.add_argument("--first-layer-gemm", nargs="+", default=["auto"],

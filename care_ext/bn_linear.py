@@ -23,60 +23,150 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-BACKWARDS = ("auto", "autograd", "fused")
+BACKWARDS = ("auto", "autograd", "fused", "split")
 FUSED_MIN_WIDTH = 1024
 """``first_layer_backward='auto'`` fuses when the first layer's input width (H + features) is at
 least this: at LLM widths the saved GEMM is a third of the update's GEMM work; below it the saving
 is noise and autograd's float order (with which the lab's recorded numbers were made) is kept."""
+SPLIT_TERMS = 3
+"""bf16 pieces per float32 operand on the split route: float32-exact weights and gradients."""
+SPLIT_MIN_ROWS_PER_OUTPUT = 4
+"""The split route runs for batches of at least this many rows per output unit of the layer: its
+three bf16 products per value and MKL's packing of the pieces lose to one float32 GEMM on small
+batches (2-core AMX Xeon, H = 4096, forward + backward: 64 outputs broke even at 192-256 rows,
+128 at 384-512)."""
+SPLIT_MAX_MEAN_RATIO = 8.0
+"""A column whose batch |mean| exceeds this many standard deviations leaves the split GEMMs (which
+subtract the mean after multiplying, losing ~log2(ratio) bits to cancellation) for a normalised
+float32 copy of its own: LLM hidden states have a few such "massive activation" channels."""
 
 
 def resolve_first_layer_backward(mode: str, in_features: int) -> bool:
     """Whether a first layer of input width ``in_features`` uses the fused backward.
 
     Args:
-        mode: 'fused' (always), 'autograd' (never: BatchNorm and Linear as separate autograd
-            ops, the float order of earlier releases) or 'auto' (fused iff in_features >=
-            :data:`FUSED_MIN_WIDTH`).
+        mode: 'fused' (always), 'split' (always: the fused backward, its GEMMs on bf16 pieces
+            where :func:`resolve_first_layer_split` says so), 'autograd' (never: BatchNorm and
+            Linear as separate autograd ops, the float order of earlier releases) or 'auto'
+            (fused iff in_features >= :data:`FUSED_MIN_WIDTH`).
 
     Raises:
         ValueError: unknown mode.
     """
     if mode not in BACKWARDS:
         raise ValueError(f"first_layer_backward must be one of {BACKWARDS}, got {mode!r}")
-    return mode == "fused" or (mode == "auto" and in_features >= FUSED_MIN_WIDTH)
+    return mode in ("fused", "split") or (mode == "auto" and in_features >= FUSED_MIN_WIDTH)
+
+
+def resolve_first_layer_split(mode: str, in_features: int) -> bool:
+    """Whether a first layer of input width ``in_features`` trains on split-bf16 GEMMs (bf16
+    inputs on the CPU only; :func:`bn_linear`'s ``split``).
+
+    'split': always; 'auto': at widths >= :data:`FUSED_MIN_WIDTH` on a CPU that multiplies bf16
+    in hardware (:func:`care_ext.bf16_split.cpu_bf16_hardware`, which also needs the native
+    library); 'fused' / 'autograd': never.
+
+    Raises:
+        ValueError: unknown mode.
+    """
+    resolve_first_layer_backward(mode, in_features)
+    if mode == "auto" and in_features >= FUSED_MIN_WIDTH:
+        from .bf16_split import cpu_bf16_hardware
+        return cpu_bf16_hardware()
+    return mode == "split"
+
+
+def _split(t: Tensor) -> Tensor | None:
+    """``t`` (float32 [R, C], any strides) as SPLIT_TERMS bf16 pieces [T * R, C] (one pass,
+    ``care_ext::_split_bf16``), or None when it has non-finite values, which bf16 pieces cannot
+    carry and the split op refuses: the caller then takes the float32 route, whose NaN/Inf reach
+    the trainer's finite checks as before."""
+    out = torch.empty((SPLIT_TERMS, *t.shape), dtype=torch.bfloat16)
+    try:
+        torch.ops.care_ext._split_bf16(t, SPLIT_TERMS, out)
+    except ValueError as e:  # TORCH_CHECK_VALUE in the op: NaN, Inf or beyond bf16's range
+        if "NaN or Inf" not in str(e):
+            raise
+        return None
+    return out.view(SPLIT_TERMS * t.shape[0], t.shape[1])
 
 
 class _BNLinear(torch.autograd.Function):
-    """Function behind :func:`bn_linear` (inputs: x̂ blocks are computed outside, see there)."""
+    """Function behind :func:`bn_linear`. ``kinds`` names each column block's tensors: 'xhat'
+    (one: x̂, computed outside) or 'raw' (five: bf16 x, its batch mean and 1/sqrt(var + eps),
+    the indices of its columns with a large mean (int64 [k]) and their x̂ [N, k]). A raw block is
+    never normalised: x̂ = (x - mean) * rstd enters the GEMMs as
+    x (W diag(gamma * rstd))^T - mean^T diag(rstd) (W diag(gamma))^T, the weight split into bf16
+    pieces so that MKL's bf16 GEMM multiplies exactly; the backward's g^T x likewise, with g
+    split. The large-mean columns take their x̂ instead, in both directions."""
 
     @staticmethod
-    def forward(ctx, weight: Tensor, bias: Tensor, gamma: Tensor, beta: Tensor,
-                *xhat: Tensor) -> Tensor:
-        out, c = None, 0
-        for xb in xhat:  # column blocks of x̂, each times its block of W diag(gamma)
-            d = xb.shape[1]
-            w = (weight[:, c:c + d] * gamma[c:c + d]).t()
-            if out is None:
-                out = torch.addmm(torch.addmv(bias, weight, beta), xb, w)
+    def forward(ctx, weight: Tensor, bias: Tensor, gamma: Tensor, beta: Tensor, kinds: tuple,
+                *blocks: Tensor) -> Tensor:
+        out = torch.addmv(bias, weight, beta)[None, :]  # [1, O]: broadcast into the first block
+        c, i, units = 0, 0, weight.shape[0]
+        for kind in kinds:
+            if kind == "xhat":
+                xb = blocks[i]
+                d = xb.shape[1]
+                out = torch.addmm(out, xb, (weight[:, c:c + d] * gamma[c:c + d]).t())
+                i += 1
             else:
-                out.addmm_(xb, w)
+                x, mean, rstd, big, xhat_big = blocks[i:i + 5]
+                d = x.shape[1]
+                wg = weight[:, c:c + d] * gamma[c:c + d]
+                a = wg * rstd  # W diag(gamma * rstd)
+                a[:, big] = 0.0  # the large-mean columns: from their x̂ below
+                pieces = _split(a)
+                if pieces is None:
+                    xb = (x.float() - mean) * rstd
+                    out = torch.addmm(out, xb, wg.t())
+                else:
+                    prod = torch.ops.care_ext._bf16_mm(x, pieces.t())  # [N, T * O]
+                    terms = prod.view(x.shape[0], SPLIT_TERMS, units).sum(1)
+                    out = (out - a @ mean) + terms
+                    if big.numel():
+                        out.addmm_(xhat_big, wg[:, big].t())
+                i += 5
             c += d
-        ctx.save_for_backward(weight, gamma, beta, *xhat)
+        ctx.kinds = kinds
+        ctx.save_for_backward(weight, gamma, beta, *blocks)
         return out
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        weight, gamma, beta, *xhat = ctx.saved_tensors
+        weight, gamma, beta, *blocks = ctx.saved_tensors
         g = g.contiguous()
         gsum = g.sum(0)
-        m = torch.cat([g.t().mm(xb) for xb in xhat], dim=1) if len(xhat) > 1 else g.t().mm(xhat[0])
+        units, ms, i = g.shape[1], [], 0
+        g_pieces = None
+        for kind in ctx.kinds:
+            if kind == "xhat":
+                ms.append(g.t().mm(blocks[i]))
+                i += 1
+                continue
+            x, mean, rstd, big, xhat_big = blocks[i:i + 5]
+            i += 5
+            if g_pieces is None:
+                g_pieces = _split(g.t())
+            if g_pieces is None:
+                ms.append(g.t().mm((x.float() - mean) * rstd))
+                continue
+            gx = torch.ops.care_ext._bf16_mm(g_pieces, x)
+            gx = gx.view(SPLIT_TERMS, units, x.shape[1]).sum(0)
+            gx.sub_(torch.outer(gsum, mean)).mul_(rstd)  # g^T x̂, x̂ never formed
+            if big.numel():
+                gx[:, big] = g.t().mm(xhat_big)
+            ms.append(gx)
+        m = torch.cat(ms, dim=1) if len(ms) > 1 else ms[0]
         grad_w = torch.mul(m, gamma).addr_(gsum, beta)
         grad_gamma = m.mul_(weight).sum(0)  # m is not needed any more: no second [O, D] buffer
         grad_beta = gsum @ weight
-        return (grad_w, gsum, grad_gamma, grad_beta) + (None,) * len(xhat)
+        return (grad_w, gsum, grad_gamma, grad_beta, None) + (None,) * len(blocks)
 
 
-def bn_linear(bn: nn.BatchNorm1d, lin: nn.Linear, parts: list[Tensor]) -> Tensor:
+def bn_linear(bn: nn.BatchNorm1d, lin: nn.Linear, parts: list[Tensor], split: bool = False
+              ) -> Tensor:
     """``lin(bn(cat(parts, dim=1)))`` in training mode, with the one-GEMM backward above.
 
     Args:
@@ -88,6 +178,16 @@ def bn_linear(bn: nn.BatchNorm1d, lin: nn.Linear, parts: list[Tensor]) -> Tensor
         parts: column blocks [N, D_i] of the input, any float dtype (a bf16 hidden-state block is
             read once, straight into the float32 normalised copy), no gradient required: the
             inputs get none.
+        split: bf16 blocks on the CPU (with the native library) skip the normalised copy: their
+            batch statistics come from one float64 pass over the bf16 values
+            (``care_ext::_column_stats``), and the forward's and the backward's GEMMs multiply
+            the bf16 values by :data:`SPLIT_TERMS` bf16 pieces of the float32 weights / output
+            gradients (``care_ext::_bf16_mm``: MKL's bf16 GEMM, AMX where the CPU has it). Every
+            product is exact and the sums float32; the mean is subtracted after the GEMM, which
+            costs a column ~log2(|mean| / std) bits to cancellation, so columns beyond
+            :data:`SPLIT_MAX_MEAN_RATIO` standard deviations take a normalised float32 copy of
+            their own. Other blocks, and batches of fewer than 2 or than
+            :data:`SPLIT_MIN_ROWS_PER_OUTPUT` x O rows, take the normalised copy.
 
     Returns:
         float32 [N, O]; gradients reach lin.weight, lin.bias, bn.weight and bn.bias.
@@ -101,8 +201,9 @@ def bn_linear(bn: nn.BatchNorm1d, lin: nn.Linear, parts: list[Tensor]) -> Tensor
     if sum(widths) != bn.num_features or lin.in_features != bn.num_features:
         raise ValueError(f"parts are {widths} columns wide; BatchNorm has {bn.num_features}, "
                          f"Linear takes {lin.in_features}")
-    xhat, c = [], 0
+    blocks, kinds, c = [], [], 0
     train = n >= 2
+    split = split and n >= max(2, SPLIT_MIN_ROWS_PER_OUTPUT * lin.out_features)
     with torch.no_grad():
         if train:
             bn.num_batches_tracked.add_(1)
@@ -110,10 +211,30 @@ def bn_linear(bn: nn.BatchNorm1d, lin: nn.Linear, parts: list[Tensor]) -> Tensor
         if train:  # momentum None: the cumulative average, as nn.BatchNorm1d
             m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
         for p, d in zip(parts, widths):
-            # ATen's BatchNorm without affine: x̂, and the running statistics updated in place (on
-            # views of the module's buffers) exactly as nn.BatchNorm1d updates them
-            xhat.append(torch.native_batch_norm(
-                p.to(torch.float32), None, None, bn.running_mean[c:c + d], bn.running_var[c:c + d],
-                train, m, bn.eps)[0])
+            if split and _splittable(p):
+                mean, var = torch.ops.care_ext._column_stats(p)
+                rm, rv = bn.running_mean[c:c + d], bn.running_var[c:c + d]
+                rm.mul_(1.0 - m).add_(mean, alpha=m)  # as ATen's BatchNorm: unbiased variance
+                rv.mul_(1.0 - m).add_(var, alpha=m * n / (n - 1))
+                rstd = torch.rsqrt(var + bn.eps)
+                big = ((mean.abs() * rstd) > SPLIT_MAX_MEAN_RATIO).nonzero().flatten()
+                xhat_big = (p[:, big].float() - mean[big]) * rstd[big]
+                blocks += [p, mean, rstd, big, xhat_big]
+                kinds.append("raw")
+            else:
+                # ATen's BatchNorm without affine: x̂, and the running statistics updated in place
+                # (on views of the module's buffers) exactly as nn.BatchNorm1d updates them
+                blocks.append(torch.native_batch_norm(
+                    p.to(torch.float32), None, None, bn.running_mean[c:c + d],
+                    bn.running_var[c:c + d], train, m, bn.eps)[0])
+                kinds.append("xhat")
             c += d
-    return _BNLinear.apply(lin.weight, lin.bias, bn.weight, bn.bias, *xhat)
+    return _BNLinear.apply(lin.weight, lin.bias, bn.weight, bn.bias, tuple(kinds), *blocks)
+
+
+def _splittable(p: Tensor) -> bool:
+    """A block the split route takes: bf16, 2-D, on the CPU, with the native library loaded."""
+    if p.dtype != torch.bfloat16 or p.device.type != "cpu" or p.dim() != 2:
+        return False
+    from .ops import native_available
+    return native_available(p.device)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .bn_linear import bn_linear, resolve_first_layer_backward
+from .bn_linear import bn_linear, resolve_first_layer_backward, resolve_first_layer_split
 from .reference import CLASSIFIER_WEIGHT_NAMES
 
 
@@ -62,11 +62,13 @@ class CareClassifier(nn.Module):
         hidden_size: H. prompt_feat: Fp. resp_feat: Fr (0 = no rollout feature).
         n_classes: C. prompt_dim, resp_hidden_dim, resp_out_dim, head_dim: P, R1, R2, K.
         aux: build the per-rollout auxiliary correctness head (Stage-I).
-        first_layer_backward: how training differentiates the two first layers (BatchNorm ->
-            Linear on data inputs): 'fused' (:func:`care_ext.bn_linear.bn_linear`, one GEMM in
-            the backward instead of two), 'autograd' (separate ops, the float order of earlier
-            releases) or 'auto' (fused iff the layer is at least
-            :data:`care_ext.bn_linear.FUSED_MIN_WIDTH` wide). Same results up to float32
+        first_layer_backward: how training runs the two first layers (BatchNorm -> Linear on
+            data inputs): 'fused' (:func:`care_ext.bn_linear.bn_linear`, one GEMM in the backward
+            instead of two), 'split' (fused, and bf16 inputs on the CPU multiplied by bf16 pieces
+            of the weights and gradients without a normalised float32 copy: ``bn_linear``'s
+            ``split``), 'autograd' (separate ops, the float order of earlier releases) or 'auto'
+            (at widths of at least :data:`care_ext.bn_linear.FUSED_MIN_WIDTH` fused, and split
+            on CPUs that multiply bf16 in hardware; autograd below). Same results up to float32
             rounding; evaluation and :meth:`fold` do not depend on it.
     """
 
@@ -77,6 +79,9 @@ class CareClassifier(nn.Module):
         self.hidden_size, self.resp_feat = hidden_size, resp_feat
         self.fused_prompt = resolve_first_layer_backward(first_layer_backward, hidden_size + prompt_feat)
         self.fused_resp = resolve_first_layer_backward(first_layer_backward, hidden_size + resp_feat)
+        widths = hidden_size + prompt_feat, hidden_size + resp_feat
+        self.split_prompt = resolve_first_layer_split(first_layer_backward, widths[0])
+        self.split_resp = resolve_first_layer_split(first_layer_backward, widths[1])
         self.prompt_bn = nn.BatchNorm1d(hidden_size + prompt_feat)
         self.prompt_fc = nn.Linear(hidden_size + prompt_feat, prompt_dim)
         self.resp_bn = nn.BatchNorm1d(hidden_size + resp_feat)
@@ -101,7 +106,8 @@ class CareClassifier(nn.Module):
         f32 = self.prompt_fc.weight.dtype
         B, G, _ = h_resp.shape
         if self.training and self.fused_prompt:
-            p = torch.relu(bn_linear(self.prompt_bn, self.prompt_fc, [h_prompt, prompt_feat]))
+            p = torch.relu(bn_linear(self.prompt_bn, self.prompt_fc, [h_prompt, prompt_feat],
+                                     split=self.split_prompt))
         else:
             p = torch.relu(self.prompt_fc(_bn(self.prompt_bn, torch.cat(
                 [h_prompt.to(f32), prompt_feat.to(f32)], dim=1))))
@@ -115,7 +121,7 @@ class CareClassifier(nn.Module):
         # only pooled rollouts pass the rollout branch (and its BatchNorm)
         if self.training and self.fused_resp:
             parts = [pooled(h_resp)] + ([pooled(resp_feat)] if self.resp_feat else [])
-            r1 = bn_linear(self.resp_bn, self.resp_fc1, parts)
+            r1 = bn_linear(self.resp_bn, self.resp_fc1, parts, split=self.split_resp)
         else:
             x = h_resp.to(f32)
             if self.resp_feat:

@@ -127,11 +127,16 @@ class CareConfig:
     classifiers cost several times a decide (bench/bench_step.py); in a training loop they then
     overlap the policy update and the next rollouts instead of stalling them."""
     first_layer_backward: str = "auto"
-    """How classifier training differentiates the BatchNorm -> Linear first layers (their inputs
-    are data): 'fused' = one GEMM per backward (:mod:`care_ext.bn_linear`), 'autograd' = separate
-    ops, 'auto' = fused at widths >= 1024 (LLM hidden sizes), autograd below (the CPU lab,
-    H = 128, keeps the float order its recorded numbers were made with). Same maths; the float32
-    rounding of the classifier weights differs between the two."""
+    """How classifier training runs the BatchNorm -> Linear first layers (their inputs are data):
+    'fused' = one GEMM per backward (:mod:`care_ext.bn_linear`), 'split' = fused, and on the CPU
+    the bf16 hidden states multiplied by bf16 pieces of the weights (forward) and of the output
+    gradients (backward) in MKL's bf16 GEMM, without their float32 normalised copy (exact
+    products, float32 sums; the batch mean is subtracted after the GEMM, so columns whose mean
+    dwarfs their spread lose digits to cancellation, as the decide's folded weights do),
+    'autograd' = separate ops, 'auto' = at widths >= 1024 (LLM hidden sizes) split on CPUs with
+    bf16 units (:func:`care_ext.bf16_split.cpu_bf16_hardware`) and fused elsewhere, autograd
+    below (the CPU lab, H = 128, keeps the float order its recorded numbers were made with).
+    Same maths; the float32 rounding of the classifier weights differs between them."""
 
     first_layer_gemm: str = "auto"
     """How the acquisition step multiplies bf16 hidden states by the classifiers' first layers:
@@ -207,7 +212,7 @@ class CareConfig:
         choices = {"trust_weight": ("reliability", "official"),
                    "stage2_correct_majority": ("class0", "exclude"),
                    "nonfinite": ("error", "drop"),
-                   "first_layer_backward": ("auto", "autograd", "fused"),
+                   "first_layer_backward": ("auto", "autograd", "fused", "split"),
                    "first_layer_gemm": ("auto", "float32", "bf16x3", "bf16x2"),
                    "first_layer_pack": ("auto", "on", "off"),
                    "sim_cag_recall_ties": ("credit", "index")}

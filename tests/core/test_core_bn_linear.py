@@ -8,7 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from care_ext.bn_linear import FUSED_MIN_WIDTH, bn_linear, resolve_first_layer_backward
+import care_ext
+
+from care_ext.bn_linear import (FUSED_MIN_WIDTH, bn_linear, resolve_first_layer_backward,
+                                resolve_first_layer_split)
 from care_ext.classifiers import _bn, stage1_classifier, stage2_classifier
 from care_ext.config import CareConfig
 from care_ext.labels import GoldOracle
@@ -33,10 +36,27 @@ def _grads(mods):
     return [p.grad.clone() for m in mods for p in m.parameters()]
 
 
+def _ops_called(fn):
+    """(fn's result, the set of op packets it dispatched: aten.* and care_ext.*)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = set()
+
+    class Rec(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.add(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    with Rec():
+        out = fn()
+    return out, seen
+
+
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("layout", ["bf16+feat", "f32", "bf16", "f32+feat"])
 @pytest.mark.parametrize("n", [37, 2, 1, 0])
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_bn_linear_matches_batchnorm_then_linear(layout, n, momentum):
+def test_bn_linear_matches_batchnorm_then_linear(layout, n, momentum, split, monkeypatch):
     H, F, O = 48, (3 if "feat" in layout else 0), 10
     g = torch.Generator().manual_seed(n)
     h = (torch.randn(n, H, generator=g) * 2 + 0.5).to(torch.bfloat16 if "bf16" in layout else torch.float32)
@@ -47,9 +67,16 @@ def test_bn_linear_matches_batchnorm_then_linear(layout, n, momentum):
 
     ref = lin_a(_bn(bn_a, torch.cat([p.float() for p in parts], dim=1)))
     (ref * w_out).sum().backward()
-    out = bn_linear(bn_f, lin_f, parts)
+    import care_ext.bn_linear as bl
+
+    monkeypatch.setattr(bl, "SPLIT_MIN_ROWS_PER_OUTPUT", 0)  # the route on the smallest batches
+    out, ops_seen = _ops_called(lambda: bn_linear(bn_f, lin_f, parts, split=split))
     (out * w_out).sum().backward()
 
+    # the split route runs exactly where it applies: a bf16 block and a batch of >= 2 rows
+    routed = split and "bf16" in layout and n >= 2 and care_ext.HAS_NATIVE
+    assert ("care_ext._bf16_mm" in ops_seen) == routed
+    assert ("care_ext._column_stats" in ops_seen) == routed
     assert out.dtype == torch.float32 and out.shape == (n, O)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     for name, a, f in zip(["weight", "bias", "gamma", "beta"], _grads([lin_a, bn_a]), _grads([lin_f, bn_f])):
@@ -59,6 +86,82 @@ def test_bn_linear_matches_batchnorm_then_linear(layout, n, momentum):
     if n >= 2:  # the statistics moved (the comparison is not between two untouched buffers)
         assert int(bn_f.num_batches_tracked) == 4
         assert not torch.allclose(bn_f.running_mean, _layers(H + F, O, momentum)[0].running_mean)
+
+
+needs_native = pytest.mark.skipif(not care_ext.HAS_NATIVE, reason="the split route needs the "
+                                  "native library (care_ext::_bf16_mm, _column_stats)")
+
+
+def _error_vs_float64(parts, D, O, split, seed=0):
+    """Max |error| / max |value| of bn_linear's output and of its weight and gamma gradients
+    against nn.BatchNorm1d -> nn.Linear in float64 on the same (bf16) values."""
+    bn, lin = _layers(D, O, seed=seed)
+    bn_d, lin_d = copy.deepcopy(bn).double(), copy.deepcopy(lin).double()
+    w_out = torch.randn(parts[0].shape[0], O, generator=torch.Generator().manual_seed(seed))
+    ref = lin_d(bn_d(torch.cat([p.double() for p in parts], 1)))
+    (ref * w_out.double()).sum().backward()
+    out = bn_linear(bn, lin, parts, split=split)
+    (out * w_out).sum().backward()
+    def rel(a, b):
+        return float((a.detach().double() - b.detach()).abs().max() / b.detach().abs().max())
+
+    return max(rel(out, ref), rel(lin.weight.grad, lin_d.weight.grad),
+               rel(bn.weight.grad, bn_d.weight.grad))
+
+
+@needs_native
+def test_bn_linear_split_keeps_large_mean_columns_accurate(monkeypatch):
+    """Hidden states with a few "massive activation" channels (mean 2000 standard deviations):
+    the split route subtracts the mean after its GEMMs, so those columns would lose ~11 bits;
+    it gives them a normalised copy of their own (SPLIT_MAX_MEAN_RATIO) and stays within float32
+    rounding of a float64 BatchNorm -> Linear. Without that guard the error is >100x larger."""
+    import care_ext.bn_linear as bl
+
+    g = torch.Generator().manual_seed(7)
+    n, H, O = 96, 256, 12
+    h = torch.randn(n, H, generator=g)
+    h[:, [3, 50, 51, 200]] = h[:, [3, 50, 51, 200]] * 0.5 + 1000.0
+    parts = [h.bfloat16(), torch.rand(n, 2, generator=g)]
+    guarded = _error_vs_float64(parts, H + 2, O, split=True)
+    plain = _error_vs_float64(parts, H + 2, O, split=False)
+    assert guarded < 2e-6 and guarded <= 4 * plain
+    monkeypatch.setattr(bl, "SPLIT_MAX_MEAN_RATIO", float("inf"))
+    assert _error_vs_float64(parts, H + 2, O, split=True) > 100 * guarded
+
+
+@needs_native
+def test_bn_linear_split_with_non_finite_weights_falls_back_like_autograd():
+    """bf16 pieces cannot carry NaN/Inf: a non-finite weight or output gradient takes the float32
+    route, so the output and gradients are non-finite as autograd's (the trainer then skips the
+    step) instead of raising from the split."""
+    bn, lin = _layers(40, 5)
+    with torch.no_grad():
+        lin.weight[2, 7] = float("nan")
+    bn_a, lin_a = copy.deepcopy(bn), copy.deepcopy(lin)
+    x = torch.randn(9, 40).bfloat16()
+    out = bn_linear(bn, lin, [x], split=True)
+    ref = lin_a(_bn(bn_a, x.float()))
+    assert torch.equal(out.isnan(), ref.isnan()) and bool(out[:, 2].isnan().all())
+    out.sum().backward()
+    ref.sum().backward()
+    for a, r in zip(_grads([lin, bn]), _grads([lin_a, bn_a])):  # NaN where autograd has NaN
+        assert torch.equal(a.isnan(), r.isnan())
+    assert bool(bn.weight.grad[7].isnan()) and bool(bn.weight.grad[:7].isfinite().all())
+
+
+@needs_native
+def test_bn_linear_split_only_on_batches_it_is_faster_for():
+    """The split route runs from SPLIT_MIN_ROWS_PER_OUTPUT rows per output unit on (below, its
+    three bf16 products per value lose to one float32 GEMM); the same values either way."""
+    import care_ext.bn_linear as bl
+
+    bn, lin = _layers(24, 6)
+    for n in (bl.SPLIT_MIN_ROWS_PER_OUTPUT * 6 - 1, bl.SPLIT_MIN_ROWS_PER_OUTPUT * 6):
+        x = torch.randn(n, 24).bfloat16()
+        out, seen = _ops_called(lambda x=x: bn_linear(copy.deepcopy(bn), lin, [x], split=True))
+        ref = bn_linear(copy.deepcopy(bn), lin, [x])
+        assert ("care_ext._bf16_mm" in seen) == (n >= bl.SPLIT_MIN_ROWS_PER_OUTPUT * 6), n
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_bn_linear_single_row_on_a_fresh_cumulative_batchnorm():
@@ -98,6 +201,14 @@ def test_resolve_first_layer_backward():
     lab = stage1_classifier(128, 4, cfg)  # the CPU lab's width keeps autograd's float order
     llm = stage2_classifier(4096, 4, cfg)
     assert (lab.fused_prompt, lab.fused_resp, llm.fused_prompt, llm.fused_resp) == (False, False, True, True)
+    from care_ext.bf16_split import cpu_bf16_hardware
+    assert resolve_first_layer_backward("split", 8) and resolve_first_layer_split("split", 8)
+    assert not resolve_first_layer_split("fused", 8192)
+    assert not resolve_first_layer_split("auto", 128)
+    assert resolve_first_layer_split("auto", FUSED_MIN_WIDTH) == cpu_bf16_hardware()
+    assert (lab.split_resp, llm.split_resp) == (False, cpu_bf16_hardware())
+    with pytest.raises(ValueError, match="first_layer_backward"):
+        resolve_first_layer_split("fast", 8)
 
 
 @pytest.mark.parametrize("stage", [1, 2])
@@ -108,7 +219,7 @@ def test_classifier_gradients_fused_vs_autograd(stage):
     from care_ext import ops
     gf = ops.group_features(b.ids, b.lengths)
     mods = []
-    for mode in ("autograd", "fused"):
+    for mode in ("autograd", "fused", "split"):
         cfg = CareConfig(group_size=G, first_layer_backward=mode, prompt_dim=16, resp_hidden_dim=8,
                          resp_out_dim=12, head_dim=10)
         torch.manual_seed(0)
@@ -118,7 +229,8 @@ def test_classifier_gradients_fused_vs_autograd(stage):
                 bn.weight.uniform_(0.5, 1.5)
                 bn.bias.normal_()
         mods.append(m.train())
-    assert not mods[0].fused_resp and mods[1].fused_resp
+    assert not mods[0].fused_resp and mods[1].fused_resp and not mods[1].split_resp
+    assert mods[2].split_resp and mods[2].split_prompt
     minority = gf.minority_mask.clone()
     minority[0] = False  # a prompt with no pooled rollout
     outs = []
@@ -132,18 +244,19 @@ def test_classifier_gradients_fused_vs_autograd(stage):
             loss = logits.logsumexp(1).sum()
         loss.backward()
         outs.append(logits.detach())
-    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
     named = dict(mods[0].named_parameters())
-    n_checked = 0
-    for name, p in mods[1].named_parameters():
-        q = named[name]
-        assert (p.grad is None) == (q.grad is None), name
-        if p.grad is not None:
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=lambda m, nm=name: f"{nm}: {m}")
-            n_checked += 1
-    assert n_checked >= 12 and float(mods[1].resp_bn.weight.grad.abs().sum()) > 0
-    for name, buf in mods[1].named_buffers():
-        torch.testing.assert_close(buf, dict(mods[0].named_buffers())[name], rtol=1e-5, atol=1e-6)
+    for other, out in zip(mods[1:], outs[1:]):  # fused and split against autograd
+        torch.testing.assert_close(out, outs[0], rtol=1e-5, atol=1e-5)
+        n_checked = 0
+        for name, p in other.named_parameters():
+            q = named[name]
+            assert (p.grad is None) == (q.grad is None), name
+            if p.grad is not None:
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=lambda m, nm=name: f"{nm}: {m}")
+                n_checked += 1
+        assert n_checked >= 12 and float(other.resp_bn.weight.grad.abs().sum()) > 0
+        for name, buf in other.named_buffers():
+            torch.testing.assert_close(buf, dict(mods[0].named_buffers())[name], rtol=1e-5, atol=1e-6)
 
 
 def test_care_run_with_fused_backward_decides_like_autograd():
@@ -167,4 +280,37 @@ def test_care_run_with_fused_backward_decides_like_autograd():
     assert ctls[1].trainer.stage1.fused_resp and not ctls[0].trainer.stage1.fused_resp
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-4, atol=1e-5,
                                equal_nan=True)
+    assert sum(x == x for x in losses[0]) >= 4  # most steps trained
+
+
+@needs_native
+def test_care_run_with_split_first_layers_decides_like_fused(monkeypatch):
+    """A CARE run on bf16 hidden states trained with first_layer_backward='split' (the CPU's
+    bf16 GEMMs, no normalised copy) makes the decisions of one trained with 'fused', and its
+    classifiers' update losses agree to float32 rounding."""
+    import care_ext.bn_linear as bl
+
+    splits = []
+    monkeypatch.setattr(bl, "SPLIT_MIN_ROWS_PER_OUTPUT", 0)  # this small run's batches too
+    monkeypatch.setattr(bl, "_split", lambda t, f=bl._split: splits.append(t.shape) or f(t))
+    B, G, H = 24, 8, 32
+    world = make_world(B=B, G=G, H=H, seed=6)
+    gold = {}
+    ctls = [CareController(CareConfig(strategy="care", group_size=G, warmup_steps=2,
+                                      first_layer_backward=mode), GoldOracle(gold))
+            for mode in ("fused", "split")]
+    losses = [[], []]
+    for s in range(6):
+        b = make_batch(world, s)
+        gold.update(b.gold)
+        kw = dict(lengths=b.lengths, h_prompt=b.h_prompt.bfloat16(), h_resp=b.h_resp.bfloat16())
+        ds = [c.decide(b.uids, b.ids, **kw) for c in ctls]
+        assert torch.equal(ds[0].source, ds[1].source), f"step {s}"
+        torch.testing.assert_close(ds[1].reliability, ds[0].reliability, rtol=1e-4, atol=1e-5)
+        for i, c in enumerate(ctls):
+            losses[i].append(c.update().get("train/stage1_loss", float("nan")))
+    assert ctls[1].trainer.stage1.split_resp and not ctls[0].trainer.stage1.split_resp
+    assert len(splits) >= 4 * 4 * 3  # 4 first layers x (weights, gradient) x 3 steps, >= 2 updates
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-4,
+                               atol=1e-5, equal_nan=True)
     assert sum(x == x for x in losses[0]) >= 4  # most steps trained
