@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import bench_args
+
 BENCH = Path(__file__).resolve().parent
 
 
@@ -61,7 +63,7 @@ def child(args) -> int:
             b.addmm(a, w)
 
     for shape in args.shapes:
-        B, G, H = (int(v) for v in shape.split("x"))
+        B, G, H = bench_args.dims(shape)
         x = make_inputs(B, G, H, "cpu", torch.bfloat16)
         fn = op_calls(x, _Native())[args.op]
         fn()
@@ -120,11 +122,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--a", help="build A: 'installed' or a directory with an in-place build")
     ap.add_argument("--b", help="build B: 'installed' or a directory with an in-place build")
-    ap.add_argument("--threads", type=int, nargs="+", default=[1])
-    ap.add_argument("--shapes", nargs="+", default=["64x8x4096"])
+    ap.add_argument("--threads", type=bench_args.positive_int, nargs="+", default=[1])
+    ap.add_argument("--shapes", type=bench_args.shape, nargs="+", default=["64x8x4096"])
     ap.add_argument("--op", default="acquisition_step", help="an op name of bench_ops.py")
-    ap.add_argument("--rounds", type=int, default=4, help="processes per build and thread count")
-    ap.add_argument("--min-time", type=float, default=1.0, help="seconds per shape and process")
+    ap.add_argument("--rounds", type=bench_args.positive_int, default=4,
+                    help="processes per build and thread count")
+    ap.add_argument("--min-time", type=bench_args.positive_float, default=1.0,
+                    help="seconds per shape and process")
     ap.add_argument("--out",
                     help="output prefix: <out>.jsonl (every process's rows, then the summaries)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -134,8 +138,6 @@ def main(argv=None) -> int:
         return child(args)
     if not args.a or not args.b:
         ap.error("--a and --b are required")
-    if args.rounds < 1:
-        ap.error("--rounds must be >= 1")
     for build in (args.a, args.b):
         if build != "installed" and not list(Path(build).glob("care_ext/_C*.so")):
             ap.error(f"{build} has no in-place build (care_ext/_C*.so); "

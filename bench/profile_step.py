@@ -66,7 +66,8 @@ def main(argv=None) -> int:
                     default=["64x8x4096", "1024x64x4096"])
     ap.add_argument("--ops", nargs="*", choices=ALL_STEP_OPS,
                     help="default: every step op the device has (the CPU-only ones on the CPU)")
-    ap.add_argument("--calls", type=int, default=20, help="profiled calls per shape and op")
+    ap.add_argument("--calls", type=bench_args.positive_int, default=20,
+                    help="profiled calls per shape and op")
     ap.add_argument("--out", default="bench/out/profile_step", help="output path prefix")
     args = ap.parse_args(argv)
     if not care_ext.HAS_NATIVE:
@@ -74,9 +75,6 @@ def main(argv=None) -> int:
         return 2
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device", file=sys.stderr)
-        return 2
-    if args.calls < 1:
-        print("--calls must be >= 1", file=sys.stderr)
         return 2
     if not args.ops:
         args.ops = list(STEP_OPS if args.device == "cuda" else ALL_STEP_OPS)

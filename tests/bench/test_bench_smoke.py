@@ -157,7 +157,9 @@ def test_profile_step_reports_every_op(tmp_path):
         assert abs(sum(r["us"] for r in mine) - mine[0]["total_us"]) < 1e-6 * mine[0]["total_us"] + 1e-9
     text = out.with_suffix(".txt").read_text()
     assert all(f"{op} 6x4x32 (cpu, host)" in text for op in profile_step.ALL_STEP_OPS)
-    assert profile_step.main(["--device", "cpu", "--calls", "0", "--out", str(out)]) == 2
+    with pytest.raises(SystemExit) as e:  # a usage error, as the other bench scripts' (bench_args)
+        profile_step.main(["--device", "cpu", "--calls", "0", "--out", str(out)])
+    assert e.value.code == 2
 
 
 def test_ab_builds_alternates_two_builds(tmp_path):
@@ -187,6 +189,17 @@ def test_ab_builds_refuses_a_directory_without_a_build(tmp_path):
 
     with pytest.raises(SystemExit):
         ab_builds.main(["--a", str(tmp_path), "--b", "installed"])
+
+
+@pytest.mark.parametrize("bad", [["--shapes", "4x8"], ["--threads", "0"], ["--rounds", "0"],
+                                 ["--min-time", "0"], ["--min-time", "nan"]])
+def test_ab_builds_rejects_bad_arguments(bad):
+    """Usage errors before any process starts (bench_args' types, as the other scripts)."""
+    import ab_builds
+
+    with pytest.raises(SystemExit) as e:
+        ab_builds.main(["--a", "installed", "--b", "installed", *bad])
+    assert e.value.code == 2
 
 
 def test_thread_scaling_rows_and_summary(tmp_path):
