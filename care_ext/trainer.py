@@ -94,6 +94,7 @@ class ClassifierTrainer:
         self._split_buffers: dict[int, list[Tensor]] = {}  # reused by every re-split
         self._packed: dict[int, list[Tensor] | None] = {}  # the pieces packed (CPU with AMX)
         self._packed_buffers: dict[int, list[Tensor]] = {}  # reused by every re-pack
+        self._snapshots: dict[int, list[Tensor]] = {}  # per module: its buffers before a step
 
     # ------------------------------------------------------------------------------------------
     def folded(self) -> tuple[list[Tensor], list[Tensor]]:
@@ -190,6 +191,19 @@ class ClassifierTrainer:
         return balanced_ce(out, b["count"], cfg.class_balance_power, cfg.class_weight_clip,
                            admissible=b["admissible"])
 
+    def _buffer_snapshot(self, module: torch.nn.Module, buffers: list[Tensor]) -> list[Tensor]:
+        """A copy of ``module``'s buffers (BatchNorm statistics and counts) in tensors kept for it
+        between gradient steps, written by one foreach copy: a clone per buffer was ~126 of an
+        update's ~1800 dispatched ops (and as many small copies on a GPU)."""
+        snap = self._snapshots.get(id(module))
+        if snap is None or len(snap) != len(buffers) or any(
+                s.shape != b.shape or s.dtype != b.dtype or s.device != b.device
+                for s, b in zip(snap, buffers)):
+            snap = self._snapshots[id(module)] = [torch.empty_like(b) for b in buffers]
+        with torch.no_grad():
+            torch._foreach_copy_(snap, buffers)
+        return snap
+
     def _step(self, module, opt, forward) -> tuple[float, float] | None:
         """One AdamW step of ``module`` on the loss of ``forward()`` -> (loss, aux loss value).
 
@@ -197,7 +211,8 @@ class ClassifierTrainer:
         finite: the step is then skipped and the BatchNorm buffers that the forward moved are put
         back, so one diverged batch cannot turn the classifiers into NaN (the decisions of every
         later step would be silently arbitrary)."""
-        saved = [b.detach().clone() for b in module.buffers()]
+        buffers = list(module.buffers())
+        saved = self._buffer_snapshot(module, buffers)
         loss, aux = forward()
         opt.zero_grad(set_to_none=True)
         ok = bool(torch.isfinite(loss.detach()))
@@ -209,8 +224,7 @@ class ClassifierTrainer:
         if not ok:
             opt.zero_grad(set_to_none=True)
             with torch.no_grad():
-                for b, old in zip(module.buffers(), saved):
-                    b.copy_(old)
+                torch._foreach_copy_(buffers, saved)
             return None
         opt.step()
         return float(loss.detach()), aux
