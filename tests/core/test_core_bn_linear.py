@@ -259,28 +259,38 @@ def test_classifier_gradients_fused_vs_autograd(stage):
             torch.testing.assert_close(buf, dict(mods[0].named_buffers())[name], rtol=1e-5, atol=1e-6)
 
 
-def test_care_run_with_fused_backward_decides_like_autograd():
+def _care_runs_side_by_side(modes, seed, bf16=False):
+    """Two CARE controllers, first_layer_backward = modes[0] and modes[1], over 6 steps of one
+    synthetic world (bf16 hidden states if asked): the same decisions every step, reliabilities to
+    float32 rounding. Returns (controllers, each one's Stage-I loss per update)."""
     B, G, H = 24, 8, 32
-    world = make_world(B=B, G=G, H=H, seed=5)
+    world = make_world(B=B, G=G, H=H, seed=seed)
     gold = {}
     ctls = [CareController(CareConfig(strategy="care", group_size=G, warmup_steps=2,
                                       first_layer_backward=mode), GoldOracle(gold))
-            for mode in ("autograd", "fused")]
+            for mode in modes]
     losses = [[], []]
     for s in range(6):
         b = make_batch(world, s)
         gold.update(b.gold)
-        ds = [c.decide(b.uids, b.ids, **b.kwargs()) for c in ctls]
+        kw = b.kwargs()
+        if bf16:
+            kw.update(h_prompt=b.h_prompt.bfloat16(), h_resp=b.h_resp.bfloat16())
+        ds = [c.decide(b.uids, b.ids, **kw) for c in ctls]
         assert torch.equal(ds[0].source, ds[1].source), f"step {s}"
         torch.testing.assert_close(ds[1].weight, ds[0].weight, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(ds[1].reliability, ds[0].reliability, rtol=1e-4, atol=1e-5)
         for i, c in enumerate(ctls):
-            m = c.update()
-            losses[i].append(m.get("train/stage1_loss", float("nan")))
-    assert ctls[1].trainer.stage1.fused_resp and not ctls[0].trainer.stage1.fused_resp
-    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-4, atol=1e-5,
-                               equal_nan=True)
+            losses[i].append(c.update().get("train/stage1_loss", float("nan")))
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-4,
+                               atol=1e-5, equal_nan=True)
     assert sum(x == x for x in losses[0]) >= 4  # most steps trained
+    return ctls, losses
+
+
+def test_care_run_with_fused_backward_decides_like_autograd():
+    ctls, _ = _care_runs_side_by_side(("autograd", "fused"), seed=5)
+    assert ctls[1].trainer.stage1.fused_resp and not ctls[0].trainer.stage1.fused_resp
 
 
 @needs_native
@@ -293,24 +303,6 @@ def test_care_run_with_split_first_layers_decides_like_fused(monkeypatch):
     splits = []
     monkeypatch.setattr(bl, "SPLIT_MIN_ROWS_PER_OUTPUT", 0)  # this small run's batches too
     monkeypatch.setattr(bl, "_split", lambda t, f=bl._split: splits.append(t.shape) or f(t))
-    B, G, H = 24, 8, 32
-    world = make_world(B=B, G=G, H=H, seed=6)
-    gold = {}
-    ctls = [CareController(CareConfig(strategy="care", group_size=G, warmup_steps=2,
-                                      first_layer_backward=mode), GoldOracle(gold))
-            for mode in ("fused", "split")]
-    losses = [[], []]
-    for s in range(6):
-        b = make_batch(world, s)
-        gold.update(b.gold)
-        kw = dict(lengths=b.lengths, h_prompt=b.h_prompt.bfloat16(), h_resp=b.h_resp.bfloat16())
-        ds = [c.decide(b.uids, b.ids, **kw) for c in ctls]
-        assert torch.equal(ds[0].source, ds[1].source), f"step {s}"
-        torch.testing.assert_close(ds[1].reliability, ds[0].reliability, rtol=1e-4, atol=1e-5)
-        for i, c in enumerate(ctls):
-            losses[i].append(c.update().get("train/stage1_loss", float("nan")))
+    ctls, _ = _care_runs_side_by_side(("fused", "split"), seed=6, bf16=True)
     assert ctls[1].trainer.stage1.split_resp and not ctls[0].trainer.stage1.split_resp
-    assert len(splits) >= 4 * 4 * 3  # 4 first layers x (weights, gradient) x 3 steps, >= 2 updates
-    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-4,
-                               atol=1e-5, equal_nan=True)
-    assert sum(x == x for x in losses[0]) >= 4  # most steps trained
+    assert len(splits) >= 4 * 2 * 3 * 2  # 4 first layers x (weights, gradient) x 3 steps x 2 updates
