@@ -189,8 +189,8 @@ def bn_linear(bn: nn.BatchNorm1d, lin: nn.Linear, parts: list[Tensor], split: bo
             read once, straight into the float32 normalised copy), no gradient required: the
             inputs get none.
         split: bf16 blocks on the CPU (with the native library) skip the normalised copy: their
-            batch statistics come from one float64 pass over the bf16 values
-            (``care_ext::_column_stats``), and the forward's and the backward's GEMMs multiply
+            batch statistics come from one pass over the bf16 values
+            (``care_ext::_column_stats``: shifted sums, float64 across 16-row float32 ones), and the forward's and the backward's GEMMs multiply
             the bf16 values by :data:`SPLIT_TERMS` bf16 pieces of the float32 weights / output
             gradients (``care_ext::_bf16_mm``: MKL's bf16 GEMM, AMX where the CPU has it). Every
             product is exact and the sums float32; the mean is subtracted after the GEMM, which

@@ -117,8 +117,8 @@ void split_bf16_cpu(const Tensor& w, int64_t terms, const Tensor& out);
 void pack_bf16_split_cpu(const Tensor& split, const Tensor& out);
 // bf16 [M, K] x bf16 [K, N] -> float32 [M, N] (cpu/bf16_gemm.cpp: MKL's bf16 GEMM, exact
 // products, float32 sums; either operand may be transposed) and per-column mean and biased
-// variance of a bf16/float32 [N, D] (cpu/column_stats.cpp, float64 sums): the first layers'
-// training GEMMs on split-bf16 pieces (care_ext.bn_linear).
+// variance of a bf16/float32 [N, D] (cpu/column_stats.cpp: shifted sums, float32 over 16 rows,
+// float64 across): the first layers' training GEMMs on split-bf16 pieces (care_ext.bn_linear).
 Tensor bf16_mm_cpu(const Tensor& a, const Tensor& b);
 std::tuple<Tensor, Tensor> column_stats_cpu(const Tensor& x);
 bool cpu_brgemm_available();

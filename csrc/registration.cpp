@@ -131,7 +131,8 @@ TORCH_LIBRARY(care_ext, m) {
   // Private, CPU only: the training path of the first layers on split-bf16 pieces
   // (care_ext.bn_linear, CareConfig.first_layer_backward="split"): a bf16 GEMM with float32
   // output (exact products; either operand may be a transposed view), and per-column mean and
-  // biased variance of the bf16 hidden states read once (float64 sums).
+  // biased variance of the bf16 hidden states read once (shifted sums: float32 over 16 rows,
+  // float64 across).
   m.def("_bf16_mm(Tensor a, Tensor b) -> Tensor");
   m.def("_column_stats(Tensor x) -> (Tensor mean, Tensor var)");
   // Private, CPU only: the fused step's tail run by a team of `threads` threads per block of
