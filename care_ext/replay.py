@@ -41,16 +41,38 @@ class Sample:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def stack(samples: list[Sample]) -> dict[str, Tensor]:
-    """Batch samples: tensor fields stacked on dim 0, int/float fields as int64/float32 [N]."""
-    out = {}
+def stack(samples: list[Sample], out: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """Batch samples: tensor fields stacked on dim 0, int/float fields as int64/float32 [N].
+
+    ``out``: per field a contiguous [N, ...] tensor of :func:`stacked_layout`'s dtype and shape,
+    on the samples' device, to stack into (one write instead of a stacked temporary and a copy);
+    returned as the batch."""
+    batch = {}
     for f in fields(Sample):
         vals = [getattr(s, f.name) for s in samples]
         if isinstance(vals[0], Tensor):
-            out[f.name] = torch.stack(vals)
+            batch[f.name] = (torch.stack(vals) if out is None
+                             else torch.stack(vals, out=out[f.name]))
         else:
-            out[f.name] = torch.tensor(vals, dtype=torch.float32 if f.name == "true_cag" else torch.long)
-    return out
+            t = torch.tensor(vals, dtype=torch.float32 if f.name == "true_cag" else torch.long)
+            batch[f.name] = t if out is None else out[f.name].copy_(t)
+    return batch
+
+
+def stacked_layout(samples: list[Sample]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Per field, the dtype and the per-sample shape :func:`stack` gives these samples (tensor
+    fields: their promoted dtype and the first sample's shape; stack refuses unequal shapes)."""
+    layout = {}
+    for f in fields(Sample):
+        vals = [getattr(s, f.name) for s in samples]
+        if isinstance(vals[0], Tensor):
+            dtype = vals[0].dtype
+            for v in vals[1:]:
+                dtype = torch.promote_types(dtype, v.dtype)
+            layout[f.name] = (dtype, tuple(vals[0].shape))
+        else:
+            layout[f.name] = (torch.float32 if f.name == "true_cag" else torch.long, ())
+    return layout
 
 
 class ReplayBuffer:

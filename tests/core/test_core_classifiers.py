@@ -171,8 +171,9 @@ def test_stage_batches_equal_stacking_current_and_replay_every_step():
     # replay sets of several sizes, an empty one, then one larger than the buffers, and float32
     # replay after bfloat16 current samples (stack promotes; a bf16 buffer would round): the last
     # two are stacked as before
+    mixed = cur16[:2] + cur[2:]  # bf16 and float32 states in one update: stacked as float32
     for current, reps in ((cur, (hist[:4], hist[4:6], [], hist[2:3], hist[:7], hist[5:9])),
-                          (cur16, (hist[:3], []))):
+                          (cur16, (hist[:3], [])), (mixed, (hist[:2], cur16[:1]))):
         sb = _StageBatches(current, 4, "cpu")
         for rep in reps:
             got, want = sb.batch(rep), stack(current + rep)
