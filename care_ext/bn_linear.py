@@ -42,9 +42,10 @@ SPLIT_TERMS = 3
 """bf16 pieces per float32 operand on the split route: float32-exact weights and gradients."""
 SPLIT_MIN_ROWS_PER_OUTPUT = 4
 """The split route runs for batches of at least this many rows per output unit of the layer: its
-three bf16 products per value and MKL's packing of the pieces lose to one float32 GEMM on small
-batches (2-core AMX Xeon, H = 4096, forward + backward: 64 outputs broke even at 192-256 rows,
-128 at 384-512)."""
+three bf16 products per value, the weight's split and MKL's packing of the pieces lose to one
+float32 GEMM on small batches. On a 2-core AMX Xeon (H = 4096) the 64x8x4096 update took 13%
+longer with 1 row per output, 1-2% with 2, the same with 4 as without the route (bench/RESULTS.md,
+twelfth session); a loop of bn_linear alone had put the break-even lower, at 64-256 rows."""
 SPLIT_MAX_MEAN_RATIO = 8.0
 """A column whose batch |mean| exceeds this many standard deviations leaves the split GEMMs (which
 subtract the mean after multiplying, losing ~log2(ratio) bits to cancellation) for a normalised
@@ -162,8 +163,10 @@ class _BNLinear(torch.autograd.Function):
             if g_pieces is None:
                 ms.append(g.t().mm((x.float() - mean) * rstd))
                 continue
-            gx = torch.ops.care_ext._bf16_mm(g_pieces, x)
-            gx = gx.view(SPLIT_TERMS, units, x.shape[1]).sum(0)
+            # (x^T g)^T: MKL ran this orientation 1.4-2.8x faster than g^T x (2-core AMX Xeon,
+            # [1904, 4096] / [240, 4096] states, 192 split gradient columns)
+            gx = torch.ops.care_ext._bf16_mm(x.t(), g_pieces.t())
+            gx = gx.view(x.shape[1], SPLIT_TERMS, units).sum(1).t()
             gx.sub_(torch.outer(gsum, mean)).mul_(rstd)  # g^T x̂, x̂ never formed
             if big.numel():
                 gx[:, big] = g.t().mm(xhat_big)
