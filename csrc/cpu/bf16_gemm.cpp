@@ -29,50 +29,6 @@ namespace {
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;  // CblasRowMajor, CblasNoTrans, ...
 
 bool fits_int(int64_t v) { return v >= 0 && v <= std::numeric_limits<int>::max(); }
-}  // namespace
-
-bool cpu_bf16_gemm_available() { return cblas_gemm_bf16bf16f32 != nullptr; }
-
-Tensor bf16_products(const Tensor& a, const Tensor& b) {
-  TORCH_INTERNAL_ASSERT(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(1) &&
-                        a.scalar_type() == at::kBFloat16 && b.scalar_type() == at::kBFloat16 &&
-                        a.device().is_cpu() && b.device().is_cpu());
-  const int64_t M = a.size(0), N = b.size(0), K = a.size(1);
-  const Tensor A = a.stride(1) == 1 && a.stride(0) >= K ? a : a.contiguous();
-  const Tensor Bm = b.stride(1) == 1 && b.stride(0) >= K ? b : b.contiguous();
-  if (!cpu_bf16_gemm_available() || !fits_int(M) || !fits_int(N) || !fits_int(K) ||
-      !fits_int(A.stride(0)) || !fits_int(Bm.stride(0)) || M == 0 || N == 0 || K == 0) {
-    return A.to(at::kFloat).mm(Bm.to(at::kFloat).t());
-  }
-  Tensor c = at::empty({M, N}, a.options().dtype(at::kFloat));
-  cblas_gemm_bf16bf16f32(kRowMajor, kNoTrans, kTrans, static_cast<int>(M), static_cast<int>(N),
-                         static_cast<int>(K), 1.0f,
-                         reinterpret_cast<const uint16_t*>(A.const_data_ptr<at::BFloat16>()),
-                         static_cast<int>(A.stride(0)),
-                         reinterpret_cast<const uint16_t*>(Bm.const_data_ptr<at::BFloat16>()),
-                         static_cast<int>(Bm.stride(0)), 0.0f, c.data_ptr<float>(),
-                         static_cast<int>(N));
-  return c;
-}
-
-void sum_split_terms(const float* c, int64_t ldc, int64_t T, int64_t Rt, int64_t col,
-                     const float* bias, int64_t units, const int64_t* rows, int64_t n, float* out,
-                     int64_t ldo) {
-  for (int64_t k = 0; k < n; ++k) {
-    const float* src = c + (rows != nullptr ? rows[k] : k) * ldc + col;
-    float* dst = out + k * ldo;
-    for (int64_t u = 0; u < units; ++u) dst[u] = src[u];
-    for (int64_t t = 1; t < T; ++t) {
-      for (int64_t u = 0; u < units; ++u) dst[u] += src[t * Rt + u];
-    }
-    for (int64_t u = 0; u < units; ++u) dst[u] += bias[u];
-  }
-}
-
-}  // namespace care_ext
-
-namespace care_ext {
-namespace {
 
 // How MKL reads a bf16 matrix [rows, cols] in row-major terms: (transposed?, leading dimension),
 // or nothing when neither its rows nor its columns are unit-stride (the caller copies).
@@ -87,7 +43,40 @@ BlasView blas_view(const Tensor& t) {
   return {false, false, 0};
 }
 
+// op(a) [M, K] x op(b) [K, N] -> float32 [M, N] through MKL's bf16 GEMM, a and b read as va / vb
+// say; an undefined tensor where MKL cannot run it (no bf16 GEMM in this torch, a size or leading
+// dimension beyond int, an empty product): the caller multiplies converted copies instead.
+Tensor mkl_bf16_gemm(const Tensor& a, BlasView va, const Tensor& b, BlasView vb, int64_t M,
+                     int64_t N, int64_t K) {
+  if (!cpu_bf16_gemm_available() || !fits_int(M) || !fits_int(N) || !fits_int(K) ||
+      !fits_int(va.ld) || !fits_int(vb.ld) || M == 0 || N == 0 || K == 0) {
+    return Tensor();
+  }
+  Tensor c = at::empty({M, N}, a.options().dtype(at::kFloat));
+  cblas_gemm_bf16bf16f32(kRowMajor, va.trans ? kTrans : kNoTrans, vb.trans ? kTrans : kNoTrans,
+                         static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), 1.0f,
+                         reinterpret_cast<const uint16_t*>(a.const_data_ptr<at::BFloat16>()),
+                         static_cast<int>(va.ld),
+                         reinterpret_cast<const uint16_t*>(b.const_data_ptr<at::BFloat16>()),
+                         static_cast<int>(vb.ld), 0.0f, c.data_ptr<float>(), static_cast<int>(N));
+  return c;
+}
+
 }  // namespace
+
+bool cpu_bf16_gemm_available() { return cblas_gemm_bf16bf16f32 != nullptr; }
+
+Tensor bf16_products(const Tensor& a, const Tensor& b) {
+  TORCH_INTERNAL_ASSERT(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(1) &&
+                        a.scalar_type() == at::kBFloat16 && b.scalar_type() == at::kBFloat16 &&
+                        a.device().is_cpu() && b.device().is_cpu());
+  const int64_t M = a.size(0), N = b.size(0), K = a.size(1);
+  const Tensor A = a.stride(1) == 1 && a.stride(0) >= K ? a : a.contiguous();
+  const Tensor Bm = b.stride(1) == 1 && b.stride(0) >= K ? b : b.contiguous();
+  const Tensor c = mkl_bf16_gemm(A, {true, false, A.stride(0)}, Bm, {true, true, Bm.stride(0)},
+                                 M, N, K);
+  return c.defined() ? c : A.to(at::kFloat).mm(Bm.to(at::kFloat).t());
+}
 
 Tensor bf16_mm_cpu(const Tensor& a_in, const Tensor& b_in) {
   TORCH_CHECK(a_in.dim() == 2 && b_in.dim() == 2 && a_in.size(1) == b_in.size(0),
@@ -101,19 +90,22 @@ Tensor bf16_mm_cpu(const Tensor& a_in, const Tensor& b_in) {
   const int64_t M = a_in.size(0), K = a_in.size(1), N = b_in.size(1);
   const Tensor a = blas_view(a_in).ok ? a_in : a_in.contiguous();
   const Tensor b = blas_view(b_in).ok ? b_in : b_in.contiguous();
-  const BlasView va = blas_view(a), vb = blas_view(b);
-  if (!cpu_bf16_gemm_available() || !fits_int(M) || !fits_int(N) || !fits_int(K) ||
-      !fits_int(va.ld) || !fits_int(vb.ld) || M == 0 || N == 0 || K == 0) {
-    return a.to(at::kFloat).mm(b.to(at::kFloat));  // the same exact products, float32 GEMM
+  const Tensor c = mkl_bf16_gemm(a, blas_view(a), b, blas_view(b), M, N, K);
+  return c.defined() ? c : a.to(at::kFloat).mm(b.to(at::kFloat));  // the same exact products
+}
+
+void sum_split_terms(const float* c, int64_t ldc, int64_t T, int64_t Rt, int64_t col,
+                     const float* bias, int64_t units, const int64_t* rows, int64_t n, float* out,
+                     int64_t ldo) {
+  for (int64_t k = 0; k < n; ++k) {
+    const float* src = c + (rows != nullptr ? rows[k] : k) * ldc + col;
+    float* dst = out + k * ldo;
+    for (int64_t u = 0; u < units; ++u) dst[u] = src[u];
+    for (int64_t t = 1; t < T; ++t) {
+      for (int64_t u = 0; u < units; ++u) dst[u] += src[t * Rt + u];
+    }
+    for (int64_t u = 0; u < units; ++u) dst[u] += bias[u];
   }
-  Tensor c = at::empty({M, N}, a.options().dtype(at::kFloat));
-  cblas_gemm_bf16bf16f32(kRowMajor, va.trans ? kTrans : kNoTrans, vb.trans ? kTrans : kNoTrans,
-                         static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), 1.0f,
-                         reinterpret_cast<const uint16_t*>(a.const_data_ptr<at::BFloat16>()),
-                         static_cast<int>(va.ld),
-                         reinterpret_cast<const uint16_t*>(b.const_data_ptr<at::BFloat16>()),
-                         static_cast<int>(vb.ld), 0.0f, c.data_ptr<float>(), static_cast<int>(N));
-  return c;
 }
 
 }  // namespace care_ext
