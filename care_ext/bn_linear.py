@@ -88,18 +88,18 @@ def resolve_first_layer_split(mode: str, in_features: int) -> bool:
 
 
 def _split(t: Tensor) -> Tensor | None:
-    """``t`` (float32 [R, C], any strides) as SPLIT_TERMS bf16 pieces [T * R, C] (one pass,
-    ``care_ext::_split_bf16``), or None when it has non-finite values, which bf16 pieces cannot
-    carry and the split op refuses: the caller then takes the float32 route, whose NaN/Inf reach
-    the trainer's finite checks as before."""
-    out = torch.empty((SPLIT_TERMS, *t.shape), dtype=torch.bfloat16)
+    """``t`` (float32 [R, C], any strides) as SPLIT_TERMS bf16 pieces [T * R, C]
+    (:func:`care_ext.bf16_split.split_bf16`: one pass of ``care_ext::_split_bf16``), or None when
+    it has non-finite values, which bf16 pieces cannot carry and the split refuses: the caller
+    then takes the float32 route, whose NaN/Inf reach the trainer's finite checks as before."""
+    from .bf16_split import split_bf16
     try:
-        torch.ops.care_ext._split_bf16(t, SPLIT_TERMS, out)
+        pieces = split_bf16(t, SPLIT_TERMS)
     except ValueError as e:  # TORCH_CHECK_VALUE in the op: NaN, Inf or beyond bf16's range
         if "NaN or Inf" not in str(e):
             raise
         return None
-    return out.view(SPLIT_TERMS * t.shape[0], t.shape[1])
+    return pieces.view(SPLIT_TERMS * t.shape[0], t.shape[1])
 
 
 class _BNLinear(torch.autograd.Function):
@@ -127,7 +127,8 @@ class _BNLinear(torch.autograd.Function):
                 d = x.shape[1]
                 wg = weight[:, c:c + d] * gamma[c:c + d]
                 a = wg * rstd  # W diag(gamma * rstd)
-                a[:, big] = 0.0  # the large-mean columns: from their x̂ below
+                if big.numel():
+                    a[:, big] = 0.0  # the large-mean columns: from their x̂ below
                 pieces = _split(a)
                 if pieces is None:
                     xb = (x.float() - mean) * rstd
@@ -193,10 +194,11 @@ def bn_linear(bn: nn.BatchNorm1d, lin: nn.Linear, parts: list[Tensor], split: bo
             inputs get none.
         split: bf16 blocks on the CPU (with the native library) skip the normalised copy: their
             batch statistics come from one pass over the bf16 values
-            (``care_ext::_column_stats``: shifted sums, float64 across 16-row float32 ones), and the forward's and the backward's GEMMs multiply
-            the bf16 values by :data:`SPLIT_TERMS` bf16 pieces of the float32 weights / output
-            gradients (``care_ext::_bf16_mm``: MKL's bf16 GEMM, AMX where the CPU has it). Every
-            product is exact and the sums float32; the mean is subtracted after the GEMM, which
+            (``care_ext::_column_stats``: shifted sums, float64 across 16-row float32 ones), and
+            the forward's and the backward's GEMMs multiply the bf16 values by
+            :data:`SPLIT_TERMS` bf16 pieces of the float32 weights / output gradients
+            (``care_ext::_bf16_mm``: MKL's bf16 GEMM, AMX where the CPU has it). Every product
+            is exact and the sums float32; the mean is subtracted after the GEMM, which
             costs a column ~log2(|mean| / std) bits to cancellation, so columns beyond
             :data:`SPLIT_MAX_MEAN_RATIO` standard deviations take a normalised float32 copy of
             their own. Other blocks, and batches of fewer than 2 or than

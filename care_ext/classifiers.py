@@ -77,9 +77,9 @@ class CareClassifier(nn.Module):
                  head_dim: int = 256, aux: bool = False, first_layer_backward: str = "auto") -> None:
         super().__init__()
         self.hidden_size, self.resp_feat = hidden_size, resp_feat
-        self.fused_prompt = resolve_first_layer_backward(first_layer_backward, hidden_size + prompt_feat)
-        self.fused_resp = resolve_first_layer_backward(first_layer_backward, hidden_size + resp_feat)
         widths = hidden_size + prompt_feat, hidden_size + resp_feat
+        self.fused_prompt = resolve_first_layer_backward(first_layer_backward, widths[0])
+        self.fused_resp = resolve_first_layer_backward(first_layer_backward, widths[1])
         self.split_prompt = resolve_first_layer_split(first_layer_backward, widths[0])
         self.split_resp = resolve_first_layer_split(first_layer_backward, widths[1])
         self.prompt_bn = nn.BatchNorm1d(hidden_size + prompt_feat)

@@ -47,9 +47,8 @@ class _StageBatches:
 
     def _write(self, samples: list[Sample], start: int) -> None:
         """``samples`` into rows start .. start + len(samples) of the buffers."""
-        end = start + len(samples)
-        if self.device.type == "cpu" and all(
-                t.device.type == "cpu" for s in samples[:1] for t in (s.h_prompt, s.h_resp)):
+        end, first = start + len(samples), samples[0]
+        if self.device.type == first.h_prompt.device.type == first.h_resp.device.type == "cpu":
             stack(samples, out={k: b[start:end] for k, b in self.bufs.items()})
             return
         for k, v in stack(samples).items():
