@@ -204,10 +204,10 @@ def _tally(prof, wall_ms: float) -> dict:
     kineto = getattr(prof.profiler, "kineto_results", None)
     if kineto is not None:
         raw = kineto.events()
-        base_ns = min((e.start_ns() for e in raw), default=0)
-        # the profiler's FunctionEvent times are µs from the trace start; kineto's are ns
-        offset_us = min((e.time_range.start for e in events), default=0.0)
-        launch_us = {e.correlation_id(): (e.start_ns() - base_ns) / 1e3 + offset_us
+        # the FunctionEvents' times are µs from the trace's start (torch's own conversion); the
+        # raw events' are absolute ns
+        start_ns = kineto.trace_start_ns()
+        launch_us = {e.correlation_id(): (e.start_ns() - start_ns) / 1e3
                      for e in raw if e.device_type() == torch.autograd.DeviceType.CPU}
         for e in raw:
             if e.device_type() != torch.autograd.DeviceType.CUDA:
