@@ -13,10 +13,11 @@
 #
 # GPU_CHECK_QUICK=1: after a kernel change, the checks that need the GPU only (~4 min): build,
 # SASS, the CUDA-marked op tests, the core on CUDA with the fused step, the step benchmark without
-# torch.compile, the tail's layer 2 on FFMA tiles against tensor cores, profile_step and the
-# sanitizers, then bench_step on CUDA, Nsight Compute on the tail kernel (where ncu exists) and
-# the CPU split step on packed pieces against MKL's (the host's cores) if time is left; the rest
-# is skipped.
+# torch.compile, the tail's layer 2 on FFMA tiles against tensor cores (operands split in the loop
+# and pre-split; GPU_CHECK_L2_ROUNDS alternations, default 2), profile_step, Nsight Compute on the
+# tail kernel (where ncu exists; per-line stalls as CSV) and the sanitizers, then bench_step and
+# profile_update on CUDA, and the CPU split step on packed pieces against MKL's (the host's cores)
+# if time is left; the rest is skipped.
 #
 #   device run:  bash bench/gpu_check.sh            (GPU_CHECK_QUICK=1 bash bench/gpu_check.sh)
 set -uo pipefail
@@ -94,35 +95,75 @@ timeout "$(cap 120)" python3 "$REPO/bench/bench_ops.py" --device cuda --min-time
   --out "$OUT/bench_step_ops" > "$OUT/bench.log" 2>&1
 stamp "bench (step) exit $? : $(grep -E '64x8x4096|1024x64x4096' "$OUT/bench.log" | tr -s ' ' | tr '\n' ';')"
 python3 "$REPO/bench/step_goals.py" "$OUT/bench_step_ops.jsonl" >> "$OUT/summary.txt" 2>&1
-TPS=(1 2 4); [ "$QUICK" = 1 ] && TPS=(1)
-for tp in "${TPS[@]}"; do  # the fused ops with 1, 2 and 4 prompts per tail block (the default picks by B)
+TPS=(1 2 4); [ "$QUICK" = 1 ] && TPS=()
+for tp in ${TPS[@]+"${TPS[@]}"}; do  # the fused ops with 1, 2 and 4 prompts per tail block (the default picks by B)
   CARE_EXT_TAIL_PROMPTS=$tp timeout "$(cap 45)" python3 "$REPO/bench/bench_ops.py" --device cuda \
     --min-time 0.2 --providers native native_graph --ops acquisition_step_fused acquisition_step_fused_split \
     --shapes 64x8x4096 1024x64x4096 --out "$OUT/bench_step_ops_tail$tp" > "$OUT/bench_tail$tp.log" 2>&1
   stamp "bench CARE_EXT_TAIL_PROMPTS=$tp exit $? : $(grep -E '64x8x4096|1024x64x4096' "$OUT/bench_tail$tp.log" | tr -s ' ' | tr '\n' ';')"
 done
 # rollout layer 2 on FFMA tiles and on tensor cores (CARE_EXT_TAIL_L2=ffma / mma; auto picks mma
-# from G = 32), alternated in one run at G = 8, 16, 32 and 64: the step, then its kernels' device
-# times. (CARE_EXT_TAIL_STAGE_R2=1, the layer-2 weight staged in shared memory, lost on the H200 of
+# from G = 32), the latter with its TF32 operands split inside its loop (CARE_EXT_TAIL_MMA_PRESPLIT=0)
+# and pre-split (=1, the default: the weight by a kernel before the tail, the inputs by layer 1),
+# alternated in one run at G = 8, 16, 32 and 64: the step, then its kernels' device times.
+# (CARE_EXT_TAIL_STAGE_R2=1, the layer-2 weight staged in shared memory, lost on the H200 of
 # 2026-11-27: 714.8 against 512.9 us of tail at 1024x64x4096; only its racecheck still runs.)
-for round in 1 2; do
-  for l2 in ffma mma; do
-    CARE_EXT_TAIL_L2=$l2 timeout "$(cap 30)" python3 "$REPO/bench/bench_ops.py" --device cuda \
+l2_env() {  # the environment of one layer-2 variant: ffma, mma0 (split in the loop), mma1 (pre-split)
+  case "$1" in
+    ffma) echo "CARE_EXT_TAIL_L2=ffma" ;;
+    mma0) echo "CARE_EXT_TAIL_L2=mma CARE_EXT_TAIL_MMA_PRESPLIT=0" ;;
+    mma1) echo "CARE_EXT_TAIL_L2=mma CARE_EXT_TAIL_MMA_PRESPLIT=1" ;;
+  esac
+}
+for round in $(seq 1 "${GPU_CHECK_L2_ROUNDS:-2}"); do  # GPU_CHECK_L2_ROUNDS: alternations (default 2)
+  for l2 in ffma mma0 mma1; do
+    env $(l2_env $l2) timeout "$(cap 30)" python3 "$REPO/bench/bench_ops.py" --device cuda \
       --min-time 0.2 --providers native native_graph --ops acquisition_step_fused_split2 \
       --shapes 64x8x4096 512x16x4096 256x32x4096 1024x64x4096 --out "$OUT/bench_step_ops_L2_${l2}_$round" \
       > "$OUT/bench_L2_${l2}_$round.log" 2>&1
-    stamp "bench CARE_EXT_TAIL_L2=$l2 (round $round) exit $? : $(grep -E '^cuda' "$OUT/bench_L2_${l2}_$round.log" | tr -s ' ' | cut -d' ' -f2,4,5 | tr '\n' ';')"
+    stamp "bench $(l2_env $l2) (round $round) exit $? : $(grep -E '^cuda' "$OUT/bench_L2_${l2}_$round.log" | tr -s ' ' | cut -d' ' -f2,4,5 | tr '\n' ';')"
   done
 done
-for l2 in ffma mma; do
-  CARE_EXT_TAIL_L2=$l2 timeout "$(cap 30)" python3 "$REPO/bench/profile_step.py" --device cuda \
+for l2 in ffma mma0 mma1; do
+  env $(l2_env $l2) timeout "$(cap 30)" python3 "$REPO/bench/profile_step.py" --device cuda \
     --ops acquisition_step_fused_split2 --shapes 64x8x4096 256x32x4096 1024x64x4096 --out "$OUT/profile_step_L2_$l2" > "$OUT/profile_step_L2_$l2.log" 2>&1
-  stamp "profile_step CARE_EXT_TAIL_L2=$l2 exit $? : $(grep -E 'step_tail_kernel|device\)' "$OUT/profile_step_L2_$l2.log" | tr -s ' ' | cut -c1-60 | tr '\n' ';')"
+  stamp "profile_step $(l2_env $l2) exit $? : $(grep -E 'step_tail_kernel|split_r2w|device\)' "$OUT/profile_step_L2_$l2.log" | tr -s ' ' | cut -c1-60 | tr '\n' ';')"
 done
 # device time per kernel of one step call (which kernel to work on next); totals into summary.txt
 timeout "$(cap 45)" python3 "$REPO/bench/profile_step.py" --device cuda --shapes 64x8x4096 1024x64x4096 \
   --out "$OUT/profile_step" > "$OUT/profile_step.log" 2>&1
 stamp "profile_step exit $? : $(grep -E '^acquisition_step' "$OUT/profile_step.log" | tr '\n' ';')"
+# quick only: Nsight Compute on the tail kernel of the split2 step at 64x8x4096
+# (FFMA layer 2) and 1024x64x4096 (tensor cores, pre-split operands): throughput against the SM's
+# and memory's peaks, warp stalls, the instruction mix (ncu_tail_*.txt, every section's details),
+# and per SASS instruction and per source line where the warps stall and what they issue
+# (ncu_source_*_{sass,cuda}.csv: the kernel is built with -lineinfo), when this machine has ncu.
+# The reports themselves stay in /tmp (too large to bring back).
+if [ "$QUICK" = 1 ] && command -v ncu > /dev/null; then
+  cat > /tmp/ncu_tail.py <<'PY'
+import sys, torch, care_ext
+from bench_ops import make_inputs, op_calls
+for shape in sys.argv[1:]:
+    B, G, H = map(int, shape.split("x"))
+    fn = op_calls(make_inputs(B, G, H, "cuda", torch.bfloat16), torch.ops.care_ext)["acquisition_step_fused_split2"]
+    fn(); torch.cuda.synchronize()  # warm-up launch (skipped by --launch-skip 1 per shape)
+    fn(); torch.cuda.synchronize()
+PY
+  for shape in 1024x64x4096 64x8x4096; do
+    PYTHONPATH="$REPO/bench" timeout "$(cap 60)" ncu --kernel-name regex:step_tail --launch-skip 1 --launch-count 1 \
+      --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
+      --section MemoryWorkloadAnalysis --section InstructionStats --section SourceCounters \
+      -f -o "/tmp/ncu_tail_$shape" python3 /tmp/ncu_tail.py $shape > "$OUT/ncu_tail_${shape}_run.log" 2>&1
+    rc=$?
+    timeout "$(cap 30)" ncu -i "/tmp/ncu_tail_$shape.ncu-rep" --print-details all > "$OUT/ncu_tail_$shape.txt" 2>&1
+    for src in sass cuda; do
+      timeout "$(cap 30)" ncu -i "/tmp/ncu_tail_$shape.ncu-rep" --page source --csv --print-source $src \
+        > "$OUT/ncu_source_${shape}_$src.csv" 2> "$OUT/ncu_source_${shape}_$src.err"
+      echo "ncu source $src exit $?" >> "$OUT/ncu_tail_${shape}_run.log"
+    done
+    stamp "ncu step_tail $shape exit $rc : $(grep -E 'Duration|Compute \(SM\) Throughput|Memory Throughput' "$OUT/ncu_tail_$shape.txt" | tr -s ' ' | tr '\n' ';') $(grep -h 'ncu source' "$OUT/ncu_tail_${shape}_run.log" | tr '\n' ';') csv bytes $(cat "$OUT"/ncu_source_${shape}_*.csv | wc -c)"
+  done
+fi
 stamp "compute-sanitizer (memcheck) on every kernel"
 cat > /tmp/sanitize_ops.py <<'PY'
 import torch, care_ext
@@ -170,11 +211,13 @@ for tool in racecheck synccheck; do
     python3 /tmp/sanitize_sync.py > "$OUT/sanitizer_$tool.log" 2>&1
   stamp "compute-sanitizer $tool exit $? : $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|sync script ok' "$OUT/sanitizer_$tool.log" | tr '\n' ' ')"
 done
+# (the sync script's G = 64 runs tensor-core layer 2 with pre-split operands: auto, the default)
 # the same with the tail's layer-2 weight staged in shared memory (written before the first barrier)
-# and layer 2 on tensor cores (warp-wide mma.sync and shuffles), and memcheck of the latter
-CARE_EXT_TAIL_L2=mma CARE_EXT_TAIL_STAGE_R2=1 PYTHONPATH="$REPO/bench" timeout "$(cap 60)" compute-sanitizer --tool racecheck \
+# and layer 2 on tensor cores splitting in its loop (staging is skipped with pre-split operands), and
+# memcheck of tensor-core layer 2 (pre-split) on every shape
+CARE_EXT_TAIL_L2=mma CARE_EXT_TAIL_STAGE_R2=1 CARE_EXT_TAIL_MMA_PRESPLIT=0 PYTHONPATH="$REPO/bench" timeout "$(cap 60)" compute-sanitizer --tool racecheck \
   --error-exitcode 9 python3 /tmp/sanitize_sync.py > "$OUT/sanitizer_racecheck_stage_r2.log" 2>&1
-stamp "compute-sanitizer racecheck, CARE_EXT_TAIL_L2=mma CARE_EXT_TAIL_STAGE_R2=1 exit $? : $(grep -E 'RACECHECK SUMMARY|sync script ok' "$OUT/sanitizer_racecheck_stage_r2.log" | tr '\n' ' ')"
+stamp "compute-sanitizer racecheck, CARE_EXT_TAIL_L2=mma CARE_EXT_TAIL_STAGE_R2=1 CARE_EXT_TAIL_MMA_PRESPLIT=0 exit $? : $(grep -E 'RACECHECK SUMMARY|sync script ok' "$OUT/sanitizer_racecheck_stage_r2.log" | tr '\n' ' ')"
 CARE_EXT_TAIL_L2=mma timeout "$(cap 60)" compute-sanitizer --tool memcheck --error-exitcode 9 python3 /tmp/sanitize_ops.py \
   > "$OUT/sanitizer_mma.log" 2>&1
 stamp "compute-sanitizer memcheck, CARE_EXT_TAIL_L2=mma exit $? : $(grep -E 'ERROR SUMMARY|sanitize script ok' "$OUT/sanitizer_mma.log" | tr '\n' ' ')"
@@ -189,27 +232,6 @@ if [ "$QUICK" = 1 ]; then
   timeout "$(cap 40)" python3 "$REPO/bench/profile_update.py" --device cuda --updates 2 \
     --shapes 64x8x4096 512x16x4096 --out "$OUT/profile_update" > "$OUT/profile_update.log" 2>&1
   stamp "profile_update exit $? : $(grep -E '^update' "$OUT/profile_update.log" | tr -s ' ' | tr '\n' ';')"
-fi
-# quick only, if time is left: Nsight Compute on the tail kernel of the split2 step at 64x8x4096
-# and 1024x64x4096 (where its time goes: throughput against the SM's and memory's peaks, warp
-# stalls, the hottest source lines), when this machine has ncu
-if [ "$QUICK" = 1 ] && command -v ncu > /dev/null; then
-  cat > /tmp/ncu_tail.py <<'PY'
-import sys, torch, care_ext
-from bench_ops import make_inputs, op_calls
-for shape in sys.argv[1:]:
-    B, G, H = map(int, shape.split("x"))
-    fn = op_calls(make_inputs(B, G, H, "cuda", torch.bfloat16), torch.ops.care_ext)["acquisition_step_fused_split2"]
-    fn(); torch.cuda.synchronize()  # warm-up launch (skipped by --launch-skip 1 per shape)
-    fn(); torch.cuda.synchronize()
-PY
-  for shape in 64x8x4096 1024x64x4096; do
-    PYTHONPATH="$REPO/bench" timeout "$(cap 60)" ncu --kernel-name regex:step_tail --launch-skip 1 --launch-count 1 \
-      --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
-      --section MemoryWorkloadAnalysis --section SourceCounters python3 /tmp/ncu_tail.py $shape \
-      > "$OUT/ncu_tail_$shape.txt" 2>&1
-    stamp "ncu step_tail $shape exit $? : $(grep -E 'Duration|Compute \(SM\) Throughput|Memory Throughput' "$OUT/ncu_tail_$shape.txt" | tr -s ' ' | tr '\n' ';')"
-  done
 fi
 # quick only, last (after ncu, if time is left): the CPU split step on pieces packed for oneDNN's
 # BRGeMM against MKL's per-call packing, on this host's cores (small blocks: on the 2-core AMX VM a

@@ -59,6 +59,21 @@ inline bool tail_l2_mma_requested(int64_t G) {
   return false;
 }
 
+// CARE_EXT_TAIL_MMA_PRESPLIT (run time): "1" (the default, also when unset or empty) lets the
+// tensor-core layer 2 (above) read its operands split into TF32 pieces once per call: the weight
+// by a small kernel before the tail (HeadWeights::r2w_frag, fragment order), the layer-1 outputs
+// by layer 1 as it writes them (HeadScratch::r1lo); "0" splits both inside layer 2's loop, the
+// weight again for every prompt and pair of row tiles, each activation again for every warp pass.
+// The same pieces either way, so the same bits; it costs R1 * r1t_ld(G) floats more shared memory
+// per block. Ignored where layer 2 runs FFMA tiles.
+inline bool tail_mma_presplit_requested() {
+  const char* env = std::getenv("CARE_EXT_TAIL_MMA_PRESPLIT");
+  if (env == nullptr || *env == 0 || std::strcmp(env, "1") == 0) return true;
+  TORCH_CHECK(std::strcmp(env, "0") == 0, "CARE_EXT_TAIL_MMA_PRESPLIT must be 0 or 1, got '", env,
+              "'");
+  return false;
+}
+
 // Held for the whole of every op that runs ATen GEMMs (classifier_forward, acquisition_step, the
 // fused step's host part):
 //   * Autocast keys excluded: the ops compute in float32 whatever a caller's torch.autocast

@@ -42,6 +42,10 @@ struct HeadWeights {
   Mat pw, r1w, r2w, h1w, h2w;
   const float *pb, *r1b, *r2b, *h1b, *h2b;
   int H, Fp, Fr, P, R1, R2, K, C;
+  // Rollout layer 2's weight split into TF32 pieces in tensor-core fragment order (r2w_frag_index,
+  // written by the CUDA launch before the tail: CARE_EXT_TAIL_MMA_PRESPLIT), or nullptr. Set only
+  // with l2_mma and R1 % 8 == 0; then layer 1 also writes its outputs split (HeadScratch::r1lo).
+  const uint32_t* r2w_frag;
 };
 
 // A first-layer GEMM output without bias (float32, row-major with leading dimension ld): the
@@ -109,12 +113,17 @@ constexpr int kDotChunk = 32;
 constexpr int kMaxTailPrompts = 4;
 
 // Scratch of one classifier for a block of nb prompts: r1t [R1][r1t_ld(G)] (first, at the 16-byte
-// aligned base: its float4 reads), rows [G] (the pooled rollouts' indices, as floats) and part
-// [kL2RowGroups][R2] (the row groups' pool sums), reused prompt after prompt; per prompt slot q:
-// p [nb][P], pool [nb][R2], z [nb][K], logits [nb][C]; then (8-byte aligned, one float of padding
-// at most) e [C] doubles: the expected CAG's exponentials and probabilities.
+// aligned base: its float4 reads), with a pre-split layer-2 weight (HeadWeights::r2w_frag) r1lo of
+// the same shape after it (r1t then holds the TF32 high pieces' bits, r1lo the low ones'), rows [G]
+// (the pooled rollouts' indices, as floats) and part [kL2RowGroups][R2] (the row groups' pool
+// sums), reused prompt after prompt; per prompt slot q: p [nb][ldp], pool [nb][ldpool],
+// z [nb][ldz], logits [nb][C]; then (8-byte aligned, one float of padding at most) e [C] doubles:
+// the expected CAG's exponentials and probabilities. Every region up to logits starts 16-byte
+// aligned and the rows of p, pool and z are padded to whole float4s, so the head's dot products
+// (dot_in_order) read their inputs as float4 on the GPU.
 struct HeadScratch {
-  float *r1t, *rows, *part, *p, *pool, *z, *logits;
+  float *r1t, *r1lo, *rows, *part, *p, *pool, *z, *logits;
+  int ldp, ldpool, ldz;  // row strides of p, pool and z: P, R2 and K rounded up to 4 (al4)
   double* e;
   const float* r2w;  // rollout layer 2's weight staged k-major (stage_r2w), or nullptr
 };
@@ -135,8 +144,17 @@ CARE_HD int r1t_ld(int G) { return (G + 15) / 16 * 16 + 8; }
 CARE_HD int staged_r2w_ld(int R2) { return R2 + 8; }
 CARE_HD int staged_r2w_floats(int R1, int R2) { return R1 * staged_r2w_ld(R2); }
 
+// Floats of r1t, and of r1lo when the weight comes pre-split (a multiple of 4: r1lo stays 16-byte
+// aligned).
+CARE_HD int r1t_floats(const HeadWeights& w, int G) {
+  return (w.r2w_frag != nullptr ? 2 : 1) * w.R1 * r1t_ld(G);
+}
+
+CARE_HD int al4(int n) { return (n + 3) / 4 * 4; }  // floats up to a whole float4
+
 CARE_HD int head_scratch_float_part(const HeadWeights& w, int G, int nb) {  // r1t .. logits
-  return w.R1 * r1t_ld(G) + G + kL2RowGroups * w.R2 + nb * (w.P + w.R2 + w.K + w.C);
+  return r1t_floats(w, G) + al4(G) + al4(kL2RowGroups * w.R2) +
+         nb * (al4(w.P) + al4(w.R2) + al4(w.K) + w.C);
 }
 
 CARE_HD int head_scratch_floats(const HeadWeights& w, int G, int nb) {
@@ -147,12 +165,16 @@ CARE_HD HeadScratch head_scratch(float* base, const HeadWeights& w, int G, int n
                                  const float* r2w = nullptr) {
   HeadScratch s;
   s.r1t = base;
-  s.rows = s.r1t + w.R1 * r1t_ld(G);
-  s.part = s.rows + G;
-  s.p = s.part + kL2RowGroups * w.R2;
-  s.pool = s.p + nb * w.P;
-  s.z = s.pool + nb * w.R2;
-  s.logits = s.z + nb * w.K;
+  s.r1lo = w.r2w_frag != nullptr ? base + w.R1 * r1t_ld(G) : nullptr;
+  s.rows = s.r1t + r1t_floats(w, G);
+  s.part = s.rows + al4(G);
+  s.p = s.part + al4(kL2RowGroups * w.R2);
+  s.ldp = al4(w.P);
+  s.ldpool = al4(w.R2);
+  s.ldz = al4(w.K);
+  s.pool = s.p + nb * s.ldp;
+  s.z = s.pool + nb * s.ldpool;
+  s.logits = s.z + nb * s.ldz;
   const int floats = head_scratch_float_part(w, G, nb);
   s.e = reinterpret_cast<double*>(base + floats + (floats & 1));  // base is 16-byte aligned
   s.r2w = r2w;
@@ -179,7 +201,9 @@ CARE_HD float relu_f(float v) { return v > 0.f ? v : 0.f; }
 // W(r, c0 + j) * x_q[j]. Each weight is loaded once for all nb sums, through a pointer stepped
 // along the row (one address add per weight), kDotChunk weights before they are used (loads in
 // flight); every sum keeps the order of a single dot product. M is a compile-time bound (the
-// accumulators stay in registers).
+// accumulators stay in registers). On the GPU x is read as float4 (one broadcast shared-memory
+// read per 4 multiply-adds; one per multiply-add made the head's loops as much shared load as
+// FFMA): x must be 16-byte aligned and ldx a multiple of 4, as head_scratch lays out p, pool, z.
 template <int M>
 CARE_HD void dot_in_order(const Mat& W, int r, int c0, const float* x, int ldx, int n, int nb,
                           float (&v)[M]) {
@@ -194,8 +218,18 @@ CARE_HD void dot_in_order(const Mat& W, int r, int c0, const float* x, int ldx, 
     for (int q = 0; q < M; ++q) {
       if (M > 1 && q >= nb) break;  // M = 1: nb is 1, and the loop is the plain dot product
       const float* xq = x + q * ldx + j;
+#if defined(__CUDA_ARCH__)
       CARE_UNROLL
-      for (int t = 0; t < kDotChunk; ++t) v[q] += wv[t] * xq[t];  // sass: dot-fma
+      for (int t = 0; t < kDotChunk; t += 4) {  // one shared-memory read (broadcast) per 4 weights
+        const float4 xv = *reinterpret_cast<const float4*>(xq + t);
+        const float xs[4] = {xv.x, xv.y, xv.z, xv.w};
+        CARE_UNROLL
+        for (int e = 0; e < 4; ++e) v[q] += wv[t + e] * xs[e];  // sass: dot-fma
+      }
+#else
+      CARE_UNROLL
+      for (int t = 0; t < kDotChunk; ++t) v[q] += wv[t] * xq[t];
+#endif
     }
   }
   for (; j < n; ++j, wp += cs) {
@@ -308,6 +342,26 @@ CARE_HD void layer2_pool_parts(const HeadWeights& w, const Mat& r2w, const HeadS
   }
 }
 
+// Units of rollout layer 2 one warp takes at a time in layer2_pool_parts_mma (kMmaUnitTiles tiles
+// of 8) and its 16-row tiles of pooled rollouts held at once (kMmaRowTiles): accumulators of 4
+// floats per (row tile, unit tile) and lane, 32 registers. (4 row tiles, 64 accumulators, spilled
+// under the kernel's 128-register cap.)
+constexpr int kMmaUnitTiles = 4;
+constexpr int kMmaRowTiles = 2;
+
+// The pre-split layer-2 weight (HeadWeights::r2w_frag, CARE_EXT_TAIL_MMA_PRESPLIT): for each step
+// of 8 k (ks < R1 / 8), unit tile of 8 (ut < r2w_frag_unit_tiles(R2): whole warp passes of
+// kMmaUnitTiles tiles; units past R2 repeat unit R2 - 1, never stored) and lane (g = lane / 4,
+// t = lane % 4), 4 words: the TF32 bits of hi(W(u, k0)), hi(W(u, k0 + 4)), lo(W(u, k0)),
+// lo(W(u, k0 + 4)) with u = 8 ut + g, k0 = 8 ks + t: one lane's B fragments of the high and low
+// pieces (split_tf32), so a warp reads a unit tile's step as one coalesced 512-byte uint4 load.
+CARE_HD int r2w_frag_unit_tiles(int R2) {
+  return (R2 + 8 * kMmaUnitTiles - 1) / (8 * kMmaUnitTiles) * kMmaUnitTiles;
+}
+CARE_HD int64_t r2w_frag_words(int R1, int R2) {
+  return static_cast<int64_t>(R1 / 8) * r2w_frag_unit_tiles(R2) * 32 * 4;
+}
+
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
 // Rollout layer 2 on tensor cores, float32-accurate: mma.sync m16n8k8 in TF32 (10-bit mantissas)
 // three times per product, each operand x split as hi = tf32(x), lo = tf32(x - hi) and
@@ -338,12 +392,20 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4],
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));  // sass: l2-mma
 }
 
-// Units of rollout layer 2 one warp takes at a time in layer2_pool_parts_mma (kMmaUnitTiles tiles
-// of 8) and its 16-row tiles of pooled rollouts held at once (kMmaRowTiles): accumulators of 4
-// floats per (row tile, unit tile) and lane, 32 registers. (4 row tiles, 64 accumulators, spilled
-// under the kernel's 128-register cap.)
-constexpr int kMmaUnitTiles = 4;
-constexpr int kMmaRowTiles = 2;
+// Item i = (ks * r2w_frag_unit_tiles(R2) + ut) * 32 + lane of the pre-split weight (layout above)
+// from the classifier's weight r2w (element (j, k): unit j's weight of input k): the same values,
+// split as layer2_pool_parts_mma splits them in place, so both give the same bits.
+__device__ __forceinline__ void split_r2w_frag(const Mat& r2w, int R2, uint32_t* out, int64_t i) {
+  const int n_ut = r2w_frag_unit_tiles(R2);
+  const int lane = static_cast<int>(i % 32);
+  const int64_t q = i / 32;
+  const int ut = static_cast<int>(q % n_ut), ks = static_cast<int>(q / n_ut);
+  const int unit = min(8 * ut + (lane >> 2), R2 - 1), k0 = 8 * ks + (lane & 3);
+  uint4 v;
+  split_tf32(r2w.at(unit, k0), v.x, v.z);
+  split_tf32(r2w.at(unit, k0 + 4), v.y, v.w);
+  reinterpret_cast<uint4*>(out)[i] = v;
+}
 
 // Rollout layer 2 + ReLU + the pool sums into s.part[0] (part[1..] zeroed), on tensor cores, for
 // R1 a multiple of 8 (the caller checks). Each warp takes kMmaUnitTiles * 8 consecutive units and
@@ -352,22 +414,32 @@ constexpr int kMmaRowTiles = 2;
 // weight (through r2w; staged: [R1][R2 + 8], conflict-free) once and uses them for all of its row
 // tiles, each one A fragment of r1t (conflict-free: r1t_ld). So the weight is read once per
 // prompt, warp pass and kMmaRowTiles row tiles, not once per row tile.
+// kPre (HeadWeights::r2w_frag set, CARE_EXT_TAIL_MMA_PRESPLIT): no splitting here. The B
+// fragments come pre-split (one uint4 load per unit tile and step, a step ahead) and the A
+// fragments' pieces from r1t and r1lo, where layer 1 stored them: the same pieces, so the same
+// products in the same order and the same bits as splitting here. Per step of 8 k that saves the
+// warp 8 weight splits and 4 per row tile (two cvt.rna.tf32 and a subtraction each).
 // Rows past count are not pooled; units past R2 read unit R2 - 1's weights and are not stored.
 // Each lane sums its units over its rows (row tiles in order), then the 8 lanes of a unit pair
 // add theirs (shuffles).
+template <bool kPre>
 __device__ __forceinline__ void layer2_pool_parts_mma(const HeadWeights& w, const Mat& r2w,
                                                       const HeadScratch& s, int count, int ld,
                                                       int tid, int nth) {
   const int lane = tid & 31, g = lane >> 2, t = lane & 3;
   const int warps = nth >> 5, n_mt = r1t_rows(count) / 16, ksteps = w.R1 / 8;
   constexpr int kUnits = 8 * kMmaUnitTiles;
+  const int n_ut = r2w_frag_unit_tiles(w.R2);
+  const uint4* frag = reinterpret_cast<const uint4*>(w.r2w_frag);
   for (int u0 = (tid >> 5) * kUnits; u0 < w.R2; u0 += warps * kUnits) {
     const float* bcol[kMmaUnitTiles];  // unit u0 + 8 n + g's weights (clamped into the matrix)
     CARE_UNROLL
     for (int n = 0; n < kMmaUnitTiles; ++n) {
       const int unit = u0 + 8 * n + g;
-      bcol[n] = r2w.row(unit < w.R2 ? unit : w.R2 - 1);
+      bcol[n] = kPre ? nullptr : r2w.row(unit < w.R2 ? unit : w.R2 - 1);
     }
+    // pre-split: this warp's fragments of step ks are fp[ks * n_ut * 32 + n * 32]
+    const uint4* fp = kPre ? frag + static_cast<int64_t>(u0 / 8) * 32 + lane : nullptr;
     float pacc[kMmaUnitTiles][2];
     CARE_UNROLL
     for (int n = 0; n < kMmaUnitTiles; ++n) pacc[n][0] = pacc[n][1] = 0.f;
@@ -383,20 +455,42 @@ __device__ __forceinline__ void layer2_pool_parts_mma(const HeadWeights& w, cons
       for (int ks = 0; ks < ksteps; ++ks) {
         const int k0 = ks * 8 + t;
         uint32_t bhi[kMmaUnitTiles][2], blo[kMmaUnitTiles][2];
-        CARE_UNROLL
-        for (int n = 0; n < kMmaUnitTiles; ++n) {
-          split_tf32(bcol[n][k0 * r2w.cs], bhi[n][0], blo[n][0]);
-          split_tf32(bcol[n][(k0 + 4) * r2w.cs], bhi[n][1], blo[n][1]);
+        if (kPre) {
+          const uint4* np = fp + static_cast<int64_t>(ks) * n_ut * 32;
+          CARE_UNROLL
+          for (int n = 0; n < kMmaUnitTiles; ++n) {
+            const uint4 v = np[n * 32];
+            bhi[n][0] = v.x;
+            bhi[n][1] = v.y;
+            blo[n][0] = v.z;
+            blo[n][1] = v.w;
+          }
+        } else {
+          CARE_UNROLL
+          for (int n = 0; n < kMmaUnitTiles; ++n) {
+            split_tf32(bcol[n][k0 * r2w.cs], bhi[n][0], blo[n][0]);
+            split_tf32(bcol[n][(k0 + 4) * r2w.cs], bhi[n][1], blo[n][1]);
+          }
         }
         CARE_UNROLL
         for (int m = 0; m < kMmaRowTiles; ++m) {
           if (mt0 + m < n_mt) {  // the same for the whole warp
-            const float* ap = s.r1t + (mt0 + m) * 16 + g;  // (row g of the tile, step k): ap[k*ld]
+            const int a0 = (mt0 + m) * 16 + g;  // (row g of the tile, step k): [a0 + k * ld]
             uint32_t ahi[4], alo[4];
-            split_tf32(ap[k0 * ld], ahi[0], alo[0]);
-            split_tf32(ap[k0 * ld + 8], ahi[1], alo[1]);
-            split_tf32(ap[(k0 + 4) * ld], ahi[2], alo[2]);
-            split_tf32(ap[(k0 + 4) * ld + 8], ahi[3], alo[3]);
+            if (kPre) {  // layer 1 stored the pieces: r1t the high ones, r1lo the low ones
+              const int o[4] = {k0 * ld, k0 * ld + 8, (k0 + 4) * ld, (k0 + 4) * ld + 8};
+              CARE_UNROLL
+              for (int i = 0; i < 4; ++i) {
+                ahi[i] = __float_as_uint(s.r1t[a0 + o[i]]);
+                alo[i] = __float_as_uint(s.r1lo[a0 + o[i]]);
+              }
+            } else {
+              const float* ap = s.r1t + a0;
+              split_tf32(ap[k0 * ld], ahi[0], alo[0]);
+              split_tf32(ap[k0 * ld + 8], ahi[1], alo[1]);
+              split_tf32(ap[(k0 + 4) * ld], ahi[2], alo[2]);
+              split_tf32(ap[(k0 + 4) * ld + 8], ahi[3], alo[3]);
+            }
             CARE_UNROLL
             for (int n = 0; n < kMmaUnitTiles; ++n) {
               mma_tf32(acc[m][n], ahi, blo[n]);
@@ -510,6 +604,15 @@ CARE_HD void branches(const HeadWeights& w, int G, int64_t b, PreAct pre_r, cons
         for (int f = 0; f < w.Fr; ++f) v += w.r1w.at(k, w.H + f) * rfeat[g * w.Fr + f];
         v = relu_f(v);
       }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+      if (s.r1lo != nullptr) {  // the tensor-core layer 2's A pieces, split once here
+        uint32_t hi, lo;
+        split_tf32(v, hi, lo);
+        s.r1t[k * ld + c] = __uint_as_float(hi);
+        s.r1lo[k * ld + c] = __uint_as_float(lo);
+        continue;
+      }
+#endif
       s.r1t[k * ld + c] = v;
     }
   }
@@ -519,11 +622,13 @@ CARE_HD void branches(const HeadWeights& w, int G, int64_t b, PreAct pre_r, cons
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ < 800
   (void)l2_mma;
 #else
-  if (l2_mma && w.R1 % 8 == 0) {  // tensor cores (CARE_EXT_TAIL_L2=mma): CUDA only
+  if (s.r1lo != nullptr) {  // pre-split operands (host: only with l2_mma and R1 % 8 == 0)
+    layer2_pool_parts_mma<true>(w, w.r2w, s, count, ld, tid, nth);
+  } else if (l2_mma && w.R1 % 8 == 0) {  // tensor cores (CARE_EXT_TAIL_L2=mma): CUDA only
     if (s.r2w != nullptr) {
-      layer2_pool_parts_mma(w, staged, s, count, ld, tid, nth);
+      layer2_pool_parts_mma<false>(w, staged, s, count, ld, tid, nth);
     } else {
-      layer2_pool_parts_mma(w, w.r2w, s, count, ld, tid, nth);
+      layer2_pool_parts_mma<false>(w, w.r2w, s, count, ld, tid, nth);
     }
   } else
 #endif
@@ -553,18 +658,18 @@ CARE_HD void classifier_tail(const HeadWeights& w, int G, int64_t b0, int nb, Pr
   for (int q = 0; q < nb; ++q) {
     const int64_t b = b0 + q;
     branches(w, G, b, pre_r, rfeat != nullptr ? rfeat + b * G * w.Fr : nullptr,
-             mask != nullptr ? mask + b * G : nullptr, pre_p, pfeat + b * w.Fp, s, s.p + q * w.P,
-             s.pool + q * w.R2, l2_mma, tid, nth, sync);
+             mask != nullptr ? mask + b * G : nullptr, pre_p, pfeat + b * w.Fp, s, s.p + q * s.ldp,
+             s.pool + q * s.ldpool, l2_mma, tid, nth, sync);
   }
   for (int i = tid; i < w.K; i += nth) {  // head layer 1 on [p ; pool] of every prompt
     float v[M];
     CARE_UNROLL
     for (int q = 0; q < M; ++q) v[q] = w.h1b[i];
-    dot_in_order(w.h1w, i, 0, s.p, w.P, w.P, nb, v);
-    dot_in_order(w.h1w, i, w.P, s.pool, w.R2, w.R2, nb, v);
+    dot_in_order(w.h1w, i, 0, s.p, s.ldp, w.P, nb, v);
+    dot_in_order(w.h1w, i, w.P, s.pool, s.ldpool, w.R2, nb, v);
     CARE_UNROLL
     for (int q = 0; q < M; ++q) {  // compile-time indices: v stays in registers
-      if (q < nb) s.z[q * w.K + i] = relu_f(v[q]);
+      if (q < nb) s.z[q * s.ldz + i] = relu_f(v[q]);
     }
   }
   sync();
@@ -572,7 +677,7 @@ CARE_HD void classifier_tail(const HeadWeights& w, int G, int64_t b0, int nb, Pr
     float v[M];
     CARE_UNROLL
     for (int q = 0; q < M; ++q) v[q] = w.h2b[c];
-    dot_in_order(w.h2w, c, 0, s.z, w.K, w.K, nb, v);
+    dot_in_order(w.h2w, c, 0, s.z, s.ldz, w.K, nb, v);
     CARE_UNROLL
     for (int q = 0; q < M; ++q) {
       if (q < nb) s.logits[q * w.C + c] = v[q];

@@ -94,6 +94,7 @@ StepTuple acquisition_step_fused_block_cpu(const Tensor& ids, const Tensor& leng
   // kernel does with it (stage_r2w), into a buffer of its own
   const bool staged = tail_stage_r2w_requested();
   tail_l2_mma_requested(0);  // checked; the CPU runs layer 2's FFMA tiles whatever it says
+  tail_mma_presplit_requested();  // checked likewise
   std::vector<float> r2w(staged ? static_cast<size_t>(step_tail_staged_r2w_floats(f.args)) : 0);
   TeamBarrier barrier(n);
   auto member = [&](int tid) {

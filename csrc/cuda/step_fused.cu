@@ -6,6 +6,8 @@
 
 #include "../classifier_parts.h"
 
+#include <ATen/ops/empty.h>
+
 #include <algorithm>
 #include <cstdlib>
 
@@ -45,6 +47,41 @@ __global__ void __launch_bounds__(kTailThreads, 2)
     }
   }
   step_tail<M>(a, b0, nb, stage, scratch, tid, nth, BlockSync{}, r2w);
+}
+
+// Both classifiers' rollout layer-2 weights split into TF32 pieces in fragment order
+// (split_r2w_frag; item i < n1: Stage-I's, then n2 of Stage-II's), for the tensor-core layer 2
+// with pre-split operands (CARE_EXT_TAIL_MMA_PRESPLIT). Before sm_80: nothing (never launched).
+__global__ void split_r2w_frag_kernel(Mat w1, int R2a, uint32_t* o1, int64_t n1, Mat w2, int R2b,
+                                      uint32_t* o2, int64_t n2) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n1) {
+    split_r2w_frag(w1, R2a, o1, i);
+  } else if (i - n1 < n2) {
+    split_r2w_frag(w2, R2b, o2, i - n1);
+  }
+#endif
+}
+
+// Splits the layer-2 weights of the stages whose tail runs tensor-core layer 2 (R1 % 8 == 0) into
+// one new buffer and points args.w1/w2.r2w_frag at it (which also gives those stages' blocks the
+// r1lo scratch). Returns the buffer: it must live until the tail is enqueued.
+Tensor presplit_r2w(StepTailArgs& args, const Tensor& like, cudaStream_t stream) {
+  const int64_t n1 = args.w1.R1 % 8 == 0 ? r2w_frag_words(args.w1.R1, args.w1.R2) : 0;
+  const int64_t n2 = args.w2.R1 % 8 == 0 ? r2w_frag_words(args.w2.R1, args.w2.R2) : 0;
+  if (n1 + n2 == 0) return Tensor();
+  Tensor buf = at::empty({n1 + n2}, like.options().dtype(at::kInt));
+  uint32_t* base = reinterpret_cast<uint32_t*>(buf.data_ptr<int>());  // 16-byte aligned; n1 % 4 == 0
+  if (n1 > 0) args.w1.r2w_frag = base;
+  if (n2 > 0) args.w2.r2w_frag = base + n1;
+  const int64_t items = (n1 + n2) / 4;
+  constexpr int kThreads = 256;
+  split_r2w_frag_kernel<<<static_cast<unsigned>((items + kThreads - 1) / kThreads), kThreads, 0,
+                          stream>>>(args.w1.r2w, args.w1.R2, base, n1 / 4, args.w2.r2w,
+                                    args.w2.R2, base + n1, n2 / 4);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return buf;
 }
 
 // The dynamic shared memory a launch of step_tail_kernel<M> may ask for without opting in: the
@@ -130,16 +167,29 @@ StepTuple acquisition_step_fused_split_cuda(const Tensor& ids, const Tensor& len
   const bool from_env = env != nullptr && *env != 0;
   args.prompts_per_block = tail_prompts_per_block(f.B, env);
   const char* op = fused_step_op_name(first_layer_split);
-  // CARE_EXT_TAIL_STAGE_R2=1: the larger stage's layer-2 weight after the scratch (16-byte aligned)
-  const int64_t r2w_floats = tail_stage_r2w_requested() ? step_tail_staged_r2w_floats(args) : 0;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   args.l2_mma = tail_l2_mma_requested(args.G) ? 1 : 0;  // the kernel checks R1 % 8 and the arch
+  // CARE_EXT_TAIL_MMA_PRESPLIT (default on): the tensor-core layer 2 reads pre-split operands; its
+  // weight is split here once per call (sm_80+: cvt.rna.tf32)
+  int dev = 0, major = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  const bool presplit_on = tail_mma_presplit_requested();
+  const Tensor r2w_frag = args.l2_mma && presplit_on && major >= 8
+                              ? presplit_r2w(args, f.reliability, stream) : Tensor();
+  const bool presplit = r2w_frag.defined();
+  // CARE_EXT_TAIL_STAGE_R2=1: the larger stage's layer-2 weight after the scratch (16-byte
+  // aligned); nothing to stage where layer 2 reads the pre-split weight
+  const bool stage_asked = tail_stage_r2w_requested();
+  const int64_t r2w_floats =
+      stage_asked && !presplit ? step_tail_staged_r2w_floats(args) : 0;
   bool staged = r2w_floats > 0;
   auto scratch_floats = [&] { return (step_tail_scratch_floats(args) + 3) / 4 * 4; };
   auto smem_of = [&] {
     return (scratch_floats() + (staged ? r2w_floats : 0)) * static_cast<int64_t>(sizeof(float));
   };
   auto limit_of = [&] {
-    if (staged) {
+    if (staged || presplit) {  // r1lo: above 48 KB per block from G = 32 with 4 prompts
       return args.prompts_per_block == 1 ? optin_smem_limit<1>()
                                          : optin_smem_limit<kMaxTailPrompts>();
     }
@@ -159,7 +209,7 @@ StepTuple acquisition_step_fused_split_cuda(const Tensor& ids, const Tensor& len
   const int64_t smem = smem_of();
   if (from_env && args.prompts_per_block < asked) {  // a benchmark of the grouped tail would mislead
     TORCH_WARN_ONCE("care_ext.", op, ": CARE_EXT_TAIL_PROMPTS=", asked, " needs more than the ",
-                    dynamic_smem_limit<kMaxTailPrompts>(), " bytes of dynamic shared memory per ",
+                    limit_of(), " bytes of dynamic shared memory per ",
                     "block at G = ", args.G, "; the tail runs ", args.prompts_per_block,
                     " prompt(s) per block");
   }
@@ -171,7 +221,6 @@ StepTuple acquisition_step_fused_split_cuda(const Tensor& ids, const Tensor& len
   const int64_t blocks = (f.B + args.prompts_per_block - 1) / args.prompts_per_block;
   TORCH_CHECK(blocks <= 2147483647LL, "care_ext.", op, ": B = ", f.B, " is too large");
   const dim3 grid(static_cast<unsigned>(blocks), 2);  // blocks of prompts, one per stage
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int r2w_offset = staged ? static_cast<int>(scratch_floats()) : 0;
   if (args.prompts_per_block == 1) {
     allow_dynamic_smem<1>(smem);

@@ -483,6 +483,64 @@ def test_cuda_tail_with_layer2_on_tensor_cores_is_like_the_reference(B, G, dims,
             assert not all(same), (layout, "tensor-core path gave the FFMA bits")
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("staged", ["0", "1"], ids=["r2w-in-place", "r2w-staged"])
+@pytest.mark.parametrize("B, G, dims", [(6, 1, {}), (300, 8, {}), (600, 64, {}), (40, 33, {}),
+                                        (40, 16, {"R2": 19, "K": 11}), (40, 16, ODD)])
+def test_cuda_tail_mma_with_presplit_operands_gives_the_same_bits(B, G, dims, staged,
+                                                                  monkeypatch):
+    """CARE_EXT_TAIL_MMA_PRESPLIT=1 (the default): the tensor-core layer 2 reads its weight split
+    once per call by a kernel of its own (fragment order) and its inputs split by layer 1, where
+    =0 splits both inside its loop. The same pieces in the same products and order: every output
+    equals the in-loop split's bit for bit, for 1 to 64 rollouts (partial 16-row tiles), 1 to 4
+    prompts per block (B picks them; 65 KB of shared memory per block at G = 64 with 4), R2 off the
+    32-unit warp passes, and with the weight staged or not; with R1 = 7 layer 2 keeps its FFMA
+    tiles and nothing is split. The split kernel runs exactly when the tensor cores do."""
+    monkeypatch.setenv("CARE_EXT_TAIL_L2", "mma")
+    monkeypatch.setenv("CARE_EXT_TAIL_STAGE_R2", staged)
+    inputs, runs = _cuda_fused_step_under("CARE_EXT_TAIL_MMA_PRESPLIT", ("0", "1", ""), B, G,
+                                          dims, True, B * 3 + G, monkeypatch)
+    for layout, (inloop, presplit, default) in runs:
+        for k, (a, b, c) in enumerate(zip(presplit, inloop, default)):
+            assert torch.equal(a, b), (layout, k)
+            assert torch.equal(c, b), (layout, "default", k)
+        assert_step_like_reference(presplit, *inputs)
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from care_ext.bf16_split import first_layer_split
+
+    ids, lengths, h_p, h_r, s1, s2 = inputs
+    w1, w2 = [t.cuda() for t in s1], [t.cuda() for t in s2]
+    pieces = first_layer_split(s1, s2, 64)
+    for value, l2, want in (("1", "mma", dims.get("R1", 64) % 8 == 0), ("0", "mma", False),
+                            ("1", "ffma", False)):
+        monkeypatch.setenv("CARE_EXT_TAIL_MMA_PRESPLIT", value)
+        monkeypatch.setenv("CARE_EXT_TAIL_L2", l2)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            run_step("_acquisition_step_fused_split", "cuda", ids, lengths, h_p, h_r, w1, w2,
+                     pieces)
+            torch.cuda.synchronize()
+        names = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
+        assert any("split_r2w_frag" in n for n in names) == want, (value, l2, names)
+
+
+def test_tail_mma_presplit_env_is_checked(monkeypatch):
+    """CARE_EXT_TAIL_MMA_PRESPLIT takes 0, 1 or nothing; anything else is an error naming it (the
+    CPU twin checks it too, and runs its FFMA tiles whatever it says: the same bits)."""
+    ids, lengths, h_p, h_r, s1, s2 = step_inputs(3, 8, 16, torch.bfloat16, torch.Generator())
+    block = lambda: run_step(  # noqa: E731
+        "_acquisition_step_fused_block", "cpu", ids, lengths, h_p, h_r, s1, s2, [], 8, 1)
+    monkeypatch.setenv("CARE_EXT_TAIL_MMA_PRESPLIT", "on")
+    with pytest.raises(RuntimeError, match="CARE_EXT_TAIL_MMA_PRESPLIT must be 0 or 1, got 'on'"):
+        block()
+    monkeypatch.setenv("CARE_EXT_TAIL_MMA_PRESPLIT", "0")
+    off = block()
+    monkeypatch.setenv("CARE_EXT_TAIL_MMA_PRESPLIT", "1")
+    for k, (a, b) in enumerate(zip(block(), off)):
+        assert torch.equal(a, b), k
+
+
 def test_fused_step_block_checks_its_threads():
     ids, lengths, h_p, h_r, s1, s2 = step_inputs(2, 4, 16, torch.float32, torch.Generator())
     block = lambda threads, prompts: run_step(  # noqa: E731
