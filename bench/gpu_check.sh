@@ -103,7 +103,7 @@ for tp in ${TPS[@]+"${TPS[@]}"}; do  # the fused ops with 1, 2 and 4 prompts per
   stamp "bench CARE_EXT_TAIL_PROMPTS=$tp exit $? : $(grep -E '64x8x4096|1024x64x4096' "$OUT/bench_tail$tp.log" | tr -s ' ' | tr '\n' ';')"
 done
 # rollout layer 2 on FFMA tiles and on tensor cores (CARE_EXT_TAIL_L2=ffma / mma; auto picks mma
-# from G = 32), the latter with its TF32 operands split inside its loop (CARE_EXT_TAIL_MMA_PRESPLIT=0)
+# from G = 16), the latter with its TF32 operands split inside its loop (CARE_EXT_TAIL_MMA_PRESPLIT=0)
 # and pre-split (=1, the default: the weight by a kernel before the tail, the inputs by layer 1),
 # alternated in one run at G = 8, 16, 32 and 64: the step, then its kernels' device times.
 # (CARE_EXT_TAIL_STAGE_R2=1, the layer-2 weight staged in shared memory, lost on the H200 of

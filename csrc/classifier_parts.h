@@ -42,11 +42,13 @@ inline bool tail_stage_r2w_requested() { return env_switch("CARE_EXT_TAIL_STAGE_
 // float32 one (layer2_pool_parts_mma: float32-accurate, another summation order), where the
 // device has them (sm_80+) and R1 is a multiple of 8, else the FFMA tiles; "auto" (the default,
 // also when unset or empty): mma for groups of at least kTailL2MmaMinG rollouts, ffma below. On
-// the H200 (2026-11-27, bench/RESULTS.md, ninth session; graph replays of the split step) mma
-// against ffma took 698 vs 743 us at 1024x64x4096, 146 vs 148 at 256x32, but 182 vs 171 at 512x16
-// and 51 vs 47 at 64x8: one or two 16-row tiles share too little of each split weight. The CPU
-// always runs the FFMA tiles (the value is checked).
-constexpr int64_t kTailL2MmaMinG = 32;
+// the H200 (2026-11-27, bench/RESULTS.md, thirteenth session; graph replays of the split2 step,
+// one run) mma with pre-split operands (CARE_EXT_TAIL_MMA_PRESPLIT, below) against ffma took 558
+// vs 704 us at 1024x64x4096, 127 vs 143 at 256x32, 153 vs 162 at 512x16, but 46.5 vs 44.0 at
+// 64x8 (one 16-row tile, half of it padding). Splitting in the loop, mma had lost at 512x16 (173)
+// and 64x8 (47.9), so the threshold was 32 before. The CPU always runs the FFMA tiles (the value
+// is checked).
+constexpr int64_t kTailL2MmaMinG = 16;
 
 // Whether the CUDA tail asks for tensor-core layer 2 at group size G (CARE_EXT_TAIL_L2, above);
 // any value but ffma, mma, auto, empty or unset is an error naming the variable.

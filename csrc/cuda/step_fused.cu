@@ -123,18 +123,22 @@ void allow_dynamic_smem(int64_t bytes) {
 }
 
 // Prompts per block: env = CARE_EXT_TAIL_PROMPTS (1 .. kMaxTailPrompts) when set, else the most of
-// 4, 2, 1 that still gives every SM a block of each stage (ceil(B / n) >= the SM count: at 64
-// prompts 1, at 512 on a 132-SM H100 2, at 1024 4); lowered by the caller while the scratch would
-// exceed the shared-memory limit. More prompts per block read each head weight once for all of
-// them (at 1024 x 64 one prompt per block streams 2048 x 0.8 MB of head weights from L2), fewer
-// give more blocks to hide the latency of those reads when B is small.
+// 4, 2, 1 that still gives every SM a block: 2 * ceil(B / n) blocks (one per stage) >= the SM
+// count (132 on the H200: 64 and 128 prompts 1, 256 2, 512 and 1024 4); lowered by the caller
+// while the scratch would exceed the shared-memory limit. More prompts per block read each head
+// weight once for all of them (at 1024 x 64 one prompt per block streams 2048 x 0.8 MB of head
+// weights from L2), fewer give more blocks to hide the latency of those reads when B is small.
+// Measured on an H200 (2026-11-27, bench/RESULTS.md, thirteenth session; split2 step, graph
+// replays, us): 128x64 1: 107.8, 2: 136.2; 256x32 1: 127.5, 2: 113.4, 4: 142.9; 512x16 2: 162.0,
+// 4: 142.2; 1024x64 1: 628.6, 2: 590.1, 4: 561.3 (default layer 2). The rule before counted one
+// stage's blocks, ceil(B / n) >= SMs, and took 1 at 256 and 2 at 512 prompts.
 int tail_prompts_per_block(int64_t B, const char* env) {
   if (env == nullptr || *env == 0) {
     int dev = 0, sms = 0;
     C10_CUDA_CHECK(cudaGetDevice(&dev));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
     for (int n = kMaxTailPrompts; n > 1; n /= 2) {
-      if ((B + n - 1) / n >= sms) return n;
+      if (2 * ((B + n - 1) / n) >= sms) return n;
     }
     return 1;
   }
@@ -189,7 +193,7 @@ StepTuple acquisition_step_fused_split_cuda(const Tensor& ids, const Tensor& len
     return (scratch_floats() + (staged ? r2w_floats : 0)) * static_cast<int64_t>(sizeof(float));
   };
   auto limit_of = [&] {
-    if (staged || presplit) {  // r1lo: above 48 KB per block from G = 32 with 4 prompts
+    if (staged || presplit) {  // r1lo: 65 KB per block at G = 64 with 4 prompts
       return args.prompts_per_block == 1 ? optin_smem_limit<1>()
                                          : optin_smem_limit<kMaxTailPrompts>();
     }

@@ -441,10 +441,10 @@ def test_tail_l2_env_is_checked_and_the_cpu_keeps_its_ffma_tiles(monkeypatch):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("G, tensor_cores", [(8, False), (31, False), (32, True), (64, True)])
+@pytest.mark.parametrize("G, tensor_cores", [(8, False), (15, False), (16, True), (64, True)])
 def test_cuda_tail_l2_auto_picks_by_group_size(G, tensor_cores, monkeypatch):
     """CARE_EXT_TAIL_L2=auto (the default: unset or empty is auto) runs rollout layer 2 on tensor
-    cores from G = 32 rollouts on (the outputs are mma's bits) and the FFMA tiles below (ffma's
+    cores from G = 16 rollouts on (the outputs are mma's bits) and the FFMA tiles below (ffma's
     bits); either way like the reference."""
     inputs, runs = _cuda_fused_step_under("CARE_EXT_TAIL_L2", ("ffma", "mma", "auto", ""), 20, G,
                                           {}, True, G, monkeypatch)
