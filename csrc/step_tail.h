@@ -85,6 +85,23 @@ struct PreAct {
 // in flight together, not one memory latency per item.
 constexpr int kL1Chunk = 4;
 
+// Rollout layer 1's items in warp tiles (branches): 32 consecutive items are kL1TileUnits
+// consecutive units k (one 32-byte sector of a GEMM output row) of kL1TileRows consecutive slots c,
+// tiles along k first. r1t_ld(G) is 8 or 24 modulo 32, so a tile's stores r1t[k * ld + c] fall in
+// 16 distinct banks, two stores each (k and k + 4).
+constexpr int kL1TileUnits = 8;
+constexpr int kL1TileRows = 4;
+static_assert(kL1TileUnits * kL1TileRows == 32, "a layer-1 tile is one warp's items");
+
+// Item i of rollout layer 1 (0 <= i < rows * n_ktiles * kL1TileUnits) as its slot c and unit k
+// (k may pass R1 in the last tile along k: the caller skips it).
+CARE_HD void l1_item(int i, int n_ktiles, int& c, int& k) {
+  const int tile = i / 32, lane = i % 32;
+  const int tk = tile % n_ktiles, tc = tile / n_ktiles;
+  k = tk * kL1TileUnits + lane % kL1TileUnits;
+  c = tc * kL1TileRows + lane / kL1TileUnits;
+}
+
 // Rollout layer 2 in register tiles, the mean pool in registers: layer 1 writes the pooled
 // rollouts' outputs transposed and compacted (r1t[k * ld + c] for the c-th pooled rollout, ld a
 // multiple of 4, zeros past the last one), so the kL2TileRows consecutive rollouts of a tile are
@@ -579,25 +596,29 @@ CARE_HD void branches(const HeadWeights& w, int G, int64_t b, PreAct pre_r, cons
   }
   sync();  // rows
   // rollout layer 1 of the pooled rollouts: bias, features, ReLU, into r1t (zeros up to whole
-  // tiles); consecutive threads take consecutive units k, so the GEMM output is read in lines.
+  // tiles). Items go in warp tiles of kL1TileUnits consecutive units k x kL1TileRows consecutive
+  // slots c (l1_item): a warp reads the GEMM output in whole 32-byte sectors and writes r1t with
+  // 2-way bank conflicts at most (32 consecutive units, the earlier order, conflicted 8-way: 88%
+  // of the shared-memory wavefronts of these stores were excess in ncu at 1024x64).
   // Each thread takes kL1Chunk items at a time (items tid, tid + nth, ...): first all their loads,
   // then their sums, each in the order of PreAct::at.
-  const int n_items = rows * w.R1;
+  const int n_ktiles = (w.R1 + kL1TileUnits - 1) / kL1TileUnits;
+  const int n_items = rows * n_ktiles * kL1TileUnits;  // rows: whole tiles of kL1TileRows
   for (int i0 = tid; i0 < n_items; i0 += kL1Chunk * nth) {
     float x[kL1Chunk][PreAct::kMaxTerms];
     int cu[kL1Chunk], ku[kL1Chunk], gu[kL1Chunk];  // rollout slot, unit, rollout (-1: zero row)
     CARE_UNROLL
     for (int u = 0; u < kL1Chunk; ++u) {
       const int i = i0 + u * nth;
-      cu[u] = i / w.R1;
-      ku[u] = i - cu[u] * w.R1;
-      gu[u] = i < n_items && cu[u] < count ? static_cast<int>(s.rows[cu[u]]) : -1;
+      l1_item(i, n_ktiles, cu[u], ku[u]);
+      gu[u] = i < n_items && ku[u] < w.R1 && cu[u] < count ? static_cast<int>(s.rows[cu[u]]) : -1;
       if (gu[u] >= 0) pre_r.load(b * G + gu[u], ku[u], x[u]);
     }
     CARE_UNROLL
     for (int u = 0; u < kL1Chunk; ++u) {
       if (i0 + u * nth >= n_items) break;
       const int c = cu[u], k = ku[u], g = gu[u];
+      if (k >= w.R1) continue;  // a tile's units past R1
       float v = 0.f;
       if (g >= 0) {
         v = pre_r.sum(x[u]) + w.r1b[k];
