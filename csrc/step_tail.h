@@ -218,37 +218,66 @@ CARE_HD float relu_f(float v) { return v > 0.f ? v : 0.f; }
 // W(r, c0 + j) * x_q[j]. Each weight is loaded once for all nb sums, through a pointer stepped
 // along the row (one address add per weight), kDotChunk weights before they are used (loads in
 // flight); every sum keeps the order of a single dot product. M is a compile-time bound (the
-// accumulators stay in registers). On the GPU x is read as float4 (one broadcast shared-memory
-// read per 4 multiply-adds; one per multiply-add made the head's loops as much shared load as
-// FFMA): x must be 16-byte aligned and ldx a multiple of 4, as head_scratch lays out p, pool, z.
-template <int M>
-CARE_HD void dot_in_order(const Mat& W, int r, int c0, const float* x, int ldx, int n, int nb,
-                          float (&v)[M]) {
-  const int cs = W.cs;
-  const float* wp = W.row(r) + c0 * cs;
+// accumulators stay in registers). With nb = M the M sums advance side by side, weight by weight:
+// M independent FFMA chains (one after another, each sum waited on its previous FFMA: ncu's
+// "wait" stall, 48% of this loop's samples at 1024x64x4096). On the GPU x is then read as float4
+// (one broadcast shared-memory read per 4 multiply-adds): x must be 16-byte aligned and ldx a
+// multiple of 4, as head_scratch lays out p, pool and z.
+// The chunks of dot_in_order (below) from column j on: kAll (nb == M) advances all M sums side by
+// side, else one sum after another (a short last block of prompts). Returns the first column
+// past the last whole chunk; wp is left there.
+template <int M, bool kAll>
+CARE_HD int dot_chunks(const float*& wp, int cs, const float* x, int ldx, int n, int nb,
+                       float (&v)[M]) {
   int j = 0;
   for (; j + kDotChunk <= n; j += kDotChunk) {
     float wv[kDotChunk];
     CARE_UNROLL
     for (int t = 0; t < kDotChunk; ++t, wp += cs) wv[t] = *wp;
-    CARE_UNROLL
-    for (int q = 0; q < M; ++q) {
-      if (M > 1 && q >= nb) break;  // M = 1: nb is 1, and the loop is the plain dot product
-      const float* xq = x + q * ldx + j;
+    if (kAll) {  // M independent FFMA chains, each sum in its own order
 #if defined(__CUDA_ARCH__)
       CARE_UNROLL
       for (int t = 0; t < kDotChunk; t += 4) {  // one shared-memory read (broadcast) per 4 weights
-        const float4 xv = *reinterpret_cast<const float4*>(xq + t);
-        const float xs[4] = {xv.x, xv.y, xv.z, xv.w};
+        float xs[M][4];
         CARE_UNROLL
-        for (int e = 0; e < 4; ++e) v[q] += wv[t + e] * xs[e];  // sass: dot-fma
+        for (int q = 0; q < M; ++q) {
+          const float4 xv = *reinterpret_cast<const float4*>(x + q * ldx + j + t);
+          xs[q][0] = xv.x;
+          xs[q][1] = xv.y;
+          xs[q][2] = xv.z;
+          xs[q][3] = xv.w;
+        }
+        CARE_UNROLL
+        for (int e = 0; e < 4; ++e) {
+          CARE_UNROLL
+          for (int q = 0; q < M; ++q) v[q] += wv[t + e] * xs[q][e];  // sass: dot-fma
+        }
       }
 #else
-      CARE_UNROLL
-      for (int t = 0; t < kDotChunk; ++t) v[q] += wv[t] * xq[t];
+      for (int t = 0; t < kDotChunk; ++t) {
+        for (int q = 0; q < M; ++q) v[q] += wv[t] * x[q * ldx + j + t];
+      }
 #endif
+    } else {
+      CARE_UNROLL
+      for (int q = 0; q < M; ++q) {
+        if (q >= nb) break;
+        const float* xq = x + q * ldx + j;
+        CARE_UNROLL
+        for (int t = 0; t < kDotChunk; ++t) v[q] += wv[t] * xq[t];
+      }
     }
   }
+  return j;
+}
+
+template <int M>
+CARE_HD void dot_in_order(const Mat& W, int r, int c0, const float* x, int ldx, int n, int nb,
+                          float (&v)[M]) {
+  const int cs = W.cs;
+  const float* wp = W.row(r) + c0 * cs;
+  int j = M == 1 || nb == M ? dot_chunks<M, true>(wp, cs, x, ldx, n, nb, v)
+                            : dot_chunks<M, false>(wp, cs, x, ldx, n, nb, v);
   for (; j < n; ++j, wp += cs) {
     const float wj = *wp;
     CARE_UNROLL
@@ -382,7 +411,7 @@ CARE_HD int64_t r2w_frag_words(int R1, int R2) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
 // Rollout layer 2 on tensor cores, float32-accurate: mma.sync m16n8k8 in TF32 (10-bit mantissas)
 // three times per product, each operand x split as hi = tf32(x), lo = tf32(x - hi) and
-// a b ~ a_hi b_lo + a_lo b_hi + a_hi b_hi (small terms first; a_lo b_lo, ~2^-22 of a b, dropped),
+// a b ~ a_lo b_hi + a_hi b_lo + a_hi b_hi (small terms first; a_lo b_lo, ~2^-22 of a b, dropped),
 // accumulated in float32: the "3xTF32" of CUTLASS's fast-accurate GEMMs, ~float32's error, on units
 // with ~8x the FFMA rate. The sums' order is the tensor core's, not the FFMA tiles': results match
 // the reference to float32 tolerance, not the CPU twin bit for bit.
@@ -489,30 +518,69 @@ __device__ __forceinline__ void layer2_pool_parts_mma(const HeadWeights& w, cons
             split_tf32(bcol[n][(k0 + 4) * r2w.cs], bhi[n][1], blo[n][1]);
           }
         }
-        CARE_UNROLL
-        for (int m = 0; m < kMmaRowTiles; ++m) {
-          if (mt0 + m < n_mt) {  // the same for the whole warp
-            const int a0 = (mt0 + m) * 16 + g;  // (row g of the tile, step k): [a0 + k * ld]
-            uint32_t ahi[4], alo[4];
-            if (kPre) {  // layer 1 stored the pieces: r1t the high ones, r1lo the low ones
-              const int o[4] = {k0 * ld, k0 * ld + 8, (k0 + 4) * ld, (k0 + 4) * ld + 8};
-              CARE_UNROLL
-              for (int i = 0; i < 4; ++i) {
-                ahi[i] = __float_as_uint(s.r1t[a0 + o[i]]);
-                alo[i] = __float_as_uint(s.r1lo[a0 + o[i]]);
-              }
-            } else {
-              const float* ap = s.r1t + a0;
-              split_tf32(ap[k0 * ld], ahi[0], alo[0]);
-              split_tf32(ap[k0 * ld + 8], ahi[1], alo[1]);
-              split_tf32(ap[(k0 + 4) * ld], ahi[2], alo[2]);
-              split_tf32(ap[(k0 + 4) * ld + 8], ahi[3], alo[3]);
-            }
+        // Each accumulator takes its three products small ones first: a_lo b_hi, a_hi b_lo,
+        // a_hi b_hi. Pre-split, with all kMmaRowTiles row tiles present (the same for the whole
+        // warp), the tiles' products are interleaved: kMmaRowTiles * kMmaUnitTiles independent
+        // accumulators between two dependent HMMAs, where one tile at a time left kMmaUnitTiles
+        // (ncu at 1024x64: "wait", a fixed-latency dependency, was 37% of this loop's stall
+        // samples). The low pieces of all tiles first, then the high ones into the same
+        // registers (both at once spilled under the 128-register cap). Same order per
+        // accumulator on every path, so pre-split and in-loop splits give the same bits.
+        if (kPre && mt0 + kMmaRowTiles <= n_mt) {
+          uint32_t a[kMmaRowTiles][4];
+          const int o[4] = {k0 * ld, k0 * ld + 8, (k0 + 4) * ld, (k0 + 4) * ld + 8};
+          const int a0 = mt0 * 16 + g;  // row g of tile m at step k: [a0 + 16 m + k * ld]
+          CARE_UNROLL
+          for (int m = 0; m < kMmaRowTiles; ++m) {
             CARE_UNROLL
-            for (int n = 0; n < kMmaUnitTiles; ++n) {
-              mma_tf32(acc[m][n], ahi, blo[n]);
-              mma_tf32(acc[m][n], alo, bhi[n]);
-              mma_tf32(acc[m][n], ahi, bhi[n]);
+            for (int i = 0; i < 4; ++i) a[m][i] = __float_as_uint(s.r1lo[a0 + 16 * m + o[i]]);
+          }
+          CARE_UNROLL
+          for (int n = 0; n < kMmaUnitTiles; ++n) {
+            CARE_UNROLL
+            for (int m = 0; m < kMmaRowTiles; ++m) mma_tf32(acc[m][n], a[m], bhi[n]);
+          }
+          CARE_UNROLL
+          for (int m = 0; m < kMmaRowTiles; ++m) {
+            CARE_UNROLL
+            for (int i = 0; i < 4; ++i) a[m][i] = __float_as_uint(s.r1t[a0 + 16 * m + o[i]]);
+          }
+          CARE_UNROLL
+          for (int n = 0; n < kMmaUnitTiles; ++n) {
+            CARE_UNROLL
+            for (int m = 0; m < kMmaRowTiles; ++m) mma_tf32(acc[m][n], a[m], blo[n]);
+          }
+          CARE_UNROLL
+          for (int n = 0; n < kMmaUnitTiles; ++n) {
+            CARE_UNROLL
+            for (int m = 0; m < kMmaRowTiles; ++m) mma_tf32(acc[m][n], a[m], bhi[n]);
+          }
+        } else {  // one row tile at a time: splitting in the loop, or the last, partial group
+          CARE_UNROLL
+          for (int m = 0; m < kMmaRowTiles; ++m) {
+            if (mt0 + m < n_mt) {
+              const int a0 = (mt0 + m) * 16 + g;  // (row g of the tile, step k): [a0 + k * ld]
+              uint32_t ahi[4], alo[4];
+              if (kPre) {  // layer 1 stored the pieces: r1t the high ones, r1lo the low ones
+                const int o[4] = {k0 * ld, k0 * ld + 8, (k0 + 4) * ld, (k0 + 4) * ld + 8};
+                CARE_UNROLL
+                for (int i = 0; i < 4; ++i) {
+                  ahi[i] = __float_as_uint(s.r1t[a0 + o[i]]);
+                  alo[i] = __float_as_uint(s.r1lo[a0 + o[i]]);
+                }
+              } else {
+                const float* ap = s.r1t + a0;
+                split_tf32(ap[k0 * ld], ahi[0], alo[0]);
+                split_tf32(ap[k0 * ld + 8], ahi[1], alo[1]);
+                split_tf32(ap[(k0 + 4) * ld], ahi[2], alo[2]);
+                split_tf32(ap[(k0 + 4) * ld + 8], ahi[3], alo[3]);
+              }
+              CARE_UNROLL
+              for (int n = 0; n < kMmaUnitTiles; ++n) {
+                mma_tf32(acc[m][n], alo, bhi[n]);
+                mma_tf32(acc[m][n], ahi, blo[n]);
+                mma_tf32(acc[m][n], ahi, bhi[n]);
+              }
             }
           }
         }

@@ -72,7 +72,7 @@ Tensor presplit_r2w(StepTailArgs& args, const Tensor& like, cudaStream_t stream)
   const int64_t n2 = args.w2.R1 % 8 == 0 ? r2w_frag_words(args.w2.R1, args.w2.R2) : 0;
   if (n1 + n2 == 0) return Tensor();
   Tensor buf = at::empty({n1 + n2}, like.options().dtype(at::kInt));
-  uint32_t* base = reinterpret_cast<uint32_t*>(buf.data_ptr<int>());  // 16-byte aligned; n1 % 4 == 0
+  uint32_t* base = reinterpret_cast<uint32_t*>(buf.data_ptr<int>());  // 16-byte aligned; n1 % 4 = 0
   if (n1 > 0) args.w1.r2w_frag = base;
   if (n2 > 0) args.w2.r2w_frag = base + n1;
   const int64_t items = (n1 + n2) / 4;
