@@ -67,8 +67,8 @@ def stacked_layout(samples: list[Sample]) -> dict[str, tuple[torch.dtype, tuple[
         vals = [getattr(s, f.name) for s in samples]
         if isinstance(vals[0], Tensor):
             dtype = vals[0].dtype
-            for v in vals[1:]:
-                dtype = torch.promote_types(dtype, v.dtype)
+            for other in {v.dtype for v in vals[1:]} - {dtype}:  # promote over the distinct ones
+                dtype = torch.promote_types(dtype, other)
             layout[f.name] = (dtype, tuple(vals[0].shape))
         else:
             layout[f.name] = (torch.float32 if f.name == "true_cag" else torch.long, ())
