@@ -136,8 +136,9 @@ stamp "profile_step exit $? : $(grep -E '^acquisition_step' "$OUT/profile_step.l
 # quick only: Nsight Compute on the tail kernel of the split2 step at 64x8x4096
 # (FFMA layer 2) and 1024x64x4096 (tensor cores, pre-split operands): throughput against the SM's
 # and memory's peaks, warp stalls, the instruction mix (ncu_tail_*.txt, every section's details),
-# and per SASS instruction and per source line where the warps stall and what they issue
-# (ncu_source_*_{sass,cuda}.csv: the kernel is built with -lineinfo), when this machine has ncu.
+# and per SASS instruction where the warps stall and what they issue (ncu_source_*_sass.csv),
+# attributed to functions and source lines of this build (ncu_source_*.txt, bench/ncu_source.py:
+# the kernel is built with -lineinfo), when this machine has ncu.
 # The reports themselves stay in /tmp (too large to bring back).
 if [ "$QUICK" = 1 ] && command -v ncu > /dev/null; then
   cat > /tmp/ncu_tail.py <<'PY'
@@ -156,12 +157,13 @@ PY
       -f -o "/tmp/ncu_tail_$shape" python3 /tmp/ncu_tail.py $shape > "$OUT/ncu_tail_${shape}_run.log" 2>&1
     rc=$?
     timeout "$(cap 30)" ncu -i "/tmp/ncu_tail_$shape.ncu-rep" --print-details all > "$OUT/ncu_tail_$shape.txt" 2>&1
-    for src in sass cuda; do
-      timeout "$(cap 30)" ncu -i "/tmp/ncu_tail_$shape.ncu-rep" --page source --csv --print-source $src \
-        > "$OUT/ncu_source_${shape}_$src.csv" 2> "$OUT/ncu_source_${shape}_$src.err"
-      echo "ncu source $src exit $?" >> "$OUT/ncu_tail_${shape}_run.log"
-    done
-    stamp "ncu step_tail $shape exit $rc : $(grep -E 'Duration|Compute \(SM\) Throughput|Memory Throughput' "$OUT/ncu_tail_$shape.txt" | tr -s ' ' | tr '\n' ';') $(grep -h 'ncu source' "$OUT/ncu_tail_${shape}_run.log" | tr '\n' ';') csv bytes $(cat "$OUT"/ncu_source_${shape}_*.csv | wc -c)"
+    timeout "$(cap 30)" ncu -i "/tmp/ncu_tail_$shape.ncu-rep" --page source --csv --print-source sass \
+      > "$OUT/ncu_source_${shape}_sass.csv" 2> "$OUT/ncu_source_${shape}_sass.err"
+    # per function and source line of step_tail.h (bench/ncu_source.py: the CSV joined with this
+    # build's line info; 2026-11-27: 43% of the 1024x64 tail's stall samples in layer 2's HMMA loop)
+    timeout "$(cap 30)" python3 "$REPO/bench/ncu_source.py" --csv "$OUT/ncu_source_${shape}_sass.csv" \
+      --so "$SO" --top 30 > "$OUT/ncu_source_$shape.txt" 2>&1
+    stamp "ncu step_tail $shape exit $rc : $(grep -E 'Duration|Compute \(SM\) Throughput|Memory Throughput' "$OUT/ncu_tail_$shape.txt" | tr -s ' ' | tr '\n' ';') by function: $(sed -n '3,8p' "$OUT/ncu_source_$shape.txt" | tr -s ' ' | cut -c1-60 | tr '\n' ';')"
   done
 fi
 stamp "compute-sanitizer (memcheck) on every kernel"
