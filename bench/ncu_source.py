@@ -256,8 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     cands = [k for k in code if args.kernel in k]
     fits = [k for k in cands if len(code[k]) == len(rows)]
     if not fits:
+        sizes = {k: len(code[k]) for k in cands}
         print(f"ncu_source: no kernel matching {args.kernel!r} has the report's {len(rows)} "
-              f"instructions ({ {k: len(code[k]) for k in cands} }): another build?", file=sys.stderr)
+              f"instructions ({sizes}): another build?", file=sys.stderr)
         return 2
     try:
         att = attribute(rows, code[fits[0]], Functions(args.source), args.min_lines)

@@ -65,7 +65,8 @@ DISASM = f"""\t.target\tsm_90
 
 COLUMNS = ["Address", "Source", "Warp Stall Sampling (All Samples)",
            "Warp Stall Sampling (Not-issued Samples)", "Instructions Executed",
-           "L1 Wavefronts Shared Excessive", "L1 Wavefronts Shared", "L2 Theoretical Sectors Global",
+           "L1 Wavefronts Shared Excessive", "L1 Wavefronts Shared",
+           "L2 Theoretical Sectors Global",
            "stall_long_sb", "stall_wait", "stall_barrier", "stall_wait (Not Issued)"]
 
 
@@ -115,7 +116,8 @@ def test_samples_go_to_their_line_and_to_the_innermost_function_longer_than_a_he
     assert by_line["t.cu:2"]["samples"] == 6  # the helper's own line still shows
     assert att["total"]["samples"] == 68 and att["total"]["l2_sectors"] == 20
     # with every function counted, the helper keeps its samples
-    assert {d["name"] for d in N.attribute(rows, sass, funcs, min_lines=0)["function"]} >= {"relu_f"}
+    every = N.attribute(rows, sass, funcs, min_lines=0)["function"]
+    assert {d["name"] for d in every} >= {"relu_f"}
     text = N.format_table(att, kernel, 5, tmp_path / "csrc")
     assert "head_dot" in text and "v[0] += w[j];" in text
 
