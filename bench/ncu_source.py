@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sass_report import CSRC, extract_cubins, find_tool, so_from_wheel, _run  # noqa: E402
+from sass_report import CSRC, _run, binary_cubins, find_tool  # noqa: E402
 
 _SECTION = re.compile(r"\s*\.text\.(\S+):")
 _FILE = re.compile(r'\s*//## File "([^"]+)", line (\d+)')
@@ -245,13 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ncu_source: {e}", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as tmp:
-        if args.cubin:
-            cubins = args.cubin
-        else:
-            so = so_from_wheel(args.wheel, Path(tmp)) if args.wheel else args.so
-            cubins = extract_cubins(so, Path(tmp), cuobjdump)
         code: dict[str, list[Sass]] = {}
-        for c in cubins:
+        for c in binary_cubins(args.cubin, args.so, args.wheel, Path(tmp), cuobjdump):
             code.update(parse_chains(_run([nvdisasm, "-c", "-gi", str(c)])))
     cands = [k for k in code if args.kernel in k]
     fits = [k for k in cands if len(code[k]) == len(rows)]

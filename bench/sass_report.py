@@ -145,6 +145,15 @@ def so_from_wheel(wheel: Path, workdir: Path) -> Path:
         return Path(z.extract(names[0], workdir))
 
 
+def binary_cubins(cubins: list[Path] | None, so: Path | None, wheel: Path | None, workdir: Path,
+                  cuobjdump: str) -> list[Path]:
+    """The cubins to read: ``cubins`` when given, else those of the library ``so`` or of the
+    wheel's (unpacked into ``workdir``, which must outlive their use)."""
+    if cubins:
+        return cubins
+    return extract_cubins(so_from_wheel(wheel, workdir) if wheel else so, workdir, cuobjdump)
+
+
 # --- parsing ---------------------------------------------------------------------------------
 
 _RES_FN = re.compile(r"^\s*Function\s+(\S+?):?\s*$")
@@ -546,11 +555,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sass_report: {e}", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as tmp:
-        if args.cubin:
-            cubins = args.cubin
-        else:
-            so = so_from_wheel(args.wheel, Path(tmp)) if args.wheel else args.so
-            cubins = extract_cubins(so, Path(tmp), cuobjdump)
+        cubins = binary_cubins(args.cubin, args.so, args.wheel, Path(tmp), cuobjdump)
         kernels = load_kernels(cubins, cuobjdump, nvdisasm)
     markers = sass_markers(args.source)
     consts = source_constants(args.source / "step_tail.h")

@@ -530,31 +530,25 @@ __device__ __forceinline__ void layer2_pool_parts_mma(const HeadWeights& w, cons
           uint32_t a[kMmaRowTiles][4];
           const int o[4] = {k0 * ld, k0 * ld + 8, (k0 + 4) * ld, (k0 + 4) * ld + 8};
           const int a0 = mt0 * 16 + g;  // row g of tile m at step k: [a0 + 16 m + k * ld]
-          CARE_UNROLL
-          for (int m = 0; m < kMmaRowTiles; ++m) {
+          auto load = [&](const float* pieces) {  // every tile's A fragment of r1lo or r1t
             CARE_UNROLL
-            for (int i = 0; i < 4; ++i) a[m][i] = __float_as_uint(s.r1lo[a0 + 16 * m + o[i]]);
-          }
-          CARE_UNROLL
-          for (int n = 0; n < kMmaUnitTiles; ++n) {
+            for (int m = 0; m < kMmaRowTiles; ++m) {
+              CARE_UNROLL
+              for (int i = 0; i < 4; ++i) a[m][i] = __float_as_uint(pieces[a0 + 16 * m + o[i]]);
+            }
+          };
+          auto products = [&](const uint32_t (&b)[kMmaUnitTiles][2]) {  // a b for every tile pair
             CARE_UNROLL
-            for (int m = 0; m < kMmaRowTiles; ++m) mma_tf32(acc[m][n], a[m], bhi[n]);
-          }
-          CARE_UNROLL
-          for (int m = 0; m < kMmaRowTiles; ++m) {
-            CARE_UNROLL
-            for (int i = 0; i < 4; ++i) a[m][i] = __float_as_uint(s.r1t[a0 + 16 * m + o[i]]);
-          }
-          CARE_UNROLL
-          for (int n = 0; n < kMmaUnitTiles; ++n) {
-            CARE_UNROLL
-            for (int m = 0; m < kMmaRowTiles; ++m) mma_tf32(acc[m][n], a[m], blo[n]);
-          }
-          CARE_UNROLL
-          for (int n = 0; n < kMmaUnitTiles; ++n) {
-            CARE_UNROLL
-            for (int m = 0; m < kMmaRowTiles; ++m) mma_tf32(acc[m][n], a[m], bhi[n]);
-          }
+            for (int n = 0; n < kMmaUnitTiles; ++n) {
+              CARE_UNROLL
+              for (int m = 0; m < kMmaRowTiles; ++m) mma_tf32(acc[m][n], a[m], b[n]);
+            }
+          };
+          load(s.r1lo);
+          products(bhi);
+          load(s.r1t);
+          products(blo);
+          products(bhi);
         } else {  // one row tile at a time: splitting in the loop, or the last, partial group
           CARE_UNROLL
           for (int m = 0; m < kMmaRowTiles; ++m) {
