@@ -522,6 +522,7 @@ def test_cuda_tail_mma_with_presplit_operands_gives_the_same_bits(B, G, dims, st
                      pieces)
             torch.cuda.synchronize()
         names = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
+        assert any("step_tail_kernel" in n for n in names), names  # the profiler saw the tail
         assert any("split_r2w_frag" in n for n in names) == want, (value, l2, names)
 
 
