@@ -104,7 +104,8 @@ for tp in ${TPS[@]+"${TPS[@]}"}; do  # the fused ops with 1, 2 and 4 prompts per
 done
 # rollout layer 2 on FFMA tiles and on tensor cores (CARE_EXT_TAIL_L2=ffma / mma; auto picks mma
 # from G = 16), the latter with its TF32 operands split inside its loop (CARE_EXT_TAIL_MMA_PRESPLIT=0)
-# and pre-split (=1, the default: the weight by a kernel before the tail, the inputs by layer 1),
+# and pre-split (=1, the default: the weight by a kernel before the tail, the inputs by layer 1;
+# mma1t: in 4x2 register tiles, CARE_EXT_TAIL_MMA_TILES, half the weight's L2 traffic),
 # alternated in one run at G = 8, 16, 32 and 64: the step, then its kernels' device times.
 # (CARE_EXT_TAIL_STAGE_R2=1, the layer-2 weight staged in shared memory, lost on the H200 of
 # 2026-11-27: 714.8 against 512.9 us of tail at 1024x64x4096; only its racecheck still runs.)
@@ -113,10 +114,11 @@ l2_env() {  # the environment of one layer-2 variant: ffma, mma0 (split in the l
     ffma) echo "CARE_EXT_TAIL_L2=ffma" ;;
     mma0) echo "CARE_EXT_TAIL_L2=mma CARE_EXT_TAIL_MMA_PRESPLIT=0" ;;
     mma1) echo "CARE_EXT_TAIL_L2=mma CARE_EXT_TAIL_MMA_PRESPLIT=1" ;;
+    mma1t) echo "CARE_EXT_TAIL_L2=mma CARE_EXT_TAIL_MMA_PRESPLIT=1 CARE_EXT_TAIL_MMA_TILES=4x2" ;;
   esac
 }
 for round in $(seq 1 "${GPU_CHECK_L2_ROUNDS:-2}"); do  # GPU_CHECK_L2_ROUNDS: alternations (default 2)
-  for l2 in ffma mma0 mma1; do
+  for l2 in ffma mma0 mma1 mma1t; do
     env $(l2_env $l2) timeout "$(cap 30)" python3 "$REPO/bench/bench_ops.py" --device cuda \
       --min-time 0.2 --providers native native_graph --ops acquisition_step_fused_split2 \
       --shapes 64x8x4096 512x16x4096 256x32x4096 1024x64x4096 --out "$OUT/bench_step_ops_L2_${l2}_$round" \
@@ -124,7 +126,7 @@ for round in $(seq 1 "${GPU_CHECK_L2_ROUNDS:-2}"); do  # GPU_CHECK_L2_ROUNDS: al
     stamp "bench $(l2_env $l2) (round $round) exit $? : $(grep -E '^cuda' "$OUT/bench_L2_${l2}_$round.log" | tr -s ' ' | cut -d' ' -f2,4,5 | tr '\n' ';')"
   done
 done
-for l2 in ffma mma0 mma1; do
+for l2 in ffma mma0 mma1 mma1t; do
   env $(l2_env $l2) timeout "$(cap 30)" python3 "$REPO/bench/profile_step.py" --device cuda \
     --ops acquisition_step_fused_split2 --shapes 64x8x4096 256x32x4096 1024x64x4096 --out "$OUT/profile_step_L2_$l2" > "$OUT/profile_step_L2_$l2.log" 2>&1
   stamp "profile_step $(l2_env $l2) exit $? : $(grep -E 'step_tail_kernel|split_r2w|device\)' "$OUT/profile_step_L2_$l2.log" | tr -s ' ' | cut -c1-60 | tr '\n' ';')"
@@ -223,6 +225,9 @@ stamp "compute-sanitizer racecheck, CARE_EXT_TAIL_L2=mma CARE_EXT_TAIL_STAGE_R2=
 CARE_EXT_TAIL_L2=mma timeout "$(cap 60)" compute-sanitizer --tool memcheck --error-exitcode 9 python3 /tmp/sanitize_ops.py \
   > "$OUT/sanitizer_mma.log" 2>&1
 stamp "compute-sanitizer memcheck, CARE_EXT_TAIL_L2=mma exit $? : $(grep -E 'ERROR SUMMARY|sanitize script ok' "$OUT/sanitizer_mma.log" | tr '\n' ' ')"
+CARE_EXT_TAIL_L2=mma CARE_EXT_TAIL_MMA_TILES=4x2 timeout "$(cap 60)" compute-sanitizer --tool memcheck --error-exitcode 9 \
+  python3 /tmp/sanitize_ops.py > "$OUT/sanitizer_mma_tall.log" 2>&1
+stamp "compute-sanitizer memcheck, CARE_EXT_TAIL_L2=mma CARE_EXT_TAIL_MMA_TILES=4x2 exit $? : $(grep -E 'ERROR SUMMARY|sanitize script ok' "$OUT/sanitizer_mma_tall.log" | tr '\n' ' ')"
 # quick only, last (it runs if time is left): the CARE core's decide and update on CUDA, which the
 # eighth session's changes predict down (decide 512x16 30 -> 15-20 ms; update 67 -> 50-57 ms)
 if [ "$QUICK" = 1 ]; then

@@ -76,6 +76,16 @@ inline bool tail_mma_presplit_requested() {
   return false;
 }
 
+// CARE_EXT_TAIL_MMA_TILES (run time): the pre-split tensor-core layer 2's register tiles per warp,
+// row tiles x unit tiles of 16 x 8: "2x4" (the default, also when unset or empty; each weight
+// fragment serves 2 row tiles) or "4x2" (kMmaRowTilesTall: each serves 4, half the weight's L2
+// traffic, twice the input fragments' shared loads). The same products per accumulator in the
+// same order, so the same bits. Prepared on 2026-11-27 from ncu's view of the 1024x64x4096 tail;
+// not measured yet. Ignored where layer 2 does not read pre-split operands.
+inline bool tail_mma_tall_tiles_requested() {
+  return env_switch("CARE_EXT_TAIL_MMA_TILES", "2x4", "4x2");
+}
+
 // Held for the whole of every op that runs ATen GEMMs (classifier_forward, acquisition_step, the
 // fused step's host part):
 //   * Autocast keys excluded: the ops compute in float32 whatever a caller's torch.autocast

@@ -394,6 +394,13 @@ CARE_HD void layer2_pool_parts(const HeadWeights& w, const Mat& r2w, const HeadS
 // under the kernel's 128-register cap.)
 constexpr int kMmaUnitTiles = 4;
 constexpr int kMmaRowTiles = 2;
+// The pre-split layer 2's other tile shape (CARE_EXT_TAIL_MMA_TILES=4x2, StepTailArgs::l2_mma = 2):
+// 4 row tiles x 2 unit tiles, the same 32 accumulators, each weight fragment loaded once for all
+// 4 row tiles (G = 64: a prompt's rows) where 2x4 loads it twice: half the weight's L2 traffic (33
+// of the 52 M L2 sectors of the 1024x64x4096 tail in ncu), twice the shared-memory loads of A.
+constexpr int kMmaRowTilesTall = 4;
+constexpr int kMmaUnitTilesTall = 2;
+static_assert(kMmaUnitTiles % kMmaUnitTilesTall == 0, "the pre-split weight pads to kMmaUnitTiles");
 
 // The pre-split layer-2 weight (HeadWeights::r2w_frag, CARE_EXT_TAIL_MMA_PRESPLIT): for each step
 // of 8 k (ks < R1 / 8), unit tile of 8 (ut < r2w_frag_unit_tiles(R2): whole warp passes of
@@ -468,43 +475,43 @@ __device__ __forceinline__ void split_r2w_frag(const Mat& r2w, int R2, uint32_t*
 // Rows past count are not pooled; units past R2 read unit R2 - 1's weights and are not stored.
 // Each lane sums its units over its rows (row tiles in order), then the 8 lanes of a unit pair
 // add theirs (shuffles).
-template <bool kPre>
+template <bool kPre, int kRT = kMmaRowTiles, int kUT = kMmaUnitTiles>
 __device__ __forceinline__ void layer2_pool_parts_mma(const HeadWeights& w, const Mat& r2w,
                                                       const HeadScratch& s, int count, int ld,
                                                       int tid, int nth) {
   const int lane = tid & 31, g = lane >> 2, t = lane & 3;
   const int warps = nth >> 5, n_mt = r1t_rows(count) / 16, ksteps = w.R1 / 8;
-  constexpr int kUnits = 8 * kMmaUnitTiles;
+  constexpr int kUnits = 8 * kUT;
   const int n_ut = r2w_frag_unit_tiles(w.R2);
   const uint4* frag = reinterpret_cast<const uint4*>(w.r2w_frag);
   for (int u0 = (tid >> 5) * kUnits; u0 < w.R2; u0 += warps * kUnits) {
-    const float* bcol[kMmaUnitTiles];  // unit u0 + 8 n + g's weights (clamped into the matrix)
+    const float* bcol[kUT];  // unit u0 + 8 n + g's weights (clamped into the matrix)
     CARE_UNROLL
-    for (int n = 0; n < kMmaUnitTiles; ++n) {
+    for (int n = 0; n < kUT; ++n) {
       const int unit = u0 + 8 * n + g;
       bcol[n] = kPre ? nullptr : r2w.row(unit < w.R2 ? unit : w.R2 - 1);
     }
     // pre-split: this warp's fragments of step ks are fp[ks * n_ut * 32 + n * 32]
     const uint4* fp = kPre ? frag + static_cast<int64_t>(u0 / 8) * 32 + lane : nullptr;
-    float pacc[kMmaUnitTiles][2];
+    float pacc[kUT][2];
     CARE_UNROLL
-    for (int n = 0; n < kMmaUnitTiles; ++n) pacc[n][0] = pacc[n][1] = 0.f;
-    for (int mt0 = 0; mt0 < n_mt; mt0 += kMmaRowTiles) {
-      float acc[kMmaRowTiles][kMmaUnitTiles][4];
+    for (int n = 0; n < kUT; ++n) pacc[n][0] = pacc[n][1] = 0.f;
+    for (int mt0 = 0; mt0 < n_mt; mt0 += kRT) {
+      float acc[kRT][kUT][4];
       CARE_UNROLL
-      for (int m = 0; m < kMmaRowTiles; ++m) {
+      for (int m = 0; m < kRT; ++m) {
         CARE_UNROLL
-        for (int n = 0; n < kMmaUnitTiles; ++n) {
+        for (int n = 0; n < kUT; ++n) {
           acc[m][n][0] = acc[m][n][1] = acc[m][n][2] = acc[m][n][3] = 0.f;
         }
       }
       for (int ks = 0; ks < ksteps; ++ks) {
         const int k0 = ks * 8 + t;
-        uint32_t bhi[kMmaUnitTiles][2], blo[kMmaUnitTiles][2];
+        uint32_t bhi[kUT][2], blo[kUT][2];
         if (kPre) {
           const uint4* np = fp + static_cast<int64_t>(ks) * n_ut * 32;
           CARE_UNROLL
-          for (int n = 0; n < kMmaUnitTiles; ++n) {
+          for (int n = 0; n < kUT; ++n) {
             const uint4 v = np[n * 32];
             bhi[n][0] = v.x;
             bhi[n][1] = v.y;
@@ -513,35 +520,35 @@ __device__ __forceinline__ void layer2_pool_parts_mma(const HeadWeights& w, cons
           }
         } else {
           CARE_UNROLL
-          for (int n = 0; n < kMmaUnitTiles; ++n) {
+          for (int n = 0; n < kUT; ++n) {
             split_tf32(bcol[n][k0 * r2w.cs], bhi[n][0], blo[n][0]);
             split_tf32(bcol[n][(k0 + 4) * r2w.cs], bhi[n][1], blo[n][1]);
           }
         }
         // Each accumulator takes its three products small ones first: a_lo b_hi, a_hi b_lo,
-        // a_hi b_hi. Pre-split, with all kMmaRowTiles row tiles present (the same for the whole
-        // warp), the tiles' products are interleaved: kMmaRowTiles * kMmaUnitTiles independent
-        // accumulators between two dependent HMMAs, where one tile at a time left kMmaUnitTiles
+        // a_hi b_hi. Pre-split, with all kRT row tiles present (the same for the whole
+        // warp), the tiles' products are interleaved: kRT * kUT independent
+        // accumulators between two dependent HMMAs, where one tile at a time left kUT
         // (ncu at 1024x64: "wait", a fixed-latency dependency, was 37% of this loop's stall
         // samples). The low pieces of all tiles first, then the high ones into the same
         // registers (both at once spilled under the 128-register cap). Same order per
         // accumulator on every path, so pre-split and in-loop splits give the same bits.
-        if (kPre && mt0 + kMmaRowTiles <= n_mt) {
-          uint32_t a[kMmaRowTiles][4];
+        if (kPre && mt0 + kRT <= n_mt) {
+          uint32_t a[kRT][4];
           const int o[4] = {k0 * ld, k0 * ld + 8, (k0 + 4) * ld, (k0 + 4) * ld + 8};
           const int a0 = mt0 * 16 + g;  // row g of tile m at step k: [a0 + 16 m + k * ld]
           auto load = [&](const float* pieces) {  // every tile's A fragment of r1lo or r1t
             CARE_UNROLL
-            for (int m = 0; m < kMmaRowTiles; ++m) {
+            for (int m = 0; m < kRT; ++m) {
               CARE_UNROLL
               for (int i = 0; i < 4; ++i) a[m][i] = __float_as_uint(pieces[a0 + 16 * m + o[i]]);
             }
           };
-          auto products = [&](const uint32_t (&b)[kMmaUnitTiles][2]) {  // a b for every tile pair
+          auto products = [&](const uint32_t (&b)[kUT][2]) {  // a b for every tile pair
             CARE_UNROLL
-            for (int n = 0; n < kMmaUnitTiles; ++n) {
+            for (int n = 0; n < kUT; ++n) {
               CARE_UNROLL
-              for (int m = 0; m < kMmaRowTiles; ++m) mma_tf32(acc[m][n], a[m], b[n]);
+              for (int m = 0; m < kRT; ++m) mma_tf32(acc[m][n], a[m], b[n]);
             }
           };
           load(s.r1lo);
@@ -551,7 +558,7 @@ __device__ __forceinline__ void layer2_pool_parts_mma(const HeadWeights& w, cons
           products(bhi);
         } else {  // one row tile at a time: splitting in the loop, or the last, partial group
           CARE_UNROLL
-          for (int m = 0; m < kMmaRowTiles; ++m) {
+          for (int m = 0; m < kRT; ++m) {
             if (mt0 + m < n_mt) {
               const int a0 = (mt0 + m) * 16 + g;  // (row g of the tile, step k): [a0 + k * ld]
               uint32_t ahi[4], alo[4];
@@ -570,7 +577,7 @@ __device__ __forceinline__ void layer2_pool_parts_mma(const HeadWeights& w, cons
                 split_tf32(ap[(k0 + 4) * ld + 8], ahi[3], alo[3]);
               }
               CARE_UNROLL
-              for (int n = 0; n < kMmaUnitTiles; ++n) {
+              for (int n = 0; n < kUT; ++n) {
                 mma_tf32(acc[m][n], alo, bhi[n]);
                 mma_tf32(acc[m][n], ahi, blo[n]);
                 mma_tf32(acc[m][n], ahi, bhi[n]);
@@ -580,11 +587,11 @@ __device__ __forceinline__ void layer2_pool_parts_mma(const HeadWeights& w, cons
         }
       }
       CARE_UNROLL
-      for (int m = 0; m < kMmaRowTiles; ++m) {
+      for (int m = 0; m < kRT; ++m) {
         const int row = (mt0 + m) * 16 + g;  // rows past count (zeros or past the tiles): unpooled
         const bool in0 = row < count, in1 = row + 8 < count;
         CARE_UNROLL
-        for (int n = 0; n < kMmaUnitTiles; ++n) {
+        for (int n = 0; n < kUT; ++n) {
           CARE_UNROLL
           for (int e = 0; e < 2; ++e) {
             const int unit = u0 + 8 * n + 2 * t + e;
@@ -596,7 +603,7 @@ __device__ __forceinline__ void layer2_pool_parts_mma(const HeadWeights& w, cons
       }
     }
     CARE_UNROLL
-    for (int n = 0; n < kMmaUnitTiles; ++n) {
+    for (int n = 0; n < kUT; ++n) {
       CARE_UNROLL
       for (int e = 0; e < 2; ++e) {
         float v = pacc[n][e];
@@ -619,12 +626,13 @@ __device__ __forceinline__ void layer2_pool_parts_mma(const HeadWeights& w, cons
 // them after the final sync). pre_r (rows b*G .. b*G+G-1) and pre_p (row b) are the first-layer
 // GEMM outputs without bias; rfeat [G, Fr] (nullptr when Fr = 0), pfeat [Fp]; mask [G] or nullptr
 // (pool all G). Uses s.r1t, s.rows and s.part, and reads layer 2's weight from s.r2w when staged.
-// l2_mma: layer 2 on tensor cores where it can run (CUDA on sm_80+, R1 a multiple of 8), else the
-// FFMA tiles; the CPU twin always runs the FFMA tiles.
+// l2_mma (StepTailArgs::l2_mma): nonzero runs layer 2 on tensor cores where it can run (CUDA on
+// sm_80+, R1 a multiple of 8), else the FFMA tiles; 2 takes the pre-split path's 4x2 tiles. The CPU
+// twin always runs the FFMA tiles.
 template <class Sync>
 CARE_HD void branches(const HeadWeights& w, int G, int64_t b, PreAct pre_r, const float* rfeat,
                       const bool* mask, PreAct pre_p, const float* pfeat, const HeadScratch& s,
-                      float* p, float* pool, bool l2_mma, int tid, int nth, Sync sync) {
+                      float* p, float* pool, int l2_mma, int tid, int nth, Sync sync) {
   // the pooled rollouts in order (the mask's true entries, or all G) into s.rows, and their count
   int count = 0;
 #if defined(__CUDA_ARCH__)
@@ -706,7 +714,12 @@ CARE_HD void branches(const HeadWeights& w, int G, int64_t b, PreAct pre_r, cons
   (void)l2_mma;
 #else
   if (s.r1lo != nullptr) {  // pre-split operands (host: only with l2_mma and R1 % 8 == 0)
-    layer2_pool_parts_mma<true>(w, w.r2w, s, count, ld, tid, nth);
+    if (l2_mma == 2) {
+      layer2_pool_parts_mma<true, kMmaRowTilesTall, kMmaUnitTilesTall>(w, w.r2w, s, count, ld, tid,
+                                                                       nth);
+    } else {
+      layer2_pool_parts_mma<true>(w, w.r2w, s, count, ld, tid, nth);
+    }
   } else if (l2_mma && w.R1 % 8 == 0) {  // tensor cores (CARE_EXT_TAIL_L2=mma): CUDA only
     if (s.r2w != nullptr) {
       layer2_pool_parts_mma<false>(w, staged, s, count, ld, tid, nth);
@@ -736,7 +749,7 @@ CARE_HD void branches(const HeadWeights& w, int G, int64_t b, PreAct pre_r, cons
 template <int M, class Sync>
 CARE_HD void classifier_tail(const HeadWeights& w, int G, int64_t b0, int nb, PreAct pre_r,
                              const float* rfeat, const bool* mask, PreAct pre_p,
-                             const float* pfeat, const HeadScratch& s, bool l2_mma, int tid,
+                             const float* pfeat, const HeadScratch& s, int l2_mma, int tid,
                              int nth, Sync sync) {
   for (int q = 0; q < nb; ++q) {
     const int64_t b = b0 + q;
@@ -774,7 +787,8 @@ struct StepTailArgs {
   HeadWeights w1, w2;  // Stage-I (Fr = 1, C = 2) and Stage-II (Fr = 0, C = G+1)
   int G;
   int prompts_per_block;     // 1 .. kMaxTailPrompts: block k runs prompts k*n .. k*n+n-1
-  int l2_mma;                // 1: rollout layer 2 on tensor cores where it can run (branches)
+  int l2_mma;                // 1: rollout layer 2 on tensor cores where it can run (branches);
+                             // 2: also, pre-split, in 4x2 tiles (CARE_EXT_TAIL_MMA_TILES)
   PreAct pre_r1, pre_r2;     // rows B*G: [., R1] of stage 1 and of stage 2
   PreAct pre_p1, pre_p2;     // rows B: [., P] of stage 1 and of stage 2
   const float* prompt_feat;  // [B, G+1]
@@ -813,7 +827,7 @@ CARE_HD void step_tail(const StepTailArgs& a, int64_t b0, int nb, int stage, flo
   if (stage == 0) {
     const HeadScratch s = head_scratch(scratch, a.w1, G, nb, r2w_staged);
     classifier_tail<M>(a.w1, G, b0, nb, a.pre_r1, a.len_norm, nullptr, a.pre_p1, a.prompt_feat, s,
-                       a.l2_mma != 0, tid, nth, sync);
+                       a.l2_mma, tid, nth, sync);
     for (int q = tid; q < nb; q += nth) {
       const int64_t b = b0 + q;
       const float l0 = s.logits[q * 2], l1 = s.logits[q * 2 + 1];
@@ -826,7 +840,7 @@ CARE_HD void step_tail(const StepTailArgs& a, int64_t b0, int nb, int stage, flo
   } else {
     const HeadScratch s = head_scratch(scratch, a.w2, G, nb, r2w_staged);
     classifier_tail<M>(a.w2, G, b0, nb, a.pre_r2, nullptr, a.minority, a.pre_p2, a.prompt_feat, s,
-                       a.l2_mma != 0, tid, nth, sync);
+                       a.l2_mma, tid, nth, sync);
     for (int q = 0; q < nb; ++q) {
       const int64_t o1 = (b0 + q) * C2;
       if (q > 0) sync();  // thread 0's last reads of e (previous prompt) come before new writes

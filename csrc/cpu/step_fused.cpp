@@ -95,6 +95,7 @@ StepTuple acquisition_step_fused_block_cpu(const Tensor& ids, const Tensor& leng
   const bool staged = tail_stage_r2w_requested();
   tail_l2_mma_requested(0);  // checked; the CPU runs layer 2's FFMA tiles whatever it says
   tail_mma_presplit_requested();  // checked likewise
+  tail_mma_tall_tiles_requested();
   std::vector<float> r2w(staged ? static_cast<size_t>(step_tail_staged_r2w_floats(f.args)) : 0);
   TeamBarrier barrier(n);
   auto member = [&](int tid) {

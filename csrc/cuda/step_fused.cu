@@ -182,6 +182,7 @@ StepTuple acquisition_step_fused_split_cuda(const Tensor& ids, const Tensor& len
   const Tensor r2w_frag = args.l2_mma && presplit_on && major >= 8
                               ? presplit_r2w(args, f.reliability, stream) : Tensor();
   const bool presplit = r2w_frag.defined();
+  if (tail_mma_tall_tiles_requested() && presplit) args.l2_mma = 2;  // CARE_EXT_TAIL_MMA_TILES=4x2
   // CARE_EXT_TAIL_STAGE_R2=1: the larger stage's layer-2 weight after the scratch (16-byte
   // aligned); nothing to stage where layer 2 reads the pre-split weight
   const bool stage_asked = tail_stage_r2w_requested();

@@ -526,6 +526,41 @@ def test_cuda_tail_mma_with_presplit_operands_gives_the_same_bits(B, G, dims, st
         assert any("split_r2w_frag" in n for n in names) == want, (value, l2, names)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("B, G, dims", [(6, 1, {}), (40, 33, {}), (600, 64, {}),
+                                        (40, 16, {"R2": 19, "K": 11}), (300, 8, {})])
+def test_cuda_tail_mma_tall_tiles_give_the_same_bits(B, G, dims, monkeypatch):
+    """CARE_EXT_TAIL_MMA_TILES=4x2: the pre-split tensor-core layer 2 holds 4 row tiles x 2 unit
+    tiles per warp instead of 2 x 4 (each weight fragment loaded once for 4 row tiles). Every
+    accumulator takes the same products in the same order and the pool adds the row tiles in the
+    same order: every output equals the 2x4 tiles' bit for bit, for partial tile groups (G = 1,
+    33: 3 row tiles), 1 to 4 prompts per block and R2 off the 16-unit warp passes."""
+    monkeypatch.setenv("CARE_EXT_TAIL_L2", "mma")
+    inputs, runs = _cuda_fused_step_under("CARE_EXT_TAIL_MMA_TILES", ("2x4", "4x2", ""), B, G,
+                                          dims, True, B * 5 + G, monkeypatch)
+    for layout, (wide, tall, default) in runs:
+        for k, (a, b, c) in enumerate(zip(tall, wide, default)):
+            assert torch.equal(a, b), (layout, k)
+            assert torch.equal(c, b), (layout, "default", k)
+        assert_step_like_reference(tall, *inputs)
+
+
+def test_tail_mma_tiles_env_is_checked(monkeypatch):
+    """CARE_EXT_TAIL_MMA_TILES takes 2x4, 4x2 or nothing; anything else is an error naming it (the
+    CPU twin checks it too and keeps its FFMA tiles: the same bits either way)."""
+    ids, lengths, h_p, h_r, s1, s2 = step_inputs(3, 8, 16, torch.bfloat16, torch.Generator())
+    block = lambda: run_step(  # noqa: E731
+        "_acquisition_step_fused_block", "cpu", ids, lengths, h_p, h_r, s1, s2, [], 8, 1)
+    monkeypatch.setenv("CARE_EXT_TAIL_MMA_TILES", "4x4")
+    with pytest.raises(RuntimeError, match="CARE_EXT_TAIL_MMA_TILES must be 2x4 or 4x2, got '4x4'"):
+        block()
+    monkeypatch.setenv("CARE_EXT_TAIL_MMA_TILES", "2x4")
+    wide = block()
+    monkeypatch.setenv("CARE_EXT_TAIL_MMA_TILES", "4x2")
+    for k, (a, b) in enumerate(zip(block(), wide)):
+        assert torch.equal(a, b), k
+
+
 def test_tail_mma_presplit_env_is_checked(monkeypatch):
     """CARE_EXT_TAIL_MMA_PRESPLIT takes 0, 1 or nothing; anything else is an error naming it (the
     CPU twin checks it too, and runs its FFMA tiles whatever it says: the same bits)."""
