@@ -42,9 +42,10 @@ struct HeadWeights {
   Mat pw, r1w, r2w, h1w, h2w;
   const float *pb, *r1b, *r2b, *h1b, *h2b;
   int H, Fp, Fr, P, R1, R2, K, C;
-  // Rollout layer 2's weight split into TF32 pieces in tensor-core fragment order (r2w_frag_index,
-  // written by the CUDA launch before the tail: CARE_EXT_TAIL_MMA_PRESPLIT), or nullptr. Set only
-  // with l2_mma and R1 % 8 == 0; then layer 1 also writes its outputs split (HeadScratch::r1lo).
+  // Rollout layer 2's weight split into TF32 pieces in tensor-core fragment order (the layout at
+  // r2w_frag_unit_tiles; written by the CUDA launch before the tail, CARE_EXT_TAIL_MMA_PRESPLIT),
+  // or nullptr. Set only with l2_mma and R1 % 8 == 0; then layer 1 also writes its outputs split
+  // (HeadScratch::r1lo).
   const uint32_t* r2w_frag;
 };
 
@@ -214,15 +215,6 @@ CARE_HD void stage_r2w(const Mat& r2w, int R1, int R2, float* dst, int tid, int 
 
 CARE_HD float relu_f(float v) { return v > 0.f ? v : 0.f; }
 
-// For each of nb <= M vectors x_q = x + q * ldx: v[q] + sum over j < n, in order, of
-// W(r, c0 + j) * x_q[j]. Each weight is loaded once for all nb sums, through a pointer stepped
-// along the row (one address add per weight), kDotChunk weights before they are used (loads in
-// flight); every sum keeps the order of a single dot product. M is a compile-time bound (the
-// accumulators stay in registers). With nb = M the M sums advance side by side, weight by weight:
-// M independent FFMA chains (one after another, each sum waited on its previous FFMA: ncu's
-// "wait" stall, 48% of this loop's samples at 1024x64x4096). On the GPU x is then read as float4
-// (one broadcast shared-memory read per 4 multiply-adds): x must be 16-byte aligned and ldx a
-// multiple of 4, as head_scratch lays out p, pool and z.
 // The chunks of dot_in_order (below) from column j on: kAll (nb == M) advances all M sums side by
 // side, else one sum after another (a short last block of prompts). Returns the first column
 // past the last whole chunk; wp is left there.
@@ -271,6 +263,16 @@ CARE_HD int dot_chunks(const float*& wp, int cs, const float* x, int ldx, int n,
   return j;
 }
 
+// For each of nb <= M vectors x_q = x + q * ldx: v[q] + sum over j < n, in order, of
+// W(r, c0 + j) * x_q[j]. Each weight is loaded once for all nb sums, through a pointer stepped
+// along the row (one address add per weight), kDotChunk weights before they are used (loads in
+// flight); every sum keeps the order of a single dot product. M is a compile-time bound (the
+// accumulators stay in registers). With nb = M the M sums advance side by side, weight by weight:
+// M independent FFMA chains (one after another, each sum waited on its previous FFMA: ncu's
+// "wait" stall, 48% of this loop's samples at 1024x64x4096). On the GPU x is then read as float4
+// (one broadcast shared-memory read per 4 multiply-adds): x must be 16-byte aligned and ldx a
+// multiple of 4, as head_scratch lays out p, pool and z (one prompt after another in a short last
+// block of prompts, nb < M).
 template <int M>
 CARE_HD void dot_in_order(const Mat& W, int r, int c0, const float* x, int ldx, int n, int nb,
                           float (&v)[M]) {
