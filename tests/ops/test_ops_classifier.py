@@ -483,6 +483,20 @@ def test_cuda_tail_with_layer2_on_tensor_cores_is_like_the_reference(B, G, dims,
             assert not all(same), (layout, "tensor-core path gave the FFMA bits")
 
 
+def _mma_same_bits_under(var, values, B, G, dims, seed, monkeypatch):
+    """The split-bf16 fused CUDA step with tensor-core layer 2 (CARE_EXT_TAIL_L2=mma) under each
+    of ``values`` of ``var`` and under ``var`` empty (its default): every output equal bit for bit
+    across all three, and like the float64 reference. Returns the CPU inputs."""
+    monkeypatch.setenv("CARE_EXT_TAIL_L2", "mma")
+    inputs, runs = _cuda_fused_step_under(var, (*values, ""), B, G, dims, True, seed, monkeypatch)
+    for layout, (first, *others) in runs:
+        for value, outs in zip((*values[1:], "(default)"), others):
+            for k, (a, b) in enumerate(zip(outs, first)):
+                assert torch.equal(a, b), (layout, var, value, k)
+        assert_step_like_reference(first, *inputs)
+    return inputs
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("staged", ["0", "1"], ids=["r2w-in-place", "r2w-staged"])
 @pytest.mark.parametrize("B, G, dims", [(6, 1, {}), (300, 8, {}), (600, 64, {}), (40, 33, {}),
@@ -496,15 +510,9 @@ def test_cuda_tail_mma_with_presplit_operands_gives_the_same_bits(B, G, dims, st
     prompts per block (B picks them; 65 KB of shared memory per block at G = 64 with 4), R2 off the
     32-unit warp passes, and with the weight staged or not; with R1 = 7 layer 2 keeps its FFMA
     tiles and nothing is split. The split kernel runs exactly when the tensor cores do."""
-    monkeypatch.setenv("CARE_EXT_TAIL_L2", "mma")
     monkeypatch.setenv("CARE_EXT_TAIL_STAGE_R2", staged)
-    inputs, runs = _cuda_fused_step_under("CARE_EXT_TAIL_MMA_PRESPLIT", ("0", "1", ""), B, G,
-                                          dims, True, B * 3 + G, monkeypatch)
-    for layout, (inloop, presplit, default) in runs:
-        for k, (a, b, c) in enumerate(zip(presplit, inloop, default)):
-            assert torch.equal(a, b), (layout, k)
-            assert torch.equal(c, b), (layout, "default", k)
-        assert_step_like_reference(presplit, *inputs)
+    inputs = _mma_same_bits_under("CARE_EXT_TAIL_MMA_PRESPLIT", ("0", "1"), B, G, dims, B * 3 + G,
+                                  monkeypatch)
 
     from torch.profiler import ProfilerActivity, profile
 
@@ -535,46 +543,28 @@ def test_cuda_tail_mma_tall_tiles_give_the_same_bits(B, G, dims, monkeypatch):
     accumulator takes the same products in the same order and the pool adds the row tiles in the
     same order: every output equals the 2x4 tiles' bit for bit, for partial tile groups (G = 1,
     33: 3 row tiles), 1 to 4 prompts per block and R2 off the 16-unit warp passes."""
-    monkeypatch.setenv("CARE_EXT_TAIL_L2", "mma")
-    inputs, runs = _cuda_fused_step_under("CARE_EXT_TAIL_MMA_TILES", ("2x4", "4x2", ""), B, G,
-                                          dims, True, B * 5 + G, monkeypatch)
-    for layout, (wide, tall, default) in runs:
-        for k, (a, b, c) in enumerate(zip(tall, wide, default)):
-            assert torch.equal(a, b), (layout, k)
-            assert torch.equal(c, b), (layout, "default", k)
-        assert_step_like_reference(tall, *inputs)
+    _mma_same_bits_under("CARE_EXT_TAIL_MMA_TILES", ("2x4", "4x2"), B, G, dims, B * 5 + G,
+                         monkeypatch)
 
 
-def test_tail_mma_tiles_env_is_checked(monkeypatch):
-    """CARE_EXT_TAIL_MMA_TILES takes 2x4, 4x2 or nothing; anything else is an error naming it (the
-    CPU twin checks it too and keeps its FFMA tiles: the same bits either way)."""
+@pytest.mark.parametrize("var, values, bad", [("CARE_EXT_TAIL_MMA_TILES", ("2x4", "4x2"), "4x4"),
+                                           ("CARE_EXT_TAIL_MMA_PRESPLIT", ("0", "1"), "on")])
+def test_tail_mma_envs_are_checked(var, values, bad, monkeypatch):
+    """CARE_EXT_TAIL_MMA_TILES (2x4, 4x2) and CARE_EXT_TAIL_MMA_PRESPLIT (0, 1) take their two
+    values or nothing; anything else is an error naming the variable (the CPU twin checks them too,
+    and runs its FFMA tiles whatever they say: the same bits)."""
     ids, lengths, h_p, h_r, s1, s2 = step_inputs(3, 8, 16, torch.bfloat16, torch.Generator())
     block = lambda: run_step(  # noqa: E731
         "_acquisition_step_fused_block", "cpu", ids, lengths, h_p, h_r, s1, s2, [], 8, 1)
-    monkeypatch.setenv("CARE_EXT_TAIL_MMA_TILES", "4x4")
-    with pytest.raises(RuntimeError, match="CARE_EXT_TAIL_MMA_TILES must be 2x4 or 4x2, got '4x4'"):
+    monkeypatch.setenv(var, bad)
+    with pytest.raises(RuntimeError,
+                       match=f"{var} must be {values[0]} or {values[1]}, got '{bad}'"):
         block()
-    monkeypatch.setenv("CARE_EXT_TAIL_MMA_TILES", "2x4")
-    wide = block()
-    monkeypatch.setenv("CARE_EXT_TAIL_MMA_TILES", "4x2")
-    for k, (a, b) in enumerate(zip(block(), wide)):
-        assert torch.equal(a, b), k
-
-
-def test_tail_mma_presplit_env_is_checked(monkeypatch):
-    """CARE_EXT_TAIL_MMA_PRESPLIT takes 0, 1 or nothing; anything else is an error naming it (the
-    CPU twin checks it too, and runs its FFMA tiles whatever it says: the same bits)."""
-    ids, lengths, h_p, h_r, s1, s2 = step_inputs(3, 8, 16, torch.bfloat16, torch.Generator())
-    block = lambda: run_step(  # noqa: E731
-        "_acquisition_step_fused_block", "cpu", ids, lengths, h_p, h_r, s1, s2, [], 8, 1)
-    monkeypatch.setenv("CARE_EXT_TAIL_MMA_PRESPLIT", "on")
-    with pytest.raises(RuntimeError, match="CARE_EXT_TAIL_MMA_PRESPLIT must be 0 or 1, got 'on'"):
-        block()
-    monkeypatch.setenv("CARE_EXT_TAIL_MMA_PRESPLIT", "0")
-    off = block()
-    monkeypatch.setenv("CARE_EXT_TAIL_MMA_PRESPLIT", "1")
-    for k, (a, b) in enumerate(zip(block(), off)):
-        assert torch.equal(a, b), k
+    monkeypatch.setenv(var, values[0])
+    first = block()
+    monkeypatch.setenv(var, values[1])
+    for k, (x, y) in enumerate(zip(block(), first)):
+        assert torch.equal(x, y), k
 
 
 def test_fused_step_block_checks_its_threads():
