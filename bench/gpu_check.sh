@@ -109,7 +109,8 @@ done
 # alternated in one run at G = 8, 16, 32 and 64: the step, then its kernels' device times.
 # (CARE_EXT_TAIL_STAGE_R2=1, the layer-2 weight staged in shared memory, lost on the H200 of
 # 2026-11-27: 714.8 against 512.9 us of tail at 1024x64x4096; only its racecheck still runs.)
-l2_env() {  # the environment of one layer-2 variant: ffma, mma0 (split in the loop), mma1 (pre-split)
+l2_env() {  # one layer-2 variant's environment: ffma, mma0 (split in the loop), mma1 (pre-split),
+            # mma1t (pre-split, 4x2 tiles)
   case "$1" in
     ffma) echo "CARE_EXT_TAIL_L2=ffma" ;;
     mma0) echo "CARE_EXT_TAIL_L2=mma CARE_EXT_TAIL_MMA_PRESPLIT=0" ;;

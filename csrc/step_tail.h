@@ -470,7 +470,7 @@ __device__ __forceinline__ void split_r2w_frag(const Mat& r2w, int R2, uint32_t*
 // tiles, each one A fragment of r1t (conflict-free: r1t_ld). So the weight is read once per
 // prompt, warp pass and kMmaRowTiles row tiles, not once per row tile.
 // kPre (HeadWeights::r2w_frag set, CARE_EXT_TAIL_MMA_PRESPLIT): no splitting here. The B
-// fragments come pre-split (one uint4 load per unit tile and step, a step ahead) and the A
+// fragments come pre-split (one uint4 load per unit tile and step) and the A
 // fragments' pieces from r1t and r1lo, where layer 1 stored them: the same pieces, so the same
 // products in the same order and the same bits as splitting here. Per step of 8 k that saves the
 // warp 8 weight splits and 4 per row tile (two cvt.rna.tf32 and a subtraction each).
@@ -509,6 +509,8 @@ __device__ __forceinline__ void layer2_pool_parts_mma(const HeadWeights& w, cons
       }
       for (int ks = 0; ks < ksteps; ++ks) {
         const int k0 = ks * 8 + t;
+        // the A fragment's elements (rows g, g + 8 at steps k0, k0 + 4) from a tile's row g
+        const int o[4] = {k0 * ld, k0 * ld + 8, (k0 + 4) * ld, (k0 + 4) * ld + 8};
         uint32_t bhi[kUT][2], blo[kUT][2];
         if (kPre) {
           const uint4* np = fp + static_cast<int64_t>(ks) * n_ut * 32;
@@ -537,7 +539,6 @@ __device__ __forceinline__ void layer2_pool_parts_mma(const HeadWeights& w, cons
         // accumulator on every path, so pre-split and in-loop splits give the same bits.
         if (kPre && mt0 + kRT <= n_mt) {
           uint32_t a[kRT][4];
-          const int o[4] = {k0 * ld, k0 * ld + 8, (k0 + 4) * ld, (k0 + 4) * ld + 8};
           const int a0 = mt0 * 16 + g;  // row g of tile m at step k: [a0 + 16 m + k * ld]
           auto load = [&](const float* pieces) {  // every tile's A fragment of r1lo or r1t
             CARE_UNROLL
@@ -564,19 +565,14 @@ __device__ __forceinline__ void layer2_pool_parts_mma(const HeadWeights& w, cons
             if (mt0 + m < n_mt) {
               const int a0 = (mt0 + m) * 16 + g;  // (row g of the tile, step k): [a0 + k * ld]
               uint32_t ahi[4], alo[4];
-              if (kPre) {  // layer 1 stored the pieces: r1t the high ones, r1lo the low ones
-                const int o[4] = {k0 * ld, k0 * ld + 8, (k0 + 4) * ld, (k0 + 4) * ld + 8};
-                CARE_UNROLL
-                for (int i = 0; i < 4; ++i) {
+              CARE_UNROLL
+              for (int i = 0; i < 4; ++i) {
+                if (kPre) {  // layer 1 stored the pieces: r1t the high ones, r1lo the low ones
                   ahi[i] = __float_as_uint(s.r1t[a0 + o[i]]);
                   alo[i] = __float_as_uint(s.r1lo[a0 + o[i]]);
+                } else {
+                  split_tf32(s.r1t[a0 + o[i]], ahi[i], alo[i]);
                 }
-              } else {
-                const float* ap = s.r1t + a0;
-                split_tf32(ap[k0 * ld], ahi[0], alo[0]);
-                split_tf32(ap[k0 * ld + 8], ahi[1], alo[1]);
-                split_tf32(ap[(k0 + 4) * ld], ahi[2], alo[2]);
-                split_tf32(ap[(k0 + 4) * ld + 8], ahi[3], alo[3]);
               }
               CARE_UNROLL
               for (int n = 0; n < kUT; ++n) {
