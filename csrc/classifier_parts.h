@@ -86,6 +86,21 @@ inline bool tail_mma_tall_tiles_requested() {
   return env_switch("CARE_EXT_TAIL_MMA_TILES", "2x4", "4x2");
 }
 
+// CARE_EXT_STEP_OVERLAP (run time): whether the CUDA fused step runs group_features and the prompt
+// branches' first-layer GEMM(s) on a second stream beside the rollout GEMM(s) (SideWork, below;
+// the policy is in csrc/cuda/step_fused.cu): "0" never, "1" always, "auto" (the default, also when
+// unset or empty) by the launch's rule. Returns 0, 1, or -1 for auto; any other value is an error
+// naming the variable. The CPU twin runs everything in order whatever it says (the value is
+// checked).
+inline int step_overlap_requested() {
+  const char* env = std::getenv("CARE_EXT_STEP_OVERLAP");
+  if (env == nullptr || *env == 0 || std::strcmp(env, "auto") == 0) return -1;
+  if (std::strcmp(env, "1") == 0) return 1;
+  TORCH_CHECK(std::strcmp(env, "0") == 0, "CARE_EXT_STEP_OVERLAP must be 0, 1 or auto, got '",
+              env, "'");
+  return 0;
+}
+
 // Held for the whole of every op that runs ATen GEMMs (classifier_forward, acquisition_step, the
 // fused step's host part):
 //   * Autocast keys excluded: the ops compute in float32 whatever a caller's torch.autocast
@@ -257,9 +272,25 @@ struct FusedStep {
   int64_t B = 0;
   StepTuple outputs() const;
 };
+
+// Where prepare_fused_step may send the work that the rollout GEMM does not wait for (the CUDA
+// launch's second stream, CARE_EXT_STEP_OVERLAP in csrc/cuda/step_fused.cu): begin() comes before
+// group_features and the prompt branches' first-layer GEMM(s), end() after them; the rollout
+// GEMM(s) follow on the caller's stream. Both sides read only the inputs and write only their own
+// outputs, so the results are the same bits either way; the launcher joins the streams before
+// anything reads them.
+struct SideWork {
+  virtual ~SideWork() = default;
+  virtual void begin() = 0;
+  virtual void end() = 0;
+};
+
+// The host part of the fused step: checks, features, first-layer GEMMs and outputs (FusedStep).
+// `side`: nullptr runs everything on the caller's stream, in order; else see SideWork.
 FusedStep prepare_fused_step(const Tensor& ids, const Tensor& lengths, const Tensor& h_prompt,
                              const Tensor& h_resp, at::TensorList stage1, at::TensorList stage2,
                              double max_len, double cag_eps, bool cag_unbiased, double adv_eps,
-                             bool adv_unbiased, at::TensorList first_layer_split);
+                             bool adv_unbiased, at::TensorList first_layer_split,
+                             SideWork* side = nullptr);
 
 }  // namespace care_ext

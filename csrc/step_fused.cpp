@@ -120,37 +120,35 @@ HeadWeights head_weights(const Weights& w, std::vector<Tensor>& keep, int64_t H,
 FusedStep prepare_fused_step(const Tensor& ids, const Tensor& lengths, const Tensor& h_prompt,
                              const Tensor& h_resp, at::TensorList stage1, at::TensorList stage2,
                              double max_len, double cag_eps, bool cag_unbiased, double adv_eps,
-                             bool adv_unbiased, at::TensorList first_layer_split) {
+                             bool adv_unbiased, at::TensorList first_layer_split,
+                             SideWork* side) {
   const char* op = fused_step_op_name(first_layer_split);
   const KernelDispatchGuard dispatch_guard;  // the first-layer GEMMs below stay float32
   check_step_inputs(ids, h_prompt, h_resp, op);
   const int64_t B = ids.size(0), G = ids.size(1), H = h_prompt.size(1);
   const auto dev = ids.device();
+  const Weights w1 = check_weights(stage1, H, G + 1, 1, 2, dev, op, "stage1");
+  const Weights w2 = check_weights(stage2, H, G + 1, 0, G + 1, dev, op, "stage2");
+  const bool split = !first_layer_split.empty();
+  if (split) check_split(first_layer_split, h_prompt, h_resp, H, w1.R1 + w2.R1, w1.P + w2.P, op);
   FusedStep f;
   f.B = B;
+  // what the rollout GEMM does not wait for: the features and the prompt branches' GEMM(s)
+  if (side != nullptr) side->begin();
   std::tie(f.rank, f.sizes, f.prompt_feat, f.len_norm, f.minority, f.cag, f.admissible, f.pseudo,
            f.pseudo_adv) =
       group_features_dispatch(ids, lengths, max_len, cag_eps, cag_unbiased, adv_eps, adv_unbiased);
-  const Weights w1 = check_weights(stage1, H, G + 1, 1, 2, dev, op, "stage1");
-  const Weights w2 = check_weights(stage2, H, G + 1, 0, G + 1, dev, op, "stage2");
-  const auto fopt = h_prompt.options().dtype(at::kFloat);
-  if (first_layer_split.empty()) {
+  if (split) {  // one GEMM per input over both stages' stacked, split weights, read from bf16
+    f.pre_p1 = split_products(h_prompt, first_layer_split[1]);
+  } else {
     const Tensor hp = h_prompt.to(at::kFloat);
-    const Tensor hr = h_resp.reshape({B * G, H}).to(at::kFloat);  // bf16 read once, here
-    f.pre_r1 = hr.mm(w1.r1w.narrow(1, 0, H).t());
-    f.pre_r2 = hr.mm(w2.r1w.narrow(1, 0, H).t());
     f.pre_p1 = hp.mm(w1.pw.narrow(1, 0, H).t());
     f.pre_p2 = hp.mm(w2.pw.narrow(1, 0, H).t());
-    f.args.pre_r1 = plain(f.pre_r1);
-    f.args.pre_r2 = plain(f.pre_r2);
-    f.args.pre_p1 = plain(f.pre_p1);
-    f.args.pre_p2 = plain(f.pre_p2);
-  } else {
-    // one GEMM per input over both stages' stacked, split weights, read straight from bf16
-    check_split(first_layer_split, h_prompt, h_resp, H, w1.R1 + w2.R1, w1.P + w2.P, op);
+  }
+  if (side != nullptr) side->end();
+  if (split) {
     const int T = static_cast<int>(first_layer_split[0].size(0));
     f.pre_r1 = split_products(h_resp.reshape({B * G, H}), first_layer_split[0]);
-    f.pre_p1 = split_products(h_prompt, first_layer_split[1]);
     const float* r = f.pre_r1.data_ptr<float>();
     const float* p = f.pre_p1.data_ptr<float>();
     const int64_t Rt = w1.R1 + w2.R1, Pt = w1.P + w2.P;
@@ -158,7 +156,16 @@ FusedStep prepare_fused_step(const Tensor& ids, const Tensor& lengths, const Ten
     f.args.pre_r2 = PreAct{r + w1.R1, T * Rt, T, Rt};
     f.args.pre_p1 = PreAct{p, T * Pt, T, Pt};
     f.args.pre_p2 = PreAct{p + w1.P, T * Pt, T, Pt};
+  } else {
+    const Tensor hr = h_resp.reshape({B * G, H}).to(at::kFloat);  // bf16 read once, here
+    f.pre_r1 = hr.mm(w1.r1w.narrow(1, 0, H).t());
+    f.pre_r2 = hr.mm(w2.r1w.narrow(1, 0, H).t());
+    f.args.pre_r1 = plain(f.pre_r1);
+    f.args.pre_r2 = plain(f.pre_r2);
+    f.args.pre_p1 = plain(f.pre_p1);
+    f.args.pre_p2 = plain(f.pre_p2);
   }
+  const auto fopt = h_prompt.options().dtype(at::kFloat);
   f.reliability = at::empty({B}, fopt);
   f.logits1 = at::empty({B, 2}, fopt);
   f.probs = at::empty({B, G + 1}, fopt);

@@ -58,6 +58,7 @@ StepTuple acquisition_step_fused_split_cpu(const Tensor& ids, const Tensor& leng
                                            double max_len, double cag_eps, bool cag_unbiased,
                                            double adv_eps, bool adv_unbiased,
                                            at::TensorList first_layer_split) {
+  step_overlap_requested();  // checked; the CPU runs the host part in order
   const FusedStep f = prepare_fused_step(ids, lengths, h_prompt, h_resp, stage1, stage2, max_len,
                                          cag_eps, cag_unbiased, adv_eps, adv_unbiased,
                                          first_layer_split);
@@ -96,6 +97,7 @@ StepTuple acquisition_step_fused_block_cpu(const Tensor& ids, const Tensor& leng
   tail_l2_mma_requested(0);  // checked; the CPU runs layer 2's FFMA tiles whatever it says
   tail_mma_presplit_requested();  // checked likewise
   tail_mma_tall_tiles_requested();
+  step_overlap_requested();  // checked; one thread runs the host part in order
   std::vector<float> r2w(staged ? static_cast<size_t>(step_tail_staged_r2w_floats(f.args)) : 0);
   TeamBarrier barrier(n);
   auto member = [&](int tid) {

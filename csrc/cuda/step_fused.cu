@@ -1,5 +1,6 @@
 // CUDA backend of the private fused step: after the host part (group_features kernel + four cuBLAS
-// GEMMs, step_fused.cpp), one kernel runs the whole per-prompt tail of step_tail.h, one block of
+// GEMMs, step_fused.cpp; the features and prompt GEMMs on a second stream where
+// CARE_EXT_STEP_OVERLAP says so), one kernel runs the whole per-prompt tail of step_tail.h, one block of
 // kTailThreads threads per prompt and classifier (blockIdx.y: 0 = Stage-I, 1 = Stage-II), its
 // scratch in dynamic shared memory.
 #include "common.cuh"
@@ -7,9 +8,15 @@
 #include "../classifier_parts.h"
 
 #include <ATen/ops/empty.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <vector>
 
 namespace care_ext {
 namespace {
@@ -149,6 +156,83 @@ int tail_prompts_per_block(int64_t B, const char* env) {
   return static_cast<int>(n);
 }
 
+// CARE_EXT_STEP_OVERLAP's policy (step_overlap_requested, classifier_parts.h): "auto" overlaps
+// while the caller's stream is being captured into a CUDA graph, where host work costs nothing at
+// replay, and from kOverlapMinRows rollouts (B * G) on, where the device is the bound. The fork and
+// join cost the host 4 runtime calls (2 event records, 2 waits) and a recordStream per output made
+// on the side stream; at 64 x 8 x 4096 the eager step is host-bound (H200, thirteenth session:
+// 78.5 us per call against a 44.7 us replay), so it stays on one stream there. The same values
+// either way, so the same bits (CUDA test). Prepared on 2026-11-28 without a GPU, from the H200's
+// profile (bench/RESULTS.md): at 64 x 8 x 4096 the features kernel took 5.6 us and the GEMMs 13.9
+// of the 44.7 us replay, all in order. Not measured yet; kOverlapMinRows is a guess between the
+// host-bound 512 rows and the device-bound 8192 (512 x 16).
+constexpr int64_t kOverlapMinRows = 4096;
+
+bool step_overlap_wanted(int64_t rows) {
+  const int asked = step_overlap_requested();
+  if (asked >= 0) return asked == 1;
+  return rows >= kOverlapMinRows ||
+         c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+}
+
+// Two events per device and host thread (fork, join), made once: the step records and waits on
+// them in order on one thread, so reusing them is safe, eager or under graph capture.
+cudaEvent_t fork_join_event(int which, c10::DeviceIndex device) {
+  thread_local std::vector<std::array<cudaEvent_t, 2>> events;
+  if (static_cast<size_t>(device) >= events.size()) {
+    events.resize(static_cast<size_t>(device) + 1, {nullptr, nullptr});
+  }
+  cudaEvent_t& e = events[static_cast<size_t>(device)][static_cast<size_t>(which)];
+  if (e == nullptr) {  // the current device is `device` (the caller's guard)
+    C10_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+  }
+  return e;
+}
+
+// SideWork on a stream from torch's pool: begin() makes it wait for the caller's stream and makes
+// it current (so the features' and the prompt GEMMs' outputs are allocated for it), end() records
+// where it got to and makes the caller's stream current again; join() makes the caller's stream
+// wait for it and tells the allocator that the caller's stream uses those outputs (their memory is
+// not reused before that stream is done with them).
+class SideStream final : public SideWork {
+ public:
+  explicit SideStream(c10::cuda::CUDAStream main)
+      : main_(main), side_(c10::cuda::getStreamFromPool(false, main.device_index())) {
+    // the pool hands its streams out in turn: the caller's may be one of them
+    if (side_ == main_) side_ = c10::cuda::getStreamFromPool(false, main.device_index());
+  }
+
+  void begin() override {
+    const cudaEvent_t fork = fork_join_event(0, main_.device_index());
+    C10_CUDA_CHECK(cudaEventRecord(fork, main_.stream()));
+    C10_CUDA_CHECK(cudaStreamWaitEvent(side_.stream(), fork, 0));
+    guard_.emplace(side_);
+  }
+
+  void end() override {
+    guard_.reset();
+    C10_CUDA_CHECK(cudaEventRecord(fork_join_event(1, main_.device_index()), side_.stream()));
+    ended_ = true;
+  }
+
+  void join(const FusedStep& f) const {
+    if (!ended_) return;
+    C10_CUDA_CHECK(
+        cudaStreamWaitEvent(main_.stream(), fork_join_event(1, main_.device_index()), 0));
+    for (const Tensor* t : {&f.rank, &f.sizes, &f.prompt_feat, &f.len_norm, &f.minority, &f.cag,
+                            &f.admissible, &f.pseudo, &f.pseudo_adv, &f.pre_p1, &f.pre_p2}) {
+      if (t->defined() && t->numel() > 0) {
+        c10::cuda::CUDACachingAllocator::recordStream(t->storage().data_ptr(), main_);
+      }
+    }
+  }
+
+ private:
+  c10::cuda::CUDAStream main_, side_;
+  std::optional<c10::cuda::CUDAStreamGuard> guard_;
+  bool ended_ = false;
+};
+
 }  // namespace
 
 StepTuple acquisition_step_fused_split_cuda(const Tensor& ids, const Tensor& lengths,
@@ -162,16 +246,22 @@ StepTuple acquisition_step_fused_split_cuda(const Tensor& ids, const Tensor& len
   // argument, instead of a CUDAGuard error about a CPU device.
   c10::cuda::OptionalCUDAGuard guard;
   if (ids.is_cuda()) guard.set_device(ids.device());
+  // CARE_EXT_STEP_OVERLAP: features and prompt GEMMs on a second stream (checked on CUDA inputs)
+  std::optional<SideStream> side;
+  if (ids.is_cuda() && ids.numel() > 0 && step_overlap_wanted(ids.numel())) {
+    side.emplace(c10::cuda::getCurrentCUDAStream());
+  }
   const FusedStep f = prepare_fused_step(ids, lengths, h_prompt, h_resp, stage1, stage2, max_len,
                                          cag_eps, cag_unbiased, adv_eps, adv_unbiased,
-                                         first_layer_split);
+                                         first_layer_split, side ? &*side : nullptr);
+  if (side) side->join(f);  // before the tail, or before the caller's next work on the stream
   if (f.B == 0) return f.outputs();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   StepTailArgs args = f.args;
   const char* env = std::getenv("CARE_EXT_TAIL_PROMPTS");
   const bool from_env = env != nullptr && *env != 0;
   args.prompts_per_block = tail_prompts_per_block(f.B, env);
   const char* op = fused_step_op_name(first_layer_split);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   args.l2_mma = tail_l2_mma_requested(args.G) ? 1 : 0;  // the kernel checks R1 % 8 and the arch
   // CARE_EXT_TAIL_MMA_PRESPLIT (default on): the tensor-core layer 2 reads pre-split operands; its
   // weight is split here once per call (sm_80+: cvt.rna.tf32)

@@ -567,6 +567,88 @@ def test_tail_mma_envs_are_checked(var, values, bad, monkeypatch):
         assert torch.equal(x, y), k
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("split", [False, True], ids=["fp32", "split"])
+@pytest.mark.parametrize("B, G, dims", [(5, 3, {}), (300, 8, {}), (600, 64, {}), (40, 16, ODD)])
+def test_cuda_step_overlap_gives_the_same_bits(B, G, dims, split, monkeypatch):
+    """CARE_EXT_STEP_OVERLAP=1 runs group_features and the prompt branches' first-layer GEMM(s)
+    on a second stream beside the rollout GEMM(s); =0 runs all on one stream, in order; auto (the
+    default) picks by size (300 x 8 one stream, 600 x 64 two). The same ops on the same values:
+    every output equals the in-order run's bit for bit, for both weight layouts, and is like the
+    float64 reference."""
+    inputs, runs = _cuda_fused_step_under("CARE_EXT_STEP_OVERLAP", ("0", "1", "auto", ""), B, G,
+                                          dims, split, B * 7 + G, monkeypatch)
+    for layout, (plain, *others) in runs:
+        for value, outs in zip(("1", "auto", "(default)"), others):
+            for k, (a, b) in enumerate(zip(outs, plain)):
+                assert torch.equal(a, b), (layout, value, k)
+        assert_step_like_reference(others[0], *inputs)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("split", [False, True], ids=["fp32", "split"])
+def test_cuda_step_overlap_on_a_side_stream_and_in_a_graph(split, monkeypatch):
+    """The overlapped step called from a non-default stream, and captured into a CUDA graph (auto
+    overlaps while capturing: the fork and join become graph edges) then replayed on new inputs
+    written into the captured ones: every output equals the in-order eager step's on the same
+    inputs, bit for bit."""
+    from care_ext.bf16_split import first_layer_split
+
+    gen = torch.Generator().manual_seed(11)
+    ids, lengths, h_p, h_r, s1, s2 = step_inputs(64, 8, 64, torch.bfloat16, gen)
+    w1, w2 = [t.cuda() for t in s1], [t.cuda() for t in s2]
+    pieces = [t.cuda() for t in first_layer_split(s1, s2, 64)] if split else None
+    op = getattr(torch.ops.care_ext,
+                 "_acquisition_step_fused_split" if split else "_acquisition_step_fused")
+    static = [t.cuda() for t in (ids, lengths, h_p, h_r)]
+    call = lambda: op(*static, w1, w2, 4000.0, 0.0, False, 1e-6, False,  # noqa: E731
+                      *([pieces] if split else []))
+    monkeypatch.setenv("CARE_EXT_STEP_OVERLAP", "0")
+    want = [t.clone() for t in call()]
+    monkeypatch.setenv("CARE_EXT_STEP_OVERLAP", "1")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        got = call()
+    torch.cuda.current_stream().wait_stream(s)
+    for k, (a, b) in enumerate(zip(got, want)):
+        assert torch.equal(a, b), ("side stream", k)
+    monkeypatch.setenv("CARE_EXT_STEP_OVERLAP", "auto")
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        captured = call()
+    ids2, lengths2, h_p2, h_r2, _, _ = step_inputs(64, 8, 64, torch.bfloat16, gen)
+    for dst, src in zip(static, (ids2, lengths2, h_p2, h_r2)):
+        dst.copy_(src)
+    g.replay()
+    monkeypatch.setenv("CARE_EXT_STEP_OVERLAP", "0")
+    want = call()
+    for k, (a, b) in enumerate(zip(captured, want)):
+        assert torch.equal(a, b), ("graph", k)
+
+
+def test_step_overlap_env_is_checked(monkeypatch):
+    """CARE_EXT_STEP_OVERLAP takes 0, 1, auto or nothing; anything else is an error naming the
+    variable (the CPU twins check it too, and run their host part in order whatever it says)."""
+    ids, lengths, h_p, h_r, s1, s2 = step_inputs(3, 8, 16, torch.bfloat16, torch.Generator())
+    calls = [lambda op=op, more=more: run_step(op, "cpu", ids, lengths, h_p, h_r, s1, s2, [],
+                                               *more)
+             for op, more in (("_acquisition_step_fused_block", (8, 1)),
+                              ("_acquisition_step_fused_split", ()))]
+    monkeypatch.setenv("CARE_EXT_STEP_OVERLAP", "yes")
+    for call in calls:
+        with pytest.raises(RuntimeError,
+                           match="CARE_EXT_STEP_OVERLAP must be 0, 1 or auto, got 'yes'"):
+            call()
+    monkeypatch.setenv("CARE_EXT_STEP_OVERLAP", "0")
+    first = [call() for call in calls]
+    for value in ("1", "auto", ""):
+        monkeypatch.setenv("CARE_EXT_STEP_OVERLAP", value)
+        for call, want in zip(calls, first):
+            for k, (x, y) in enumerate(zip(call(), want)):
+                assert torch.equal(x, y), (value, k)
+
+
 def test_fused_step_block_checks_its_threads():
     ids, lengths, h_p, h_r, s1, s2 = step_inputs(2, 4, 16, torch.float32, torch.Generator())
     block = lambda threads, prompts: run_step(  # noqa: E731
