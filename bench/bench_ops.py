@@ -7,6 +7,8 @@ Providers, measured side by side in one process on one machine:
     cudagraph       a CUDA-graph replay of the reference (CUDA only; the launch-free floor of eager)
     native_graph    a CUDA-graph replay of the native op (CUDA only; its launch-free device time,
                     and proof that it captures: no host synchronisation inside)
+    native_plan     the public step through care_ext.step_graph.StepGraph (CUDA only; opt-in):
+                    host-inclusive, every call copying the inputs into the plan's buffers
     native_rowmajor the native op on the same weights stored row-major contiguous (opt-in: what
                     the CARE core's weight layout, care_ext.ops.core_step_layout, is worth)
 
@@ -107,10 +109,31 @@ OP_NAMES = ("cluster_stats", "group_advantage", "cag", "classwise_cag", "expecte
             "acquisition_step_split", "acquisition_step_split_packed",
             "acquisition_step_split2_packed", "first_layer_split")
 """Every op bench_ops times (the keys of :func:`op_calls`, in its order)."""
-PROVIDERS = ("native", "reference", "compile", "cudagraph", "native_graph", "native_rowmajor")
+PROVIDERS = ("native", "reference", "compile", "cudagraph", "native_graph", "native_plan",
+             "native_rowmajor")
 """native: torch.ops.care_ext; reference: care_ext.reference eager; compile: torch.compile of the
-reference; cudagraph / native_graph: CUDA-graph replays of reference / native (CUDA only);
-native_rowmajor: native on row-major contiguous weights."""
+reference; cudagraph / native_graph: CUDA-graph replays of reference / native (CUDA only), the
+inputs already in the graph's buffers; native_plan: the public step through
+care_ext.step_graph.StepGraph, host-inclusive, every call copying the inputs into the plan's
+buffers (CUDA only; the public step ops); native_rowmajor: native on row-major contiguous
+weights."""
+
+PLAN_OPS = ("acquisition_step", "acquisition_step_fused_split", "acquisition_step_fused_split2")
+"""The step ops the native_plan provider runs (the public step, and its split-bf16 first layers
+with 3 and 2 pieces: what care_ext.ops.acquisition_step takes)."""
+
+
+def plan_calls(x) -> dict:
+    """op -> zero-argument callable running that step op through one StepGraph per op (captured
+    on its first call), with the bench's own input tensors: each call copies them into the plan's
+    buffers and replays."""
+    from care_ext.step_graph import StepGraph
+
+    step = (x["ids"], x["lengths"], x["h_p"], x["h_r"], x["s1"], x["s2"])
+    plans = {op: StepGraph() for op in PLAN_OPS}
+    pieces = {"acquisition_step": None, "acquisition_step_fused_split": x["split"],
+              "acquisition_step_fused_split2": x["split2"]}
+    return {op: (lambda p=plans[op], s=pieces[op]: p(*step, s)) for op in PLAN_OPS}
 
 
 def op_calls(x, impl):
@@ -319,6 +342,8 @@ def main(argv=None) -> int:
                     extra.update(cpu_gemm_gflops=rate / 1e9,
                                  gemm_floor_us=extra["flops_native_cpu"] / rate * 1e6)
             calls = {"native": op_calls(x, native), "reference": op_calls(x, R)}
+            if "native_plan" in args.providers and dev == "cuda":
+                calls["native_plan"] = plan_calls(x)
             if "native_rowmajor" in args.providers:  # the same weights, row-major contiguous
                 rm = dict(x, s1=[w.contiguous() for w in x["s1"]],
                           s2=[w.contiguous() for w in x["s2"]])
@@ -337,6 +362,8 @@ def main(argv=None) -> int:
                             t = graph_time(calls["reference"][op], args.min_time)
                         elif prov == "native_graph" and dev == "cuda":
                             t = graph_time(calls["native"][op], args.min_time)
+                        elif prov == "native_plan" and dev == "cuda" and op in PLAN_OPS:
+                            t = host_time(calls["native_plan"][op], dev, args.min_time)
                         else:
                             continue
                     except Exception as exc:  # a provider that cannot run this op is reported, not fatal

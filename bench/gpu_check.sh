@@ -87,14 +87,25 @@ for fused in "${FUSED[@]}"; do  # the CARE core on the GPU with the default step
 done
 
 stamp "benchmarks: the whole step first (the goals' shapes), then every op"
-PROV=(native reference compile cudagraph native_graph)
-[ "$QUICK" = 1 ] && PROV=(native reference cudagraph native_graph)
+PROV=(native reference compile cudagraph native_graph native_plan)
+[ "$QUICK" = 1 ] && PROV=(native reference cudagraph native_graph native_plan)
 timeout "$(cap 120)" python3 "$REPO/bench/bench_ops.py" --device cuda --min-time 0.2 --providers "${PROV[@]}" \
   --ops acquisition_step acquisition_step_fused acquisition_step_fused_split acquisition_step_fused_split2 \
   --shapes 64x8x4096 1024x64x4096 512x16x4096 64x8x2048 \
   --out "$OUT/bench_step_ops" > "$OUT/bench.log" 2>&1
 stamp "bench (step) exit $? : $(grep -E '64x8x4096|1024x64x4096' "$OUT/bench.log" | tr -s ' ' | tr '\n' ';')"
 python3 "$REPO/bench/step_goals.py" "$OUT/bench_step_ops.jsonl" >> "$OUT/summary.txt" 2>&1
+# the features kernel and the prompt GEMMs on a second stream beside the rollout GEMM
+# (CARE_EXT_STEP_OVERLAP; auto: in graphs and from 4096 rollouts), off and on alternated twice
+for round in 1 2; do
+  for ov in 0 1; do
+    CARE_EXT_STEP_OVERLAP=$ov timeout "$(cap 30)" python3 "$REPO/bench/bench_ops.py" --device cuda \
+      --min-time 0.2 --providers native native_graph --ops acquisition_step_fused_split2 \
+      --shapes 64x8x4096 512x16x4096 1024x64x4096 --out "$OUT/bench_step_ops_overlap${ov}_$round" \
+      > "$OUT/bench_overlap${ov}_$round.log" 2>&1
+    stamp "bench CARE_EXT_STEP_OVERLAP=$ov (round $round) exit $? : $(grep -E '^cuda' "$OUT/bench_overlap${ov}_$round.log" | tr -s ' ' | cut -d' ' -f2,4,5 | tr '\n' ';')"
+  done
+done
 TPS=(1 2 4); [ "$QUICK" = 1 ] && TPS=()
 for tp in ${TPS[@]+"${TPS[@]}"}; do  # the fused ops with 1, 2 and 4 prompts per tail block (the default picks by B)
   CARE_EXT_TAIL_PROMPTS=$tp timeout "$(cap 45)" python3 "$REPO/bench/bench_ops.py" --device cuda \
@@ -229,6 +240,10 @@ stamp "compute-sanitizer memcheck, CARE_EXT_TAIL_L2=mma exit $? : $(grep -E 'ERR
 CARE_EXT_TAIL_L2=mma CARE_EXT_TAIL_MMA_TILES=4x2 timeout "$(cap 60)" compute-sanitizer --tool memcheck --error-exitcode 9 \
   python3 /tmp/sanitize_ops.py > "$OUT/sanitizer_mma_tall.log" 2>&1
 stamp "compute-sanitizer memcheck, CARE_EXT_TAIL_L2=mma CARE_EXT_TAIL_MMA_TILES=4x2 exit $? : $(grep -E 'ERROR SUMMARY|sanitize script ok' "$OUT/sanitizer_mma_tall.log" | tr '\n' ' ')"
+# the features and prompt GEMMs on a second stream (CARE_EXT_STEP_OVERLAP=1) on every shape
+CARE_EXT_STEP_OVERLAP=1 timeout "$(cap 60)" compute-sanitizer --tool memcheck --error-exitcode 9 \
+  python3 /tmp/sanitize_ops.py > "$OUT/sanitizer_overlap.log" 2>&1
+stamp "compute-sanitizer memcheck, CARE_EXT_STEP_OVERLAP=1 exit $? : $(grep -E 'ERROR SUMMARY|sanitize script ok' "$OUT/sanitizer_overlap.log" | tr '\n' ' ')"
 # quick only, last (it runs if time is left): the CARE core's decide and update on CUDA, which the
 # eighth session's changes predict down (decide 512x16 30 -> 15-20 ms; update 67 -> 50-57 ms)
 if [ "$QUICK" = 1 ]; then

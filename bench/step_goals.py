@@ -9,6 +9,8 @@ and _split2_packed) it prints, per
 shape, the host-inclusive native time and the goals that apply to the row's device (a row without ``device`` counts as a GPU row):
     GPU  64x8x4096      native <= 25 us, >= 70x the eager reference, >= 15x the CUDA-graph replay
     GPU  1024x64x4096   native <= 2x the memory floor (floor_us: reading the hidden states once)
+    (GPU rows with native_plan_us, the step through care_ext.step_graph.StepGraph with its input
+    copies, get the same goals on a second line marked "(plan)")
     CPU  64x8x4096, 512x16x4096   native >= 5x the eager reference on the run's threads; the
                         native time over the GEMM floor (gemm_floor_us) is shown beside it
 and PASS / FAIL / n/a (a number the run did not produce). Ratios come from one run on one
@@ -57,16 +59,26 @@ def goal_lines(rows: list[dict]) -> list[str]:
                 k = _ratio(nat, r.get("gemm_floor_us"))
                 out.append(f"{name}  threads={r.get('threads', '?')}  x{_num(x_ref, '.1f')} eager "
                            f"(>=5):{_check(x_ref, lambda v: v >= 5)}  {_num(k, '.2f')}x GEMM floor")
-        elif r["shape"] == "64x8x4096":
-            x_graph = _ratio(r.get("cudagraph_us"), nat)
-            out.append(f"{name}  <=25us:{_check(nat, lambda v: v <= 25.0)}"
-                       f"  x{_num(x_ref, '.1f')} eager (>=70):{_check(x_ref, lambda v: v >= 70)}"
-                       f"  x{_num(x_graph, '.1f')} graph (>=15):"
-                       f"{_check(x_graph, lambda v: v >= 15)}")
-        elif r["shape"] == "1024x64x4096":
-            k = _ratio(nat, r.get("floor_us"))
-            out.append(f"{name}  {_num(k, '.2f')}x floor (<=2):{_check(k, lambda v: v <= 2.0)}")
+        else:
+            out += _gpu_goal_lines(r, name, nat, x_ref)
+            plan = r.get("native_plan_us")
+            if plan is not None:  # the same goals through StepGraph (input copies included)
+                name = f"{r['op'] + ' (plan)':<29} {r['shape']:>13}  plan={plan:.1f}us"
+                out += _gpu_goal_lines(r, name, plan, _ratio(r.get("reference_us"), plan))
     return out
+
+
+def _gpu_goal_lines(r: dict, name: str, t: float | None, x_ref: float | None) -> list[str]:
+    """The GPU goal line of row ``r`` for host-inclusive time ``t`` (none off the goal shapes)."""
+    if r["shape"] == "64x8x4096":
+        x_graph = _ratio(r.get("cudagraph_us"), t)
+        return [f"{name}  <=25us:{_check(t, lambda v: v <= 25.0)}"
+                f"  x{_num(x_ref, '.1f')} eager (>=70):{_check(x_ref, lambda v: v >= 70)}"
+                f"  x{_num(x_graph, '.1f')} graph (>=15):{_check(x_graph, lambda v: v >= 15)}"]
+    if r["shape"] == "1024x64x4096":
+        k = _ratio(t, r.get("floor_us"))
+        return [f"{name}  {_num(k, '.2f')}x floor (<=2):{_check(k, lambda v: v <= 2.0)}"]
+    return []
 
 
 def main(argv=None) -> int:

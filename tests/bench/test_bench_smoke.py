@@ -115,6 +115,29 @@ def test_step_goals_reads_a_bench_run(tmp_path, capsys):
     assert "<=25us:FAIL" in lines[4] and "eager (>=70):n/a" in lines[4]
 
 
+def test_step_goals_plan_rows(tmp_path, capsys):
+    """A GPU row with native_plan_us (the step through StepGraph) gets the same goals again on a
+    line marked (plan), from the plan's own time; a row without it gets none."""
+    import step_goals
+
+    rows = [dict(op="acquisition_step_fused_split", shape="64x8x4096", native_us=80.0,
+                 native_plan_us=20.0, reference_us=2000.0, cudagraph_us=400.0),
+            dict(op="acquisition_step_fused_split2", shape="1024x64x4096", native_us=500.0,
+                 native_plan_us=700.0, floor_us=200.0),
+            dict(op="acquisition_step", shape="64x8x4096", native_us=500.0)]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert step_goals.main([str(path)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 5
+    assert "native=80.0us" in lines[0] and "<=25us:FAIL" in lines[0]
+    assert "(plan)" in lines[1] and "plan=20.0us" in lines[1] and "<=25us:PASS" in lines[1]
+    assert "x100.0 eager (>=70):PASS" in lines[1] and "x20.0 graph (>=15):PASS" in lines[1]
+    assert "2.50x floor (<=2):FAIL" in lines[2]
+    assert "(plan)" in lines[3] and "3.50x floor (<=2):FAIL" in lines[3]
+    assert "(plan)" not in lines[4]
+
+
 def test_step_goals_cpu_rows(tmp_path, capsys):
     """CPU rows get the CPU goal (>= 5x the eager reference at 64x8x4096 and 512x16x4096) with
     the GEMM-floor ratio beside it, never the GPU's microsecond goals; other shapes are skipped."""
