@@ -120,17 +120,22 @@ done
 # alternated in one run at G = 8, 16, 32 and 64: the step, then its kernels' device times.
 # (CARE_EXT_TAIL_STAGE_R2=1, the layer-2 weight staged in shared memory, lost on the H200 of
 # 2026-11-27: 714.8 against 512.9 us of tail at 1024x64x4096; only its racecheck still runs.)
+# head: the default layer 2 (auto: ffma at G = 8, mma1 from 16) with the head in a kernel of its
+# own (CARE_EXT_TAIL_HEAD=split; compare with the ffma row at 64x8, the mma1 rows above). mma0
+# (in-loop split) lost twice on the H200 (2026-11-27) and runs only where named in GPU_CHECK_L2.
 l2_env() {  # one layer-2 variant's environment: ffma, mma0 (split in the loop), mma1 (pre-split),
-            # mma1t (pre-split, 4x2 tiles)
+            # mma1t (pre-split, 4x2 tiles), head (auto layer 2, split head)
   case "$1" in
     ffma) echo "CARE_EXT_TAIL_L2=ffma" ;;
     mma0) echo "CARE_EXT_TAIL_L2=mma CARE_EXT_TAIL_MMA_PRESPLIT=0" ;;
     mma1) echo "CARE_EXT_TAIL_L2=mma CARE_EXT_TAIL_MMA_PRESPLIT=1" ;;
     mma1t) echo "CARE_EXT_TAIL_L2=mma CARE_EXT_TAIL_MMA_PRESPLIT=1 CARE_EXT_TAIL_MMA_TILES=4x2" ;;
+    head) echo "CARE_EXT_TAIL_L2=auto CARE_EXT_TAIL_HEAD=split" ;;
   esac
 }
+L2_VARIANTS=(${GPU_CHECK_L2:-ffma mma1 mma1t head})  # GPU_CHECK_L2: the variants, in turn
 for round in $(seq 1 "${GPU_CHECK_L2_ROUNDS:-2}"); do  # GPU_CHECK_L2_ROUNDS: alternations (default 2)
-  for l2 in ffma mma0 mma1 mma1t; do
+  for l2 in "${L2_VARIANTS[@]}"; do
     env $(l2_env $l2) timeout "$(cap 30)" python3 "$REPO/bench/bench_ops.py" --device cuda \
       --min-time 0.2 --providers native native_graph --ops acquisition_step_fused_split2 \
       --shapes 64x8x4096 512x16x4096 256x32x4096 1024x64x4096 --out "$OUT/bench_step_ops_L2_${l2}_$round" \
@@ -138,10 +143,10 @@ for round in $(seq 1 "${GPU_CHECK_L2_ROUNDS:-2}"); do  # GPU_CHECK_L2_ROUNDS: al
     stamp "bench $(l2_env $l2) (round $round) exit $? : $(grep -E '^cuda' "$OUT/bench_L2_${l2}_$round.log" | tr -s ' ' | cut -d' ' -f2,4,5 | tr '\n' ';')"
   done
 done
-for l2 in ffma mma0 mma1 mma1t; do
+for l2 in "${L2_VARIANTS[@]}"; do
   env $(l2_env $l2) timeout "$(cap 30)" python3 "$REPO/bench/profile_step.py" --device cuda \
     --ops acquisition_step_fused_split2 --shapes 64x8x4096 256x32x4096 1024x64x4096 --out "$OUT/profile_step_L2_$l2" > "$OUT/profile_step_L2_$l2.log" 2>&1
-  stamp "profile_step $(l2_env $l2) exit $? : $(grep -E 'step_tail_kernel|split_r2w|device\)' "$OUT/profile_step_L2_$l2.log" | tr -s ' ' | cut -c1-60 | tr '\n' ';')"
+  stamp "profile_step $(l2_env $l2) exit $? : $(grep -E 'step_tail_kernel|step_head_kernel|split_r2w|device\)' "$OUT/profile_step_L2_$l2.log" | tr -s ' ' | cut -c1-60 | tr '\n' ';')"
 done
 # device time per kernel of one step call (which kernel to work on next); totals into summary.txt
 timeout "$(cap 45)" python3 "$REPO/bench/profile_step.py" --device cuda --shapes 64x8x4096 1024x64x4096 \
@@ -240,6 +245,14 @@ stamp "compute-sanitizer memcheck, CARE_EXT_TAIL_L2=mma exit $? : $(grep -E 'ERR
 CARE_EXT_TAIL_L2=mma CARE_EXT_TAIL_MMA_TILES=4x2 timeout "$(cap 60)" compute-sanitizer --tool memcheck --error-exitcode 9 \
   python3 /tmp/sanitize_ops.py > "$OUT/sanitizer_mma_tall.log" 2>&1
 stamp "compute-sanitizer memcheck, CARE_EXT_TAIL_L2=mma CARE_EXT_TAIL_MMA_TILES=4x2 exit $? : $(grep -E 'ERROR SUMMARY|sanitize script ok' "$OUT/sanitizer_mma_tall.log" | tr '\n' ' ')"
+# the head in a kernel of its own (CARE_EXT_TAIL_HEAD=split): memcheck on every shape, racecheck
+# (its blocks' shared scratch and the last block's reads of the others' z)
+CARE_EXT_TAIL_HEAD=split timeout "$(cap 60)" compute-sanitizer --tool memcheck --error-exitcode 9 \
+  python3 /tmp/sanitize_ops.py > "$OUT/sanitizer_head.log" 2>&1
+stamp "compute-sanitizer memcheck, CARE_EXT_TAIL_HEAD=split exit $? : $(grep -E 'ERROR SUMMARY|sanitize script ok' "$OUT/sanitizer_head.log" | tr '\n' ' ')"
+CARE_EXT_TAIL_HEAD=split PYTHONPATH="$REPO/bench" timeout "$(cap 60)" compute-sanitizer --tool racecheck \
+  --error-exitcode 9 python3 /tmp/sanitize_sync.py > "$OUT/sanitizer_racecheck_head.log" 2>&1
+stamp "compute-sanitizer racecheck, CARE_EXT_TAIL_HEAD=split exit $? : $(grep -E 'RACECHECK SUMMARY|sync script ok' "$OUT/sanitizer_racecheck_head.log" | tr '\n' ' ')"
 # the features and prompt GEMMs on a second stream (CARE_EXT_STEP_OVERLAP=1) on every shape
 CARE_EXT_STEP_OVERLAP=1 timeout "$(cap 60)" compute-sanitizer --tool memcheck --error-exitcode 9 \
   python3 /tmp/sanitize_ops.py > "$OUT/sanitizer_overlap.log" 2>&1

@@ -31,6 +31,10 @@ Rules (``--check``; exit status 1 when one fails):
   warp's unit tiles, three products each, unrolled).
 - ``dot-loads-ahead``: the head's dot products (``sass: dot-fma``) issue kDotChunk global loads
   before their first FFMA (loads in flight, not one latency per multiply-add).
+- The loop rules apply to every kernel that must hold the loop (expected_loops): each
+  instantiation of step_tail_kernel, except that one built with its head split off
+  (``step_tail_kernel<M, true>``, CARE_EXT_TAIL_HEAD=split) has no dot products, and
+  step_head_kernel (the split head) has only those.
 - ``address-arithmetic``: those two loop bodies spend at most INT_PER_FFMA integer instructions
   per FFMA (address computation: a pointer stepped along each weight row costs one add per load;
   recomputing ``r * rs + c * cs`` in 64 bits for every weight cost 2.8 per FFMA in layer 2).
@@ -397,9 +401,27 @@ def _named(kernels: list[Kernel], stem: str) -> list[Kernel]:
     return [k for k in kernels if k.name.split("<")[0] == stem]
 
 
+LOOP_RULES = ("tail-fp32", "l2-tile", "dot-loads-ahead", "l2-mma", "address-arithmetic")
+"""The rules checked per kernel of the fused step (its tail's instantiations, and the head kernel
+of CARE_EXT_TAIL_HEAD=split), in report order."""
+
+
+def expected_loops(name: str) -> set[str]:
+    """The tagged loops a kernel of the fused step must contain: step_head_kernel the head's dot
+    products only; a tail instantiated with its head split off (``step_tail_kernel<M, true>``)
+    the rollout layers only; any other tail all three."""
+    if name.split("<")[0] == "step_head_kernel":
+        return {"dot-fma"}
+    if name.replace(" ", "").endswith(",true>"):
+        return {"l2-fma", "l2-mma"}
+    return {"l2-fma", "dot-fma", "l2-mma"}
+
+
 def _tail_rules(tail: Kernel, markers: dict[str, tuple[str, int]],
                 consts: dict[str, int]) -> list[Rule]:
-    """The rules on one instantiation of the fused step's tail kernel (see check_rules)."""
+    """The rules on one kernel of the fused step (see check_rules): tail-fp32 always, the loop
+    rules for the loops it must contain (expected_loops)."""
+    loops = expected_loops(tail.name)
     rules = []
     own = {"step_tail.h", "step_fused.cu"}
     fp64 = collections.Counter(f"{i.loc[0]}:{i.loc[1]}" for i in tail.instrs
@@ -410,7 +432,9 @@ def _tail_rules(tail: Kernel, markers: dict[str, tuple[str, int]],
 
     rows, units, steps = consts["kL2TileRows"], consts["kL2TileUnits"], consts["kL2Steps"]
     loc = markers.get("l2-fma")
-    if loc is None:
+    if "l2-fma" not in loops:
+        pass
+    elif loc is None:
         rules.append(Rule("l2-tile", False, "no `// sass: l2-fma` marker in csrc/"))
     else:
         s = loop_stats(hot_block(tail.instrs, loc), loc)
@@ -425,7 +449,9 @@ def _tail_rules(tail: Kernel, markers: dict[str, tuple[str, int]],
                           f"FFMA/{4 * units} = {cap}), "
                           f"{s.get('int', 0)} integer ({s['int_per_ffma']} per FFMA)"))
     loc = markers.get("dot-fma")
-    if loc is None:
+    if "dot-fma" not in loops:
+        pass
+    elif loc is None:
         rules.append(Rule("dot-loads-ahead", False, "no `// sass: dot-fma` marker in csrc/"))
     else:
         s = loop_stats(hot_block(tail.instrs, loc), loc)
@@ -436,7 +462,9 @@ def _tail_rules(tail: Kernel, markers: dict[str, tuple[str, int]],
                           f"loads before the first (want >= {consts['kDotChunk']})"))
 
     loc = markers.get("l2-mma")
-    if loc is None:
+    if "l2-mma" not in loops:
+        pass
+    elif loc is None:
         rules.append(Rule("l2-mma", False, "no `// sass: l2-mma` marker in csrc/"))
     else:
         body = hot_block(tail.instrs, loc, op="HMMA")
@@ -449,12 +477,13 @@ def _tail_rules(tail: Kernel, markers: dict[str, tuple[str, int]],
                           f"{mix(body).get('global-load', 0)} global loads"))
 
     worst = []
-    for name, cap in INT_PER_FFMA.items():
+    want = [name for name in INT_PER_FFMA if name in loops]
+    for name in want:
         if name in markers:
             s = loop_stats(hot_block(tail.instrs, markers[name]), markers[name])
-            worst.append((name, s["int_per_ffma"], cap))
+            worst.append((name, s["int_per_ffma"], INT_PER_FFMA[name]))
     rules.append(Rule("address-arithmetic",
-                      len(worst) == len(INT_PER_FFMA) and all(v <= cap for _, v, cap in worst),
+                      len(worst) == len(want) and all(v <= cap for _, v, cap in worst),
                       ", ".join(f"{n}: {v} integer per FFMA (cap {cap})" for n, v, cap in worst)
                       or "no tagged loop found"))
 
@@ -474,11 +503,13 @@ def check_rules(kernels: list[Kernel], markers: dict[str, tuple[str, int]],
     tails = _named(kernels, "step_tail_kernel")
     if not tails:
         return rules + [Rule("tail-fp32", False, "no step_tail_kernel in the binary")]
-    per_tail = [_tail_rules(t, markers, consts) for t in tails]  # every instantiation
-    for k in range(len(per_tail[0])):
-        group = [rs[k] for rs in per_tail]
-        rules.append(Rule(group[0].name, all(r.ok for r in group),
-                          " | ".join(f"{t.name}: {r.detail}" for t, r in zip(tails, group))))
+    steps = tails + _named(kernels, "step_head_kernel")  # every instantiation
+    per_kernel = [(k, {r.name: r for r in _tail_rules(k, markers, consts)}) for k in steps]
+    for name in LOOP_RULES:
+        group = [(k, rs[name]) for k, rs in per_kernel if name in rs]
+        rules.append(Rule(name, bool(group) and all(r.ok for _, r in group),
+                          " | ".join(f"{k.name}: {r.detail}" for k, r in group)
+                          or "no kernel of the step has this loop"))
     missing = []
     for stem in ("cluster_stats_kernel", "group_features_kernel"):
         ks = _named(kernels, stem)

@@ -86,6 +86,17 @@ inline bool tail_mma_tall_tiles_requested() {
   return env_switch("CARE_EXT_TAIL_MMA_TILES", "2x4", "4x2");
 }
 
+// CARE_EXT_TAIL_HEAD (run time): where the fused step's head (both head layers and the stage's
+// outputs) runs. "tail" (the default, also when unset or empty): in each tail block, for its one
+// to four prompts, each block streaming its classifier's whole head layer 1 from L2; "split": in
+// a kernel of its own after the tail (step_head_kernel: blocks of kHeadUnits units x up to
+// kMaxHeadPrompts prompts, the last block of a group finishing it; step_tail.h), the tail writing
+// each prompt's head input to global memory. The same sums in the same order, so the same bits.
+// The CPU's block twin (_acquisition_step_fused_block) runs the split head too, block after block,
+// so its arithmetic and counters are tested on every machine; the per-prompt CPU twin ignores it.
+// Prepared on 2026-11-28 without a GPU: not measured yet, hence off.
+inline bool tail_head_split_requested() { return env_switch("CARE_EXT_TAIL_HEAD", "tail", "split"); }
+
 // CARE_EXT_STEP_OVERLAP (run time): whether the CUDA fused step runs group_features and the prompt
 // branches' first-layer GEMM(s) on a second stream beside the rollout GEMM(s) (SideWork, below;
 // the policy is in csrc/cuda/step_fused.cu): "0" never, "1" always, "auto" (the default, also when

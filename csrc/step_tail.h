@@ -744,17 +744,20 @@ CARE_HD void branches(const HeadWeights& w, int G, int64_t b, PreAct pre_r, cons
 // s.logits [nb][C] (all threads may read them after the final sync): each prompt's branches one
 // after another, then both head layers for all of them at once (each head weight loaded once per
 // block). rfeat [B*G, Fr] (nullptr when Fr = 0), mask [B, G] (nullptr: pool all), pfeat [B, Fp].
+// head = false (the head in a kernel of its own, CARE_EXT_TAIL_HEAD=split): only the branches,
+// their p and pool left in s (the last prompt's written by all threads: sync before reading).
 template <int M, class Sync>
 CARE_HD void classifier_tail(const HeadWeights& w, int G, int64_t b0, int nb, PreAct pre_r,
                              const float* rfeat, const bool* mask, PreAct pre_p,
                              const float* pfeat, const HeadScratch& s, int l2_mma, int tid,
-                             int nth, Sync sync) {
+                             int nth, Sync sync, bool head = true) {
   for (int q = 0; q < nb; ++q) {
     const int64_t b = b0 + q;
     branches(w, G, b, pre_r, rfeat != nullptr ? rfeat + b * G * w.Fr : nullptr,
              mask != nullptr ? mask + b * G : nullptr, pre_p, pfeat + b * w.Fp, s, s.p + q * s.ldp,
              s.pool + q * s.ldpool, l2_mma, tid, nth, sync);
   }
+  if (!head) return;  // the head kernel's (CARE_EXT_TAIL_HEAD=split): p and pool stay in s
   for (int i = tid; i < w.K; i += nth) {  // head layer 1 on [p ; pool] of every prompt
     float v[M];
     CARE_UNROLL
@@ -798,6 +801,15 @@ struct StepTailArgs {
   float* logits1;            // [B, 2]
   float* probs;              // [B, G+1]
   float* ecag;               // [B]
+  // The head in a kernel of its own (CARE_EXT_TAIL_HEAD=split), else all nullptr: head_in
+  // [2][head_rows = B][head_ld] (the tail writes each stage's [p ; pool] there), head_z
+  // [2][B][head_ldz] (head layer 1's outputs), head_count [2][head_groups] (blocks of a group of
+  // head_prompts prompts done; the tail zeroes them, head blocks count, the last one finishes).
+  float* head_in;
+  float* head_z;
+  int* head_count;
+  int64_t head_rows;  // B
+  int head_ld, head_ldz, head_prompts, head_groups;
 };
 
 // Scratch floats one block needs (the larger stage's: one scratch serves either stage).
@@ -813,22 +825,17 @@ CARE_HD int step_tail_staged_r2w_floats(const StepTailArgs& a) {
   return s1 > s2 ? s1 : s2;
 }
 
-// One stage of the nb prompts b0 .. b0+nb-1 (nb <= M <= kMaxTailPrompts, the scratch sized for
-// at least nb; M = 1 is the one-prompt layout, compiled apart for its smaller register count):
-// stage 0 = Stage-I (reliability and its logits), 1 = Stage-II (probs over the admissible classes
-// and expected CAG). The stages share nothing but read-only inputs. r2w_staged: this stage's
-// rollout layer-2 weight as stage_r2w wrote it (complete before the first sync), or nullptr.
-template <int M, class Sync>
-CARE_HD void step_tail(const StepTailArgs& a, int64_t b0, int nb, int stage, float* scratch,
-                       int tid, int nth, Sync sync, const float* r2w_staged = nullptr) {
-  const int G = a.G, C2 = G + 1;
+// The outputs of one stage for the nb prompts b0 .. from their logits (logits [nb][C]): stage 0
+// (Stage-I) the reliability and its logits, stage 1 (Stage-II) the probs over the admissible
+// classes and the expected CAG (e: C doubles of scratch). All threads must call it (it syncs).
+template <class Sync>
+CARE_HD void stage_outputs(const StepTailArgs& a, int stage, int64_t b0, int nb,
+                           const float* logits, double* e, int tid, int nth, Sync sync) {
+  const int C2 = a.G + 1;
   if (stage == 0) {
-    const HeadScratch s = head_scratch(scratch, a.w1, G, nb, r2w_staged);
-    classifier_tail<M>(a.w1, G, b0, nb, a.pre_r1, a.len_norm, nullptr, a.pre_p1, a.prompt_feat, s,
-                       a.l2_mma, tid, nth, sync);
     for (int q = tid; q < nb; q += nth) {
       const int64_t b = b0 + q;
-      const float l0 = s.logits[q * 2], l1 = s.logits[q * 2 + 1];
+      const float l0 = logits[q * 2], l1 = logits[q * 2 + 1];
       const float m = l0 > l1 ? l0 : l1;
       const float e0 = expf(l0 - m), e1 = expf(l1 - m);
       a.logits1[2 * b] = l0;
@@ -836,16 +843,175 @@ CARE_HD void step_tail(const StepTailArgs& a, int64_t b0, int nb, int stage, flo
       a.reliability[b] = e1 / (e0 + e1);
     }
   } else {
-    const HeadScratch s = head_scratch(scratch, a.w2, G, nb, r2w_staged);
-    classifier_tail<M>(a.w2, G, b0, nb, a.pre_r2, nullptr, a.minority, a.pre_p2, a.prompt_feat, s,
-                       a.l2_mma, tid, nth, sync);
     for (int q = 0; q < nb; ++q) {
       const int64_t o1 = (b0 + q) * C2;
       if (q > 0) sync();  // thread 0's last reads of e (previous prompt) come before new writes
-      expected_cag_spread(s.logits + q * C2, a.cag + o1, a.admissible + o1, C2, a.probs + o1,
-                          a.ecag + b0 + q, s.e, tid, nth, sync);
+      expected_cag_spread(logits + q * C2, a.cag + o1, a.admissible + o1, C2, a.probs + o1,
+                          a.ecag + b0 + q, e, tid, nth, sync);
     }
   }
+}
+
+// The head kernel's inputs (CARE_EXT_TAIL_HEAD=split) after classifier_tail's branches: each of
+// the nb prompts' [p ; pool] into this stage's head_in rows (head_input_ld), read after a sync
+// (the last prompt's pool was summed by every thread); thread 0 zeroes the counters of the head
+// groups g with b0 <= g * head_prompts < b0 + nb (each group's exactly once over the tail).
+template <class Sync>
+CARE_HD void write_head_inputs(const StepTailArgs& a, const HeadWeights& w, const HeadScratch& s,
+                               int stage, int64_t b0, int nb, int tid, int nth, Sync sync) {
+  sync();
+  float* head_in = a.head_in + stage * a.head_rows * a.head_ld;
+  for (int q = 0; q < nb; ++q) {
+    float* row = head_in + (b0 + q) * a.head_ld;
+    for (int j = tid; j < w.P; j += nth) row[j] = s.p[q * s.ldp + j];
+    for (int j = tid; j < w.R2; j += nth) row[s.ldp + j] = s.pool[q * s.ldpool + j];
+  }
+  if (tid == 0) {
+    for (int64_t g = (b0 + a.head_prompts - 1) / a.head_prompts; g * a.head_prompts < b0 + nb;
+         ++g) {
+      a.head_count[stage * a.head_groups + g] = 0;
+    }
+  }
+}
+
+// One stage of the nb prompts b0 .. b0+nb-1 (nb <= M <= kMaxTailPrompts, the scratch sized for
+// at least nb; M = 1 is the one-prompt layout, compiled apart for its smaller register count):
+// stage 0 = Stage-I (reliability and its logits), 1 = Stage-II (probs over the admissible classes
+// and expected CAG). The stages share nothing but read-only inputs. r2w_staged: this stage's
+// rollout layer-2 weight as stage_r2w wrote it (complete before the first sync), or nullptr.
+// With a.head_in the head is left to the head kernel (head_layer1_units, head_finish): this
+// writes the head inputs and zeroes the counters of the head groups that start in its prompts.
+// kHeadHere: -1 reads that from a.head_in at run time (the CPU twins); 1 (head in the tail) or 0
+// (split) fixes it at compile time (the CUDA kernels: each variant keeps only its own code, and
+// the register allocation of the tail with its head stays what it was).
+template <int M, class Sync, int kHeadHere = -1>
+CARE_HD void step_tail(const StepTailArgs& a, int64_t b0, int nb, int stage, float* scratch,
+                       int tid, int nth, Sync sync, const float* r2w_staged = nullptr) {
+  const int G = a.G;
+  const bool head = kHeadHere < 0 ? a.head_in == nullptr : kHeadHere == 1;
+  // each stage in a branch of its own, its weights named there (a.w1 / a.w2): selecting them by
+  // a run-time reference made nvcc copy the kernel's parameters to local memory (spills)
+  if (stage == 0) {
+    const HeadScratch s = head_scratch(scratch, a.w1, G, nb, r2w_staged);
+    classifier_tail<M>(a.w1, G, b0, nb, a.pre_r1, a.len_norm, nullptr, a.pre_p1, a.prompt_feat, s,
+                       a.l2_mma, tid, nth, sync, head);
+    if (head) {
+      stage_outputs(a, 0, b0, nb, s.logits, s.e, tid, nth, sync);
+    } else {
+      write_head_inputs(a, a.w1, s, 0, b0, nb, tid, nth, sync);
+    }
+  } else {
+    const HeadScratch s = head_scratch(scratch, a.w2, G, nb, r2w_staged);
+    classifier_tail<M>(a.w2, G, b0, nb, a.pre_r2, nullptr, a.minority, a.pre_p2, a.prompt_feat, s,
+                       a.l2_mma, tid, nth, sync, head);
+    if (head) {
+      stage_outputs(a, 1, b0, nb, s.logits, s.e, tid, nth, sync);
+    } else {
+      write_head_inputs(a, a.w2, s, 1, b0, nb, tid, nth, sync);
+    }
+  }
+}
+
+// The head in a kernel of its own (CARE_EXT_TAIL_HEAD=split). In the tail each block streams its
+// classifier's whole head layer 1 (K x (P + R2) floats, 655 KB at CARE's sizes) for one to four
+// prompts: at 64 x 8 x 4096, 128 blocks read 84 MB of head weights from L2 (ncu, H200: the head's
+// dot products waited on those loads, 35% of the tail's stall samples). Here a block takes
+// kHeadUnits units of head layer 1 for up to head_prompts prompts (each weight row read once for
+// all of them), and the last block of a group of prompts to finish (a counter) runs head layer 2
+// and the stage's outputs for the group. Every sum has the order of the tail's head (dot_in_order:
+// bias, then the inputs in order), so the outputs are the same bits.
+constexpr int kHeadUnits = 64;  // head layer-1 units per head block
+constexpr int kHeadSub = 4;     // prompts whose sums one thread advances side by side
+constexpr int kMaxHeadPrompts = 16;
+
+// Row length of head_in for weights w: [p ; pool], pool starting at al4(P) (whole float4s).
+CARE_HD int head_input_ld(const HeadWeights& w) { return al4(w.P) + al4(w.R2); }
+
+// Scratch floats of a head block for n prompts: head layer 1's inputs, or (after them, in the same
+// place) z [n][al4(K)], logits [n][C] and e [C] doubles (8-byte aligned) of head_finish.
+CARE_HD int head_block_floats(const HeadWeights& w, int n) {
+  const int l1 = n * head_input_ld(w);
+  const int fin = n * (al4(w.K) + w.C);
+  return (l1 > fin + 1 + 2 * w.C ? l1 : fin + 1 + 2 * w.C);
+}
+
+// A float that another block of this kernel wrote (before a __threadfence and the counter): read
+// from L2, past this SM's L1 (on the CPU a plain load).
+CARE_HD float load_other_block(const float* p) {
+#if defined(__CUDA_ARCH__)
+  return __ldcg(p);
+#else
+  return *p;
+#endif
+}
+
+// Head layer 1 of weights w, units u0 .. u0+nu-1, for the nb prompts b0 .. (head_in: this stage's
+// [B][ldh]): z[b][i] = relu(h1b[i] + h1w[i, :] . [p_b ; pool_b]) into zg [B][ldz]. x: scratch for
+// the inputs (head_block_floats). Thread item (subgroup, unit): consecutive threads take
+// consecutive units (coalesced column-major weight reads), each advancing kHeadSub prompts' sums.
+template <class Sync>
+CARE_HD void head_layer1_units(const HeadWeights& w, const float* head_in, int ldh, int64_t b0,
+                               int nb, int u0, int nu, float* x, float* zg, int ldz, int tid,
+                               int nth, Sync sync) {
+  const int ldp = al4(w.P), ldpool = al4(w.R2);
+  float* xp = x;
+  float* xpool = x + nb * ldp;
+  for (int i = tid; i < nb * ldp; i += nth) {
+    const int q = i / ldp, j = i - q * ldp;
+    xp[i] = j < w.P ? head_in[(b0 + q) * ldh + j] : 0.f;
+  }
+  for (int i = tid; i < nb * ldpool; i += nth) {
+    const int q = i / ldpool, j = i - q * ldpool;
+    xpool[i] = j < w.R2 ? head_in[(b0 + q) * ldh + ldp + j] : 0.f;
+  }
+  sync();
+  const int nsub = (nb + kHeadSub - 1) / kHeadSub;
+  for (int item = tid; item < nsub * nu; item += nth) {
+    const int sg = item / nu, i = u0 + (item - sg * nu);
+    const int q0 = sg * kHeadSub, nq = nb - q0 < kHeadSub ? nb - q0 : kHeadSub;
+    float v[kHeadSub];
+    CARE_UNROLL
+    for (int q = 0; q < kHeadSub; ++q) v[q] = w.h1b[i];
+    dot_in_order(w.h1w, i, 0, xp + q0 * ldp, ldp, w.P, nq, v);
+    dot_in_order(w.h1w, i, w.P, xpool + q0 * ldpool, ldpool, w.R2, nq, v);
+    CARE_UNROLL
+    for (int q = 0; q < kHeadSub; ++q) {
+      if (q < nq) zg[(b0 + q0 + q) * ldz + i] = relu_f(v[q]);
+    }
+  }
+}
+
+// Head layer 2 and the stage's outputs for the nb prompts b0 .. once all of head layer 1 is in
+// zg [B][ldz] (this stage's; written by other blocks: read past L1). scratch: head_block_floats.
+template <class Sync>
+CARE_HD void head_finish(const StepTailArgs& a, int stage, int64_t b0, int nb, const float* zg,
+                         int ldz, float* scratch, int tid, int nth, Sync sync) {
+  const HeadWeights& w = stage == 0 ? a.w1 : a.w2;
+  const int ldk = al4(w.K);
+  float* z = scratch;
+  float* logits = z + nb * ldk;
+  const int floats = nb * (ldk + w.C);
+  double* e = reinterpret_cast<double*>(scratch + floats + (floats & 1));
+  for (int i = tid; i < nb * ldk; i += nth) {
+    const int q = i / ldk, j = i - q * ldk;
+    z[i] = j < w.K ? load_other_block(zg + (b0 + q) * ldz + j) : 0.f;
+  }
+  sync();
+  const int nsub = (nb + kHeadSub - 1) / kHeadSub;
+  for (int item = tid; item < nsub * w.C; item += nth) {
+    const int sg = item / w.C, c = item - sg * w.C;
+    const int q0 = sg * kHeadSub, nq = nb - q0 < kHeadSub ? nb - q0 : kHeadSub;
+    float v[kHeadSub];
+    CARE_UNROLL
+    for (int q = 0; q < kHeadSub; ++q) v[q] = w.h2b[c];
+    dot_in_order(w.h2w, c, 0, z + q0 * ldk, ldk, w.K, nq, v);
+    CARE_UNROLL
+    for (int q = 0; q < kHeadSub; ++q) {
+      if (q < nq) logits[(q0 + q) * w.C + c] = v[q];
+    }
+  }
+  sync();
+  stage_outputs(a, stage, b0, nb, logits, e, tid, nth, sync);
 }
 
 }  // namespace care_ext

@@ -50,6 +50,16 @@ struct TeamSync {
   void operator()() const { barrier->wait(); }
 };
 
+// member(tid) on n threads (tid 0 on the caller's), joined before it returns.
+template <class F>
+void run_team(int n, F& member) {
+  std::vector<std::thread> team;
+  team.reserve(static_cast<size_t>(n - 1));
+  for (int t = 1; t < n; ++t) team.emplace_back(member, t);
+  member(0);
+  for (std::thread& t : team) t.join();
+}
+
 }  // namespace
 
 StepTuple acquisition_step_fused_split_cpu(const Tensor& ids, const Tensor& lengths,
@@ -59,6 +69,7 @@ StepTuple acquisition_step_fused_split_cpu(const Tensor& ids, const Tensor& leng
                                            double adv_eps, bool adv_unbiased,
                                            at::TensorList first_layer_split) {
   step_overlap_requested();  // checked; the CPU runs the host part in order
+  tail_head_split_requested();  // checked; this twin keeps the head in the tail (the same bits)
   const FusedStep f = prepare_fused_step(ids, lengths, h_prompt, h_resp, stage1, stage2, max_len,
                                          cag_eps, cag_unbiased, adv_eps, adv_unbiased,
                                          first_layer_split);
@@ -91,6 +102,25 @@ StepTuple acquisition_step_fused_block_cpu(const Tensor& ids, const Tensor& leng
   f.args.prompts_per_block = static_cast<int>(prompts);
   const int n = static_cast<int>(threads), per = static_cast<int>(prompts);
   std::vector<float> scratch(static_cast<size_t>(step_tail_scratch_floats(f.args)));
+  // CARE_EXT_TAIL_HEAD=split: the head's buffers as the CUDA launch lays them out, its counters
+  // set to a value the tail must overwrite (checked below: every group's counter was zeroed)
+  const bool split_head = tail_head_split_requested() && f.B > 0;
+  std::vector<float> head_in, head_z;
+  std::vector<int> head_count;
+  if (split_head) {
+    StepTailArgs& a = f.args;
+    a.head_rows = f.B;
+    a.head_ld = std::max(head_input_ld(a.w1), head_input_ld(a.w2));
+    a.head_ldz = std::max(al4(a.w1.K), al4(a.w2.K));
+    a.head_prompts = kMaxHeadPrompts;
+    a.head_groups = static_cast<int>((f.B + a.head_prompts - 1) / a.head_prompts);
+    head_in.assign(static_cast<size_t>(2 * f.B * a.head_ld), 0.f);
+    head_z.assign(static_cast<size_t>(2 * f.B * a.head_ldz), 0.f);
+    head_count.assign(static_cast<size_t>(2 * a.head_groups), 7);
+    a.head_in = head_in.data();
+    a.head_z = head_z.data();
+    a.head_count = head_count.data();
+  }
   // CARE_EXT_TAIL_STAGE_R2=1: each block stages its stage's layer-2 weight first, as the CUDA
   // kernel does with it (stage_r2w), into a buffer of its own
   const bool staged = tail_stage_r2w_requested();
@@ -118,11 +148,39 @@ StepTuple acquisition_step_fused_block_cpu(const Tensor& ids, const Tensor& leng
       }
     }
   };
-  std::vector<std::thread> team;
-  team.reserve(static_cast<size_t>(n - 1));
-  for (int t = 1; t < n; ++t) team.emplace_back(member, t);
-  member(0);
-  for (std::thread& t : team) t.join();
+  run_team(n, member);
+  if (split_head) {  // the head kernel's blocks one after another: (unit blocks, group, stage)
+    const StepTailArgs& a = f.args;
+    for (size_t i = 0; i < head_count.size(); ++i) {
+      TORCH_CHECK(head_count[i] == 0, "care_ext._acquisition_step_fused_block: the tail left the "
+                  "head counter of stage ", i / a.head_groups, ", group ", i % a.head_groups,
+                  " at ", head_count[i], " (every counter must be zeroed)");
+    }
+    std::vector<float> hs(static_cast<size_t>(
+        std::max(head_block_floats(a.w1, a.head_prompts), head_block_floats(a.w2, a.head_prompts)) +
+        1));
+    auto head_member = [&](int tid) {
+      for (int stage = 0; stage < 2; ++stage) {
+        const HeadWeights& w = stage == 0 ? a.w1 : a.w2;
+        const float* hin = a.head_in + stage * a.head_rows * a.head_ld;
+        float* zg = a.head_z + stage * a.head_rows * a.head_ldz;
+        const int n_ug = (w.K + kHeadUnits - 1) / kHeadUnits;
+        for (int g = 0; g < a.head_groups; ++g) {
+          const int64_t b0 = static_cast<int64_t>(g) * a.head_prompts;
+          const int nb = static_cast<int>(std::min<int64_t>(a.head_prompts, f.B - b0));
+          for (int ug = 0; ug < n_ug; ++ug) {
+            const int u0 = ug * kHeadUnits;
+            head_layer1_units(w, hin, a.head_ld, b0, nb, u0, std::min(kHeadUnits, w.K - u0),
+                              hs.data(), zg, a.head_ldz, tid, n, TeamSync{&barrier});
+            barrier.wait();  // the next block's inputs overwrite this one's
+          }
+          head_finish(a, stage, b0, nb, zg, a.head_ldz, hs.data(), tid, n, TeamSync{&barrier});
+          barrier.wait();
+        }
+      }
+    };
+    run_team(n, head_member);
+  }
   return f.outputs();
 }
 

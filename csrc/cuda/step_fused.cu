@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace care_ext {
@@ -36,7 +37,8 @@ struct BlockSync {
 // keep M accumulators per thread. Both ask for at least 2 blocks of 256 threads per SM (128
 // registers at most): rollout layer 2's 8 x 4 tiles, their weights 4 steps ahead and the tile's
 // float4 inputs need ~100.
-template <int M>
+// kSplitHead (CARE_EXT_TAIL_HEAD=split, a.head_in set): the head is left to step_head_kernel.
+template <int M, bool kSplitHead>
 __global__ void __launch_bounds__(kTailThreads, 2)
     step_tail_kernel(StepTailArgs a, int64_t B, int r2w_offset) {
   extern __shared__ __align__(16) float scratch[];  // head_scratch places doubles 8-byte aligned
@@ -53,7 +55,39 @@ __global__ void __launch_bounds__(kTailThreads, 2)
       stage_r2w(a.w2.r2w, a.w2.R1, a.w2.R2, r2w, tid, nth);
     }
   }
-  step_tail<M>(a, b0, nb, stage, scratch, tid, nth, BlockSync{}, r2w);
+  step_tail<M, BlockSync, kSplitHead ? 0 : 1>(a, b0, nb, stage, scratch, tid, nth, BlockSync{},
+                                               r2w);
+}
+
+// The head of both stages after the tail (CARE_EXT_TAIL_HEAD=split; step_tail.h's
+// head_layer1_units / head_finish): block (x: kHeadUnits units of head layer 1, y: a group of
+// head_prompts prompts, z: stage). Each block counts itself done on its group's counter (zeroed by
+// the tail, which ran before on the stream); the last one (its layer-1 stores made visible by
+// __threadfence before the count) reads the whole of z past L1 and finishes the group.
+__global__ void __launch_bounds__(kTailThreads) step_head_kernel(StepTailArgs a) {
+  extern __shared__ __align__(16) float scratch[];
+  __shared__ int last;
+  const int stage = static_cast<int>(blockIdx.z), ug = static_cast<int>(blockIdx.x);
+  const int tid = static_cast<int>(threadIdx.x), nth = static_cast<int>(blockDim.x);
+  const HeadWeights& w = stage == 0 ? a.w1 : a.w2;
+  const int n_ug = (w.K + kHeadUnits - 1) / kHeadUnits;
+  if (ug >= n_ug) return;  // the other stage has more units
+  const int64_t b0 = static_cast<int64_t>(blockIdx.y) * a.head_prompts;
+  const int nb = static_cast<int>(a.head_rows - b0 < a.head_prompts ? a.head_rows - b0
+                                                                     : a.head_prompts);
+  const int u0 = ug * kHeadUnits, nu = w.K - u0 < kHeadUnits ? w.K - u0 : kHeadUnits;
+  float* zg = a.head_z + stage * a.head_rows * a.head_ldz;
+  head_layer1_units(w, a.head_in + stage * a.head_rows * a.head_ld, a.head_ld, b0, nb, u0, nu,
+                    scratch, zg, a.head_ldz, tid, nth, BlockSync{});
+  __threadfence();  // this block's z stores, device-wide, before its count
+  __syncthreads();
+  if (tid == 0) {
+    last = atomicAdd(a.head_count + stage * a.head_groups + blockIdx.y, 1) == n_ug - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();  // the other blocks' counts seen: their z stores are visible (read via L2)
+  head_finish(a, stage, b0, nb, zg, a.head_ldz, scratch, tid, nth, BlockSync{});
 }
 
 // Both classifiers' rollout layer-2 weights split into TF32 pieces in fragment order
@@ -97,7 +131,7 @@ template <int M>
 int64_t dynamic_smem_limit() {
   static const int64_t limit = [] {
     cudaFuncAttributes attr;
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, step_tail_kernel<M>));
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, step_tail_kernel<M, false>));
     return std::min<int64_t>(kMaxTailSmem, static_cast<int64_t>(attr.maxDynamicSharedSizeBytes));
   }();
   return limit;
@@ -112,21 +146,63 @@ int64_t optin_smem_limit() {
     C10_CUDA_CHECK(cudaGetDevice(&dev));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
     cudaFuncAttributes attr;
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, step_tail_kernel<M>));
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, step_tail_kernel<M, false>));
     return static_cast<int64_t>(optin) - static_cast<int64_t>(attr.sharedSizeBytes);
   }();
   return limit;
 }
 
-// Opts step_tail_kernel<M> in to `bytes` of dynamic shared memory on the current device when that
-// is above the 48 KB default (set at every such launch: the attribute is per device and cheap).
-template <int M>
+// Opts step_tail_kernel<M, kSplitHead> in to `bytes` of dynamic shared memory on the current
+// device when that is above the 48 KB default (set at every such launch: the attribute is per
+// device and cheap).
+template <int M, bool kSplitHead>
 void allow_dynamic_smem(int64_t bytes) {
   if (bytes > kMaxTailSmem) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(step_tail_kernel<M>,
+    C10_CUDA_CHECK(cudaFuncSetAttribute(step_tail_kernel<M, kSplitHead>,
                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(bytes)));
   }
+}
+
+// The shared memory step_head_kernel may use: the device's opt-in maximum less its static
+// shared memory (queried once).
+int64_t head_smem_limit() {
+  static const int64_t limit = [] {
+    int dev = 0, optin = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    cudaFuncAttributes attr;
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, step_head_kernel));
+    return static_cast<int64_t>(optin) - static_cast<int64_t>(attr.sharedSizeBytes);
+  }();
+  return limit;
+}
+
+// CARE_EXT_TAIL_HEAD=split: lays out the head's buffers in one new tensor (returned: it must live
+// until the head kernel is enqueued) and sets a.head_*: kMaxHeadPrompts prompts per head block,
+// halved down to kHeadSub while the scratch exceeds the shared memory the kernel may use. Returns
+// an undefined tensor (the head stays in the tail) where even kHeadSub prompts do not fit.
+Tensor plan_split_head(StepTailArgs& a, int64_t B, const Tensor& like, int64_t& smem) {
+  int n = kMaxHeadPrompts;
+  auto bytes = [&](int m) {
+    return static_cast<int64_t>(std::max(head_block_floats(a.w1, m), head_block_floats(a.w2, m))) *
+           static_cast<int64_t>(sizeof(float));
+  };
+  while (n > kHeadSub && bytes(n) > head_smem_limit()) n /= 2;
+  if (bytes(n) > head_smem_limit()) return Tensor();
+  smem = bytes(n);
+  a.head_rows = B;
+  a.head_ld = std::max(head_input_ld(a.w1), head_input_ld(a.w2));
+  a.head_ldz = std::max(al4(a.w1.K), al4(a.w2.K));
+  a.head_prompts = n;
+  a.head_groups = static_cast<int>((B + n - 1) / n);
+  const int64_t in = 2 * B * a.head_ld, z = 2 * B * a.head_ldz;
+  Tensor buf = at::empty({in + z + 2 * static_cast<int64_t>(a.head_groups)}, like.options());
+  float* base = buf.data_ptr<float>();
+  a.head_in = base;
+  a.head_z = base + in;
+  a.head_count = reinterpret_cast<int*>(base + in + z);  // zeroed by the tail
+  return buf;
 }
 
 // Prompts per block: env = CARE_EXT_TAIL_PROMPTS (1 .. kMaxTailPrompts) when set, else the most of
@@ -313,20 +389,46 @@ StepTuple acquisition_step_fused_split_cuda(const Tensor& ids, const Tensor& len
               " * R2 + P + R2 + K + C + 1 + 2 * C floats: head_scratch_floats), more than the ",
               limit_of(), " bytes of dynamic shared memory this kernel may use; use "
               "acquisition_step");
+  // CARE_EXT_TAIL_HEAD=split: the head in a kernel of its own after the tail
+  int64_t head_smem = 0;
+  const Tensor head_buf =
+      tail_head_split_requested() ? plan_split_head(args, f.B, f.reliability, head_smem) : Tensor();
   const int64_t blocks = (f.B + args.prompts_per_block - 1) / args.prompts_per_block;
   TORCH_CHECK(blocks <= 2147483647LL, "care_ext.", op, ": B = ", f.B, " is too large");
   const dim3 grid(static_cast<unsigned>(blocks), 2);  // blocks of prompts, one per stage
   const int r2w_offset = staged ? static_cast<int>(scratch_floats()) : 0;
-  if (args.prompts_per_block == 1) {
-    allow_dynamic_smem<1>(smem);
-    step_tail_kernel<1><<<grid, kTailThreads, static_cast<size_t>(smem), stream>>>(args, f.B,
-                                                                                   r2w_offset);
-  } else {
-    allow_dynamic_smem<kMaxTailPrompts>(smem);
-    step_tail_kernel<kMaxTailPrompts><<<grid, kTailThreads, static_cast<size_t>(smem), stream>>>(
+  auto launch = [&](auto m, auto split) {
+    constexpr int kM = decltype(m)::value;
+    constexpr bool kSplit = decltype(split)::value;
+    allow_dynamic_smem<kM, kSplit>(smem);
+    step_tail_kernel<kM, kSplit><<<grid, kTailThreads, static_cast<size_t>(smem), stream>>>(
         args, f.B, r2w_offset);
+  };
+  using One = std::integral_constant<int, 1>;
+  using Many = std::integral_constant<int, kMaxTailPrompts>;
+  if (head_buf.defined()) {
+    if (args.prompts_per_block == 1) {
+      launch(One{}, std::true_type{});
+    } else {
+      launch(Many{}, std::true_type{});
+    }
+  } else if (args.prompts_per_block == 1) {
+    launch(One{}, std::false_type{});
+  } else {
+    launch(Many{}, std::false_type{});
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (head_buf.defined()) {
+    const int units = std::max(args.w1.K, args.w2.K);
+    const dim3 head_grid(static_cast<unsigned>((units + kHeadUnits - 1) / kHeadUnits),
+                         static_cast<unsigned>(args.head_groups), 2);
+    // set at every split launch (cheap): with its static `last` the kernel may pass 48 KB in all
+    C10_CUDA_CHECK(cudaFuncSetAttribute(step_head_kernel,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(head_smem)));
+    step_head_kernel<<<head_grid, kTailThreads, static_cast<size_t>(head_smem), stream>>>(args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   return f.outputs();
 }
 

@@ -159,6 +159,46 @@ def test_every_instantiation_of_the_tail_is_checked():
     assert "step_tail_kernel<4>: l2-fma: 2.812" in rules["address-arithmetic"].detail
 
 
+def _loops(tail, l2=True, dot=True, mma=True):
+    """tail's instructions less the blocks of the loops left out (each block starts at a label)."""
+    keep, cut = [], {"step_tail.h:130": not l2, "step_tail.h:105": not dot, "step_tail.h:319": not mma}
+    blocks, cur = [], []
+    for i in tail.instrs:
+        if i.label and cur:
+            blocks.append(cur)
+            cur = []
+        cur.append(i)
+    blocks.append(cur)
+    for b in blocks:
+        locs = {f"{i.loc[0]}:{i.loc[1]}" for i in b if not i.label and i.loc}
+        if not any(cut.get(loc) for loc in locs):
+            keep += b
+    return S.Kernel(tail.name, tail.name, tail.cubin, tail.resources, keep)
+
+
+def test_a_split_head_is_checked_in_the_head_kernel():
+    """CARE_EXT_TAIL_HEAD=split: step_tail_kernel<M, true> has no dot products (the rule does not
+    ask it to) and step_head_kernel has only those (the dot rules are checked there): all pass;
+    a head kernel issuing its loads one by one fails dot-loads-ahead, and a split tail without
+    its layer-2 tile fails l2-tile."""
+    def kernels(head_ahead=16, split_l2=True):
+        full, split = _tail(), _loops(_tail(), dot=False, l2=split_l2)
+        full.name, split.name = "step_tail_kernel<1, false>", "step_tail_kernel<1, true>"
+        head = _loops(_tail(dot_ahead=head_ahead), l2=False, mma=False)
+        head.name = "step_head_kernel"
+        return [full, split, head, *_shufflers()]
+
+    assert all(_verdicts(kernels()).values()), _verdicts(kernels())
+    rules = {r.name: r for r in S.check_rules(kernels(), MARKERS, CONSTS)}
+    assert "step_head_kernel: body: 64 FFMA" in rules["dot-loads-ahead"].detail
+    assert "step_tail_kernel<1, true>" not in rules["dot-loads-ahead"].detail
+    assert [n for n, ok in _verdicts(kernels(head_ahead=4)).items() if not ok] == ["dot-loads-ahead"]
+    assert [n for n, ok in _verdicts(kernels(split_l2=False)).items() if not ok] == \
+        ["l2-tile", "address-arithmetic"]
+    assert S.expected_loops("step_tail_kernel<4, true>") == {"l2-fma", "l2-mma"}
+    assert S.expected_loops("step_tail_kernel<4>") == {"l2-fma", "dot-fma", "l2-mma"}
+
+
 def test_no_tail_kernel_is_a_failure_not_a_pass():
     rules = S.check_rules(_shufflers(), MARKERS, CONSTS)
     assert not all(r.ok for r in rules) and "no step_tail_kernel" in rules[-1].detail

@@ -373,6 +373,66 @@ def test_fused_step_tail_over_a_block_of_threads_gives_the_same_bits(G, threads,
         assert torch.equal(a, b), k
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["fp32", "split"])
+@pytest.mark.parametrize("B, G, threads, prompts, dims", [
+    (5, 3, 7, 2, {}), (37, 8, 5, 3, {}), (18, 64, 32, 1, {}), (20, 16, 256, 4, ODD),
+    (33, 8, 64, 4, {"K": 300}), (16, 5, 3, 1, ODD)])
+def test_fused_step_head_split_off_the_tail_gives_the_same_bits(B, G, threads, prompts, dims,
+                                                                 split, monkeypatch):
+    """CARE_EXT_TAIL_HEAD=split: the tail blocks write each prompt's head input [p ; pool] to a
+    buffer and zero the head's counters, and a head kernel of its own runs head layer 1 in blocks
+    of 64 units x 16 prompts (each weight row read once per 16 prompts instead of once per tail
+    block), the last block of a group finishing head layer 2 and the stage's outputs. The CPU
+    block twin runs those blocks one after another with a team of threads: every output equals
+    the one-thread CPU op's bit for bit (the same sums in the same order), for short last groups
+    (37 = 2 x 16 + 5), K off the 64-unit blocks (11, 300), tail blocks of 1 to 4 prompts (3: head
+    groups starting inside a tail block) and both first-layer paths; the twin checks that every
+    group's counter was zeroed by the tail."""
+    from care_ext.bf16_split import first_layer_split
+
+    gen = torch.Generator().manual_seed(B * 13 + G)
+    ids, lengths, h_p, h_r, s1, s2 = step_inputs(B, G, 40, torch.bfloat16, gen, **dims)
+    ids[1] = -1  # a prompt with no valid answer: empty masks, no admissible class but 0
+    pieces = first_layer_split(s1, s2, 40) if split else []
+    one = run_step("_acquisition_step_fused_split" if split else "_acquisition_step_fused", "cpu",
+                   ids, lengths, h_p, h_r, s1, s2, pieces if split else None)
+    monkeypatch.setenv("CARE_EXT_TAIL_HEAD", "split")
+    many = run_step("_acquisition_step_fused_block", "cpu", ids, lengths, h_p, h_r, s1, s2, pieces,
+                    threads, prompts)
+    for k, (a, b) in enumerate(zip(many, one)):
+        assert torch.equal(a, b), k
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("split", [False, True], ids=["fp32", "split"])
+@pytest.mark.parametrize("B, G, dims", [(5, 3, {}), (300, 8, {}), (600, 64, {}), (40, 16, ODD),
+                                        (33, 8, {"K": 300})])
+def test_cuda_head_split_off_the_tail_gives_the_same_bits(B, G, dims, split, monkeypatch):
+    """CARE_EXT_TAIL_HEAD=split on CUDA: the tail writes the head inputs and zeroes the counters,
+    step_head_kernel runs head layer 1 in blocks of 64 units x up to 16 prompts and the last
+    block of each group (atomic counter, __threadfence) finishes it. Every output equals the
+    tail's own head bit for bit, for both weight layouts, short last groups, K off the unit
+    blocks, 1 to 4 prompts per tail block (B picks them), and is like the float64 reference."""
+    inputs, runs = _cuda_fused_step_under("CARE_EXT_TAIL_HEAD", ("tail", "split"), B, G, dims,
+                                          split, B * 11 + G, monkeypatch)
+    for layout, (tail, head) in runs:
+        for k, (a, b) in enumerate(zip(head, tail)):
+            assert torch.equal(a, b), (layout, k)
+        assert_step_like_reference(head, *inputs)
+
+
+def test_tail_head_env_is_checked(monkeypatch):
+    """CARE_EXT_TAIL_HEAD takes tail, split or nothing; anything else is an error naming it, on
+    the block twin and on the per-prompt CPU twin (which keeps its head in the tail)."""
+    ids, lengths, h_p, h_r, s1, s2 = step_inputs(3, 8, 16, torch.bfloat16, torch.Generator())
+    monkeypatch.setenv("CARE_EXT_TAIL_HEAD", "kernel")
+    for op, more in (("_acquisition_step_fused_block", (8, 1)),
+                     ("_acquisition_step_fused_split", ())):
+        with pytest.raises(RuntimeError, match="CARE_EXT_TAIL_HEAD must be tail or split, got "
+                                               "'kernel'"):
+            run_step(op, "cpu", ids, lengths, h_p, h_r, s1, s2, [], *more)
+
+
 def test_tail_stage_r2_env_is_checked(monkeypatch):
     ids, lengths, h_p, h_r, s1, s2 = step_inputs(2, 4, 16, torch.float32, torch.Generator())
     monkeypatch.setenv("CARE_EXT_TAIL_STAGE_R2", "yes")
@@ -586,13 +646,17 @@ def test_cuda_step_overlap_gives_the_same_bits(B, G, dims, split, monkeypatch):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("head", ["tail", "split"])
 @pytest.mark.parametrize("split", [False, True], ids=["fp32", "split"])
-def test_cuda_step_overlap_on_a_side_stream_and_in_a_graph(split, monkeypatch):
+def test_cuda_step_overlap_on_a_side_stream_and_in_a_graph(split, head, monkeypatch):
     """The overlapped step called from a non-default stream, and captured into a CUDA graph (auto
     overlaps while capturing: the fork and join become graph edges) then replayed on new inputs
     written into the captured ones: every output equals the in-order eager step's on the same
-    inputs, bit for bit."""
+    inputs, bit for bit; also with the head in a kernel of its own (CARE_EXT_TAIL_HEAD=split,
+    whose counters the tail zeroes on every replay)."""
     from care_ext.bf16_split import first_layer_split
+
+    monkeypatch.setenv("CARE_EXT_TAIL_HEAD", head)
 
     gen = torch.Generator().manual_seed(11)
     ids, lengths, h_p, h_r, s1, s2 = step_inputs(64, 8, 64, torch.bfloat16, gen)
