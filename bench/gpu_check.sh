@@ -13,8 +13,10 @@
 #
 # GPU_CHECK_QUICK=1: after a kernel change, the checks that need the GPU only (~4 min): build,
 # SASS, the CUDA-marked op tests, the core on CUDA with the fused step, the step benchmark without
-# torch.compile, the tail's layer 2 on FFMA tiles against tensor cores (operands split in the loop
-# and pre-split; GPU_CHECK_L2_ROUNDS alternations, default 2), profile_step, Nsight Compute on the
+# torch.compile (with the StepGraph plan), the features' second stream off and on
+# (CARE_EXT_STEP_OVERLAP), the prepared head kernel with the plan against the goals, the tail's
+# layer-2 variants and the split head (GPU_CHECK_L2 / GPU_CHECK_L2_ROUNDS alternations, default
+# ffma mma1 mma1t head, twice), profile_step, Nsight Compute on the
 # tail kernel (where ncu exists; per-line stalls as CSV) and the sanitizers, then bench_step and
 # profile_update on CUDA, and the CPU split step on packed pieces against MKL's (the host's cores)
 # if time is left; the rest is skipped.
@@ -106,6 +108,15 @@ for round in 1 2; do
     stamp "bench CARE_EXT_STEP_OVERLAP=$ov (round $round) exit $? : $(grep -E '^cuda' "$OUT/bench_overlap${ov}_$round.log" | tr -s ' ' | cut -d' ' -f2,4,5 | tr '\n' ';')"
   done
 done
+# everything prepared without a GPU on 2026-11-28, together: the head split off the tail
+# (CARE_EXT_TAIL_HEAD=split), the overlap (auto: on in graphs and from 4096 rollouts) and the
+# step through StepGraph (native_plan); against the goals (step_goals.py, into summary.txt)
+CARE_EXT_TAIL_HEAD=split timeout "$(cap 40)" python3 "$REPO/bench/bench_ops.py" --device cuda --min-time 0.2 \
+  --providers native reference cudagraph native_graph native_plan --ops acquisition_step_fused_split2 \
+  --shapes 64x8x4096 1024x64x4096 --out "$OUT/bench_step_ops_prepared" > "$OUT/bench_prepared.log" 2>&1
+stamp "bench CARE_EXT_TAIL_HEAD=split + plan exit $? : $(grep -E '^cuda' "$OUT/bench_prepared.log" | tr -s ' ' | tr '\n' ';')"
+{ echo "goals with CARE_EXT_TAIL_HEAD=split (and the plan):"
+  python3 "$REPO/bench/step_goals.py" "$OUT/bench_step_ops_prepared.jsonl"; } >> "$OUT/summary.txt" 2>&1
 TPS=(1 2 4); [ "$QUICK" = 1 ] && TPS=()
 for tp in ${TPS[@]+"${TPS[@]}"}; do  # the fused ops with 1, 2 and 4 prompts per tail block (the default picks by B)
   CARE_EXT_TAIL_PROMPTS=$tp timeout "$(cap 45)" python3 "$REPO/bench/bench_ops.py" --device cuda \

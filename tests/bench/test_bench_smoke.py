@@ -385,3 +385,31 @@ def test_profile_update_rejects_bad_arguments(tmp_path, bad):
     with pytest.raises(SystemExit) as e:
         profile_update.main([*bad, "--out", str(tmp_path / "x")])
     assert e.value.code == 2
+
+
+def test_gpu_check_script_parses_and_names_real_providers_and_ops():
+    """bench/gpu_check.sh is the one prepared call of a GPU session (15 minutes, not every
+    session gets one): it must parse, and every provider and op it passes to bench_ops.py (in
+    --providers / --ops lists and the PROV arrays) must be one bench_ops knows, or the session
+    learns it only from an error row."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    import bench_ops
+
+    script = Path(bench_ops.__file__).with_name("gpu_check.sh")
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = re.sub(r"\\\n\s*", " ", script.read_text())  # join continued lines
+    providers, ops = set(), set()
+    for m in re.finditer(r"PROV=\(([^)]*)\)", text):
+        providers |= set(m.group(1).split())
+    for line in text.splitlines():
+        if "bench_ops.py" not in line:
+            continue
+        for flag, found in (("--providers", providers), ("--ops", ops)):
+            for m in re.finditer(flag + r"((?:\s+[a-z_0-9]+)+)", line):
+                found |= set(m.group(1).split())
+    assert {"native_plan", "native_graph"} <= providers and "acquisition_step_fused_split2" in ops
+    assert providers <= set(bench_ops.PROVIDERS), providers - set(bench_ops.PROVIDERS)
+    assert ops <= set(bench_ops.OP_NAMES), ops - set(bench_ops.OP_NAMES)
