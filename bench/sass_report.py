@@ -31,10 +31,13 @@ Rules (``--check``; exit status 1 when one fails):
   warp's unit tiles, three products each, unrolled).
 - ``dot-loads-ahead``: the head's dot products (``sass: dot-fma``) issue kDotChunk global loads
   before their first FFMA (loads in flight, not one latency per multiply-add).
+- ``head-loads-ahead``: the split head's dot products (``sass: head-fma``, step_head_kernel,
+  CARE_EXT_TAIL_HEAD=split) load the next chunk's kDotChunk weights in the same loop body as this
+  chunk's FFMAs (one memory latency per dot product, not per chunk).
 - The loop rules apply to every kernel that must hold the loop (expected_loops): each
   instantiation of step_tail_kernel, except that one built with its head split off
-  (``step_tail_kernel<M, true>``, CARE_EXT_TAIL_HEAD=split) has no dot products, and
-  step_head_kernel (the split head) has only those.
+  (``step_tail_kernel<M, true>``) has no dot products, and step_head_kernel has only its own
+  (head-fma; address-arithmetic counts it too).
 - ``address-arithmetic``: those two loop bodies spend at most INT_PER_FFMA integer instructions
   per FFMA (address computation: a pointer stepped along each weight row costs one add per load;
   recomputing ``r * rs + c * cs`` in 64 bits for every weight cost 2.8 per FFMA in layer 2).
@@ -68,7 +71,7 @@ CSRC = REPO / "csrc"
 # Integer instructions per FFMA a tagged loop body may spend (rule address-arithmetic). Measured
 # with nvcc 13.0 for sm_90 (2026-11-26): l2-fma 0.84 with stepped pointers (2.84 before), dot-fma
 # 1.25 (2.22 before; one pointer add per weight, one weight per FFMA).
-INT_PER_FFMA = {"l2-fma": 1.0, "dot-fma": 1.5}
+INT_PER_FFMA = {"l2-fma": 1.0, "dot-fma": 1.5, "head-fma": 1.5}
 
 
 @dataclass
@@ -401,17 +404,19 @@ def _named(kernels: list[Kernel], stem: str) -> list[Kernel]:
     return [k for k in kernels if k.name.split("<")[0] == stem]
 
 
-LOOP_RULES = ("tail-fp32", "l2-tile", "dot-loads-ahead", "l2-mma", "address-arithmetic")
+LOOP_RULES = ("tail-fp32", "l2-tile", "dot-loads-ahead", "l2-mma", "head-loads-ahead",
+              "address-arithmetic")
 """The rules checked per kernel of the fused step (its tail's instantiations, and the head kernel
 of CARE_EXT_TAIL_HEAD=split), in report order."""
 
 
 def expected_loops(name: str) -> set[str]:
     """The tagged loops a kernel of the fused step must contain: step_head_kernel the head's dot
-    products only; a tail instantiated with its head split off (``step_tail_kernel<M, true>``)
-    the rollout layers only; any other tail all three."""
+    products with their next chunk's loads ahead (head-fma) only; a tail instantiated with its
+    head split off (``step_tail_kernel<M, true>``) the rollout layers only; any other tail all
+    three of its own."""
     if name.split("<")[0] == "step_head_kernel":
-        return {"dot-fma"}
+        return {"head-fma"}
     if name.replace(" ", "").endswith(",true>"):
         return {"l2-fma", "l2-mma"}
     return {"l2-fma", "dot-fma", "l2-mma"}
@@ -460,6 +465,19 @@ def _tail_rules(tail: Kernel, markers: dict[str, tuple[str, int]],
         rules.append(Rule("dot-loads-ahead", ok,
                           f"body: {s['tagged_ffma']} FFMA, {s['global_loads_before_first_ffma']} global "
                           f"loads before the first (want >= {consts['kDotChunk']})"))
+
+    loc = markers.get("head-fma")
+    if "head-fma" not in loops:
+        pass
+    elif loc is None:
+        rules.append(Rule("head-loads-ahead", False, "no `// sass: head-fma` marker in csrc/"))
+    else:
+        s = loop_stats(hot_block(tail.instrs, loc), loc)
+        ok = s["tagged_ffma"] >= consts["kDotChunk"] and \
+            s.get("global-load", 0) >= consts["kDotChunk"]
+        rules.append(Rule("head-loads-ahead", ok,
+                          f"body: {s['tagged_ffma']} FFMA, {s.get('global-load', 0)} global loads "
+                          f"of the next chunk (want >= {consts['kDotChunk']})"))
 
     loc = markers.get("l2-mma")
     if "l2-mma" not in loops:

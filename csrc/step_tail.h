@@ -924,6 +924,93 @@ constexpr int kHeadUnits = 64;  // head layer-1 units per head block
 constexpr int kHeadSub = 4;     // prompts whose sums one thread advances side by side
 constexpr int kMaxHeadPrompts = 16;
 
+// The chunks of dot_in_order_ahead (below): kAll (nb == M) advances all M sums side by side (x
+// read as float4 on the GPU), else one sum after another. wp points at chunk 0's weights; on
+// return it is past the last whole chunk.
+template <int M, bool kAll>
+CARE_HD void dot_ahead_chunks(const float*& wp, int cs, const float* x, int ldx, int chunks,
+                              int nb, float (&v)[M]) {
+  float cur[kDotChunk], nxt[kDotChunk];
+  {
+    const float* p = wp;
+    CARE_UNROLL
+    for (int t = 0; t < kDotChunk; ++t, p += cs) cur[t] = *p;
+  }
+  for (int k = 0; k < chunks; ++k) {
+    const int j = k * kDotChunk;
+    wp += kDotChunk * cs;
+    {  // the next chunk's weights in flight during this chunk's FMAs (past the last chunk: this
+       // chunk's again, a valid address without a branch that would split the loop's block)
+      const float* np = k + 1 < chunks ? wp : wp - kDotChunk * cs;
+      CARE_UNROLL
+      for (int t = 0; t < kDotChunk; ++t, np += cs) nxt[t] = *np;  // one address add per load
+    }
+    if (kAll) {
+#if defined(__CUDA_ARCH__)
+      CARE_UNROLL
+      for (int t = 0; t < kDotChunk; t += 4) {
+        float xs[M][4];
+        CARE_UNROLL
+        for (int q = 0; q < M; ++q) {
+          const float4 xv = *reinterpret_cast<const float4*>(x + q * ldx + j + t);
+          xs[q][0] = xv.x;
+          xs[q][1] = xv.y;
+          xs[q][2] = xv.z;
+          xs[q][3] = xv.w;
+        }
+        CARE_UNROLL
+        for (int e = 0; e < 4; ++e) {
+          CARE_UNROLL
+          for (int q = 0; q < M; ++q) v[q] += cur[t + e] * xs[q][e];  // sass: head-fma
+        }
+      }
+#else
+      for (int t = 0; t < kDotChunk; ++t) {
+        for (int q = 0; q < M; ++q) v[q] += cur[t] * x[q * ldx + j + t];
+      }
+#endif
+    } else {
+      CARE_UNROLL
+      for (int q = 0; q < M; ++q) {
+        if (q >= nb) break;
+        const float* xq = x + q * ldx + j;
+        CARE_UNROLL
+        for (int t = 0; t < kDotChunk; ++t) v[q] += cur[t] * xq[t];
+      }
+    }
+    CARE_UNROLL
+    for (int t = 0; t < kDotChunk; ++t) cur[t] = nxt[t];
+  }
+}
+
+// dot_in_order's sums (the same FMAs in the same order per sum, so the same bits) with the next
+// chunk's kDotChunk weights loaded while this chunk's are multiplied: a thread then waits for one
+// memory latency per dot product, not one per chunk (in the tail a thread's 640-input head dot
+// product at CARE's sizes is 20 chunks, each waiting on its loads: ncu's long-scoreboard stalls,
+// 35% of the 64 x 8 tail's samples). Twice the weight registers, so only the head kernel uses it
+// (the tail runs at the 128-register cap). x as in dot_in_order (16-byte aligned, ldx % 4 == 0).
+template <int M>
+CARE_HD void dot_in_order_ahead(const Mat& W, int r, int c0, const float* x, int ldx, int n,
+                                int nb, float (&v)[M]) {
+  const int cs = W.cs;
+  const float* wp = W.row(r) + c0 * cs;
+  const int chunks = n / kDotChunk;
+  if (chunks > 0) {
+    if (M == 1 || nb == M) {
+      dot_ahead_chunks<M, true>(wp, cs, x, ldx, chunks, nb, v);
+    } else {
+      dot_ahead_chunks<M, false>(wp, cs, x, ldx, chunks, nb, v);
+    }
+  }
+  for (int j = chunks * kDotChunk; j < n; ++j, wp += cs) {
+    const float wj = *wp;
+    CARE_UNROLL
+    for (int q = 0; q < M; ++q) {
+      if (M == 1 || q < nb) v[q] += wj * x[q * ldx + j];
+    }
+  }
+}
+
 // Row length of head_in for weights w: [p ; pool], pool starting at al4(P) (whole float4s).
 CARE_HD int head_input_ld(const HeadWeights& w) { return al4(w.P) + al4(w.R2); }
 
@@ -972,8 +1059,8 @@ CARE_HD void head_layer1_units(const HeadWeights& w, const float* head_in, int l
     float v[kHeadSub];
     CARE_UNROLL
     for (int q = 0; q < kHeadSub; ++q) v[q] = w.h1b[i];
-    dot_in_order(w.h1w, i, 0, xp + q0 * ldp, ldp, w.P, nq, v);
-    dot_in_order(w.h1w, i, w.P, xpool + q0 * ldpool, ldpool, w.R2, nq, v);
+    dot_in_order_ahead(w.h1w, i, 0, xp + q0 * ldp, ldp, w.P, nq, v);
+    dot_in_order_ahead(w.h1w, i, w.P, xpool + q0 * ldpool, ldpool, w.R2, nq, v);
     CARE_UNROLL
     for (int q = 0; q < kHeadSub; ++q) {
       if (q < nq) zg[(b0 + q0 + q) * ldz + i] = relu_f(v[q]);
@@ -1004,7 +1091,7 @@ CARE_HD void head_finish(const StepTailArgs& a, int stage, int64_t b0, int nb, c
     float v[kHeadSub];
     CARE_UNROLL
     for (int q = 0; q < kHeadSub; ++q) v[q] = w.h2b[c];
-    dot_in_order(w.h2w, c, 0, z + q0 * ldk, ldk, w.K, nq, v);
+    dot_in_order_ahead(w.h2w, c, 0, z + q0 * ldk, ldk, w.K, nq, v);
     CARE_UNROLL
     for (int q = 0; q < kHeadSub; ++q) {
       if (q < nq) logits[(q0 + q) * w.C + c] = v[q];
