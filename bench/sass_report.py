@@ -31,13 +31,13 @@ Rules (``--check``; exit status 1 when one fails):
   warp's unit tiles, three products each, unrolled).
 - ``dot-loads-ahead``: the head's dot products (``sass: dot-fma``) issue kDotChunk global loads
   before their first FFMA (loads in flight, not one latency per multiply-add).
-- ``head-loads-ahead``: the split head's dot products (``sass: head-fma``, step_head_kernel,
-  CARE_EXT_TAIL_HEAD=split) load the next chunk's kDotChunk weights in the same loop body as this
-  chunk's FFMAs (one memory latency per dot product, not per chunk).
+- ``head-loads-ahead``: the split head's dot products (step_head_kernel, CARE_EXT_TAIL_HEAD=split;
+  the same ``sass: dot-fma`` line, LOOP_MARKER) load the next chunk's kDotChunk weights in the
+  same loop body as this chunk's FFMAs (one memory latency per dot product, not per chunk).
 - The loop rules apply to every kernel that must hold the loop (expected_loops): each
   instantiation of step_tail_kernel, except that one built with its head split off
-  (``step_tail_kernel<M, true>``) has no dot products, and step_head_kernel has only its own
-  (head-fma; address-arithmetic counts it too).
+  (``step_tail_kernel<M, true>``) has no dot products, and step_head_kernel has only its
+  pipelined ones (the loop "head-fma"; address-arithmetic counts it too).
 - ``address-arithmetic``: those two loop bodies spend at most INT_PER_FFMA integer instructions
   per FFMA (address computation: a pointer stepped along each weight row costs one add per load;
   recomputing ``r * rs + c * cs`` in 64 bits for every weight cost 2.8 per FFMA in layer 2).
@@ -72,6 +72,10 @@ CSRC = REPO / "csrc"
 # with nvcc 13.0 for sm_90 (2026-11-26): l2-fma 0.84 with stepped pointers (2.84 before), dot-fma
 # 1.25 (2.22 before; one pointer add per weight, one weight per FFMA).
 INT_PER_FFMA = {"l2-fma": 1.0, "dot-fma": 1.5, "head-fma": 1.5}
+
+# The tagged source line each loop's rules look at: the head kernel's pipelined dot products
+# (head-fma) run the same chunk of multiply-adds (dot_chunk_fmas) as the tail's (dot-fma).
+LOOP_MARKER = {"l2-fma": "l2-fma", "dot-fma": "dot-fma", "head-fma": "dot-fma", "l2-mma": "l2-mma"}
 
 
 @dataclass
@@ -453,31 +457,21 @@ def _tail_rules(tail: Kernel, markers: dict[str, tuple[str, int]],
                           f"{s.get('shared-load', 0)} shared loads (<= FFMA/{rows} + "
                           f"FFMA/{4 * units} = {cap}), "
                           f"{s.get('int', 0)} integer ({s['int_per_ffma']} per FFMA)"))
-    loc = markers.get("dot-fma")
-    if "dot-fma" not in loops:
-        pass
-    elif loc is None:
-        rules.append(Rule("dot-loads-ahead", False, "no `// sass: dot-fma` marker in csrc/"))
-    else:
+    # the head's dot products: in the tail a chunk's loads all issued before its first FFMA; in
+    # the head kernel the next chunk's loads in the same body as this chunk's FFMAs
+    for loop, rule, count, what in (
+            ("dot-fma", "dot-loads-ahead", "global_loads_before_first_ffma", "before the first"),
+            ("head-fma", "head-loads-ahead", "global-load", "of the next chunk")):
+        if loop not in loops:
+            continue
+        loc = markers.get(LOOP_MARKER[loop])
+        if loc is None:
+            rules.append(Rule(rule, False, f"no `// sass: {LOOP_MARKER[loop]}` marker in csrc/"))
+            continue
         s = loop_stats(hot_block(tail.instrs, loc), loc)
-        ok = s["tagged_ffma"] >= consts["kDotChunk"] and \
-            s["global_loads_before_first_ffma"] >= consts["kDotChunk"]
-        rules.append(Rule("dot-loads-ahead", ok,
-                          f"body: {s['tagged_ffma']} FFMA, {s['global_loads_before_first_ffma']} global "
-                          f"loads before the first (want >= {consts['kDotChunk']})"))
-
-    loc = markers.get("head-fma")
-    if "head-fma" not in loops:
-        pass
-    elif loc is None:
-        rules.append(Rule("head-loads-ahead", False, "no `// sass: head-fma` marker in csrc/"))
-    else:
-        s = loop_stats(hot_block(tail.instrs, loc), loc)
-        ok = s["tagged_ffma"] >= consts["kDotChunk"] and \
-            s.get("global-load", 0) >= consts["kDotChunk"]
-        rules.append(Rule("head-loads-ahead", ok,
-                          f"body: {s['tagged_ffma']} FFMA, {s.get('global-load', 0)} global loads "
-                          f"of the next chunk (want >= {consts['kDotChunk']})"))
+        k, n = consts["kDotChunk"], s.get(count, 0)
+        rules.append(Rule(rule, s["tagged_ffma"] >= k and n >= k,
+                          f"body: {s['tagged_ffma']} FFMA, {n} global loads {what} (want >= {k})"))
 
     loc = markers.get("l2-mma")
     if "l2-mma" not in loops:
@@ -497,8 +491,9 @@ def _tail_rules(tail: Kernel, markers: dict[str, tuple[str, int]],
     worst = []
     want = [name for name in INT_PER_FFMA if name in loops]
     for name in want:
-        if name in markers:
-            s = loop_stats(hot_block(tail.instrs, markers[name]), markers[name])
+        loc = markers.get(LOOP_MARKER[name])
+        if loc is not None:
+            s = loop_stats(hot_block(tail.instrs, loc), loc)
             worst.append((name, s["int_per_ffma"], INT_PER_FFMA[name]))
     rules.append(Rule("address-arithmetic",
                       len(worst) == len(want) and all(v <= cap for _, v, cap in worst),

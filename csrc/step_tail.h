@@ -215,6 +215,48 @@ CARE_HD void stage_r2w(const Mat& r2w, int R1, int R2, float* dst, int tid, int 
 
 CARE_HD float relu_f(float v) { return v > 0.f ? v : 0.f; }
 
+// One chunk's multiply-adds of dot_in_order / dot_in_order_ahead: v[q] += w[t] * x_q[j + t] for
+// t < kDotChunk, in order for every sum. kAll (nb == M): all M sums side by side, weight by
+// weight (M independent FFMA chains; on the GPU x read as float4, one broadcast shared-memory read
+// per 4 weights); else one sum after another for the nb < M prompts.
+template <int M, bool kAll>
+CARE_HD void dot_chunk_fmas(const float (&w)[kDotChunk], const float* x, int ldx, int j, int nb,
+                            float (&v)[M]) {
+  if (kAll) {
+#if defined(__CUDA_ARCH__)
+    CARE_UNROLL
+    for (int t = 0; t < kDotChunk; t += 4) {
+      float xs[M][4];
+      CARE_UNROLL
+      for (int q = 0; q < M; ++q) {
+        const float4 xv = *reinterpret_cast<const float4*>(x + q * ldx + j + t);
+        xs[q][0] = xv.x;
+        xs[q][1] = xv.y;
+        xs[q][2] = xv.z;
+        xs[q][3] = xv.w;
+      }
+      CARE_UNROLL
+      for (int e = 0; e < 4; ++e) {
+        CARE_UNROLL
+        for (int q = 0; q < M; ++q) v[q] += w[t + e] * xs[q][e];  // sass: dot-fma
+      }
+    }
+#else
+    for (int t = 0; t < kDotChunk; ++t) {
+      for (int q = 0; q < M; ++q) v[q] += w[t] * x[q * ldx + j + t];
+    }
+#endif
+  } else {
+    CARE_UNROLL
+    for (int q = 0; q < M; ++q) {
+      if (q >= nb) break;
+      const float* xq = x + q * ldx + j;
+      CARE_UNROLL
+      for (int t = 0; t < kDotChunk; ++t) v[q] += w[t] * xq[t];
+    }
+  }
+}
+
 // The chunks of dot_in_order (below) from column j on: kAll (nb == M) advances all M sums side by
 // side, else one sum after another (a short last block of prompts). Returns the first column
 // past the last whole chunk; wp is left there.
@@ -226,39 +268,7 @@ CARE_HD int dot_chunks(const float*& wp, int cs, const float* x, int ldx, int n,
     float wv[kDotChunk];
     CARE_UNROLL
     for (int t = 0; t < kDotChunk; ++t, wp += cs) wv[t] = *wp;
-    if (kAll) {  // M independent FFMA chains, each sum in its own order
-#if defined(__CUDA_ARCH__)
-      CARE_UNROLL
-      for (int t = 0; t < kDotChunk; t += 4) {  // one shared-memory read (broadcast) per 4 weights
-        float xs[M][4];
-        CARE_UNROLL
-        for (int q = 0; q < M; ++q) {
-          const float4 xv = *reinterpret_cast<const float4*>(x + q * ldx + j + t);
-          xs[q][0] = xv.x;
-          xs[q][1] = xv.y;
-          xs[q][2] = xv.z;
-          xs[q][3] = xv.w;
-        }
-        CARE_UNROLL
-        for (int e = 0; e < 4; ++e) {
-          CARE_UNROLL
-          for (int q = 0; q < M; ++q) v[q] += wv[t + e] * xs[q][e];  // sass: dot-fma
-        }
-      }
-#else
-      for (int t = 0; t < kDotChunk; ++t) {
-        for (int q = 0; q < M; ++q) v[q] += wv[t] * x[q * ldx + j + t];
-      }
-#endif
-    } else {
-      CARE_UNROLL
-      for (int q = 0; q < M; ++q) {
-        if (q >= nb) break;
-        const float* xq = x + q * ldx + j;
-        CARE_UNROLL
-        for (int t = 0; t < kDotChunk; ++t) v[q] += wv[t] * xq[t];
-      }
-    }
+    dot_chunk_fmas<M, kAll>(wv, x, ldx, j, nb, v);
   }
   return j;
 }
@@ -945,39 +955,7 @@ CARE_HD void dot_ahead_chunks(const float*& wp, int cs, const float* x, int ldx,
       CARE_UNROLL
       for (int t = 0; t < kDotChunk; ++t, np += cs) nxt[t] = *np;  // one address add per load
     }
-    if (kAll) {
-#if defined(__CUDA_ARCH__)
-      CARE_UNROLL
-      for (int t = 0; t < kDotChunk; t += 4) {
-        float xs[M][4];
-        CARE_UNROLL
-        for (int q = 0; q < M; ++q) {
-          const float4 xv = *reinterpret_cast<const float4*>(x + q * ldx + j + t);
-          xs[q][0] = xv.x;
-          xs[q][1] = xv.y;
-          xs[q][2] = xv.z;
-          xs[q][3] = xv.w;
-        }
-        CARE_UNROLL
-        for (int e = 0; e < 4; ++e) {
-          CARE_UNROLL
-          for (int q = 0; q < M; ++q) v[q] += cur[t + e] * xs[q][e];  // sass: head-fma
-        }
-      }
-#else
-      for (int t = 0; t < kDotChunk; ++t) {
-        for (int q = 0; q < M; ++q) v[q] += cur[t] * x[q * ldx + j + t];
-      }
-#endif
-    } else {
-      CARE_UNROLL
-      for (int q = 0; q < M; ++q) {
-        if (q >= nb) break;
-        const float* xq = x + q * ldx + j;
-        CARE_UNROLL
-        for (int t = 0; t < kDotChunk; ++t) v[q] += cur[t] * xq[t];
-      }
-    }
+    dot_chunk_fmas<M, kAll>(cur, x, ldx, j, nb, v);
     CARE_UNROLL
     for (int t = 0; t < kDotChunk; ++t) cur[t] = nxt[t];
   }

@@ -137,18 +137,22 @@ int64_t dynamic_smem_limit() {
   return limit;
 }
 
-// The dynamic shared memory a launch of step_tail_kernel<M> may ask for after opting in: the
-// device's per-block maximum less the kernel's static shared memory (queried once).
+// The dynamic shared memory a launch of `kernel` may ask for after opting in: the current
+// device's per-block maximum less the kernel's static shared memory.
+int64_t optin_smem_of(const void* kernel) {
+  int dev = 0, optin = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  cudaFuncAttributes attr;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  return static_cast<int64_t>(optin) - static_cast<int64_t>(attr.sharedSizeBytes);
+}
+
+// optin_smem_of step_tail_kernel<M> (queried once).
 template <int M>
 int64_t optin_smem_limit() {
-  static const int64_t limit = [] {
-    int dev = 0, optin = 0;
-    C10_CUDA_CHECK(cudaGetDevice(&dev));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    cudaFuncAttributes attr;
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, step_tail_kernel<M, false>));
-    return static_cast<int64_t>(optin) - static_cast<int64_t>(attr.sharedSizeBytes);
-  }();
+  static const int64_t limit =
+      optin_smem_of(reinterpret_cast<const void*>(step_tail_kernel<M, false>));
   return limit;
 }
 
@@ -164,17 +168,9 @@ void allow_dynamic_smem(int64_t bytes) {
   }
 }
 
-// The shared memory step_head_kernel may use: the device's opt-in maximum less its static
-// shared memory (queried once).
+// optin_smem_of step_head_kernel (queried once).
 int64_t head_smem_limit() {
-  static const int64_t limit = [] {
-    int dev = 0, optin = 0;
-    C10_CUDA_CHECK(cudaGetDevice(&dev));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    cudaFuncAttributes attr;
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, step_head_kernel));
-    return static_cast<int64_t>(optin) - static_cast<int64_t>(attr.sharedSizeBytes);
-  }();
+  static const int64_t limit = optin_smem_of(reinterpret_cast<const void*>(step_head_kernel));
   return limit;
 }
 
