@@ -69,7 +69,8 @@ def packs(ctl: CareController) -> bool:
 def run(device: str, B: int, G: int, H: int, steps: int, warmup: int, strategy: str,
         projected: bool = False, first_layer_backward: str = "auto",
         first_layer_gemm: str = "auto", background: bool = False, gap_ms: float = 0.0,
-        store_dir: str | None = None, first_layer_pack: str = "auto") -> dict:
+        store_dir: str | None = None, first_layer_pack: str = "auto",
+        release_threads: bool = True) -> dict:
     """decide + update of one controller for warmup + steps steps; medians of the steps after the
     warm-up. update_ms is what the update costs the caller: the update() call, plus, after
     ``gap_ms`` of other work (a sleep: the policy update and the next rollouts in a real loop),
@@ -88,7 +89,9 @@ def run(device: str, B: int, G: int, H: int, steps: int, warmup: int, strategy: 
                                     first_layer_backward=first_layer_backward,
                                     first_layer_gemm=first_layer_gemm,
                                     first_layer_pack=first_layer_pack,
-                                    background_update=background), GoldOracle(gold), store)
+                                    background_update=background,
+                                    background_release_threads=release_threads),
+                        GoldOracle(gold), store)
     t_decide, t_update, t_project, t_train = [], [], [], []
     timed: list[float] = []  # the training's own time per update, on whatever thread it ran
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -144,7 +147,8 @@ def run(device: str, B: int, G: int, H: int, steps: int, warmup: int, strategy: 
             Path(f"{path}{suffix}").unlink(missing_ok=True)
     return dict(device=device, shape=f"{B}x{G}x{H}", strategy=strategy, decide_ms=d, update_ms=u,
                 update_share=u / (d + u), steps=steps, projected=projected,
-                update_mode="background" if background else "sync", gap_ms=gap_ms,
+                update_mode=("background" if release_threads else "background-keep")
+                if background else "sync", gap_ms=gap_ms,
                 store="file" if store_dir is not None else "memory",
                 train_ms=statistics.median(t_train) * 1e3 if t_train else None,
                 first_layer_backward=first_layer_backward, first_layer_gemm=first_layer_gemm,
@@ -182,8 +186,12 @@ def main(argv=None) -> int:
                     help="CareConfig.first_layer_pack (split first layers packed once per update "
                          "for oneDNN's BRGeMM on AMX CPUs; rows record whether it packed); "
                          "several: each in turn per shape")
-    ap.add_argument("--update", nargs="+", default=["sync"], choices=["sync", "background"],
-                    help="CareConfig.background_update off / on; several: each in turn per shape")
+    ap.add_argument("--update", nargs="+", default=["sync"],
+                    choices=["sync", "background", "background-keep"],
+                    help="CareConfig.background_update off / on; background-keep: on, without "
+                         "releasing the caller's idle OpenMP workers first "
+                         "(CareConfig.background_release_threads=False); several: each in turn "
+                         "per shape")
     ap.add_argument("--gap-ms", type=float, default=0.0,
                     help="other work (a sleep) between update() and the next decide: what a "
                          "background update can hide behind (a policy step takes seconds)")
@@ -202,7 +210,8 @@ def main(argv=None) -> int:
                                      for g in args.first_layer_gemm
                                      for k in args.first_layer_pack for u in args.update]:
             r = run(args.device, B, G, H, args.steps, args.warmup, args.strategy, args.projected, flb,
-                    gemm, upd == "background", args.gap_ms, args.store_dir, pack)
+                    gemm, upd != "sync", args.gap_ms, args.store_dir, pack,
+                    release_threads=upd != "background-keep")
             # OpenMP placement too: on a 2-core VM the decide after a background update took
             # 12-15 ms unbound and 8 ms with OMP_PROC_BIND=true (bench/RESULTS.md)
             r.update(device_name=name, torch=torch.__version__, threads=torch.get_num_threads(),

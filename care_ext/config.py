@@ -20,7 +20,7 @@ _NONNEG_FLOAT = ("soft_adv", "decay_lambda", "adv_eps", "cag_eps", "aux_weight",
                  "class_balance_power", "lr", "weight_decay", "grad_clip")
 """Float fields that must be finite and >= 0 (0 keeps its documented meaning, e.g. no aux head)."""
 _BOOL = ("buy_trusted_if_short", "use_cached_labels", "adv_unbiased", "cag_unbiased",
-         "train_on_cached", "sim_metrics", "background_update")
+         "train_on_cached", "sim_metrics", "background_update", "background_release_threads")
 
 
 def ceil_frac(frac: float, n: int) -> int:
@@ -126,6 +126,13 @@ class CareConfig:
     background update (``wait_update()`` returns the latest). The update's 3 gradient steps x 2
     classifiers cost several times a decide (bench/bench_step.py); in a training loop they then
     overlap the policy update and the next rollouts instead of stalling them."""
+    background_release_threads: bool = True
+    """With :attr:`background_update` on the CPU: ``update()`` first releases the calling thread's
+    idle OpenMP workers (:func:`care_ext.threads.release_idle_threads`), so that the update
+    thread's own parallel regions are not throttled by workers nobody uses (libgomp lets workers
+    spin only while all docked ones fit the cores). On the 2-core VM the background update took
+    108-113 ms without it against 57-65 ms synchronous (bench/RESULTS.md, fourteenth session).
+    Same operations, so the same classifiers; off only for A/B runs."""
     first_layer_backward: str = "auto"
     """How classifier training runs the BatchNorm -> Linear first layers (their inputs are data):
     'fused' = one GEMM per backward (:mod:`care_ext.bn_linear`), 'split' = fused, and on the CPU

@@ -31,6 +31,7 @@ from .config import CareConfig
 from .decision import BOUGHT, CACHED, DROPPED, TRUSTED, Decision
 from .labels import LabelStore, Oracle, OracleResult, SimulationOnlyError
 from .labels.store import json_safe
+from .threads import release_idle_threads
 from .projection import (FirstLayerProjection, ProjectedHidden, first_layer_projection, pad_columns,
                          padded_width, reduced_weights)
 from .replay import Sample
@@ -652,6 +653,8 @@ class CareController:
         # background_update"; OMP_PROC_BIND=true removed it there).
         result: Future = Future()
         trainer = self.trainer
+        if self.config.background_release_threads and torch.device(self.config.device).type == "cpu":
+            release_idle_threads()  # care_ext.threads: the update's parallel regions keep spinning
 
         def train() -> None:
             try:
@@ -663,6 +666,7 @@ class CareController:
                 result.set_result(metrics)
             except BaseException as e:  # noqa: B036 - re-raised by wait_update
                 result.set_exception(e)
+
 
         worker = threading.Thread(target=train, name="care-update")
         worker.start()

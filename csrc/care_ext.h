@@ -180,5 +180,6 @@ StepTuple without_split(const Tensor& ids, const Tensor& lengths, const Tensor& 
 }
 
 std::string build_info();
+bool release_idle_threads();
 
 }  // namespace care_ext

@@ -10,6 +10,10 @@
 #include <iostream>  // runs std::ios_base::Init: see the note above build_info
 #include <string>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #ifndef CARE_EXT_TORCH_VERSION
 #define CARE_EXT_TORCH_VERSION "unknown"
 #endif
@@ -154,6 +158,25 @@ TORCH_LIBRARY(care_ext, m) {
       "Tensor sizes, Tensor prompt_feat, Tensor len_norm, Tensor minority_mask, Tensor cag, "
       "Tensor admissible, Tensor pseudo_rewards, Tensor pseudo_adv)");
   m.def("build_info() -> str", &build_info);
+  // Releases the calling thread's idle OpenMP workers (care_ext.threads.release_idle_threads).
+  m.def("_release_idle_threads() -> bool", &release_idle_threads);
+}
+
+// The calling thread's OpenMP thread pool released (omp_pause_resource_all(omp_pause_soft),
+// OpenMP 5.0: libgomp ends the workers its parallel regions keep docked; its next parallel region
+// starts new ones). Returns false where it did nothing: a build without OpenMP, a call from inside
+// a parallel region, or a runtime that refused. Why: libgomp counts every docked worker of every
+// thread against the cores and, when they outnumber them, lets workers spin only briefly before
+// sleeping. A background thread's parallel regions then wait for sleeping workers to wake, each
+// time: on the 2-core VM a classifier update took 108-113 ms on a new thread against 57-65 ms on
+// the main one, and 67-82 ms with the main thread's pool released first (2026-11-28,
+// bench/RESULTS.md).
+bool release_idle_threads() {
+#ifdef _OPENMP
+  return omp_pause_resource_all(omp_pause_soft) == 0;
+#else
+  return false;
+#endif
 }
 
 TORCH_LIBRARY_IMPL(care_ext, CPU, m) {

@@ -169,3 +169,56 @@ def test_a_failed_preparation_is_left_to_the_decide():
     b = batches[1]
     d = ctl.decide(b.uids, b.ids, **b.kwargs())
     assert ctl.trainer._folded is not None and len(d.source) == B
+
+
+@pytest.mark.parametrize("release", [True, False])
+def test_background_update_releases_the_callers_idle_omp_workers(release, monkeypatch):
+    """CareConfig.background_release_threads (default on): before a background update on the CPU
+    starts, update() releases the calling thread's idle OpenMP workers (care_ext.threads), once per
+    background update; never for a synchronous one or with the flag off. The classifiers are the
+    same either way (the same operations)."""
+    import care_ext.step as step_mod
+
+    calls = []
+    real = step_mod.release_idle_threads
+
+    def counting():
+        calls.append(threading.current_thread().name)
+        return real()
+
+    monkeypatch.setattr(step_mod, "release_idle_threads", counting)
+    world = make_world(B=B, G=G, H=H)
+    batches = [make_batch(world, s % 4) for s in range(4)]
+    gold = {u: g for b in batches for u, g in b.gold.items()}
+    ctls = []
+    for background in (True, False):
+        cfg = CareConfig(strategy="care", group_size=G, warmup_steps=2, seed=3,
+                         background_update=background, background_release_threads=release)
+        ctl = CareController(cfg, GoldOracle(gold))
+        for b in batches:
+            ctl.decide(b.uids, b.ids, **b.kwargs())
+            ctl.update()
+        ctl.wait_update()
+        ctls.append(ctl)
+    want = ctls[0]._background_updates if release else 0
+    assert want in (0, 4) and len(calls) == want
+    assert all(name == threading.main_thread().name for name in calls)
+    for mod in ("stage1", "stage2"):
+        ref = getattr(ctls[1].trainer, mod).state_dict()
+        for k, v in getattr(ctls[0].trainer, mod).state_dict().items():
+            assert torch.equal(v, ref[k]), (mod, k)
+
+
+def test_release_idle_threads_releases_and_the_pool_comes_back():
+    """care_ext.threads.release_idle_threads: True where the build has OpenMP
+    (build_info()["intra_op_parallel"]) and the runtime released the pool; parallel CPU work
+    afterwards runs again on new workers and gives the same values."""
+    import care_ext
+    from care_ext.threads import release_idle_threads
+
+    x = torch.randn(512, 1024, generator=torch.Generator().manual_seed(0))
+    before = torch.native_batch_norm(x, None, None, None, None, True, 0.1, 1e-5)[0]
+    released = release_idle_threads()
+    assert released == bool(care_ext.build_info().get("intra_op_parallel"))
+    after = torch.native_batch_norm(x, None, None, None, None, True, 0.1, 1e-5)[0]
+    assert torch.equal(before, after)
