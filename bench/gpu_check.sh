@@ -295,6 +295,12 @@ if [ "$QUICK" = 1 ]; then
     --shapes 64x8x4096 --first-layer-gemm bf16x3 --first-layer-pack off on \
     --out "$OUT/bench_step_cpu_packed" > "$OUT/bench_step_cpu_packed.log" 2>&1
   stamp "CPU core decide, first_layer_pack off / on exit $? : $(grep -E 'decide' "$OUT/bench_step_cpu_packed.log" | tr -s ' ' | tr '\n' ';')"
+  # the background update on the host's 16 cores with and without releasing the caller's idle
+  # OpenMP pool first (CareConfig.background_release_threads; 2-core VM: 123-132 -> 75 ms)
+  timeout "$(cap 40)" python3 "$REPO/bench/bench_step.py" --device cpu --steps 4 --warmup 2 \
+    --shapes 64x8x4096 --update background-keep background sync --gap-ms 300 \
+    --out "$OUT/bench_step_cpu_release" > "$OUT/bench_step_cpu_release.log" 2>&1
+  stamp "CPU background update, pool kept / released / sync exit $? : $(grep -E 'decide' "$OUT/bench_step_cpu_release.log" | tr -s ' ' | tr '\n' ';')"
   # issue 7's "threads used well" for the core's default CPU path (packed bf16x3 on AMX)
   timeout "$(cap 40)" python3 "$REPO/bench/thread_scaling.py" --op acquisition_step_split_packed \
     --threads 1 2 4 8 16 --rounds 1 --min-time 0.2 --shapes 64x8x4096 \
