@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 namespace care_ext {
@@ -27,6 +28,22 @@ inline bool env_switch(const char* name, const char* off, const char* on) {
   if (env == nullptr || *env == 0 || std::strcmp(env, off) == 0) return false;
   TORCH_CHECK(std::strcmp(env, on) == 0, name, " must be ", off, " or ", on, ", got '", env, "'");
   return true;
+}
+
+// A run-time choice read from the environment variable `name`: -1 when unset, empty or "auto",
+// else the index of its value in `choices`; any other value is an error naming the variable and
+// the values ("NAME must be a, b or auto").
+template <size_t N>
+int env_choice(const char* name, const char* const (&choices)[N]) {
+  const char* env = std::getenv(name);
+  if (env == nullptr || *env == 0 || std::strcmp(env, "auto") == 0) return -1;
+  for (size_t i = 0; i < N; ++i) {
+    if (std::strcmp(env, choices[i]) == 0) return static_cast<int>(i);
+  }
+  std::string list;
+  for (size_t i = 0; i < N; ++i) list += std::string(choices[i]) + (i + 1 < N ? ", " : "");
+  TORCH_CHECK(false, name, " must be ", list, " or auto, got '", env, "'");
+  return -1;
 }
 
 // CARE_EXT_TAIL_STAGE_R2 (run time): "1" makes each block of the fused step's tail stage its rollout
@@ -53,12 +70,8 @@ constexpr int64_t kTailL2MmaMinG = 16;
 // Whether the CUDA tail asks for tensor-core layer 2 at group size G (CARE_EXT_TAIL_L2, above);
 // any value but ffma, mma, auto, empty or unset is an error naming the variable.
 inline bool tail_l2_mma_requested(int64_t G) {
-  const char* env = std::getenv("CARE_EXT_TAIL_L2");
-  if (env == nullptr || *env == 0 || std::strcmp(env, "auto") == 0) return G >= kTailL2MmaMinG;
-  if (std::strcmp(env, "mma") == 0) return true;
-  TORCH_CHECK(std::strcmp(env, "ffma") == 0, "CARE_EXT_TAIL_L2 must be ffma, mma or auto, got '",
-              env, "'");
-  return false;
+  const int asked = env_choice("CARE_EXT_TAIL_L2", {"ffma", "mma"});
+  return asked < 0 ? G >= kTailL2MmaMinG : asked == 1;
 }
 
 // CARE_EXT_TAIL_MMA_PRESPLIT (run time): "1" (the default, also when unset or empty) lets the
@@ -103,14 +116,7 @@ inline bool tail_head_split_requested() { return env_switch("CARE_EXT_TAIL_HEAD"
 // unset or empty) by the launch's rule. Returns 0, 1, or -1 for auto; any other value is an error
 // naming the variable. The CPU twin runs everything in order whatever it says (the value is
 // checked).
-inline int step_overlap_requested() {
-  const char* env = std::getenv("CARE_EXT_STEP_OVERLAP");
-  if (env == nullptr || *env == 0 || std::strcmp(env, "auto") == 0) return -1;
-  if (std::strcmp(env, "1") == 0) return 1;
-  TORCH_CHECK(std::strcmp(env, "0") == 0, "CARE_EXT_STEP_OVERLAP must be 0, 1 or auto, got '",
-              env, "'");
-  return 0;
-}
+inline int step_overlap_requested() { return env_choice("CARE_EXT_STEP_OVERLAP", {"0", "1"}); }
 
 // Held for the whole of every op that runs ATen GEMMs (classifier_forward, acquisition_step, the
 // fused step's host part):

@@ -257,6 +257,20 @@ CARE_HD void dot_chunk_fmas(const float (&w)[kDotChunk], const float* x, int ldx
   }
 }
 
+// The columns j .. n-1 past a dot product's whole chunks, one weight (at wp, stepped by cs) at a
+// time for the nb <= M sums, in order.
+template <int M>
+CARE_HD void dot_rest(const float* wp, int cs, const float* x, int ldx, int j, int n, int nb,
+                      float (&v)[M]) {
+  for (; j < n; ++j, wp += cs) {
+    const float wj = *wp;
+    CARE_UNROLL
+    for (int q = 0; q < M; ++q) {
+      if (M == 1 || q < nb) v[q] += wj * x[q * ldx + j];
+    }
+  }
+}
+
 // The chunks of dot_in_order (below) from column j on: kAll (nb == M) advances all M sums side by
 // side, else one sum after another (a short last block of prompts). Returns the first column
 // past the last whole chunk; wp is left there.
@@ -288,15 +302,9 @@ CARE_HD void dot_in_order(const Mat& W, int r, int c0, const float* x, int ldx, 
                           float (&v)[M]) {
   const int cs = W.cs;
   const float* wp = W.row(r) + c0 * cs;
-  int j = M == 1 || nb == M ? dot_chunks<M, true>(wp, cs, x, ldx, n, nb, v)
-                            : dot_chunks<M, false>(wp, cs, x, ldx, n, nb, v);
-  for (; j < n; ++j, wp += cs) {
-    const float wj = *wp;
-    CARE_UNROLL
-    for (int q = 0; q < M; ++q) {
-      if (M == 1 || q < nb) v[q] += wj * x[q * ldx + j];
-    }
-  }
+  const int j = M == 1 || nb == M ? dot_chunks<M, true>(wp, cs, x, ldx, n, nb, v)
+                                  : dot_chunks<M, false>(wp, cs, x, ldx, n, nb, v);
+  dot_rest(wp, cs, x, ldx, j, n, nb, v);
 }
 
 // x[a] = p[a] for a < kL2TileRows: a tile's rollouts at one step of the k sum (p 16-byte aligned;
@@ -889,7 +897,7 @@ CARE_HD void write_head_inputs(const StepTailArgs& a, const HeadWeights& w, cons
 // stage 0 = Stage-I (reliability and its logits), 1 = Stage-II (probs over the admissible classes
 // and expected CAG). The stages share nothing but read-only inputs. r2w_staged: this stage's
 // rollout layer-2 weight as stage_r2w wrote it (complete before the first sync), or nullptr.
-// With a.head_in the head is left to the head kernel (head_layer1_units, head_finish): this
+// With a.head_in the head is left to the head kernel (head_block_layer1, head_finish): this
 // writes the head inputs and zeroes the counters of the head groups that start in its prompts.
 // kHeadHere: -1 reads that from a.head_in at run time (the CPU twins); 1 (head in the tail) or 0
 // (split) fixes it at compile time (the CUDA kernels: each variant keeps only its own code, and
@@ -980,13 +988,7 @@ CARE_HD void dot_in_order_ahead(const Mat& W, int r, int c0, const float* x, int
       dot_ahead_chunks<M, false>(wp, cs, x, ldx, chunks, nb, v);
     }
   }
-  for (int j = chunks * kDotChunk; j < n; ++j, wp += cs) {
-    const float wj = *wp;
-    CARE_UNROLL
-    for (int q = 0; q < M; ++q) {
-      if (M == 1 || q < nb) v[q] += wj * x[q * ldx + j];
-    }
-  }
+  dot_rest(wp, cs, x, ldx, chunks * kDotChunk, n, nb, v);
 }
 
 // Row length of head_in for weights w: [p ; pool], pool starting at al4(P) (whole float4s).
@@ -1010,17 +1012,55 @@ CARE_HD float load_other_block(const float* p) {
 #endif
 }
 
-// Head layer 1 of weights w, units u0 .. u0+nu-1, for the nb prompts b0 .. (head_in: this stage's
-// [B][ldh]): z[b][i] = relu(h1b[i] + h1w[i, :] . [p_b ; pool_b]) into zg [B][ldz]. x: scratch for
-// the inputs (head_block_floats). Thread item (subgroup, unit): consecutive threads take
-// consecutive units (coalesced column-major weight reads), each advancing kHeadSub prompts' sums.
+// Head blocks of weights w along the units: kHeadUnits units each.
+CARE_HD int head_unit_blocks(const HeadWeights& w) { return (w.K + kHeadUnits - 1) / kHeadUnits; }
+
+// The prompts of head group g: g * head_prompts .. (returned: how many, the last group short).
+CARE_HD int head_group_prompts(const StepTailArgs& a, int g) {
+  const int64_t left = a.head_rows - static_cast<int64_t>(g) * a.head_prompts;
+  return static_cast<int>(left < a.head_prompts ? left : a.head_prompts);
+}
+
+// Floats of the head kernel's buffers for B prompts in groups of `prompts`, whose layout this sets
+// in a (head_rows, head_ld, head_ldz, head_prompts, head_groups; place_head_buffers points into
+// them): head_in [2][B][head_ld], head_z [2][B][head_ldz], then head_count's 2 * head_groups ints,
+// a float's room each.
+CARE_HD int64_t head_layout(StepTailArgs& a, int64_t B, int prompts) {
+  const int l1 = head_input_ld(a.w1), l2 = head_input_ld(a.w2);
+  const int k1 = al4(a.w1.K), k2 = al4(a.w2.K);
+  a.head_rows = B;
+  a.head_ld = l1 > l2 ? l1 : l2;
+  a.head_ldz = k1 > k2 ? k1 : k2;
+  a.head_prompts = prompts;
+  a.head_groups = static_cast<int>((B + prompts - 1) / prompts);
+  return 2 * B * (a.head_ld + a.head_ldz) + 2 * static_cast<int64_t>(a.head_groups);
+}
+
+// Points a.head_in, head_z and head_count into `base` (head_layout's floats, 16-byte aligned).
+CARE_HD void place_head_buffers(StepTailArgs& a, float* base) {
+  a.head_in = base;
+  a.head_z = base + 2 * a.head_rows * a.head_ld;
+  a.head_count = reinterpret_cast<int*>(a.head_z + 2 * a.head_rows * a.head_ldz);
+}
+
+// Head layer 1 of head block (unit block ug, prompt group g, stage): for its nb prompts b0 .. and
+// units u0 .. u0+nu-1, z[b][i] = relu(h1b[i] + h1w[i, :] . [p_b ; pool_b]) from this stage's
+// head_in rows into its head_z rows. scratch: head_block_floats (the inputs). Thread item
+// (subgroup, unit): consecutive threads take consecutive units (coalesced column-major weight
+// reads), each advancing kHeadSub prompts' sums.
 template <class Sync>
-CARE_HD void head_layer1_units(const HeadWeights& w, const float* head_in, int ldh, int64_t b0,
-                               int nb, int u0, int nu, float* x, float* zg, int ldz, int tid,
-                               int nth, Sync sync) {
+CARE_HD void head_block_layer1(const StepTailArgs& a, int stage, int g, int ug, float* scratch,
+                               int tid, int nth, Sync sync) {
+  const HeadWeights& w = stage == 0 ? a.w1 : a.w2;
+  const int64_t b0 = static_cast<int64_t>(g) * a.head_prompts;
+  const int nb = head_group_prompts(a, g);
+  const int u0 = ug * kHeadUnits, nu = w.K - u0 < kHeadUnits ? w.K - u0 : kHeadUnits;
+  const float* head_in = a.head_in + stage * a.head_rows * a.head_ld;
+  float* zg = a.head_z + stage * a.head_rows * a.head_ldz;
+  const int ldh = a.head_ld, ldz = a.head_ldz;
   const int ldp = al4(w.P), ldpool = al4(w.R2);
-  float* xp = x;
-  float* xpool = x + nb * ldp;
+  float* xp = scratch;
+  float* xpool = scratch + nb * ldp;
   for (int i = tid; i < nb * ldp; i += nth) {
     const int q = i / ldp, j = i - q * ldp;
     xp[i] = j < w.P ? head_in[(b0 + q) * ldh + j] : 0.f;
@@ -1046,13 +1086,16 @@ CARE_HD void head_layer1_units(const HeadWeights& w, const float* head_in, int l
   }
 }
 
-// Head layer 2 and the stage's outputs for the nb prompts b0 .. once all of head layer 1 is in
-// zg [B][ldz] (this stage's; written by other blocks: read past L1). scratch: head_block_floats.
+// Head layer 2 and the stage's outputs for prompt group g, once all of its head layer 1 is in
+// this stage's head_z rows (written by other blocks: read past L1). scratch: head_block_floats.
 template <class Sync>
-CARE_HD void head_finish(const StepTailArgs& a, int stage, int64_t b0, int nb, const float* zg,
-                         int ldz, float* scratch, int tid, int nth, Sync sync) {
+CARE_HD void head_finish(const StepTailArgs& a, int stage, int g, float* scratch, int tid,
+                         int nth, Sync sync) {
   const HeadWeights& w = stage == 0 ? a.w1 : a.w2;
-  const int ldk = al4(w.K);
+  const int64_t b0 = static_cast<int64_t>(g) * a.head_prompts;
+  const int nb = head_group_prompts(a, g);
+  const float* zg = a.head_z + stage * a.head_rows * a.head_ldz;
+  const int ldz = a.head_ldz, ldk = al4(w.K);
   float* z = scratch;
   float* logits = z + nb * ldk;
   const int floats = nb * (ldk + w.C);

@@ -105,21 +105,11 @@ StepTuple acquisition_step_fused_block_cpu(const Tensor& ids, const Tensor& leng
   // CARE_EXT_TAIL_HEAD=split: the head's buffers as the CUDA launch lays them out, its counters
   // set to a value the tail must overwrite (checked below: every group's counter was zeroed)
   const bool split_head = tail_head_split_requested() && f.B > 0;
-  std::vector<float> head_in, head_z;
-  std::vector<int> head_count;
+  std::vector<float> head_buf;
   if (split_head) {
-    StepTailArgs& a = f.args;
-    a.head_rows = f.B;
-    a.head_ld = std::max(head_input_ld(a.w1), head_input_ld(a.w2));
-    a.head_ldz = std::max(al4(a.w1.K), al4(a.w2.K));
-    a.head_prompts = kMaxHeadPrompts;
-    a.head_groups = static_cast<int>((f.B + a.head_prompts - 1) / a.head_prompts);
-    head_in.assign(static_cast<size_t>(2 * f.B * a.head_ld), 0.f);
-    head_z.assign(static_cast<size_t>(2 * f.B * a.head_ldz), 0.f);
-    head_count.assign(static_cast<size_t>(2 * a.head_groups), 7);
-    a.head_in = head_in.data();
-    a.head_z = head_z.data();
-    a.head_count = head_count.data();
+    head_buf.assign(static_cast<size_t>(head_layout(f.args, f.B, kMaxHeadPrompts)), 0.f);
+    place_head_buffers(f.args, head_buf.data());
+    std::fill(f.args.head_count, f.args.head_count + 2 * f.args.head_groups, 7);
   }
   // CARE_EXT_TAIL_STAGE_R2=1: each block stages its stage's layer-2 weight first, as the CUDA
   // kernel does with it (stage_r2w), into a buffer of its own
@@ -151,30 +141,23 @@ StepTuple acquisition_step_fused_block_cpu(const Tensor& ids, const Tensor& leng
   run_team(n, member);
   if (split_head) {  // the head kernel's blocks one after another: (unit blocks, group, stage)
     const StepTailArgs& a = f.args;
-    for (size_t i = 0; i < head_count.size(); ++i) {
-      TORCH_CHECK(head_count[i] == 0, "care_ext._acquisition_step_fused_block: the tail left the "
+    for (int i = 0; i < 2 * a.head_groups; ++i) {
+      TORCH_CHECK(a.head_count[i] == 0, "care_ext._acquisition_step_fused_block: the tail left the "
                   "head counter of stage ", i / a.head_groups, ", group ", i % a.head_groups,
-                  " at ", head_count[i], " (every counter must be zeroed)");
+                  " at ", a.head_count[i], " (every counter must be zeroed)");
     }
     std::vector<float> hs(static_cast<size_t>(
         std::max(head_block_floats(a.w1, a.head_prompts), head_block_floats(a.w2, a.head_prompts)) +
         1));
     auto head_member = [&](int tid) {
       for (int stage = 0; stage < 2; ++stage) {
-        const HeadWeights& w = stage == 0 ? a.w1 : a.w2;
-        const float* hin = a.head_in + stage * a.head_rows * a.head_ld;
-        float* zg = a.head_z + stage * a.head_rows * a.head_ldz;
-        const int n_ug = (w.K + kHeadUnits - 1) / kHeadUnits;
+        const int n_ug = head_unit_blocks(stage == 0 ? a.w1 : a.w2);
         for (int g = 0; g < a.head_groups; ++g) {
-          const int64_t b0 = static_cast<int64_t>(g) * a.head_prompts;
-          const int nb = static_cast<int>(std::min<int64_t>(a.head_prompts, f.B - b0));
           for (int ug = 0; ug < n_ug; ++ug) {
-            const int u0 = ug * kHeadUnits;
-            head_layer1_units(w, hin, a.head_ld, b0, nb, u0, std::min(kHeadUnits, w.K - u0),
-                              hs.data(), zg, a.head_ldz, tid, n, TeamSync{&barrier});
+            head_block_layer1(a, stage, g, ug, hs.data(), tid, n, TeamSync{&barrier});
             barrier.wait();  // the next block's inputs overwrite this one's
           }
-          head_finish(a, stage, b0, nb, zg, a.head_ldz, hs.data(), tid, n, TeamSync{&barrier});
+          head_finish(a, stage, g, hs.data(), tid, n, TeamSync{&barrier});
           barrier.wait();
         }
       }

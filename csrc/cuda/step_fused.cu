@@ -1,8 +1,8 @@
 // CUDA backend of the private fused step: after the host part (group_features kernel + four cuBLAS
 // GEMMs, step_fused.cpp; the features and prompt GEMMs on a second stream where
-// CARE_EXT_STEP_OVERLAP says so), one kernel runs the whole per-prompt tail of step_tail.h, one block of
-// kTailThreads threads per prompt and classifier (blockIdx.y: 0 = Stage-I, 1 = Stage-II), its
-// scratch in dynamic shared memory.
+// CARE_EXT_STEP_OVERLAP says so), one kernel runs the whole per-prompt tail of step_tail.h, one
+// block of kTailThreads threads per prompt and classifier (blockIdx.y: 0 = Stage-I, 1 =
+// Stage-II), its scratch in dynamic shared memory.
 #include "common.cuh"
 
 #include "../classifier_parts.h"
@@ -60,34 +60,26 @@ __global__ void __launch_bounds__(kTailThreads, 2)
 }
 
 // The head of both stages after the tail (CARE_EXT_TAIL_HEAD=split; step_tail.h's
-// head_layer1_units / head_finish): block (x: kHeadUnits units of head layer 1, y: a group of
+// head_block_layer1 / head_finish): block (x: kHeadUnits units of head layer 1, y: a group of
 // head_prompts prompts, z: stage). Each block counts itself done on its group's counter (zeroed by
 // the tail, which ran before on the stream); the last one (its layer-1 stores made visible by
 // __threadfence before the count) reads the whole of z past L1 and finishes the group.
 __global__ void __launch_bounds__(kTailThreads) step_head_kernel(StepTailArgs a) {
   extern __shared__ __align__(16) float scratch[];
   __shared__ int last;
-  const int stage = static_cast<int>(blockIdx.z), ug = static_cast<int>(blockIdx.x);
+  const int stage = static_cast<int>(blockIdx.z), g = static_cast<int>(blockIdx.y);
+  const int ug = static_cast<int>(blockIdx.x);
   const int tid = static_cast<int>(threadIdx.x), nth = static_cast<int>(blockDim.x);
-  const HeadWeights& w = stage == 0 ? a.w1 : a.w2;
-  const int n_ug = (w.K + kHeadUnits - 1) / kHeadUnits;
+  const int n_ug = head_unit_blocks(stage == 0 ? a.w1 : a.w2);
   if (ug >= n_ug) return;  // the other stage has more units
-  const int64_t b0 = static_cast<int64_t>(blockIdx.y) * a.head_prompts;
-  const int nb = static_cast<int>(a.head_rows - b0 < a.head_prompts ? a.head_rows - b0
-                                                                     : a.head_prompts);
-  const int u0 = ug * kHeadUnits, nu = w.K - u0 < kHeadUnits ? w.K - u0 : kHeadUnits;
-  float* zg = a.head_z + stage * a.head_rows * a.head_ldz;
-  head_layer1_units(w, a.head_in + stage * a.head_rows * a.head_ld, a.head_ld, b0, nb, u0, nu,
-                    scratch, zg, a.head_ldz, tid, nth, BlockSync{});
+  head_block_layer1(a, stage, g, ug, scratch, tid, nth, BlockSync{});
   __threadfence();  // this block's z stores, device-wide, before its count
   __syncthreads();
-  if (tid == 0) {
-    last = atomicAdd(a.head_count + stage * a.head_groups + blockIdx.y, 1) == n_ug - 1;
-  }
+  if (tid == 0) last = atomicAdd(a.head_count + stage * a.head_groups + g, 1) == n_ug - 1;
   __syncthreads();
   if (!last) return;
   __threadfence();  // the other blocks' counts seen: their z stores are visible (read via L2)
-  head_finish(a, stage, b0, nb, zg, a.head_ldz, scratch, tid, nth, BlockSync{});
+  head_finish(a, stage, g, scratch, tid, nth, BlockSync{});
 }
 
 // Both classifiers' rollout layer-2 weights split into TF32 pieces in fragment order
@@ -187,17 +179,8 @@ Tensor plan_split_head(StepTailArgs& a, int64_t B, const Tensor& like, int64_t& 
   while (n > kHeadSub && bytes(n) > head_smem_limit()) n /= 2;
   if (bytes(n) > head_smem_limit()) return Tensor();
   smem = bytes(n);
-  a.head_rows = B;
-  a.head_ld = std::max(head_input_ld(a.w1), head_input_ld(a.w2));
-  a.head_ldz = std::max(al4(a.w1.K), al4(a.w2.K));
-  a.head_prompts = n;
-  a.head_groups = static_cast<int>((B + n - 1) / n);
-  const int64_t in = 2 * B * a.head_ld, z = 2 * B * a.head_ldz;
-  Tensor buf = at::empty({in + z + 2 * static_cast<int64_t>(a.head_groups)}, like.options());
-  float* base = buf.data_ptr<float>();
-  a.head_in = base;
-  a.head_z = base + in;
-  a.head_count = reinterpret_cast<int*>(base + in + z);  // zeroed by the tail
+  Tensor buf = at::empty({head_layout(a, B, n)}, like.options());
+  place_head_buffers(a, buf.data_ptr<float>());  // the counters are zeroed by the tail
   return buf;
 }
 
@@ -415,8 +398,8 @@ StepTuple acquisition_step_fused_split_cuda(const Tensor& ids, const Tensor& len
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (head_buf.defined()) {
-    const int units = std::max(args.w1.K, args.w2.K);
-    const dim3 head_grid(static_cast<unsigned>((units + kHeadUnits - 1) / kHeadUnits),
+    const dim3 head_grid(static_cast<unsigned>(std::max(head_unit_blocks(args.w1),
+                                                          head_unit_blocks(args.w2))),
                          static_cast<unsigned>(args.head_groups), 2);
     // set at every split launch (cheap): with its static `last` the kernel may pass 48 KB in all
     C10_CUDA_CHECK(cudaFuncSetAttribute(step_head_kernel,
