@@ -667,7 +667,6 @@ class CareController:
             except BaseException as e:  # noqa: B036 - re-raised by wait_update
                 result.set_exception(e)
 
-
         worker = threading.Thread(target=train, name="care-update")
         worker.start()
         self._pending = (worker, result)

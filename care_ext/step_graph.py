@@ -49,6 +49,13 @@ def graph_pays(h_prompt: Tensor, h_resp: Tensor) -> bool:
     return h_resp.is_cuda and nbytes <= GRAPH_MAX_HIDDEN_BYTES
 
 
+def _input_key(ids: Tensor, lengths: Tensor, h_prompt: Tensor, h_resp: Tensor) -> tuple:
+    """The inputs' part of a signature: shapes, dtypes and ids' device (strides do not matter:
+    the inputs are copied into contiguous buffers)."""
+    return (ids.shape, ids.dtype, ids.device, lengths.shape, lengths.dtype, h_prompt.shape,
+            h_prompt.dtype, h_resp.shape, h_resp.dtype)
+
+
 def _meta(t: Tensor) -> tuple:
     """What a captured weight copy is specific to: shape, strides (the kernels read weights
     through their strides), dtype and device."""
@@ -151,9 +158,7 @@ class StepGraph:
             return ops.acquisition_step(ids, lengths, h_prompt, h_resp, stage1, stage2,
                                         *self.scalars, first_layer_split=first_layer_split)
         weights = [*stage1, *stage2, *(first_layer_split or ())]
-        key = (ids.shape, ids.dtype, ids.device, lengths.shape, lengths.dtype, h_prompt.shape,
-               h_prompt.dtype, h_resp.shape, h_resp.dtype, len(stage1), len(stage2),
-               len(weights))
+        key = (_input_key(ids, lengths, h_prompt, h_resp), len(stage1), len(stage2), len(weights))
         if ids.device.index != torch.cuda.current_device():
             with torch.cuda.device(ids.device):
                 return self._replay(key, (ids, lengths, h_prompt, h_resp), weights, len(stage1),
@@ -191,10 +196,9 @@ class StepGraph:
         """The static input buffers of the graph captured for inputs like these (same shapes,
         dtypes and device), or None where there is none yet. Write the next step's inputs into
         them and pass them back: the plan then copies nothing."""
-        want = (ids.shape, ids.dtype, ids.device, lengths.shape, lengths.dtype, h_prompt.shape,
-                h_prompt.dtype, h_resp.shape, h_resp.dtype)
+        want = _input_key(ids, lengths, h_prompt, h_resp)
         for key, cap in reversed(self._graphs.items()):
-            if key[:9] == want:
+            if key[0] == want:
                 return tuple(cap.inputs)
         return None
 
