@@ -22,6 +22,8 @@
 # if time is left; the rest is skipped.
 #
 #   device run:  bash bench/gpu_check.sh            (GPU_CHECK_QUICK=1 bash bench/gpu_check.sh)
+#   A/B of one change: GPU_CHECK_AB="CARE_EXT_TAIL_HEAD=tail CARE_EXT_TAIL_HEAD=split" \
+#                      GPU_CHECK_TESTS="head or overlap" GPU_CHECK_SECONDS=200 bash bench/gpu_check.sh
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 # The device tool brings back at most 8 files from $OUT: every stage writes into a work folder, and
@@ -66,6 +68,35 @@ SO=$(python3 -c "import care_ext._C as m; print(m.__file__)")
 timeout "$(cap 60)" python3 "$REPO/bench/sass_report.py" --so "$SO" --check --out "$OUT/sass" \
   > "$OUT/sass_report.log" 2>&1
 stamp "sass_report exit $? : $(grep -cE '^PASS' "$OUT/sass_report.log") rules pass; $(grep -E '^(FAIL|loop)' "$OUT/sass_report.log" | tr '\n' ';')"
+
+# GPU_CHECK_AB="ENV=a ENV=b ...": a focused A/B run after a kernel change, for a short device
+# call (~3 min with the start): after the build and SASS, the CUDA tests matching GPU_CHECK_TESTS
+# (a pytest -k expression, default: all CUDA op tests), then the split2 step's benchmark under
+# each setting in turn, GPU_CHECK_AB_ROUNDS times (default 2), at 64x8, 256x32 and 1024x64, and
+# profile_step (device time per kernel) under each; then it stops.
+if [ -n "${GPU_CHECK_AB:-}" ]; then
+  CARE_EXT_REQUIRE_NATIVE=1 timeout "$(cap 90)" python3 -m pytest -q --maxfail=25 -rf -p no:cacheprovider \
+    -m cuda ${GPU_CHECK_TESTS:+-k "$GPU_CHECK_TESTS"} --rootdir "$REPO" "$REPO/tests/ops" > "$OUT/tests.log" 2>&1
+  stamp "CUDA tests (-k ${GPU_CHECK_TESTS:-all}) exit $? : $(tail -1 "$OUT/tests.log")"
+  grep -E "^FAILED" "$OUT/tests.log" | head -25 >> "$OUT/summary.txt"
+  for round in $(seq 1 "${GPU_CHECK_AB_ROUNDS:-2}"); do
+    for setting in $GPU_CHECK_AB; do
+      env "$setting" timeout "$(cap 30)" python3 "$REPO/bench/bench_ops.py" --device cuda --min-time 0.2 \
+        --providers native native_graph --ops acquisition_step_fused_split2 \
+        --shapes 64x8x4096 256x32x4096 1024x64x4096 --out "$OUT/bench_ab_${setting//[^A-Za-z0-9]/_}_$round" \
+        > "$OUT/bench_ab_${setting//[^A-Za-z0-9]/_}_$round.log" 2>&1
+      stamp "bench $setting (round $round) exit $? : $(grep -E '^cuda' "$OUT/bench_ab_${setting//[^A-Za-z0-9]/_}_$round.log" | tr -s ' ' | cut -d' ' -f2,4,5 | tr '\n' ';')"
+    done
+  done
+  for setting in $GPU_CHECK_AB; do
+    env "$setting" timeout "$(cap 30)" python3 "$REPO/bench/profile_step.py" --device cuda \
+      --ops acquisition_step_fused_split2 --shapes 64x8x4096 1024x64x4096 \
+      --out "$OUT/profile_ab_${setting//[^A-Za-z0-9]/_}" > "$OUT/profile_ab_${setting//[^A-Za-z0-9]/_}.log" 2>&1
+    stamp "profile_step $setting exit $? : $(grep -E 'step_tail_kernel|step_head_kernel|device\)' "$OUT/profile_ab_${setting//[^A-Za-z0-9]/_}.log" | tr -s ' ' | cut -c1-60 | tr '\n' ';')"
+  done
+  stamp "done (A/B)"
+  exit 0
+fi
 
 stamp "op tests (CPU and CUDA)"
 # not -x: one session must show every failing test (up to 25), not the first one only

@@ -934,13 +934,64 @@ CARE_HD void step_tail(const StepTailArgs& a, int64_t b0, int nb, int stage, flo
 // classifier's whole head layer 1 (K x (P + R2) floats, 655 KB at CARE's sizes) for one to four
 // prompts: at 64 x 8 x 4096, 128 blocks read 84 MB of head weights from L2 (ncu, H200: the head's
 // dot products waited on those loads, 35% of the tail's stall samples). Here a block takes
-// kHeadUnits units of head layer 1 for up to head_prompts prompts (each weight row read once for
-// all of them), and the last block of a group of prompts to finish (a counter) runs head layer 2
-// and the stage's outputs for the group. Every sum has the order of the tail's head (dot_in_order:
+// kHeadUnits units of head layer 1 for up to head_prompts prompts (each weight read once for all
+// of them), and the last block of a group of prompts to finish (a counter) runs head layer 2 and
+// the stage's outputs for the group. Every sum has the order of the tail's head (dot_in_order:
 // bias, then the inputs in order), so the outputs are the same bits.
-constexpr int kHeadUnits = 64;  // head layer-1 units per head block
+// The first version (2026-11-28: 64 units, 256 threads each advancing 4 prompts' sums through the
+// weights in global memory, 32 loads ahead) lost on the H200: 32 blocks at 64 x 8, one 256-thread
+// block per SM (150 registers), every chunk a trip to L2: 55.8 us against the tail's 10 us of head.
+// Now a block is one warp-wide unit slice (32 units) x 4 warps of 4 prompts, 128 threads, twice the
+// blocks, and its weights come through shared memory kHeadStages chunks ahead (cp.async): a sum's
+// multiply-adds wait on shared memory, not L2.
+constexpr int kHeadUnits = 32;  // head layer-1 units per head block (a warp's lanes)
 constexpr int kHeadSub = 4;     // prompts whose sums one thread advances side by side
 constexpr int kMaxHeadPrompts = 16;
+constexpr int kHeadThreads = kHeadUnits * kMaxHeadPrompts / kHeadSub;  // one (unit, 4 prompts) each
+constexpr int kHeadStages = 4;  // weight chunks of kDotChunk inputs in flight
+constexpr int kHeadChunkFloats = kDotChunk * kHeadUnits;
+
+// Copies into shared memory that land later (cp.async from sm_80; elsewhere, the CPU twins
+// included, plain copies): copy_async_f32 (4 bytes, through L1) and copy_async_f4_l2 (16 bytes,
+// 16-byte aligned, through L2 only: data other blocks of the running kernel wrote) issue,
+// async_commit closes this thread's group of them, async_wait<N> waits until at most N of its
+// groups are pending; a block barrier after that makes every thread's copies visible.
+CARE_HD void copy_async_f32(float* dst, const float* src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(
+                   static_cast<unsigned>(__cvta_generic_to_shared(dst))),
+               "l"(src)
+               : "memory");
+#else
+  *dst = *src;
+#endif
+}
+
+CARE_HD void copy_async_f4_l2(float* dst, const float* src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(
+                   static_cast<unsigned>(__cvta_generic_to_shared(dst))),
+               "l"(src)
+               : "memory");
+#elif defined(__CUDA_ARCH__)
+  *reinterpret_cast<float4*>(dst) = __ldcg(reinterpret_cast<const float4*>(src));
+#else
+  for (int e = 0; e < 4; ++e) dst[e] = src[e];
+#endif
+}
+
+CARE_HD void async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+template <int N>
+CARE_HD void async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
 
 // The chunks of dot_in_order_ahead (below): kAll (nb == M) advances all M sums side by side (x
 // read as float4 on the GPU), else one sum after another. wp points at chunk 0's weights; on
@@ -994,22 +1045,16 @@ CARE_HD void dot_in_order_ahead(const Mat& W, int r, int c0, const float* x, int
 // Row length of head_in for weights w: [p ; pool], pool starting at al4(P) (whole float4s).
 CARE_HD int head_input_ld(const HeadWeights& w) { return al4(w.P) + al4(w.R2); }
 
-// Scratch floats of a head block for n prompts: head layer 1's inputs, or (after them, in the same
-// place) z [n][al4(K)], logits [n][C] and e [C] doubles (8-byte aligned) of head_finish.
-CARE_HD int head_block_floats(const HeadWeights& w, int n) {
-  const int l1 = n * head_input_ld(w);
-  const int fin = n * (al4(w.K) + w.C);
-  return (l1 > fin + 1 + 2 * w.C ? l1 : fin + 1 + 2 * w.C);
-}
-
-// A float that another block of this kernel wrote (before a __threadfence and the counter): read
-// from L2, past this SM's L1 (on the CPU a plain load).
-CARE_HD float load_other_block(const float* p) {
-#if defined(__CUDA_ARCH__)
-  return __ldcg(p);
-#else
-  return *p;
-#endif
+// Scratch floats of a head block for n prompts of either stage: head layer 1's inputs (n rows of
+// the longer stage's head_input_ld) and kHeadStages weight chunks, or (in the same place) z
+// [n][al4(K)] (the longer K's), logits [n][C] and e [C] doubles (8-byte aligned) of head_finish.
+CARE_HD int head_block_floats(const HeadWeights& w1, const HeadWeights& w2, int n) {
+  const int l1a = head_input_ld(w1), l1b = head_input_ld(w2);
+  const int l1 = n * (l1a > l1b ? l1a : l1b) + kHeadStages * kHeadChunkFloats;
+  const int ldz = al4(w1.K) > al4(w2.K) ? al4(w1.K) : al4(w2.K);
+  const int c = w1.C > w2.C ? w1.C : w2.C;
+  const int fin = n * (ldz + c) + 1 + 2 * c;
+  return l1 > fin ? l1 : fin;
 }
 
 // Head blocks of weights w along the units: kHeadUnits units each.
@@ -1043,67 +1088,160 @@ CARE_HD void place_head_buffers(StepTailArgs& a, float* base) {
   a.head_count = reinterpret_cast<int*>(a.head_z + 2 * a.head_rows * a.head_ldz);
 }
 
+// Head layer 1's input columns in chunks of at most kDotChunk: p's, then the pool's. Chunk c is
+// the weight columns col .. col+n-1, the inputs at xoff .. in a head_in row (pool at al4(P)).
+struct HeadChunk {
+  int col, xoff, n;
+};
+
+CARE_HD int head_chunk_count(const HeadWeights& w) {
+  return (w.P + kDotChunk - 1) / kDotChunk + (w.R2 + kDotChunk - 1) / kDotChunk;
+}
+
+CARE_HD HeadChunk head_chunk(const HeadWeights& w, int c) {
+  const int np = (w.P + kDotChunk - 1) / kDotChunk;
+  if (c < np) {
+    const int j = c * kDotChunk;
+    return {j, j, w.P - j < kDotChunk ? w.P - j : kDotChunk};
+  }
+  const int j = (c - np) * kDotChunk;
+  return {w.P + j, al4(w.P) + j, w.R2 - j < kDotChunk ? w.R2 - j : kDotChunk};
+}
+
+// Issues the copy of chunk ch of units u0 .. u0+nu-1 of W into buf [kDotChunk][kHeadUnits]
+// (consecutive threads take consecutive units: coalesced reads of the column-major CUDA layout).
+CARE_HD void head_stage_chunk(const Mat& W, int u0, int nu, HeadChunk ch, float* buf, int tid,
+                              int nth) {
+  for (int e = tid; e < ch.n * kHeadUnits; e += nth) {
+    const int t = e / kHeadUnits, u = e - t * kHeadUnits;
+    if (u < nu) copy_async_f32(buf + e, W.row(u0 + u) + (ch.col + t) * W.cs);
+  }
+}
+
+// One chunk's multiply-adds of a head layer-1 item: v[q] += wb[t * kHeadUnits] * x_q[j + t] for
+// t < n, in order for every sum (x_q = x + q * ldx). On the GPU a whole chunk for kHeadSub
+// prompts is unrolled: its weights from shared memory one by one (consecutive lanes, consecutive
+// units: no bank conflict), the prompts' inputs as float4 (broadcast); j and ldx are multiples of
+// 4, x 16-byte aligned.
+CARE_HD void head_chunk_fmas(const float* wb, int n, const float* x, int ldx, int j, int nq,
+                             float (&v)[kHeadSub]) {
+#if defined(__CUDA_ARCH__)
+  if (n == kDotChunk && nq == kHeadSub) {
+    CARE_UNROLL
+    for (int t = 0; t < kDotChunk; t += 4) {
+      float xs[kHeadSub][4];
+      CARE_UNROLL
+      for (int q = 0; q < kHeadSub; ++q) {
+        const float4 xv = *reinterpret_cast<const float4*>(x + q * ldx + j + t);
+        xs[q][0] = xv.x;
+        xs[q][1] = xv.y;
+        xs[q][2] = xv.z;
+        xs[q][3] = xv.w;
+      }
+      CARE_UNROLL
+      for (int e = 0; e < 4; ++e) {
+        const float wt = wb[(t + e) * kHeadUnits];
+        CARE_UNROLL
+        for (int q = 0; q < kHeadSub; ++q) v[q] += wt * xs[q][e];  // sass: head-fma
+      }
+    }
+    return;
+  }
+#endif
+  for (int t = 0; t < n; ++t) {
+    const float wt = wb[t * kHeadUnits];
+    CARE_UNROLL
+    for (int q = 0; q < kHeadSub; ++q) {
+      if (q < nq) v[q] += wt * x[q * ldx + j + t];
+    }
+  }
+}
+
 // Head layer 1 of head block (unit block ug, prompt group g, stage): for its nb prompts b0 .. and
 // units u0 .. u0+nu-1, z[b][i] = relu(h1b[i] + h1w[i, :] . [p_b ; pool_b]) from this stage's
-// head_in rows into its head_z rows. scratch: head_block_floats (the inputs). Thread item
-// (subgroup, unit): consecutive threads take consecutive units (coalesced column-major weight
-// reads), each advancing kHeadSub prompts' sums.
-template <class Sync>
+// head_in rows into its head_z rows. Item (subgroup of kHeadSub prompts, unit): kItems per thread
+// at most (the CUDA kernel: 1, kHeadThreads threads; the CPU twin: kHeadThreads, any team), its
+// sums in registers across the chunks. The head_in rows and the weight chunks come into scratch
+// (head_block_floats) by asynchronous copies, kHeadStages - 1 chunks ahead of the multiply-adds;
+// every thread waits for its own copies, then a barrier for everyone's.
+template <int kItems, class Sync>
 CARE_HD void head_block_layer1(const StepTailArgs& a, int stage, int g, int ug, float* scratch,
                                int tid, int nth, Sync sync) {
   const HeadWeights& w = stage == 0 ? a.w1 : a.w2;
   const int64_t b0 = static_cast<int64_t>(g) * a.head_prompts;
   const int nb = head_group_prompts(a, g);
   const int u0 = ug * kHeadUnits, nu = w.K - u0 < kHeadUnits ? w.K - u0 : kHeadUnits;
-  const float* head_in = a.head_in + stage * a.head_rows * a.head_ld;
-  float* zg = a.head_z + stage * a.head_rows * a.head_ldz;
-  const int ldh = a.head_ld, ldz = a.head_ldz;
-  const int ldp = al4(w.P), ldpool = al4(w.R2);
-  float* xp = scratch;
-  float* xpool = scratch + nb * ldp;
-  for (int i = tid; i < nb * ldp; i += nth) {
-    const int q = i / ldp, j = i - q * ldp;
-    xp[i] = j < w.P ? head_in[(b0 + q) * ldh + j] : 0.f;
+  const int ldx = a.head_ld;  // a multiple of 4: whole float4s per row
+  float* x = scratch;
+  float* wbuf = scratch + nb * ldx;
+  const float* rows = a.head_in + (stage * a.head_rows + b0) * ldx;
+  for (int i = 4 * tid; i < nb * ldx; i += 4 * nth) copy_async_f4_l2(x + i, rows + i);
+  const int nc = head_chunk_count(w);
+  for (int c = 0; c < kHeadStages - 1; ++c) {  // group c: chunk c (group 0 also the inputs)
+    if (c < nc) head_stage_chunk(w.h1w, u0, nu, head_chunk(w, c), wbuf + c * kHeadChunkFloats,
+                                 tid, nth);
+    async_commit();
   }
-  for (int i = tid; i < nb * ldpool; i += nth) {
-    const int q = i / ldpool, j = i - q * ldpool;
-    xpool[i] = j < w.R2 ? head_in[(b0 + q) * ldh + ldp + j] : 0.f;
-  }
-  sync();
-  const int nsub = (nb + kHeadSub - 1) / kHeadSub;
-  for (int item = tid; item < nsub * nu; item += nth) {
-    const int sg = item / nu, i = u0 + (item - sg * nu);
-    const int q0 = sg * kHeadSub, nq = nb - q0 < kHeadSub ? nb - q0 : kHeadSub;
-    float v[kHeadSub];
+  const int nsub = (nb + kHeadSub - 1) / kHeadSub, items = nsub * nu;
+  float v[kItems][kHeadSub];
+  CARE_UNROLL
+  for (int it = 0; it < kItems; ++it) {
+    const int item = tid + it * nth;
+    const float bias = item < items ? w.h1b[u0 + item % nu] : 0.f;
     CARE_UNROLL
-    for (int q = 0; q < kHeadSub; ++q) v[q] = w.h1b[i];
-    dot_in_order_ahead(w.h1w, i, 0, xp + q0 * ldp, ldp, w.P, nq, v);
-    dot_in_order_ahead(w.h1w, i, w.P, xpool + q0 * ldpool, ldpool, w.R2, nq, v);
+    for (int q = 0; q < kHeadSub; ++q) v[it][q] = bias;
+  }
+  for (int c = 0; c < nc; ++c) {
+    const int ahead = c + kHeadStages - 1;  // into the buffer chunk c - 1 used (barrier below)
+    if (ahead < nc) head_stage_chunk(w.h1w, u0, nu, head_chunk(w, ahead),
+                                     wbuf + (ahead % kHeadStages) * kHeadChunkFloats, tid, nth);
+    async_commit();
+    async_wait<kHeadStages - 1>();  // this thread's copies of chunk c (and of the inputs) landed
+    sync();
+    const HeadChunk ch = head_chunk(w, c);
+    const float* wb = wbuf + (c % kHeadStages) * kHeadChunkFloats;
+    CARE_UNROLL
+    for (int it = 0; it < kItems; ++it) {
+      const int item = tid + it * nth;
+      if (item >= items) break;
+      const int sg = item / nu, u = item - sg * nu;
+      const int q0 = sg * kHeadSub, nq = nb - q0 < kHeadSub ? nb - q0 : kHeadSub;
+      head_chunk_fmas(wb + u, ch.n, x + q0 * ldx, ldx, ch.xoff, nq, v[it]);
+    }
+    sync();
+  }
+  float* zg = a.head_z + stage * a.head_rows * a.head_ldz;
+  CARE_UNROLL
+  for (int it = 0; it < kItems; ++it) {
+    const int item = tid + it * nth;
+    if (item >= items) break;
+    const int sg = item / nu, u = item - sg * nu;
+    const int q0 = sg * kHeadSub, nq = nb - q0 < kHeadSub ? nb - q0 : kHeadSub;
     CARE_UNROLL
     for (int q = 0; q < kHeadSub; ++q) {
-      if (q < nq) zg[(b0 + q0 + q) * ldz + i] = relu_f(v[q]);
+      if (q < nq) zg[(b0 + q0 + q) * a.head_ldz + u0 + u] = relu_f(v[it][q]);
     }
   }
 }
 
 // Head layer 2 and the stage's outputs for prompt group g, once all of its head layer 1 is in
-// this stage's head_z rows (written by other blocks: read past L1). scratch: head_block_floats.
+// this stage's head_z rows (written by other blocks: copied in through L2, past this SM's L1).
+// scratch: head_block_floats (z rows at head_ldz; their padding is never read).
 template <class Sync>
 CARE_HD void head_finish(const StepTailArgs& a, int stage, int g, float* scratch, int tid,
                          int nth, Sync sync) {
   const HeadWeights& w = stage == 0 ? a.w1 : a.w2;
   const int64_t b0 = static_cast<int64_t>(g) * a.head_prompts;
   const int nb = head_group_prompts(a, g);
-  const float* zg = a.head_z + stage * a.head_rows * a.head_ldz;
-  const int ldz = a.head_ldz, ldk = al4(w.K);
+  const int ldz = a.head_ldz;
   float* z = scratch;
-  float* logits = z + nb * ldk;
-  const int floats = nb * (ldk + w.C);
+  float* logits = z + nb * ldz;
+  const int floats = nb * (ldz + w.C);
   double* e = reinterpret_cast<double*>(scratch + floats + (floats & 1));
-  for (int i = tid; i < nb * ldk; i += nth) {
-    const int q = i / ldk, j = i - q * ldk;
-    z[i] = j < w.K ? load_other_block(zg + (b0 + q) * ldz + j) : 0.f;
-  }
+  const float* rows = a.head_z + (stage * a.head_rows + b0) * ldz;
+  for (int i = 4 * tid; i < nb * ldz; i += 4 * nth) copy_async_f4_l2(z + i, rows + i);
+  async_commit();
+  async_wait<0>();
   sync();
   const int nsub = (nb + kHeadSub - 1) / kHeadSub;
   for (int item = tid; item < nsub * w.C; item += nth) {
@@ -1112,7 +1250,7 @@ CARE_HD void head_finish(const StepTailArgs& a, int stage, int g, float* scratch
     float v[kHeadSub];
     CARE_UNROLL
     for (int q = 0; q < kHeadSub; ++q) v[q] = w.h2b[c];
-    dot_in_order_ahead(w.h2w, c, 0, z + q0 * ldk, ldk, w.K, nq, v);
+    dot_in_order_ahead(w.h2w, c, 0, z + q0 * ldz, ldz, w.K, nq, v);
     CARE_UNROLL
     for (int q = 0; q < kHeadSub; ++q) {
       if (q < nq) logits[(q0 + q) * w.C + c] = v[q];

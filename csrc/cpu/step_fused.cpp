@@ -146,15 +146,15 @@ StepTuple acquisition_step_fused_block_cpu(const Tensor& ids, const Tensor& leng
                   "head counter of stage ", i / a.head_groups, ", group ", i % a.head_groups,
                   " at ", a.head_count[i], " (every counter must be zeroed)");
     }
-    std::vector<float> hs(static_cast<size_t>(
-        std::max(head_block_floats(a.w1, a.head_prompts), head_block_floats(a.w2, a.head_prompts)) +
-        1));
+    std::vector<float> hs(static_cast<size_t>(head_block_floats(a.w1, a.w2, a.head_prompts) + 1));
     auto head_member = [&](int tid) {
       for (int stage = 0; stage < 2; ++stage) {
         const int n_ug = head_unit_blocks(stage == 0 ? a.w1 : a.w2);
         for (int g = 0; g < a.head_groups; ++g) {
           for (int ug = 0; ug < n_ug; ++ug) {
-            head_block_layer1(a, stage, g, ug, hs.data(), tid, n, TeamSync{&barrier});
+            // every item of the block on this team (the CUDA kernel: kHeadThreads, one each)
+            head_block_layer1<kHeadThreads>(a, stage, g, ug, hs.data(), tid, n,
+                                            TeamSync{&barrier});
             barrier.wait();  // the next block's inputs overwrite this one's
           }
           head_finish(a, stage, g, hs.data(), tid, n, TeamSync{&barrier});

@@ -61,10 +61,11 @@ __global__ void __launch_bounds__(kTailThreads, 2)
 
 // The head of both stages after the tail (CARE_EXT_TAIL_HEAD=split; step_tail.h's
 // head_block_layer1 / head_finish): block (x: kHeadUnits units of head layer 1, y: a group of
-// head_prompts prompts, z: stage). Each block counts itself done on its group's counter (zeroed by
-// the tail, which ran before on the stream); the last one (its layer-1 stores made visible by
-// __threadfence before the count) reads the whole of z past L1 and finishes the group.
-__global__ void __launch_bounds__(kTailThreads) step_head_kernel(StepTailArgs a) {
+// head_prompts prompts, z: stage), kHeadThreads threads, one layer-1 item each. Each block counts
+// itself done on its group's counter (zeroed by the tail, which ran before on the stream); the
+// last one (its layer-1 stores made visible by __threadfence before the count) copies the whole
+// of z in through L2 and finishes the group.
+__global__ void __launch_bounds__(kHeadThreads, 1) step_head_kernel(StepTailArgs a) {
   extern __shared__ __align__(16) float scratch[];
   __shared__ int last;
   const int stage = static_cast<int>(blockIdx.z), g = static_cast<int>(blockIdx.y);
@@ -72,7 +73,7 @@ __global__ void __launch_bounds__(kTailThreads) step_head_kernel(StepTailArgs a)
   const int tid = static_cast<int>(threadIdx.x), nth = static_cast<int>(blockDim.x);
   const int n_ug = head_unit_blocks(stage == 0 ? a.w1 : a.w2);
   if (ug >= n_ug) return;  // the other stage has more units
-  head_block_layer1(a, stage, g, ug, scratch, tid, nth, BlockSync{});
+  head_block_layer1<1>(a, stage, g, ug, scratch, tid, nth, BlockSync{});
   __threadfence();  // this block's z stores, device-wide, before its count
   __syncthreads();
   if (tid == 0) last = atomicAdd(a.head_count + stage * a.head_groups + g, 1) == n_ug - 1;
@@ -173,7 +174,7 @@ int64_t head_smem_limit() {
 Tensor plan_split_head(StepTailArgs& a, int64_t B, const Tensor& like, int64_t& smem) {
   int n = kMaxHeadPrompts;
   auto bytes = [&](int m) {
-    return static_cast<int64_t>(std::max(head_block_floats(a.w1, m), head_block_floats(a.w2, m))) *
+    return static_cast<int64_t>(head_block_floats(a.w1, a.w2, m)) *
            static_cast<int64_t>(sizeof(float));
   };
   while (n > kHeadSub && bytes(n) > head_smem_limit()) n /= 2;
@@ -212,21 +213,22 @@ int tail_prompts_per_block(int64_t B, const char* env) {
 }
 
 // CARE_EXT_STEP_OVERLAP's policy (step_overlap_requested, classifier_parts.h): "auto" overlaps
-// while the caller's stream is being captured into a CUDA graph, where host work costs nothing at
-// replay, and from kOverlapMinRows rollouts (B * G) on, where the device is the bound. The fork and
-// join cost the host 4 runtime calls (2 event records, 2 waits) and a recordStream per output made
-// on the side stream; at 64 x 8 x 4096 the eager step is host-bound (H200, thirteenth session:
-// 78.5 us per call against a 44.7 us replay), so it stays on one stream there. The same values
-// either way, so the same bits (CUDA test). Prepared on 2026-11-28 without a GPU, from the H200's
-// profile (bench/RESULTS.md): at 64 x 8 x 4096 the features kernel took 5.6 us and the GEMMs 13.9
-// of the 44.7 us replay, all in order. Not measured yet; kOverlapMinRows is a guess between the
-// host-bound 512 rows and the device-bound 8192 (512 x 16).
-constexpr int64_t kOverlapMinRows = 4096;
+// only while the caller's stream is being captured into a CUDA graph (host work costs nothing at
+// replay) and below kOverlapMaxRows rollouts (B * G). Measured on the H200 (2026-11-28,
+// bench/RESULTS.md, split2 step, 0 / 1 alternated twice): replayed, 64 x 8 x 4096 went from
+// 44.4 / 44.3 to 41.2 / 41.0 us, while 512 x 16 lost 130.6 -> 132.2 / 132.0 and 1024 x 64 was a
+// wash (553.0 / 557.4 against 555.1 / 561.6); eager, overlapping lost everywhere (64 x 8: 92.9 /
+// 74.9 against 108.7 / 105.3; 512 x 16: 136.8 / 136.1 against 142.1 / 141.0; 1024 x 64: 563.4 /
+// 558.8 against 582.2 / 579.6): the fork and join cost the host 4 runtime calls (2 event
+// records, 2 waits) and a recordStream per side output, and from 8192 rollouts the rollout GEMM
+// fills the device, leaving the side stream nothing to hide in. The same values either way, so
+// the same bits (CUDA test).
+constexpr int64_t kOverlapMaxRows = 8192;
 
 bool step_overlap_wanted(int64_t rows) {
   const int asked = step_overlap_requested();
   if (asked >= 0) return asked == 1;
-  return rows >= kOverlapMinRows ||
+  return rows < kOverlapMaxRows &&
          c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
 }
 
@@ -405,7 +407,7 @@ StepTuple acquisition_step_fused_split_cuda(const Tensor& ids, const Tensor& len
     C10_CUDA_CHECK(cudaFuncSetAttribute(step_head_kernel,
                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(head_smem)));
-    step_head_kernel<<<head_grid, kTailThreads, static_cast<size_t>(head_smem), stream>>>(args);
+    step_head_kernel<<<head_grid, kHeadThreads, static_cast<size_t>(head_smem), stream>>>(args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return f.outputs();

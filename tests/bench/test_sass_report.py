@@ -98,8 +98,9 @@ def _kernel(name, body, res=None):
 
 
 MARKERS = {"l2-fma": ("step_tail.h", 130), "dot-fma": ("step_tail.h", 105),
-           "l2-mma": ("step_tail.h", 319)}
-CONSTS = {"kL2TileRows": 4, "kL2TileUnits": 4, "kL2Steps": 4, "kDotChunk": 16, "kMmaUnitTiles": 2}
+           "l2-mma": ("step_tail.h", 319), "head-fma": ("step_tail.h", 1100)}
+CONSTS = {"kL2TileRows": 4, "kL2TileUnits": 4, "kL2Steps": 4, "kDotChunk": 16, "kMmaUnitTiles": 2,
+          "kHeadSub": 4}
 
 
 def _tail(l2_loads=16, l2_lds=4, l2_int=40, dot_ahead=16, dot_int=60, fp64_at=None,
@@ -116,13 +117,17 @@ def _tail(l2_loads=16, l2_lds=4, l2_int=40, dot_ahead=16, dot_int=60, fp64_at=No
                    + [("DFMA", "group_math.h", 194), ("EXIT", "", 0)])
 
 
-def _head(loads=16, ints=20):
-    """step_head_kernel's pipelined dot loop: the next chunk's loads and this chunk's FFMAs (the
-    tail's dot-fma line, dot_chunk_fmas) in one body."""
-    return _kernel("step_head_kernel", [("|", "", 0)] + [("LDS.128", "step_tail.h", 98)] * 8
-                   + [("FFMA", "step_tail.h", 105)] * 8 + [("LDG.E", "step_tail.h", 690)] * loads
-                   + [("IMAD.WIDE", "step_tail.h", 690)] * ints
-                   + [("FFMA", "step_tail.h", 105)] * 56 + [("BRA", "", 0)] + [("EXIT", "", 0)])
+def _head(global_loads=0, ints=20, ffma=64):
+    """step_head_kernel's layer-1 chunk (head_chunk_fmas, head-fma): kHeadSub x kDotChunk FFMAs on
+    weights from shared memory (one LDS per weight, one LDS.128 per 4 inputs of a prompt); the
+    finish's dot products (dot-fma, global loads ahead) in a body of their own."""
+    layer1 = ([("|", "", 0)] + [("LDS.128", "step_tail.h", 1095)] * 16
+              + [("LDS", "step_tail.h", 1098)] * 16 + [("LDG.E", "step_tail.h", 690)] * global_loads
+              + [("IMAD.WIDE", "step_tail.h", 690)] * ints
+              + [("FFMA", "step_tail.h", 1100)] * ffma + [("BRA", "", 0)])
+    finish = ([("|", "", 0)] + [("LDG.E", "step_tail.h", 29)] * 16
+              + [("FFMA", "step_tail.h", 105)] * 64 + [("BRA", "", 0)])
+    return _kernel("step_head_kernel", layer1 + finish + [("EXIT", "", 0)])
 
 
 def _shufflers():
@@ -138,7 +143,7 @@ def _verdicts(kernels):
 def test_rules_pass_on_code_generated_as_meant():
     v = _verdicts([_tail(), *_shufflers()])
     assert v == {"no-local-memory": True, "tail-fp32": True, "l2-tile": True, "dot-loads-ahead": True,
-                 "l2-mma": True, "head-loads-ahead": True, "address-arithmetic": True,
+                 "l2-mma": True, "head-shared-weights": True, "address-arithmetic": True,
                  "warp-clustering": True}
 
 
@@ -157,7 +162,7 @@ def test_rules_pass_on_code_generated_as_meant():
     (lambda: [_tail(), _kernel("cluster_stats_kernel", [("LDG.E.64", "cluster.cu", 9)]),
               _kernel("group_features_kernel", [("SHFL.IDX", "common.cuh", 40)]), _head()],
      "warp-clustering"),
-    (lambda: [_tail(), *_shufflers()[:2]], "head-loads-ahead"),     # no head kernel in the binary
+    (lambda: [_tail(), *_shufflers()[:2]], "head-shared-weights"),  # no head kernel in the binary
 ])
 def test_each_rule_fails_on_what_it_guards_against(kernels, failing):
     v = _verdicts(kernels())
@@ -192,30 +197,32 @@ def _loops(tail, l2=True, dot=True, mma=True):
 
 def test_a_split_head_is_checked_in_the_head_kernel():
     """CARE_EXT_TAIL_HEAD=split: step_tail_kernel<M, true> has no dot products (the rule does not
-    ask it to) and step_head_kernel has only those (the dot rules are checked there): all pass;
-    a head kernel issuing its loads one by one fails dot-loads-ahead, and a split tail without
-    its layer-2 tile fails l2-tile."""
-    def kernels(head_loads=16, split_l2=True, head_int=20):
+    ask it to) and step_head_kernel has only head layer 1's shared-memory loop (checked there):
+    all pass; a head kernel whose layer 1 reads its weights from global memory, or runs less than
+    a whole chunk for kHeadSub prompts per body, fails head-shared-weights."""
+    def kernels(split_l2=True, **head):
         full, split = _tail(), _loops(_tail(), dot=False, l2=split_l2)
         full.name, split.name = "step_tail_kernel<1, false>", "step_tail_kernel<1, true>"
-        # the head's pipelined loop: the next chunk's loads and this chunk's FFMAs in one body
-        return [full, split, _head(head_loads, head_int), *_shufflers()[:2]]
+        return [full, split, _head(**head), *_shufflers()[:2]]
 
     assert all(_verdicts(kernels()).values()), _verdicts(kernels())
     rules = {r.name: r for r in S.check_rules(kernels(), MARKERS, CONSTS)}
-    assert "step_head_kernel: body: 64 FFMA, 16 global loads" in rules["head-loads-ahead"].detail
+    assert "step_head_kernel: body: 64 FFMA (want >= 64), 0 global loads (want 0), 32 shared " \
+        "loads" in rules["head-shared-weights"].detail
     assert "step_head_kernel" not in rules["dot-loads-ahead"].detail
     assert "step_tail_kernel<1, true>" not in rules["dot-loads-ahead"].detail
-    assert [n for n, ok in _verdicts(kernels(head_loads=4)).items() if not ok] == \
-        ["head-loads-ahead"]
-    assert [n for n, ok in _verdicts(kernels(head_int=120)).items() if not ok] == \
+    assert [n for n, ok in _verdicts(kernels(global_loads=16)).items() if not ok] == \
+        ["head-shared-weights"]
+    assert [n for n, ok in _verdicts(kernels(ffma=32)).items() if not ok] == \
+        ["head-shared-weights"]
+    assert [n for n, ok in _verdicts(kernels(ints=120)).items() if not ok] == \
         ["address-arithmetic"]
     assert [n for n, ok in _verdicts(kernels(split_l2=False)).items() if not ok] == \
         ["l2-tile", "address-arithmetic"]
     assert S.expected_loops("step_tail_kernel<4, true>") == {"l2-fma", "l2-mma"}
     assert S.expected_loops("step_tail_kernel<4>") == {"l2-fma", "dot-fma", "l2-mma"}
     assert S.expected_loops("step_head_kernel") == {"head-fma"}
-    assert S.LOOP_MARKER["head-fma"] == "dot-fma"
+    assert S.LOOP_MARKER["head-fma"] == "head-fma"
 
 
 def test_no_tail_kernel_is_a_failure_not_a_pass():
@@ -227,16 +234,17 @@ def test_the_markers_and_tile_sizes_are_in_the_source():
     """The rules find their loops by `// sass:` tags and their bounds in step_tail.h: a refactor
     that drops a tag or renames a constant must show up here, not as a vacuous pass in CI."""
     m = S.sass_markers()
-    assert set(m) >= {"l2-fma", "dot-fma", "l2-mma"} and \
+    assert set(m) >= {"l2-fma", "dot-fma", "l2-mma", "head-fma"} and \
         all(f == "step_tail.h" for f, _ in m.values())
     lines = (S.CSRC / "step_tail.h").read_text().splitlines()
-    assert "+=" in lines[m["l2-fma"][1] - 1] and "+=" in lines[m["dot-fma"][1] - 1]
+    assert all("+=" in lines[m[k][1] - 1] for k in ("l2-fma", "dot-fma", "head-fma"))
     # the mma marker is on the asm statement's last line (where nvcc's line info puts its HMMA)
     asm = "\n".join(lines[m["l2-mma"][1] - 4:m["l2-mma"][1]])
     assert "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32" in asm and lines[m["l2-mma"][1] - 1].endswith(
         ");  // sass: l2-mma")
     c = S.source_constants()
-    assert {"kL2TileRows", "kL2TileUnits", "kL2Steps", "kDotChunk", "kMmaUnitTiles"} <= set(c)
+    assert {"kL2TileRows", "kL2TileUnits", "kL2Steps", "kDotChunk", "kMmaUnitTiles",
+            "kHeadSub"} <= set(c)
 
 
 def test_duplicate_markers_are_refused(tmp_path):

@@ -633,7 +633,7 @@ def test_tail_mma_envs_are_checked(var, values, bad, monkeypatch):
 def test_cuda_step_overlap_gives_the_same_bits(B, G, dims, split, monkeypatch):
     """CARE_EXT_STEP_OVERLAP=1 runs group_features and the prompt branches' first-layer GEMM(s)
     on a second stream beside the rollout GEMM(s); =0 runs all on one stream, in order; auto (the
-    default) picks by size (300 x 8 one stream, 600 x 64 two). The same ops on the same values:
+    default) overlaps only in graph capture (eager: one stream). The same ops on the same values:
     every output equals the in-order run's bit for bit, for both weight layouts, and is like the
     float64 reference."""
     inputs, runs = _cuda_fused_step_under("CARE_EXT_STEP_OVERLAP", ("0", "1", "auto", ""), B, G,
