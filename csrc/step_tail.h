@@ -135,10 +135,11 @@ constexpr int kMaxTailPrompts = 4;
 // the same shape after it (r1t then holds the TF32 high pieces' bits, r1lo the low ones'), rows [G]
 // (the pooled rollouts' indices, as floats) and part [kL2RowGroups][R2] (the row groups' pool
 // sums), reused prompt after prompt; per prompt slot q: p [nb][ldp], pool [nb][ldpool],
-// z [nb][ldz], logits [nb][C]; then (8-byte aligned, one float of padding at most) e [C] doubles:
-// the expected CAG's exponentials and probabilities. Every region up to logits starts 16-byte
-// aligned and the rows of p, pool and z are padded to whole float4s, so the head's dot products
-// (dot_in_order) read their inputs as float4 on the GPU.
+// z [nb][ldz], logits [nb][C]; then (8-byte aligned, one float of padding at most) e [nb][C]
+// doubles: the expected CAG's exponentials and probabilities, a row per prompt team
+// (stage_outputs). Every region up to logits starts 16-byte aligned and the rows of p, pool and z
+// are padded to whole float4s, so the head's dot products (dot_in_order) read their inputs as
+// float4 on the GPU.
 struct HeadScratch {
   float *r1t, *r1lo, *rows, *part, *p, *pool, *z, *logits;
   int ldp, ldpool, ldz;  // row strides of p, pool and z: P, R2 and K rounded up to 4 (al4)
@@ -175,8 +176,8 @@ CARE_HD int head_scratch_float_part(const HeadWeights& w, int G, int nb) {  // r
          nb * (al4(w.P) + al4(w.R2) + al4(w.K) + w.C);
 }
 
-CARE_HD int head_scratch_floats(const HeadWeights& w, int G, int nb) {
-  return head_scratch_float_part(w, G, nb) + 1 + 2 * w.C;
+CARE_HD int head_scratch_floats(const HeadWeights& w, int G, int nb) {  // + e: nb * C doubles
+  return head_scratch_float_part(w, G, nb) + 1 + 2 * w.C * nb;
 }
 
 CARE_HD HeadScratch head_scratch(float* base, const HeadWeights& w, int G, int nb,
@@ -843,10 +844,44 @@ CARE_HD int step_tail_staged_r2w_floats(const StepTailArgs& a) {
   return s1 > s2 ? s1 : s2;
 }
 
+// A team of lanes for one prompt's Stage-II outputs (stage_outputs): on the GPU `size` lanes of
+// one warp (size a power of two), synced by __syncwarp on their mask; on the CPU a single thread
+// (nothing to sync).
+struct LaneTeamSync {
+  unsigned mask;
+  CARE_HD void operator()() const {
+#if defined(__CUDA_ARCH__)
+    __syncwarp(mask);
+#endif
+  }
+};
+
+// Lanes per prompt team for nb prompts on nth threads: on the GPU the most of 32, 16, .. 1 that
+// gives every prompt a team of its own where the block has the threads; on the CPU 1.
+CARE_HD int output_team_size(int nb, int nth) {
+#if defined(__CUDA_ARCH__)
+  int size = 32;
+  while (size > 1 && size * nb > nth) size /= 2;
+  return size;
+#else
+  (void)nb;
+  (void)nth;
+  return 1;
+#endif
+}
+
 // The outputs of one stage for the nb prompts b0 .. from their logits (logits [nb][C]): stage 0
 // (Stage-I) the reliability and its logits, stage 1 (Stage-II) the probs over the admissible
-// classes and the expected CAG (e: C doubles of scratch). All threads must call it (it syncs).
-template <class Sync>
+// classes and the expected CAG (e: nb * C doubles of scratch). All threads must call it (it
+// syncs). Stage-II: one prompt on the whole block (expected_cag_spread over all threads); several
+// prompts side by side, each on a team of lanes (output_team_size) with C doubles of e of its
+// own (teams take prompts t, t + teams, ..). The split head's finish has 16 prompts: one after
+// another, 5 block barriers and two serial C-term FP64 sums each; after its layer 1 moved to
+// shared memory the head kernel still took 49.5 us at 64 x 8 and 209.6 us at 1024 x 64 (H200,
+// 2026-11-28), which points here (not measured apart yet). The sums keep expected_cag_row's
+// order on any team, so the same bits. kMaxNb: nb's bound (1: the one-prompt tail, compiled
+// without the teams).
+template <int kMaxNb, class Sync>
 CARE_HD void stage_outputs(const StepTailArgs& a, int stage, int64_t b0, int nb,
                            const float* logits, double* e, int tid, int nth, Sync sync) {
   const int C2 = a.G + 1;
@@ -860,12 +895,25 @@ CARE_HD void stage_outputs(const StepTailArgs& a, int stage, int64_t b0, int nb,
       a.logits1[2 * b + 1] = l1;
       a.reliability[b] = e1 / (e0 + e1);
     }
-  } else {
+  } else if (kMaxNb == 1 || nb == 1) {
     for (int q = 0; q < nb; ++q) {
       const int64_t o1 = (b0 + q) * C2;
-      if (q > 0) sync();  // thread 0's last reads of e (previous prompt) come before new writes
       expected_cag_spread(logits + q * C2, a.cag + o1, a.admissible + o1, C2, a.probs + o1,
                           a.ecag + b0 + q, e, tid, nth, sync);
+    }
+  } else {
+    const int size = output_team_size(nb, nth);
+    const int teams = nb < nth / size ? nb : nth / size;
+    const int team = tid / size, lane = tid - team * size;
+    if (team >= teams) return;
+    const int first = (tid & 31) & ~(size - 1);  // the team's first lane in its warp (GPU)
+    const LaneTeamSync team_sync{size == 32 ? 0xffffffffu : ((1u << size) - 1u) << first};
+    double* te = e + team * C2;
+    for (int q = team; q < nb; q += teams) {
+      const int64_t o1 = (b0 + q) * C2;
+      if (q > team) team_sync();  // the team's last reads of te (previous prompt) come first
+      expected_cag_spread(logits + q * C2, a.cag + o1, a.admissible + o1, C2, a.probs + o1,
+                          a.ecag + b0 + q, te, lane, size, team_sync);
     }
   }
 }
@@ -914,7 +962,7 @@ CARE_HD void step_tail(const StepTailArgs& a, int64_t b0, int nb, int stage, flo
     classifier_tail<M>(a.w1, G, b0, nb, a.pre_r1, a.len_norm, nullptr, a.pre_p1, a.prompt_feat, s,
                        a.l2_mma, tid, nth, sync, head);
     if (head) {
-      stage_outputs(a, 0, b0, nb, s.logits, s.e, tid, nth, sync);
+      stage_outputs<M>(a, 0, b0, nb, s.logits, s.e, tid, nth, sync);
     } else {
       write_head_inputs(a, a.w1, s, 0, b0, nb, tid, nth, sync);
     }
@@ -923,7 +971,7 @@ CARE_HD void step_tail(const StepTailArgs& a, int64_t b0, int nb, int stage, flo
     classifier_tail<M>(a.w2, G, b0, nb, a.pre_r2, nullptr, a.minority, a.pre_p2, a.prompt_feat, s,
                        a.l2_mma, tid, nth, sync, head);
     if (head) {
-      stage_outputs(a, 1, b0, nb, s.logits, s.e, tid, nth, sync);
+      stage_outputs<M>(a, 1, b0, nb, s.logits, s.e, tid, nth, sync);
     } else {
       write_head_inputs(a, a.w2, s, 1, b0, nb, tid, nth, sync);
     }
@@ -1047,13 +1095,13 @@ CARE_HD int head_input_ld(const HeadWeights& w) { return al4(w.P) + al4(w.R2); }
 
 // Scratch floats of a head block for n prompts of either stage: head layer 1's inputs (n rows of
 // the longer stage's head_input_ld) and kHeadStages weight chunks, or (in the same place) z
-// [n][al4(K)] (the longer K's), logits [n][C] and e [C] doubles (8-byte aligned) of head_finish.
+// [n][al4(K)] (the longer K's), logits [n][C] and e [n][C] doubles (8-byte aligned) of head_finish.
 CARE_HD int head_block_floats(const HeadWeights& w1, const HeadWeights& w2, int n) {
   const int l1a = head_input_ld(w1), l1b = head_input_ld(w2);
   const int l1 = n * (l1a > l1b ? l1a : l1b) + kHeadStages * kHeadChunkFloats;
   const int ldz = al4(w1.K) > al4(w2.K) ? al4(w1.K) : al4(w2.K);
   const int c = w1.C > w2.C ? w1.C : w2.C;
-  const int fin = n * (ldz + c) + 1 + 2 * c;
+  const int fin = n * (ldz + c) + 1 + 2 * c * n;
   return l1 > fin ? l1 : fin;
 }
 
@@ -1257,7 +1305,7 @@ CARE_HD void head_finish(const StepTailArgs& a, int stage, int g, float* scratch
     }
   }
   sync();
-  stage_outputs(a, stage, b0, nb, logits, e, tid, nth, sync);
+  stage_outputs<kMaxHeadPrompts>(a, stage, b0, nb, logits, e, tid, nth, sync);
 }
 
 }  // namespace care_ext
