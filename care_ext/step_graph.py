@@ -35,11 +35,12 @@ from . import ops
 from .reference import AcquisitionOutputs
 
 GRAPH_MAX_HIDDEN_BYTES = 32 * 2**20
-""":func:`graph_pays`' limit on the hidden states' bytes: below it the step is host-bound on an
-H200 (64 x 8 x 4096 bf16 is 4.2 MB: 78.5 us eager against a 44.7 us replay), above it the copy
-into the plan's buffers (a read and a write of those bytes) costs more than the host work saved
-(1024 x 64 x 4096, 537 MB: eager 747.5 us, replay 742.8). A guess between the two measured ends;
-512 x 16 x 4096 (67 MB) is above it."""
+""":func:`graph_pays`' limit on the hidden states' bytes. Measured on an H200 (2026-11-28, split2
+step, bench/RESULTS.md): at 64 x 8 x 4096 (4.2 MB of bf16 hidden states) the plan took 49.1 us
+per call against 77.5 eager and a 39.9 us bare replay; at 1024 x 64 x 4096 (537 MB) 831.0 against
+581.6 eager and 558.0 replayed: the copy into the plan's buffers cost ~0.51 us per MB there. The
+eager step is host-bound only at small sizes (512 x 16 x 4096: 136 us eager against a 130.6 us
+replay, while its 67 MB would cost ~34 us to copy), so the limit sits between 4.2 and 67 MB."""
 
 
 def graph_pays(h_prompt: Tensor, h_resp: Tensor) -> bool:

@@ -94,7 +94,9 @@ inline bool tail_mma_presplit_requested() {
 // fragment serves 2 row tiles) or "4x2" (kMmaRowTilesTall: each serves 4, half the weight's L2
 // traffic, twice the input fragments' shared loads). The same products per accumulator in the
 // same order, so the same bits. Prepared on 2026-11-27 from ncu's view of the 1024x64x4096 tail;
-// not measured yet. Ignored where layer 2 does not read pre-split operands.
+// it lost on the H200 (2026-11-28, graph replays of the split2 step, two rounds: 1024x64 565.8 /
+// 567.9 against 556.0 / 556.1 us, 256x32 130.7 / 130.4 against 118.1 / 118.0), hence off.
+// Ignored where layer 2 does not read pre-split operands.
 inline bool tail_mma_tall_tiles_requested() {
   return env_switch("CARE_EXT_TAIL_MMA_TILES", "2x4", "4x2");
 }
@@ -107,7 +109,10 @@ inline bool tail_mma_tall_tiles_requested() {
 // each prompt's head input to global memory. The same sums in the same order, so the same bits.
 // The CPU's block twin (_acquisition_step_fused_block) runs the split head too, block after block,
 // so its arithmetic and counters are tested on every machine; the per-prompt CPU twin ignores it.
-// Prepared on 2026-11-28 without a GPU: not measured yet, hence off.
+// Lost on the H200 (2026-11-28, graph replays of the split2 step): 80.5-87.0 against 39.9-41.5 us
+// at 64 x 8 x 4096, 686.6-694.4 against 553-558 at 1024 x 64 (the head kernel alone 49.5 and
+// 209.6 us, the tail without its head 13.5 and 250), hence off; its finish's outputs now run on
+// teams of lanes (stage_outputs), not measured yet.
 inline bool tail_head_split_requested() { return env_switch("CARE_EXT_TAIL_HEAD", "tail", "split"); }
 
 // CARE_EXT_STEP_OVERLAP (run time): whether the CUDA fused step runs group_features and the prompt
