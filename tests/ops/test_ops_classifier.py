@@ -381,13 +381,14 @@ def test_fused_step_head_split_off_the_tail_gives_the_same_bits(B, G, threads, p
                                                                  split, monkeypatch):
     """CARE_EXT_TAIL_HEAD=split: the tail blocks write each prompt's head input [p ; pool] to a
     buffer and zero the head's counters, and a head kernel of its own runs head layer 1 in blocks
-    of 64 units x 16 prompts (each weight row read once per 16 prompts instead of once per tail
-    block), the last block of a group finishing head layer 2 and the stage's outputs. The CPU
-    block twin runs those blocks one after another with a team of threads: every output equals
-    the one-thread CPU op's bit for bit (the same sums in the same order), for short last groups
-    (37 = 2 x 16 + 5), K off the 64-unit blocks (11, 300), tail blocks of 1 to 4 prompts (3: head
-    groups starting inside a tail block) and both first-layer paths; the twin checks that every
-    group's counter was zeroed by the tail."""
+    of 32 units x 16 prompts (each weight read once per 16 prompts instead of once per tail
+    block, in chunks through shared memory), the last block of a group finishing head layer 2 and
+    the stage's outputs (several prompts side by side, a team per prompt). The CPU block twin
+    runs those blocks one after another with a team of threads: every output equals the
+    one-thread CPU op's bit for bit (the same sums in the same order), for short last groups
+    (37 = 2 x 16 + 5), K off the 32-unit blocks (11, 300), P and R2 off the 32-input chunks
+    (ODD), tail blocks of 1 to 4 prompts (3: head groups starting inside a tail block) and both
+    first-layer paths; the twin checks that every group's counter was zeroed by the tail."""
     from care_ext.bf16_split import first_layer_split
 
     gen = torch.Generator().manual_seed(B * 13 + G)
@@ -409,8 +410,9 @@ def test_fused_step_head_split_off_the_tail_gives_the_same_bits(B, G, threads, p
                                         (33, 8, {"K": 300})])
 def test_cuda_head_split_off_the_tail_gives_the_same_bits(B, G, dims, split, monkeypatch):
     """CARE_EXT_TAIL_HEAD=split on CUDA: the tail writes the head inputs and zeroes the counters,
-    step_head_kernel runs head layer 1 in blocks of 64 units x up to 16 prompts and the last
-    block of each group (atomic counter, __threadfence) finishes it. Every output equals the
+    step_head_kernel runs head layer 1 in blocks of 32 units x up to 16 prompts (weights through
+    shared memory by cp.async) and the last block of each group (atomic counter,
+    __threadfence) finishes it, its prompts' outputs side by side. Every output equals the
     tail's own head bit for bit, for both weight layouts, short last groups, K off the unit
     blocks, 1 to 4 prompts per tail block (B picks them), and is like the float64 reference."""
     inputs, runs = _cuda_fused_step_under("CARE_EXT_TAIL_HEAD", ("tail", "split"), B, G, dims,
