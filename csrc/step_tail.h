@@ -216,6 +216,24 @@ CARE_HD void stage_r2w(const Mat& r2w, int R1, int R2, float* dst, int tid, int 
 
 CARE_HD float relu_f(float v) { return v > 0.f ? v : 0.f; }
 
+// xs[q][e] = x[q * ldx + j + e] for q < M, e < 4: each prompt's 4 inputs as one float4 on the GPU
+// (a broadcast shared-memory read: x 16-byte aligned, ldx and j multiples of 4).
+template <int M>
+CARE_HD void load_inputs4(const float* x, int ldx, int j, float (&xs)[M][4]) {
+  CARE_UNROLL
+  for (int q = 0; q < M; ++q) {
+#if defined(__CUDA_ARCH__)
+    const float4 xv = *reinterpret_cast<const float4*>(x + q * ldx + j);
+    xs[q][0] = xv.x;
+    xs[q][1] = xv.y;
+    xs[q][2] = xv.z;
+    xs[q][3] = xv.w;
+#else
+    for (int e = 0; e < 4; ++e) xs[q][e] = x[q * ldx + j + e];
+#endif
+  }
+}
+
 // One chunk's multiply-adds of dot_in_order / dot_in_order_ahead: v[q] += w[t] * x_q[j + t] for
 // t < kDotChunk, in order for every sum. kAll (nb == M): all M sums side by side, weight by
 // weight (M independent FFMA chains; on the GPU x read as float4, one broadcast shared-memory read
@@ -228,14 +246,7 @@ CARE_HD void dot_chunk_fmas(const float (&w)[kDotChunk], const float* x, int ldx
     CARE_UNROLL
     for (int t = 0; t < kDotChunk; t += 4) {
       float xs[M][4];
-      CARE_UNROLL
-      for (int q = 0; q < M; ++q) {
-        const float4 xv = *reinterpret_cast<const float4*>(x + q * ldx + j + t);
-        xs[q][0] = xv.x;
-        xs[q][1] = xv.y;
-        xs[q][2] = xv.z;
-        xs[q][3] = xv.w;
-      }
+      load_inputs4(x, ldx, j + t, xs);
       CARE_UNROLL
       for (int e = 0; e < 4; ++e) {
         CARE_UNROLL
@@ -1178,14 +1189,7 @@ CARE_HD void head_chunk_fmas(const float* wb, int n, const float* x, int ldx, in
     CARE_UNROLL
     for (int t = 0; t < kDotChunk; t += 4) {
       float xs[kHeadSub][4];
-      CARE_UNROLL
-      for (int q = 0; q < kHeadSub; ++q) {
-        const float4 xv = *reinterpret_cast<const float4*>(x + q * ldx + j + t);
-        xs[q][0] = xv.x;
-        xs[q][1] = xv.y;
-        xs[q][2] = xv.z;
-        xs[q][3] = xv.w;
-      }
+      load_inputs4(x, ldx, j + t, xs);
       CARE_UNROLL
       for (int e = 0; e < 4; ++e) {
         const float wt = wb[(t + e) * kHeadUnits];
