@@ -234,7 +234,7 @@ CARE_HD void load_inputs4(const float* x, int ldx, int j, float (&xs)[M][4]) {
   }
 }
 
-// One chunk's multiply-adds of dot_in_order / dot_in_order_ahead: v[q] += w[t] * x_q[j + t] for
+// One chunk's multiply-adds of dot_in_order: v[q] += w[t] * x_q[j + t] for
 // t < kDotChunk, in order for every sum. kAll (nb == M): all M sums side by side, weight by
 // weight (M independent FFMA chains; on the GPU x read as float4, one broadcast shared-memory read
 // per 4 weights); else one sum after another for the nb < M prompts.
@@ -1052,67 +1052,36 @@ CARE_HD void async_wait() {
 #endif
 }
 
-// The chunks of dot_in_order_ahead (below): kAll (nb == M) advances all M sums side by side (x
-// read as float4 on the GPU), else one sum after another. wp points at chunk 0's weights; on
-// return it is past the last whole chunk.
-template <int M, bool kAll>
-CARE_HD void dot_ahead_chunks(const float*& wp, int cs, const float* x, int ldx, int chunks,
-                              int nb, float (&v)[M]) {
-  float cur[kDotChunk], nxt[kDotChunk];
-  {
-    const float* p = wp;
-    CARE_UNROLL
-    for (int t = 0; t < kDotChunk; ++t, p += cs) cur[t] = *p;
-  }
-  for (int k = 0; k < chunks; ++k) {
-    const int j = k * kDotChunk;
-    wp += kDotChunk * cs;
-    {  // the next chunk's weights in flight during this chunk's FMAs (past the last chunk: this
-       // chunk's again, a valid address without a branch that would split the loop's block)
-      const float* np = k + 1 < chunks ? wp : wp - kDotChunk * cs;
-      CARE_UNROLL
-      for (int t = 0; t < kDotChunk; ++t, np += cs) nxt[t] = *np;  // one address add per load
-    }
-    dot_chunk_fmas<M, kAll>(cur, x, ldx, j, nb, v);
-    CARE_UNROLL
-    for (int t = 0; t < kDotChunk; ++t) cur[t] = nxt[t];
-  }
-}
-
-// dot_in_order's sums (the same FMAs in the same order per sum, so the same bits) with the next
-// chunk's kDotChunk weights loaded while this chunk's are multiplied: a thread then waits for one
-// memory latency per dot product, not one per chunk (in the tail a thread's 640-input head dot
-// product at CARE's sizes is 20 chunks, each waiting on its loads: ncu's long-scoreboard stalls,
-// 35% of the 64 x 8 tail's samples). Twice the weight registers, so only the head kernel uses it
-// (the tail runs at the 128-register cap). x as in dot_in_order (16-byte aligned, ldx % 4 == 0).
-template <int M>
-CARE_HD void dot_in_order_ahead(const Mat& W, int r, int c0, const float* x, int ldx, int n,
-                                int nb, float (&v)[M]) {
-  const int cs = W.cs;
-  const float* wp = W.row(r) + c0 * cs;
-  const int chunks = n / kDotChunk;
-  if (chunks > 0) {
-    if (M == 1 || nb == M) {
-      dot_ahead_chunks<M, true>(wp, cs, x, ldx, chunks, nb, v);
-    } else {
-      dot_ahead_chunks<M, false>(wp, cs, x, ldx, chunks, nb, v);
-    }
-  }
-  dot_rest(wp, cs, x, ldx, chunks * kDotChunk, n, nb, v);
-}
-
 // Row length of head_in for weights w: [p ; pool], pool starting at al4(P) (whole float4s).
 CARE_HD int head_input_ld(const HeadWeights& w) { return al4(w.P) + al4(w.R2); }
 
+// The finish's scratch (head_finish) for n prompts, in floats from the block's base: z [n][ldz]
+// (copied in from head_z), the stage's head layer-2 weight staged k-major, w2s [K][C], logits
+// [n][C], then e [n][C] doubles (8-byte aligned; stage_outputs' teams). floats: the whole.
+struct HeadFinishLayout {
+  int w2s, logits, e, floats;
+};
+
+CARE_HD HeadFinishLayout head_finish_layout(int n, int ldz, int K, int C) {
+  HeadFinishLayout l;
+  l.w2s = n * ldz;
+  l.logits = l.w2s + K * C;
+  const int end = l.logits + n * C;
+  l.e = end + (end & 1);
+  l.floats = l.e + 2 * n * C;
+  return l;
+}
+
 // Scratch floats of a head block for n prompts of either stage: head layer 1's inputs (n rows of
-// the longer stage's head_input_ld) and kHeadStages weight chunks, or (in the same place) z
-// [n][al4(K)] (the longer K's), logits [n][C] and e [n][C] doubles (8-byte aligned) of head_finish.
+// the longer stage's head_input_ld) and kHeadStages weight chunks, or (in the same place) the
+// finish's (head_finish_layout, z rows at the longer al4(K)).
 CARE_HD int head_block_floats(const HeadWeights& w1, const HeadWeights& w2, int n) {
   const int l1a = head_input_ld(w1), l1b = head_input_ld(w2);
   const int l1 = n * (l1a > l1b ? l1a : l1b) + kHeadStages * kHeadChunkFloats;
   const int ldz = al4(w1.K) > al4(w2.K) ? al4(w1.K) : al4(w2.K);
-  const int c = w1.C > w2.C ? w1.C : w2.C;
-  const int fin = n * (ldz + c) + 1 + 2 * c * n;
+  const int f1 = head_finish_layout(n, ldz, w1.K, w1.C).floats;
+  const int f2 = head_finish_layout(n, ldz, w2.K, w2.C).floats;
+  const int fin = f1 > f2 ? f1 : f2;
   return l1 > fin ? l1 : fin;
 }
 
@@ -1177,13 +1146,13 @@ CARE_HD void head_stage_chunk(const Mat& W, int u0, int nu, HeadChunk ch, float*
   }
 }
 
-// One chunk's multiply-adds of a head layer-1 item: v[q] += wb[t * kHeadUnits] * x_q[j + t] for
-// t < n, in order for every sum (x_q = x + q * ldx). On the GPU a whole chunk for kHeadSub
-// prompts is unrolled: its weights from shared memory one by one (consecutive lanes, consecutive
-// units: no bank conflict), the prompts' inputs as float4 (broadcast); j and ldx are multiples of
-// 4, x 16-byte aligned.
-CARE_HD void head_chunk_fmas(const float* wb, int n, const float* x, int ldx, int j, int nq,
-                             float (&v)[kHeadSub]) {
+// One chunk's multiply-adds of a head item: v[q] += wb[t * ws] * x_q[j + t] for t < n, in order
+// for every sum (x_q = x + q * ldx; wb in shared memory, ws: kHeadUnits in layer 1, C in layer
+// 2). On the GPU a whole chunk for kHeadSub prompts is unrolled: its weights from shared memory
+// one by one (consecutive lanes, consecutive units: no bank conflict), the prompts' inputs as
+// float4 (broadcast); j and ldx are multiples of 4, x 16-byte aligned.
+CARE_HD void head_chunk_fmas(const float* wb, int ws, int n, const float* x, int ldx, int j,
+                             int nq, float (&v)[kHeadSub]) {
 #if defined(__CUDA_ARCH__)
   if (n == kDotChunk && nq == kHeadSub) {
     CARE_UNROLL
@@ -1192,7 +1161,7 @@ CARE_HD void head_chunk_fmas(const float* wb, int n, const float* x, int ldx, in
       load_inputs4(x, ldx, j + t, xs);
       CARE_UNROLL
       for (int e = 0; e < 4; ++e) {
-        const float wt = wb[(t + e) * kHeadUnits];
+        const float wt = wb[(t + e) * ws];
         CARE_UNROLL
         for (int q = 0; q < kHeadSub; ++q) v[q] += wt * xs[q][e];  // sass: head-fma
       }
@@ -1201,7 +1170,7 @@ CARE_HD void head_chunk_fmas(const float* wb, int n, const float* x, int ldx, in
   }
 #endif
   for (int t = 0; t < n; ++t) {
-    const float wt = wb[t * kHeadUnits];
+    const float wt = wb[t * ws];
     CARE_UNROLL
     for (int q = 0; q < kHeadSub; ++q) {
       if (q < nq) v[q] += wt * x[q * ldx + j + t];
@@ -1258,7 +1227,7 @@ CARE_HD void head_block_layer1(const StepTailArgs& a, int stage, int g, int ug, 
       if (item >= items) break;
       const int sg = item / nu, u = item - sg * nu;
       const int q0 = sg * kHeadSub, nq = nb - q0 < kHeadSub ? nb - q0 : kHeadSub;
-      head_chunk_fmas(wb + u, ch.n, x + q0 * ldx, ldx, ch.xoff, nq, v[it]);
+      head_chunk_fmas(wb + u, kHeadUnits, ch.n, x + q0 * ldx, ldx, ch.xoff, nq, v[it]);
     }
     sync();
   }
@@ -1278,34 +1247,45 @@ CARE_HD void head_block_layer1(const StepTailArgs& a, int stage, int g, int ug, 
 
 // Head layer 2 and the stage's outputs for prompt group g, once all of its head layer 1 is in
 // this stage's head_z rows (written by other blocks: copied in through L2, past this SM's L1).
-// scratch: head_block_floats (z rows at head_ldz; their padding is never read).
+// The layer-2 weight (C x K, 66 KB at G = 64) comes into shared memory with them, so the C
+// classes' sums wait on shared memory, not on L2, chunk after chunk (the first split head, which
+// read it from global memory 32 weights ahead, finished each group serially; 209 us of head
+// kernel at 1024 x 64 on the H200). scratch: head_finish_layout (z's padding is never read).
 template <class Sync>
 CARE_HD void head_finish(const StepTailArgs& a, int stage, int g, float* scratch, int tid,
                          int nth, Sync sync) {
   const HeadWeights& w = stage == 0 ? a.w1 : a.w2;
   const int64_t b0 = static_cast<int64_t>(g) * a.head_prompts;
   const int nb = head_group_prompts(a, g);
-  const int ldz = a.head_ldz;
+  const int ldz = a.head_ldz, C = w.C;
+  const HeadFinishLayout l = head_finish_layout(nb, ldz, w.K, C);
   float* z = scratch;
-  float* logits = z + nb * ldz;
-  const int floats = nb * (ldz + w.C);
-  double* e = reinterpret_cast<double*>(scratch + floats + (floats & 1));
+  float* w2s = scratch + l.w2s;
+  float* logits = scratch + l.logits;
+  double* e = reinterpret_cast<double*>(scratch + l.e);
   const float* rows = a.head_z + (stage * a.head_rows + b0) * ldz;
   for (int i = 4 * tid; i < nb * ldz; i += 4 * nth) copy_async_f4_l2(z + i, rows + i);
+  for (int i = tid; i < w.K * C; i += nth) {  // k-major: a column-major weight reads in order
+    const int k = i / C, c = i - k * C;
+    copy_async_f32(w2s + i, w.h2w.row(c) + k * w.h2w.cs);
+  }
   async_commit();
   async_wait<0>();
   sync();
   const int nsub = (nb + kHeadSub - 1) / kHeadSub;
-  for (int item = tid; item < nsub * w.C; item += nth) {
-    const int sg = item / w.C, c = item - sg * w.C;
+  for (int item = tid; item < nsub * C; item += nth) {
+    const int sg = item / C, c = item - sg * C;
     const int q0 = sg * kHeadSub, nq = nb - q0 < kHeadSub ? nb - q0 : kHeadSub;
     float v[kHeadSub];
     CARE_UNROLL
     for (int q = 0; q < kHeadSub; ++q) v[q] = w.h2b[c];
-    dot_in_order_ahead(w.h2w, c, 0, z + q0 * ldz, ldz, w.K, nq, v);
+    for (int k0 = 0; k0 < w.K; k0 += kDotChunk) {
+      const int n = w.K - k0 < kDotChunk ? w.K - k0 : kDotChunk;
+      head_chunk_fmas(w2s + k0 * C + c, C, n, z + q0 * ldz, ldz, k0, nq, v);
+    }
     CARE_UNROLL
     for (int q = 0; q < kHeadSub; ++q) {
-      if (q < nq) logits[(q0 + q) * w.C + c] = v[q];
+      if (q < nq) logits[(q0 + q) * C + c] = v[q];
     }
   }
   sync();
