@@ -111,8 +111,9 @@ inline bool tail_mma_tall_tiles_requested() {
 // so its arithmetic and counters are tested on every machine; the per-prompt CPU twin ignores it.
 // Lost on the H200 (2026-11-28, graph replays of the split2 step): 80.5-87.0 against 39.9-41.5 us
 // at 64 x 8 x 4096, 686.6-694.4 against 553-558 at 1024 x 64 (the head kernel alone 49.5 and
-// 209.6 us, the tail without its head 13.5 and 250), hence off; its finish's outputs now run on
-// teams of lanes (stage_outputs), not measured yet.
+// 209.6 us, the tail without its head 13.5 and 250), hence off. Since then (not measured): its
+// finish stages the layer-2 weight in shared memory and runs its prompts' outputs on teams of
+// lanes (stage_outputs), side by side.
 inline bool tail_head_split_requested() { return env_switch("CARE_EXT_TAIL_HEAD", "tail", "split"); }
 
 // CARE_EXT_STEP_OVERLAP (run time): whether the CUDA fused step runs group_features and the prompt
