@@ -24,6 +24,7 @@
 #   device run:  bash bench/gpu_check.sh            (GPU_CHECK_QUICK=1 bash bench/gpu_check.sh)
 #   A/B of one change: GPU_CHECK_AB="CARE_EXT_TAIL_HEAD=tail CARE_EXT_TAIL_HEAD=split" \
 #                      GPU_CHECK_TESTS="head or overlap" GPU_CHECK_SECONDS=200 bash bench/gpu_check.sh
+#                      (GPU_CHECK_AB_NCU=step_head_kernel: and ncu on that kernel, ~45 s more)
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 # The device tool brings back at most 8 files from $OUT: every stage writes into a work folder, and
@@ -94,6 +95,35 @@ if [ -n "${GPU_CHECK_AB:-}" ]; then
       --out "$OUT/profile_ab_${setting//[^A-Za-z0-9]/_}" > "$OUT/profile_ab_${setting//[^A-Za-z0-9]/_}.log" 2>&1
     stamp "profile_step $setting exit $? : $(grep -E 'step_tail_kernel|step_head_kernel|device\)' "$OUT/profile_ab_${setting//[^A-Za-z0-9]/_}.log" | tr -s ' ' | cut -c1-60 | tr '\n' ';')"
   done
+  # GPU_CHECK_AB_NCU=kernel: Nsight Compute on that kernel (a name, e.g. step_head_kernel) under
+  # the last setting, at 64x8 and 1024x64: speed of light, occupancy, warp states, and per source
+  # line where its warps stall (bench/ncu_source.py; the reports stay in /tmp)
+  if [ -n "${GPU_CHECK_AB_NCU:-}" ] && command -v ncu > /dev/null; then
+    last_setting=${GPU_CHECK_AB##* }
+    cat > /tmp/ncu_ab.py <<'PY'
+import sys, torch, care_ext
+from bench_ops import make_inputs, op_calls
+for shape in sys.argv[1:]:
+    B, G, H = map(int, shape.split("x"))
+    fn = op_calls(make_inputs(B, G, H, "cuda", torch.bfloat16), torch.ops.care_ext)["acquisition_step_fused_split2"]
+    fn(); torch.cuda.synchronize()  # warm-up launch (skipped by --launch-skip 1 per shape)
+    fn(); torch.cuda.synchronize()
+PY
+    SO=$(python3 -c "import care_ext._C as m; print(m.__file__)")
+    for shape in 64x8x4096 1024x64x4096; do
+      env "$last_setting" PYTHONPATH="$REPO/bench" timeout "$(cap 60)" ncu --kernel-name "regex:$GPU_CHECK_AB_NCU" \
+        --launch-skip 1 --launch-count 1 --section SpeedOfLight --section Occupancy --section LaunchStats \
+        --section WarpStateStats --section SourceCounters -f -o "/tmp/ncu_ab_$shape" \
+        python3 /tmp/ncu_ab.py $shape > "$OUT/ncu_ab_${shape}_run.log" 2>&1
+      rc=$?
+      timeout "$(cap 30)" ncu -i "/tmp/ncu_ab_$shape.ncu-rep" --print-details all > "$OUT/ncu_ab_$shape.txt" 2>&1
+      timeout "$(cap 30)" ncu -i "/tmp/ncu_ab_$shape.ncu-rep" --page source --csv --print-source sass \
+        > "$OUT/ncu_ab_${shape}_sass.csv" 2> /dev/null
+      timeout "$(cap 30)" python3 "$REPO/bench/ncu_source.py" --csv "$OUT/ncu_ab_${shape}_sass.csv" --so "$SO" \
+        --kernel "$GPU_CHECK_AB_NCU" --top 30 > "$OUT/ncu_ab_source_$shape.txt" 2>&1
+      stamp "ncu $GPU_CHECK_AB_NCU ($last_setting) $shape exit $rc : $(grep -E 'Duration|Compute \(SM\) Throughput|Achieved Occupancy' "$OUT/ncu_ab_$shape.txt" | tr -s ' ' | tr '\n' ';') by function: $(sed -n '3,8p' "$OUT/ncu_ab_source_$shape.txt" | tr -s ' ' | cut -c1-60 | tr '\n' ';')"
+    done
+  fi
   stamp "done (A/B)"
   exit 0
 fi
