@@ -216,8 +216,12 @@ class _Compiled:
         return self.cache[name]
 
 
-def host_time(fn, device: str, min_time: float) -> list[float]:
-    """Per-call host-inclusive seconds over several blocks (sync, N calls, sync)."""
+def host_time(fn, device: str, min_time: float, enqueue: list[float] | None = None) -> list[float]:
+    """Per-call host-inclusive seconds over several blocks (sync, N calls, sync). The N calls run
+    back to back, so on CUDA a call costs the larger of its host work and its device work. With
+    ``enqueue`` (a list), each block's per-call seconds until the last call returned, before the
+    closing sync, are appended to it: the host's own cost per call, as long as the device queue
+    does not fill (then it waits for the device too)."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(3):
         fn()
@@ -233,6 +237,8 @@ def host_time(fn, device: str, min_time: float) -> list[float]:
         t0 = time.perf_counter()
         for _ in range(n):
             fn()
+        if enqueue is not None:
+            enqueue.append((time.perf_counter() - t0) / n)
         sync()
         dt = time.perf_counter() - t0
         samples.append(dt / n)
@@ -240,8 +246,9 @@ def host_time(fn, device: str, min_time: float) -> list[float]:
     return samples
 
 
-def graph_time(fn, min_time: float) -> list[float]:
-    """Per-call seconds of replaying fn captured in a CUDA graph (launch-free device time)."""
+def graph_time(fn, min_time: float, enqueue: list[float] | None = None) -> list[float]:
+    """Per-call seconds of replaying fn captured in a CUDA graph (launch-free device time);
+    enqueue: as host_time's (the replay's own host cost)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -251,7 +258,7 @@ def graph_time(fn, min_time: float) -> list[float]:
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn()
-    return host_time(g.replay, "cuda", min_time)
+    return host_time(g.replay, "cuda", min_time, enqueue)
 
 
 def memory_floor_us(x, device: str) -> float | None:
@@ -353,17 +360,19 @@ def main(argv=None) -> int:
                 result = dict(shape=shape, op=op, floor_us=floor,
                               **(extra if op in ALL_STEP_OPS else {}))
                 for prov in args.providers:
+                    enqueue: list[float] = []  # host-only seconds per call (CUDA, eager and plan)
                     try:
                         if prov in ("native", "reference", "native_rowmajor"):
-                            t = host_time(calls[prov][op], dev, args.min_time)
+                            t = host_time(calls[prov][op], dev, args.min_time,
+                                          enqueue if dev == "cuda" else None)
                         elif prov == "compile":
                             t = host_time(op_calls(x, compiled)[op], dev, args.min_time)
                         elif prov == "cudagraph" and dev == "cuda":
                             t = graph_time(calls["reference"][op], args.min_time)
                         elif prov == "native_graph" and dev == "cuda":
-                            t = graph_time(calls["native"][op], args.min_time)
+                            t = graph_time(calls["native"][op], args.min_time, enqueue)
                         elif prov == "native_plan" and dev == "cuda" and op in PLAN_OPS:
-                            t = host_time(calls["native_plan"][op], dev, args.min_time)
+                            t = host_time(calls["native_plan"][op], dev, args.min_time, enqueue)
                         else:
                             continue
                     except Exception as exc:  # a provider that cannot run this op is reported, not fatal
@@ -372,17 +381,22 @@ def main(argv=None) -> int:
                     result[f"{prov}_us"] = statistics.median(t) * 1e6
                     q = statistics.quantiles(t, n=4) if len(t) >= 4 else [min(t), max(t)]
                     result[f"{prov}_iqr_us"] = (q[-1] - q[0]) * 1e6
+                    if enqueue:  # the host's share: a call is host-bound where this is ~{prov}_us
+                        result[f"{prov}_host_us"] = statistics.median(enqueue) * 1e6
                 if "native_us" in result and "reference_us" in result:
                     result["speedup_vs_reference"] = result["reference_us"] / result["native_us"]
                 rows.append(result)
                 jsonl.write(json.dumps({**meta, **result}) + "\n")
                 jsonl.flush()
                 cols = [f"{p}={result[p + '_us']:.1f}us" for p in args.providers if p + "_us" in result]
+                hosts = [f"{p}:{result[p + '_host_us']:.1f}" for p in args.providers
+                         if p + "_host_us" in result]
                 print(f"{dev} {shape:>13} {op:<17} " + "  ".join(cols)
                       + (f"  x{result['speedup_vs_reference']:.1f}" if "speedup_vs_reference" in result else "")
                       + (f"  floor={floor:.1f}us" if floor else "")
                       + (f"  gemm-floor={result['gemm_floor_us']:.0f}us" if "gemm_floor_us" in result
-                         else ""), flush=True)
+                         else "")
+                      + (f"  host-only us {' '.join(hosts)}" if hosts else ""), flush=True)
     keys = sorted({k for r in rows for k in r})
     with open(out.with_suffix(".csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["device_name", "torch", "threads"] + keys)

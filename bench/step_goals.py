@@ -10,7 +10,8 @@ shape, the host-inclusive native time and the goals that apply to the row's devi
     GPU  64x8x4096      native <= 25 us, >= 70x the eager reference, >= 15x the CUDA-graph replay
     GPU  1024x64x4096   native <= 2x the memory floor (floor_us: reading the hidden states once)
     (GPU rows with native_plan_us, the step through care_ext.step_graph.StepGraph with its input
-    copies, get the same goals on a second line marked "(plan)")
+    copies, get the same goals on a second line marked "(plan)"; where the run measured the
+    host's own time per call, *_host_us, the line ends with it)
     CPU  64x8x4096, 512x16x4096   native >= 5x the eager reference on the run's threads; the
                         native time over the GEMM floor (gemm_floor_us) is shown beside it
 and PASS / FAIL / n/a (a number the run did not produce). Ratios come from one run on one
@@ -60,12 +61,20 @@ def goal_lines(rows: list[dict]) -> list[str]:
                 out.append(f"{name}  threads={r.get('threads', '?')}  x{_num(x_ref, '.1f')} eager "
                            f"(>=5):{_check(x_ref, lambda v: v >= 5)}  {_num(k, '.2f')}x GEMM floor")
         else:
-            out += _gpu_goal_lines(r, name, nat, x_ref)
+            out += _with_host(_gpu_goal_lines(r, name, nat, x_ref), r.get("native_host_us"))
             plan = r.get("native_plan_us")
             if plan is not None:  # the same goals through StepGraph (input copies included)
                 name = f"{r['op'] + ' (plan)':<29} {r['shape']:>13}  plan={plan:.1f}us"
-                out += _gpu_goal_lines(r, name, plan, _ratio(r.get("reference_us"), plan))
+                out += _with_host(_gpu_goal_lines(r, name, plan,
+                                                  _ratio(r.get("reference_us"), plan)),
+                                  r.get("native_plan_host_us"))
     return out
+
+
+def _with_host(lines: list[str], host_us: float | None) -> list[str]:
+    """The goal lines with the call's host-only time (bench_ops' *_host_us: the host's own cost
+    per call; the call is host-bound where it is close to the host-inclusive time)."""
+    return [f"{line}  host-only={host_us:.1f}us" for line in lines] if host_us else lines
 
 
 def _gpu_goal_lines(r: dict, name: str, t: float | None, x_ref: float | None) -> list[str]:

@@ -138,6 +138,39 @@ def test_step_goals_plan_rows(tmp_path, capsys):
     assert "(plan)" not in lines[4]
 
 
+def test_step_goals_show_the_host_only_time(tmp_path, capsys):
+    """A GPU row with the host's own time per call (bench_ops' native_host_us and
+    native_plan_host_us) ends its goal lines with it; a row without one does not."""
+    import step_goals
+
+    rows = [dict(op="acquisition_step_fused_split2", shape="64x8x4096", native_us=77.5,
+                 native_host_us=74.0, native_plan_us=49.1, native_plan_host_us=31.5,
+                 reference_us=2000.0, cudagraph_us=400.0),
+            dict(op="acquisition_step_fused", shape="1024x64x4096", native_us=900.0,
+                 floor_us=200.0)]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert step_goals.main([str(path)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3
+    assert lines[0].endswith("host-only=74.0us") and "native=77.5us" in lines[0]
+    assert "(plan)" in lines[1] and lines[1].endswith("host-only=31.5us")
+    assert "host-only" not in lines[2]
+
+
+def test_host_time_records_the_enqueue_time_per_block():
+    """host_time's enqueue list gets one host-only time per timed block, each at most that
+    block's host-inclusive time (here on the CPU, where they are the same work)."""
+    import bench_ops
+
+    enqueue: list[float] = []
+    calls = []
+    samples = bench_ops.host_time(lambda: calls.append(sum(range(200))), "cpu", 0.01, enqueue)
+    assert len(enqueue) == len(samples) >= 5
+    assert all(0 < e <= t * 1.0001 for e, t in zip(enqueue, samples))
+    assert len(calls) > len(samples)
+
+
 def test_step_goals_cpu_rows(tmp_path, capsys):
     """CPU rows get the CPU goal (>= 5x the eager reference at 64x8x4096 and 512x16x4096) with
     the GEMM-floor ratio beside it, never the GPU's microsecond goals; other shapes are skipped."""
