@@ -73,7 +73,8 @@ stamp "sass_report exit $? : $(grep -cE '^PASS' "$OUT/sass_report.log") rules pa
 # GPU_CHECK_AB="ENV=a ENV=b ...": a focused A/B run after a kernel change, for a short device
 # call (~3 min with the start): after the build and SASS, the CUDA tests matching GPU_CHECK_TESTS
 # (a pytest -k expression, default: all CUDA op tests), then the split2 step's benchmark under
-# each setting in turn, GPU_CHECK_AB_ROUNDS times (default 2), at 64x8, 256x32 and 1024x64, and
+# each setting in turn, GPU_CHECK_AB_ROUNDS times (default 2), at 64x8, 256x32 and 1024x64
+# (eager, replayed, and through StepGraph; with each call's host-only time), and
 # profile_step (device time per kernel) under each; then it stops.
 if [ -n "${GPU_CHECK_AB:-}" ]; then
   CARE_EXT_REQUIRE_NATIVE=1 timeout "$(cap 90)" python3 -m pytest -q --maxfail=25 -rf -p no:cacheprovider \
@@ -83,10 +84,10 @@ if [ -n "${GPU_CHECK_AB:-}" ]; then
   for round in $(seq 1 "${GPU_CHECK_AB_ROUNDS:-2}"); do
     for setting in $GPU_CHECK_AB; do
       env "$setting" timeout "$(cap 30)" python3 "$REPO/bench/bench_ops.py" --device cuda --min-time 0.2 \
-        --providers native native_graph --ops acquisition_step_fused_split2 \
+        --providers native native_graph native_plan --ops acquisition_step_fused_split2 \
         --shapes 64x8x4096 256x32x4096 1024x64x4096 --out "$OUT/bench_ab_${setting//[^A-Za-z0-9]/_}_$round" \
         > "$OUT/bench_ab_${setting//[^A-Za-z0-9]/_}_$round.log" 2>&1
-      stamp "bench $setting (round $round) exit $? : $(grep -E '^cuda' "$OUT/bench_ab_${setting//[^A-Za-z0-9]/_}_$round.log" | tr -s ' ' | cut -d' ' -f2,4,5 | tr '\n' ';')"
+      stamp "bench $setting (round $round) exit $? : $(grep -E '^cuda' "$OUT/bench_ab_${setting//[^A-Za-z0-9]/_}_$round.log" | tr -s ' ' | cut -d' ' -f2,4- | tr '\n' ';')"
     done
   done
   for setting in $GPU_CHECK_AB; do
