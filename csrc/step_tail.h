@@ -998,11 +998,13 @@ CARE_HD void step_tail(const StepTailArgs& a, int64_t b0, int nb, int stage, flo
 // the stage's outputs for the group. Every sum has the order of the tail's head (dot_in_order:
 // bias, then the inputs in order), so the outputs are the same bits.
 // The first version (2026-11-28: 64 units, 256 threads each advancing 4 prompts' sums through the
-// weights in global memory, 32 loads ahead) lost on the H200: 32 blocks at 64 x 8, one 256-thread
-// block per SM (150 registers), every chunk a trip to L2: 55.8 us against the tail's 10 us of head.
-// Now a block is one warp-wide unit slice (32 units) x 4 warps of 4 prompts, 128 threads, twice the
-// blocks, and its weights come through shared memory kHeadStages chunks ahead (cp.async): a sum's
-// multiply-adds wait on shared memory, not L2.
+// weights in global memory, 32 loads ahead) lost on the H200: 55.8 us of head kernel at 64 x 8
+// against the tail's ~10 us of head, 209.4 at 1024 x 64. Now a block is one warp-wide unit slice
+// (32 units) x 4 warps of 4 prompts, 128 threads, twice the blocks, and its weights come through
+// shared memory kHeadStages chunks ahead (cp.async): a sum's multiply-adds wait on shared memory,
+// not L2. That alone left the kernel at 49.5 and 209.6 us (H200, the same day): layer 1 was not
+// the bound. The last block's finish of its group, prompt after prompt, is the suspect; it now
+// stages its layer-2 weight too and runs the prompts' outputs side by side (not measured yet).
 constexpr int kHeadUnits = 32;  // head layer-1 units per head block (a warp's lanes)
 constexpr int kHeadSub = 4;     // prompts whose sums one thread advances side by side
 constexpr int kMaxHeadPrompts = 16;
