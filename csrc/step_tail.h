@@ -1057,6 +1057,16 @@ CARE_HD void async_wait() {
 // Row length of head_in for weights w: [p ; pool], pool starting at al4(P) (whole float4s).
 CARE_HD int head_input_ld(const HeadWeights& w) { return al4(w.P) + al4(w.R2); }
 
+// The row lengths both stages share (the longer stage's): head_in's, and head_z's (al4(K)).
+CARE_HD int head_in_ld(const HeadWeights& w1, const HeadWeights& w2) {
+  const int l1 = head_input_ld(w1), l2 = head_input_ld(w2);
+  return l1 > l2 ? l1 : l2;
+}
+
+CARE_HD int head_z_ld(const HeadWeights& w1, const HeadWeights& w2) {
+  return al4(w1.K) > al4(w2.K) ? al4(w1.K) : al4(w2.K);
+}
+
 // The finish's scratch (head_finish) for n prompts, in floats from the block's base: z [n][ldz]
 // (copied in from head_z), the stage's head layer-2 weight staged k-major, w2s [K][C], logits
 // [n][C], then e [n][C] doubles (8-byte aligned; stage_outputs' teams). floats: the whole.
@@ -1078,9 +1088,8 @@ CARE_HD HeadFinishLayout head_finish_layout(int n, int ldz, int K, int C) {
 // the longer stage's head_input_ld) and kHeadStages weight chunks, or (in the same place) the
 // finish's (head_finish_layout, z rows at the longer al4(K)).
 CARE_HD int head_block_floats(const HeadWeights& w1, const HeadWeights& w2, int n) {
-  const int l1a = head_input_ld(w1), l1b = head_input_ld(w2);
-  const int l1 = n * (l1a > l1b ? l1a : l1b) + kHeadStages * kHeadChunkFloats;
-  const int ldz = al4(w1.K) > al4(w2.K) ? al4(w1.K) : al4(w2.K);
+  const int l1 = n * head_in_ld(w1, w2) + kHeadStages * kHeadChunkFloats;
+  const int ldz = head_z_ld(w1, w2);
   const int f1 = head_finish_layout(n, ldz, w1.K, w1.C).floats;
   const int f2 = head_finish_layout(n, ldz, w2.K, w2.C).floats;
   const int fin = f1 > f2 ? f1 : f2;
@@ -1101,11 +1110,9 @@ CARE_HD int head_group_prompts(const StepTailArgs& a, int g) {
 // them): head_in [2][B][head_ld], head_z [2][B][head_ldz], then head_count's 2 * head_groups ints,
 // a float's room each.
 CARE_HD int64_t head_layout(StepTailArgs& a, int64_t B, int prompts) {
-  const int l1 = head_input_ld(a.w1), l2 = head_input_ld(a.w2);
-  const int k1 = al4(a.w1.K), k2 = al4(a.w2.K);
   a.head_rows = B;
-  a.head_ld = l1 > l2 ? l1 : l2;
-  a.head_ldz = k1 > k2 ? k1 : k2;
+  a.head_ld = head_in_ld(a.w1, a.w2);
+  a.head_ldz = head_z_ld(a.w1, a.w2);
   a.head_prompts = prompts;
   a.head_groups = static_cast<int>((B + prompts - 1) / prompts);
   return 2 * B * (a.head_ld + a.head_ldz) + 2 * static_cast<int64_t>(a.head_groups);
