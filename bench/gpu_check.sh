@@ -70,6 +70,18 @@ timeout "$(cap 60)" python3 "$REPO/bench/sass_report.py" --so "$SO" --check --ou
   > "$OUT/sass_report.log" 2>&1
 stamp "sass_report exit $? : $(grep -cE '^PASS' "$OUT/sass_report.log") rules pass; $(grep -E '^(FAIL|loop)' "$OUT/sass_report.log" | tr '\n' ';')"
 
+# The split2 step's launches for Nsight Compute (the A/B mode's and the quick run's ncu stages):
+# per shape argument a warm-up call, then the profiled one (ncu --launch-skip 1 per shape)
+cat > /tmp/ncu_step.py <<'PY'
+import sys, torch, care_ext
+from bench_ops import make_inputs, op_calls
+for shape in sys.argv[1:]:
+    B, G, H = map(int, shape.split("x"))
+    fn = op_calls(make_inputs(B, G, H, "cuda", torch.bfloat16), torch.ops.care_ext)["acquisition_step_fused_split2"]
+    fn(); torch.cuda.synchronize()  # warm-up launch (skipped by --launch-skip 1 per shape)
+    fn(); torch.cuda.synchronize()
+PY
+
 # GPU_CHECK_AB="ENV=a ENV=b ...": a focused A/B run after a kernel change, for a short device
 # call (~3 min with the start): after the build and SASS, the CUDA tests matching GPU_CHECK_TESTS
 # (a pytest -k expression, default: all CUDA op tests), then the split2 step's benchmark under
@@ -101,21 +113,12 @@ if [ -n "${GPU_CHECK_AB:-}" ]; then
   # line where its warps stall (bench/ncu_source.py; the reports stay in /tmp)
   if [ -n "${GPU_CHECK_AB_NCU:-}" ] && command -v ncu > /dev/null; then
     last_setting=${GPU_CHECK_AB##* }
-    cat > /tmp/ncu_ab.py <<'PY'
-import sys, torch, care_ext
-from bench_ops import make_inputs, op_calls
-for shape in sys.argv[1:]:
-    B, G, H = map(int, shape.split("x"))
-    fn = op_calls(make_inputs(B, G, H, "cuda", torch.bfloat16), torch.ops.care_ext)["acquisition_step_fused_split2"]
-    fn(); torch.cuda.synchronize()  # warm-up launch (skipped by --launch-skip 1 per shape)
-    fn(); torch.cuda.synchronize()
-PY
     SO=$(python3 -c "import care_ext._C as m; print(m.__file__)")
     for shape in 64x8x4096 1024x64x4096; do
       env "$last_setting" PYTHONPATH="$REPO/bench" timeout "$(cap 60)" ncu --kernel-name "regex:$GPU_CHECK_AB_NCU" \
         --launch-skip 1 --launch-count 1 --section SpeedOfLight --section Occupancy --section LaunchStats \
         --section WarpStateStats --section SourceCounters -f -o "/tmp/ncu_ab_$shape" \
-        python3 /tmp/ncu_ab.py $shape > "$OUT/ncu_ab_${shape}_run.log" 2>&1
+        python3 /tmp/ncu_step.py $shape > "$OUT/ncu_ab_${shape}_run.log" 2>&1
       rc=$?
       timeout "$(cap 30)" ncu -i "/tmp/ncu_ab_$shape.ncu-rep" --print-details all > "$OUT/ncu_ab_$shape.txt" 2>&1
       timeout "$(cap 30)" ncu -i "/tmp/ncu_ab_$shape.ncu-rep" --page source --csv --print-source sass \
@@ -233,20 +236,11 @@ stamp "profile_step exit $? : $(grep -E '^acquisition_step' "$OUT/profile_step.l
 # the kernel is built with -lineinfo), when this machine has ncu.
 # The reports themselves stay in /tmp (too large to bring back).
 if [ "$QUICK" = 1 ] && command -v ncu > /dev/null; then
-  cat > /tmp/ncu_tail.py <<'PY'
-import sys, torch, care_ext
-from bench_ops import make_inputs, op_calls
-for shape in sys.argv[1:]:
-    B, G, H = map(int, shape.split("x"))
-    fn = op_calls(make_inputs(B, G, H, "cuda", torch.bfloat16), torch.ops.care_ext)["acquisition_step_fused_split2"]
-    fn(); torch.cuda.synchronize()  # warm-up launch (skipped by --launch-skip 1 per shape)
-    fn(); torch.cuda.synchronize()
-PY
   for shape in 1024x64x4096 64x8x4096; do
     PYTHONPATH="$REPO/bench" timeout "$(cap 60)" ncu --kernel-name regex:step_tail --launch-skip 1 --launch-count 1 \
       --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
       --section MemoryWorkloadAnalysis --section InstructionStats --section SourceCounters \
-      -f -o "/tmp/ncu_tail_$shape" python3 /tmp/ncu_tail.py $shape > "$OUT/ncu_tail_${shape}_run.log" 2>&1
+      -f -o "/tmp/ncu_tail_$shape" python3 /tmp/ncu_step.py $shape > "$OUT/ncu_tail_${shape}_run.log" 2>&1
     rc=$?
     timeout "$(cap 30)" ncu -i "/tmp/ncu_tail_$shape.ncu-rep" --print-details all > "$OUT/ncu_tail_$shape.txt" 2>&1
     timeout "$(cap 30)" ncu -i "/tmp/ncu_tail_$shape.ncu-rep" --page source --csv --print-source sass \
