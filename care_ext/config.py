@@ -52,7 +52,8 @@ class CareConfig:
 
     # --- budget --------------------------------------------------------------------------------
     budget_frac: float = 0.2
-    """p: at most ceil(p * B) labels are paid per step (GT ignores it and buys all B)."""
+    """p: at most ceil(p * B) labels are paid per step (GT ignores it and buys all B); B counts
+    distinct uids (``repeated_uids``)."""
     global_budget: int | None = None
     """Optional cap on labels paid over the whole run (all steps, all resumes). None = no cap."""
     audit_frac: float = 0.0
@@ -179,6 +180,14 @@ class CareConfig:
     nonfinite: str = "error"
     """NaN/Inf in hidden states, lengths or log-probs: 'error' (ValueError naming the rows) or
     'drop' (those prompts are DROPPED, never bought or trained on)."""
+    repeated_uids: str = "share"
+    """One prompt uid in several rows of a batch (several rollout groups of one prompt, e.g.
+    from OpenRLHF's ``--data.prompt_probs`` blending, which repeats rows of the smaller
+    datasets): 'share' decides each row on its own rollouts and features, but buys a uid at
+    most once per step, and a label bought or cached for it serves every row of it. The
+    per-step cap is then ceil(p * U) for the batch's U distinct uids, a uid ranks by its
+    best-scoring row, and the audit slice draws uids. 'error': a ValueError naming the
+    repeated uids (what care_ext did before 'share' existed)."""
     sim_metrics: bool = True
     """With a simulation oracle, also log ``sim/*`` metrics that read every prompt's gold."""
     sim_cag_recall_ties: str = "credit"
@@ -219,6 +228,7 @@ class CareConfig:
         choices = {"trust_weight": ("reliability", "official"),
                    "stage2_correct_majority": ("class0", "exclude"),
                    "nonfinite": ("error", "drop"),
+                   "repeated_uids": ("share", "error"),
                    "first_layer_backward": ("auto", "autograd", "fused", "split"),
                    "first_layer_gemm": ("auto", "float32", "bf16x3", "bf16x2"),
                    "first_layer_pack": ("auto", "on", "off"),
@@ -230,7 +240,7 @@ class CareConfig:
             raise ValueError(f"max_len must be finite and > 0, got {self.max_len}")
 
     def step_cap(self, batch_size: int) -> int:
-        """Per-step label cap ceil(p * B)."""
+        """Per-step label cap ceil(p * B) for a batch of B distinct prompt uids."""
         return ceil_frac(self.budget_frac, batch_size)
 
     def to_dict(self) -> dict:

@@ -46,11 +46,11 @@ class Decision:
         score: float32 [B]: the strategy's acquisition score (NaN where it has none).
         reliability: float32 [B] Stage-I P(majority correct) (CARE family), else None.
         labels_bought: rows whose source is BOUGHT: gold labels the oracle delivered for this
-            step's own rows, including free retries of a charge made at an earlier step (a crash
-            between "requested" and "stored") and labels stored by an interrupted run of this
-            step. Not the budget charge: an asynchronous request is charged now but counts 0
-            here (its label arrives later as CACHED); the charge of this step is
-            ``metrics["budget/labels_step"]``.
+            step's own rows (every row of a repeated uid counts), including free retries of a
+            charge made at an earlier step (a crash between "requested" and "stored") and labels
+            stored by an interrupted run of this step. Not the budget charge: an asynchronous
+            request is charged now but counts 0 here (its label arrives later as CACHED); the
+            charge of this step is ``metrics["budget/labels_step"]``.
         metrics: dict[str, float]; keys ``sim/*`` read unbought gold (simulation only).
     """
 

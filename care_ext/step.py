@@ -39,6 +39,7 @@ from .samples import make_samples, row_parts
 from .strategies import StepContext, Strategy, get_strategy
 from .strategies.base import gold_correct
 from .trainer import ClassifierTrainer
+from .uid_groups import UidGroups
 
 ResolveLabel = Callable[[Any, Any], int]
 
@@ -117,10 +118,11 @@ class CareController:
         uids = [str(u) for u in uids]
         if len(uids) != B:
             raise ValueError(f"{len(uids)} uids for a batch of B = {B} prompts")
-        if len(set(uids)) != B:
+        if cfg.repeated_uids == "error" and len(set(uids)) != B:
             dup = sorted(u for u, n in Counter(uids).items() if n > 1)
-            raise ValueError(f"duplicate prompt uids in one batch: {dup[:10]} "
-                             "(each prompt must appear once, with its G rollouts)")
+            raise ValueError(f"duplicate prompt uids in one batch: {dup[:10]} (repeated_uids="
+                             "'error': each prompt must appear once, with its G rollouts; "
+                             "'share' decides the rows and buys each uid once)")
         if payloads is not None and len(payloads) != B:
             raise ValueError(f"{len(payloads)} payloads for B = {B}")
         if lengths is None:
@@ -232,7 +234,10 @@ class CareController:
         """Decide every prompt of one RL step and buy its labels.
 
         Args:
-            uids: B stable prompt ids (str; the label store's key). No duplicates.
+            uids: B stable prompt ids (str; the label store's key). A uid in several rows
+                (several rollout groups of one prompt): see ``CareConfig.repeated_uids``; by
+                default each row is decided on its own rollouts and the uid is bought at most
+                once, its label serving every row of it.
             ids: int64 [B, G] answer ids (-1 = no answer); G must equal ``group_size``.
             lengths: [B, G] response lengths in tokens (required by the CARE family).
             h_prompt: [B, H] final-norm hidden state at the last prompt token; h_resp: [B, G, H]
@@ -249,8 +254,9 @@ class CareController:
             :class:`Decision`. An empty batch (B = 0) returns an empty decision.
 
         Raises:
-            ValueError: bad shapes/dtypes, G != group_size, duplicate uids, non-finite features
-                (with ``nonfinite='error'``). RuntimeError: decide twice without update.
+            ValueError: bad shapes/dtypes, G != group_size, repeated uids (with
+                ``repeated_uids='error'``), non-finite features (with ``nonfinite='error'``).
+                RuntimeError: decide twice without update.
         """
         if self._need_update:
             raise RuntimeError("decide() called twice without update(); call update() after the "
@@ -261,6 +267,7 @@ class CareController:
                                                     logprob_mask, payloads, projected)
         B, G = ids.shape
         cfg, t = self.cfg, self.step
+        groups = UidGroups(uids)  # purchases are per uid; a uid may fill several rows
         payloads = list(payloads) if payloads is not None else [None] * B
         arrivals = self._poll()
 
@@ -310,22 +317,28 @@ class CareController:
         plan = self.strategy.plan(ctx) if B else None
 
         # ---- selection under the caps -------------------------------------------------------
-        step_cap = B if (plan is not None and plan.buy_all) else cfg.step_cap(B)
-        cap, audit, strat_buy = self._select(plan, buyable, step_cap, t)
-        selected = audit | strat_buy
+        U = groups.n_unique
+        step_cap = U if (plan is not None and plan.buy_all) else cfg.step_cap(U)
+        cap, audit, strat_buy = self._select(plan, buyable, step_cap, t, groups)
+        selected = groups.spread(audit | strat_buy)  # every row of a uid bought shares its label
 
         # ---- ledger and oracle ------------------------------------------------------------
         labels: dict[str, Any] = {u: known[u].label for u in uids if u in known}
         flags = zip(uids, fresh.tolist(), lost.tolist(), strict=True)
         retry = [i for i, (u, f, lo) in enumerate(flags) if f and u not in known and u in ledger
                  and (ledger[u].status == "requested" or lo)]
-        new = [uids[i] for i in selected.nonzero().flatten().tolist()
-               if uids[i] not in known and (uids[i] not in ledger or ledger[uids[i]].status == "failed")]
+        # one row per uid asks the oracle (the first selected one, else the first retried one)
+        index: dict[str, int] = {}
+        for i in selected.nonzero().flatten().tolist():
+            index.setdefault(uids[i], i)
+        new = [u for u in index
+               if u not in known and (u not in ledger or ledger[u].status == "failed")]
+        for i in retry:
+            index.setdefault(uids[i], i)
         kind = "async" if self.oracle.asynchronous else "sync"
         charged = self.store.reserve(new, t, self.oracle.cost, kind, step_cap, cfg.global_budget,
                                      run=run)
-        index = {u: i for i, u in enumerate(uids)}
-        ask = sorted({index[u] for u in charged} | set(retry))
+        ask = sorted({index[u] for u in charged} | {index[uids[i]] for i in retry})
         ok, failed, pending = self._ask(uids, payloads, ask, labels)
 
         # ---- sources, rewards, weights ----------------------------------------------------
@@ -334,11 +347,12 @@ class CareController:
             source[fresh & plan.trusted] = TRUSTED
         got = torch.tensor([u in labels for u in uids], dtype=torch.bool)
         bought_now = torch.zeros(B, dtype=torch.bool)
-        bought_now[torch.tensor(ok, dtype=torch.long)] = True
+        bought_now[torch.tensor(groups.spread_rows(ok), dtype=torch.long)] = True
         bought_now |= selected & got & ~earlier  # labels stored at this very step (a resumed rerun)
+        bought_now &= ~bad  # a repeated uid's row with non-finite features stays dropped
         source[bought_now] = BOUGHT
         source[cached & got] = CACHED
-        source[torch.tensor(failed + pending, dtype=torch.long)] = DROPPED
+        source[torch.tensor(groups.spread_rows(failed + pending), dtype=torch.long)] = DROPPED
         source[selected & ~bought_now] = DROPPED
         source[bad | waiting] = DROPPED
 
@@ -399,18 +413,23 @@ class CareController:
                         reliability, int(bought_now.sum()), mets)
 
     # ------------------------------------------------------------------------------------------
-    def _select(self, plan, buyable: Tensor, step_cap: int, t: int) -> tuple[int, Tensor, Tensor]:
-        """(cap, audit rows, strategy rows) for this step. The global remainder ignores what step
-        t itself already charged, so a rerun of step t after a crash selects the same rows."""
+    def _select(self, plan, buyable: Tensor, step_cap: int, t: int,
+                groups: UidGroups) -> tuple[int, Tensor, Tensor]:
+        """(cap, audit rows, strategy rows) for this step, one row per uid. The global remainder
+        ignores what step t itself already charged, so a rerun of step t after a crash selects
+        the same rows. The audit draws among each uid's first buyable row; the strategy buys a
+        uid through its best row in the buy order."""
         cap = step_cap
         if self.cfg.global_budget is not None:
             spent = self.store.spent(exclude_step=t, run=self.run_id)[0]
             cap = min(cap, max(0, self.cfg.global_budget - spent))
-        audit = self._audit_rows(buyable, cap)
+        one_each = torch.zeros_like(buyable)  # the first buyable row of each uid
+        one_each[groups.first_in_order(buyable.nonzero().flatten())] = True
+        audit = self._audit_rows(one_each, cap)
         strat_buy = torch.zeros_like(buyable)
         if plan is not None and plan.score is not None:
-            eligible = buyable & ~audit & ~torch.isnan(plan.score)
-            order = _buy_order(plan.score, plan.priority, eligible)
+            eligible = buyable & ~groups.spread(audit) & ~torch.isnan(plan.score)
+            order = groups.first_in_order(_buy_order(plan.score, plan.priority, eligible))
             strat_buy[order[: max(0, cap - int(audit.sum()))]] = True
         return cap, audit, strat_buy
 

@@ -77,7 +77,7 @@ def test_duplicate_uids_and_count_mismatch(batch):
     uids = list(batch.uids)
     uids[7] = uids[2]
     with pytest.raises(ValueError, match=f"duplicate prompt uids.*{uids[2]}"):
-        care(batch).decide(uids, batch.ids, **batch.kwargs())
+        care(batch, repeated_uids="error").decide(uids, batch.ids, **batch.kwargs())
     with pytest.raises(ValueError, match="15 uids"):
         care(batch).decide(batch.uids[:-1], batch.ids, **batch.kwargs())
 
