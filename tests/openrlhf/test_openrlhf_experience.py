@@ -309,17 +309,42 @@ def test_group_with_mixed_uids_is_rejected(tok, clusterer, tmp_path):
         runner.decide(exps, None)
 
 
-def test_prompt_repeated_in_one_batch_is_a_clear_error(tok, clusterer, tmp_path):
-    """A prompt filling two groups of one rollout batch (OpenRLHF's --data.prompt_probs blending
-    repeats rows; so does repeated prompt data): the adapter names the uid, the groups and the
-    causes before the core's bare 'duplicate prompt uids' error (the launcher refuses blending)."""
-    opts = OpenRLHFCareOptions(core={"strategy": "ttrl"})
+def _repeat_first_prompt(tok, label=None):
+    """Rollouts whose third group is a second copy of the first prompt (p0, gold 3), with the
+    third prompt's answers (4, 4, 4, 1): what OpenRLHF's --data.prompt_probs blending makes."""
+    raw = _rollouts(tok)
+    for s in raw[2 * G:]:
+        s.labels, s.prompts = [label or raw[0].labels[0]], list(raw[0].prompts)
+    return raw
+
+
+def test_prompt_repeated_in_one_batch_is_decided_per_group_and_bought_once(tok, clusterer,
+                                                                          tmp_path):
+    """repeated_uids='share' (the default): each copy's rewards come from its own responses (the
+    gold answer's cluster id is looked up per group, not per uid), and the uid is bought once."""
+    opts = OpenRLHFCareOptions(core={"strategy": "gt"})
     runner = CareRunner(opts, G, tok, str(tmp_path), clusterer=clusterer)
     maker = _maker(tok, _args(), runner)
-    raw = _rollouts(tok)
-    for s in raw[2 * G:]:  # the third group is a second copy of the first prompt
-        s.labels, s.prompts = list(raw[0].labels), list(raw[0].prompts)
-    exps = _after_forward(maker.split_rollout_samples(raw))
-    msg = r"uid 'p0' fills two groups .*groups 0 and 2.*prompt_probs"
-    with pytest.raises(ValueError, match=msg):
-        runner.decide(exps, None)
+    exps = _after_forward(maker.split_rollout_samples(_repeat_first_prompt(tok)))
+    d = runner.decide(exps, None)
+    assert (d.source == BOUGHT).all() and d.labels_bought == 3
+    assert runner.controller.store.spent()[0] == 2  # p0 and p1
+    assert d.rewards.tolist() == [GOLD_R[0], GOLD_R[1], [0.0] * G]  # no 3 among 4, 4, 4, 1
+    assert int(d.gold_ids[2]) == -1 and int(d.gold_ids[0]) >= 0
+    rew = _by_index(exps, "rewards")
+    assert [float(rew[i]) for i in range(2 * G, 3 * G)] == [0.0] * G
+
+
+def test_prompt_repeated_in_one_batch_is_a_clear_error_when_refused(tok, clusterer, tmp_path):
+    """repeated_uids='error': the adapter names the uid, the groups and the causes; with 'share',
+    copies whose labels differ are refused (one uid, one label in the store)."""
+    for core, label, msg in (
+            ({"repeated_uids": "error"}, None,
+             r"uid 'p0' fills two groups .*groups 0 and 2.*prompt_probs"),
+            ({}, make_label("p0", "4", "math"), r"uid 'p0' fills two groups .*different labels")):
+        opts = OpenRLHFCareOptions(core={"strategy": "ttrl", **core})
+        runner = CareRunner(opts, G, tok, str(tmp_path), clusterer=clusterer)
+        maker = _maker(tok, _args(), runner)
+        exps = _after_forward(maker.split_rollout_samples(_repeat_first_prompt(tok, label)))
+        with pytest.raises(ValueError, match=msg):
+            runner.decide(exps, None)

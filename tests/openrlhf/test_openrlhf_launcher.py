@@ -120,10 +120,11 @@ def test_capture_off_with_a_learned_strategy_is_rejected_at_launch():
     assert parse_care_args(["--care.capture", "on"]).needs_hidden_states()
 
 
-def test_prompt_blending_is_rejected_at_launch():
+def test_prompt_blending_is_noted_or_refused_at_launch():
     """--data.prompt_probs over several datasets: OpenRLHF's interleave_datasets(stopping_strategy=
-    'all_exhausted') repeats rows of the smaller ones, and a prompt twice in one rollout batch
-    stops CARE's step. One dataset with probabilities, or several without, read each row once."""
+    'all_exhausted') repeats rows of the smaller ones, so a prompt can fill two groups of one
+    rollout batch: a note under repeated_uids='share', refused under 'error'. One dataset with
+    probabilities, or several without, read each row once."""
     from datasets import Dataset, interleave_datasets
 
     small = Dataset.from_dict({"uid": ["a0", "a1"]})
@@ -133,9 +134,12 @@ def test_prompt_blending_is_rejected_at_launch():
     assert len(list(blended)) > len(set(blended))  # the stock blend repeats rows
 
     blend = ["--data.prompt_dataset", "a.jsonl,b.jsonl", "--data.prompt_probs", "0.5,0.5"]
-    with pytest.raises(SystemExit, match="--data.prompt_probs"):
-        check_stock_flags(GRPO + blend, OpenRLHFCareOptions())
-    assert check_stock_flags(GRPO + blend[:2], OpenRLHFCareOptions()) == []
+    refuse = OpenRLHFCareOptions(core={"repeated_uids": "error"})
+    with pytest.raises(SystemExit, match="--data.prompt_probs.*repeated_uids error"):
+        check_stock_flags(GRPO + blend, refuse)
+    notes = check_stock_flags(GRPO + blend, OpenRLHFCareOptions())  # 'share': a note
+    assert len(notes) == 1 and "buys the prompt's label once" in notes[0]
+    assert check_stock_flags(GRPO + blend[:2], refuse) == []
     one = ["--data.prompt_dataset", "a.jsonl", "--data.prompt_probs", "1.0"]
     assert check_stock_flags(GRPO + one, OpenRLHFCareOptions()) == []
 

@@ -14,6 +14,8 @@ import runpy
 import sys
 import warnings
 
+from care_ext.config import CareConfig
+
 from .config import OpenRLHFCareOptions, care_argument_parser, parse_care_args, split_care_argv
 
 STOCK_MODULE = "openrlhf.cli.train_ppo_ray"
@@ -64,15 +66,16 @@ def check_stock_flags(argv: list[str], options: OpenRLHFCareOptions) -> list[str
             "builds a reward-model actor that never loads a model, and the run fails after its "
             "first generation round")
     datasets = _flag_value(argv, "--data.prompt_dataset")
-    if (_flag_value(argv, "--data.prompt_probs") not in (None, True)
-            and isinstance(datasets, str) and "," in datasets):
+    blended = (_flag_value(argv, "--data.prompt_probs") not in (None, True)
+               and isinstance(datasets, str) and "," in datasets)
+    if blended and options.core.get("repeated_uids", CareConfig.repeated_uids) == "error":
         raise SystemExit(
-            "CARE cannot take --data.prompt_probs with several --data.prompt_dataset: OpenRLHF "
-            "blends them with interleave_datasets(stopping_strategy='all_exhausted'), which "
-            "repeats rows of the smaller datasets, and two copies of one prompt in a rollout batch "
-            "stop the step (CARE decides each prompt once per step). Blend and de-duplicate the "
-            "prompts into one file beforehand, or list the datasets without --data.prompt_probs "
-            "(concatenated, each row once)")
+            "CARE cannot take --data.prompt_probs with several --data.prompt_dataset under "
+            "--care.repeated_uids error: OpenRLHF blends them with interleave_datasets("
+            "stopping_strategy='all_exhausted'), which repeats rows of the smaller datasets, and "
+            "two copies of one prompt in a rollout batch stop the step. Use --care.repeated_uids "
+            "share (the default: the copies are decided apart and bought once), de-duplicate the "
+            "prompts into one file, or list the datasets without --data.prompt_probs")
     notes = []
     if reward_sources == ["--reward.model_name_or_path"]:
         notes.append("rewards from a reward model (--reward.model_name_or_path): CARE overwrites "
@@ -93,6 +96,11 @@ def check_stock_flags(argv: list[str], options: OpenRLHFCareOptions) -> list[str
             notes.append(f"--care.drop_mode remove keeps whole optimizer steps: with --train.batch_size {tb} >= "
                          f"the rollout's {int(rb) * int(g)} samples nothing can leave the batch (dropped rows "
                          "stay as zero-advantage filler); use a smaller --train.batch_size")
+    if blended:
+        notes.append("--data.prompt_probs over several datasets repeats rows of the smaller ones "
+                     "(interleave_datasets, stopping_strategy='all_exhausted'): a prompt may fill "
+                     "several groups of one rollout batch; CARE decides each group on its own "
+                     "rollouts and buys the prompt's label once (--care.repeated_uids share)")
     if not _flag_value(argv, "--data.label_key"):
         notes.append("no --data.label_key: prompts get hash uids and no gold answer (the gold oracle "
                      "then fails and those prompts are dropped)")

@@ -63,7 +63,8 @@ class StepBatch:
 
 
 def regroup(experiences: Sequence[Any], group_size: int, tokenizer, task: str = "auto",
-            features: Sequence[CapturedFeatures] | None = None) -> StepBatch:
+            features: Sequence[CapturedFeatures] | None = None,
+            repeated_uids: str = "share") -> StepBatch:
     """Regroup a step's micro-batches by prompt (see the module docstring).
 
     Args:
@@ -72,10 +73,14 @@ def regroup(experiences: Sequence[Any], group_size: int, tokenizer, task: str = 
         tokenizer: decodes the response tokens (``batch_decode``, special tokens skipped).
         task: ``--care.task``.
         features: one :class:`CapturedFeatures` per experience, in order, or None.
+        repeated_uids: ``CareConfig.repeated_uids``. 'share': one uid may fill several groups
+            (OpenRLHF's ``--data.prompt_probs`` blending repeats prompts), whose labels must then
+            agree; 'error': a uid in two groups raises.
 
     Raises:
         ValueError: a prompt without exactly G rows, rows of one group with different uids, one
-            uid in two groups, features that do not belong to these sequences.
+            uid in two groups with different labels (or at all, with ``repeated_uids='error'``),
+            features that do not belong to these sequences.
     """
     G = group_size
     if features is not None and len(features) != len(experiences):
@@ -119,7 +124,7 @@ def regroup(experiences: Sequence[Any], group_size: int, tokenizer, task: str = 
                 raise ValueError(f"rows of prompt group {g} carry different uids ({lab.uid!r}, {other.uid!r})")
         labels.append(lab)
         prompts.append(e0.prompts[r0] if e0.prompts else "")
-    _check_unique_uids(groups, labels)
+    _check_repeated_uids(groups, labels, repeated_uids)
     flat = [kr for w in where for kr in w]
     texts = tokenizer.batch_decode([token_rows[kr] for kr in flat], skip_special_tokens=True) if flat else []
     responses = [texts[i * G:(i + 1) * G] for i in range(len(where))]
@@ -132,22 +137,31 @@ def regroup(experiences: Sequence[Any], group_size: int, tokenizer, task: str = 
     return StepBatch(where, labels, prompts, responses, lengths, hp, hr)
 
 
-def _check_unique_uids(groups: list[int], labels: list[PromptLabel]) -> None:
-    """Raise a ValueError naming the cause when one prompt uid fills two groups of a batch.
-
-    The CARE core decides each prompt once per step (one label, one purchase), so a repeat
-    cannot be decided; say where repeats come from instead of the core's bare message.
+def _check_repeated_uids(groups: list[int], labels: list[PromptLabel], mode: str) -> None:
+    """Raise a ValueError naming the uid and the groups when one prompt uid fills two groups of
+    a batch and ``mode`` is 'error', or, with 'share', when the two carry different labels
+    (the label store keys a label by uid: two prompts under one uid would share a purchase).
     """
-    first: dict[str, int] = {}
+    first: dict[str, tuple[int, PromptLabel]] = {}
     for g, lab in zip(groups, labels):
-        if lab.uid in first:
+        if lab.uid not in first:
+            first[lab.uid] = (g, lab)
+            continue
+        g0, lab0 = first[lab.uid]
+        where = (f"prompt uid {lab.uid!r} fills two groups of this rollout batch (rollout groups "
+                 f"{g0} and {g})")
+        if mode == "error":
             raise ValueError(
-                f"prompt uid {lab.uid!r} fills two groups of this rollout batch (rollout groups "
-                f"{first[lab.uid]} and {g}); CARE decides each prompt once per step. Repeats come "
-                "from --data.prompt_probs blending (interleave_datasets with stopping_strategy="
+                f"{where}, and --care.repeated_uids is 'error'. Repeats come from "
+                "--data.prompt_probs blending (interleave_datasets with stopping_strategy="
                 "'all_exhausted' repeats rows of the smaller datasets) or repeated rows / uids in "
-                "the prompt data: blend and de-duplicate the data beforehand (docs/openrlhf.md)")
-        first[lab.uid] = g
+                "the prompt data: de-duplicate the data, or use --care.repeated_uids share "
+                "(docs/openrlhf.md)")
+        if (lab.answer, lab.task, lab.names) != (lab0.answer, lab0.task, lab0.names):
+            raise ValueError(
+                f"{where} with different labels ({lab0.answer!r} / {lab.answer!r}, tasks "
+                f"{lab0.task!r} / {lab.task!r}): one uid must name one prompt, since the label "
+                "store pays for and keeps a label per uid. Give the prompts distinct uids")
 
 
 def answer_ids_by_task(clusterer: AnswerClusterer, batch: StepBatch, with_gold: bool) -> tuple[Tensor, Tensor]:
@@ -223,8 +237,11 @@ class CareRunner:
 
     # -- labels ----------------------------------------------------------------------------------
     def _resolve(self, label: Any, payload: dict) -> int:
-        """Gold answer -> id of its cluster among this step's responses of that prompt (-1: none)."""
-        key = (payload["uid"], str(label))
+        """Gold answer -> id of its cluster among the responses in ``payload`` (-1: none).
+
+        Cached per (uid, label, responses): the rows of a repeated uid carry other responses,
+        so other answer ids."""
+        key = (payload["uid"], str(label), tuple(payload["responses"]))
         if key not in self._gold_id_cache:
             lab = PromptLabel(payload["uid"], label, payload["task"], tuple(payload.get("names") or ()))
             ctx = [lab.context()] if lab.names else None
@@ -248,7 +265,8 @@ class CareRunner:
         ``info["care/reward_fn"]``; ``info["care/weight"]`` float32 [rows] is the prompt's
         advantage weight (0 = dropped). Returns the :class:`care_ext.decision.Decision`.
         """
-        batch = regroup(experiences, self.G, self.tokenizer, self.options.task, features)
+        batch = regroup(experiences, self.G, self.tokenizer, self.options.task, features,
+                        self.config.repeated_uids)
         simulation = self.controller.oracle.simulation
         ids, gold_ids = answer_ids_by_task(self.clusterer, batch, with_gold=simulation)
         self._gold_id_cache.clear()
@@ -257,7 +275,8 @@ class CareRunner:
             for i, lab in enumerate(batch.labels):
                 if lab.answer is not None:
                     self._gold_by_uid[lab.uid] = lab.answer
-                    self._gold_id_cache[(lab.uid, str(lab.answer))] = int(gold_ids[i])
+                    key = (lab.uid, str(lab.answer), tuple(batch.responses[i]))
+                    self._gold_id_cache[key] = int(gold_ids[i])
         payloads = [{"uid": lab.uid, "task": lab.task, "names": list(lab.names), "prompt": p, "responses": list(r)}
                     for lab, p, r in zip(batch.labels, batch.prompts, batch.responses)]
         versions = {f.version for f in features} if features else {None}
