@@ -1,5 +1,7 @@
 """CARE state saved with OpenRLHF's checkpoints and restored on resume: a resumed run decides
 exactly as the uninterrupted one; the trainer hooks save/load at OpenRLHF's checkpoint steps."""
+import json
+
 import pytest
 import torch
 from types import SimpleNamespace as NS
@@ -120,3 +122,73 @@ def test_every_resumable_checkpoint_has_its_care_state(tmp_path):
         assert run["resume"] == {"global_step": step, "care_step": step}, (name, run)
     kept = res["evicted_by_metric"]["ds_tags"]  # global_step3 (metric 0.1) went, not 2 (0.9)
     assert kept == ["best_global_step1", "global_step2", "global_step4"]
+
+
+def _random_runner(tok, clusterer, path, seed):
+    opts = OpenRLHFCareOptions(core={"strategy": "random", "budget_frac": 0.34, "seed": seed})
+    return CareRunner(opts, G, tok, str(path), clusterer=clusterer)
+
+
+def _decide(tok, runner):
+    maker = _maker(tok, _args(), runner)
+    return runner.decide(_after_forward(maker.split_rollout_samples(_rollouts(tok))), None)
+
+
+def test_a_crash_before_the_first_checkpoint_keeps_the_step_caps(tok, clusterer, tmp_path):
+    """Run A buys ceil(0.34 * 3) = 2 labels at step 0 and dies before any checkpoint. A restart
+    that continues A's run id (resume_without_state) reruns step 0 under A's cap: nothing more
+    is charged. A restart as a new run (the old behaviour, here on a copy of the files) picks
+    the third prompt and pays for it: 3 labels at one step."""
+    import shutil
+
+    from care_ext.integrations.openrlhf.runner import RUN_ID_FILE
+
+    first, copy = tmp_path / "a", tmp_path / "copy"
+    a = _random_runner(tok, clusterer, first, seed=0)
+    fresh = _random_runner(tok, clusterer, tmp_path / "none", seed=0)
+    assert fresh.resume_without_state() is None  # nothing recorded there
+    _decide(tok, a)
+    assert a.controller.store.spent() == (2, 2.0)
+    run_a = a.controller.run_id
+    a.close()
+    shutil.copytree(first, copy)
+    assert json.loads((first / "care" / RUN_ID_FILE).read_text()) == {"run_id": run_a}
+
+    b = _random_runner(tok, clusterer, first, seed=1)  # other rollouts, other picks
+    assert b.resume_without_state() == run_a == b.controller.run_id
+    _decide(tok, b)
+    assert b.controller.store.spent() == (2, 2.0)
+
+    c = _random_runner(tok, clusterer, copy, seed=1)
+    _decide(tok, c)
+    assert c.controller.store.spent() == (3, 3.0)
+    assert json.loads((copy / "care" / RUN_ID_FILE).read_text()) == {"run_id": c.controller.run_id}
+    (copy / "care" / RUN_ID_FILE).write_text("{}")
+    with pytest.raises(ValueError, match="not a CARE run-id record"):
+        _random_runner(tok, clusterer, copy, seed=1).resume_without_state()
+    for r in (b, c, fresh):
+        r.close()
+
+
+@pytest.mark.parametrize("load_enable", [True, False])
+def test_trainer_continues_the_run_id_when_resuming_without_a_checkpoint(
+        tok, clusterer, tmp_path, monkeypatch, load_enable):
+    from care_ext.integrations.openrlhf import trainer as T
+
+    a = _random_runner(tok, clusterer, tmp_path, seed=0)
+    _decide(tok, a)
+    a.close()
+    monkeypatch.setattr(T._STOCK_TRAINER, "init_checkpoint_states",
+                        lambda self: {"global_step": 0, "episode": 0})
+    t = T.CarePPOTrainerImpl.__new__(T.CarePPOTrainerImpl)
+    t.args = NS(ckpt=NS(load_enable=load_enable, path=str(tmp_path)))
+    t.care = _random_runner(tok, clusterer, tmp_path, seed=0)
+    new_id = t.care.controller.run_id
+    if load_enable:
+        with pytest.warns(RuntimeWarning, match=f"continues run {a.controller.run_id}"):
+            t.init_checkpoint_states()
+        assert t.care.controller.run_id == a.controller.run_id
+    else:
+        t.init_checkpoint_states()
+        assert t.care.controller.run_id == new_id != a.controller.run_id
+    t.care.close()

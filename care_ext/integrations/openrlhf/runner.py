@@ -18,7 +18,9 @@ It only duck-types OpenRLHF's ``Experience`` (``sequences``, ``attention_mask``,
 from __future__ import annotations
 
 import importlib
+import json
 import math
+import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -39,6 +41,9 @@ from .config import OpenRLHFCareOptions
 from .labels import PromptLabel, parse_label
 
 _STATE_FILE = re.compile(r"care_state_((?:best_)?global_step(\d+))\.pt")
+RUN_ID_FILE = "care_run_id.json"
+"""In the state dir: the run id of the controller that decides there, written before its first
+purchase (see :meth:`CareRunner.resume_without_state`)."""
 """A CARE state file's name: group 1 the OpenRLHF checkpoint tag, group 2 its step."""
 
 
@@ -232,6 +237,7 @@ class CareRunner:
                                     retries=options.oracle_retries, timeout_s=options.oracle_timeout_s)
         self.clusterer = clusterer or AnswerClusterer(workers=options.answer_workers)
         self.controller = CareController(self.config, oracle, LabelStore(store_path), self._resolve)
+        self._recorded_run_id: str | None = None
         self.last_metrics: dict[str, float] = {}
         self.last_decision = None
 
@@ -267,6 +273,7 @@ class CareRunner:
         """
         batch = regroup(experiences, self.G, self.tokenizer, self.options.task, features,
                         self.config.repeated_uids)
+        self._record_run_id()
         simulation = self.controller.oracle.simulation
         ids, gold_ids = answer_ids_by_task(self.clusterer, batch, with_gold=simulation)
         self._gold_id_cache.clear()
@@ -360,6 +367,41 @@ class CareRunner:
         for old in stale:
             old.unlink(missing_ok=True)
         return path
+
+    def _record_run_id(self) -> None:
+        """Write the controller's run id to ``<state_dir>/care_run_id.json`` (atomically) unless
+        it is the one last written: before the first decide of a run, and after a load."""
+        run = self.controller.run_id
+        if run == self._recorded_run_id:
+            return
+        path = self.state_dir / RUN_ID_FILE
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"run_id": run}))
+        os.replace(tmp, path)
+        self._recorded_run_id = run
+
+    def resume_without_state(self) -> str | None:
+        """Continue the run that decided in this state dir, when OpenRLHF resumes at global
+        step 0 (``--ckpt.load_enable`` after a crash before the first checkpoint).
+
+        Such a run restarts at step 0 without a CARE checkpoint, so its controller would get a
+        new run id, and the label store would give each of the re-run steps a fresh per-step
+        cap next to the charges the crashed attempt already made at that step (its rollouts
+        differ, so it picks other prompts). Taking over the recorded run id keeps the caps of
+        the steps it reruns. Returns the run id taken over, or None (nothing recorded)."""
+        path = self.state_dir / RUN_ID_FILE
+        if not path.exists():
+            return None
+        try:
+            run = json.loads(path.read_text())["run_id"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path} is not a CARE run-id record ({exc!r}); delete it to start "
+                             "a new CARE run") from exc
+        if not isinstance(run, str):
+            raise ValueError(f"{path}: run_id must be a string, got {run!r}")
+        self.controller.run_id = run
+        self._recorded_run_id = run
+        return run
 
     def load(self, global_step: int, tag: str | None = None) -> bool:
         """Restore the state saved with checkpoint ``tag`` (default ``global_step{N}``), the one

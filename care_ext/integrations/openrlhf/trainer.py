@@ -14,7 +14,9 @@ experience maker and PPO driver), each owning the CARE state. Both get the same 
   files of checkpoints OpenRLHF has deleted go too (it evicts regular checkpoints by metric, then
   age, and keeps one best). The SQLite label store persists by itself.
 * ``init_checkpoint_states``: on resume (``--ckpt.load_enable``) the CARE state of the checkpoint
-  DeepSpeed loaded (the tag in ``<ckpt.path>/_actor/latest``, regular or best) is loaded.
+  DeepSpeed loaded (the tag in ``<ckpt.path>/_actor/latest``, regular or best) is loaded; with
+  no checkpoint yet (a crash before the first one) CARE continues the crashed attempt's run id
+  (``<state_dir>/care_run_id.json``), so the steps it reruns keep their per-step label caps.
 
 Async mode: the driver builds ``PPOTrainerAsync``, whose ``__init__`` (in its own Ray worker)
 builds the generator and the ``TrainingActor`` from module attributes of
@@ -27,6 +29,7 @@ rollouts may be one policy version old (``--train.async_queue_size``), as for th
 from __future__ import annotations
 
 import os
+import warnings
 
 from .version import check_openrlhf_version
 
@@ -128,10 +131,18 @@ class CareTrainerMixin:
         self.care.save(global_step, keep=self.args.ckpt.max_num, tag=tag, keep_tags=held)
 
     def init_checkpoint_states(self):
-        """The stock resume states, then the CARE state of the checkpoint DeepSpeed loaded."""
+        """The stock resume states, then the CARE state of the checkpoint DeepSpeed loaded; on a
+        resume with no checkpoint yet (a crash before the first one), the crashed attempt's
+        CARE run id (:meth:`~.runner.CareRunner.resume_without_state`)."""
         states = super().init_checkpoint_states()
         if states.get("global_step", 0) > 0:
             self.care.load(states["global_step"], tag=latest_checkpoint_tag(self.args.ckpt.path))
+        elif getattr(self.args.ckpt, "load_enable", False):
+            run = self.care.resume_without_state()
+            if run is not None:
+                warnings.warn(f"care_ext: resuming at global step 0 (no checkpoint yet): CARE "
+                              f"continues run {run} of {self.care.state_dir}, so the steps it "
+                              "reruns keep their label caps", RuntimeWarning)
         return states
 
     def care_info(self) -> dict:
