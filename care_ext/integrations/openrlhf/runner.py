@@ -41,10 +41,10 @@ from .config import OpenRLHFCareOptions
 from .labels import PromptLabel, parse_label
 
 _STATE_FILE = re.compile(r"care_state_((?:best_)?global_step(\d+))\.pt")
+"""A CARE state file's name: group 1 the OpenRLHF checkpoint tag, group 2 its step."""
 RUN_ID_FILE = "care_run_id.json"
 """In the state dir: the run id of the controller that decides there, written before its first
 purchase (see :meth:`CareRunner.resume_without_state`)."""
-"""A CARE state file's name: group 1 the OpenRLHF checkpoint tag, group 2 its step."""
 
 
 @dataclass
