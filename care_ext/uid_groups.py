@@ -31,7 +31,6 @@ class UidGroups:
             rep.append(self.first.setdefault(u, i))
         self.rep = torch.tensor(rep, dtype=torch.long)
         self.repeated = len(self.first) < len(rep)
-        self._uids = list(uids)
 
     @property
     def n_unique(self) -> int:
@@ -60,11 +59,11 @@ class UidGroups:
         per uid, each uid at the place of its first row in ``order``."""
         if not self.repeated or len(order) == 0:
             return order
-        seen: set[str] = set()
+        rep = self.rep.tolist()  # a uid is known by its first row
+        seen: set[int] = set()
         keep = []
         for i in order.tolist():
-            u = self._uids[i]
-            if u not in seen:
-                seen.add(u)
+            if rep[i] not in seen:
+                seen.add(rep[i])
                 keep.append(i)
         return torch.tensor(keep, dtype=torch.long)
