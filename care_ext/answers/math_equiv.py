@@ -13,14 +13,34 @@ math-verify is imported lazily, so importing this module is cheap.
 from __future__ import annotations
 
 import logging
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 
 from .timelimit import SymbolicTimeout, can_time_limit, time_limit
 
-__all__ = ["MathVerifyEquivalence"]
+__all__ = ["MathVerifyEquivalence", "based_integer"]
 
 _PARSE_CACHE: "OrderedDict[tuple, list | None]" = OrderedDict()
+
+
+_BASED_INTEGER = re.compile(r"\s*([0-9A-Z]+)\s*_\s*(?:\{\s*([0-9]+)\s*\}|([0-9]))\s*")
+
+
+def based_integer(latex: str) -> tuple[str, int] | None:
+    """(digits, base) of an integer written with its base as a subscript (``4210_{5}``,
+    ``52_8``; base 2..36, digits valid in it, leading zeros dropped), else None. math-verify
+    reads the subscript as an index and drops it, so it finds ``4210_{5}`` equal to
+    ``4210_{9}``; two such answers are compared here instead."""
+    m = _BASED_INTEGER.fullmatch(latex)
+    if m is None:
+        return None
+    digits, base = m.group(1), int(m.group(2) or m.group(3))
+    try:  # the digits must be digits of that base (A_1, A_2: subscripted names, not numbers)
+        int(digits, base)
+    except ValueError:
+        return None
+    return digits.lstrip("0") or "0", base
 
 
 class _NoDisabledTimeoutWarning(logging.Filter):
@@ -99,9 +119,13 @@ class MathVerifyEquivalence:
             return False
 
     def __call__(self, a: str, b: str) -> bool:
-        """True iff answers ``a`` and ``b`` (LaTeX strings, no box) verify equal both ways."""
+        """True iff answers ``a`` and ``b`` (LaTeX strings, no box) verify equal both ways; two
+        integers with base subscripts (:func:`based_integer`) iff digits and base agree."""
         if a == b:
             return True
+        ba, bb = based_integer(a), based_integer(b)
+        if ba is not None and bb is not None:  # both with a base: same digits, same base
+            return ba == bb
         pa = self.parsed(a)
         if pa is None:
             return False
