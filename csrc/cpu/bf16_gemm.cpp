@@ -10,11 +10,16 @@
 // float32 GEMM on converted copies (the same exact products, slower).
 #include "../classifier_parts.h"
 
+#include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 extern "C" {
 // mkl_cblas.h: CBLAS_LAYOUT / CBLAS_TRANSPOSE are C enums (int), MKL_INT is int in torch's
@@ -22,11 +27,16 @@ extern "C" {
 void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
                             const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta,
                             float* c, int ldc) __attribute__((weak));
+// mkl_service.h's mkl_set_num_threads_local (a macro for this C entry; the lower-case symbol is the
+// Fortran one, taking a pointer): MKL's thread count for the calling thread's next calls (0: the
+// global setting); returns the previous local setting.
+int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));
 }
 
 namespace care_ext {
 namespace {
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;  // CblasRowMajor, CblasNoTrans, ...
+constexpr int64_t kTileRows = 512, kTileCols = 256;  // output tiles of mkl_bf16_gemm
 
 bool fits_int(int64_t v) { return v >= 0 && v <= std::numeric_limits<int>::max(); }
 
@@ -53,12 +63,40 @@ Tensor mkl_bf16_gemm(const Tensor& a, BlasView va, const Tensor& b, BlasView vb,
     return Tensor();
   }
   Tensor c = at::empty({M, N}, a.options().dtype(at::kFloat));
-  cblas_gemm_bf16bf16f32(kRowMajor, va.trans ? kTrans : kNoTrans, vb.trans ? kTrans : kNoTrans,
-                         static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), 1.0f,
-                         reinterpret_cast<const uint16_t*>(a.const_data_ptr<at::BFloat16>()),
-                         static_cast<int>(va.ld),
-                         reinterpret_cast<const uint16_t*>(b.const_data_ptr<at::BFloat16>()),
-                         static_cast<int>(vb.ld), 0.0f, c.data_ptr<float>(), static_cast<int>(N));
+  // Fixed tiles of the output, each one single-threaded MKL call, the tiles over torch's threads:
+  // MKL's own threading splits the product by the thread count, and on CPUs without AVX512-BF16
+  // (an AMD EPYC VM, 2026-11-28) its results then changed with it in the last bit (1200 x 24 x 6:
+  // 1 and 3 threads agreed, 2 did not). A tile's sums do not depend on who computes it.
+  const auto* ap = reinterpret_cast<const uint16_t*>(a.const_data_ptr<at::BFloat16>());
+  const auto* bp = reinterpret_cast<const uint16_t*>(b.const_data_ptr<at::BFloat16>());
+  float* cp = c.data_ptr<float>();
+  const int64_t tm = (M + kTileRows - 1) / kTileRows, tn = (N + kTileCols - 1) / kTileCols;
+  at::parallel_for(0, tm * tn, 1, [&](int64_t begin, int64_t end) {
+    const int before = MKL_Set_Num_Threads_Local != nullptr ? MKL_Set_Num_Threads_Local(1) : 0;
+#ifdef _OPENMP
+    // and OpenMP's: MKL's bf16 GEMM followed omp_get_max_threads() on the calling thread whatever
+    // the local MKL setting (a lone tile, run outside a parallel region with 2 torch threads,
+    // still differed); the calling task's own setting, restored below
+    const int omp_before = omp_get_max_threads();
+    omp_set_num_threads(1);
+#endif
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t i0 = t / tn * kTileRows, j0 = t % tn * kTileCols;
+      const int64_t m = std::min(kTileRows, M - i0), n = std::min(kTileCols, N - j0);
+      // op(a)'s rows i0.. and op(b)'s columns j0.. as MKL reads them (va / vb: row-major terms)
+      const uint16_t* at_ = ap + (va.trans ? i0 : i0 * va.ld);
+      const uint16_t* bt = bp + (vb.trans ? j0 * vb.ld : j0);
+      cblas_gemm_bf16bf16f32(kRowMajor, va.trans ? kTrans : kNoTrans,
+                             vb.trans ? kTrans : kNoTrans, static_cast<int>(m),
+                             static_cast<int>(n), static_cast<int>(K), 1.0f, at_,
+                             static_cast<int>(va.ld), bt, static_cast<int>(vb.ld), 0.0f,
+                             cp + i0 * N + j0, static_cast<int>(N));
+    }
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(before);
+#ifdef _OPENMP
+    omp_set_num_threads(omp_before);
+#endif
+  });
   return c;
 }
 
