@@ -31,6 +31,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -123,11 +124,33 @@ PLAN_OPS = ("acquisition_step", "acquisition_step_fused_split", "acquisition_ste
 with 3 and 2 pieces: what care_ext.ops.acquisition_step takes)."""
 
 
+PLAN_COPY_ENV = "CARE_EXT_BENCH_PLAN_COPY"
+"""How the native_plan provider's StepGraph copies each call's inputs into its buffers: ``op``
+(default: care_ext.ops.copy_into, one native call and on CUDA one kernel) or ``foreach`` (torch's
+_foreach_copy_, what StepGraph did before care_ext::_copy_into: one launch per tensor when the
+inputs' dtypes differ), for an A/B of the two in one GPU run (bench/gpu_check.sh's
+GPU_CHECK_AB)."""
+
+
+def _foreach_copy_into(dst, src) -> None:
+    """StepGraph's input copy before care_ext::_copy_into (the ``foreach`` setting above)."""
+    pairs = [(d, s) for d, s in zip(dst, src) if d is not s]
+    if pairs:
+        torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
+
+
 def plan_calls(x) -> dict:
     """op -> zero-argument callable running that step op through one StepGraph per op (captured
     on its first call), with the bench's own input tensors: each call copies them into the plan's
-    buffers and replays."""
+    buffers (as PLAN_COPY_ENV says) and replays."""
+    import care_ext.ops
     from care_ext.step_graph import StepGraph
+
+    mode = os.environ.get(PLAN_COPY_ENV, "op")
+    if mode not in ("op", "foreach"):
+        raise SystemExit(f"{PLAN_COPY_ENV} must be 'op' or 'foreach', got {mode!r}")
+    if mode == "foreach":  # for this benchmark process only
+        care_ext.ops.copy_into = _foreach_copy_into
 
     step = (x["ids"], x["lengths"], x["h_p"], x["h_r"], x["s1"], x["s2"])
     plans = {op: StepGraph() for op in PLAN_OPS}
@@ -326,7 +349,8 @@ def main(argv=None) -> int:
     dev_name = torch.cuda.get_device_name() if dev == "cuda" else cpu_name()
     meta = dict(device=dev, device_name=dev_name, torch=torch.__version__,
                 threads=torch.get_num_threads(), build_info=care_ext.build_info(),
-                hidden_dtype=args.hidden_dtype, date=time.strftime("%Y-%m-%d %H:%M:%S"))
+                hidden_dtype=args.hidden_dtype, date=time.strftime("%Y-%m-%d %H:%M:%S"),
+                plan_copy=os.environ.get(PLAN_COPY_ENV, "op"))
     rows = []
     native, compiled = _Native(), _Compiled()
     out = Path(args.out)

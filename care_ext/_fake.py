@@ -115,6 +115,15 @@ def _split_bf16(w: Tensor, terms: int, out: Tensor):
     return None
 
 
+@torch.library.register_fake(_LIB + "_copy_into")
+def _copy_into(dst, src):
+    torch._check(len(dst) == len(src), lambda: "dst and src must hold as many tensors")
+    for d, s in zip(dst, src):
+        torch._check(d.dtype == s.dtype and d.shape == s.shape,
+                     lambda: "each dst and src pair must have one shape and dtype")
+    return None
+
+
 @torch.library.register_fake(_LIB + "_pack_bf16_split")
 def _pack_bf16_split(split: Tensor, out: Tensor):
     torch._check(split.dim() == 3 and split.dtype == torch.bfloat16,

@@ -258,3 +258,15 @@ def acquisition_step(ids: Tensor, lengths: Tensor, h_prompt: Tensor, h_resp: Ten
     with _float32_region(ids.device):
         return reference.acquisition_step(ids, lengths, h_prompt, h_resp, stage1, stage2, max_len,
                                           cag_eps, cag_unbiased, adv_eps, adv_unbiased)
+
+
+def copy_into(dst: Sequence[Tensor], src: Sequence[Tensor]) -> None:
+    """``dst[i].copy_(src[i])`` for every i, in one call: the native ``care_ext::_copy_into``
+    where it serves the device (on CUDA one kernel launch for every 8 contiguous pairs, whatever
+    their dtypes; torch's ``_foreach_copy_`` launches once per tensor unless all share one dtype),
+    else :func:`care_ext.reference.copy_into`. Contract as there: same shapes and dtypes, one
+    device, each dst contiguous, no pair overlapping (a src that is its dst is skipped)."""
+    if dst and native_available(dst[0].device):
+        torch.ops.care_ext._copy_into(list(dst), list(src))
+    else:
+        reference.copy_into(dst, src)

@@ -324,3 +324,31 @@ def split_bf16(w: Tensor, terms: int, out: Tensor) -> None:
             raise ValueError("split_bf16: the weights hold NaN or Inf, or values beyond "
                              "bfloat16's range (|w| >= ~3.3962e38, whose first piece rounds to "
                              "infinity)")
+
+
+def copy_into(dst: Sequence[Tensor], src: Sequence[Tensor]) -> None:
+    """``dst[i].copy_(src[i])`` for every i (the twin of ``care_ext::_copy_into``).
+
+    Args:
+        dst: tensors written in place, each contiguous.
+        src: as many tensors, ``src[i]`` of ``dst[i]``'s shape and dtype (no broadcasting, no
+            casting), all on one device; none may overlap its ``dst[i]`` in memory (a ``src[i]``
+            that *is* ``dst[i]`` is left alone).
+
+    Raises:
+        ValueError: the lists differ in length, or a pair differs in shape or dtype, or a dst is
+            not contiguous, or the tensors are on more than one device.
+    """
+    if len(dst) != len(src):
+        raise ValueError(f"copy_into: dst holds {len(dst)} tensors but src holds {len(src)}")
+    for i, (d, s) in enumerate(zip(dst, src)):
+        if d.dtype != s.dtype or d.shape != s.shape:
+            raise ValueError(f"copy_into: dst[{i}] is {d.dtype} {tuple(d.shape)} but src[{i}] is "
+                             f"{s.dtype} {tuple(s.shape)} (no casting, no broadcasting)")
+        if not d.is_contiguous():
+            raise ValueError(f"copy_into: dst[{i}] must be contiguous")
+        if d.device != dst[0].device or s.device != dst[0].device:
+            raise ValueError(f"copy_into: every tensor must be on {dst[0].device}, got dst[{i}] "
+                             f"on {d.device} and src[{i}] on {s.device}")
+    for d, s in zip(dst, src):
+        d.copy_(s)

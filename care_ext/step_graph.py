@@ -6,8 +6,9 @@ features kernel, two cuBLAS GEMMs, the weight split, the tail kernel) costs more
 work at CARE's sizes: on an H200 at B x G x H = 64 x 8 x 4096 a call took 78.5 us host-inclusive
 against a 44.7 us graph replay (bench/RESULTS.md, thirteenth session). :class:`StepGraph` captures
 the step once per input signature, over static input and weight buffers it owns, and afterwards
-runs a call as: copy the inputs into the buffers (skipped for a tensor that already is the
-buffer, :meth:`StepGraph.buffers`), copy weights that changed, replay. The captured step is the
+runs a call as: copy the inputs into the buffers (:func:`care_ext.ops.copy_into`: one native
+call, on CUDA one kernel for all four; skipped for a tensor that already is the buffer,
+:meth:`StepGraph.buffers`), copy weights that changed, replay. The captured step is the
 same op on the same values, so the outputs are the same bits as :func:`care_ext.ops.acquisition_step`
 (CUDA test).
 
@@ -171,9 +172,8 @@ class StepGraph:
         cap = self._graphs.get(key)
         if cap is not None and cap.refresh_weights(weights):
             self._graphs.move_to_end(key)
-            dsts = [d for d, x in zip(cap.inputs, inputs) if d is not x]
-            if dsts:  # one call for the inputs not already in the buffers
-                torch._foreach_copy_(dsts, [x for d, x in zip(cap.inputs, inputs) if d is not x])
+            # one native call (one kernel) for the inputs not already in the buffers
+            ops.copy_into(cap.inputs, inputs)
         else:
             cap = self._capture(key, inputs, weights, n1, n2)
         cap.graph.replay()

@@ -72,6 +72,18 @@ inline FeatureTuple feature_tuple(const FeatureArgs& a) {
 // Grain for at::parallel_for over rows whose cost grows like G^2.
 inline int64_t row_grain(int64_t G) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, G * G)); }
 
+// One pair of care_ext::_copy_into: dst.copy_(src) for tensors of one shape and dtype on one
+// device, dst contiguous. flat: src is contiguous too, so the pair is `bytes` bytes from src to dst
+// (the backends' own copy); else the backend calls dst.copy_(src).
+struct CopyPair {
+  Tensor dst, src;
+  int64_t bytes;
+  bool flat;
+};
+// Checks care_ext::_copy_into's arguments and returns the pairs to copy (a pair whose dst is its
+// src, same storage offset and strides, is left out: nothing to do).
+std::vector<CopyPair> prepare_copy_into(at::TensorList dst, at::TensorList src);
+
 // ---- CPU kernels (csrc/cpu) -----------------------------------------------------------------------
 std::tuple<Tensor, Tensor> cluster_stats_cpu(const Tensor& ids);
 Tensor group_advantage_cpu(const Tensor& rewards, double eps, bool unbiased);
@@ -122,6 +134,11 @@ void pack_bf16_split_cpu(const Tensor& split, const Tensor& out);
 Tensor bf16_mm_cpu(const Tensor& a, const Tensor& b);
 std::tuple<Tensor, Tensor> column_stats_cpu(const Tensor& x);
 bool cpu_brgemm_available();
+// Private: dst[i].copy_(src[i]) for every i in one call (cpu/copy.cpp: memcpy over the threads;
+// cuda/copy.cu: one kernel for up to kCopySegments pairs). StepGraph copies a call's inputs into
+// its graph's buffers with it.
+void copy_into_cpu(at::TensorList dst, at::TensorList src);
+void copy_into_cuda(at::TensorList dst, at::TensorList src);
 // Private, CPU: acquisition_step with its first layers' hidden products from the split bf16
 // pieces (care_ext::_acquisition_step_split; bf16 x bf16 -> float32 GEMMs, exact products).
 StepTuple acquisition_step_split_cpu(const Tensor& ids, const Tensor& lengths,

@@ -2,6 +2,7 @@
 // Each prepare_* validates (rank, dtype, device, G), makes inputs contiguous and allocates outputs.
 #include "care_ext.h"
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty.h>
 
 #include <cmath>
@@ -172,6 +173,35 @@ Lengths FeatureArgs::lengths_view() const {
     case at::kInt: return Lengths{lengths.const_data_ptr<int32_t>(), LengthKind::kInt};
     default: return Lengths{lengths.const_data_ptr<float>(), LengthKind::kFloat};
   }
+}
+
+std::vector<CopyPair> prepare_copy_into(at::TensorList dst, at::TensorList src) {
+  const char* op = "_copy_into";
+  TORCH_CHECK(dst.size() == src.size(), "care_ext.", op, ": dst holds ", dst.size(),
+              " tensors but src holds ", src.size());
+  std::vector<CopyPair> pairs;
+  pairs.reserve(dst.size());
+  for (size_t i = 0; i < dst.size(); ++i) {
+    const Tensor& d = dst[i];
+    const Tensor& s = src[i];
+    TORCH_CHECK(d.defined() && s.defined(), "care_ext.", op, ": dst[", i, "] or src[", i,
+                "] is undefined");
+    TORCH_CHECK(d.device() == dst[0].device() && s.device() == dst[0].device(), "care_ext.", op,
+                ": every tensor must be on ", dst[0].device(), " (dst[0]'s device), got dst[", i,
+                "] on ", d.device(), " and src[", i, "] on ", s.device());
+    TORCH_CHECK(d.scalar_type() == s.scalar_type(), "care_ext.", op, ": dst[", i, "] is ",
+                d.scalar_type(), " but src[", i, "] is ", s.scalar_type(), " (no casting)");
+    TORCH_CHECK(d.sizes() == s.sizes(), "care_ext.", op, ": dst[", i, "] has shape ", d.sizes(),
+                " but src[", i, "] has shape ", s.sizes(), " (no broadcasting)");
+    TORCH_CHECK(d.is_contiguous(), "care_ext.", op, ": dst[", i, "] must be contiguous");
+    if (d.numel() == 0) continue;
+    if (d.is_alias_of(s) && d.storage_offset() == s.storage_offset() &&
+        d.strides() == s.strides())
+      continue;  // the buffer itself: nothing to copy
+    at::assert_no_overlap(d, s);
+    pairs.push_back(CopyPair{d, s, static_cast<int64_t>(d.nbytes()), s.is_contiguous()});
+  }
+  return pairs;
 }
 
 }  // namespace care_ext

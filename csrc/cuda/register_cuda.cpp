@@ -15,6 +15,7 @@ TORCH_LIBRARY_IMPL(care_ext, CUDA, m) {
   m.impl("group_features", &group_features_cuda);
   m.impl("_acquisition_step_fused", &without_split<acquisition_step_fused_split_cuda>);
   m.impl("_acquisition_step_fused_split", &acquisition_step_fused_split_cuda);
+  m.impl("_copy_into", &copy_into_cuda);
 }
 
 }  // namespace care_ext

@@ -53,6 +53,8 @@ def _samples(device, shapes=((5, 8), (3, 1)), step_dtype=torch.float32, forward_
         hr = h_r.reshape(B * G, H).bfloat16()
         out.setdefault("_bf16_mm", []).append((hr, w.t().bfloat16()))
         out.setdefault("_column_stats", []).append((hr,))
+        out.setdefault("_copy_into", []).append(
+            ([torch.zeros_like(ids), torch.zeros_like(h_r).bfloat16()], [ids, h_r.bfloat16()]))
     return out
 
 
@@ -63,7 +65,7 @@ OPS = ["cluster_stats", "group_advantage", "cag", "classwise_cag", "expected_cag
 CPU_ONLY_OPS = {"_acquisition_step_split", "_split_bf16", "_bf16_mm", "_column_stats"}
 
 
-@pytest.mark.parametrize("name", OPS)
+@pytest.mark.parametrize("name", OPS + ["_copy_into"])
 def test_opcheck(device, name):
     if name in CPU_ONLY_OPS and torch.device(device).type != "cpu":
         pytest.skip(f"{name} has a CPU kernel only")
