@@ -278,6 +278,11 @@ for B, G in ((0, 8), (1, 1), (37, 8), (5, 64)):
     torch.ops.care_ext._acquisition_step_fused_split(ids, torch.ones(B, G, device="cuda"),
         torch.randn(B, H, device="cuda").bfloat16(), torch.randn(B, G, H, device="cuda").bfloat16(), s1, s2,
         10., 0., False, 1e-6, False, first_layer_split(s1, s2, H))
+# _copy_into: segments off the 16-byte units, a src 1 byte off alignment, 11 pairs (two launches)
+src = [torch.randint(0, 9, (n,), dtype=torch.uint8, device="cuda") for n in (7, 16, 33, 4099)]
+src += [torch.randint(0, 9, (1001,), dtype=torch.uint8, device="cuda")[1:], torch.randn(5, 40, device="cuda").bfloat16()]
+src += [torch.randn(n, device="cuda") for n in (1, 3, 17, 256, 1 << 16)]
+torch.ops.care_ext._copy_into([torch.empty_like(t, memory_format=torch.contiguous_format) for t in src], src)
 torch.cuda.synchronize(); print("sanitize script ok")
 PY
 timeout "$(cap 90)" compute-sanitizer --tool memcheck --error-exitcode 9 python3 /tmp/sanitize_ops.py \

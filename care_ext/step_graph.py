@@ -37,11 +37,12 @@ from .reference import AcquisitionOutputs
 
 GRAPH_MAX_HIDDEN_BYTES = 32 * 2**20
 """:func:`graph_pays`' limit on the hidden states' bytes. Measured on an H200 (2026-11-28, split2
-step, bench/RESULTS.md): at 64 x 8 x 4096 (4.2 MB of bf16 hidden states) the plan took 49.1 us
-per call against 77.5 eager and a 39.9 us bare replay; at 1024 x 64 x 4096 (537 MB) 831.0 against
-581.6 eager and 558.0 replayed: the copy into the plan's buffers cost ~0.51 us per MB there. The
-eager step is host-bound only at small sizes (512 x 16 x 4096: 136 us eager against a 130.6 us
-replay, while its 67 MB would cost ~34 us to copy), so the limit sits between 4.2 and 67 MB."""
+step, bench/RESULTS.md, seventeenth session): at 64 x 8 x 4096 (4.2 MB of bf16 hidden states) the
+plan took 47.8-48.1 us per call against 82.5-137 eager (host-bound) and a 40.6-40.8 us bare
+replay; at 256 x 32 x 4096 (67 MB) 153.5-153.8 against 119.4-121.0 eager; at 1024 x 64 x 4096
+(537 MB) 815-817 against 540-542 eager: the copy into the plan's buffers costs ~0.5 us per MB.
+From some size on the eager step is device-bound and the copy only adds, so the limit sits
+between 4.2 and 67 MB."""
 
 
 def graph_pays(h_prompt: Tensor, h_resp: Tensor) -> bool:
