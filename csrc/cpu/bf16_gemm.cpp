@@ -36,7 +36,7 @@ int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));
 namespace care_ext {
 namespace {
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;  // CblasRowMajor, CblasNoTrans, ...
-constexpr int64_t kTileRows = 512, kTileCols = 256;  // output tiles of mkl_bf16_gemm
+constexpr int64_t kTileRows = 128, kTileCols = 256;  // output tiles of mkl_bf16_gemm
 
 bool fits_int(int64_t v) { return v >= 0 && v <= std::numeric_limits<int>::max(); }
 
