@@ -72,6 +72,27 @@ def _git_hash() -> str:
     return head + ("+dirty" if dirty.returncode == 1 else "")
 
 
+SOURCE_GLOBS = ("csrc/**/*.cpp", "csrc/**/*.h", "csrc/**/*.cu", "csrc/**/*.cuh", "setup.py",
+                "CMakeLists.txt")
+"""The files whose contents make up the library (what :func:`_sources_hash` reads)."""
+
+
+def _sources_hash() -> str:
+    """SHA-256 (first 12 hex digits) of the library's sources as they are on disk: every file of
+    SOURCE_GLOBS, path and contents, in path order. build_info() carries it as ``sources`` beside
+    the git hash, which names a commit only as far as the build tree's git metadata is current:
+    on the GPU machine, whose copy of the tree lagged in its .git, a build of 048820b's sources
+    said ``56f4afd89228+dirty`` (2026-11-28). Equal hashes: the same sources, whatever git says."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    files = sorted({f for g in SOURCE_GLOBS for f in glob.glob(str(ROOT / g), recursive=True)})
+    for f in files:
+        digest.update(os.path.relpath(f, ROOT).encode() + b"\0")
+        digest.update(Path(f).read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
 def _openmp_flags() -> list[str]:
     """``-fopenmp`` where torch's intra-op backend is OpenMP (Linux wheels). ``at::parallel_for`` is
     an inline template that runs its body on the calling thread unless the file that includes it is
@@ -127,6 +148,7 @@ def _extensions():
     defines = [
         f'-DCARE_EXT_TORCH_VERSION="{torch.__version__}"',
         f'-DCARE_EXT_GIT_HASH="{_git_hash()}"',
+        f'-DCARE_EXT_SOURCES_HASH="{_sources_hash()}"',
         f'-DCARE_EXT_CUDA_ARCHS="{archs}"',
         f'-DCARE_EXT_CUDA_VERSION="{torch.version.cuda or ""}"',
     ]

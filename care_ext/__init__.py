@@ -67,7 +67,9 @@ def build_info() -> dict:
 
     Returns:
         dict with keys torch (version built against), cuda (bool), cuda_version, archs, git
-        (``+dirty`` when built from uncommitted sources), max_group_size, intra_op_parallel (the
+        (``+dirty`` when built from uncommitted sources), sources (a hash of the library's source
+        files as built, setup.py's ``_sources_hash``: the same sources give the same hash even
+        where the build tree's git metadata lags), max_group_size, intra_op_parallel (the
         CPU kernels split their work over torch's intra-op threads: built with OpenMP),
         cpu_bf16_gemm (MKL's bf16 x bf16 -> float32 GEMM is reachable: the CPU split step's
         products), debug;

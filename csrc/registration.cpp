@@ -20,6 +20,9 @@
 #ifndef CARE_EXT_GIT_HASH
 #define CARE_EXT_GIT_HASH "unknown"
 #endif
+#ifndef CARE_EXT_SOURCES_HASH
+#define CARE_EXT_SOURCES_HASH "unknown"
+#endif
 #ifndef CARE_EXT_CUDA_ARCHS
 #define CARE_EXT_CUDA_ARCHS ""
 #endif
@@ -52,6 +55,8 @@ std::string build_info() {
   s += "\"cuda_version\": \"" CARE_EXT_CUDA_VERSION "\", ";
   s += "\"archs\": \"" CARE_EXT_CUDA_ARCHS "\", ";
   s += "\"git\": \"" CARE_EXT_GIT_HASH "\", ";
+  // the sources' own hash (setup.py's _sources_hash): names them where git metadata lags
+  s += "\"sources\": \"" CARE_EXT_SOURCES_HASH "\", ";
   s += "\"max_group_size\": " + std::to_string(kMaxGroupSize) + ", ";
   // at::parallel_for is an inline template: it runs on torch's intra-op threads only in files
   // compiled with OpenMP (ATen defines INTRA_OP_PARALLEL from _OPENMP); without it every CPU

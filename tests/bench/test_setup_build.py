@@ -1,6 +1,7 @@
 """setup.py's helpers, compiled alone from its source (importing setup.py would run setup()): the
 build hash (the commit in build_info() and in every benchmark row, marked ``+dirty`` when the
-library's sources differ from it) and the OpenMP flags (at::parallel_for is serial without them)."""
+library's sources differ from it), the sources' own hash and the OpenMP flags (at::parallel_for
+is serial without them)."""
 from __future__ import annotations
 
 import ast
@@ -56,6 +57,44 @@ def test_build_hash_marks_changed_sources(tmp_path):
     fn_globals["ROOT"] = tmp_path / "not-a-repo"
     (tmp_path / "not-a-repo").mkdir()
     assert git_hash() == "unknown"
+
+
+def test_sources_hash_follows_the_library_sources_only(tmp_path):
+    """build_info()'s ``sources``: a hash of csrc/ (.cpp .h .cu .cuh, any depth), setup.py and
+    CMakeLists.txt as they are on disk, git or not."""
+    for rel, text in (("csrc/a.cpp", "int a;\n"), ("csrc/cuda/k.cu", "__global__ void k() {}\n"),
+                      ("csrc/x.h", "#pragma once\n"), ("setup.py", "# setup\n"),
+                      ("CMakeLists.txt", "project(x)\n"), ("README.md", "readme\n")):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    sources_hash = _setup_function("_sources_hash")
+    tree = ast.parse(SETUP.read_text())
+    globs = next(n for n in tree.body if isinstance(n, ast.Assign)
+                 and getattr(n.targets[0], "id", "") == "SOURCE_GLOBS")
+    sources_hash.__globals__.update(ROOT=tmp_path, glob=__import__("glob"),
+                                    SOURCE_GLOBS=ast.literal_eval(globs.value))
+    h0 = sources_hash()
+    assert len(h0) == 12 and int(h0, 16) >= 0
+    (tmp_path / "README.md").write_text("changed\n")  # not a library source
+    assert sources_hash() == h0
+    (tmp_path / "csrc" / "cuda" / "k.cu").write_text("__global__ void k2() {}\n")
+    h1 = sources_hash()
+    assert h1 != h0
+    (tmp_path / "csrc" / "cuda" / "k.cu").rename(tmp_path / "csrc" / "cuda" / "k2.cu")
+    assert sources_hash() != h1  # a renamed file is another tree
+    (tmp_path / "csrc" / "cuda" / "k2.cu").rename(tmp_path / "csrc" / "cuda" / "k.cu")
+    assert sources_hash() == h1
+    (tmp_path / "CMakeLists.txt").write_text("project(y)\n")
+    assert sources_hash() != h1
+
+
+def test_installed_build_info_names_its_sources():
+    import care_ext
+
+    if not care_ext.HAS_NATIVE:
+        pytest.skip("native library not loaded")
+    got = care_ext.build_info()["sources"]
+    assert len(got) == 12 and int(got, 16) >= 0
 
 
 @pytest.mark.skipif(not (sys.platform.startswith("linux") and torch.backends.openmp.is_available()),
