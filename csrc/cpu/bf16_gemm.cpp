@@ -66,23 +66,26 @@ Tensor mkl_bf16_gemm(const Tensor& a, BlasView va, const Tensor& b, BlasView vb,
     return Tensor();
   }
   Tensor c = at::empty({M, N}, a.options().dtype(at::kFloat));
-  if (!tiled) {
+  const auto* ap = reinterpret_cast<const uint16_t*>(a.const_data_ptr<at::BFloat16>());
+  const auto* bp = reinterpret_cast<const uint16_t*>(b.const_data_ptr<at::BFloat16>());
+  float* cp = c.data_ptr<float>();
+  // c's rows i0 .. i0+m-1 and columns j0 .. j0+n-1: op(a)'s rows i0.. times op(b)'s columns j0..,
+  // as MKL reads them (va / vb: row-major terms)
+  auto gemm = [&](int64_t i0, int64_t j0, int64_t m, int64_t n) {
     cblas_gemm_bf16bf16f32(kRowMajor, va.trans ? kTrans : kNoTrans, vb.trans ? kTrans : kNoTrans,
-                           static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), 1.0f,
-                           reinterpret_cast<const uint16_t*>(a.const_data_ptr<at::BFloat16>()),
-                           static_cast<int>(va.ld),
-                           reinterpret_cast<const uint16_t*>(b.const_data_ptr<at::BFloat16>()),
-                           static_cast<int>(vb.ld), 0.0f, c.data_ptr<float>(),
-                           static_cast<int>(N));
+                           static_cast<int>(m), static_cast<int>(n), static_cast<int>(K), 1.0f,
+                           ap + (va.trans ? i0 : i0 * va.ld), static_cast<int>(va.ld),
+                           bp + (vb.trans ? j0 * vb.ld : j0), static_cast<int>(vb.ld), 0.0f,
+                           cp + i0 * N + j0, static_cast<int>(N));
+  };
+  if (!tiled) {
+    gemm(0, 0, M, N);
     return c;
   }
   // Fixed tiles of the output, each one single-threaded MKL call, the tiles over torch's threads:
   // MKL's own threading splits the product by the thread count, and on CPUs without AVX512-BF16
   // (an AMD EPYC VM, 2026-11-28) its results then changed with it in the last bit (1200 x 24 x 6:
   // 1 and 3 threads agreed, 2 did not). A tile's sums do not depend on who computes it.
-  const auto* ap = reinterpret_cast<const uint16_t*>(a.const_data_ptr<at::BFloat16>());
-  const auto* bp = reinterpret_cast<const uint16_t*>(b.const_data_ptr<at::BFloat16>());
-  float* cp = c.data_ptr<float>();
   const int64_t tm = (M + kTileRows - 1) / kTileRows, tn = (N + kTileCols - 1) / kTileCols;
   at::parallel_for(0, tm * tn, 1, [&](int64_t begin, int64_t end) {
     const int before = MKL_Set_Num_Threads_Local != nullptr ? MKL_Set_Num_Threads_Local(1) : 0;
@@ -95,15 +98,7 @@ Tensor mkl_bf16_gemm(const Tensor& a, BlasView va, const Tensor& b, BlasView vb,
 #endif
     for (int64_t t = begin; t < end; ++t) {
       const int64_t i0 = t / tn * kTileRows, j0 = t % tn * kTileCols;
-      const int64_t m = std::min(kTileRows, M - i0), n = std::min(kTileCols, N - j0);
-      // op(a)'s rows i0.. and op(b)'s columns j0.. as MKL reads them (va / vb: row-major terms)
-      const uint16_t* at_ = ap + (va.trans ? i0 : i0 * va.ld);
-      const uint16_t* bt = bp + (vb.trans ? j0 * vb.ld : j0);
-      cblas_gemm_bf16bf16f32(kRowMajor, va.trans ? kTrans : kNoTrans,
-                             vb.trans ? kTrans : kNoTrans, static_cast<int>(m),
-                             static_cast<int>(n), static_cast<int>(K), 1.0f, at_,
-                             static_cast<int>(va.ld), bt, static_cast<int>(vb.ld), 0.0f,
-                             cp + i0 * N + j0, static_cast<int>(N));
+      gemm(i0, j0, std::min(kTileRows, M - i0), std::min(kTileCols, N - j0));
     }
     if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(before);
 #ifdef _OPENMP

@@ -37,7 +37,7 @@ def _pairs(specs, device, gen):
         else:
             s = _random(shape, dtype, gen)
         dst.append(d.to(device))
-        src.append(s.to(device) if kind != "offset" else s.to(device))
+        src.append(s.to(device))
     return dst, src
 
 
