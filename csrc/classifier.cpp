@@ -148,6 +148,11 @@ Tensor head_from_prompt_pre(const Weights& w, Tensor pre, const Tensor& prompt_f
 
 Tensor prompt_and_head(const Weights& w, const Tensor& h_prompt, const Tensor& prompt_feat,
                        const Tensor& pool) {
+  if (h_prompt.device().is_cpu() && h_prompt.size(0) > 0 && cpu_f32_gemm_selected()) {
+    const int64_t H = h_prompt.size(1);
+    const Tensor pre = f32_linear_groups(h_prompt, {{w.pw.narrow(1, 0, H).t(), w.pb}})[0];
+    return head_from_prompt_pre(w, pre, prompt_feat, pool);
+  }
   const Tensor hp = h_prompt.to(at::kFloat);
   const int64_t H = hp.size(1);
   return head_from_prompt_pre(w, w.pb.addmm(hp, w.pw.narrow(1, 0, H).t()), prompt_feat, pool);
@@ -320,6 +325,12 @@ StepTuple step_impl(const Tensor& ids, const Tensor& lengths, const Tensor& h_pr
                     w1.P, nullptr, B, pre1.data_ptr<float>(), w1.P);
     sum_split_terms(c.const_data_ptr<float>(), T * Pt, T, Pt, w1.P, b2.const_data_ptr<float>(),
                     w2.P, nullptr, B, pre2.data_ptr<float>(), w2.P);
+  } else if (dev.is_cpu() && B > 0 && cpu_f32_gemm_selected()) {
+    // the AVX2 GEMM: both prompt branches' hidden columns packed side by side whatever the layout
+    const std::vector<Tensor> pre = f32_linear_groups(
+        h_prompt, {{w1.pw.narrow(1, 0, H).t(), w1.pb}, {w2.pw.narrow(1, 0, H).t(), w2.pb}});
+    pre1 = pre[0];
+    pre2 = pre[1];
   } else {
     const Tensor hp = h_prompt.to(at::kFloat);  // converted once for both prompt branches
     // Both prompt branches' hidden columns: one GEMM where the weights share one row-major

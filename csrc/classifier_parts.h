@@ -17,6 +17,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace care_ext {
@@ -231,6 +232,48 @@ void rollout_pools_cpu(const Tensor& h_resp, int64_t B, int64_t G,
                        std::vector<RolloutBranch>& branches, const Tensor& split = Tensor(),
                        const std::vector<int64_t>& split_cols = {},
                        const Tensor& packed = Tensor());
+
+// The float32 first-layer GEMMs on AVX2 + FMA (cpu/f32_gemm.cpp), for CPUs where MKL's SGEMM is
+// slow (measured on AMD Zen 3).
+// cpu_f32_gemm_available(): this build and CPU have the kernel (x86 with AVX2 and FMA).
+// cpu_f32_gemm_auto() (care_ext.h): what auto picks on this CPU: available and no AVX-512F
+//   (build_info's cpu_f32_gemm). cpu_f32_gemm_selected(): whether this call uses it: CARE_EXT_CPU_GEMM = avx2 |
+//   mkl | auto (unset: auto); avx2 where it is not available is an error.
+// F32Panels: column groups (weights [K, N_g] at any strides, biases [N_g]) packed by
+//   pack_f32_panels into 16-column panels; group g owns panels [first[g], first[g + 1]), its
+//   columns at panel first[g] * 16 onwards of an output row, cols[g] of them (the rest of its last
+//   panel is padding).
+// f32_gemm_panels: c[i, q * 16 + j] = bias + the sum over k of a[i, k] * w[k, .] (per slab of 256
+//   k one FMA after another from zero, the slabs' sums added in order) for rows [0, M) of a (float32, row stride lda) and panels [p0, p1), on the
+//   calling thread; c has row stride ldc >= p1 * 16. f32_gemm_panels_parallel: the same over
+//   torch's threads, with the same bits. f32_row_stride(K): the row stride (floats) to give A.
+// pooled_floats(n): a float32 CPU buffer of n elements from the calling thread's pool (up to 8
+//   buffers, each handed out again only when nothing else holds its storage): large scratch
+//   buffers without a fresh allocation's page faults on every call (the step's packed weights
+//   and its float32 copies of the hidden states; measured: packing [4096, 256] on one thread took
+//   1.06 ms into fresh memory against 0.39 ms without mmap'd allocations).
+Tensor pooled_floats(int64_t n);
+// d[i] = float(s[i]) for i < n (exact; AVX2 where the CPU has it; cpu/f32_gemm.cpp).
+void bf16_to_float(const at::BFloat16* s, float* d, int64_t n);
+constexpr int64_t kF32Panel = 16;
+struct F32Panels {
+  Tensor data, bias;  // float32 packed panels; bias [panels * 16], zero in the padding
+  int64_t K = 0, panels = 0;
+  std::vector<int64_t> first, cols;
+};
+bool cpu_f32_gemm_available();
+bool cpu_f32_gemm_selected();
+int64_t f32_row_stride(int64_t K);
+F32Panels pack_f32_panels(const std::vector<std::pair<Tensor, Tensor>>& groups);
+void f32_gemm_panels(const float* a, int64_t lda, int64_t M, const F32Panels& b, int64_t p0,
+                     int64_t p1, float* c, int64_t ldc);
+void f32_gemm_panels_parallel(const float* a, int64_t lda, int64_t M, const F32Panels& b,
+                              int64_t p0, int64_t p1, float* c, int64_t ldc);
+// x [M, K] (float32, bfloat16 or float16, any strides; converted into padded float32 rows) times
+// each group's weight plus its bias, on torch's threads: one float32 [M, N_g] view per group
+// (views of one buffer, row stride panels * 16).
+std::vector<Tensor> f32_linear_groups(const Tensor& x,
+                                      const std::vector<std::pair<Tensor, Tensor>>& groups);
 
 // bf16 x bf16 -> float32 products on the CPU (cpu/bf16_gemm.cpp): a [M, K] times b [N, K]^T,
 // both bfloat16 (unit column stride), as a float32 [M, N]. Every product is exact in float32;

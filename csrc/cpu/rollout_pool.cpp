@@ -29,10 +29,12 @@
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace care_ext {
@@ -78,6 +80,10 @@ struct BranchPlan {
   const bool* mask;    // [B, G] row-major, or nullptr
   float* pool;         // [B, R2] row-major, zero-initialised
   int64_t Fr, R2;
+  // layer 2 on the AVX2 GEMM: w2_t packed (zero bias: b2 is added below), and whether its GEMMs
+  // run over torch's threads (blocks one after another); nullptr: MKL
+  const F32Panels* l2 = nullptr;
+  bool l2_parallel = false;
 };
 
 // One block of rows in float32, in buffer order: the rows of the masked branch's mask first, then
@@ -106,14 +112,20 @@ void order_block(int64_t rows, const bool* lead, BlockRows& br) {
 // br.x's first `rows` rows, in buffer order for `lead` ([rows] bool, or nullptr: block order).
 void load_block(const Tensor& h, int64_t row0, int64_t rows, const bool* lead, BlockRows& br) {
   order_block(rows, lead, br);
-  const int64_t H = h.size(1), rs = h.stride(0), cs = h.stride(1);
+  const int64_t H = h.size(1), rs = h.stride(0), cs = h.stride(1), ld = br.x.stride(0);
   float* dst = br.x.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(),
                                   "care_ext.rollout_pools", [&] {
     const scalar_t* src = h.const_data_ptr<scalar_t>() + row0 * rs;
     for (int64_t k = 0; k < rows; ++k) {
       const scalar_t* s = src + br.order[static_cast<size_t>(k)] * rs;
-      float* d = dst + k * H;
+      float* d = dst + k * ld;
+      if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+        if (cs == 1) {
+          bf16_to_float(reinterpret_cast<const at::BFloat16*>(s), d, H);
+          continue;
+        }
+      }
       if (cs == 1) {
         for (int64_t c = 0; c < H; ++c) d[c] = static_cast<float>(s[c]);
       } else {
@@ -156,7 +168,16 @@ void finish_branch(const BlockRows& br, int64_t p0, int64_t n, int64_t G, const 
     const int64_t g = p0 * G + br.order[static_cast<size_t>(k)];  // the row of the batch
     add_features_relu(ap + k * lda, R1, Fr > 0 ? feat + g * fs0 : nullptr, fs1, Fr, wf.data());
   }
-  const Tensor r = at::mm(a, bp.w2_t);  // [used, R2], contiguous
+  Tensor r;  // [used, R2] at row stride ldr
+  int64_t ldr = R2;
+  if (bp.l2 != nullptr) {
+    ldr = bp.l2->panels * kF32Panel;
+    r = at::empty({used, ldr}, a.options());
+    (bp.l2_parallel ? f32_gemm_panels_parallel : f32_gemm_panels)(
+        ap, lda, used, *bp.l2, 0, bp.l2->panels, r.data_ptr<float>(), ldr);
+  } else {
+    r = at::mm(a, bp.w2_t);
+  }
   const Tensor b2 = bp.b2.contiguous();
   const float* rp = r.const_data_ptr<float>();
   const float* bias = b2.const_data_ptr<float>();
@@ -166,7 +187,7 @@ void finish_branch(const BlockRows& br, int64_t p0, int64_t n, int64_t G, const 
     const int64_t i = j / G;
     ++count[static_cast<size_t>(i)];
     float* __restrict__ out = bp.pool + (p0 + i) * R2;
-    const float* __restrict__ row = rp + br.pos[static_cast<size_t>(j)] * R2;
+    const float* __restrict__ row = rp + br.pos[static_cast<size_t>(j)] * ldr;
     for (int64_t c = 0; c < R2; ++c) out[c] += std::max(row[c] + bias[c], 0.0f);
   }
   for (int64_t i = 0; i < n; ++i) {
@@ -212,6 +233,68 @@ void run_block_shared(const BlockRows& br, int64_t p0, int64_t n, int64_t G,
   }
   finish_branch(br, p0, n, G, u, selected_rows(u, p0, rows, G), a_u);
   finish_branch(br, p0, n, G, m, sel_m, lead.narrow(1, sh.both.off_b, m.w1h_t.size(1)));
+}
+
+// The branches' first layers (hidden columns) packed for the AVX2 GEMM (cpu/f32_gemm.cpp): the
+// unmasked branches' groups first, the masked branch's last, so that the rows outside the mask
+// (the buffer's trailing rows) multiply one leading panel range.
+struct PanelPlan {
+  F32Panels f;
+  std::vector<size_t> group;  // plan i's group
+  int64_t masked = -1;        // the masked plan's index, or -1
+  std::vector<F32Panels> l2;  // plan i's layer 2 (BranchPlan::l2 points here: moving the plan
+                              // moves the vector's buffer, so the pointers stay valid)
+};
+
+// Packs the first layers (and each plan's layer 2, which `plans` are pointed at).
+PanelPlan plan_panels(std::vector<BranchPlan>& plans, bool parallel) {
+  PanelPlan pp;
+  pp.l2.reserve(plans.size());
+  for (BranchPlan& bp : plans) {
+    pp.l2.push_back(pack_f32_panels({{bp.w2_t, at::zeros({bp.R2}, bp.w2_t.options())}}));
+    bp.l2 = &pp.l2.back();
+    bp.l2_parallel = parallel;
+  }
+  std::vector<std::pair<Tensor, Tensor>> groups;
+  pp.group.assign(plans.size(), 0);
+  for (int pass = 0; pass < 2; ++pass) {
+    for (size_t i = 0; i < plans.size(); ++i) {
+      if ((plans[i].mask != nullptr) != (pass == 1)) continue;
+      if (pass == 1) pp.masked = static_cast<int64_t>(i);
+      pp.group[i] = groups.size();
+      groups.emplace_back(plans[i].w1h_t, plans[i].b1);
+    }
+  }
+  pp.f = pack_f32_panels(groups);
+  return pp;
+}
+
+// A block on the AVX2 GEMM: the masked rows (the buffer's leading rows) times every panel, the
+// other rows times the unmasked groups' panels; then each branch as run_block does. With
+// `parallel`, the GEMMs run over torch's threads (same bits).
+void run_block_panels(const BlockRows& br, int64_t p0, int64_t n, int64_t G,
+                      const std::vector<BranchPlan>& plans, const PanelPlan& pp, bool parallel) {
+  const int64_t rows = n * G;
+  std::vector<std::vector<int64_t>> sels;
+  for (const BranchPlan& bp : plans) sels.push_back(selected_rows(bp, p0, rows, G));
+  const F32Panels& f = pp.f;
+  const int64_t ld = f.panels * kF32Panel, lda = br.x.stride(0);
+  Tensor c = at::empty({rows, ld}, br.x.options());
+  const float* x = br.x.const_data_ptr<float>();
+  float* cp = c.data_ptr<float>();
+  auto gemm = parallel ? f32_gemm_panels_parallel : f32_gemm_panels;
+  const int64_t lead = pp.masked >= 0 ? static_cast<int64_t>(sels[static_cast<size_t>(pp.masked)].size()) : rows;
+  gemm(x, lda, lead, f, 0, f.panels, cp, ld);
+  if (lead < rows) {
+    gemm(x + lead * lda, lda, rows - lead, f, 0, f.first[f.first.size() - 2], cp + lead * ld, ld);
+  }
+  for (size_t i = 0; i < plans.size(); ++i) {
+    const int64_t used = static_cast<int64_t>(sels[i].size());
+    if (used == 0) continue;  // every prompt of the block pools to zero
+    const size_t g = pp.group[i];
+    finish_branch(br, p0, n, G, plans[i], sels[i],
+                  c.narrow(0, 0, used).narrow(1, f.first[g] * kF32Panel, f.cols[g]));
+  }
 }
 
 // The column blocks of packed split pieces (packed_block_cols() columns each, over all T terms'
@@ -364,11 +447,19 @@ void rollout_pools_cpu(const Tensor& h_resp, int64_t B, int64_t G,
   const int64_t per_block = prompts_per_block(B, G, at::get_num_threads(),
                                               small_blocks_requested());
   const int64_t nblocks = (B + per_block - 1) / per_block;
+  const bool block_parallel = nblocks >= at::get_num_threads();
+  // the float32 rollout layers on the AVX2 GEMM (CARE_EXT_CPU_GEMM), packed once for every block
+  std::optional<PanelPlan> panels;
+  if (!split.defined() && B > 0 && cpu_f32_gemm_selected()) {
+    panels = plan_panels(plans, !block_parallel);
+  }
   auto blocks = [&](int64_t k0, int64_t k1) {
     BlockRows br;  // one buffer per task, reused by its blocks (the split path reads the bf16
                    // rows in place and uses only the buffer order)
-    if (!split.defined()) {
-      br.x = at::empty({std::min(per_block, B) * G, H}, h_resp.options().dtype(at::kFloat));
+    if (!split.defined()) {  // rows padded for the AVX2 GEMM (f32_row_stride), MKL reads any
+      const int64_t ld = panels.has_value() ? f32_row_stride(H) : H;
+      const int64_t cap = std::min(per_block, B) * G;
+      br.x = pooled_floats(cap * ld).view({cap, ld}).narrow(1, 0, H);
     }
     for (int64_t kb = k0; kb < k1; ++kb) {
       const int64_t p0 = kb * per_block, n = std::min(per_block, B - p0);
@@ -379,14 +470,16 @@ void rollout_pools_cpu(const Tensor& h_resp, int64_t B, int64_t G,
         continue;
       }
       load_block(h_resp, p0 * G, n * G, block_lead, br);
-      if (shared.has_value()) {
+      if (panels.has_value()) {
+        run_block_panels(br, p0, n, G, plans, *panels, !block_parallel);
+      } else if (shared.has_value()) {
         run_block_shared(br, p0, n, G, plans, *shared);
       } else {
         for (const BranchPlan& bp : plans) run_block(br, p0, n, G, bp);
       }
     }
   };
-  if (nblocks >= at::get_num_threads()) {
+  if (block_parallel) {
     at::parallel_for(0, nblocks, 1, blocks);  // every thread gets a block: BLAS single-threaded
   } else {
     // Fewer blocks than threads (64x8 makes two blocks; a controller may have 16 cores): one

@@ -1,0 +1,318 @@
+// CPU: the classifiers' float32 first-layer GEMMs on AVX2 + FMA, for CPUs where MKL's SGEMM is
+// far from the FMA units' peak.
+//
+// Why: on a 2-core AMD EPYC (Zen 3, no AVX-512) MKL 2024.2's SGEMM ran the step's first layers at
+// 56-72 GFLOP/s per core ([256, 4096] x [4096, 64 | 128]) against 98-100 GFLOP/s of independent
+// FMAs, and the float32 step, which those GEMMs dominate, missed issue 7's CPU goal there
+// (bench/RESULTS.md, seventeenth session). oneDNN's f32 BRGeMM (torch's cpublas::brgemm) measured
+// 41-48 GFLOP/s on the same machine.
+//
+// The kernel: B (the weight, [K, N] at any strides, one or more column groups each with its bias)
+// is packed once per call into 16-column panels of KC-row slabs, every group starting on a panel
+// of its own; A (float32 rows with any row stride; the callers pad it so that consecutive rows do
+// not alias in L1) is read in place; a 6 x 16 register tile (12 ymm accumulators) runs over each
+// slab with broadcast A loads. Every output element is summed per slab of 256 k from zero, in
+// ascending k, one FMA after another; the slab sums are added in slab order (a blocked sum: at
+// K = 4096 its error is that of 16 terms of 256, not of one chain of 4096), then its bias: the same
+// bits whatever the row's place in the block, the panel range, the blocking of rows or the number
+// of threads.
+//
+// CARE_EXT_CPU_GEMM (run time): "avx2" uses it, "mkl" uses MKL (torch's addmm), unset or "auto"
+// uses it on x86 CPUs with AVX2 and FMA and without AVX-512F (where MKL has its AVX-512 kernels);
+// "avx2" on a CPU without AVX2/FMA is an error.
+#include "../classifier_parts.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <cstring>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define CARE_EXT_F32_GEMM_X86 1
+#include <immintrin.h>
+#else
+#define CARE_EXT_F32_GEMM_X86 0
+#endif
+
+namespace care_ext {
+namespace {
+
+constexpr int64_t kPanel = kF32Panel;  // columns per panel
+constexpr int64_t kTile = 6;           // rows per register tile
+constexpr int64_t kSlab = 256;         // k per slab: a 16 KB panel slab stays in L1
+constexpr int64_t kRowBlock = 72;      // rows per pass over a slab: 72 KB of A stays in L2
+
+#if CARE_EXT_F32_GEMM_X86
+// c[R, 16] (row stride ldc) = (first ? 0 : c) + (a[R, kc] (row stride lda) x b[kc, 16] (packed),
+// summed from zero), then + bias[16] when bias is not null.
+template <int R>
+__attribute__((target("avx2,fma"))) void tile(int64_t kc, const float* a, int64_t lda,
+                                              const float* b, float* c, int64_t ldc, bool first,
+                                              const float* bias) {
+  __m256 acc[R][2];
+  const float* row[R];
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) {
+    row[r] = a + r * lda;
+    acc[r][0] = _mm256_setzero_ps();
+    acc[r][1] = _mm256_setzero_ps();
+  }
+#pragma GCC unroll 4
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m256 b0 = _mm256_load_ps(b + k * kPanel), b1 = _mm256_load_ps(b + k * kPanel + 8);
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+      const __m256 x = _mm256_broadcast_ss(row[r] + k);
+      acc[r][0] = _mm256_fmadd_ps(x, b0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(x, b1, acc[r][1]);
+    }
+  }
+  if (!first) {  // the slabs' sums added in slab order
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+      acc[r][0] = _mm256_add_ps(_mm256_loadu_ps(c + r * ldc), acc[r][0]);
+      acc[r][1] = _mm256_add_ps(_mm256_loadu_ps(c + r * ldc + 8), acc[r][1]);
+    }
+  }
+  if (bias != nullptr) {
+    const __m256 c0 = _mm256_loadu_ps(bias), c1 = _mm256_loadu_ps(bias + 8);
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+      acc[r][0] = _mm256_add_ps(acc[r][0], c0);
+      acc[r][1] = _mm256_add_ps(acc[r][1], c1);
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(c + r * ldc, acc[r][0]);
+    _mm256_storeu_ps(c + r * ldc + 8, acc[r][1]);
+  }
+}
+
+using TileFn = void (*)(int64_t, const float*, int64_t, const float*, float*, int64_t, bool,
+                        const float*);
+constexpr TileFn kTiles[kTile + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>};
+
+bool cpu_has_avx2_fma() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+bool cpu_has_avx512f() {
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has;
+}
+#else
+bool cpu_has_avx2_fma() { return false; }
+bool cpu_has_avx512f() { return false; }
+#endif
+
+// The calling thread's reusable float32 buffers (pooled_floats): a buffer is handed out again
+// only when nothing else holds its storage (a view of it counts), so reuse is never visible.
+constexpr size_t kPoolSlots = 8;
+thread_local std::vector<Tensor> pool;
+
+}  // namespace
+
+Tensor pooled_floats(int64_t n) {
+  TORCH_INTERNAL_ASSERT(n >= 0);
+  Tensor *best = nullptr, *free_slot = nullptr;  // the smallest free buffer that fits; any free
+  for (Tensor& t : pool) {
+    if (t.storage().use_count() != 1) continue;
+    if (t.numel() >= n && (best == nullptr || t.numel() < best->numel())) best = &t;
+    if (free_slot == nullptr || t.numel() < free_slot->numel()) free_slot = &t;
+  }
+  if (best != nullptr) return best->narrow(0, 0, n);
+  Tensor fresh = at::empty({std::max<int64_t>(n, 1)}, at::TensorOptions().dtype(at::kFloat));
+  if (free_slot != nullptr) {
+    *free_slot = fresh;  // the smallest free buffer, too small: replaced by a bigger one
+  } else if (pool.size() < kPoolSlots) {
+    pool.push_back(fresh);
+  }
+  return fresh.narrow(0, 0, n);
+}
+
+#if CARE_EXT_F32_GEMM_X86
+namespace {
+__attribute__((target("avx2"))) void bf16_to_float_avx2(const uint16_t* s, float* d, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i));
+    _mm256_storeu_ps(d + i, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16)));
+  }
+  for (; i < n; ++i) {
+    const uint32_t u = static_cast<uint32_t>(s[i]) << 16;
+    std::memcpy(d + i, &u, sizeof u);
+  }
+}
+}  // namespace
+#endif
+
+void bf16_to_float(const at::BFloat16* s, float* d, int64_t n) {
+#if CARE_EXT_F32_GEMM_X86
+  if (cpu_has_avx2_fma()) {
+    bf16_to_float_avx2(reinterpret_cast<const uint16_t*>(s), d, n);
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) d[i] = static_cast<float>(s[i]);
+}
+
+bool cpu_f32_gemm_available() { return cpu_has_avx2_fma(); }
+
+bool cpu_f32_gemm_auto() { return cpu_has_avx2_fma() && !cpu_has_avx512f(); }
+
+bool cpu_f32_gemm_selected() {
+  static const char* const kChoices[] = {"avx2", "mkl"};
+  const int choice = env_choice("CARE_EXT_CPU_GEMM", kChoices);
+  if (choice == 0) {
+    TORCH_CHECK(cpu_has_avx2_fma(), "CARE_EXT_CPU_GEMM=avx2: this CPU (or build) has no AVX2 and "
+                "FMA; use mkl or auto");
+    return true;
+  }
+  if (choice == 1) return false;
+  return cpu_f32_gemm_auto();
+}
+
+int64_t f32_row_stride(int64_t K) {
+  // a multiple of 16 floats that is not a multiple of 1024 (4 KB): rows 4 KB apart would share
+  // L1 sets, and the 6 rows of a tile with the panel slab overflow their ways (at H = 4096 the
+  // kernel measured 72.8 GFLOP/s unpadded against 78.8 padded on one Zen 3 core)
+  int64_t ld = (K + 15) / 16 * 16;
+  if (ld % 1024 == 0) ld += 16;
+  return ld;
+}
+
+F32Panels pack_f32_panels(const std::vector<std::pair<Tensor, Tensor>>& groups) {
+  TORCH_INTERNAL_ASSERT(!groups.empty());
+  F32Panels p;
+  p.K = groups.front().first.size(0);
+  p.first.push_back(0);
+  for (const auto& [w, bias] : groups) {
+    TORCH_INTERNAL_ASSERT(w.dim() == 2 && w.size(0) == p.K && w.scalar_type() == at::kFloat &&
+                          bias.dim() == 1 && bias.size(0) == w.size(1) &&
+                          bias.scalar_type() == at::kFloat);
+    p.cols.push_back(w.size(1));
+    p.first.push_back(p.first.back() + (w.size(1) + kPanel - 1) / kPanel);
+  }
+  p.panels = p.first.back();
+  const int64_t K = p.K, np = p.panels;
+  p.data = pooled_floats(K * np * kPanel);
+  p.bias = at::zeros({np * kPanel}, p.data.options());
+  float* bias_out = p.bias.data_ptr<float>();
+  for (size_t g = 0; g < groups.size(); ++g) {
+    const Tensor b = groups[g].second.contiguous();
+    std::copy_n(b.const_data_ptr<float>(), p.cols[g], bias_out + p.first[g] * kPanel);
+  }
+  float* out = p.data.data_ptr<float>();
+  // panel q of group g: columns [(q - first[g]) * 16, + 16) of its weight, zero past its width;
+  // slab s at out + s * kSlab * np * 16, the panel at + q * kc * 16 within it
+  at::parallel_for(0, np, 1, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      const size_t g = static_cast<size_t>(
+          std::upper_bound(p.first.begin(), p.first.end(), q) - p.first.begin() - 1);
+      const Tensor& w = groups[g].first;
+      const float* wp = w.const_data_ptr<float>();
+      const int64_t sk = w.stride(0), sn = w.stride(1);
+      const int64_t n0 = (q - p.first[g]) * kPanel, nn = std::min(kPanel, p.cols[g] - n0);
+      for (int64_t k0 = 0; k0 < K; k0 += kSlab) {
+        const int64_t kc = std::min(kSlab, K - k0);
+        float* d = out + k0 * np * kPanel + q * kc * kPanel;
+        if (sn == 1 && nn == kPanel) {  // rows of the panel contiguous in w: 64-byte copies
+          for (int64_t k = 0; k < kc; ++k) {
+            const float* __restrict__ s = wp + (k0 + k) * sk + n0;
+            float* __restrict__ dk = d + k * kPanel;
+            for (int64_t j = 0; j < kPanel; ++j) dk[j] = s[j];  // inline, not a memmove call
+          }
+        } else if (sn == 1) {
+          for (int64_t k = 0; k < kc; ++k) {
+            const float* s = wp + (k0 + k) * sk + n0;
+            float* dk = d + k * kPanel;
+            std::copy_n(s, nn, dk);
+            std::fill(dk + nn, dk + kPanel, 0.0f);
+          }
+        } else {  // a transposed weight: each column contiguous (or strided) in k
+          for (int64_t k = 0; k < kc; ++k) {
+            std::fill(d + k * kPanel + nn, d + (k + 1) * kPanel, 0.0f);
+          }
+          for (int64_t n = 0; n < nn; ++n) {
+            const float* s = wp + (n0 + n) * sn + k0 * sk;
+            for (int64_t k = 0; k < kc; ++k) d[k * kPanel + n] = s[k * sk];
+          }
+        }
+      }
+    }
+  });
+  return p;
+}
+
+void f32_gemm_panels(const float* a, int64_t lda, int64_t M, const F32Panels& b, int64_t p0,
+                     int64_t p1, float* c, int64_t ldc) {
+#if CARE_EXT_F32_GEMM_X86
+  TORCH_INTERNAL_ASSERT(cpu_has_avx2_fma() && 0 <= p0 && p0 <= p1 && p1 <= b.panels);
+  const int64_t K = b.K, np = b.panels;
+  const float* data = b.data.const_data_ptr<float>();
+  const float* bias = b.bias.const_data_ptr<float>();
+  if (K == 0) {  // no products: the bias alone
+    for (int64_t i = 0; i < M; ++i) {
+      std::copy(bias + p0 * kPanel, bias + p1 * kPanel, c + i * ldc + p0 * kPanel);
+    }
+    return;
+  }
+  for (int64_t k0 = 0; k0 < K; k0 += kSlab) {
+    const int64_t kc = std::min(kSlab, K - k0);
+    const bool first = k0 == 0, last = k0 + kc == K;
+    const float* slab = data + k0 * np * kPanel;
+    for (int64_t i0 = 0; i0 < M; i0 += kRowBlock) {
+      const int64_t i1 = std::min(M, i0 + kRowBlock);
+      for (int64_t q = p0; q < p1; ++q) {
+        const float* bq = slab + q * kc * kPanel;
+        const float* bias_q = last ? bias + q * kPanel : nullptr;
+        for (int64_t i = i0; i < i1; i += kTile) {
+          kTiles[std::min(kTile, i1 - i)](kc, a + i * lda + k0, lda, bq, c + i * ldc + q * kPanel,
+                                          ldc, first, bias_q);
+        }
+      }
+    }
+  }
+#else
+  (void)a, (void)lda, (void)M, (void)b, (void)p0, (void)p1, (void)c, (void)ldc;
+  TORCH_CHECK(false, "care_ext: the AVX2 float32 GEMM is not built for this CPU");
+#endif
+}
+
+void f32_gemm_panels_parallel(const float* a, int64_t lda, int64_t M, const F32Panels& b,
+                              int64_t p0, int64_t p1, float* c, int64_t ldc) {
+  const int64_t np = p1 - p0, row_blocks = (M + kRowBlock - 1) / kRowBlock;
+  if (np <= 0 || M <= 0) return;
+  // items (row block, panel), row-block major; a thread's run of items is whole panel ranges
+  // within each row block it touches
+  at::parallel_for(0, row_blocks * np, 1, [&](int64_t t0, int64_t t1) {
+    while (t0 < t1) {
+      const int64_t rb = t0 / np, q0 = t0 % np, q1 = std::min(np, q0 + (t1 - t0));
+      const int64_t i0 = rb * kRowBlock, rows = std::min(kRowBlock, M - i0);
+      f32_gemm_panels(a + i0 * lda, lda, rows, b, p0 + q0, p0 + q1, c + i0 * ldc, ldc);
+      t0 += q1 - q0;
+    }
+  });
+}
+
+std::vector<Tensor> f32_linear_groups(const Tensor& x,
+                                      const std::vector<std::pair<Tensor, Tensor>>& groups) {
+  const int64_t M = x.size(0), K = x.size(1);
+  const F32Panels f = pack_f32_panels(groups);
+  const int64_t lda = f32_row_stride(K), ld = f.panels * kPanel;
+  Tensor xf = pooled_floats(M * lda).view({M, lda}).narrow(1, 0, K);
+  xf.copy_(x);
+  Tensor c = at::empty({M, ld}, xf.options());
+  f32_gemm_panels_parallel(xf.const_data_ptr<float>(), xf.stride(0), M, f, 0, f.panels,
+                           c.data_ptr<float>(), ld);
+  std::vector<Tensor> out;
+  for (size_t g = 0; g < groups.size(); ++g) {
+    out.push_back(c.narrow(1, f.first[g] * kPanel, f.cols[g]));
+  }
+  return out;
+}
+
+}  // namespace care_ext
