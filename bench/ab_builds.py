@@ -14,6 +14,12 @@ rounds and B / A with the paired rounds' range.
     python bench/ab_builds.py --a /tmp/base --b installed --threads 1 2 \\
         --shapes 64x8x4096 512x16x4096 --rounds 4 --out bench/results/ab
 
+Two settings of one build compare the same way: ``--env-a``/``--env-b`` put environment
+variables into the processes of A or B, e.g. the float32 GEMM of the CPU step:
+
+    python bench/ab_builds.py --a installed --b installed --env-a CARE_EXT_CPU_GEMM=mkl \\
+        --env-b CARE_EXT_CPU_GEMM=avx2 --threads 1 2 --shapes 64x8x4096 512x16x4096
+
 A build is ``installed`` (whatever ``import care_ext`` finds outside the source tree) or a
 directory holding an in-place build (``care_ext/_C*.so``), which goes first on PYTHONPATH; the
 child checks that the care_ext it imported is the one asked for and native. CPU only: on a GPU
@@ -85,9 +91,22 @@ def child(args) -> int:
     return 0
 
 
-def run_build(build: str, threads: int, args) -> list[dict]:
-    """The rows of one child process of `build` (see module docstring) at `threads`."""
-    env = dict(os.environ)
+def env_pairs(items: list[str] | None) -> dict[str, str]:
+    """``KEY=VALUE`` strings as a dict; a malformed item stops the run, named."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"ab_builds: expected KEY=VALUE, got {item!r}")
+        out[key] = value
+    return out
+
+
+def run_build(build: str, threads: int, args, extra_env: dict[str, str] | None = None
+              ) -> list[dict]:
+    """The rows of one child process of `build` (see module docstring) at `threads`, with
+    `extra_env` added to its environment."""
+    env = dict(os.environ, **(extra_env or {}))
     if build != "installed":
         rest = [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []
         env["PYTHONPATH"] = os.pathsep.join([str(Path(build).resolve()), *rest])
@@ -131,6 +150,10 @@ def main(argv=None) -> int:
                     help="seconds per shape and process")
     ap.add_argument("--out",
                     help="output prefix: <out>.jsonl (every process's rows, then the summaries)")
+    ap.add_argument("--env-a", nargs="*", metavar="KEY=VALUE",
+                    help="environment variables for build A's processes")
+    ap.add_argument("--env-b", nargs="*", metavar="KEY=VALUE",
+                    help="environment variables for build B's processes")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child is not None:
@@ -142,12 +165,13 @@ def main(argv=None) -> int:
         if build != "installed" and not list(Path(build).glob("care_ext/_C*.so")):
             ap.error(f"{build} has no in-place build (care_ext/_C*.so); "
                      "run `python setup.py build_ext --inplace` there, or pass 'installed'")
+    envs = {"a": env_pairs(args.env_a), "b": env_pairs(args.env_b)}
     rows = []
     for rnd in range(args.rounds):
         order = ("a", "b") if rnd % 2 == 0 else ("b", "a")  # A B, B A, ...: drift cancels
         for v in order:
             for threads in args.threads:
-                for r in run_build(getattr(args, v), threads, args):
+                for r in run_build(getattr(args, v), threads, args, envs[v]):
                     rows.append(dict(r, build=v, round=rnd))
                     print(f"round {rnd} {v} t{threads} {r['shape']:>12} {r['op']} "
                           f"{r['wall_ms']:9.2f} ms  {r['ratio']:7.3f} x gemm8  (git {r['git']})",
@@ -162,9 +186,11 @@ def main(argv=None) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("w") as f:
             for r in rows:
-                f.write(json.dumps(dict(r, a_build=args.a, b_build=args.b)) + "\n")
+                f.write(json.dumps(dict(r, a_build=args.a, b_build=args.b, a_env=envs["a"],
+                                        b_env=envs["b"])) + "\n")
             for s in summary:
-                f.write(json.dumps(dict(s, kind="summary", a_build=args.a, b_build=args.b)) + "\n")
+                f.write(json.dumps(dict(s, kind="summary", a_build=args.a, b_build=args.b,
+                                        a_env=envs["a"], b_env=envs["b"])) + "\n")
         print(f"wrote {path}")
     return 0
 

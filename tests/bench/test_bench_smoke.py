@@ -240,6 +240,27 @@ def test_ab_builds_alternates_two_builds(tmp_path):
         assert s["paired_min"] <= s["paired_max"] and s["rounds"] == 2
 
 
+def test_ab_builds_gives_each_side_its_environment(tmp_path):
+    """--env-a / --env-b reach only their side's processes: a value the op rejects stops the run at
+    B's first process, naming the error; a valid pair runs and each row records its side's
+    variables; an item without '=' is refused."""
+    import ab_builds
+
+    base = ["--a", "installed", "--b", "installed", "--threads", "1", "--shapes", "6x4x32",
+            "--rounds", "1", "--min-time", "0.05"]
+    with pytest.raises(SystemExit, match="build 'installed' failed(.|\n)*CARE_EXT_CPU_GEMM must be"):
+        ab_builds.main([*base, "--env-b", "CARE_EXT_CPU_GEMM=bogus"])
+    out = tmp_path / "ab"
+    assert ab_builds.main([*base, "--env-a", "CARE_EXT_CPU_GEMM=mkl", "--env-b",
+                           "CARE_EXT_CPU_GEMM=auto", "--out", str(out)]) == 0
+    lines = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert len(lines) == 3  # a row per side, one summary
+    assert all(r["a_env"] == {"CARE_EXT_CPU_GEMM": "mkl"} for r in lines)
+    assert all(r["b_env"] == {"CARE_EXT_CPU_GEMM": "auto"} for r in lines)
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        ab_builds.main([*base, "--env-a", "CARE_EXT_CPU_GEMM"])
+
+
 def test_ab_builds_refuses_a_directory_without_a_build(tmp_path):
     import ab_builds
 
