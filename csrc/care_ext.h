@@ -148,7 +148,8 @@ StepTuple acquisition_step_split_cpu(const Tensor& ids, const Tensor& lengths,
                                      bool adv_unbiased, at::TensorList first_layer_split);
 bool cpu_bf16_gemm_available();
 // Whether CARE_EXT_CPU_GEMM=auto (or unset) runs the CPU's float32 first layers on the AVX2 GEMM
-// (cpu/f32_gemm.cpp; the rest of its interface is in classifier_parts.h): build_info's cpu_f32_gemm.
+// at hidden sizes >= 1024 (cpu/f32_gemm.cpp; the rest of its interface is in classifier_parts.h):
+// build_info's cpu_f32_gemm.
 bool cpu_f32_gemm_auto();
 
 // The fused step as private ops: care_ext::_acquisition_step_fused_split (split-bf16 first

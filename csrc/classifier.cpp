@@ -148,7 +148,8 @@ Tensor head_from_prompt_pre(const Weights& w, Tensor pre, const Tensor& prompt_f
 
 Tensor prompt_and_head(const Weights& w, const Tensor& h_prompt, const Tensor& prompt_feat,
                        const Tensor& pool) {
-  if (h_prompt.device().is_cpu() && h_prompt.size(0) > 0 && cpu_f32_gemm_selected()) {
+  if (h_prompt.device().is_cpu() && h_prompt.size(0) > 0 &&
+      cpu_f32_gemm_selected(h_prompt.size(1))) {
     const int64_t H = h_prompt.size(1);
     const Tensor pre = f32_linear_groups(h_prompt, {{w.pw.narrow(1, 0, H).t(), w.pb}})[0];
     return head_from_prompt_pre(w, pre, prompt_feat, pool);
@@ -325,7 +326,7 @@ StepTuple step_impl(const Tensor& ids, const Tensor& lengths, const Tensor& h_pr
                     w1.P, nullptr, B, pre1.data_ptr<float>(), w1.P);
     sum_split_terms(c.const_data_ptr<float>(), T * Pt, T, Pt, w1.P, b2.const_data_ptr<float>(),
                     w2.P, nullptr, B, pre2.data_ptr<float>(), w2.P);
-  } else if (dev.is_cpu() && B > 0 && cpu_f32_gemm_selected()) {
+  } else if (dev.is_cpu() && B > 0 && cpu_f32_gemm_selected(H)) {
     // the AVX2 GEMM: both prompt branches' hidden columns packed side by side whatever the layout
     const std::vector<Tensor> pre = f32_linear_groups(
         h_prompt, {{w1.pw.narrow(1, 0, H).t(), w1.pb}, {w2.pw.narrow(1, 0, H).t(), w2.pb}});

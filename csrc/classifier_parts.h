@@ -236,9 +236,11 @@ void rollout_pools_cpu(const Tensor& h_resp, int64_t B, int64_t G,
 // The float32 first-layer GEMMs on AVX2 + FMA (cpu/f32_gemm.cpp), for CPUs where MKL's SGEMM is
 // slow (measured on AMD Zen 3).
 // cpu_f32_gemm_available(): this build and CPU have the kernel (x86 with AVX2 and FMA).
-// cpu_f32_gemm_auto() (care_ext.h): what auto picks on this CPU: available and no AVX-512F
-//   (build_info's cpu_f32_gemm). cpu_f32_gemm_selected(): whether this call uses it: CARE_EXT_CPU_GEMM = avx2 |
-//   mkl | auto (unset: auto); avx2 where it is not available is an error.
+// cpu_f32_gemm_auto() (care_ext.h): whether auto picks it on this CPU at hidden sizes >=
+//   kF32GemmAutoMinK: available and no AVX-512F (build_info's cpu_f32_gemm).
+// cpu_f32_gemm_selected(K): whether a call with hidden size K uses it: CARE_EXT_CPU_GEMM = avx2 |
+//   mkl | auto (unset: auto; below kF32GemmAutoMinK auto keeps MKL, whose float order the CPU lab's
+//   recorded numbers at H = 128 were made with); avx2 where it is not available is an error.
 // F32Panels: column groups (weights [K, N_g] at any strides, biases [N_g]) packed by
 //   pack_f32_panels into 16-column panels; group g owns panels [first[g], first[g + 1]), its
 //   columns at panel first[g] * 16 onwards of an output row, cols[g] of them (the rest of its last
@@ -261,8 +263,9 @@ struct F32Panels {
   int64_t K = 0, panels = 0;
   std::vector<int64_t> first, cols;
 };
+constexpr int64_t kF32GemmAutoMinK = 1024;
 bool cpu_f32_gemm_available();
-bool cpu_f32_gemm_selected();
+bool cpu_f32_gemm_selected(int64_t K);
 int64_t f32_row_stride(int64_t K);
 F32Panels pack_f32_panels(const std::vector<std::pair<Tensor, Tensor>>& groups);
 void f32_gemm_panels(const float* a, int64_t lda, int64_t M, const F32Panels& b, int64_t p0,

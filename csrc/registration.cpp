@@ -72,8 +72,9 @@ std::string build_info() {
   // oneDNN's bf16 BRGeMM on AMX with pieces packed once (cpu/bf16_brgemm.cpp; off with
   // CARE_EXT_CPU_BRGEMM=0); false: the split step runs MKL's GEMM, packing per call
   s += std::string("\"cpu_brgemm\": ") + (cpu_brgemm_available() ? "true" : "false") + ", ";
-  // the float32 first layers of the CPU step and classifier_forward when CARE_EXT_CPU_GEMM is
-  // unset or auto: "avx2" (cpu/f32_gemm.cpp, on CPUs with AVX2 and FMA but no AVX-512F) or "mkl"
+  // the float32 first layers of the CPU step and classifier_forward at hidden sizes >= 1024 when
+  // CARE_EXT_CPU_GEMM is unset or auto: "avx2" (cpu/f32_gemm.cpp, on CPUs with AVX2 and FMA but no
+  // AVX-512F) or "mkl"
   s += std::string("\"cpu_f32_gemm\": \"") + (cpu_f32_gemm_auto() ? "avx2" : "mkl") + "\", ";
 #ifdef NDEBUG
   s += "\"debug\": false}";

@@ -18,8 +18,10 @@
 // of threads.
 //
 // CARE_EXT_CPU_GEMM (run time): "avx2" uses it, "mkl" uses MKL (torch's addmm), unset or "auto"
-// uses it on x86 CPUs with AVX2 and FMA and without AVX-512F (where MKL has its AVX-512 kernels);
-// "avx2" on a CPU without AVX2/FMA is an error.
+// uses it on x86 CPUs with AVX2 and FMA and without AVX-512F (where MKL has its AVX-512 kernels)
+// at hidden sizes >= 1024 (LLM sizes; below, MKL keeps the float order the CPU lab's recorded
+// numbers, H = 128, were made with, as the other CPU auto choices do); "avx2" on a CPU without
+// AVX2/FMA is an error.
 #include "../classifier_parts.h"
 
 #include <ATen/Parallel.h>
@@ -163,7 +165,7 @@ bool cpu_f32_gemm_available() { return cpu_has_avx2_fma(); }
 
 bool cpu_f32_gemm_auto() { return cpu_has_avx2_fma() && !cpu_has_avx512f(); }
 
-bool cpu_f32_gemm_selected() {
+bool cpu_f32_gemm_selected(int64_t K) {
   static const char* const kChoices[] = {"avx2", "mkl"};
   const int choice = env_choice("CARE_EXT_CPU_GEMM", kChoices);
   if (choice == 0) {
@@ -172,7 +174,7 @@ bool cpu_f32_gemm_selected() {
     return true;
   }
   if (choice == 1) return false;
-  return cpu_f32_gemm_auto();
+  return cpu_f32_gemm_auto() && K >= kF32GemmAutoMinK;
 }
 
 int64_t f32_row_stride(int64_t K) {

@@ -19,6 +19,9 @@
 //     BLAS calls, when there are at least as many blocks as threads (else one after the other,
 //     each GEMM on BLAS's threads), in a fixed block layout (results do not depend on how blocks
 //     meet threads).
+//   * with the AVX2 GEMM (CARE_EXT_CPU_GEMM, cpu/f32_gemm.cpp) both layers of every branch are
+//     packed once per call and every block multiplies them in place: the Stage-II rows by every
+//     panel, the others by Stage-I's panels only, whatever the weights' layout.
 // Results equal rollout_pools_dense up to float32 summation order. Unlike the dense path (and the
 // reference), which multiplies masked-out rows by zero, a non-finite hidden state outside a
 // branch's mask cannot reach that branch's pool.
@@ -283,7 +286,8 @@ void run_block_panels(const BlockRows& br, int64_t p0, int64_t n, int64_t G,
   const float* x = br.x.const_data_ptr<float>();
   float* cp = c.data_ptr<float>();
   auto gemm = parallel ? f32_gemm_panels_parallel : f32_gemm_panels;
-  const int64_t lead = pp.masked >= 0 ? static_cast<int64_t>(sels[static_cast<size_t>(pp.masked)].size()) : rows;
+  const int64_t lead =
+      pp.masked >= 0 ? static_cast<int64_t>(sels[static_cast<size_t>(pp.masked)].size()) : rows;
   gemm(x, lda, lead, f, 0, f.panels, cp, ld);
   if (lead < rows) {
     gemm(x + lead * lda, lda, rows - lead, f, 0, f.first[f.first.size() - 2], cp + lead * ld, ld);
@@ -450,7 +454,7 @@ void rollout_pools_cpu(const Tensor& h_resp, int64_t B, int64_t G,
   const bool block_parallel = nblocks >= at::get_num_threads();
   // the float32 rollout layers on the AVX2 GEMM (CARE_EXT_CPU_GEMM), packed once for every block
   std::optional<PanelPlan> panels;
-  if (!split.defined() && B > 0 && cpu_f32_gemm_selected()) {
+  if (!split.defined() && B > 0 && cpu_f32_gemm_selected(H)) {
     panels = plan_panels(plans, !block_parallel);
   }
   auto blocks = [&](int64_t k0, int64_t k1) {

@@ -1,9 +1,9 @@
 """The CPU's float32 first layers on the AVX2 GEMM (csrc/cpu/f32_gemm.cpp, CARE_EXT_CPU_GEMM).
 
 acquisition_step and classifier_forward run their first layers' hidden products on it where
-CARE_EXT_CPU_GEMM says avx2 (or auto, on an x86 CPU without AVX-512F). These tests force it on every
-x86 CPU with AVX2 and FMA, so that a machine whose default is MKL still checks it, and compare with
-the reference twins and with MKL's path.
+CARE_EXT_CPU_GEMM says avx2 (or auto, on an x86 CPU without AVX-512F at H >= 1024). These tests
+force it on every x86 CPU with AVX2 and FMA, so that a machine whose default is MKL still checks it,
+and compare with the reference twins and with MKL's path.
 """
 from __future__ import annotations
 
@@ -142,6 +142,26 @@ def test_avx2_and_mkl_paths_make_the_same_decisions(monkeypatch):
             torch.testing.assert_close(a, m, rtol=1e-4, atol=1e-5,
                                        msg=lambda s, name=name: f"{name}: {s}")
     assert_step_like_reference(outs["avx2"], ids, lengths, h_p, h_r, s1, s2)
+
+
+@needs_avx2
+@pytest.mark.parametrize("H", [512, 1024])
+def test_auto_takes_the_avx2_gemm_from_hidden_size_1024_where_build_info_says_so(H, monkeypatch):
+    """auto (and unset) give the bits of avx2 at H >= 1024 where build_info's cpu_f32_gemm is
+    'avx2', else MKL's bits (below 1024 the CPU lab's float order, H = 128, stays MKL's)."""
+    gen = torch.Generator().manual_seed(H)
+    ids, lengths, h_p, h_r, s1, s2 = step_inputs(5, 4, H, torch.bfloat16, gen)
+    outs = {}
+    for v in ("avx2", "mkl", "auto"):
+        monkeypatch.setenv(ENV, v)
+        outs[v] = run_step("acquisition_step", "cpu", ids, lengths, h_p, h_r, s1, s2)
+    monkeypatch.delenv(ENV)
+    unset = run_step("acquisition_step", "cpu", ids, lengths, h_p, h_r, s1, s2)
+    picks = "avx2" if H >= 1024 and care_ext.build_info()["cpu_f32_gemm"] == "avx2" else "mkl"
+    i = R.AcquisitionOutputs._fields.index("stage1_logits")
+    assert not torch.equal(outs["avx2"][i], outs["mkl"][i])  # the two paths are told apart
+    for a, b, u in zip(outs["auto"], outs[picks], unset):
+        assert torch.equal(a, b) and torch.equal(u, b)
 
 
 def test_cpu_gemm_env_is_checked_and_build_info_says_what_auto_picks(monkeypatch):
