@@ -211,18 +211,43 @@ def shared_first_layers(stage1: Sequence[Tensor], stage2: Sequence[Tensor]
     return w1, w2
 
 
+#: The environment variable that picks the CPU step's float32 GEMM (csrc/cpu/f32_gemm.cpp).
+CPU_GEMM_ENV = "CARE_EXT_CPU_GEMM"
+
+
+def cpu_step_packs_weights(hidden_size: int) -> bool:
+    """Whether the CPU step and ``classifier_forward`` multiply their float32 first layers on
+    care_ext's AVX2 GEMM at this hidden size, which packs the weights per call from any layout.
+
+    ``CARE_EXT_CPU_GEMM``: 'avx2' yes, 'mkl' no; unset, empty or 'auto' as
+    ``build_info()["cpu_f32_gemm"]`` says for ``hidden_size`` >= 1024 (x86 without AVX-512F),
+    no below; any other value no (the op itself then raises, naming the variable).
+    """
+    from . import HAS_NATIVE, build_info
+
+    mode = os.environ.get(CPU_GEMM_ENV, "") or "auto"
+    if mode in ("avx2", "mkl"):
+        return mode == "avx2"
+    return (mode == "auto" and HAS_NATIVE and hidden_size >= SHARED_LAYOUT_MIN_HIDDEN
+            and build_info().get("cpu_f32_gemm") == "avx2")
+
+
 def core_step_layout(stage1: Sequence[Tensor], stage2: Sequence[Tensor], hidden_size: int
                      ) -> tuple[list[Tensor], list[Tensor]]:
     """The layout in which the CARE core passes its folded weights to the step ops, by device.
 
     CUDA: every matrix column-major (:func:`fused_step_layout`); CPU at ``hidden_size`` >=
-    :data:`SHARED_LAYOUT_MIN_HIDDEN`: the first layers side by side (:func:`shared_first_layers`);
-    otherwise unchanged. Same shapes and values in every case; benchmarks call this to measure
-    what the core runs (:meth:`care_ext.trainer.ClassifierTrainer.folded`).
+    :data:`SHARED_LAYOUT_MIN_HIDDEN`: the first layers side by side (:func:`shared_first_layers`,
+    one MKL GEMM for both stages), except where the step runs on the AVX2 GEMM
+    (:func:`cpu_step_packs_weights`), which packs them from any layout: there the side-by-side
+    copy would be work for nothing (3 ms of a 19 ms decide at 64x8x4096 on a 2-core EPYC,
+    bench/RESULTS.md, eighteenth session); otherwise unchanged. Same shapes and values in every
+    case; benchmarks call this to measure what the core runs
+    (:meth:`care_ext.trainer.ClassifierTrainer.folded`).
     """
     if stage1[0].is_cuda:
         return fused_step_layout(stage1), fused_step_layout(stage2)
-    if hidden_size >= SHARED_LAYOUT_MIN_HIDDEN:
+    if hidden_size >= SHARED_LAYOUT_MIN_HIDDEN and not cpu_step_packs_weights(hidden_size):
         return shared_first_layers(stage1, stage2)
     return list(stage1), list(stage2)
 

@@ -93,6 +93,42 @@ __attribute__((target("avx2,fma"))) void tile(int64_t kc, const float* a, int64_
   }
 }
 
+// d[k][0..16) = column k of the 16 rows w[n * ldw + k] (n < 16, k < kc): a 16-column panel slab
+// of a weight stored transposed, by 8 x 8 register transposes (8 k of 8 rows at a time).
+__attribute__((target("avx2"))) void pack_transposed_panel(const float* w, int64_t ldw, int64_t kc,
+                                                           float* d) {
+  int64_t k = 0;
+  for (; k + 8 <= kc; k += 8) {
+    for (int h = 0; h < 2; ++h) {  // rows 8h .. 8h + 7 -> columns 8h .. 8h + 7 of the panel
+      const float* r = w + 8 * h * ldw + k;
+      const __m256 r0 = _mm256_loadu_ps(r), r1 = _mm256_loadu_ps(r + ldw),
+                   r2 = _mm256_loadu_ps(r + 2 * ldw), r3 = _mm256_loadu_ps(r + 3 * ldw),
+                   r4 = _mm256_loadu_ps(r + 4 * ldw), r5 = _mm256_loadu_ps(r + 5 * ldw),
+                   r6 = _mm256_loadu_ps(r + 6 * ldw), r7 = _mm256_loadu_ps(r + 7 * ldw);
+      const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1),
+                   t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3),
+                   t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5),
+                   t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+      const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE),
+                   s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE),
+                   s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE),
+                   s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+      float* o = d + k * kPanel + 8 * h;  // column j of the 8 rows is k + j of the panel
+      _mm256_storeu_ps(o + 0 * kPanel, _mm256_permute2f128_ps(s0, s4, 0x20));
+      _mm256_storeu_ps(o + 1 * kPanel, _mm256_permute2f128_ps(s1, s5, 0x20));
+      _mm256_storeu_ps(o + 2 * kPanel, _mm256_permute2f128_ps(s2, s6, 0x20));
+      _mm256_storeu_ps(o + 3 * kPanel, _mm256_permute2f128_ps(s3, s7, 0x20));
+      _mm256_storeu_ps(o + 4 * kPanel, _mm256_permute2f128_ps(s0, s4, 0x31));
+      _mm256_storeu_ps(o + 5 * kPanel, _mm256_permute2f128_ps(s1, s5, 0x31));
+      _mm256_storeu_ps(o + 6 * kPanel, _mm256_permute2f128_ps(s2, s6, 0x31));
+      _mm256_storeu_ps(o + 7 * kPanel, _mm256_permute2f128_ps(s3, s7, 0x31));
+    }
+  }
+  for (; k < kc; ++k) {
+    for (int64_t n = 0; n < kPanel; ++n) d[k * kPanel + n] = w[n * ldw + k];
+  }
+}
+
 using TileFn = void (*)(int64_t, const float*, int64_t, const float*, float*, int64_t, bool,
                         const float*);
 constexpr TileFn kTiles[kTile + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>};
@@ -108,6 +144,7 @@ bool cpu_has_avx512f() {
 #else
 bool cpu_has_avx2_fma() { return false; }
 bool cpu_has_avx512f() { return false; }
+void pack_transposed_panel(const float*, int64_t, int64_t, float*) {}  // never called off x86
 #endif
 
 // The calling thread's reusable float32 buffers (pooled_floats): a buffer is handed out again
@@ -234,6 +271,8 @@ F32Panels pack_f32_panels(const std::vector<std::pair<Tensor, Tensor>>& groups) 
             std::copy_n(s, nn, dk);
             std::fill(dk + nn, dk + kPanel, 0.0f);
           }
+        } else if (sk == 1 && nn == kPanel && cpu_has_avx2_fma()) {  // columns contiguous in k
+          pack_transposed_panel(wp + n0 * sn + k0, sn, kc, d);
         } else {  // a transposed weight: each column contiguous (or strided) in k
           for (int64_t k = 0; k < kc; ++k) {
             std::fill(d + k * kPanel + nn, d + (k + 1) * kPanel, 0.0f);

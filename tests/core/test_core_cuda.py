@@ -169,12 +169,13 @@ def test_folded_weights_are_row_major_on_the_cpu():
         assert got.is_contiguous() and torch.equal(got, want)
 
 
-def test_folded_first_layers_share_a_buffer_on_the_cpu_at_llm_widths():
-    """On the CPU at H >= SHARED_LAYOUT_MIN_HIDDEN with float32 first layers the core stores both
-    stages' first layers side by side (one GEMM for both in the CPU step), same values, and the
-    step gives what the row-major weights give."""
+def test_folded_first_layers_share_a_buffer_on_the_cpu_at_llm_widths(monkeypatch):
+    """On the CPU at H >= SHARED_LAYOUT_MIN_HIDDEN with float32 first layers on MKL
+    (CARE_EXT_CPU_GEMM=mkl) the core stores both stages' first layers side by side (one GEMM for
+    both in the CPU step), same values, and the step gives what the row-major weights give."""
     from care_ext.ops import SHARED_LAYOUT_MIN_HIDDEN
 
+    monkeypatch.setenv("CARE_EXT_CPU_GEMM", "mkl")
     H = SHARED_LAYOUT_MIN_HIDDEN
     (w1, w2), tr, b = _folded_after_one_update("cpu", H=H, with_batch=True,
                                                first_layer_gemm="float32")
@@ -190,6 +191,20 @@ def test_folded_first_layers_share_a_buffer_on_the_cpu_at_llm_widths():
     for name in ("reliability", "stage1_logits", "probs", "ecag"):
         torch.testing.assert_close(getattr(shared, name), getattr(row, name), rtol=1e-5,
                                    atol=1e-6, msg=name)
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
+                    reason="the AVX2 GEMM needs an x86 CPU with AVX2 and FMA")
+def test_folded_weights_stay_row_major_where_the_cpu_step_packs_them(monkeypatch):
+    """With the CPU step on the AVX2 GEMM (CARE_EXT_CPU_GEMM=avx2; auto on x86 without AVX-512F),
+    which packs the weights from any layout, the side-by-side copy is skipped: fold()'s weights."""
+    from care_ext.ops import SHARED_LAYOUT_MIN_HIDDEN
+
+    monkeypatch.setenv("CARE_EXT_CPU_GEMM", "avx2")
+    (w1, w2), tr = _folded_after_one_update("cpu", H=SHARED_LAYOUT_MIN_HIDDEN,
+                                            first_layer_gemm="float32")
+    for got, want in zip(w1 + w2, tr.stage1.fold() + tr.stage2.fold()):
+        assert got.is_contiguous() and torch.equal(got, want)
 
 
 def test_folded_weights_stay_row_major_for_the_cpu_split_step():

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import care_ext
+
 from ops_testutil import (B_GRID, G_GRID, R, assert_close, assert_exact, assert_like_torch,
                           assert_step_like_reference, random_ids, random_weights, run_step,
                           step_inputs, to64)
@@ -289,11 +291,12 @@ def test_step_with_both_first_layers_in_one_buffer(device, B, G, H, unanimous, s
     assert_step_like_reference(got, ids, lengths, h_p, h_r, s1, s2)
 
 
-def test_shared_first_layers_and_core_step_layout():
+def test_shared_first_layers_and_core_step_layout(monkeypatch):
     """shared_first_layers keeps every value and shape, puts both stages' prompt_w and resp1_w
     into one buffer each (Stage-I's columns first) and leaves the rest alone; core_step_layout
-    uses it on the CPU from SHARED_LAYOUT_MIN_HIDDEN on, and keeps smaller models (the CPU lab)
-    row-major."""
+    uses it on the CPU from SHARED_LAYOUT_MIN_HIDDEN on where the step runs MKL, keeps the weights
+    as they are where the step packs them for the AVX2 GEMM (CARE_EXT_CPU_GEMM=avx2, or auto where
+    build_info says so), and keeps smaller models (the CPU lab) row-major."""
     import care_ext.ops as ops
 
     gen = torch.Generator().manual_seed(0)
@@ -309,10 +312,19 @@ def test_shared_first_layers_and_core_step_layout():
         ops.shared_first_layers(s1, s2[:9])
     with pytest.raises(ValueError, match=r"weights\[2\] \(resp1_w\) must be 2-D"):
         ops.shared_first_layers(s1[:2] + [s1[2].flatten()] + s1[3:], s2)
-    small = ops.core_step_layout(s1, s2, 48)
-    assert all(a is b for a, b in zip(small[0] + small[1], s1 + s2))
-    big = ops.core_step_layout(s1, s2, ops.SHARED_LAYOUT_MIN_HIDDEN)
-    assert big[0][2].untyped_storage().data_ptr() == big[1][2].untyped_storage().data_ptr()
+    big_h = ops.SHARED_LAYOUT_MIN_HIDDEN
+    for env in ("mkl", "avx2", "auto"):
+        monkeypatch.setenv("CARE_EXT_CPU_GEMM", env)
+        small = ops.core_step_layout(s1, s2, 48)
+        assert all(a is b for a, b in zip(small[0] + small[1], s1 + s2))
+        big = ops.core_step_layout(s1, s2, big_h)
+        packs = env == "avx2" or (env == "auto" and care_ext.build_info()["cpu_f32_gemm"] == "avx2")
+        assert ops.cpu_step_packs_weights(big_h) is packs
+        assert ops.cpu_step_packs_weights(48) is (env == "avx2")  # auto: only from 1024 on
+        if packs:
+            assert all(a is b for a, b in zip(big[0] + big[1], s1 + s2))
+        else:
+            assert big[0][2].untyped_storage().data_ptr() == big[1][2].untyped_storage().data_ptr()
 
 
 @pytest.mark.parametrize("op", ["_acquisition_step_fused", "_acquisition_step_fused_split"])
