@@ -2,10 +2,10 @@
 // far from the FMA units' peak.
 //
 // Why: on a 2-core AMD EPYC (Zen 3, no AVX-512) MKL 2024.2's SGEMM ran the step's first layers at
-// 56-72 GFLOP/s per core ([256, 4096] x [4096, 64 | 128]) against 98-100 GFLOP/s of independent
-// FMAs, and the float32 step, which those GEMMs dominate, missed issue 7's CPU goal there
-// (bench/RESULTS.md, seventeenth session). oneDNN's f32 BRGeMM (torch's cpublas::brgemm) measured
-// 41-48 GFLOP/s on the same machine.
+// 56-86 GFLOP/s per core ([256, 4096] x [4096, 64 | 128], [64, 4096] x [4096, 256]) against
+// 97-100 GFLOP/s of independent FMAs, and the float32 step, which those GEMMs dominate, missed
+// issue 7's CPU goal there; this kernel runs them at 78-96 (bench/RESULTS.md, eighteenth
+// session). oneDNN's f32 BRGeMM (torch's cpublas::brgemm) measured 41-48 GFLOP/s there.
 //
 // The kernel: B (the weight, [K, N] at any strides, one or more column groups each with its bias)
 // is packed once per call into 16-column panels of KC-row slabs, every group starting on a panel
@@ -148,7 +148,8 @@ void pack_transposed_panel(const float*, int64_t, int64_t, float*) {}  // never 
 #endif
 
 // The calling thread's reusable float32 buffers (pooled_floats): a buffer is handed out again
-// only when nothing else holds its storage (a view of it counts), so reuse is never visible.
+// only when nothing else holds its storage (a view of it counts), so reuse is never visible. They
+// are kept until the thread exits (at 64x8x4096: ~7 MB on the calling thread, ~4 MB per worker).
 constexpr size_t kPoolSlots = 8;
 thread_local std::vector<Tensor> pool;
 
