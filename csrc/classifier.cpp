@@ -10,6 +10,7 @@
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <vector>
@@ -101,7 +102,7 @@ namespace {
 // to `pre` and applies relu into the first P columns of the head's input [B, P + R2] (the pool
 // copied beside them), then head layer 1 is one GEMM over K = P + R2 (no bias), one pass adds
 // h1b and applies relu, and head layer 2 is an addmm. The same products as the ATen composite;
-// layer 1's two GEMMs become one float32 sum.
+// layer 1's two GEMMs become one float32 sum (on the AVX2 GEMM where cpu_f32_gemm_selected(H)).
 Tensor head_cpu(const Weights& w, const Tensor& pre, const Tensor& prompt_feat,
                 const Tensor& pool) {
   const int64_t B = pre.size(0), P = w.P, R2 = w.R2, Fp = prompt_feat.size(1);
@@ -119,13 +120,24 @@ Tensor head_cpu(const Weights& w, const Tensor& pre, const Tensor& prompt_feat,
     for (int64_t u = 0; u < P; ++u) row[u] = pp[b * p0 + u * p1];
     add_features_relu(row, P, Fp > 0 ? fp + b * f0 : nullptr, f1, Fp, wf.data());
   }
-  Tensor z = at::mm(zin, w.h1w.t());  // [B, K]
+  const int64_t K = w.K;
+  Tensor z;  // [B, K] at row stride ldz
+  int64_t ldz = K;
+  if (cpu_f32_gemm_selected(H)) {  // the AVX2 GEMM (cpu/f32_gemm.cpp); h1b is added below
+    const F32Panels f = pack_f32_panels({{w.h1w.t(), at::zeros({K}, zin.options())}});
+    ldz = f.panels * kF32Panel;
+    z = at::empty({B, ldz}, zin.options());
+    f32_gemm_panels_parallel(zin.const_data_ptr<float>(), P + R2, B, f, 0, f.panels,
+                             z.data_ptr<float>(), ldz);
+    z = z.narrow(1, 0, K);
+  } else {
+    z = at::mm(zin, w.h1w.t());
+  }
   const Tensor h1b = w.h1b.contiguous();
   const float* __restrict__ bias = h1b.const_data_ptr<float>();
   float* zz = z.data_ptr<float>();
-  const int64_t K = w.K;
   for (int64_t b = 0; b < B; ++b) {
-    float* __restrict__ row = zz + b * K;
+    float* __restrict__ row = zz + b * ldz;
     for (int64_t k = 0; k < K; ++k) row[k] = std::max(row[k] + bias[k], 0.0f);
   }
   return w.h2b.addmm(z, w.h2w.t());
