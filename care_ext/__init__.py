@@ -72,7 +72,9 @@ def build_info() -> dict:
         where the build tree's git metadata lags), max_group_size, intra_op_parallel (the
         CPU kernels split their work over torch's intra-op threads: built with OpenMP),
         cpu_bf16_gemm (MKL's bf16 x bf16 -> float32 GEMM is reachable: the CPU split step's
-        products), debug;
+        products), cpu_brgemm (oneDNN's bf16 BRGeMM on AMX for packed split pieces),
+        cpu_f32_gemm ('avx2' or 'mkl': what ``CARE_EXT_CPU_GEMM=auto`` runs the CPU's float32
+        first layers on from cpu_f32_gemm_min_hidden on), debug;
         or ``{"native": False, "error": ...}`` when it is not loaded.
     """
     if not HAS_NATIVE:

@@ -220,16 +220,19 @@ def cpu_step_packs_weights(hidden_size: int) -> bool:
     care_ext's AVX2 GEMM at this hidden size, which packs the weights per call from any layout.
 
     ``CARE_EXT_CPU_GEMM``: 'avx2' yes, 'mkl' no; unset, empty or 'auto' as
-    ``build_info()["cpu_f32_gemm"]`` says for ``hidden_size`` >= 1024 (x86 without AVX-512F),
-    no below; any other value no (the op itself then raises, naming the variable).
+    ``build_info()["cpu_f32_gemm"]`` says (x86 without AVX-512F) from
+    ``build_info()["cpu_f32_gemm_min_hidden"]`` (1024) on, no below, as the op decides; any
+    other value no (the op itself then raises, naming the variable).
     """
     from . import HAS_NATIVE, build_info
 
     mode = os.environ.get(CPU_GEMM_ENV, "") or "auto"
     if mode in ("avx2", "mkl"):
         return mode == "avx2"
-    return (mode == "auto" and HAS_NATIVE and hidden_size >= SHARED_LAYOUT_MIN_HIDDEN
-            and build_info().get("cpu_f32_gemm") == "avx2")
+    if mode != "auto" or not HAS_NATIVE:
+        return False
+    info = build_info()
+    return info.get("cpu_f32_gemm") == "avx2" and hidden_size >= info["cpu_f32_gemm_min_hidden"]
 
 
 def core_step_layout(stage1: Sequence[Tensor], stage2: Sequence[Tensor], hidden_size: int

@@ -149,7 +149,9 @@ StepTuple acquisition_step_split_cpu(const Tensor& ids, const Tensor& lengths,
 bool cpu_bf16_gemm_available();
 // Whether CARE_EXT_CPU_GEMM=auto (or unset) runs the CPU's float32 first layers on the AVX2 GEMM
 // at hidden sizes >= 1024 (cpu/f32_gemm.cpp; the rest of its interface is in classifier_parts.h):
-// build_info's cpu_f32_gemm.
+// build_info's cpu_f32_gemm; kF32GemmAutoMinK is that hidden size (build_info's
+// cpu_f32_gemm_min_hidden, which care_ext.ops.cpu_step_packs_weights reads).
+constexpr int64_t kF32GemmAutoMinK = 1024;
 bool cpu_f32_gemm_auto();
 
 // The fused step as private ops: care_ext::_acquisition_step_fused_split (split-bf16 first

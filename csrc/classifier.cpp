@@ -10,7 +10,6 @@
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <vector>
@@ -124,7 +123,7 @@ Tensor head_cpu(const Weights& w, const Tensor& pre, const Tensor& prompt_feat,
   Tensor z;  // [B, K] at row stride ldz
   int64_t ldz = K;
   if (cpu_f32_gemm_selected(H)) {  // the AVX2 GEMM (cpu/f32_gemm.cpp); h1b is added below
-    const F32Panels f = pack_f32_panels({{w.h1w.t(), at::zeros({K}, zin.options())}});
+    const F32Panels f = pack_f32_panels({{w.h1w.t(), Tensor()}});
     ldz = f.panels * kF32Panel;
     z = at::empty({B, ldz}, zin.options());
     f32_gemm_panels_parallel(zin.const_data_ptr<float>(), P + R2, B, f, 0, f.panels,

@@ -237,17 +237,18 @@ void rollout_pools_cpu(const Tensor& h_resp, int64_t B, int64_t G,
 // slow (measured on AMD Zen 3).
 // cpu_f32_gemm_available(): this build and CPU have the kernel (x86 with AVX2 and FMA).
 // cpu_f32_gemm_auto() (care_ext.h): whether auto picks it on this CPU at hidden sizes >=
-//   kF32GemmAutoMinK: available and no AVX-512F (build_info's cpu_f32_gemm).
+//   kF32GemmAutoMinK (care_ext.h): available and no AVX-512F (build_info's cpu_f32_gemm).
 // cpu_f32_gemm_selected(K): whether a call with hidden size K uses it: CARE_EXT_CPU_GEMM = avx2 |
 //   mkl | auto (unset: auto; below kF32GemmAutoMinK auto keeps MKL, whose float order the CPU lab's
 //   recorded numbers at H = 128 were made with); avx2 where it is not available is an error.
-// F32Panels: column groups (weights [K, N_g] at any strides, biases [N_g]) packed by
+// F32Panels: column groups (weights [K, N_g] at any strides, biases [N_g] or undefined for
+//   none) packed by
 //   pack_f32_panels into 16-column panels; group g owns panels [first[g], first[g + 1]), its
 //   columns at panel first[g] * 16 onwards of an output row, cols[g] of them (the rest of its last
 //   panel is padding).
 // f32_gemm_panels: c[i, q * 16 + j] = bias + the sum over k of a[i, k] * w[k, .] (per slab of 256
-//   k one FMA after another from zero, the slabs' sums added in order) for rows [0, M) of a (float32, row stride lda) and panels [p0, p1), on the
-//   calling thread; c has row stride ldc >= p1 * 16. f32_gemm_panels_parallel: the same over
+//   k one FMA after another from zero, the slabs' sums added in order) for rows [0, M) of a
+//   (float32, row stride lda) and panels [p0, p1), on the calling thread; c has row stride ldc >= p1 * 16. f32_gemm_panels_parallel: the same over
 //   torch's threads, with the same bits. f32_row_stride(K): the row stride (floats) to give A.
 // pooled_floats(n): a float32 CPU buffer of n elements from the calling thread's pool (up to 8
 //   buffers, each handed out again only when nothing else holds its storage): large scratch
@@ -263,7 +264,6 @@ struct F32Panels {
   int64_t K = 0, panels = 0;
   std::vector<int64_t> first, cols;
 };
-constexpr int64_t kF32GemmAutoMinK = 1024;
 bool cpu_f32_gemm_available();
 bool cpu_f32_gemm_selected(int64_t K);
 int64_t f32_row_stride(int64_t K);

@@ -76,6 +76,7 @@ std::string build_info() {
   // CARE_EXT_CPU_GEMM is unset or auto: "avx2" (cpu/f32_gemm.cpp, on CPUs with AVX2 and FMA but no
   // AVX-512F) or "mkl"
   s += std::string("\"cpu_f32_gemm\": \"") + (cpu_f32_gemm_auto() ? "avx2" : "mkl") + "\", ";
+  s += "\"cpu_f32_gemm_min_hidden\": " + std::to_string(kF32GemmAutoMinK) + ", ";
 #ifdef NDEBUG
   s += "\"debug\": false}";
 #else

@@ -230,9 +230,9 @@ F32Panels pack_f32_panels(const std::vector<std::pair<Tensor, Tensor>>& groups) 
   p.K = groups.front().first.size(0);
   p.first.push_back(0);
   for (const auto& [w, bias] : groups) {
-    TORCH_INTERNAL_ASSERT(w.dim() == 2 && w.size(0) == p.K && w.scalar_type() == at::kFloat &&
-                          bias.dim() == 1 && bias.size(0) == w.size(1) &&
-                          bias.scalar_type() == at::kFloat);
+    TORCH_INTERNAL_ASSERT(w.dim() == 2 && w.size(0) == p.K && w.scalar_type() == at::kFloat);
+    TORCH_INTERNAL_ASSERT(!bias.defined() || (bias.dim() == 1 && bias.size(0) == w.size(1) &&
+                                              bias.scalar_type() == at::kFloat));
     p.cols.push_back(w.size(1));
     p.first.push_back(p.first.back() + (w.size(1) + kPanel - 1) / kPanel);
   }
@@ -242,6 +242,7 @@ F32Panels pack_f32_panels(const std::vector<std::pair<Tensor, Tensor>>& groups) 
   p.bias = at::zeros({np * kPanel}, p.data.options());
   float* bias_out = p.bias.data_ptr<float>();
   for (size_t g = 0; g < groups.size(); ++g) {
+    if (!groups[g].second.defined()) continue;  // no bias: zeros
     const Tensor b = groups[g].second.contiguous();
     std::copy_n(b.const_data_ptr<float>(), p.cols[g], bias_out + p.first[g] * kPanel);
   }
@@ -259,13 +260,7 @@ F32Panels pack_f32_panels(const std::vector<std::pair<Tensor, Tensor>>& groups) 
       for (int64_t k0 = 0; k0 < K; k0 += kSlab) {
         const int64_t kc = std::min(kSlab, K - k0);
         float* d = out + k0 * np * kPanel + q * kc * kPanel;
-        if (sn == 1 && nn == kPanel) {  // rows of the panel contiguous in w: 64-byte copies
-          for (int64_t k = 0; k < kc; ++k) {
-            const float* __restrict__ s = wp + (k0 + k) * sk + n0;
-            float* __restrict__ dk = d + k * kPanel;
-            for (int64_t j = 0; j < kPanel; ++j) dk[j] = s[j];  // inline, not a memmove call
-          }
-        } else if (sn == 1) {
+        if (sn == 1) {  // rows of the panel contiguous in w
           for (int64_t k = 0; k < kc; ++k) {
             const float* s = wp + (k0 + k) * sk + n0;
             float* dk = d + k * kPanel;

@@ -32,7 +32,6 @@
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <cstring>
@@ -83,7 +82,7 @@ struct BranchPlan {
   const bool* mask;    // [B, G] row-major, or nullptr
   float* pool;         // [B, R2] row-major, zero-initialised
   int64_t Fr, R2;
-  // layer 2 on the AVX2 GEMM: w2_t packed (zero bias: b2 is added below), and whether its GEMMs
+  // layer 2 on the AVX2 GEMM: w2_t packed (no bias: b2 is added below), and whether its GEMMs
   // run over torch's threads (blocks one after another); nullptr: MKL
   const F32Panels* l2 = nullptr;
   bool l2_parallel = false;
@@ -254,7 +253,7 @@ PanelPlan plan_panels(std::vector<BranchPlan>& plans, bool parallel) {
   PanelPlan pp;
   pp.l2.reserve(plans.size());
   for (BranchPlan& bp : plans) {
-    pp.l2.push_back(pack_f32_panels({{bp.w2_t, at::zeros({bp.R2}, bp.w2_t.options())}}));
+    pp.l2.push_back(pack_f32_panels({{bp.w2_t, Tensor()}}));
     bp.l2 = &pp.l2.back();
     bp.l2_parallel = parallel;
   }
@@ -426,8 +425,11 @@ void rollout_pools_cpu(const Tensor& h_resp, int64_t B, int64_t G,
   }
   // Stage-I (unmasked) and Stage-II (masked) with their hidden columns in one buffer: one GEMM
   // over both for the masked rows (the CARE core's CPU layout, care_ext.ops.core_step_layout).
+  // the float32 rollout layers on the AVX2 GEMM (CARE_EXT_CPU_GEMM), packed once for every block
+  // below; it takes any layout, so the shared first layer is MKL's only
+  const bool f32_panels = !split.defined() && B > 0 && cpu_f32_gemm_selected(H);
   std::optional<SharedFirstLayer> shared;
-  if (!split.defined() && plans.size() == 2 &&
+  if (!split.defined() && !f32_panels && plans.size() == 2 &&
       (plans[0].mask == nullptr) != (plans[1].mask == nullptr)) {
     SharedFirstLayer sh;
     sh.u = plans[0].mask == nullptr ? 0 : 1;
@@ -452,11 +454,8 @@ void rollout_pools_cpu(const Tensor& h_resp, int64_t B, int64_t G,
                                               small_blocks_requested());
   const int64_t nblocks = (B + per_block - 1) / per_block;
   const bool block_parallel = nblocks >= at::get_num_threads();
-  // the float32 rollout layers on the AVX2 GEMM (CARE_EXT_CPU_GEMM), packed once for every block
   std::optional<PanelPlan> panels;
-  if (!split.defined() && B > 0 && cpu_f32_gemm_selected(H)) {
-    panels = plan_panels(plans, !block_parallel);
-  }
+  if (f32_panels) panels = plan_panels(plans, !block_parallel);
   auto blocks = [&](int64_t k0, int64_t k1) {
     BlockRows br;  // one buffer per task, reused by its blocks (the split path reads the bf16
                    // rows in place and uses only the buffer order)

@@ -177,6 +177,7 @@ def test_cpu_gemm_env_is_checked_and_build_info_says_what_auto_picks(monkeypatch
         monkeypatch.setenv(ENV, "avx2")
         with pytest.raises(RuntimeError, match="has no AVX2 and FMA"):
             run_step("acquisition_step", "cpu", ids, lengths, h_p, h_r, s1, s2)
+    assert care_ext.build_info()["cpu_f32_gemm_min_hidden"] == 1024  # what the H test below uses
     want = "avx2" if HAS_AVX2 and "avx512f" not in FLAGS else "mkl"
     if FLAGS:  # /proc/cpuinfo read: Linux
         assert care_ext.build_info()["cpu_f32_gemm"] == want
