@@ -98,6 +98,23 @@ def _acquisition_step_split(ids: Tensor, lengths: Tensor, h_prompt: Tensor, h_re
                              cag_unbiased, adv_eps, adv_unbiased)
 
 
+@torch.library.register_fake(_LIB + "_acquisition_step_f32_packed")
+def _acquisition_step_f32_packed(ids: Tensor, lengths: Tensor, h_prompt: Tensor, h_resp: Tensor,
+                                 stage1, stage2, max_len: float, cag_eps: float,
+                                 cag_unbiased: bool, adv_eps: float, adv_unbiased: bool,
+                                 packed: Tensor):
+    torch._check(packed.dim() == 1 and packed.dtype == torch.float32,
+                 lambda: "packed must be 1-D float32 (care_ext.ops.pack_cpu_step_weights)")
+    return _acquisition_step(ids, lengths, h_prompt, h_resp, stage1, stage2, max_len, cag_eps,
+                             cag_unbiased, adv_eps, adv_unbiased)
+
+
+@torch.library.register_fake(_LIB + "_pack_f32_step")
+def _pack_f32_step(stage1, stage2, out: Tensor):
+    torch._check(out.dim() == 1 and out.dtype == torch.float32, lambda: "out must be 1-D float32")
+    return None
+
+
 @torch.library.register_fake(_LIB + "_acquisition_step_fused_split")
 def _acquisition_step_fused_split(ids: Tensor, lengths: Tensor, h_prompt: Tensor, h_resp: Tensor,
                                   stage1, stage2, max_len: float, cag_eps: float, cag_unbiased: bool,

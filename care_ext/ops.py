@@ -255,11 +255,62 @@ def core_step_layout(stage1: Sequence[Tensor], stage2: Sequence[Tensor], hidden_
     return list(stage1), list(stage2)
 
 
+def cpu_step_packed_numel(stage1: Sequence[Tensor], stage2: Sequence[Tensor],
+                          hidden_size: int) -> int:
+    """float32 elements of :func:`pack_cpu_step_weights`'s buffer for these weights: the 16-column
+    panels of both stages' rollout and prompt first layers (hidden columns, K = ``hidden_size``),
+    rollout layer 2 (K = R1) and head layer 1 (K = P + R2), as ``csrc/cpu/f32_step_pack.cpp``
+    lays them out (the op checks the size it is given against its own count)."""
+    def panels(w: Tensor, k: int) -> int:  # [N, K] weight -> K x ceil(N / 16) x 16 floats
+        return k * -(-int(w.shape[0]) // 16) * 16
+
+    H = int(hidden_size)
+    n = 0
+    for w in (stage1, stage2):
+        n += panels(w[2], H) + panels(w[4], int(w[4].shape[1]))  # resp1_w, resp2_w
+        n += panels(w[0], H) + panels(w[6], int(w[6].shape[1]))  # prompt_w, head1_w
+    return n
+
+
+def pack_cpu_step_weights(stage1: Sequence[Tensor], stage2: Sequence[Tensor], hidden_size: int,
+                          out: Tensor | None = None) -> Tensor | None:
+    """The CPU step's float32 weights packed once for its AVX2 GEMM: the ``packed_weights``
+    argument of :func:`acquisition_step`, valid until the weights change.
+
+    The float32 step otherwise packs these weights (both stages' rollout and prompt first layers,
+    rollout layer 2, head layer 1; ~7.5 MB at H = 4096) at every call, most of them transposed:
+    7% of its samples at 64x8x4096 on a 2-core EPYC (bench/RESULTS.md, nineteenth session). The
+    CARE core packs after each classifier update (``CareConfig.first_layer_pack``).
+
+    Args:
+        stage1, stage2: both classifiers' 10 folded float32 CPU weights (any strides).
+        hidden_size: H.
+        out: a float32 buffer to pack into (reused when it has the right size, as the core does
+            after every update: a fresh 7.5 MB costs page faults), else a new one.
+
+    Returns:
+        A 1-D float32 tensor of :func:`cpu_step_packed_numel` elements, or None where the step
+        does not run the AVX2 GEMM (:func:`cpu_step_packs_weights` false, weights not on the CPU,
+        or no native library).
+
+    Raises:
+        RuntimeError: weights whose shapes do not make two CARE classifiers (the op names them).
+    """
+    if stage1[0].device.type != "cpu" or not cpu_step_packs_weights(hidden_size):
+        return None
+    n = cpu_step_packed_numel(stage1, stage2, hidden_size)
+    if out is None or out.numel() != n or out.dtype != torch.float32 or not out.is_contiguous():
+        out = torch.empty(n, dtype=torch.float32)
+    torch.ops.care_ext._pack_f32_step(list(stage1), list(stage2), out)
+    return out
+
+
 def acquisition_step(ids: Tensor, lengths: Tensor, h_prompt: Tensor, h_resp: Tensor,
                      stage1: Sequence[Tensor], stage2: Sequence[Tensor], max_len: float = MAX_LEN,
                      cag_eps: float = CAG_EPS, cag_unbiased: bool = CAG_UNBIASED,
                      adv_eps: float = ADV_EPS, adv_unbiased: bool = ADV_UNBIASED, *,
-                     first_layer_split: Sequence[Tensor] | None = None) -> AcquisitionOutputs:
+                     first_layer_split: Sequence[Tensor] | None = None,
+                     packed_weights: Tensor | None = None) -> AcquisitionOutputs:
     """The fused acquisition step (features, both classifiers, expected CAG, pseudo advantages).
 
     Args and outputs as :func:`care_ext.reference.acquisition_step`; hidden states may be float32
@@ -270,8 +321,20 @@ def acquisition_step(ids: Tensor, lengths: Tensor, h_prompt: Tensor, h_resp: Ten
     on the CPU ``_acquisition_step_split`` (MKL's bf16 GEMM on AMX / AVX512-BF16 where torch has
     it, ``build_info()["cpu_bf16_gemm"]``). On the CPU it may also hold the pieces' packing
     (4 tensors: :func:`care_ext.bf16_split.pack_first_layer_split`), multiplied by oneDNN's BRGeMM
-    on AMX without per-call packing. The reference fallback ignores it (same values up to float32
-    rounding)."""
+    on AMX without per-call packing. ``packed_weights`` (CPU, float32 first layers): the weights
+    packed once for the AVX2 GEMM (:func:`pack_cpu_step_weights`, from these very weights: a
+    stale packing is not detected, only a wrong size); the step then skips its per-call packing,
+    same bits. The reference fallback ignores both (same values up to float32 rounding)."""
+    if first_layer_split is not None and packed_weights is not None:
+        raise ValueError("acquisition_step: pass first_layer_split or packed_weights, not both "
+                         "(they are packings of different first-layer GEMMs)")
+    if native_available(ids.device) and packed_weights is not None:
+        if ids.device.type != "cpu":
+            raise ValueError(f"acquisition_step: packed_weights serves the CPU step; the inputs "
+                             f"are on {ids.device}")
+        return AcquisitionOutputs(*torch.ops.care_ext._acquisition_step_f32_packed(
+            ids, lengths, h_prompt, h_resp, list(stage1), list(stage2), max_len, cag_eps,
+            cag_unbiased, adv_eps, adv_unbiased, packed_weights))
     if native_available(ids.device) and first_layer_split is not None:
         op = (torch.ops.care_ext._acquisition_step_split if ids.device.type == "cpu"
               else torch.ops.care_ext._acquisition_step_fused_split)

@@ -147,6 +147,16 @@ StepTuple acquisition_step_split_cpu(const Tensor& ids, const Tensor& lengths,
                                      double cag_eps, bool cag_unbiased, double adv_eps,
                                      bool adv_unbiased, at::TensorList first_layer_split);
 bool cpu_bf16_gemm_available();
+// Private, CPU with AVX2 + FMA: the step's float32 weights packed for the AVX2 GEMM into out
+// (care_ext::_pack_f32_step, cpu/f32_step_pack.cpp), and acquisition_step multiplying on that
+// packing (care_ext::_acquisition_step_f32_packed; the same bits as the per-call packing).
+void pack_f32_step_cpu(at::TensorList stage1, at::TensorList stage2, const Tensor& out);
+StepTuple acquisition_step_f32_packed_cpu(const Tensor& ids, const Tensor& lengths,
+                                          const Tensor& h_prompt, const Tensor& h_resp,
+                                          at::TensorList stage1, at::TensorList stage2,
+                                          double max_len, double cag_eps, bool cag_unbiased,
+                                          double adv_eps, bool adv_unbiased,
+                                          const Tensor& packed);
 // Whether CARE_EXT_CPU_GEMM=auto (or unset) runs the CPU's float32 first layers on the AVX2 GEMM
 // at hidden sizes >= 1024 (cpu/f32_gemm.cpp; the rest of its interface is in classifier_parts.h):
 // build_info's cpu_f32_gemm; kF32GemmAutoMinK is that hidden size (build_info's

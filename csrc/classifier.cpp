@@ -12,6 +12,7 @@
 #include <ATen/ops/mm.h>
 
 #include <algorithm>
+#include <optional>
 #include <vector>
 
 namespace care_ext {
@@ -101,9 +102,10 @@ namespace {
 // to `pre` and applies relu into the first P columns of the head's input [B, P + R2] (the pool
 // copied beside them), then head layer 1 is one GEMM over K = P + R2 (no bias), one pass adds
 // h1b and applies relu, and head layer 2 is an addmm. The same products as the ATen composite;
-// layer 1's two GEMMs become one float32 sum (on the AVX2 GEMM where cpu_f32_gemm_selected(H)).
+// layer 1's two GEMMs become one float32 sum (on the AVX2 GEMM where cpu_f32_gemm_selected(H),
+// on `h1`'s panels where the step's weights come packed).
 Tensor head_cpu(const Weights& w, const Tensor& pre, const Tensor& prompt_feat,
-                const Tensor& pool) {
+                const Tensor& pool, const F32Panels* h1) {
   const int64_t B = pre.size(0), P = w.P, R2 = w.R2, Fp = prompt_feat.size(1);
   const int64_t H = w.pw.size(1) - Fp;
   Tensor zin = at::empty({B, P + R2}, pre.options());
@@ -122,8 +124,8 @@ Tensor head_cpu(const Weights& w, const Tensor& pre, const Tensor& prompt_feat,
   const int64_t K = w.K;
   Tensor z;  // [B, K] at row stride ldz
   int64_t ldz = K;
-  if (cpu_f32_gemm_selected(H)) {  // the AVX2 GEMM (cpu/f32_gemm.cpp); h1b is added below
-    const F32Panels f = pack_f32_panels({{w.h1w.t(), Tensor()}});
+  if (h1 != nullptr || cpu_f32_gemm_selected(H)) {  // the AVX2 GEMM; h1b is added below
+    const F32Panels f = h1 != nullptr ? *h1 : pack_f32_panels({{w.h1w.t(), Tensor()}});
     ldz = f.panels * kF32Panel;
     z = at::empty({B, ldz}, zin.options());
     f32_gemm_panels_parallel(zin.const_data_ptr<float>(), P + R2, B, f, 0, f.panels,
@@ -145,10 +147,10 @@ Tensor head_cpu(const Weights& w, const Tensor& pre, const Tensor& prompt_feat,
 }  // namespace
 
 Tensor head_from_prompt_pre(const Weights& w, Tensor pre, const Tensor& prompt_feat,
-                            const Tensor& pool) {
+                            const Tensor& pool, const F32Panels* h1) {
   if (pre.device().is_cpu() && pre.scalar_type() == at::kFloat &&
       pool.scalar_type() == at::kFloat && pre.size(0) > 0) {
-    return head_cpu(w, pre, prompt_feat, pool);
+    return head_cpu(w, pre, prompt_feat, pool, h1);
   }
   const int64_t H = w.pw.size(1) - prompt_feat.size(1);
   Tensor p = pre.addmm_(prompt_feat, w.pw.narrow(1, H, prompt_feat.size(1)).t()).relu_();
@@ -294,7 +296,8 @@ namespace {
 StepTuple step_impl(const Tensor& ids, const Tensor& lengths, const Tensor& h_prompt,
                     const Tensor& h_resp, at::TensorList stage1, at::TensorList stage2,
                     double max_len, double cag_eps, bool cag_unbiased, double adv_eps,
-                    bool adv_unbiased, at::TensorList split, const char* op) {
+                    bool adv_unbiased, at::TensorList split, const char* op,
+                    const Tensor& f32_packed = Tensor()) {
   const KernelDispatchGuard dispatch_guard;
   static auto expected_op =
       c10::Dispatcher::singleton()
@@ -308,6 +311,13 @@ StepTuple step_impl(const Tensor& ids, const Tensor& lengths, const Tensor& h_pr
   const Weights w1 = check_weights(stage1, H, G + 1, 1, 2, dev, op, "stage1");
   const Weights w2 = check_weights(stage2, H, G + 1, 0, G + 1, dev, op, "stage2");
   const bool with_split = !split.empty();
+  std::optional<StepF32Panels> f32;  // the float32 weights packed once (_pack_f32_step)
+  if (f32_packed.defined()) {
+    TORCH_CHECK(dev.is_cpu(), "care_ext.", op, ": runs on the CPU; got inputs on ", dev);
+    TORCH_INTERNAL_ASSERT(!with_split);
+    f32 = step_f32_panels(w1, w2, H, f32_packed, op);
+  }
+  const StepF32Panels* pf = f32.has_value() ? &*f32 : nullptr;
   if (with_split) {
     TORCH_CHECK(dev.is_cpu(), "care_ext.", op, ": runs on the CPU; got inputs on ", dev);
     check_split(split, h_prompt, h_resp, H, w1.R1 + w2.R1, w1.P + w2.P, op, /*packed_ok=*/true);
@@ -322,6 +332,8 @@ StepTuple step_impl(const Tensor& ids, const Tensor& lengths, const Tensor& h_pr
   const Tensor hr = h_resp.reshape({B * G, H});
   if (with_split) {  // Stage-I's units first in the split pieces, then Stage-II's
     rollout_pools_cpu(hr, B, G, branches, split[0], {0, w1.R1}, packed ? split[2] : Tensor());
+  } else if (pf != nullptr) {
+    rollout_pools_cpu(hr, B, G, branches, Tensor(), {}, Tensor(), pf);
   } else {
     rollout_pools(hr, B, G, branches);
   }
@@ -337,6 +349,10 @@ StepTuple step_impl(const Tensor& ids, const Tensor& lengths, const Tensor& h_pr
                     w1.P, nullptr, B, pre1.data_ptr<float>(), w1.P);
     sum_split_terms(c.const_data_ptr<float>(), T * Pt, T, Pt, w1.P, b2.const_data_ptr<float>(),
                     w2.P, nullptr, B, pre2.data_ptr<float>(), w2.P);
+  } else if (pf != nullptr && B > 0) {  // the same on the panels packed once
+    const Tensor c = f32_linear_panels(h_prompt, pf->prompt);
+    pre1 = c.narrow(1, pf->prompt.first[0] * kF32Panel, w1.P);
+    pre2 = c.narrow(1, pf->prompt.first[1] * kF32Panel, w2.P);
   } else if (dev.is_cpu() && B > 0 && cpu_f32_gemm_selected(H)) {
     // the AVX2 GEMM: both prompt branches' hidden columns packed side by side whatever the layout
     const std::vector<Tensor> pre = f32_linear_groups(
@@ -359,8 +375,10 @@ StepTuple step_impl(const Tensor& ids, const Tensor& lengths, const Tensor& h_pr
       pre2 = w2.pb.addmm(hp, p2h);
     }
   }
-  const Tensor logits1 = head_from_prompt_pre(w1, pre1, prompt_feat, branches[0].pool);
-  const Tensor logits2 = head_from_prompt_pre(w2, pre2, prompt_feat, branches[1].pool);
+  const Tensor logits1 = head_from_prompt_pre(w1, pre1, prompt_feat, branches[0].pool,
+                                              pf != nullptr ? &pf->head[0] : nullptr);
+  const Tensor logits2 = head_from_prompt_pre(w2, pre2, prompt_feat, branches[1].pool,
+                                              pf != nullptr ? &pf->head[1] : nullptr);
   auto [probs, ecag] = expected_op.call(logits2, cag, admissible);
   Tensor reliability = logits1.softmax(1).select(1, 1).contiguous();
   return {rank, sizes, reliability, logits1, probs, ecag, cag, admissible, pseudo, pseudo_adv};
@@ -385,6 +403,16 @@ StepTuple acquisition_step_split_cpu(const Tensor& ids, const Tensor& lengths,
               "must hold 2 tensors (care_ext.bf16_split.first_layer_split), got none");
   return step_impl(ids, lengths, h_prompt, h_resp, stage1, stage2, max_len, cag_eps, cag_unbiased,
                    adv_eps, adv_unbiased, first_layer_split, "_acquisition_step_split");
+}
+
+StepTuple acquisition_step_f32_packed_cpu(const Tensor& ids, const Tensor& lengths,
+                                          const Tensor& h_prompt, const Tensor& h_resp,
+                                          at::TensorList stage1, at::TensorList stage2,
+                                          double max_len, double cag_eps, bool cag_unbiased,
+                                          double adv_eps, bool adv_unbiased,
+                                          const Tensor& packed) {
+  return step_impl(ids, lengths, h_prompt, h_resp, stage1, stage2, max_len, cag_eps, cag_unbiased,
+                   adv_eps, adv_unbiased, {}, "_acquisition_step_f32_packed", packed);
 }
 
 }  // namespace care_ext

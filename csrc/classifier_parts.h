@@ -180,9 +180,11 @@ inline void add_features_relu(float* __restrict__ row, int64_t U, const float* v
 // The same from the prompt branch's hidden-column pre-activation pre = prompt_b + h_p W_h^T
 // ([B, P] float32, any strides): adds the feature columns, then relu and the head. On the CPU in
 // fused passes with head layer 1 as one GEMM over [p ; pool] (pre is not written); elsewhere ATen
-// ops (pre is updated in place).
+// ops (pre is updated in place). `h1`: head layer 1 already packed for the AVX2 GEMM
+// (step_f32_panels; CPU only), else packed per call where cpu_f32_gemm_selected(H).
+struct F32Panels;
 Tensor head_from_prompt_pre(const Weights& w, Tensor pre, const Tensor& prompt_feat,
-                            const Tensor& pool);
+                            const Tensor& pool, const F32Panels* h1 = nullptr);
 
 // Two weight views a [K, Na] and b [K, Nb] (float32, unit column stride, the same row stride ld)
 // that are adjacent column blocks of one row-major matrix -- b's columns start right after a's
@@ -228,10 +230,14 @@ void rollout_pools_dense(const Tensor& h_resp, int64_t B, int64_t G,
 // term; the float32 buffer and its conversion are skipped.
 // With `packed` also defined (split packed by care_ext::_pack_bf16_split), those products run
 // as oneDNN BRGeMM calls on the packed pieces (bf16_products_packed) instead of MKL's GEMM.
+// With `f32` (the step's weights packed once, step_f32_panels; branches = {Stage-I unmasked,
+// Stage-II masked}; no split): the first layers and layer 2 run on the AVX2 GEMM on those panels,
+// whatever CARE_EXT_CPU_GEMM says, with the same bits as the per-call packing.
+struct StepF32Panels;
 void rollout_pools_cpu(const Tensor& h_resp, int64_t B, int64_t G,
                        std::vector<RolloutBranch>& branches, const Tensor& split = Tensor(),
                        const std::vector<int64_t>& split_cols = {},
-                       const Tensor& packed = Tensor());
+                       const Tensor& packed = Tensor(), const StepF32Panels* f32 = nullptr);
 
 // The float32 first-layer GEMMs on AVX2 + FMA (cpu/f32_gemm.cpp), for CPUs where MKL's SGEMM is
 // slow (measured on AMD Zen 3).
@@ -245,7 +251,9 @@ void rollout_pools_cpu(const Tensor& h_resp, int64_t B, int64_t G,
 //   none) packed by
 //   pack_f32_panels into 16-column panels; group g owns panels [first[g], first[g + 1]), its
 //   columns at panel first[g] * 16 onwards of an output row, cols[g] of them (the rest of its last
-//   panel is padding).
+//   panel is padding). f32_panels_layout: everything but the packed data (K, panels, first, cols
+//   and the bias); pack_f32_panels_into: the data into out (f32_panels_numel floats, 32-byte
+//   aligned) on torch's threads; pack_f32_panels: both, the data in a pooled buffer.
 // f32_gemm_panels: c[i, q * 16 + j] = bias + the sum over k of a[i, k] * w[k, .] (per slab of 256
 //   k one FMA after another from zero, the slabs' sums added in order) for rows [0, M) of a
 //   (float32, row stride lda) and panels [p0, p1), on the calling thread; c has row stride ldc >= p1 * 16. f32_gemm_panels_parallel: the same over
@@ -267,6 +275,10 @@ struct F32Panels {
 bool cpu_f32_gemm_available();
 bool cpu_f32_gemm_selected(int64_t K);
 int64_t f32_row_stride(int64_t K);
+F32Panels f32_panels_layout(const std::vector<std::pair<Tensor, Tensor>>& groups);
+inline int64_t f32_panels_numel(const F32Panels& p) { return p.K * p.panels * kF32Panel; }
+void pack_f32_panels_into(const std::vector<std::pair<Tensor, Tensor>>& groups,
+                          const F32Panels& p, float* out);
 F32Panels pack_f32_panels(const std::vector<std::pair<Tensor, Tensor>>& groups);
 void f32_gemm_panels(const float* a, int64_t lda, int64_t M, const F32Panels& b, int64_t p0,
                      int64_t p1, float* c, int64_t ldc);
@@ -275,8 +287,23 @@ void f32_gemm_panels_parallel(const float* a, int64_t lda, int64_t M, const F32P
 // x [M, K] (float32, bfloat16 or float16, any strides; converted into padded float32 rows) times
 // each group's weight plus its bias, on torch's threads: one float32 [M, N_g] view per group
 // (views of one buffer, row stride panels * 16).
+// f32_linear_panels: the same on panels packed before, the output [M, panels * 16] whole.
 std::vector<Tensor> f32_linear_groups(const Tensor& x,
                                       const std::vector<std::pair<Tensor, Tensor>>& groups);
+Tensor f32_linear_panels(const Tensor& x, const F32Panels& f);
+
+// The acquisition step's float32 weights packed once for the AVX2 GEMM (cpu/f32_step_pack.cpp;
+// care_ext::_pack_f32_step, then care_ext::_acquisition_step_f32_packed): one 1-D float32 buffer
+// of step_f32_numel floats holding, in this order, both stages' rollout first layers (hidden
+// columns; Stage-I's panels first), Stage-I's and Stage-II's rollout layer 2, both prompt first
+// layers (hidden columns; Stage-I's first), Stage-I's and Stage-II's head layer 1. The views
+// below point into it; the biases are copied per call (they are small).
+struct StepF32Panels {
+  F32Panels rollout, l2[2], prompt, head[2];
+};
+int64_t step_f32_numel(const Weights& w1, const Weights& w2, int64_t H);
+StepF32Panels step_f32_panels(const Weights& w1, const Weights& w2, int64_t H,
+                              const Tensor& packed, const char* op);
 
 // bf16 x bf16 -> float32 products on the CPU (cpu/bf16_gemm.cpp): a [M, K] times b [N, K]^T,
 // both bfloat16 (unit column stride), as a float32 [M, N]. Every product is exact in float32;

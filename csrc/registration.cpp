@@ -142,6 +142,17 @@ TORCH_LIBRARY(care_ext, m) {
   // buffer in the layout of oneDNN's bf16 BRGeMM, once per classifier update; the split step then
   // multiplies on them without MKL's per-call packing (first_layer_split of 4 tensors).
   m.def("_pack_bf16_split(Tensor split, Tensor(a!) out) -> ()");
+  // Private, CPU with AVX2 + FMA: the step's float32 weights (both stages' rollout and prompt
+  // first layers, rollout layer 2, head layer 1) packed into a caller's 1-D float32 buffer for
+  // the AVX2 GEMM, once per classifier update (care_ext.ops.pack_cpu_step_weights); then
+  // acquisition_step multiplying on that packing without packing per call (the same bits).
+  m.def("_pack_f32_step(Tensor[] stage1, Tensor[] stage2, Tensor(a!) out) -> ()");
+  m.def(
+      "_acquisition_step_f32_packed(Tensor ids, Tensor lengths, Tensor h_prompt, Tensor h_resp, "
+      "Tensor[] stage1, Tensor[] stage2, float max_len, float cag_eps, bool cag_unbiased, "
+      "float adv_eps, bool adv_unbiased, Tensor packed) -> (Tensor rank, "
+      "Tensor sizes, Tensor reliability, Tensor stage1_logits, Tensor probs, Tensor ecag, "
+      "Tensor cag, Tensor admissible, Tensor pseudo_rewards, Tensor pseudo_adv)");
   // Private, CPU only: the training path of the first layers on split-bf16 pieces
   // (care_ext.bn_linear, CareConfig.first_layer_backward="split"): a bf16 GEMM with float32
   // output (exact products; either operand may be a transposed view), and per-column mean and
@@ -207,6 +218,8 @@ TORCH_LIBRARY_IMPL(care_ext, CPU, m) {
   m.impl("_acquisition_step_split", &acquisition_step_split_cpu);
   m.impl("_split_bf16", &split_bf16_cpu);
   m.impl("_pack_bf16_split", &pack_bf16_split_cpu);
+  m.impl("_pack_f32_step", &pack_f32_step_cpu);
+  m.impl("_acquisition_step_f32_packed", &acquisition_step_f32_packed_cpu);
   m.impl("_bf16_mm", &bf16_mm_cpu);
   m.impl("_column_stats", &column_stats_cpu);
   m.impl("_copy_into", &copy_into_cpu);

@@ -224,7 +224,7 @@ int64_t f32_row_stride(int64_t K) {
   return ld;
 }
 
-F32Panels pack_f32_panels(const std::vector<std::pair<Tensor, Tensor>>& groups) {
+F32Panels f32_panels_layout(const std::vector<std::pair<Tensor, Tensor>>& groups) {
   TORCH_INTERNAL_ASSERT(!groups.empty());
   F32Panels p;
   p.K = groups.front().first.size(0);
@@ -237,16 +237,20 @@ F32Panels pack_f32_panels(const std::vector<std::pair<Tensor, Tensor>>& groups) 
     p.first.push_back(p.first.back() + (w.size(1) + kPanel - 1) / kPanel);
   }
   p.panels = p.first.back();
-  const int64_t K = p.K, np = p.panels;
-  p.data = pooled_floats(K * np * kPanel);
-  p.bias = at::zeros({np * kPanel}, p.data.options());
+  p.bias = at::zeros({p.panels * kPanel}, at::TensorOptions().dtype(at::kFloat));
   float* bias_out = p.bias.data_ptr<float>();
   for (size_t g = 0; g < groups.size(); ++g) {
     if (!groups[g].second.defined()) continue;  // no bias: zeros
     const Tensor b = groups[g].second.contiguous();
     std::copy_n(b.const_data_ptr<float>(), p.cols[g], bias_out + p.first[g] * kPanel);
   }
-  float* out = p.data.data_ptr<float>();
+  return p;
+}
+
+void pack_f32_panels_into(const std::vector<std::pair<Tensor, Tensor>>& groups,
+                          const F32Panels& p, float* out) {
+  TORCH_INTERNAL_ASSERT(groups.size() + 1 == p.first.size());
+  const int64_t K = p.K, np = p.panels;
   // panel q of group g: columns [(q - first[g]) * 16, + 16) of its weight, zero past its width;
   // slab s at out + s * kSlab * np * 16, the panel at + q * kc * 16 within it
   at::parallel_for(0, np, 1, [&](int64_t q0, int64_t q1) {
@@ -281,6 +285,12 @@ F32Panels pack_f32_panels(const std::vector<std::pair<Tensor, Tensor>>& groups) 
       }
     }
   });
+}
+
+F32Panels pack_f32_panels(const std::vector<std::pair<Tensor, Tensor>>& groups) {
+  F32Panels p = f32_panels_layout(groups);
+  p.data = pooled_floats(f32_panels_numel(p));
+  pack_f32_panels_into(groups, p, p.data.data_ptr<float>());
   return p;
 }
 
@@ -335,16 +345,22 @@ void f32_gemm_panels_parallel(const float* a, int64_t lda, int64_t M, const F32P
   });
 }
 
-std::vector<Tensor> f32_linear_groups(const Tensor& x,
-                                      const std::vector<std::pair<Tensor, Tensor>>& groups) {
+Tensor f32_linear_panels(const Tensor& x, const F32Panels& f) {
   const int64_t M = x.size(0), K = x.size(1);
-  const F32Panels f = pack_f32_panels(groups);
+  TORCH_INTERNAL_ASSERT(K == f.K);
   const int64_t lda = f32_row_stride(K), ld = f.panels * kPanel;
   Tensor xf = pooled_floats(M * lda).view({M, lda}).narrow(1, 0, K);
   xf.copy_(x);
   Tensor c = at::empty({M, ld}, xf.options());
   f32_gemm_panels_parallel(xf.const_data_ptr<float>(), xf.stride(0), M, f, 0, f.panels,
                            c.data_ptr<float>(), ld);
+  return c;
+}
+
+std::vector<Tensor> f32_linear_groups(const Tensor& x,
+                                      const std::vector<std::pair<Tensor, Tensor>>& groups) {
+  const F32Panels f = pack_f32_panels(groups);
+  const Tensor c = f32_linear_panels(x, f);
   std::vector<Tensor> out;
   for (size_t g = 0; g < groups.size(); ++g) {
     out.push_back(c.narrow(1, f.first[g] * kPanel, f.cols[g]));

@@ -248,15 +248,25 @@ struct PanelPlan {
                               // moves the vector's buffer, so the pointers stay valid)
 };
 
-// Packs the first layers (and each plan's layer 2, which `plans` are pointed at).
-PanelPlan plan_panels(std::vector<BranchPlan>& plans, bool parallel) {
+// Packs the first layers (and each plan's layer 2, which `plans` are pointed at), or with `f32`
+// takes them from the step's packing (plans: Stage-I unmasked, then Stage-II masked).
+PanelPlan plan_panels(std::vector<BranchPlan>& plans, bool parallel, const StepF32Panels* f32) {
   PanelPlan pp;
   pp.l2.reserve(plans.size());
-  for (BranchPlan& bp : plans) {
-    pp.l2.push_back(pack_f32_panels({{bp.w2_t, Tensor()}}));
-    bp.l2 = &pp.l2.back();
-    bp.l2_parallel = parallel;
+  if (f32 != nullptr) {
+    TORCH_INTERNAL_ASSERT(plans.size() == 2 && plans[0].mask == nullptr &&
+                          plans[1].mask != nullptr);
+    pp.l2 = {f32->l2[0], f32->l2[1]};
+    pp.f = f32->rollout;
+    pp.group = {0, 1};
+    pp.masked = 1;
   }
+  for (size_t i = 0; i < plans.size(); ++i) {
+    if (f32 == nullptr) pp.l2.push_back(pack_f32_panels({{plans[i].w2_t, Tensor()}}));
+    plans[i].l2 = &pp.l2[i];
+    plans[i].l2_parallel = parallel;
+  }
+  if (f32 != nullptr) return pp;
   std::vector<std::pair<Tensor, Tensor>> groups;
   pp.group.assign(plans.size(), 0);
   for (int pass = 0; pass < 2; ++pass) {
@@ -401,7 +411,9 @@ void run_block_split(const Tensor& h_resp, int64_t p0, int64_t n, int64_t G, Blo
 
 void rollout_pools_cpu(const Tensor& h_resp, int64_t B, int64_t G,
                        std::vector<RolloutBranch>& branches, const Tensor& split,
-                       const std::vector<int64_t>& split_cols, const Tensor& packed) {
+                       const std::vector<int64_t>& split_cols, const Tensor& packed,
+                       const StepF32Panels* f32) {
+  TORCH_INTERNAL_ASSERT(f32 == nullptr || !split.defined());
   TORCH_INTERNAL_ASSERT(h_resp.dim() == 2 && h_resp.size(0) == B * G && G >= 1);
   const int64_t H = h_resp.size(1);
   std::vector<BranchPlan> plans;
@@ -427,7 +439,8 @@ void rollout_pools_cpu(const Tensor& h_resp, int64_t B, int64_t G,
   // over both for the masked rows (the CARE core's CPU layout, care_ext.ops.core_step_layout).
   // the float32 rollout layers on the AVX2 GEMM (CARE_EXT_CPU_GEMM), packed once for every block
   // below; it takes any layout, so the shared first layer is MKL's only
-  const bool f32_panels = !split.defined() && B > 0 && cpu_f32_gemm_selected(H);
+  const bool f32_panels =
+      !split.defined() && B > 0 && (f32 != nullptr || cpu_f32_gemm_selected(H));
   std::optional<SharedFirstLayer> shared;
   if (!split.defined() && !f32_panels && plans.size() == 2 &&
       (plans[0].mask == nullptr) != (plans[1].mask == nullptr)) {
@@ -455,7 +468,7 @@ void rollout_pools_cpu(const Tensor& h_resp, int64_t B, int64_t G,
   const int64_t nblocks = (B + per_block - 1) / per_block;
   const bool block_parallel = nblocks >= at::get_num_threads();
   std::optional<PanelPlan> panels;
-  if (f32_panels) panels = plan_panels(plans, !block_parallel);
+  if (f32_panels) panels = plan_panels(plans, !block_parallel, f32);
   auto blocks = [&](int64_t k0, int64_t k1) {
     BlockRows br;  // one buffer per task, reused by its blocks (the split path reads the bf16
                    // rows in place and uses only the buffer order)
