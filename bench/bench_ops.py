@@ -43,7 +43,7 @@ import torch
 import care_ext
 from care_ext import reference as R
 from care_ext.bf16_split import first_layer_split, pack_first_layer_split
-from care_ext.ops import core_step_layout
+from care_ext.ops import core_step_layout, pack_cpu_step_weights
 import bench_args
 from step_goals import ALL_STEP_OPS, CPU_STEP_OPS
 
@@ -100,6 +100,7 @@ def make_inputs(B: int, G: int, H: int, device: str, hidden_dtype: torch.dtype, 
                 packed=pack_first_layer_split(split) if device == "cpu" else None,
                 packed2=(pack_first_layer_split([t[:2].contiguous() for t in split])
                          if device == "cpu" else None),
+                f32_packed=(pack_cpu_step_weights(s1, s2, H) if device == "cpu" else None),
                 split_out=[torch.empty_like(to(t)) for t in split],
                 sizes=to(R.cluster_stats(ids)[1]), logits=to(torch.randn(B, G + 1, generator=gen)))
 
@@ -108,7 +109,8 @@ OP_NAMES = ("cluster_stats", "group_advantage", "cag", "classwise_cag", "expecte
             "group_features", "acquisition_step", "acquisition_step_fused",
             "acquisition_step_fused_split", "acquisition_step_fused_split2",
             "acquisition_step_split", "acquisition_step_split_packed",
-            "acquisition_step_split2_packed", "first_layer_split")
+            "acquisition_step_split2_packed", "acquisition_step_f32_packed",
+            "first_layer_split")
 """Every op bench_ops times (the keys of :func:`op_calls`, in its order)."""
 PROVIDERS = ("native", "reference", "compile", "cudagraph", "native_graph", "native_plan",
              "native_rowmajor")
@@ -211,6 +213,12 @@ def op_calls(x, impl):
         # the same with 2 pieces (CareConfig.first_layer_gemm="bf16x2": weights to 2^-16)
         "acquisition_step_split2_packed": step_call("_acquisition_step_split",
                                                     x["split2"] + (x["packed2"] or [])),
+        # the float32 step on its weights packed once for the AVX2 GEMM (CPU and native only;
+        # where the step does not run that GEMM, care_ext.ops.cpu_step_packs_weights, there is no
+        # packing and it is the public step)
+        "acquisition_step_f32_packed": (step_call("_acquisition_step_f32_packed", x["f32_packed"])
+                                        if x.get("f32_packed") is not None
+                                        else lambda: impl.acquisition_step(*step)),
         # the split pieces of both stages' first layers (care_ext::_split_bf16 vs its torch twin)
         "first_layer_split": first_layer_split_into,
     }
@@ -222,7 +230,7 @@ class _Native:
     def __getattr__(self, name):
         op = getattr(torch.ops.care_ext, name)
         if name in ("acquisition_step", "_acquisition_step_fused", "_acquisition_step_fused_split",
-                    "_acquisition_step_split"):
+                    "_acquisition_step_split", "_acquisition_step_f32_packed"):
             return lambda ids, l, hp, hr, s1, s2, *a: op(ids, l, hp, hr, list(s1), list(s2), *a)
         return op
 

@@ -60,10 +60,16 @@ def batch(step: int, B: int, G: int, H: int, gen: torch.Generator, device: str):
 
 
 def packs(ctl: CareController) -> bool:
-    """Whether the controller's decide multiplies on packed first-layer pieces (the split it
-    passes the step holds 4 tensors; CareConfig.first_layer_pack on a CPU with AMX)."""
+    """Whether the controller's decide multiplies on weights packed once per update: split
+    first-layer pieces packed for oneDNN's BRGeMM (the split it passes the step holds 4 tensors;
+    CareConfig.first_layer_pack on a CPU with AMX), or float32 weights packed for the CPU step's
+    AVX2 GEMM (care_ext.ops.pack_cpu_step_weights, where the step runs it)."""
     tr = ctl.trainer
-    return bool(tr is not None and tr.split_terms > 0 and len(tr.step_split(tr.split_terms)) == 4)
+    if tr is None:
+        return False
+    if tr.split_terms > 0:
+        return len(tr.step_split(tr.split_terms)) == 4
+    return tr.step_packed_weights() is not None
 
 
 def run(device: str, B: int, G: int, H: int, steps: int, warmup: int, strategy: str,
@@ -184,7 +190,8 @@ def main(argv=None) -> int:
     ap.add_argument("--first-layer-pack", nargs="+", default=["auto"],
                     choices=["auto", "off", "on"],
                     help="CareConfig.first_layer_pack (split first layers packed once per update "
-                         "for oneDNN's BRGeMM on AMX CPUs; rows record whether it packed); "
+                         "for oneDNN's BRGeMM on AMX CPUs, float32 ones for the AVX2 GEMM where "
+                         "the CPU step runs it; rows record whether it packed); "
                          "several: each in turn per shape")
     ap.add_argument("--update", nargs="+", default=["sync"],
                     choices=["sync", "background", "background-keep"],

@@ -4,8 +4,8 @@
     python bench/step_goals.py bench/out/bench_ops.jsonl        # a --device cpu run
 
 For every step op measured (acquisition_step, acquisition_step_fused, acquisition_step_fused_split
-with 3 bf16 pieces and _split2 with 2, and on the CPU acquisition_step_split, _split_packed
-and _split2_packed) it prints, per
+with 3 bf16 pieces and _split2 with 2, and on the CPU acquisition_step_split, _split_packed,
+_split2_packed and _f32_packed) it prints, per
 shape, the host-inclusive native time and the goals that apply to the row's device (a row without ``device`` counts as a GPU row):
     GPU  64x8x4096      native <= 25 us, >= 70x the eager reference, >= 15x the CUDA-graph replay
     GPU  1024x64x4096   native <= 2x the memory floor (floor_us: reading the hidden states once)
@@ -26,9 +26,10 @@ from pathlib import Path
 STEP_OPS = ("acquisition_step", "acquisition_step_fused", "acquisition_step_fused_split",
             "acquisition_step_fused_split2")
 CPU_STEP_OPS = ("acquisition_step_split", "acquisition_step_split_packed",
-                "acquisition_step_split2_packed")
+                "acquisition_step_split2_packed", "acquisition_step_f32_packed")
 """Step ops with a CPU kernel only (the split-bf16 first layers on MKL's bf16 GEMM, and on pieces
-packed for oneDNN's BRGeMM where the CPU has AMX; _split2_packed with 2 pieces, bf16x2)."""
+packed for oneDNN's BRGeMM where the CPU has AMX; _split2_packed with 2 pieces, bf16x2; the
+float32 step on weights packed once for the AVX2 GEMM, _f32_packed)."""
 ALL_STEP_OPS = STEP_OPS + CPU_STEP_OPS
 CPU_GOAL_SHAPES = ("64x8x4096", "512x16x4096")
 

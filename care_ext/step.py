@@ -490,13 +490,15 @@ class CareController:
         lens = lengths.to(dev)  # the host's lengths may be on any device; bad is on the CPU
         lens = torch.where(bad.to(dev)[:, None], torch.zeros_like(lens), lens)
         if not self.strategy.regression:
-            split = None
+            split = packed = None
             if (self.trainer.split_terms > 0 and projected is None
                     and hp.dtype == hr.dtype == torch.bfloat16):
                 split = self.trainer.step_split(self.trainer.split_terms)
+            elif projected is None:  # float32 first layers: their packing, where it serves
+                packed = self.trainer.step_packed_weights()
             out = ops.acquisition_step(ids.to(dev), lens, hp, hr, w1, w2, cfg.max_len, cfg.cag_eps,
                                        cfg.cag_unbiased, cfg.adv_eps, cfg.adv_unbiased,
-                                       first_layer_split=split)
+                                       first_layer_split=split, packed_weights=packed)
             return out.reliability.cpu(), out.ecag.cpu()
         logits1 = ops.classifier_forward(hp, gf.prompt_feat.to(dev), hr, gf.len_norm[..., None].to(dev),
                                          None, w1)

@@ -15,7 +15,7 @@ from torch import Tensor
 from .bf16_split import first_layer_split, pack_first_layer_split, resolve_first_layer_gemm
 from .classifiers import CareClassifier, balanced_ce, stage1_classifier, stage2_classifier
 from .config import CareConfig
-from .ops import core_step_layout
+from .ops import core_step_layout, pack_cpu_step_weights
 from .replay import ReplayBuffer, Sample, stack, stacked_layout
 
 
@@ -102,6 +102,9 @@ class ClassifierTrainer:
         self._split_buffers: dict[int, list[Tensor]] = {}  # reused by every re-split
         self._packed: dict[int, list[Tensor] | None] = {}  # the pieces packed (CPU with AMX)
         self._packed_buffers: dict[int, list[Tensor]] = {}  # reused by every re-pack
+        self._f32_packed: Tensor | None = None  # the float32 step's weights packed (AVX2 CPUs)
+        self._f32_packed_buffer: Tensor | None = None  # reused by every re-pack
+        self._f32_packs_asked = False  # a decide asked for them (prepare_decide packs then)
         self._snapshots: dict[int, list[Tensor]] = {}  # per module: its buffers before a step
 
     # ------------------------------------------------------------------------------------------
@@ -161,6 +164,23 @@ class ClassifierTrainer:
                 self._packed_buffers[terms] = self._packed[terms]
         return pieces + (self._packed[terms] or [])
 
+    def step_packed_weights(self) -> Tensor | None:
+        """The ``packed_weights`` argument of the decide's float32 step: :meth:`folded` packed
+        for the CPU step's AVX2 GEMM (:func:`care_ext.ops.pack_cpu_step_weights`), where
+        :attr:`packs` says so and the step runs that GEMM (float32 first layers, a CPU device,
+        :func:`care_ext.ops.cpu_step_packs_weights`), else None. Cached between updates, packed
+        into the same buffer after each (valid until the next update)."""
+        if (not self.packs or self.split_terms > 0 or torch.device(self.cfg.device).type != "cpu"):
+            return None
+        self._f32_packs_asked = True
+        if self._f32_packed is None:
+            w1, w2 = self.folded()
+            self._f32_packed = pack_cpu_step_weights(w1, w2, self.hidden_size,
+                                                     out=self._f32_packed_buffer)
+            if self._f32_packed is not None:
+                self._f32_packed_buffer = self._f32_packed
+        return self._f32_packed
+
     def _drop_decide_cache(self) -> None:
         """Forget what :meth:`folded`, :meth:`first_layer_split` and :meth:`step_split` cached:
         the classifiers changed (an update, a loaded state). The buffers stay for the re-split
@@ -168,16 +188,20 @@ class ClassifierTrainer:
         self._folded = None
         self._split = {}
         self._packed = {}
+        self._f32_packed = None
 
     def prepare_decide(self) -> None:
         """Fold the classifiers (:meth:`folded`), split their first layers for every piece count
-        a decide has asked for and pack them (:meth:`step_split`) now, so that the next decide
-        finds them cached. The background update calls it after training: the ~1 ms of folding
+        a decide has asked for and pack them (:meth:`step_split`), and pack the float32 step's
+        weights if a decide has asked for them (:meth:`step_packed_weights`) now, so that the
+        next decide finds them cached. The background update calls it after training: the ~1 ms of folding
         and splitting at H = 4096 (and the packing) then leaves the decide's critical path. Same
         tensors as the decide would compute itself."""
         self.folded()
         for terms in sorted(self._split_buffers):  # the piece counts split so far
             self.step_split(terms)
+        if self._f32_packs_asked:
+            self.step_packed_weights()
 
     def _stage1_loss(self, b: dict[str, Tensor]) -> tuple[Tensor, float]:
         cfg = self.cfg

@@ -88,6 +88,35 @@ def test_bench_step_packs_when_asked(tmp_path):
         ("off", False), ("on", cpu_brgemm_available())]
 
 
+def test_bench_step_packs_float32_weights_where_the_avx2_gemm_runs(tmp_path, monkeypatch):
+    """float32 first layers with --first-layer-pack off on: the second row packed exactly where
+    the CPU step runs the AVX2 GEMM (CARE_EXT_CPU_GEMM=avx2 on a CPU with AVX2 and FMA), never
+    with mkl."""
+    import bench_step
+
+    has_avx2 = _cpu_has_avx2()
+    for env, want in (("avx2", has_avx2), ("mkl", False)):
+        if env == "avx2" and not has_avx2:
+            continue
+        monkeypatch.setenv("CARE_EXT_CPU_GEMM", env)
+        out = tmp_path / f"step_{env}"
+        assert bench_step.main(["--device", "cpu", "--shapes", "12x4x32", "--steps", "2",
+                                "--warmup", "1", "--first-layer-gemm", "float32",
+                                "--first-layer-pack", "off", "on", "--out", str(out)]) == 0
+        rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+        assert [(r["first_layer_pack"], r["packed"]) for r in rows] == [("off", False),
+                                                                          ("on", want)]
+
+
+def _cpu_has_avx2() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return {"avx2", "fma"} <= set(flags.split(":", 1)[-1].split())
+
+
 def test_step_goals_reads_a_bench_run(tmp_path, capsys):
     """The goal lines gpu_check.sh prints: PASS/FAIL from the run's own numbers, n/a where a
     provider is missing, other ops and shapes ignored."""

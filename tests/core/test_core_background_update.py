@@ -154,6 +154,26 @@ def test_background_update_prepares_the_next_decides_weights():
         assert t._packed.get(3) is None
 
 
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
+                    reason="the AVX2 GEMM needs an x86 CPU with AVX2 and FMA")
+def test_background_update_packs_the_float32_step_weights(monkeypatch):
+    """float32 first layers on the AVX2 GEMM with first_layer_pack='auto' and a background
+    update: the update's thread packs the trained classifiers' folded weights (equal to a fresh
+    packing) once a decide has asked for them; a synchronous update leaves them to the decide."""
+    from care_ext.ops import pack_cpu_step_weights
+
+    monkeypatch.setenv("CARE_EXT_CPU_GEMM", "avx2")
+    bg, dec_bg, _ = _run(True, steps=3, first_layer_gemm="float32")
+    sync, dec_sync, _ = _run(False, steps=3, first_layer_gemm="float32")
+    assert sync.trainer._f32_packed is None and not sync.trainer.packs
+    t = bg.trainer
+    assert t.packs and t._f32_packed is not None
+    fresh = t.stage1.fold(), t.stage2.fold()
+    assert torch.equal(t._f32_packed, pack_cpu_step_weights(*fresh, t.hidden_size))
+    for a, b in zip(dec_bg, dec_sync, strict=True):  # packed or not: the same decisions
+        assert torch.equal(a.source, b.source)
+
+
 def test_a_failed_preparation_is_left_to_the_decide():
     """prepare_decide is an optimisation: when it raises, the background update still returns its
     training's metrics, and the next decide folds the classifiers itself."""

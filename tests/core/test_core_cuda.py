@@ -265,6 +265,48 @@ def test_trainer_packs_the_split_pieces_when_asked():
     torch.testing.assert_close(outs[0].score, outs[1].score, rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
+                    reason="the AVX2 GEMM needs an x86 CPU with AVX2 and FMA")
+def test_trainer_packs_the_float32_step_weights_when_asked(monkeypatch):
+    """float32 first layers on the AVX2 GEMM (CARE_EXT_CPU_GEMM=avx2) with
+    CareConfig.first_layer_pack='on': the decide's step takes the folded weights packed once
+    (equal to a fresh packing; cached until the next update, then re-packed into the same
+    buffer), and decides exactly as 'off' (the same bits: the same panels and sums); with mkl,
+    or 'off', nothing is packed."""
+    from care_ext.ops import cpu_step_packed_numel, pack_cpu_step_weights
+
+    monkeypatch.setenv("CARE_EXT_CPU_GEMM", "avx2")
+    world = make_world(B=24, G=8, H=64, seed=5)
+    batches = [make_batch(world, s, seed=5) for s in range(3)]
+    gold = {u: g for b in batches for u, g in b.gold.items()}
+    ctls = [CareController(CareConfig(strategy="care", group_size=8, warmup_steps=1,
+                                      first_layer_gemm="float32", first_layer_pack=pack),
+                           GoldOracle(dict(gold))) for pack in ("off", "on")]
+    outs = []
+    for s, b in enumerate(batches):
+        outs.append([ctl.decide(b.uids, b.ids, **b.kwargs()) for ctl in ctls])
+        if s == 0:
+            tr = ctls[1].trainer
+            packed = tr.step_packed_weights()
+            assert ctls[0].trainer.step_packed_weights() is None  # 'off'
+            assert tr.step_packed_weights() is packed  # cached between updates
+            ptr, first = packed.data_ptr(), packed.clone()
+        for ctl in ctls:
+            ctl.update()
+    again = tr.step_packed_weights()
+    assert again.data_ptr() == ptr and not torch.equal(again, first)  # re-packed in place
+    w1, w2 = tr.folded()
+    assert again.numel() == cpu_step_packed_numel(w1, w2, tr.hidden_size)
+    assert torch.equal(again, pack_cpu_step_weights(w1, w2, tr.hidden_size))
+    for off, on in outs[1:]:  # decided by trained classifiers: the same bits either way
+        assert torch.equal(off.source, on.source)
+        torch.testing.assert_close(on.score, off.score, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(on.reliability, off.reliability, rtol=0, atol=0)
+    monkeypatch.setenv("CARE_EXT_CPU_GEMM", "mkl")
+    tr._drop_decide_cache()
+    assert tr.step_packed_weights() is None  # the step does not run the AVX2 GEMM there
+
+
 @pytest.mark.cuda
 def test_folded_weights_are_column_major_on_cuda():
     """On CUDA the matrices are stored column-major (the fused tail's coalesced layout), same values."""
