@@ -170,8 +170,9 @@ class CareConfig:
     float32 sums in another order. With float32 first layers where the CPU step runs care_ext's
     AVX2 GEMM (:func:`care_ext.ops.cpu_step_packs_weights`): pack the step's float32 weights once
     per update for it (:func:`care_ext.ops.pack_cpu_step_weights`) instead of at every call; the
-    same bits (at 64x8x4096 on 2 threads of a Zen 3 EPYC the step took 0.90-0.93x its time,
-    bench/RESULTS.md, nineteenth session). 'on', 'off', or 'auto' (default): on with
+    same bits (at 64x8x4096 on 2 threads of a Zen 3 EPYC the step op took a median 0.87x its
+    time and the decide after a background update 12.1 against 14.4 ms; nothing measurable at
+    512x16x4096; bench/RESULTS.md, nineteenth session). 'on', 'off', or 'auto' (default): on with
     :attr:`background_update`, whose thread then does the packing, off otherwise. On 2 threads of
     an AMX Xeon (bench/RESULTS.md, tenth session) the decide after a background update took
     7.8-11.5 against 9.8-12.5 ms at 64x8x4096 and 33.7-35.2 against 40.4-42.3 ms at 512x16x4096;
