@@ -221,6 +221,18 @@ def test_folded_weights_stay_row_major_for_the_cpu_split_step():
         assert torch.equal(got, want)
 
 
+def _pack_off_and_on(first_layer_gemm, seed):
+    """3 batches of one world, and two controllers that differ only in first_layer_pack
+    ('off', 'on')."""
+    world = make_world(B=24, G=8, H=64, seed=seed)
+    batches = [make_batch(world, s, seed=seed) for s in range(3)]
+    gold = {u: g for b in batches for u, g in b.gold.items()}
+    return batches, [CareController(CareConfig(strategy="care", group_size=8, warmup_steps=1,
+                                               first_layer_gemm=first_layer_gemm,
+                                               first_layer_pack=pack), GoldOracle(dict(gold)))
+                     for pack in ("off", "on")]
+
+
 def test_trainer_packs_the_split_pieces_when_asked():
     """CareConfig.first_layer_pack='on' on a CPU with AMX: the step's split is the 2 pieces and
     their packing, equal to a fresh packing, re-packed into the same buffers after an update, and
@@ -228,12 +240,7 @@ def test_trainer_packs_the_split_pieces_when_asked():
     from care_ext.bf16_split import (cpu_brgemm_available, first_layer_split,
                                      pack_first_layer_split)
 
-    world = make_world(B=24, G=8, H=64, seed=4)
-    batches = [make_batch(world, s, seed=4) for s in range(3)]
-    gold = {u: g for b in batches for u, g in b.gold.items()}
-    ctls = [CareController(CareConfig(strategy="care", group_size=8, warmup_steps=1,
-                                      first_layer_gemm="bf16x3", first_layer_pack=pack),
-                           GoldOracle(dict(gold))) for pack in ("off", "on")]
+    batches, ctls = _pack_off_and_on("bf16x3", seed=4)
     for ctl in ctls:
         b = batches[0]
         ctl.decide(b.uids, b.ids, **{k: v.bfloat16() if k.startswith("h_") else v
@@ -276,12 +283,7 @@ def test_trainer_packs_the_float32_step_weights_when_asked(monkeypatch):
     from care_ext.ops import cpu_step_packed_numel, pack_cpu_step_weights
 
     monkeypatch.setenv("CARE_EXT_CPU_GEMM", "avx2")
-    world = make_world(B=24, G=8, H=64, seed=5)
-    batches = [make_batch(world, s, seed=5) for s in range(3)]
-    gold = {u: g for b in batches for u, g in b.gold.items()}
-    ctls = [CareController(CareConfig(strategy="care", group_size=8, warmup_steps=1,
-                                      first_layer_gemm="float32", first_layer_pack=pack),
-                           GoldOracle(dict(gold))) for pack in ("off", "on")]
+    batches, ctls = _pack_off_and_on("float32", seed=5)
     outs = []
     for s, b in enumerate(batches):
         outs.append([ctl.decide(b.uids, b.ids, **b.kwargs()) for ctl in ctls])
