@@ -296,7 +296,8 @@ def pack_cpu_step_weights(stage1: Sequence[Tensor], stage2: Sequence[Tensor], hi
     Raises:
         RuntimeError: weights whose shapes do not make two CARE classifiers (the op names them).
     """
-    if stage1[0].device.type != "cpu" or not cpu_step_packs_weights(hidden_size):
+    if (stage1[0].device.type != "cpu" or not native_available("cpu")
+            or not cpu_step_packs_weights(hidden_size)):
         return None
     n = cpu_step_packed_numel(stage1, stage2, hidden_size)
     if out is None or out.numel() != n or out.dtype != torch.float32 or not out.is_contiguous():

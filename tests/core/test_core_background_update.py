@@ -154,6 +154,7 @@ def test_background_update_prepares_the_next_decides_weights():
         assert t._packed.get(3) is None
 
 
+@pytest.mark.native  # the packing is the native library's
 @pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
                     reason="the AVX2 GEMM needs an x86 CPU with AVX2 and FMA")
 def test_background_update_packs_the_float32_step_weights(monkeypatch):

@@ -272,6 +272,7 @@ def test_trainer_packs_the_split_pieces_when_asked():
     torch.testing.assert_close(outs[0].score, outs[1].score, rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
+@pytest.mark.native  # the packing is the native library's
 @pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
                     reason="the AVX2 GEMM needs an x86 CPU with AVX2 and FMA")
 def test_trainer_packs_the_float32_step_weights_when_asked(monkeypatch):

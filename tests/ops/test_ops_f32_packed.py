@@ -40,13 +40,14 @@ def _assert_same_bits(got, want, what=""):
 @pytest.mark.parametrize("layout", ["rows", "shared", "columns"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
 @pytest.mark.parametrize("B,G,H,dims", [
-    (1, 1, 32, {}), (7, 5, 130, {}), (33, 16, 300, {}), (9, 64, 96, {}),
+    (0, 4, 64, {}), (1, 1, 32, {}), (7, 5, 130, {}), (33, 16, 300, {}), (9, 64, 96, {}),
     (13, 3, 257, {"P": 20, "R1": 7, "R2": 9, "K": 5}), (64, 8, 1024, {}),
 ])
 def test_packed_step_is_the_per_call_step_bit_for_bit(B, G, H, dims, dtype, layout, monkeypatch):
-    """Rows off the 6-row tile, hidden sizes over one 256-row slab with a remainder, layers
-    narrower than a panel (P, R1, R2, K not multiples of 16), every weight layout: the packed
-    step's ten outputs are the per-call AVX2 step's bits, and like the reference."""
+    """An empty batch, rows off the 6-row tile, hidden sizes over one 256-row slab with a
+    remainder, layers narrower than a panel (P, R1, R2, K not multiples of 16), every weight
+    layout: the packed step's ten outputs are the per-call AVX2 step's bits, and like the
+    reference."""
     monkeypatch.setenv(ENV, "avx2")
     gen = torch.Generator().manual_seed(B * 3 + G + H)
     ids, lengths, h_p, h_r, s1, s2 = step_inputs(B, G, H, dtype, gen, **dims)
