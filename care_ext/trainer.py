@@ -182,9 +182,9 @@ class ClassifierTrainer:
         return self._f32_packed
 
     def _drop_decide_cache(self) -> None:
-        """Forget what :meth:`folded`, :meth:`first_layer_split` and :meth:`step_split` cached:
-        the classifiers changed (an update, a loaded state). The buffers stay for the re-split
-        and re-pack to write into."""
+        """Forget what :meth:`folded`, :meth:`first_layer_split`, :meth:`step_split` and
+        :meth:`step_packed_weights` cached: the classifiers changed (an update, a loaded state).
+        The buffers stay for the re-split and re-pack to write into."""
         self._folded = None
         self._split = {}
         self._packed = {}
@@ -194,9 +194,9 @@ class ClassifierTrainer:
         """Fold the classifiers (:meth:`folded`), split their first layers for every piece count
         a decide has asked for and pack them (:meth:`step_split`), and pack the float32 step's
         weights if a decide has asked for them (:meth:`step_packed_weights`) now, so that the
-        next decide finds them cached. The background update calls it after training: the ~1 ms of folding
-        and splitting at H = 4096 (and the packing) then leaves the decide's critical path. Same
-        tensors as the decide would compute itself."""
+        next decide finds them cached. The background update calls it after training: the ~1 ms
+        of folding and splitting at H = 4096 (and the packing) then leaves the decide's critical
+        path. Same tensors as the decide would compute itself."""
         self.folded()
         for terms in sorted(self._split_buffers):  # the piece counts split so far
             self.step_split(terms)

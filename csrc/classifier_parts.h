@@ -294,14 +294,13 @@ Tensor f32_linear_panels(const Tensor& x, const F32Panels& f);
 
 // The acquisition step's float32 weights packed once for the AVX2 GEMM (cpu/f32_step_pack.cpp;
 // care_ext::_pack_f32_step, then care_ext::_acquisition_step_f32_packed): one 1-D float32 buffer
-// of step_f32_numel floats holding, in this order, both stages' rollout first layers (hidden
-// columns; Stage-I's panels first), Stage-I's and Stage-II's rollout layer 2, both prompt first
-// layers (hidden columns; Stage-I's first), Stage-I's and Stage-II's head layer 1. The views
-// below point into it; the biases are copied per call (they are small).
+// holding, in this order, both stages' rollout first layers (hidden columns; Stage-I's panels
+// first), Stage-I's and Stage-II's rollout layer 2, both prompt first layers (hidden columns;
+// Stage-I's first), Stage-I's and Stage-II's head layer 1. step_f32_panels checks the buffer and
+// points each section's data into it; the biases are copied per call (they are small).
 struct StepF32Panels {
   F32Panels rollout, l2[2], prompt, head[2];
 };
-int64_t step_f32_numel(const Weights& w1, const Weights& w2, int64_t H);
 StepF32Panels step_f32_panels(const Weights& w1, const Weights& w2, int64_t H,
                               const Tensor& packed, const char* op);
 

@@ -9,13 +9,16 @@
 // as it does with the bf16 pieces' packing on AMX (care_ext::_pack_bf16_split).
 //
 // care_ext::_pack_f32_step(stage1, stage2, out) writes the packing into `out` (1-D float32,
-// contiguous, step_f32_numel elements); care_ext::_acquisition_step_f32_packed(..., packed) is
-// acquisition_step multiplying on it: the same panels, so the same bits as the per-call packing.
+// contiguous, as many elements as the sections' panels hold: care_ext.ops.cpu_step_packed_numel);
+// care_ext::_acquisition_step_f32_packed(..., packed) is acquisition_step multiplying on it: the
+// same panels, so the same bits as the per-call packing.
 // A packing of other weights than the ones passed is not detected (only its size is): the
 // caller re-packs after every change of the weights.
 #include "../classifier_parts.h"
 
 #include <array>
+#include <cstdint>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -71,10 +74,6 @@ void check_packed(const Tensor& t, int64_t numel, const char* op, const char* na
 }
 
 }  // namespace
-
-int64_t step_f32_numel(const Weights& w1, const Weights& w2, int64_t H) {
-  return layouts(step_groups(w1, w2, H)).second;
-}
 
 StepF32Panels step_f32_panels(const Weights& w1, const Weights& w2, int64_t H,
                               const Tensor& packed, const char* op) {

@@ -190,6 +190,7 @@ def test_opcheck_packed_ops():
     ids, lengths, h_p, h_r, s1, s2 = step_inputs(3, 4, H, torch.bfloat16, gen)
     out = torch.empty(ops.cpu_step_packed_numel(s1, s2, H))
     torch.library.opcheck(torch.ops.care_ext._pack_f32_step.default, (list(s1), list(s2), out))
+    packed = _pack(s1, s2, H)  # opcheck may have written a clone: the step needs a real packing
     torch.library.opcheck(torch.ops.care_ext._acquisition_step_f32_packed.default,
                           (ids, lengths, h_p, h_r, list(s1), list(s2), 4000.0, 0.0, False, 1e-6,
-                           False, out))
+                           False, packed))
