@@ -349,16 +349,15 @@ StepTuple step_impl(const Tensor& ids, const Tensor& lengths, const Tensor& h_pr
                     w1.P, nullptr, B, pre1.data_ptr<float>(), w1.P);
     sum_split_terms(c.const_data_ptr<float>(), T * Pt, T, Pt, w1.P, b2.const_data_ptr<float>(),
                     w2.P, nullptr, B, pre2.data_ptr<float>(), w2.P);
-  } else if (pf != nullptr && B > 0) {  // the same on the panels packed once
-    const Tensor c = f32_linear_panels(h_prompt, pf->prompt);
-    pre1 = c.narrow(1, pf->prompt.first[0] * kF32Panel, w1.P);
-    pre2 = c.narrow(1, pf->prompt.first[1] * kF32Panel, w2.P);
-  } else if (dev.is_cpu() && B > 0 && cpu_f32_gemm_selected(H)) {
-    // the AVX2 GEMM: both prompt branches' hidden columns packed side by side whatever the layout
-    const std::vector<Tensor> pre = f32_linear_groups(
-        h_prompt, {{w1.pw.narrow(1, 0, H).t(), w1.pb}, {w2.pw.narrow(1, 0, H).t(), w2.pb}});
-    pre1 = pre[0];
-    pre2 = pre[1];
+  } else if (dev.is_cpu() && B > 0 && (pf != nullptr || cpu_f32_gemm_selected(H))) {
+    // the AVX2 GEMM: both prompt branches' hidden columns on panels side by side, packed once
+    // (pf) or here from whatever layout
+    const F32Panels f = pf != nullptr ? pf->prompt
+                                      : pack_f32_panels({{w1.pw.narrow(1, 0, H).t(), w1.pb},
+                                                         {w2.pw.narrow(1, 0, H).t(), w2.pb}});
+    const Tensor c = f32_linear_panels(h_prompt, f);
+    pre1 = c.narrow(1, f.first[0] * kF32Panel, w1.P);
+    pre2 = c.narrow(1, f.first[1] * kF32Panel, w2.P);
   } else {
     const Tensor hp = h_prompt.to(at::kFloat);  // converted once for both prompt branches
     // Both prompt branches' hidden columns: one GEMM where the weights share one row-major

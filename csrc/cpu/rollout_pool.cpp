@@ -252,7 +252,6 @@ struct PanelPlan {
 // takes them from the step's packing (plans: Stage-I unmasked, then Stage-II masked).
 PanelPlan plan_panels(std::vector<BranchPlan>& plans, bool parallel, const StepF32Panels* f32) {
   PanelPlan pp;
-  pp.l2.reserve(plans.size());
   if (f32 != nullptr) {
     TORCH_INTERNAL_ASSERT(plans.size() == 2 && plans[0].mask == nullptr &&
                           plans[1].mask != nullptr);
@@ -260,24 +259,24 @@ PanelPlan plan_panels(std::vector<BranchPlan>& plans, bool parallel, const StepF
     pp.f = f32->rollout;
     pp.group = {0, 1};
     pp.masked = 1;
+  } else {
+    for (const BranchPlan& bp : plans) pp.l2.push_back(pack_f32_panels({{bp.w2_t, Tensor()}}));
+    std::vector<std::pair<Tensor, Tensor>> groups;
+    pp.group.assign(plans.size(), 0);
+    for (int pass = 0; pass < 2; ++pass) {
+      for (size_t i = 0; i < plans.size(); ++i) {
+        if ((plans[i].mask != nullptr) != (pass == 1)) continue;
+        if (pass == 1) pp.masked = static_cast<int64_t>(i);
+        pp.group[i] = groups.size();
+        groups.emplace_back(plans[i].w1h_t, plans[i].b1);
+      }
+    }
+    pp.f = pack_f32_panels(groups);
   }
   for (size_t i = 0; i < plans.size(); ++i) {
-    if (f32 == nullptr) pp.l2.push_back(pack_f32_panels({{plans[i].w2_t, Tensor()}}));
     plans[i].l2 = &pp.l2[i];
     plans[i].l2_parallel = parallel;
   }
-  if (f32 != nullptr) return pp;
-  std::vector<std::pair<Tensor, Tensor>> groups;
-  pp.group.assign(plans.size(), 0);
-  for (int pass = 0; pass < 2; ++pass) {
-    for (size_t i = 0; i < plans.size(); ++i) {
-      if ((plans[i].mask != nullptr) != (pass == 1)) continue;
-      if (pass == 1) pp.masked = static_cast<int64_t>(i);
-      pp.group[i] = groups.size();
-      groups.emplace_back(plans[i].w1h_t, plans[i].b1);
-    }
-  }
-  pp.f = pack_f32_panels(groups);
   return pp;
 }
 

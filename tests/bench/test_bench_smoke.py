@@ -94,7 +94,7 @@ def test_bench_step_packs_float32_weights_where_the_avx2_gemm_runs(tmp_path, mon
     with mkl."""
     import bench_step
 
-    has_avx2 = _cpu_has_avx2()
+    has_avx2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
     for env, want in (("avx2", has_avx2), ("mkl", False)):
         if env == "avx2" and not has_avx2:
             continue
@@ -106,15 +106,6 @@ def test_bench_step_packs_float32_weights_where_the_avx2_gemm_runs(tmp_path, mon
         rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
         assert [(r["first_layer_pack"], r["packed"]) for r in rows] == [("off", False),
                                                                           ("on", want)]
-
-
-def _cpu_has_avx2() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return {"avx2", "fma"} <= set(flags.split(":", 1)[-1].split())
 
 
 def test_step_goals_reads_a_bench_run(tmp_path, capsys):
