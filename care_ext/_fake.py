@@ -161,3 +161,23 @@ def _column_stats(x: Tensor):
     torch._check(x.dim() == 2, lambda: "x must be [N, D]")
     return (x.new_empty((x.shape[1],), dtype=torch.float32),
             x.new_empty((x.shape[1],), dtype=torch.float32))
+
+
+@torch.library.register_fake(_LIB + "_bn_linear_forward")
+def _bn_linear_forward(xhat, weight: Tensor, bias: Tensor, gamma: Tensor, beta: Tensor):
+    torch._check(len(xhat) > 0 and weight.dim() == 2, lambda: "xhat blocks and weight [O, D]")
+    torch._check(sum(x.shape[1] for x in xhat) == weight.shape[1],
+                 lambda: "xhat blocks must be as wide as the weight")
+    return weight.new_empty((xhat[0].shape[0], weight.shape[0]), dtype=torch.float32)
+
+
+@torch.library.register_fake(_LIB + "_bn_linear_backward")
+def _bn_linear_backward(grad_out: Tensor, xhat, weight: Tensor, gamma: Tensor, beta: Tensor):
+    torch._check(len(xhat) > 0 and weight.dim() == 2, lambda: "xhat blocks and weight [O, D]")
+    torch._check(grad_out.dim() == 2 and grad_out.shape[1] == weight.shape[0],
+                 lambda: "grad_out must be [N, O]")
+    O, D = weight.shape
+    return (weight.new_empty((O, D), dtype=torch.float32),
+            weight.new_empty((O,), dtype=torch.float32),
+            weight.new_empty((D,), dtype=torch.float32),
+            weight.new_empty((D,), dtype=torch.float32))

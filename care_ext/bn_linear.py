@@ -13,7 +13,15 @@ need it, and then reduces it over the rows. With x̂ the normalised input and g 
     grad_beta  = (1^T g) W
 
 so the backward runs one GEMM of the forward's size instead of two (measured in bench/bench_step.py;
-bench/RESULTS.md). The forward multiplies x̂ by W diag(gamma) and adds W beta + b, which never
+bench/RESULTS.md). When every block is x̂ (the 'fused' route), the forward and the backward are one
+op each (:func:`care_ext.ops.bn_linear_forward` / :func:`care_ext.ops.bn_linear_backward`; on the
+CPU the private ops ``care_ext::_bn_linear_forward`` / ``_bn_linear_backward``). Where the CPU step
+multiplies on care_ext's AVX2 GEMM (:func:`care_ext.ops.cpu_step_packs_weights`: x86 without
+AVX-512F at widths >= 1024, or ``CARE_EXT_CPU_GEMM``) they multiply on it too, and the backward
+finishes the four gradients in the GEMM's pass over each 16-column panel (on a 2-core Zen 3 its
+backward took 0.35-0.83x the ATen ops' time at the classifiers' shapes on 2 threads, 0.61-0.91x on
+1, the CARE core's update 0.89-0.97x at 64x8x4096; bench/RESULTS.md, twentieth session); elsewhere they run the same ATen
+calls as before, with the same bits. The forward multiplies x̂ by W diag(gamma) and adds W beta + b, which never
 materialises the BatchNorm output. Results equal ``linear(batch_norm(x))`` up to float32 summation
 order, so the float bits of a training run move; :func:`resolve_first_layer_backward` keeps small
 widths (the CPU lab, H = 128) on autograd's order.
@@ -32,6 +40,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+from . import ops
 
 BACKWARDS = ("auto", "autograd", "fused", "split")
 FUSED_MIN_WIDTH = 1024
@@ -114,6 +124,10 @@ class _BNLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight: Tensor, bias: Tensor, gamma: Tensor, beta: Tensor, kinds: tuple,
                 *blocks: Tensor) -> Tensor:
+        ctx.kinds = kinds
+        ctx.save_for_backward(weight, gamma, beta, *blocks)
+        if all(k == "xhat" for k in kinds):  # one op (native on the CPU)
+            return ops.bn_linear_forward(blocks, weight, bias, gamma, beta)
         out = torch.addmv(bias, weight, beta)[None, :]  # [1, O]: broadcast into the first block
         c, i, units = 0, 0, weight.shape[0]
         for kind in kinds:
@@ -141,13 +155,14 @@ class _BNLinear(torch.autograd.Function):
                         out.addmm_(xhat_big, wg[:, big].t())
                 i += 5
             c += d
-        ctx.kinds = kinds
-        ctx.save_for_backward(weight, gamma, beta, *blocks)
         return out
 
     @staticmethod
     def backward(ctx, g: Tensor):
         weight, gamma, beta, *blocks = ctx.saved_tensors
+        if all(k == "xhat" for k in ctx.kinds):  # one op (native on the CPU)
+            return ops.bn_linear_backward(g, blocks, weight, gamma, beta) + (None,) * (
+                1 + len(blocks))
         g = g.contiguous()
         gsum = g.sum(0)
         units, ms, i = g.shape[1], [], 0

@@ -144,7 +144,9 @@ class CareConfig:
     'autograd' = separate ops, 'auto' = at widths >= 1024 (LLM hidden sizes) split on CPUs with
     bf16 units (:func:`care_ext.bf16_split.cpu_bf16_hardware`) and fused elsewhere, autograd
     below (the CPU lab, H = 128, keeps the float order its recorded numbers were made with).
-    Same maths; the float32 rounding of the classifier weights differs between them."""
+    Same maths; the float32 rounding of the classifier weights differs between them. On the CPU,
+    'fused' multiplies on care_ext's AVX2 GEMM where ``CARE_EXT_CPU_GEMM`` picks it
+    (:func:`care_ext.ops.bn_linear_backward`)."""
 
     first_layer_gemm: str = "auto"
     """How the acquisition step multiplies bf16 hidden states by the classifiers' first layers:

@@ -352,6 +352,36 @@ def acquisition_step(ids: Tensor, lengths: Tensor, h_prompt: Tensor, h_resp: Ten
                                           cag_eps, cag_unbiased, adv_eps, adv_unbiased)
 
 
+def _cpu_native(t: Tensor) -> bool:
+    """Whether a CPU-only native op serves ``t`` (on the CPU or meta, with the native library)."""
+    return t.device.type in ("cpu", "meta") and native_available(t.device)
+
+
+def bn_linear_forward(xhat: Sequence[Tensor], weight: Tensor, bias: Tensor, gamma: Tensor,
+                      beta: Tensor) -> Tensor:
+    """Forward of the fused BatchNorm -> Linear training layer on its normalised input:
+    float32 blocks [N, D_i] -> [N, O] = x̂ (W diag(gamma))^T + (W beta + b); see
+    :func:`care_ext.reference.bn_linear_forward`. On the CPU the native op (where the CPU step
+    runs care_ext's AVX2 GEMM, :func:`cpu_step_packs_weights`, its first block multiplies on it;
+    elsewhere the twin's ATen calls, the same bits); on other devices the twin."""
+    if _cpu_native(weight):
+        return torch.ops.care_ext._bn_linear_forward(list(xhat), weight, bias, gamma, beta)
+    return reference.bn_linear_forward(xhat, weight, bias, gamma, beta)
+
+
+def bn_linear_backward(grad_out: Tensor, xhat: Sequence[Tensor], weight: Tensor, gamma: Tensor,
+                       beta: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The parameter gradients of :func:`bn_linear_forward` (grad_weight [O, D], grad_bias [O],
+    grad_gamma [D], grad_beta [D]) from one g^T x̂; see
+    :func:`care_ext.reference.bn_linear_backward`. On the CPU the native op (on the AVX2 GEMM
+    where the CPU step runs it: g^T x̂ a 16-column panel at a time with the gradients finished in
+    the same pass; elsewhere the twin's ATen calls, the same bits); on other devices the twin."""
+    if _cpu_native(weight):
+        return tuple(torch.ops.care_ext._bn_linear_backward(grad_out, list(xhat), weight, gamma,
+                                                            beta))
+    return reference.bn_linear_backward(grad_out, xhat, weight, gamma, beta)
+
+
 def copy_into(dst: Sequence[Tensor], src: Sequence[Tensor]) -> None:
     """``dst[i].copy_(src[i])`` for every i, in one call: the native ``care_ext::_copy_into``
     where it serves the device (on CUDA one kernel launch for every 8 contiguous pairs, whatever

@@ -352,3 +352,52 @@ def copy_into(dst: Sequence[Tensor], src: Sequence[Tensor]) -> None:
                              f"on {d.device} and src[{i}] on {s.device}")
     for d, s in zip(dst, src):
         d.copy_(s)
+
+
+# ----------------------------------------------------------------------------------------------
+# the fused BatchNorm -> Linear training layer (care_ext.bn_linear)
+# ----------------------------------------------------------------------------------------------
+def bn_linear_forward(xhat: Sequence[Tensor], weight: Tensor, bias: Tensor, gamma: Tensor,
+                      beta: Tensor) -> Tensor:
+    """Forward of a training-mode ``BatchNorm1d -> Linear`` on its normalised input (the twin of
+    ``care_ext::_bn_linear_forward``).
+
+    Args:
+        xhat: the normalised input x̂ = (x - mean) / sqrt(var + eps) as column blocks [N, D_i]
+            (sum of D_i = D), float32.
+        weight: Linear weight W [O, D]; bias: b [O]; gamma, beta: BatchNorm's affine [D].
+
+    Returns:
+        float32 [N, O] = x̂ (W diag(gamma))^T + (W beta + b): the block products added to
+        W beta + b one block after another.
+    """
+    out = torch.addmv(bias, weight, beta)[None, :]  # [1, O]: broadcast into the first block
+    c = 0
+    for xb in xhat:
+        d = xb.shape[1]
+        out = torch.addmm(out, xb, (weight[:, c:c + d] * gamma[c:c + d]).t())
+        c += d
+    return out
+
+
+def bn_linear_backward(grad_out: Tensor, xhat: Sequence[Tensor], weight: Tensor, gamma: Tensor,
+                       beta: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The four parameter gradients of :func:`bn_linear_forward` from one GEMM (the twin of
+    ``care_ext::_bn_linear_backward``).
+
+    With g = ``grad_out`` [N, O], M = g^T x̂ [O, D] and gsum = 1^T g [O]:
+
+        grad_weight = M diag(gamma) + gsum beta^T     grad_bias = gsum
+        grad_gamma  = column sums of W ⊙ M            grad_beta = gsum^T W
+
+    (x̂ is data: no input gradient.) Returns float32 (grad_weight [O, D], grad_bias [O],
+    grad_gamma [D], grad_beta [D]).
+    """
+    g = grad_out.contiguous()
+    gsum = g.sum(0)
+    ms = [g.t().mm(xb) for xb in xhat]
+    m = torch.cat(ms, dim=1) if len(ms) > 1 else ms[0]
+    grad_w = torch.mul(m, gamma).addr_(gsum, beta)
+    grad_gamma = m.mul_(weight).sum(0)  # m is not needed any more: no second [O, D] buffer
+    grad_beta = gsum @ weight
+    return grad_w, gsum, grad_gamma, grad_beta

@@ -133,6 +133,15 @@ void pack_bf16_split_cpu(const Tensor& split, const Tensor& out);
 // float64 across): the first layers' training GEMMs on split-bf16 pieces (care_ext.bn_linear).
 Tensor bf16_mm_cpu(const Tensor& a, const Tensor& b);
 std::tuple<Tensor, Tensor> column_stats_cpu(const Tensor& x);
+// Private, CPU: the fused BatchNorm -> Linear training layer's forward and backward on normalised
+// float32 inputs (care_ext::_bn_linear_forward / _bn_linear_backward, cpu/bn_linear.cpp).
+Tensor bn_linear_forward_cpu(at::TensorList xhat, const Tensor& weight, const Tensor& bias,
+                             const Tensor& gamma, const Tensor& beta);
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_linear_backward_cpu(const Tensor& grad_out,
+                                                                  at::TensorList xhat,
+                                                                  const Tensor& weight,
+                                                                  const Tensor& gamma,
+                                                                  const Tensor& beta);
 bool cpu_brgemm_available();
 // Private: dst[i].copy_(src[i]) for every i in one call (cpu/copy.cpp: memcpy over the threads;
 // cuda/copy.cu: one kernel for up to kCopySegments pairs). StepGraph copies a call's inputs into

@@ -284,6 +284,14 @@ void f32_gemm_panels(const float* a, int64_t lda, int64_t M, const F32Panels& b,
                      int64_t p1, float* c, int64_t ldc);
 void f32_gemm_panels_parallel(const float* a, int64_t lda, int64_t M, const F32Panels& b,
                               int64_t p0, int64_t p1, float* c, int64_t ldc);
+// f32_gemm_strided_panel: c[i, j] (row stride ldc, 16 columns written) = (accumulate ? c[i, j] :
+// 0) + the sum over k < K of a[i, k] * b[k, j] for i < M, j < 16, with b's rows ldb floats apart
+// and read in place (16 of each readable), summed as f32_gemm_panels sums (per slab of 256 k from
+// zero, each slab's sum added in order), on the calling thread; no bias. For a B that is data,
+// not a weight to pack once (the training layer's backward, cpu/bn_linear.cpp, which calls it a
+// slab at a time with accumulate after the first).
+void f32_gemm_strided_panel(const float* a, int64_t lda, int64_t M, int64_t K, const float* b,
+                            int64_t ldb, float* c, int64_t ldc, bool accumulate);
 // x [M, K] (float32, bfloat16 or float16, any strides; converted into padded float32 rows) times
 // each group's weight plus its bias, on torch's threads: one float32 [M, N_g] view per group
 // (views of one buffer, row stride panels * 16).

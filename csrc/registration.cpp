@@ -160,6 +160,15 @@ TORCH_LIBRARY(care_ext, m) {
   // float64 across).
   m.def("_bf16_mm(Tensor a, Tensor b) -> Tensor");
   m.def("_column_stats(Tensor x) -> (Tensor mean, Tensor var)");
+  // Private, CPU only: the fused BatchNorm -> Linear training layer on normalised float32 inputs
+  // (care_ext.bn_linear, first_layer_backward 'fused'): its forward x̂ (W diag(gamma))^T + W beta + b
+  // and the four parameter gradients from one g^T x̂ (cpu/bn_linear.cpp; twins
+  // care_ext.reference.bn_linear_forward / bn_linear_backward).
+  m.def("_bn_linear_forward(Tensor[] xhat, Tensor weight, Tensor bias, Tensor gamma, "
+        "Tensor beta) -> Tensor");
+  m.def("_bn_linear_backward(Tensor grad_out, Tensor[] xhat, Tensor weight, Tensor gamma, "
+        "Tensor beta) -> (Tensor grad_weight, Tensor grad_bias, Tensor grad_gamma, "
+        "Tensor grad_beta)");
   // Private, CPU only: the fused step's tail run by a team of `threads` threads per block of
   // `prompts` prompts and stage, with barriers where the CUDA kernel has __syncthreads, so the CPU
   // tests the kernel's division of the work over a block (results equal the one-thread op bit for
@@ -222,6 +231,8 @@ TORCH_LIBRARY_IMPL(care_ext, CPU, m) {
   m.impl("_acquisition_step_f32_packed", &acquisition_step_f32_packed_cpu);
   m.impl("_bf16_mm", &bf16_mm_cpu);
   m.impl("_column_stats", &column_stats_cpu);
+  m.impl("_bn_linear_forward", &bn_linear_forward_cpu);
+  m.impl("_bn_linear_backward", &bn_linear_backward_cpu);
   m.impl("_copy_into", &copy_into_cpu);
 }
 

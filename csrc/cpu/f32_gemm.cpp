@@ -47,12 +47,14 @@ constexpr int64_t kSlab = 256;         // k per slab: a 16 KB panel slab stays i
 constexpr int64_t kRowBlock = 72;      // rows per pass over a slab: 72 KB of A stays in L2
 
 #if CARE_EXT_F32_GEMM_X86
-// c[R, 16] (row stride ldc) = (first ? 0 : c) + (a[R, kc] (row stride lda) x b[kc, 16] (packed),
+// c[R, 16] (row stride ldc) = (first ? 0 : c) + (a[R, kc] (row stride lda) x b[kc, 16] (packed:
+// rows 16 floats apart, 32-byte aligned; kPacked false: rows ldb floats apart, any alignment),
 // summed from zero), then + bias[16] when bias is not null.
-template <int R>
+template <int R, bool kPacked = true>
 __attribute__((target("avx2,fma"))) void tile(int64_t kc, const float* a, int64_t lda,
                                               const float* b, float* c, int64_t ldc, bool first,
-                                              const float* bias) {
+                                              const float* bias, int64_t ldb = kPanel) {
+  const int64_t sb = kPacked ? kPanel : ldb;
   __m256 acc[R][2];
   const float* row[R];
 #pragma GCC unroll 6
@@ -63,7 +65,9 @@ __attribute__((target("avx2,fma"))) void tile(int64_t kc, const float* a, int64_
   }
 #pragma GCC unroll 4
   for (int64_t k = 0; k < kc; ++k) {
-    const __m256 b0 = _mm256_load_ps(b + k * kPanel), b1 = _mm256_load_ps(b + k * kPanel + 8);
+    const float* bk = b + k * sb;
+    const __m256 b0 = kPacked ? _mm256_load_ps(bk) : _mm256_loadu_ps(bk);
+    const __m256 b1 = kPacked ? _mm256_load_ps(bk + 8) : _mm256_loadu_ps(bk + 8);
 #pragma GCC unroll 6
     for (int r = 0; r < R; ++r) {
       const __m256 x = _mm256_broadcast_ss(row[r] + k);
@@ -130,8 +134,11 @@ __attribute__((target("avx2"))) void pack_transposed_panel(const float* w, int64
 }
 
 using TileFn = void (*)(int64_t, const float*, int64_t, const float*, float*, int64_t, bool,
-                        const float*);
+                        const float*, int64_t);
 constexpr TileFn kTiles[kTile + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>};
+constexpr TileFn kStridedTiles[kTile + 1] = {nullptr,           tile<1, false>, tile<2, false>,
+                                             tile<3, false>,    tile<4, false>, tile<5, false>,
+                                             tile<6, false>};
 
 bool cpu_has_avx2_fma() {
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -318,13 +325,36 @@ void f32_gemm_panels(const float* a, int64_t lda, int64_t M, const F32Panels& b,
         const float* bias_q = last ? bias + q * kPanel : nullptr;
         for (int64_t i = i0; i < i1; i += kTile) {
           kTiles[std::min(kTile, i1 - i)](kc, a + i * lda + k0, lda, bq, c + i * ldc + q * kPanel,
-                                          ldc, first, bias_q);
+                                          ldc, first, bias_q, kPanel);
         }
       }
     }
   }
 #else
   (void)a, (void)lda, (void)M, (void)b, (void)p0, (void)p1, (void)c, (void)ldc;
+  TORCH_CHECK(false, "care_ext: the AVX2 float32 GEMM is not built for this CPU");
+#endif
+}
+
+void f32_gemm_strided_panel(const float* a, int64_t lda, int64_t M, int64_t K, const float* b,
+                            int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+#if CARE_EXT_F32_GEMM_X86
+  TORCH_INTERNAL_ASSERT(cpu_has_avx2_fma());
+  if (K == 0) {
+    if (!accumulate) {
+      for (int64_t i = 0; i < M; ++i) std::fill(c + i * ldc, c + i * ldc + kPanel, 0.0f);
+    }
+    return;
+  }
+  for (int64_t k0 = 0; k0 < K; k0 += kSlab) {  // the same slab order as f32_gemm_panels
+    const int64_t kc = std::min(kSlab, K - k0);
+    for (int64_t i = 0; i < M; i += kTile) {
+      kStridedTiles[std::min(kTile, M - i)](kc, a + i * lda + k0, lda, b + k0 * ldb, c + i * ldc,
+                                            ldc, k0 == 0 && !accumulate, nullptr, ldb);
+    }
+  }
+#else
+  (void)a, (void)lda, (void)M, (void)K, (void)b, (void)ldb, (void)c, (void)ldc, (void)accumulate;
   TORCH_CHECK(false, "care_ext: the AVX2 float32 GEMM is not built for this CPU");
 #endif
 }

@@ -306,3 +306,29 @@ def test_care_run_with_split_first_layers_decides_like_fused(monkeypatch):
     ctls, _ = _care_runs_side_by_side(("fused", "split"), seed=6, bf16=True)
     assert ctls[1].trainer.stage1.split_resp and not ctls[0].trainer.stage1.split_resp
     assert len(splits) >= 4 * 2 * 3 * 2  # 4 first layers x (weights, gradient) x 3 steps x 2 updates
+
+
+@needs_native
+@pytest.mark.parametrize("gemm", ["avx2", "mkl"])
+def test_bn_linear_fused_on_the_cpu_ops(gemm, monkeypatch):
+    """The fused path's float32 blocks (x̂) go through care_ext::_bn_linear_forward / _backward on
+    the CPU: on the AVX2 GEMM (forced here; 'auto' picks it at LLM widths on x86 CPUs without
+    AVX-512F) to float32 rounding of BatchNorm -> Linear under autograd, on MKL the same bits as
+    the twin's ATen calls."""
+    if gemm == "avx2" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("the CPU has no AVX2 and FMA")
+    monkeypatch.setenv("CARE_EXT_CPU_GEMM", gemm)
+    g = torch.Generator().manual_seed(4)
+    n, H, F, O = 70, 1100, 5, 24
+    parts = [(torch.randn(n, H, generator=g) * 2 + 0.5).bfloat16(), torch.rand(n, F, generator=g)]
+    bn_a, lin_a = _layers(H + F, O)
+    bn_f, lin_f = copy.deepcopy(bn_a), copy.deepcopy(lin_a)
+    w_out = torch.randn(n, O, generator=g)
+    ref = lin_a(_bn(bn_a, torch.cat([p.float() for p in parts], dim=1)))
+    (ref * w_out).sum().backward()
+    out, seen = _ops_called(lambda: bn_linear(bn_f, lin_f, parts))
+    (out * w_out).sum().backward()
+    assert "care_ext._bn_linear_forward" in seen
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for name, a, f in zip(["weight", "bias", "gamma", "beta"], _grads([lin_a, bn_a]), _grads([lin_f, bn_f])):
+        torch.testing.assert_close(f, a, rtol=1e-4, atol=1e-5, msg=lambda m, nm=name: f"{nm}: {m}")
