@@ -13,18 +13,22 @@ need it, and then reduces it over the rows. With x̂ the normalised input and g 
     grad_beta  = (1^T g) W
 
 so the backward runs one GEMM of the forward's size instead of two (measured in bench/bench_step.py;
-bench/RESULTS.md). When every block is x̂ (the 'fused' route), the forward and the backward are one
-op each (:func:`care_ext.ops.bn_linear_forward` / :func:`care_ext.ops.bn_linear_backward`; on the
-CPU the private ops ``care_ext::_bn_linear_forward`` / ``_bn_linear_backward``). Where the CPU step
-multiplies on care_ext's AVX2 GEMM (:func:`care_ext.ops.cpu_step_packs_weights`: x86 without
-AVX-512F at widths >= 1024, or ``CARE_EXT_CPU_GEMM``) they multiply on it too, and the backward
-finishes the four gradients in the GEMM's pass over each 16-column panel (on a 2-core Zen 3 its
-backward took 0.35-0.83x the ATen ops' time at the classifiers' shapes on 2 threads, 0.61-0.91x on
-1, the CARE core's update 0.89-0.97x at 64x8x4096; bench/RESULTS.md, twentieth session); elsewhere they run the same ATen
-calls as before, with the same bits. The forward multiplies x̂ by W diag(gamma) and adds W beta + b, which never
+bench/RESULTS.md). The forward multiplies x̂ by W diag(gamma) and adds W beta + b, which never
 materialises the BatchNorm output. Results equal ``linear(batch_norm(x))`` up to float32 summation
 order, so the float bits of a training run move; :func:`resolve_first_layer_backward` keeps small
 widths (the CPU lab, H = 128) on autograd's order.
+
+When every block is x̂ (the 'fused' route), the forward and the backward are one op each
+(:func:`care_ext.ops.bn_linear_forward` / :func:`care_ext.ops.bn_linear_backward`; on the CPU the
+private ops ``care_ext::_bn_linear_forward`` / ``_bn_linear_backward``). Where the CPU step
+multiplies on care_ext's AVX2 GEMM (:func:`care_ext.ops.cpu_step_packs_weights`: x86 without
+AVX-512F at widths >= 1024, or ``CARE_EXT_CPU_GEMM``), the forward's first block and the
+backward's g^T x̂ multiply on that GEMM, and the backward finishes the four gradients in its pass
+over each 16-column panel. On a 2-core Zen 3 the backward took 0.35-0.83x the ATen ops' time at
+the classifiers' shapes on 2 threads and the CARE core's update 0.89-0.97x at 64x8x4096 and
+0.91-0.94x at 512x16x4096; on 1 thread the update took the same time at 64x8x4096 and the
+backward 1.1-1.3x at 850-1904 rows (bench/bench_bn_linear.py; bench/RESULTS.md, twentieth
+session). Elsewhere the ops run the same ATen calls as before, with the same bits.
 
 On the CPU, bf16 hidden states can skip x̂ altogether (``split``; :func:`resolve_first_layer_split`
 says where): with mean and rstd = 1/sqrt(var + eps) of the batch,

@@ -487,3 +487,37 @@ def test_gpu_check_script_parses_and_names_real_providers_and_ops():
     assert {"native_plan", "native_graph"} <= providers and "acquisition_step_fused_split2" in ops
     assert providers <= set(bench_ops.PROVIDERS), providers - set(bench_ops.PROVIDERS)
     assert ops <= set(bench_ops.OP_NAMES), ops - set(bench_ops.OP_NAMES)
+
+
+def test_bench_bn_linear_rows(tmp_path, capsys):
+    """bench_bn_linear: a row per layer (op and twin timed, their ratios) and per update shape
+    (updates alternated between the ops and the twins), and care_ext.ops left as it was."""
+    import bench_bn_linear
+
+    from care_ext import ops
+
+    before = ops._cpu_native
+    out = tmp_path / "bn.jsonl"
+    assert bench_bn_linear.main(["--layers", "5x16x40+3", "0x20x33", "--rounds", "1", "--calls",
+                                 "2", "--update", "8x4x32", "--pairs", "2", "--warmup", "2",
+                                 "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["kind"] for r in rows] == ["layer", "layer", "update"]
+    assert [r.get("layer") for r in rows[:2]] == ["5x16x40+3", "0x20x33"]
+    for r in rows[:2]:
+        assert r["forward_ratio"] > 0 and r["backward_ratio"] > 0
+        assert r["threads"] == torch.get_num_threads()
+    assert rows[2]["shape"] == "8x4x32" and rows[2]["update_op_ms"] > 0 and rows[2]["pairs"] == 2
+    assert ops._cpu_native is before
+    assert "update 8x4x32" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad", [["--layers", "5x16"], ["--layers", "5x0x40"], ["--layers", "5x4x4+0"],
+                                 ["--update", "8x4"], ["--rounds", "0"]])
+def test_bench_bn_linear_rejects_bad_arguments(tmp_path, bad):
+    import bench_bn_linear
+
+    with pytest.raises(SystemExit) as e:
+        bench_bn_linear.main([*bad, "--out", str(tmp_path / "x.jsonl")])
+    assert e.value.code == 2
+    assert not (tmp_path / "x.jsonl").exists()
