@@ -25,10 +25,9 @@ multiplies on care_ext's AVX2 GEMM (:func:`care_ext.ops.cpu_step_packs_weights`:
 AVX-512F at widths >= 1024, or ``CARE_EXT_CPU_GEMM``), the forward's first block and the
 backward's g^T x̂ multiply on that GEMM, and the backward finishes the four gradients in its pass
 over each 16-column panel. On a 2-core Zen 3 the backward took 0.35-0.83x the ATen ops' time at
-the classifiers' shapes on 2 threads and the CARE core's update 0.89-0.97x at 64x8x4096 and
-0.91-0.94x at 512x16x4096; on 1 thread the update took the same time at 64x8x4096 and the
-backward 1.1-1.3x at 850-1904 rows (bench/bench_bn_linear.py; bench/RESULTS.md, twentieth
-session). Elsewhere the ops run the same ATen calls as before, with the same bits.
+the classifiers' shapes on 2 threads (0.65-0.93x on 1) and the CARE core's update 0.89-0.97x
+at 64x8x4096 and 0.91-0.94x at 512x16x4096 (0.96x at 64x8x4096 on 1 thread;
+bench/bench_bn_linear.py; bench/RESULTS.md, twentieth session). Elsewhere the ops run the same ATen calls as before, with the same bits.
 
 On the CPU, bf16 hidden states can skip x̂ altogether (``split``; :func:`resolve_first_layer_split`
 says where): with mean and rstd = 1/sqrt(var + eps) of the batch,

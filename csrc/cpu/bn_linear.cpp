@@ -49,6 +49,7 @@ namespace {
 constexpr int64_t kPanel = kF32Panel;
 constexpr int64_t kGroupPanels = 8;  // panels per item of the backward: 128 columns of x̂
 constexpr int64_t kSlabRows = 256;   // rows of x̂ per slab: the GEMM's slab of k
+constexpr int64_t kPrefetchRows = 8;  // rows of x̂ the slab's copy asks for ahead of its reads
 
 void check_layer(const char* op, at::TensorList xhat, const Tensor& weight, const Tensor& gamma,
                  const Tensor& beta) {
@@ -241,6 +242,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_linear_backward_cpu(const Tensor& 
         const int64_t kc = std::min(kSlabRows, N - k0);
         for (int64_t n = 0; n < kc; ++n) {  // panel j's rows at slab + j * kc * 16
           const float* row = src + (k0 + n) * ldx;
+          if (n + kPrefetchRows < kc) {  // each row's 512 bytes start a stream of their own
+            const char* ahead = reinterpret_cast<const char*>(row + kPrefetchRows * ldx);
+            for (int64_t byte = 0; byte < cols * 4; byte += 64) __builtin_prefetch(ahead + byte);
+          }
           for (int64_t j = 0; j < np; ++j) {
             float* d = slab + (j * kc + n) * kPanel;
             const int64_t w = std::min(kPanel, cols - j * kPanel);
