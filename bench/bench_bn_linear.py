@@ -48,13 +48,14 @@ def layer(text: str) -> tuple[int, int, list[int]]:
         widths = [int(w) for w in ws.split("+")]
         n, o = int(n), int(o)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not NxOxD0+D1+... (e.g. 232x64x4096+1)") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not NxOxD0+D1+... (e.g. 232x64x4096+1)") from None
     if n < 0 or o <= 0 or any(w <= 0 for w in widths):
         raise argparse.ArgumentTypeError(f"{text!r}: O and the widths must be positive, N >= 0")
     return n, o, widths
 
 
-def _median_us(fn, calls: int, rounds: list[float]) -> None:
+def _time_round_us(fn, calls: int, rounds: list[float]) -> None:
     t = time.perf_counter()
     for _ in range(calls):
         fn()
@@ -66,17 +67,19 @@ def bench_layer(n: int, o: int, widths: list[int], rounds: int, calls: int) -> d
     d = sum(widths)
     xhat = [torch.randn(n, w, generator=g) for w in widths]
     w, b = torch.randn(o, d, generator=g) / d ** 0.5, torch.randn(o, generator=g)
-    gamma, beta, grad = torch.rand(d, generator=g) + 0.5, torch.randn(d, generator=g), torch.randn(n, o, generator=g)
-    fns = {"forward_op": lambda: torch.ops.care_ext._bn_linear_forward(xhat, w, b, gamma, beta),
+    gamma, beta = torch.rand(d, generator=g) + 0.5, torch.randn(d, generator=g)
+    grad = torch.randn(n, o, generator=g)
+    fwd, bwd = torch.ops.care_ext._bn_linear_forward, torch.ops.care_ext._bn_linear_backward
+    fns = {"forward_op": lambda: fwd(xhat, w, b, gamma, beta),
            "forward_twin": lambda: R.bn_linear_forward(xhat, w, b, gamma, beta),
-           "backward_op": lambda: torch.ops.care_ext._bn_linear_backward(grad, xhat, w, gamma, beta),
+           "backward_op": lambda: bwd(grad, xhat, w, gamma, beta),
            "backward_twin": lambda: R.bn_linear_backward(grad, xhat, w, gamma, beta)}
     times: dict[str, list[float]] = {k: [] for k in fns}
     for fn in fns.values():
-        _median_us(fn, max(1, calls // 4), [])  # warm
+        _time_round_us(fn, max(1, calls // 4), [])  # warm
     for _ in range(rounds):
         for k, fn in fns.items():
-            _median_us(fn, calls, times[k])
+            _time_round_us(fn, calls, times[k])
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"kind": "layer", "layer": f"{n}x{o}x" + "+".join(map(str, widths)),
             **{f"{k}_us": round(v, 1) for k, v in med.items()},
@@ -140,12 +143,14 @@ def main(argv=None) -> int:
         for r in rows:
             f.write(json.dumps({**meta, **r}) + "\n")
             if r["kind"] == "layer":
-                print(f"{r['layer']:>18}: forward {r['forward_op_us']:9.1f} / {r['forward_twin_us']:9.1f} us "
-                      f"({r['forward_ratio']:.2f}), backward {r['backward_op_us']:9.1f} / "
-                      f"{r['backward_twin_us']:9.1f} us ({r['backward_ratio']:.2f})")
+                print(f"{r['layer']:>18}: forward {r['forward_op_us']:9.1f} / "
+                      f"{r['forward_twin_us']:9.1f} us ({r['forward_ratio']:.2f}), backward "
+                      f"{r['backward_op_us']:9.1f} / {r['backward_twin_us']:9.1f} us "
+                      f"({r['backward_ratio']:.2f})")
             else:
                 print(f"update {r['shape']}: {r['update_op_ms']:.1f} ms with the ops, "
-                      f"{r['update_twin_ms']:.1f} ms with the twins ({r['ratio']:.3f}, {r['pairs']} pairs)")
+                      f"{r['update_twin_ms']:.1f} ms with the twins ({r['ratio']:.3f}, "
+                      f"{r['pairs']} pairs)")
     print(f"wrote {out} ({meta['threads']} threads, cpu_f32_gemm {meta['cpu_f32_gemm']})")
     return 0
 

@@ -27,7 +27,8 @@ backward's g^T x̂ multiply on that GEMM, and the backward finishes the four gra
 over each 16-column panel. On a 2-core Zen 3 the backward took 0.35-0.83x the ATen ops' time at
 the classifiers' shapes on 2 threads (0.65-0.93x on 1) and the CARE core's update 0.89-0.97x
 at 64x8x4096 and 0.91-0.94x at 512x16x4096 (0.96x at 64x8x4096 on 1 thread;
-bench/bench_bn_linear.py; bench/RESULTS.md, twentieth session). Elsewhere the ops run the same ATen calls as before, with the same bits.
+bench/bench_bn_linear.py; bench/RESULTS.md, twentieth session). Elsewhere the ops run the same
+ATen calls as before, with the same bits.
 
 On the CPU, bf16 hidden states can skip x̂ altogether (``split``; :func:`resolve_first_layer_split`
 says where): with mean and rstd = 1/sqrt(var + eps) of the batch,
@@ -44,7 +45,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import ops
+from . import ops, reference
 
 BACKWARDS = ("auto", "autograd", "fused", "split")
 FUSED_MIN_WIDTH = 1024
@@ -190,11 +191,8 @@ class _BNLinear(torch.autograd.Function):
             if big.numel():
                 gx[:, big] = g.t().mm(xhat_big)
             ms.append(gx)
-        m = torch.cat(ms, dim=1) if len(ms) > 1 else ms[0]
-        grad_w = torch.mul(m, gamma).addr_(gsum, beta)
-        grad_gamma = m.mul_(weight).sum(0)  # m is not needed any more: no second [O, D] buffer
-        grad_beta = gsum @ weight
-        return (grad_w, gsum, grad_gamma, grad_beta, None) + (None,) * len(blocks)
+        return reference.bn_linear_grads(ms, gsum, weight, gamma, beta) + (None,) * (
+            1 + len(blocks))
 
 
 def bn_linear(bn: nn.BatchNorm1d, lin: nn.Linear, parts: list[Tensor], split: bool = False

@@ -395,8 +395,16 @@ def bn_linear_backward(grad_out: Tensor, xhat: Sequence[Tensor], weight: Tensor,
     """
     g = grad_out.contiguous()
     gsum = g.sum(0)
-    ms = [g.t().mm(xb) for xb in xhat]
-    m = torch.cat(ms, dim=1) if len(ms) > 1 else ms[0]
+    return bn_linear_grads([g.t().mm(xb) for xb in xhat], gsum, weight, gamma, beta)
+
+
+def bn_linear_grads(ms: Sequence[Tensor], gsum: Tensor, weight: Tensor, gamma: Tensor,
+                    beta: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(grad_weight, grad_bias, grad_gamma, grad_beta) of :func:`bn_linear_backward` from the
+    column blocks ``ms`` of M = g^T x̂ ([O, D_i] each, in block order) and gsum = 1^T g [O]; the
+    blocks are written over. Also the end of care_ext.bn_linear's split-route backward, which
+    forms M's blocks its own way."""
+    m = torch.cat(list(ms), dim=1) if len(ms) > 1 else ms[0]
     grad_w = torch.mul(m, gamma).addr_(gsum, beta)
     grad_gamma = m.mul_(weight).sum(0)  # m is not needed any more: no second [O, D] buffer
     grad_beta = gsum @ weight

@@ -15,9 +15,10 @@
 //     its bias, added after the block's sum); the other blocks (a few feature columns) are added
 //     by ATen's addmm after it, in block order;
 //   * the backward computes M in items of 8 16-column panels over torch's threads (each slab of
-//     256 rows of an item's x̂ columns copied into panels first, g^T once into padded rows), and
-//     finishes each panel's grad_W, grad_gamma and grad_beta columns from its M. Sums: M as the GEMM sums (per slab of 256 rows of
-//     x̂ from zero, slabs in order); gsum one float64 sum over rows (ascending n) rounded once;
+//     256 rows of an item's x̂ columns copied into panels first, prefetched 8 rows ahead; g^T
+//     once into padded rows), and finishes each panel's grad_W, grad_gamma and grad_beta columns
+//     from its M. Sums: M as the GEMM sums (per slab of 256 rows of x̂ from zero, slabs in
+//     order); gsum one float64 sum over rows (ascending n) rounded once;
 //     grad_gamma and grad_beta float32 sums of rounded products over rows (ascending o);
 //     grad_W = M * gamma + gsum * beta, two rounded products and their sum.
 //   Why: on a 2-core Zen 3 MKL ran the backward's [O, N] x [N, D] GEMM at N = 29-232 rows at
