@@ -11,11 +11,11 @@ functions and in ARCHITECTURE.md §3; the defaults below are the project's conve
     max_len=4000.0                     length normaliser (the official code hard-codes 4000)
 
 Environment: ``CARE_EXT_FUSED_STEP=1`` routes :func:`acquisition_step` to the private
-``_acquisition_step_fused`` op (features + 4 first-layer GEMMs + one kernel for the per-prompt
-tail; on the CPU its single-threaded-per-prompt twin). Verified and measured on an H100 (the core's
-CUDA tests pass both ways; its decide took 6.1 ms fused vs 7.5 ms at 64x8x4096, bench/RESULTS.md);
-off by default until a GPU session has run it over more shapes. Same semantics, float32 summation
-order differs.
+``_acquisition_step_fused`` op, with or without ``packed_weights`` (features + 4 first-layer
+GEMMs + one kernel for the per-prompt tail; on the CPU its single-threaded-per-prompt twin).
+Verified and measured on an H100 (the core's CUDA tests pass both ways; its decide took 6.1 ms
+fused vs 7.5 ms at 64x8x4096, bench/RESULTS.md); off by default until a GPU session has run it
+over more shapes. Same semantics, float32 summation order differs.
 
 Inside a caller's ``torch.autocast`` region every function here still computes in float32 (the
 native ops exclude the Autocast keys; the reference fallback runs with autocast off).
@@ -325,14 +325,18 @@ def acquisition_step(ids: Tensor, lengths: Tensor, h_prompt: Tensor, h_resp: Ten
     on AMX without per-call packing. ``packed_weights`` (CPU, float32 first layers): the weights
     packed once for the AVX2 GEMM (:func:`pack_cpu_step_weights`, from these very weights: a
     stale packing is not detected, only a wrong size); the step then skips its per-call packing,
-    same bits. The reference fallback ignores both (same values up to float32 rounding)."""
+    same bits. With ``CARE_EXT_FUSED_STEP=1`` the fused op runs and ``packed_weights`` is not
+    used (the fused op packs nothing; packed or not, a decide then takes the same route, so the
+    same bits). The reference fallback ignores both (same values up to float32 rounding)."""
     if first_layer_split is not None and packed_weights is not None:
         raise ValueError("acquisition_step: pass first_layer_split or packed_weights, not both "
                          "(they are packings of different first-layer GEMMs)")
+    fused = os.environ.get("CARE_EXT_FUSED_STEP") == "1"
     if native_available(ids.device) and packed_weights is not None:
         if ids.device.type != "cpu":
             raise ValueError(f"acquisition_step: packed_weights serves the CPU step; the inputs "
                              f"are on {ids.device}")
+    if native_available(ids.device) and packed_weights is not None and not fused:
         return AcquisitionOutputs(*torch.ops.care_ext._acquisition_step_f32_packed(
             ids, lengths, h_prompt, h_resp, list(stage1), list(stage2), max_len, cag_eps,
             cag_unbiased, adv_eps, adv_unbiased, packed_weights))
@@ -343,7 +347,7 @@ def acquisition_step(ids: Tensor, lengths: Tensor, h_prompt: Tensor, h_resp: Ten
                                       max_len, cag_eps, cag_unbiased, adv_eps, adv_unbiased,
                                       list(first_layer_split)))
     if native_available(ids.device):
-        op = (torch.ops.care_ext._acquisition_step_fused if os.environ.get("CARE_EXT_FUSED_STEP") == "1"
+        op = (torch.ops.care_ext._acquisition_step_fused if fused
               else torch.ops.care_ext.acquisition_step)
         return AcquisitionOutputs(*op(ids, lengths, h_prompt, h_resp, list(stage1), list(stage2), max_len,
                                       cag_eps, cag_unbiased, adv_eps, adv_unbiased))

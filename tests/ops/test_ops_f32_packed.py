@@ -171,6 +171,29 @@ def test_pack_cpu_step_weights_and_the_public_step(monkeypatch):
         ops.acquisition_step(*args, packed_weights=packed, first_layer_split=[packed])
 
 
+@needs_avx2
+def test_the_fused_step_env_routes_a_packed_call_too(monkeypatch):
+    """CARE_EXT_FUSED_STEP=1 sends care_ext.ops.acquisition_step to the fused op with or without
+    packed_weights: a decide packed ('on') and one not ('off') then take the same route and give
+    the same bits (the core's pack tests run under that switch in bench/gpu_check.sh). Unset, the
+    packed call runs the packed op."""
+    gen = torch.Generator().manual_seed(11)
+    H = 1024
+    ids, lengths, h_p, h_r, s1, s2 = step_inputs(6, 4, H, torch.bfloat16, gen)
+    monkeypatch.setenv(ENV, "avx2")
+    packed = ops.pack_cpu_step_weights(s1, s2, H)
+    args = (ids, lengths, h_p, h_r, s1, s2)
+    fused = torch.ops.care_ext._acquisition_step_fused(*args, 4000.0, 0.0, False, 1e-6, False)
+    plain = _packed_step(*args, packed)
+    i = R.AcquisitionOutputs._fields.index("stage1_logits")
+    assert not torch.equal(fused[i], plain[i])  # two summation orders: the route is observable
+    monkeypatch.setenv("CARE_EXT_FUSED_STEP", "1")
+    _assert_same_bits(ops.acquisition_step(*args, packed_weights=packed), fused, "packed")
+    _assert_same_bits(ops.acquisition_step(*args), fused, "not packed")
+    monkeypatch.delenv("CARE_EXT_FUSED_STEP")
+    _assert_same_bits(ops.acquisition_step(*args, packed_weights=packed), plain, "unset")
+
+
 def test_without_avx2_nothing_is_packed(monkeypatch):
     """Where the CPU has no AVX2 the step never packs (auto and mkl) and the op says why."""
     if HAS_AVX2:
