@@ -24,7 +24,9 @@
 #   device run:  bash bench/gpu_check.sh            (GPU_CHECK_QUICK=1 bash bench/gpu_check.sh)
 #   A/B of one change: GPU_CHECK_AB="CARE_EXT_TAIL_HEAD=tail CARE_EXT_TAIL_HEAD=split" \
 #                      GPU_CHECK_TESTS="head or overlap" GPU_CHECK_SECONDS=200 bash bench/gpu_check.sh
-#                      (GPU_CHECK_AB_NCU=step_head_kernel: and ncu on that kernel, ~45 s more)
+#                      (GPU_CHECK_AB_NCU=step_head_kernel: and ncu on that kernel, ~45 s more;
+#                      GPU_CHECK_AB_STAMPS=1: the tail's phases per setting, CARE_EXT_TAIL_STAMPS;
+#                      GPU_CHECK_AB_SANITIZE=1: compute-sanitizer under the last setting)
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 # The device tool brings back at most 8 files from $OUT: every stage writes into a work folder, and
@@ -82,6 +84,63 @@ for shape in sys.argv[1:]:
     fn(); torch.cuda.synchronize()
 PY
 
+# compute-sanitizer's scripts (the quick run's stage; the A/B mode's with GPU_CHECK_AB_SANITIZE=1):
+# every kernel on every shape (memcheck), and the block-cooperative kernels on small cases
+cat > /tmp/sanitize_ops.py <<'PY'
+import torch, care_ext
+from care_ext import reference as R
+from care_ext.bf16_split import first_layer_split
+from care_ext.ops import fused_step_layout
+g = torch.Generator().manual_seed(0)
+for B, G in ((0, 8), (1, 1), (37, 8), (5, 64)):
+    ids = (torch.rand(B, G, generator=g) * 4).long(); ids[torch.rand(B, G, generator=g) < .2] = -1
+    ids = ids.cuda(); r = torch.rand(B, G, device="cuda")
+    rank, sizes = torch.ops.care_ext.cluster_stats(ids)
+    torch.ops.care_ext.group_advantage(r, 1e-6, True); torch.ops.care_ext.cag(r, r.flip(1), 0., False)
+    cag, adm = torch.ops.care_ext.classwise_cag(sizes, 0., False)
+    torch.ops.care_ext.expected_cag(torch.randn(B, G + 1, device="cuda"), cag, adm)
+    torch.ops.care_ext.group_features(ids, torch.ones(B, G, device="cuda"), 10., 0., False, 1e-6, False)
+    H = 40
+    w = lambda Fp, Fr, C: [t.cuda() for t in (torch.randn(128, H + Fp), torch.randn(128), torch.randn(64, H + Fr),
+                          torch.randn(64), torch.randn(512, 64), torch.randn(512), torch.randn(256, 640),
+                          torch.randn(256), torch.randn(C, 256), torch.randn(C))]
+    for lay in (list, fused_step_layout):  # row-major and column-major (the core's CUDA layout)
+        torch.ops.care_ext._acquisition_step_fused(ids, torch.ones(B, G, device="cuda"), torch.randn(B, H, device="cuda"),
+            torch.randn(B, G, H, device="cuda").bfloat16(), lay(w(G + 1, 1, 2)), lay(w(G + 1, 0, G + 1)), 10., 0., False, 1e-6, False)
+    s1, s2 = w(G + 1, 1, 2), w(G + 1, 0, G + 1)  # split-bf16 first layers: bf16 GEMMs, fp32 out
+    torch.ops.care_ext._acquisition_step_fused_split(ids, torch.ones(B, G, device="cuda"),
+        torch.randn(B, H, device="cuda").bfloat16(), torch.randn(B, G, H, device="cuda").bfloat16(), s1, s2,
+        10., 0., False, 1e-6, False, first_layer_split(s1, s2, H))
+# _copy_into: segments off the 16-byte units, a src 1 byte off alignment, 11 pairs (two launches)
+src = [torch.randint(0, 9, (n,), dtype=torch.uint8, device="cuda") for n in (7, 16, 33, 4099)]
+src += [torch.randint(0, 9, (1001,), dtype=torch.uint8, device="cuda")[1:], torch.randn(5, 40, device="cuda").bfloat16()]
+src += [torch.randn(n, device="cuda") for n in (1, 3, 17, 256, 1 << 16)]
+torch.ops.care_ext._copy_into([torch.empty_like(t, memory_format=torch.contiguous_format) for t in src], src)
+torch.cuda.synchronize(); print("sanitize script ok")
+PY
+cat > /tmp/sanitize_sync.py <<'PY'
+import torch, care_ext
+from bench_ops import make_inputs, op_calls
+for G in (64, 8):  # G = 8: the one-prompt tail with CARE_EXT_TAIL_STAGE_H2's staging (fits)
+    x = make_inputs(6, G, 64, "cuda", torch.bfloat16)
+    for op, fn in op_calls(x, torch.ops.care_ext).items():
+        if op.startswith("acquisition_step_fused") or op == "group_features":
+            fn()
+torch.cuda.synchronize(); print("sync script ok")
+PY
+# CARE_EXT_TAIL_STAMPS=1: the tail's phases per stage (cycles, median / slowest block; the launch
+# prints them to stderr) for the split2 step at each shape argument: a warm-up call, then 3
+cat > /tmp/stamps_step.py <<'PY'
+import sys, torch, care_ext
+from bench_ops import make_inputs, op_calls
+for shape in sys.argv[1:]:
+    B, G, H = map(int, shape.split("x"))
+    fn = op_calls(make_inputs(B, G, H, "cuda", torch.bfloat16), torch.ops.care_ext)["acquisition_step_fused_split2"]
+    for _ in range(4):
+        fn()
+    torch.cuda.synchronize()
+PY
+
 # GPU_CHECK_AB="ENV=a ENV=b ...": a focused A/B run after a kernel change, for a short device
 # call (~3 min with the start): after the build and SASS, the CUDA tests matching GPU_CHECK_TESTS
 # (a pytest -k expression, default: all CUDA op tests), then the split2 step's benchmark under
@@ -108,6 +167,30 @@ if [ -n "${GPU_CHECK_AB:-}" ]; then
       --out "$OUT/profile_ab_${setting//[^A-Za-z0-9]/_}" > "$OUT/profile_ab_${setting//[^A-Za-z0-9]/_}.log" 2>&1
     stamp "profile_step $setting exit $? : $(grep -E 'step_tail_kernel|step_head_kernel|device\)' "$OUT/profile_ab_${setting//[^A-Za-z0-9]/_}.log" | tr -s ' ' | cut -c1-60 | tr '\n' ';')"
   done
+  # GPU_CHECK_AB_STAMPS=1: the tail's phases per stage under each setting (CARE_EXT_TAIL_STAMPS=1;
+  # the last of 4 calls per shape into summary.txt)
+  if [ "${GPU_CHECK_AB_STAMPS:-0}" = 1 ]; then
+    for setting in $GPU_CHECK_AB; do
+      log="$OUT/stamps_${setting//[^A-Za-z0-9]/_}.log"
+      env "$setting" CARE_EXT_TAIL_STAMPS=1 PYTHONPATH="$REPO/bench" timeout "$(cap 40)" python3 \
+        /tmp/stamps_step.py 64x8x4096 256x32x4096 1024x64x4096 > "$log" 2>&1
+      stamp "tail stamps $setting exit $? (the 4th call per shape):"
+      grep "care_ext tail stamps" "$log" | awk 'NR % 8 == 7 || NR % 8 == 0' >> "$OUT/summary.txt"
+    done
+  fi
+  # GPU_CHECK_AB_SANITIZE=1: compute-sanitizer under the last setting: memcheck on every kernel and
+  # shape, racecheck and synccheck on the block-cooperative kernels
+  if [ "${GPU_CHECK_AB_SANITIZE:-0}" = 1 ]; then
+    last_setting=${GPU_CHECK_AB##* }
+    env "$last_setting" timeout "$(cap 90)" compute-sanitizer --tool memcheck --error-exitcode 9 \
+      python3 /tmp/sanitize_ops.py > "$OUT/sanitizer_ab.log" 2>&1
+    stamp "compute-sanitizer memcheck ($last_setting) exit $? : $(grep -E 'ERROR SUMMARY|sanitize script ok' "$OUT/sanitizer_ab.log" | tr '\n' ' ')"
+    for tool in racecheck synccheck; do
+      env "$last_setting" PYTHONPATH="$REPO/bench" timeout "$(cap 60)" compute-sanitizer --tool $tool \
+        --error-exitcode 9 python3 /tmp/sanitize_sync.py > "$OUT/sanitizer_ab_$tool.log" 2>&1
+      stamp "compute-sanitizer $tool ($last_setting) exit $? : $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|sync script ok' "$OUT/sanitizer_ab_$tool.log" | tr '\n' ' ')"
+    done
+  fi
   # GPU_CHECK_AB_NCU=kernel: Nsight Compute on that kernel (a name, e.g. step_head_kernel) under
   # the last setting, at 64x8 and 1024x64: speed of light, occupancy, warp states, and per source
   # line where its warps stall (bench/ncu_source.py; the reports stay in /tmp)
@@ -253,52 +336,11 @@ if [ "$QUICK" = 1 ] && command -v ncu > /dev/null; then
   done
 fi
 stamp "compute-sanitizer (memcheck) on every kernel"
-cat > /tmp/sanitize_ops.py <<'PY'
-import torch, care_ext
-from care_ext import reference as R
-from care_ext.bf16_split import first_layer_split
-from care_ext.ops import fused_step_layout
-g = torch.Generator().manual_seed(0)
-for B, G in ((0, 8), (1, 1), (37, 8), (5, 64)):
-    ids = (torch.rand(B, G, generator=g) * 4).long(); ids[torch.rand(B, G, generator=g) < .2] = -1
-    ids = ids.cuda(); r = torch.rand(B, G, device="cuda")
-    rank, sizes = torch.ops.care_ext.cluster_stats(ids)
-    torch.ops.care_ext.group_advantage(r, 1e-6, True); torch.ops.care_ext.cag(r, r.flip(1), 0., False)
-    cag, adm = torch.ops.care_ext.classwise_cag(sizes, 0., False)
-    torch.ops.care_ext.expected_cag(torch.randn(B, G + 1, device="cuda"), cag, adm)
-    torch.ops.care_ext.group_features(ids, torch.ones(B, G, device="cuda"), 10., 0., False, 1e-6, False)
-    H = 40
-    w = lambda Fp, Fr, C: [t.cuda() for t in (torch.randn(128, H + Fp), torch.randn(128), torch.randn(64, H + Fr),
-                          torch.randn(64), torch.randn(512, 64), torch.randn(512), torch.randn(256, 640),
-                          torch.randn(256), torch.randn(C, 256), torch.randn(C))]
-    for lay in (list, fused_step_layout):  # row-major and column-major (the core's CUDA layout)
-        torch.ops.care_ext._acquisition_step_fused(ids, torch.ones(B, G, device="cuda"), torch.randn(B, H, device="cuda"),
-            torch.randn(B, G, H, device="cuda").bfloat16(), lay(w(G + 1, 1, 2)), lay(w(G + 1, 0, G + 1)), 10., 0., False, 1e-6, False)
-    s1, s2 = w(G + 1, 1, 2), w(G + 1, 0, G + 1)  # split-bf16 first layers: bf16 GEMMs, fp32 out
-    torch.ops.care_ext._acquisition_step_fused_split(ids, torch.ones(B, G, device="cuda"),
-        torch.randn(B, H, device="cuda").bfloat16(), torch.randn(B, G, H, device="cuda").bfloat16(), s1, s2,
-        10., 0., False, 1e-6, False, first_layer_split(s1, s2, H))
-# _copy_into: segments off the 16-byte units, a src 1 byte off alignment, 11 pairs (two launches)
-src = [torch.randint(0, 9, (n,), dtype=torch.uint8, device="cuda") for n in (7, 16, 33, 4099)]
-src += [torch.randint(0, 9, (1001,), dtype=torch.uint8, device="cuda")[1:], torch.randn(5, 40, device="cuda").bfloat16()]
-src += [torch.randn(n, device="cuda") for n in (1, 3, 17, 256, 1 << 16)]
-torch.ops.care_ext._copy_into([torch.empty_like(t, memory_format=torch.contiguous_format) for t in src], src)
-torch.cuda.synchronize(); print("sanitize script ok")
-PY
 timeout "$(cap 90)" compute-sanitizer --tool memcheck --error-exitcode 9 python3 /tmp/sanitize_ops.py \
   > "$OUT/sanitizer.log" 2>&1
 stamp "compute-sanitizer exit $? : $(grep -E 'ERROR SUMMARY|sanitize script ok' "$OUT/sanitizer.log" | tr '\n' ' ')"
 # shared-memory races and barrier misuse in the block-cooperative kernels (the fused step's tail:
 # barriers around every phase; group_features: __syncwarp between its two phases), on a small case
-cat > /tmp/sanitize_sync.py <<'PY'
-import torch, care_ext
-from bench_ops import make_inputs, op_calls
-x = make_inputs(6, 64, 64, "cuda", torch.bfloat16)
-for op, fn in op_calls(x, torch.ops.care_ext).items():
-    if op.startswith("acquisition_step_fused") or op == "group_features":
-        fn()
-torch.cuda.synchronize(); print("sync script ok")
-PY
 for tool in racecheck synccheck; do
   PYTHONPATH="$REPO/bench" timeout "$(cap 60)" compute-sanitizer --tool $tool --error-exitcode 9 \
     python3 /tmp/sanitize_sync.py > "$OUT/sanitizer_$tool.log" 2>&1

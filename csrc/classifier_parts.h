@@ -54,6 +54,20 @@ int env_choice(const char* name, const char* const (&choices)[N]) {
 // 1024x64x4096 and 31.7 against 24.1 us at 64x8x4096 (one block per SM with 128 KB staged).
 inline bool tail_stage_r2w_requested() { return env_switch("CARE_EXT_TAIL_STAGE_R2", "0", "1"); }
 
+// CARE_EXT_TAIL_STAGE_H2 (run time): "1" makes each block of the fused step's tail issue the
+// copies of its head layer-2 weight (K x C floats, stage_h2w) into shared memory at its start
+// (cp.async: they land during the branches), where it fits beside the scratch in the default
+// 48 KB (the CUDA launch skips it elsewhere; the CPU's _acquisition_step_fused_block: a buffer of
+// the block's), and head layer 2 reads it there; unset or "0" reads it where it is. Same values,
+// so the same bits.
+inline bool tail_stage_h2w_requested() { return env_switch("CARE_EXT_TAIL_STAGE_H2", "0", "1"); }
+
+// CARE_EXT_TAIL_STAMPS (run time, CUDA): "1" has thread 0 of every tail block write clock64() at
+// the tail's phase boundaries (TailStamps, step_tail.h); after each launch the host waits for the
+// stream (not while it is captured) and prints per stage the phases' median and slowest block in
+// cycles and microseconds to stderr. A diagnostic: never set it in a timed run.
+inline bool tail_stamps_requested() { return env_switch("CARE_EXT_TAIL_STAMPS", "0", "1"); }
+
 // CARE_EXT_TAIL_L2 (run time): how the CUDA tail runs rollout layer 2 (the step's largest
 // arithmetic: B * G * R1 * R2 multiply-adds per classifier). "ffma": float32 FFMA register tiles,
 // the same sums in the same order as the CPU twin; "mma": tensor cores, three TF32 products per

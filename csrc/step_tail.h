@@ -145,6 +145,7 @@ struct HeadScratch {
   int ldp, ldpool, ldz;  // row strides of p, pool and z: P, R2 and K rounded up to 4 (al4)
   double* e;
   const float* r2w;  // rollout layer 2's weight staged k-major (stage_r2w), or nullptr
+  const float* h2w;  // head layer 2's weight staged k-major (stage_h2w), or nullptr
 };
 
 // Rows of r1t that layer 1 writes for `count` pooled rollouts: up to whole 16-row tiles of the
@@ -181,7 +182,7 @@ CARE_HD int head_scratch_floats(const HeadWeights& w, int G, int nb) {  // + e: 
 }
 
 CARE_HD HeadScratch head_scratch(float* base, const HeadWeights& w, int G, int nb,
-                                 const float* r2w = nullptr) {
+                                 const float* r2w = nullptr, const float* h2w = nullptr) {
   HeadScratch s;
   s.r1t = base;
   s.r1lo = w.r2w_frag != nullptr ? base + w.R1 * r1t_ld(G) : nullptr;
@@ -197,7 +198,50 @@ CARE_HD HeadScratch head_scratch(float* base, const HeadWeights& w, int G, int n
   const int floats = head_scratch_float_part(w, G, nb);
   s.e = reinterpret_cast<double*>(base + floats + (floats & 1));  // base is 16-byte aligned
   s.r2w = r2w;
+  s.h2w = h2w;
   return s;
+}
+
+// Copies into shared memory that land later (cp.async from sm_80; elsewhere, the CPU twins
+// included, plain copies): copy_async_f32 (4 bytes, through L1) and copy_async_f4_l2 (16 bytes,
+// 16-byte aligned, through L2 only: data other blocks of the running kernel wrote) issue,
+// async_commit closes this thread's group of them, async_wait<N> waits until at most N of its
+// groups are pending; a block barrier after that makes every thread's copies visible.
+CARE_HD void copy_async_f32(float* dst, const float* src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(
+                   static_cast<unsigned>(__cvta_generic_to_shared(dst))),
+               "l"(src)
+               : "memory");
+#else
+  *dst = *src;
+#endif
+}
+
+CARE_HD void copy_async_f4_l2(float* dst, const float* src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(
+                   static_cast<unsigned>(__cvta_generic_to_shared(dst))),
+               "l"(src)
+               : "memory");
+#elif defined(__CUDA_ARCH__)
+  *reinterpret_cast<float4*>(dst) = __ldcg(reinterpret_cast<const float4*>(src));
+#else
+  for (int e = 0; e < 4; ++e) dst[e] = src[e];
+#endif
+}
+
+CARE_HD void async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+template <int N>
+CARE_HD void async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
 }
 
 // Copies rollout layer 2's weight (element (j, k) = unit j's weight of input k, any strides) into
@@ -213,6 +257,41 @@ CARE_HD void stage_r2w(const Mat& r2w, int R1, int R2, float* dst, int tid, int 
     dst[k * ld + j] = r2w.at(j, k);
   }
 }
+
+// Issues the copies of head layer 2's weight (element (c, k) = class c's weight of input k, any
+// strides) into dst [K][C] (k-major: at one k a warp's consecutive classes c read consecutive
+// floats), as one cp.async group of this thread (async_commit; the CPU twins: plain copies). The
+// CUDA kernel may issue them at its start (CARE_EXT_TAIL_STAGE_H2=1), so they land during the
+// branches and head layer 1, and head layer 2 (classifier_tail: async_wait, then the barrier
+// after layer 1) reads shared memory instead of a chain of L2 round trips: C threads each run K
+// multiply-adds while the others wait at the barrier. Same values, so the same sums.
+CARE_HD void stage_h2w(const Mat& h2w, int K, int C, float* dst, int tid, int nth) {
+  for (int i = tid; i < K * C; i += nth) {
+    const int k = i / C, c = i - k * C;
+    copy_async_f32(dst + i, h2w.row(c) + k * h2w.cs);
+  }
+  async_commit();
+}
+
+// Diagnostics of the CUDA tail (CARE_EXT_TAIL_STAMPS=1): thread 0 of each block writes clock64()
+// at the start and at the end of each phase into the block's row of kTailStampSlots in `base`
+// ([2][gridDim.x][kTailStampSlots], row blockIdx.y * gridDim.x + blockIdx.x; nullptr: off, and
+// always on the CPU). Slots: 0 start, 1 branches done, 2 head layer 1 done, 3 head layer 2 done,
+// 4 outputs done; each after the phase's closing barrier where it has one. The row is computed at
+// each stamp from the kernel's parameter and the block's index (nothing held in registers: the
+// tail is at its 128-register bound).
+constexpr int kTailStampSlots = 5;
+struct TailStamps {
+  long long* base;
+  CARE_HD void operator()(int slot, int tid) const {
+#if defined(__CUDA_ARCH__)
+    if (base != nullptr && tid == 0) {
+      base[(static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * kTailStampSlots + slot] =
+          clock64();
+    }
+#endif
+  }
+};
 
 CARE_HD float relu_f(float v) { return v > 0.f ? v : 0.f; }
 
@@ -780,13 +859,15 @@ template <int M, class Sync>
 CARE_HD void classifier_tail(const HeadWeights& w, int G, int64_t b0, int nb, PreAct pre_r,
                              const float* rfeat, const bool* mask, PreAct pre_p,
                              const float* pfeat, const HeadScratch& s, int l2_mma, int tid,
-                             int nth, Sync sync, bool head = true) {
+                             int nth, Sync sync, bool head = true,
+                             TailStamps stamp = TailStamps{nullptr}) {
   for (int q = 0; q < nb; ++q) {
     const int64_t b = b0 + q;
     branches(w, G, b, pre_r, rfeat != nullptr ? rfeat + b * G * w.Fr : nullptr,
              mask != nullptr ? mask + b * G : nullptr, pre_p, pfeat + b * w.Fp, s, s.p + q * s.ldp,
              s.pool + q * s.ldpool, l2_mma, tid, nth, sync);
   }
+  stamp(1, tid);
   if (!head) return;  // the head kernel's (CARE_EXT_TAIL_HEAD=split): p and pool stay in s
   for (int i = tid; i < w.K; i += nth) {  // head layer 1 on [p ; pool] of every prompt
     float v[M];
@@ -799,18 +880,28 @@ CARE_HD void classifier_tail(const HeadWeights& w, int G, int64_t b0, int nb, Pr
       if (q < nb) s.z[q * s.ldz + i] = relu_f(v[q]);
     }
   }
+  // head layer 2's weight staged (stage_h2w): one prompt per block only (the 4-prompt kernel is at
+  // its register bound; its C x K weight serves 4 prompts per read anyway)
+  const bool h2w_staged = M == 1 && s.h2w != nullptr;
+  if (h2w_staged) async_wait<0>();  // this thread's stage_h2w copies landed (the sync: all)
   sync();
+  stamp(2, tid);
   for (int c = tid; c < w.C; c += nth) {  // head layer 2
     float v[M];
     CARE_UNROLL
     for (int q = 0; q < M; ++q) v[q] = w.h2b[c];
-    dot_in_order(w.h2w, c, 0, s.z, s.ldz, w.K, nb, v);
+    if (h2w_staged) {  // each call reads one kind of memory (GPU: LDS or LDG)
+      dot_in_order(Mat{s.h2w, 1, w.C}, c, 0, s.z, s.ldz, w.K, nb, v);
+    } else {
+      dot_in_order(w.h2w, c, 0, s.z, s.ldz, w.K, nb, v);
+    }
     CARE_UNROLL
     for (int q = 0; q < M; ++q) {
       if (q < nb) s.logits[q * w.C + c] = v[q];
     }
   }
   sync();
+  stamp(3, tid);
 }
 
 // Inputs and outputs of the tail for all B prompts (row-major, contiguous).
@@ -840,6 +931,9 @@ struct StepTailArgs {
   int* head_count;
   int64_t head_rows;  // B
   int head_ld, head_ldz, head_prompts, head_groups;
+  // CARE_EXT_TAIL_STAMPS=1 (CUDA): [2][blocks][kTailStampSlots] clock64 stamps (TailStamps), row
+  // (stage * blocks + block); else nullptr
+  long long* stamps;
 };
 
 // Scratch floats one block needs (the larger stage's: one scratch serves either stage).
@@ -852,6 +946,12 @@ CARE_HD int step_tail_scratch_floats(const StepTailArgs& a) {
 // Floats of the staged rollout layer-2 weight (stage_r2w) the larger stage needs.
 CARE_HD int step_tail_staged_r2w_floats(const StepTailArgs& a) {
   const int s1 = staged_r2w_floats(a.w1.R1, a.w1.R2), s2 = staged_r2w_floats(a.w2.R1, a.w2.R2);
+  return s1 > s2 ? s1 : s2;
+}
+
+// Floats of the staged head layer-2 weight (stage_h2w) the larger stage needs: K * C.
+CARE_HD int step_tail_staged_h2w_floats(const StepTailArgs& a) {
+  const int s1 = a.w1.K * a.w1.C, s2 = a.w2.K * a.w2.C;
   return s1 > s2 ? s1 : s2;
 }
 
@@ -963,26 +1063,30 @@ CARE_HD void write_head_inputs(const StepTailArgs& a, const HeadWeights& w, cons
 // the register allocation of the tail with its head stays what it was).
 template <int M, class Sync, int kHeadHere = -1>
 CARE_HD void step_tail(const StepTailArgs& a, int64_t b0, int nb, int stage, float* scratch,
-                       int tid, int nth, Sync sync, const float* r2w_staged = nullptr) {
+                       int tid, int nth, Sync sync, const float* r2w_staged = nullptr,
+                       const float* h2w_staged = nullptr,
+                       TailStamps stamp = TailStamps{nullptr}) {
   const int G = a.G;
   const bool head = kHeadHere < 0 ? a.head_in == nullptr : kHeadHere == 1;
   // each stage in a branch of its own, its weights named there (a.w1 / a.w2): selecting them by
   // a run-time reference made nvcc copy the kernel's parameters to local memory (spills)
   if (stage == 0) {
-    const HeadScratch s = head_scratch(scratch, a.w1, G, nb, r2w_staged);
+    const HeadScratch s = head_scratch(scratch, a.w1, G, nb, r2w_staged, h2w_staged);
     classifier_tail<M>(a.w1, G, b0, nb, a.pre_r1, a.len_norm, nullptr, a.pre_p1, a.prompt_feat, s,
-                       a.l2_mma, tid, nth, sync, head);
+                       a.l2_mma, tid, nth, sync, head, stamp);
     if (head) {
       stage_outputs<M>(a, 0, b0, nb, s.logits, s.e, tid, nth, sync);
+      stamp(4, tid);
     } else {
       write_head_inputs(a, a.w1, s, 0, b0, nb, tid, nth, sync);
     }
   } else {
-    const HeadScratch s = head_scratch(scratch, a.w2, G, nb, r2w_staged);
+    const HeadScratch s = head_scratch(scratch, a.w2, G, nb, r2w_staged, h2w_staged);
     classifier_tail<M>(a.w2, G, b0, nb, a.pre_r2, nullptr, a.minority, a.pre_p2, a.prompt_feat, s,
-                       a.l2_mma, tid, nth, sync, head);
+                       a.l2_mma, tid, nth, sync, head, stamp);
     if (head) {
       stage_outputs<M>(a, 1, b0, nb, s.logits, s.e, tid, nth, sync);
+      stamp(4, tid);
     } else {
       write_head_inputs(a, a.w2, s, 1, b0, nb, tid, nth, sync);
     }
@@ -1011,48 +1115,6 @@ constexpr int kMaxHeadPrompts = 16;
 constexpr int kHeadThreads = kHeadUnits * kMaxHeadPrompts / kHeadSub;  // one (unit, 4 prompts) each
 constexpr int kHeadStages = 4;  // weight chunks of kDotChunk inputs in flight
 constexpr int kHeadChunkFloats = kDotChunk * kHeadUnits;
-
-// Copies into shared memory that land later (cp.async from sm_80; elsewhere, the CPU twins
-// included, plain copies): copy_async_f32 (4 bytes, through L1) and copy_async_f4_l2 (16 bytes,
-// 16-byte aligned, through L2 only: data other blocks of the running kernel wrote) issue,
-// async_commit closes this thread's group of them, async_wait<N> waits until at most N of its
-// groups are pending; a block barrier after that makes every thread's copies visible.
-CARE_HD void copy_async_f32(float* dst, const float* src) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(
-                   static_cast<unsigned>(__cvta_generic_to_shared(dst))),
-               "l"(src)
-               : "memory");
-#else
-  *dst = *src;
-#endif
-}
-
-CARE_HD void copy_async_f4_l2(float* dst, const float* src) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(
-                   static_cast<unsigned>(__cvta_generic_to_shared(dst))),
-               "l"(src)
-               : "memory");
-#elif defined(__CUDA_ARCH__)
-  *reinterpret_cast<float4*>(dst) = __ldcg(reinterpret_cast<const float4*>(src));
-#else
-  for (int e = 0; e < 4; ++e) dst[e] = src[e];
-#endif
-}
-
-CARE_HD void async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-
-template <int N>
-CARE_HD void async_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-#endif
-}
 
 // Row length of head_in for weights w: [p ; pool], pool starting at al4(P) (whole float4s).
 CARE_HD int head_input_ld(const HeadWeights& w) { return al4(w.P) + al4(w.R2); }

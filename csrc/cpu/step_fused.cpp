@@ -119,6 +119,11 @@ StepTuple acquisition_step_fused_block_cpu(const Tensor& ids, const Tensor& leng
   tail_mma_tall_tiles_requested();
   step_overlap_requested();  // checked; one thread runs the host part in order
   std::vector<float> r2w(staged ? static_cast<size_t>(step_tail_staged_r2w_floats(f.args)) : 0);
+  // CARE_EXT_TAIL_STAGE_H2=1: likewise head layer 2's weight (stage_h2w) with one prompt per
+  // block (the CUDA launch: also only where it fits in shared memory)
+  const bool staged_h2 = tail_stage_h2w_requested() && per == 1;
+  tail_stamps_requested();  // checked; the CPU writes no stamps
+  std::vector<float> h2w(staged_h2 ? static_cast<size_t>(step_tail_staged_h2w_floats(f.args)) : 0);
   TeamBarrier barrier(n);
   auto member = [&](int tid) {
     for (int64_t b0 = 0; b0 < f.B; b0 += per) {
@@ -126,13 +131,15 @@ StepTuple acquisition_step_fused_block_cpu(const Tensor& ids, const Tensor& leng
       for (int stage = 0; stage < 2; ++stage) {  // one block after another, one shared scratch
         const HeadWeights& w = stage == 0 ? f.args.w1 : f.args.w2;
         if (staged) stage_r2w(w.r2w, w.R1, w.R2, r2w.data(), tid, n);
+        if (staged_h2) stage_h2w(w.h2w, w.K, w.C, h2w.data(), tid, n);
         const float* r2w_staged = staged ? r2w.data() : nullptr;
+        const float* h2w_staged = staged_h2 ? h2w.data() : nullptr;
         if (per == 1) {  // the kernel's two instantiations, as the CUDA launch picks them
           step_tail<1>(f.args, b0, nb, stage, scratch.data(), tid, n, TeamSync{&barrier},
-                       r2w_staged);
+                       r2w_staged, h2w_staged);
         } else {
           step_tail<kMaxTailPrompts>(f.args, b0, nb, stage, scratch.data(), tid, n,
-                                     TeamSync{&barrier}, r2w_staged);
+                                     TeamSync{&barrier}, r2w_staged, h2w_staged);
         }
         barrier.wait();  // the next block overwrites the scratch this one's last reads use
       }

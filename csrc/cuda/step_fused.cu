@@ -8,14 +8,17 @@
 #include "../classifier_parts.h"
 
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 
 #include <algorithm>
 #include <array>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <optional>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -38,14 +41,27 @@ struct BlockSync {
 // registers at most): rollout layer 2's 8 x 4 tiles, their weights 4 steps ahead and the tile's
 // float4 inputs need ~100.
 // kSplitHead (CARE_EXT_TAIL_HEAD=split, a.head_in set): the head is left to step_head_kernel.
+// r2w_offset / h2w_offset > 0: where in the dynamic shared memory the block stages its rollout
+// layer-2 weight (CARE_EXT_TAIL_STAGE_R2) / head layer-2 weight (CARE_EXT_TAIL_STAGE_H2).
 template <int M, bool kSplitHead>
 __global__ void __launch_bounds__(kTailThreads, 2)
-    step_tail_kernel(StepTailArgs a, int64_t B, int r2w_offset) {
+    step_tail_kernel(StepTailArgs a, int64_t B, int r2w_offset, int h2w_offset) {
   extern __shared__ __align__(16) float scratch[];  // head_scratch places doubles 8-byte aligned
   const int64_t b0 = static_cast<int64_t>(blockIdx.x) * a.prompts_per_block;
   const int nb = static_cast<int>(B - b0 < a.prompts_per_block ? B - b0 : a.prompts_per_block);
   const int stage = static_cast<int>(blockIdx.y), tid = static_cast<int>(threadIdx.x),
             nth = static_cast<int>(blockDim.x);
+  const TailStamps stamp{a.stamps};
+  stamp(0, tid);
+  float* h2w = nullptr;
+  if (!kSplitHead && M == 1 && h2w_offset > 0) {  // issued first: they land during the branches
+    h2w = scratch + h2w_offset;
+    if (stage == 0) {
+      stage_h2w(a.w1.h2w, a.w1.K, a.w1.C, h2w, tid, nth);
+    } else {
+      stage_h2w(a.w2.h2w, a.w2.K, a.w2.C, h2w, tid, nth);
+    }
+  }
   float* r2w = nullptr;
   if (r2w_offset > 0) {  // CARE_EXT_TAIL_STAGE_R2=1; written before step_tail's first barrier
     r2w = scratch + r2w_offset;
@@ -56,7 +72,7 @@ __global__ void __launch_bounds__(kTailThreads, 2)
     }
   }
   step_tail<M, BlockSync, kSplitHead ? 0 : 1>(a, b0, nb, stage, scratch, tid, nth, BlockSync{},
-                                               r2w);
+                                               r2w, h2w, stamp);
 }
 
 // The head of both stages after the tail (CARE_EXT_TAIL_HEAD=split; step_tail.h's
@@ -165,6 +181,48 @@ void allow_dynamic_smem(int64_t bytes) {
 int64_t head_smem_limit() {
   static const int64_t limit = optin_smem_of(reinterpret_cast<const void*>(step_head_kernel));
   return limit;
+}
+
+// CARE_EXT_TAIL_STAMPS=1: after a launch of the tail (not under capture), waits for the stream and
+// prints to stderr, per stage, each phase's median and slowest block (TailStamps: branches, head
+// layer 1, head layer 2, outputs; the whole block) in cycles, and in microseconds at the device's
+// peak clock (the clock under load may be lower). Phases a block did not stamp (the split head's)
+// are left out.
+void print_tail_stamps(const Tensor& stamps, int64_t blocks, int64_t B, int G, int per_block) {
+  const Tensor host = stamps.cpu();  // waits for the stream
+  const int64_t* t = host.const_data_ptr<int64_t>();
+  int dev = 0, khz = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, dev));
+  const double per_us = khz > 0 ? khz / 1000.0 : 1.0;
+  static const char* const kNames[] = {"branches", "head-layer1", "head-layer2", "outputs",
+                                       "block"};
+  for (int stage = 0; stage < 2; ++stage) {
+    std::string line = "care_ext tail stamps B=" + std::to_string(B) + " G=" + std::to_string(G) +
+                       " prompts/block=" + std::to_string(per_block) + " stage=" +
+                       std::to_string(stage + 1) + " (cycles median/max, us at " +
+                       std::to_string(khz / 1000) + " MHz):";
+    for (int ph = 0; ph < kTailStampSlots; ++ph) {
+      std::vector<int64_t> d;
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t* row = t + (stage * blocks + b) * kTailStampSlots;
+        int last = kTailStampSlots - 1;
+        while (last > 0 && row[last] == 0) --last;
+        const bool whole = ph == kTailStampSlots - 1;  // the block: its first stamp to its last
+        const int lo = whole ? 0 : ph, hi = whole ? last : ph + 1;
+        if (hi <= last && row[lo] != 0 && row[hi] != 0) d.push_back(row[hi] - row[lo]);
+      }
+      if (d.empty()) continue;
+      std::sort(d.begin(), d.end());
+      const int64_t med = d[d.size() / 2], mx = d.back();
+      char buf[160];
+      std::snprintf(buf, sizeof buf, " %s %lld/%lld (%.2f/%.2f us)", kNames[ph],
+                    static_cast<long long>(med), static_cast<long long>(mx), med / per_us,
+                    mx / per_us);
+      line += buf;
+    }
+    std::fprintf(stderr, "%s\n", line.c_str());
+  }
 }
 
 // CARE_EXT_TAIL_HEAD=split: lays out the head's buffers in one new tensor (returned: it must live
@@ -378,12 +436,34 @@ StepTuple acquisition_step_fused_split_cuda(const Tensor& ids, const Tensor& len
   TORCH_CHECK(blocks <= 2147483647LL, "care_ext.", op, ": B = ", f.B, " is too large");
   const dim3 grid(static_cast<unsigned>(blocks), 2);  // blocks of prompts, one per stage
   const int r2w_offset = staged ? static_cast<int>(scratch_floats()) : 0;
+  // CARE_EXT_TAIL_STAGE_H2=1: head layer 2's weight after the rest, with one prompt per block and
+  // where it fits in the limit the launch already has (it never lowers the prompts per block: at
+  // G = 64 its 65 KB do not fit in the default 48 KB); the split head leaves the tail no head
+  // layer 2
+  const int64_t h2w_floats =
+      tail_stage_h2w_requested() && !head_buf.defined() && args.prompts_per_block == 1
+          ? step_tail_staged_h2w_floats(args)
+          : 0;
+  const int64_t h2w_bytes = h2w_floats * static_cast<int64_t>(sizeof(float));
+  const bool staged_h2 = h2w_floats > 0 && smem + h2w_bytes <= limit_of();
+  const int h2w_offset = staged_h2 ? static_cast<int>(smem / 4) : 0;  // in floats
+  const int64_t launch_smem = smem + (staged_h2 ? h2w_bytes : 0);
+  // CARE_EXT_TAIL_STAMPS=1: phase stamps of every block (not while the stream is captured: the
+  // summary waits for the stream)
+  const bool stamped =
+      tail_stamps_requested() &&
+      c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None;
+  const Tensor stamps = stamped ? at::zeros({2 * blocks * kTailStampSlots},
+                                            f.reliability.options().dtype(at::kLong))
+                                : Tensor();
+  if (stamped) args.stamps = reinterpret_cast<long long*>(stamps.data_ptr<int64_t>());
   auto launch = [&](auto m, auto split) {
     constexpr int kM = decltype(m)::value;
     constexpr bool kSplit = decltype(split)::value;
-    allow_dynamic_smem<kM, kSplit>(smem);
-    step_tail_kernel<kM, kSplit><<<grid, kTailThreads, static_cast<size_t>(smem), stream>>>(
-        args, f.B, r2w_offset);
+    allow_dynamic_smem<kM, kSplit>(launch_smem);
+    step_tail_kernel<kM, kSplit>
+        <<<grid, kTailThreads, static_cast<size_t>(launch_smem), stream>>>(args, f.B, r2w_offset,
+                                                                          h2w_offset);
   };
   using One = std::integral_constant<int, 1>;
   using Many = std::integral_constant<int, kMaxTailPrompts>;
@@ -399,6 +479,7 @@ StepTuple acquisition_step_fused_split_cuda(const Tensor& ids, const Tensor& len
     launch(Many{}, std::false_type{});
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (stamped) print_tail_stamps(stamps, blocks, f.B, args.G, args.prompts_per_block);
   if (head_buf.defined()) {
     const dim3 head_grid(static_cast<unsigned>(std::max(head_unit_blocks(args.w1),
                                                           head_unit_blocks(args.w2))),

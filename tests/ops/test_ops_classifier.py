@@ -2,6 +2,8 @@
 the reference twins."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -353,7 +355,8 @@ def test_step_reads_weights_spread_past_32_bit_offsets(tmp_path, op):
 ODD = {"P": 13, "R1": 7, "R2": 19, "K": 11}  # layer sizes off the tail's tiles and chunks
 
 
-@pytest.mark.parametrize("staged", ["0", "1"], ids=["r2w-in-place", "r2w-staged"])
+@pytest.mark.parametrize("staged", ["", "CARE_EXT_TAIL_STAGE_R2", "CARE_EXT_TAIL_STAGE_H2"],
+                         ids=["in-place", "r2w-staged", "h2w-staged"])
 @pytest.mark.parametrize("split", [False, True], ids=["fp32", "split"])
 @pytest.mark.parametrize("G, threads, prompts, dims", [
     (3, 2, 1, {}), (8, 5, 1, {}), (8, 256, 1, {}), (64, 32, 1, {}), (64, 256, 1, {}),
@@ -369,7 +372,8 @@ def test_fused_step_tail_over_a_block_of_threads_gives_the_same_bits(G, threads,
     to 256 threads, 1 to 4 prompts per block (5 prompts: a short last block), layer sizes off the
     tiles, and both first-layer paths. With CARE_EXT_TAIL_STAGE_R2=1 each block first copies its
     rollout layer-2 weight k-major into a buffer of its own (the kernel: shared memory) and reads
-    it there: the same bits again."""
+    it there, with CARE_EXT_TAIL_STAGE_H2=1 its head layer-2 weight (one prompt per block): the
+    same bits again."""
     from care_ext.bf16_split import first_layer_split
 
     gen = torch.Generator().manual_seed(G * 31 + threads)
@@ -378,7 +382,8 @@ def test_fused_step_tail_over_a_block_of_threads_gives_the_same_bits(G, threads,
     pieces = first_layer_split(s1, s2, 40) if split else []
     one = run_step("_acquisition_step_fused_split" if split else "_acquisition_step_fused", "cpu",
                    ids, lengths, h_p, h_r, s1, s2, pieces if split else None)
-    monkeypatch.setenv("CARE_EXT_TAIL_STAGE_R2", staged)
+    if staged:
+        monkeypatch.setenv(staged, "1")
     many = run_step("_acquisition_step_fused_block", "cpu", ids, lengths, h_p, h_r, s1, s2, pieces,
                     threads, prompts)
     for k, (a, b) in enumerate(zip(many, one)):
@@ -447,10 +452,14 @@ def test_tail_head_env_is_checked(monkeypatch):
             run_step(op, "cpu", ids, lengths, h_p, h_r, s1, s2, [], *more)
 
 
-def test_tail_stage_r2_env_is_checked(monkeypatch):
+@pytest.mark.parametrize("var", ["CARE_EXT_TAIL_STAGE_R2", "CARE_EXT_TAIL_STAGE_H2",
+                                 "CARE_EXT_TAIL_STAMPS"])
+def test_tail_switch_envs_are_checked(var, monkeypatch):
+    """The tail's on/off switches take 0, 1 or nothing; anything else is an error naming the
+    variable (the block twin reads them all, as the CUDA launch does)."""
     ids, lengths, h_p, h_r, s1, s2 = step_inputs(2, 4, 16, torch.float32, torch.Generator())
-    monkeypatch.setenv("CARE_EXT_TAIL_STAGE_R2", "yes")
-    with pytest.raises(RuntimeError, match="CARE_EXT_TAIL_STAGE_R2 must be 0 or 1, got 'yes'"):
+    monkeypatch.setenv(var, "yes")
+    with pytest.raises(RuntimeError, match=f"{var} must be 0 or 1, got 'yes'"):
         run_step("_acquisition_step_fused_block", "cpu", ids, lengths, h_p, h_r, s1, s2, [], 8, 1)
 
 
@@ -494,6 +503,50 @@ def test_cuda_tail_with_its_layer2_weight_staged_gives_the_same_bits(B, G, dims,
         for k, (a, b) in enumerate(zip(staged, plain)):
             assert torch.equal(a, b), (layout, k)
         assert_step_like_reference(staged, *inputs)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("split", [False, True], ids=["fp32", "split"])
+@pytest.mark.parametrize("B, G, dims", [(5, 3, {}), (64, 8, {}), (100, 16, {}), (40, 16, ODD),
+                                        (33, 8, {"K": 300}), (300, 8, {})])
+def test_cuda_tail_with_its_head_layer2_weight_staged_gives_the_same_bits(B, G, dims, split,
+                                                                          monkeypatch):
+    """CARE_EXT_TAIL_STAGE_H2=1: every block of the one-prompt CUDA tail issues cp.async copies of
+    its head layer-2 weight into shared memory at its start and head layer 2 reads it there (with
+    4 prompts per block, B = 300, and where it does not fit, the launch leaves it in place); same
+    values in the same order, so every output equals the unstaged kernel's bit for bit, for
+    row-major and column-major weights, K off the 32-input chunks and both first-layer paths."""
+    inputs, runs = _cuda_fused_step_under("CARE_EXT_TAIL_STAGE_H2", ("0", "1"), B, G, dims,
+                                          split, B * 3 + G, monkeypatch)
+    for layout, (plain, staged) in runs:
+        for k, (a, b) in enumerate(zip(staged, plain)):
+            assert torch.equal(a, b), (layout, k)
+        assert_step_like_reference(staged, *inputs)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("head", ["tail", "split"])
+def test_cuda_tail_stamps_print_each_phase_and_change_nothing(head, capfd, monkeypatch):
+    """CARE_EXT_TAIL_STAMPS=1: after the tail the launch prints, per stage, the median and slowest
+    block of each phase in cycles and microseconds (the split head's tail: its branches and the
+    block only); the outputs are the unstamped kernel's bits."""
+    monkeypatch.setenv("CARE_EXT_TAIL_HEAD", head)
+    _, runs = _cuda_fused_step_under("CARE_EXT_TAIL_STAMPS", ("0", "1"), 12, 8, {}, True, 4,
+                                     monkeypatch)
+    for layout, (plain, stamped) in runs:
+        for k, (a, b) in enumerate(zip(stamped, plain)):
+            assert torch.equal(a, b), (layout, k)
+    lines = [ln for ln in capfd.readouterr().err.splitlines() if "care_ext tail stamps" in ln]
+    assert len(lines) == 2 * len(runs), lines  # one per stage and stamped call
+    phases = ["branches", "head-layer1", "head-layer2", "outputs", "block"]
+    if head == "split":
+        phases = ["branches", "block"]
+    for ln in lines:
+        assert "B=12 G=8 prompts/block=1" in ln, ln
+        got = re.findall(r" ([a-z0-9-]+) (\d+)/(\d+) \(", ln)
+        assert [g[0] for g in got] == phases, ln
+        for _, med, mx in got:
+            assert 0 < int(med) <= int(mx) < 10**9, ln
 
 
 def test_tail_l2_env_is_checked_and_the_cpu_keeps_its_ffma_tiles(monkeypatch):
