@@ -54,13 +54,22 @@ int env_choice(const char* name, const char* const (&choices)[N]) {
 // 1024x64x4096 and 31.7 against 24.1 us at 64x8x4096 (one block per SM with 128 KB staged).
 inline bool tail_stage_r2w_requested() { return env_switch("CARE_EXT_TAIL_STAGE_R2", "0", "1"); }
 
-// CARE_EXT_TAIL_STAGE_H2 (run time): "1" makes each block of the fused step's tail issue the
-// copies of its head layer-2 weight (K x C floats, stage_h2w) into shared memory at its start
-// (cp.async: they land during the branches), where it fits beside the scratch in the default
-// 48 KB (the CUDA launch skips it elsewhere; the CPU's _acquisition_step_fused_block: a buffer of
-// the block's), and head layer 2 reads it there; unset or "0" reads it where it is. Same values,
-// so the same bits.
-inline bool tail_stage_h2w_requested() { return env_switch("CARE_EXT_TAIL_STAGE_H2", "0", "1"); }
+// CARE_EXT_TAIL_STAGE_H2 (run time): "1" (the default: also when unset or empty) makes each
+// one-prompt block of the fused step's tail issue the copies of its head layer-2 weight (K x C
+// floats, stage_h2w) into shared memory at its start (cp.async: they land during the branches),
+// where it fits beside the scratch in the limit the launch has (the CUDA launch skips it
+// elsewhere: at G = 64 the 65 KB do not fit in 48 KB; the CPU's _acquisition_step_fused_block: a
+// buffer of the block's), and head layer 2 reads it there; "0" reads it where it is. Same values,
+// so the same bits. On the H200 (2026-11-28, bench/RESULTS.md, twenty-first session; split2 step,
+// 0 / 1 alternated twice) head layer 2 went from 2.9 / 3.1 to 1.5 / 1.3 us (Stage-I / Stage-II,
+// CARE_EXT_TAIL_STAMPS), the tail kernel from 23.5 to 22.2 us and the replayed step at 64 x 8 x
+// 4096 from 40.8 / 40.8 to 39.9 / 39.4 us; 256 x 32 and 1024 x 64 (more prompts per block: not
+// staged) unchanged.
+inline bool tail_stage_h2w_requested() {
+  const char* env = std::getenv("CARE_EXT_TAIL_STAGE_H2");
+  if (env == nullptr || *env == 0) return true;
+  return env_switch("CARE_EXT_TAIL_STAGE_H2", "0", "1");
+}
 
 // CARE_EXT_TAIL_STAMPS (run time, CUDA): "1" has thread 0 of every tail block write clock64() at
 // the tail's phase boundaries (TailStamps, step_tail.h); after each launch the host waits for the

@@ -382,6 +382,7 @@ def test_fused_step_tail_over_a_block_of_threads_gives_the_same_bits(G, threads,
     pieces = first_layer_split(s1, s2, 40) if split else []
     one = run_step("_acquisition_step_fused_split" if split else "_acquisition_step_fused", "cpu",
                    ids, lengths, h_p, h_r, s1, s2, pieces if split else None)
+    monkeypatch.setenv("CARE_EXT_TAIL_STAGE_H2", "0")  # on by default: off unless asked here
     if staged:
         monkeypatch.setenv(staged, "1")
     many = run_step("_acquisition_step_fused_block", "cpu", ids, lengths, h_p, h_r, s1, s2, pieces,
@@ -511,16 +512,16 @@ def test_cuda_tail_with_its_layer2_weight_staged_gives_the_same_bits(B, G, dims,
                                         (33, 8, {"K": 300}), (300, 8, {})])
 def test_cuda_tail_with_its_head_layer2_weight_staged_gives_the_same_bits(B, G, dims, split,
                                                                           monkeypatch):
-    """CARE_EXT_TAIL_STAGE_H2=1: every block of the one-prompt CUDA tail issues cp.async copies of
+    """CARE_EXT_TAIL_STAGE_H2=1 (the default; unset is 1): every block of the one-prompt CUDA tail issues cp.async copies of
     its head layer-2 weight into shared memory at its start and head layer 2 reads it there (with
     4 prompts per block, B = 300, and where it does not fit, the launch leaves it in place); same
     values in the same order, so every output equals the unstaged kernel's bit for bit, for
     row-major and column-major weights, K off the 32-input chunks and both first-layer paths."""
-    inputs, runs = _cuda_fused_step_under("CARE_EXT_TAIL_STAGE_H2", ("0", "1"), B, G, dims,
+    inputs, runs = _cuda_fused_step_under("CARE_EXT_TAIL_STAGE_H2", ("0", "1", ""), B, G, dims,
                                           split, B * 3 + G, monkeypatch)
-    for layout, (plain, staged) in runs:
-        for k, (a, b) in enumerate(zip(staged, plain)):
-            assert torch.equal(a, b), (layout, k)
+    for layout, (plain, staged, default) in runs:
+        for k, (a, b, c) in enumerate(zip(staged, plain, default)):
+            assert torch.equal(a, b) and torch.equal(c, b), (layout, k)
         assert_step_like_reference(staged, *inputs)
 
 
