@@ -11,6 +11,10 @@
 # machine's 16 cores (bench/thread_scaling.py) and the CPU step with split-bf16 first layers
 # (MKL's GEMM and the packed pieces).
 #
+# Next (prepared 2026-11-28, not yet run): GPU_CHECK_AB="CARE_EXT_TAIL_DOT_AHEAD=0
+# CARE_EXT_TAIL_DOT_AHEAD=1" GPU_CHECK_AB_STAMPS=1 GPU_CHECK_SECONDS=300 bash bench/gpu_check.sh
+# (~4 min with the start): the head's dots software-pipelined, against the stamps' head layer 1.
+#
 # GPU_CHECK_QUICK=1: after a kernel change, the checks that need the GPU only (~4 min): build,
 # SASS, the CUDA-marked op tests, the core on CUDA with the fused step, the step benchmark without
 # torch.compile (with the StepGraph plan), the features' second stream off and on
@@ -311,6 +315,11 @@ done
 timeout "$(cap 45)" python3 "$REPO/bench/profile_step.py" --device cuda --shapes 64x8x4096 1024x64x4096 \
   --out "$OUT/profile_step" > "$OUT/profile_step.log" 2>&1
 stamp "profile_step exit $? : $(grep -E '^acquisition_step' "$OUT/profile_step.log" | tr '\n' ';')"
+# the tail's phases per stage (CARE_EXT_TAIL_STAMPS=1, default settings; the 4th call per shape)
+CARE_EXT_TAIL_STAMPS=1 PYTHONPATH="$REPO/bench" timeout "$(cap 40)" python3 /tmp/stamps_step.py \
+  64x8x4096 256x32x4096 1024x64x4096 > "$OUT/stamps.log" 2>&1
+stamp "tail stamps exit $? (the 4th call per shape):"
+grep "care_ext tail stamps" "$OUT/stamps.log" | awk 'NR % 8 == 7 || NR % 8 == 0' >> "$OUT/summary.txt"
 # quick only: Nsight Compute on the tail kernel of the split2 step at 64x8x4096
 # (FFMA layer 2) and 1024x64x4096 (tensor cores, pre-split operands): throughput against the SM's
 # and memory's peaks, warp stalls, the instruction mix (ncu_tail_*.txt, every section's details),

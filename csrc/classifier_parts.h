@@ -71,6 +71,13 @@ inline bool tail_stage_h2w_requested() {
   return env_switch("CARE_EXT_TAIL_STAGE_H2", "0", "1");
 }
 
+// CARE_EXT_TAIL_DOT_AHEAD (run time): "1" runs the one-prompt tail (the CUDA kernel, and the CPU's
+// _acquisition_step_fused_block with one prompt per block) with its head's dot products
+// software-pipelined (dot_chunks_ahead, step_tail.h: the next 32 weights loaded before this
+// chunk's multiply-adds); unset or "0" the plain chunks. The same bits. Prepared on 2026-11-28
+// without device time left to measure it: off until a GPU session has.
+inline bool tail_dot_ahead_requested() { return env_switch("CARE_EXT_TAIL_DOT_AHEAD", "0", "1"); }
+
 // CARE_EXT_TAIL_STAMPS (run time, CUDA): "1" has thread 0 of every tail block write clock64() at
 // the tail's phase boundaries (TailStamps, step_tail.h); after each launch the host waits for the
 // stream (not while it is captured) and prints per stage the phases' median and slowest block in

@@ -289,6 +289,9 @@ struct TailStamps {
       base[(static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * kTailStampSlots + slot] =
           clock64();
     }
+#else
+    (void)slot;
+    (void)tid;
 #endif
   }
 };
@@ -378,6 +381,38 @@ CARE_HD int dot_chunks(const float*& wp, int cs, const float* x, int ldx, int n,
   return j;
 }
 
+// dot_chunks with all M sums side by side (kAll), software-pipelined (CARE_EXT_TAIL_DOT_AHEAD=1):
+// the next chunk's kDotChunk weights are loaded before this chunk's multiply-adds, so on the GPU a
+// chunk's FFMA chain runs while the next chunk's loads are in flight instead of after them. The
+// H200's stamps (2026-11-28) put a head layer-1 chunk at 745 cycles at 64 x 8 x 4096, of which
+// ~335 are the L2 round trip and the rest the chain. The same multiply-adds in the same order: the
+// same bits. Returns the first column past the last whole chunk; wp is left there.
+template <int M>
+CARE_HD int dot_chunks_ahead(const float*& wp, int cs, const float* x, int ldx, int n, int nb,
+                             float (&v)[M]) {
+  if (n < kDotChunk) return 0;
+  float a[kDotChunk], b[kDotChunk];  // two buffers in turn: no register copies between chunks
+  auto load = [&](float (&w)[kDotChunk]) {
+    CARE_UNROLL
+    for (int t = 0; t < kDotChunk; ++t, wp += cs) w[t] = *wp;
+  };
+  load(a);
+  for (int j = 0;; j += 2 * kDotChunk) {  // chunk j in a, chunk j + kDotChunk (if any) into b
+    if (j + 2 * kDotChunk > n) {
+      dot_chunk_fmas<M, true>(a, x, ldx, j, nb, v);
+      return j + kDotChunk;
+    }
+    load(b);
+    dot_chunk_fmas<M, true>(a, x, ldx, j, nb, v);
+    if (j + 3 * kDotChunk > n) {
+      dot_chunk_fmas<M, true>(b, x, ldx, j + kDotChunk, nb, v);
+      return j + 2 * kDotChunk;
+    }
+    load(a);
+    dot_chunk_fmas<M, true>(b, x, ldx, j + kDotChunk, nb, v);
+  }
+}
+
 // For each of nb <= M vectors x_q = x + q * ldx: v[q] + sum over j < n, in order, of
 // W(r, c0 + j) * x_q[j]. Each weight is loaded once for all nb sums, through a pointer stepped
 // along the row (one address add per weight), kDotChunk weights before they are used (loads in
@@ -387,14 +422,20 @@ CARE_HD int dot_chunks(const float*& wp, int cs, const float* x, int ldx, int n,
 // "wait" stall, 48% of this loop's samples at 1024x64x4096). On the GPU x is then read as float4
 // (one broadcast shared-memory read per 4 multiply-adds): x must be 16-byte aligned and ldx a
 // multiple of 4, as head_scratch lays out p, pool and z (one prompt after another in a short last
-// block of prompts, nb < M).
-template <int M>
+// block of prompts, nb < M). kAhead: the side-by-side chunks software-pipelined
+// (dot_chunks_ahead; the same bits).
+template <int M, bool kAhead = false>
 CARE_HD void dot_in_order(const Mat& W, int r, int c0, const float* x, int ldx, int n, int nb,
                           float (&v)[M]) {
   const int cs = W.cs;
   const float* wp = W.row(r) + c0 * cs;
-  const int j = M == 1 || nb == M ? dot_chunks<M, true>(wp, cs, x, ldx, n, nb, v)
-                                  : dot_chunks<M, false>(wp, cs, x, ldx, n, nb, v);
+  int j = 0;
+  if (M == 1 || nb == M) {
+    j = kAhead ? dot_chunks_ahead<M>(wp, cs, x, ldx, n, nb, v)
+               : dot_chunks<M, true>(wp, cs, x, ldx, n, nb, v);
+  } else {
+    j = dot_chunks<M, false>(wp, cs, x, ldx, n, nb, v);
+  }
   dot_rest(wp, cs, x, ldx, j, n, nb, v);
 }
 
@@ -855,7 +896,8 @@ CARE_HD void branches(const HeadWeights& w, int G, int64_t b, PreAct pre_r, cons
 // block). rfeat [B*G, Fr] (nullptr when Fr = 0), mask [B, G] (nullptr: pool all), pfeat [B, Fp].
 // head = false (the head in a kernel of its own, CARE_EXT_TAIL_HEAD=split): only the branches,
 // their p and pool left in s (the last prompt's written by all threads: sync before reading).
-template <int M, class Sync>
+// kAhead: the head's dot products software-pipelined (dot_in_order; the same bits).
+template <int M, bool kAhead = false, class Sync>
 CARE_HD void classifier_tail(const HeadWeights& w, int G, int64_t b0, int nb, PreAct pre_r,
                              const float* rfeat, const bool* mask, PreAct pre_p,
                              const float* pfeat, const HeadScratch& s, int l2_mma, int tid,
@@ -873,8 +915,8 @@ CARE_HD void classifier_tail(const HeadWeights& w, int G, int64_t b0, int nb, Pr
     float v[M];
     CARE_UNROLL
     for (int q = 0; q < M; ++q) v[q] = w.h1b[i];
-    dot_in_order(w.h1w, i, 0, s.p, s.ldp, w.P, nb, v);
-    dot_in_order(w.h1w, i, w.P, s.pool, s.ldpool, w.R2, nb, v);
+    dot_in_order<M, kAhead>(w.h1w, i, 0, s.p, s.ldp, w.P, nb, v);
+    dot_in_order<M, kAhead>(w.h1w, i, w.P, s.pool, s.ldpool, w.R2, nb, v);
     CARE_UNROLL
     for (int q = 0; q < M; ++q) {  // compile-time indices: v stays in registers
       if (q < nb) s.z[q * s.ldz + i] = relu_f(v[q]);
@@ -891,9 +933,9 @@ CARE_HD void classifier_tail(const HeadWeights& w, int G, int64_t b0, int nb, Pr
     CARE_UNROLL
     for (int q = 0; q < M; ++q) v[q] = w.h2b[c];
     if (h2w_staged) {  // each call reads one kind of memory (GPU: LDS or LDG)
-      dot_in_order(Mat{s.h2w, 1, w.C}, c, 0, s.z, s.ldz, w.K, nb, v);
+      dot_in_order<M, kAhead>(Mat{s.h2w, 1, w.C}, c, 0, s.z, s.ldz, w.K, nb, v);
     } else {
-      dot_in_order(w.h2w, c, 0, s.z, s.ldz, w.K, nb, v);
+      dot_in_order<M, kAhead>(w.h2w, c, 0, s.z, s.ldz, w.K, nb, v);
     }
     CARE_UNROLL
     for (int q = 0; q < M; ++q) {
@@ -1055,13 +1097,16 @@ CARE_HD void write_head_inputs(const StepTailArgs& a, const HeadWeights& w, cons
 // at least nb; M = 1 is the one-prompt layout, compiled apart for its smaller register count):
 // stage 0 = Stage-I (reliability and its logits), 1 = Stage-II (probs over the admissible classes
 // and expected CAG). The stages share nothing but read-only inputs. r2w_staged: this stage's
-// rollout layer-2 weight as stage_r2w wrote it (complete before the first sync), or nullptr.
+// rollout layer-2 weight as stage_r2w wrote it (complete before the first sync), or nullptr;
+// h2w_staged: this stage's head layer-2 weight as stage_h2w issued it (M = 1), or nullptr;
+// stamp: TailStamps (CARE_EXT_TAIL_STAMPS).
 // With a.head_in the head is left to the head kernel (head_block_layer1, head_finish): this
 // writes the head inputs and zeroes the counters of the head groups that start in its prompts.
 // kHeadHere: -1 reads that from a.head_in at run time (the CPU twins); 1 (head in the tail) or 0
 // (split) fixes it at compile time (the CUDA kernels: each variant keeps only its own code, and
-// the register allocation of the tail with its head stays what it was).
-template <int M, class Sync, int kHeadHere = -1>
+// the register allocation of the tail with its head stays what it was). kAhead: the head's dot
+// products software-pipelined (CARE_EXT_TAIL_DOT_AHEAD; the same bits).
+template <int M, class Sync, int kHeadHere = -1, bool kAhead = false>
 CARE_HD void step_tail(const StepTailArgs& a, int64_t b0, int nb, int stage, float* scratch,
                        int tid, int nth, Sync sync, const float* r2w_staged = nullptr,
                        const float* h2w_staged = nullptr,
@@ -1072,7 +1117,7 @@ CARE_HD void step_tail(const StepTailArgs& a, int64_t b0, int nb, int stage, flo
   // a run-time reference made nvcc copy the kernel's parameters to local memory (spills)
   if (stage == 0) {
     const HeadScratch s = head_scratch(scratch, a.w1, G, nb, r2w_staged, h2w_staged);
-    classifier_tail<M>(a.w1, G, b0, nb, a.pre_r1, a.len_norm, nullptr, a.pre_p1, a.prompt_feat, s,
+    classifier_tail<M, kAhead>(a.w1, G, b0, nb, a.pre_r1, a.len_norm, nullptr, a.pre_p1, a.prompt_feat, s,
                        a.l2_mma, tid, nth, sync, head, stamp);
     if (head) {
       stage_outputs<M>(a, 0, b0, nb, s.logits, s.e, tid, nth, sync);
@@ -1082,7 +1127,7 @@ CARE_HD void step_tail(const StepTailArgs& a, int64_t b0, int nb, int stage, flo
     }
   } else {
     const HeadScratch s = head_scratch(scratch, a.w2, G, nb, r2w_staged, h2w_staged);
-    classifier_tail<M>(a.w2, G, b0, nb, a.pre_r2, nullptr, a.minority, a.pre_p2, a.prompt_feat, s,
+    classifier_tail<M, kAhead>(a.w2, G, b0, nb, a.pre_r2, nullptr, a.minority, a.pre_p2, a.prompt_feat, s,
                        a.l2_mma, tid, nth, sync, head, stamp);
     if (head) {
       stage_outputs<M>(a, 1, b0, nb, s.logits, s.e, tid, nth, sync);

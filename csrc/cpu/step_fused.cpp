@@ -123,6 +123,7 @@ StepTuple acquisition_step_fused_block_cpu(const Tensor& ids, const Tensor& leng
   // block (the CUDA launch: also only where it fits in shared memory)
   const bool staged_h2 = tail_stage_h2w_requested() && per == 1;
   tail_stamps_requested();  // checked; the CPU writes no stamps
+  const bool ahead = tail_dot_ahead_requested() && per == 1;  // as the CUDA launch picks it
   std::vector<float> h2w(staged_h2 ? static_cast<size_t>(step_tail_staged_h2w_floats(f.args)) : 0);
   TeamBarrier barrier(n);
   auto member = [&](int tid) {
@@ -134,7 +135,10 @@ StepTuple acquisition_step_fused_block_cpu(const Tensor& ids, const Tensor& leng
         if (staged_h2) stage_h2w(w.h2w, w.K, w.C, h2w.data(), tid, n);
         const float* r2w_staged = staged ? r2w.data() : nullptr;
         const float* h2w_staged = staged_h2 ? h2w.data() : nullptr;
-        if (per == 1) {  // the kernel's two instantiations, as the CUDA launch picks them
+        if (ahead) {  // the kernel's instantiations, as the CUDA launch picks them
+          step_tail<1, TeamSync, -1, true>(f.args, b0, nb, stage, scratch.data(), tid, n,
+                                           TeamSync{&barrier}, r2w_staged, h2w_staged);
+        } else if (per == 1) {
           step_tail<1>(f.args, b0, nb, stage, scratch.data(), tid, n, TeamSync{&barrier},
                        r2w_staged, h2w_staged);
         } else {

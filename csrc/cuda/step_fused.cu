@@ -43,7 +43,9 @@ struct BlockSync {
 // kSplitHead (CARE_EXT_TAIL_HEAD=split, a.head_in set): the head is left to step_head_kernel.
 // r2w_offset / h2w_offset > 0: where in the dynamic shared memory the block stages its rollout
 // layer-2 weight (CARE_EXT_TAIL_STAGE_R2) / head layer-2 weight (CARE_EXT_TAIL_STAGE_H2).
-template <int M, bool kSplitHead>
+// kAhead (CARE_EXT_TAIL_DOT_AHEAD, instantiated with M = 1 and the head in the tail only): the
+// head's dot products software-pipelined.
+template <int M, bool kSplitHead, bool kAhead = false>
 __global__ void __launch_bounds__(kTailThreads, 2)
     step_tail_kernel(StepTailArgs a, int64_t B, int r2w_offset, int h2w_offset) {
   extern __shared__ __align__(16) float scratch[];  // head_scratch places doubles 8-byte aligned
@@ -71,8 +73,8 @@ __global__ void __launch_bounds__(kTailThreads, 2)
       stage_r2w(a.w2.r2w, a.w2.R1, a.w2.R2, r2w, tid, nth);
     }
   }
-  step_tail<M, BlockSync, kSplitHead ? 0 : 1>(a, b0, nb, stage, scratch, tid, nth, BlockSync{},
-                                               r2w, h2w, stamp);
+  step_tail<M, BlockSync, kSplitHead ? 0 : 1, kAhead>(a, b0, nb, stage, scratch, tid, nth,
+                                                       BlockSync{}, r2w, h2w, stamp);
 }
 
 // The head of both stages after the tail (CARE_EXT_TAIL_HEAD=split; step_tail.h's
@@ -165,13 +167,13 @@ int64_t optin_smem_limit() {
   return limit;
 }
 
-// Opts step_tail_kernel<M, kSplitHead> in to `bytes` of dynamic shared memory on the current
-// device when that is above the 48 KB default (set at every such launch: the attribute is per
-// device and cheap).
-template <int M, bool kSplitHead>
+// Opts step_tail_kernel<M, kSplitHead, kAhead> in to `bytes` of dynamic shared memory on the
+// current device when that is above the 48 KB default (set at every such launch: the attribute
+// is per device and cheap).
+template <int M, bool kSplitHead, bool kAhead>
 void allow_dynamic_smem(int64_t bytes) {
   if (bytes > kMaxTailSmem) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(step_tail_kernel<M, kSplitHead>,
+    C10_CUDA_CHECK(cudaFuncSetAttribute(step_tail_kernel<M, kSplitHead, kAhead>,
                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(bytes)));
   }
@@ -457,26 +459,32 @@ StepTuple acquisition_step_fused_split_cuda(const Tensor& ids, const Tensor& len
                                             f.reliability.options().dtype(at::kLong))
                                 : Tensor();
   if (stamped) args.stamps = reinterpret_cast<long long*>(stamps.data_ptr<int64_t>());
-  auto launch = [&](auto m, auto split) {
+  auto launch = [&](auto m, auto split, auto ahead) {
     constexpr int kM = decltype(m)::value;
     constexpr bool kSplit = decltype(split)::value;
-    allow_dynamic_smem<kM, kSplit>(launch_smem);
-    step_tail_kernel<kM, kSplit>
+    constexpr bool kAhead = decltype(ahead)::value;
+    allow_dynamic_smem<kM, kSplit, kAhead>(launch_smem);
+    step_tail_kernel<kM, kSplit, kAhead>
         <<<grid, kTailThreads, static_cast<size_t>(launch_smem), stream>>>(args, f.B, r2w_offset,
                                                                           h2w_offset);
   };
   using One = std::integral_constant<int, 1>;
   using Many = std::integral_constant<int, kMaxTailPrompts>;
+  const std::false_type plain{};
   if (head_buf.defined()) {
     if (args.prompts_per_block == 1) {
-      launch(One{}, std::true_type{});
+      launch(One{}, std::true_type{}, plain);
     } else {
-      launch(Many{}, std::true_type{});
+      launch(Many{}, std::true_type{}, plain);
     }
   } else if (args.prompts_per_block == 1) {
-    launch(One{}, std::false_type{});
+    if (tail_dot_ahead_requested()) {  // CARE_EXT_TAIL_DOT_AHEAD=1
+      launch(One{}, std::false_type{}, std::true_type{});
+    } else {
+      launch(One{}, std::false_type{}, plain);
+    }
   } else {
-    launch(Many{}, std::false_type{});
+    launch(Many{}, std::false_type{}, plain);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (stamped) print_tail_stamps(stamps, blocks, f.B, args.G, args.prompts_per_block);

@@ -355,13 +355,15 @@ def test_step_reads_weights_spread_past_32_bit_offsets(tmp_path, op):
 ODD = {"P": 13, "R1": 7, "R2": 19, "K": 11}  # layer sizes off the tail's tiles and chunks
 
 
-@pytest.mark.parametrize("staged", ["", "CARE_EXT_TAIL_STAGE_R2", "CARE_EXT_TAIL_STAGE_H2"],
-                         ids=["in-place", "r2w-staged", "h2w-staged"])
+@pytest.mark.parametrize("staged", ["", "CARE_EXT_TAIL_STAGE_R2", "CARE_EXT_TAIL_STAGE_H2",
+                                    "CARE_EXT_TAIL_DOT_AHEAD"],
+                         ids=["in-place", "r2w-staged", "h2w-staged", "dot-ahead"])
 @pytest.mark.parametrize("split", [False, True], ids=["fp32", "split"])
 @pytest.mark.parametrize("G, threads, prompts, dims", [
     (3, 2, 1, {}), (8, 5, 1, {}), (8, 256, 1, {}), (64, 32, 1, {}), (64, 256, 1, {}),
-    (16, 7, 1, ODD), (16, 256, 1, ODD), (3, 3, 4, {}), (8, 5, 3, {}), (8, 256, 4, {}),
-    (64, 256, 2, {}), (64, 256, 4, {}), (16, 7, 4, ODD), (16, 256, 2, ODD)])
+    (16, 7, 1, ODD), (16, 256, 1, ODD), (8, 9, 1, {"P": 70, "R2": 100, "K": 300}),
+    (3, 3, 4, {}), (8, 5, 3, {}), (8, 256, 4, {}), (64, 256, 2, {}), (64, 256, 4, {}),
+    (16, 7, 4, ODD), (16, 256, 2, ODD)])
 def test_fused_step_tail_over_a_block_of_threads_gives_the_same_bits(G, threads, prompts, dims,
                                                                       split, staged, monkeypatch):
     """The CUDA kernel runs the tail of one prompt, or of several (CARE_EXT_TAIL_PROMPTS), on a
@@ -372,8 +374,9 @@ def test_fused_step_tail_over_a_block_of_threads_gives_the_same_bits(G, threads,
     to 256 threads, 1 to 4 prompts per block (5 prompts: a short last block), layer sizes off the
     tiles, and both first-layer paths. With CARE_EXT_TAIL_STAGE_R2=1 each block first copies its
     rollout layer-2 weight k-major into a buffer of its own (the kernel: shared memory) and reads
-    it there, with CARE_EXT_TAIL_STAGE_H2=1 its head layer-2 weight (one prompt per block): the
-    same bits again."""
+    it there, with CARE_EXT_TAIL_STAGE_H2=1 its head layer-2 weight (one prompt per block); with
+    CARE_EXT_TAIL_DOT_AHEAD=1 the one-prompt tail's head loads each chunk of weights before the
+    previous chunk's multiply-adds: the same bits again."""
     from care_ext.bf16_split import first_layer_split
 
     gen = torch.Generator().manual_seed(G * 31 + threads)
@@ -454,7 +457,7 @@ def test_tail_head_env_is_checked(monkeypatch):
 
 
 @pytest.mark.parametrize("var", ["CARE_EXT_TAIL_STAGE_R2", "CARE_EXT_TAIL_STAGE_H2",
-                                 "CARE_EXT_TAIL_STAMPS"])
+                                 "CARE_EXT_TAIL_STAMPS", "CARE_EXT_TAIL_DOT_AHEAD"])
 def test_tail_switch_envs_are_checked(var, monkeypatch):
     """The tail's on/off switches take 0, 1 or nothing; anything else is an error naming the
     variable (the block twin reads them all, as the CUDA launch does)."""
@@ -523,6 +526,24 @@ def test_cuda_tail_with_its_head_layer2_weight_staged_gives_the_same_bits(B, G, 
         for k, (a, b, c) in enumerate(zip(staged, plain, default)):
             assert torch.equal(a, b) and torch.equal(c, b), (layout, k)
         assert_step_like_reference(staged, *inputs)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("split", [False, True], ids=["fp32", "split"])
+@pytest.mark.parametrize("B, G, dims", [(5, 3, {}), (64, 8, {}), (40, 16, ODD),
+                                        (33, 8, {"K": 300, "P": 70}), (300, 8, {})])
+def test_cuda_tail_with_its_head_dots_ahead_gives_the_same_bits(B, G, dims, split, monkeypatch):
+    """CARE_EXT_TAIL_DOT_AHEAD=1: the one-prompt tail (B = 300 runs 4 per block: not affected)
+    loads each head chunk of 32 weights before the previous chunk's multiply-adds; the same
+    multiply-adds in the same order, so every output equals the plain kernel's bit for bit, with
+    inputs of 1 to 10 chunks and a rest (ODD, K = 300, P = 70), for both weight layouts and both
+    first-layer paths."""
+    inputs, runs = _cuda_fused_step_under("CARE_EXT_TAIL_DOT_AHEAD", ("0", "1"), B, G, dims,
+                                          split, B * 5 + G, monkeypatch)
+    for layout, (plain, ahead) in runs:
+        for k, (a, b) in enumerate(zip(ahead, plain)):
+            assert torch.equal(a, b), (layout, k)
+        assert_step_like_reference(ahead, *inputs)
 
 
 @pytest.mark.cuda
