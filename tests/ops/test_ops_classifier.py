@@ -436,12 +436,8 @@ def test_cuda_head_split_off_the_tail_gives_the_same_bits(B, G, dims, split, mon
     __threadfence) finishes it, its prompts' outputs side by side. Every output equals the
     tail's own head bit for bit, for both weight layouts, short last groups, K off the unit
     blocks, 1 to 4 prompts per tail block (B picks them), and is like the float64 reference."""
-    inputs, runs = _cuda_fused_step_under("CARE_EXT_TAIL_HEAD", ("tail", "split"), B, G, dims,
-                                          split, B * 11 + G, monkeypatch)
-    for layout, (tail, head) in runs:
-        for k, (a, b) in enumerate(zip(head, tail)):
-            assert torch.equal(a, b), (layout, k)
-        assert_step_like_reference(head, *inputs)
+    _assert_same_bits_under("CARE_EXT_TAIL_HEAD", ("tail", "split"), B, G, dims, split,
+                            B * 11 + G, monkeypatch)
 
 
 def test_tail_head_env_is_checked(monkeypatch):
@@ -492,6 +488,20 @@ def _cuda_fused_step_under(var, values, B, G, dims, split, seed, monkeypatch):
     return (ids, lengths, h_p, h_r, s1, s2), runs
 
 
+def _assert_same_bits_under(var, values, B, G, dims, split, seed, monkeypatch, reference=True):
+    """:func:`_cuda_fused_step_under`, then for both weight layouts: the outputs under every value
+    of ``var`` equal the first value's bit for bit, and (``reference``) the last value's are like
+    the float64 reference. Returns the runs."""
+    inputs, runs = _cuda_fused_step_under(var, values, B, G, dims, split, seed, monkeypatch)
+    for layout, (first, *others) in runs:
+        for value, outs in zip(values[1:], others):
+            for k, (a, b) in enumerate(zip(outs, first)):
+                assert torch.equal(a, b), (layout, var, value, k)
+        if reference:
+            assert_step_like_reference(others[-1] if others else first, *inputs)
+    return runs
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("split", [False, True], ids=["fp32", "split"])
 @pytest.mark.parametrize("B, G, dims", [(5, 3, {}), (300, 8, {}), (600, 64, {}), (40, 16, ODD)])
@@ -501,12 +511,8 @@ def test_cuda_tail_with_its_layer2_weight_staged_gives_the_same_bits(B, G, dims,
     into shared memory (opting in above 48 KB) and reads it there; same values in the same order,
     so every output equals the unstaged kernel's bit for bit, for row-major and column-major
     (the core's) weights and with 1 to 4 prompts per block (B picks them)."""
-    inputs, runs = _cuda_fused_step_under("CARE_EXT_TAIL_STAGE_R2", ("0", "1"), B, G, dims,
-                                          split, B + G, monkeypatch)
-    for layout, (plain, staged) in runs:
-        for k, (a, b) in enumerate(zip(staged, plain)):
-            assert torch.equal(a, b), (layout, k)
-        assert_step_like_reference(staged, *inputs)
+    _assert_same_bits_under("CARE_EXT_TAIL_STAGE_R2", ("0", "1"), B, G, dims, split, B + G,
+                            monkeypatch)
 
 
 @pytest.mark.cuda
@@ -520,12 +526,8 @@ def test_cuda_tail_with_its_head_layer2_weight_staged_gives_the_same_bits(B, G, 
     4 prompts per block, B = 300, and where it does not fit, the launch leaves it in place); same
     values in the same order, so every output equals the unstaged kernel's bit for bit, for
     row-major and column-major weights, K off the 32-input chunks and both first-layer paths."""
-    inputs, runs = _cuda_fused_step_under("CARE_EXT_TAIL_STAGE_H2", ("0", "1", ""), B, G, dims,
-                                          split, B * 3 + G, monkeypatch)
-    for layout, (plain, staged, default) in runs:
-        for k, (a, b, c) in enumerate(zip(staged, plain, default)):
-            assert torch.equal(a, b) and torch.equal(c, b), (layout, k)
-        assert_step_like_reference(staged, *inputs)
+    _assert_same_bits_under("CARE_EXT_TAIL_STAGE_H2", ("0", "1", ""), B, G, dims, split,
+                            B * 3 + G, monkeypatch)
 
 
 @pytest.mark.cuda
@@ -538,12 +540,8 @@ def test_cuda_tail_with_its_head_dots_ahead_gives_the_same_bits(B, G, dims, spli
     multiply-adds in the same order, so every output equals the plain kernel's bit for bit, with
     inputs of 1 to 10 chunks and a rest (ODD, K = 300, P = 70), for both weight layouts and both
     first-layer paths."""
-    inputs, runs = _cuda_fused_step_under("CARE_EXT_TAIL_DOT_AHEAD", ("0", "1"), B, G, dims,
-                                          split, B * 5 + G, monkeypatch)
-    for layout, (plain, ahead) in runs:
-        for k, (a, b) in enumerate(zip(ahead, plain)):
-            assert torch.equal(a, b), (layout, k)
-        assert_step_like_reference(ahead, *inputs)
+    _assert_same_bits_under("CARE_EXT_TAIL_DOT_AHEAD", ("0", "1"), B, G, dims, split,
+                            B * 5 + G, monkeypatch)
 
 
 @pytest.mark.cuda
@@ -553,11 +551,8 @@ def test_cuda_tail_stamps_print_each_phase_and_change_nothing(head, capfd, monke
     block of each phase in cycles and microseconds (the split head's tail: its branches and the
     block only); the outputs are the unstamped kernel's bits."""
     monkeypatch.setenv("CARE_EXT_TAIL_HEAD", head)
-    _, runs = _cuda_fused_step_under("CARE_EXT_TAIL_STAMPS", ("0", "1"), 12, 8, {}, True, 4,
-                                     monkeypatch)
-    for layout, (plain, stamped) in runs:
-        for k, (a, b) in enumerate(zip(stamped, plain)):
-            assert torch.equal(a, b), (layout, k)
+    runs = _assert_same_bits_under("CARE_EXT_TAIL_STAMPS", ("0", "1"), 12, 8, {}, True, 4,
+                                   monkeypatch, reference=False)
     lines = [ln for ln in capfd.readouterr().err.splitlines() if "care_ext tail stamps" in ln]
     assert len(lines) == 2 * len(runs), lines  # one per stage and stamped call
     phases = ["branches", "head-layer1", "head-layer2", "outputs", "block"]
@@ -725,13 +720,8 @@ def test_cuda_step_overlap_gives_the_same_bits(B, G, dims, split, monkeypatch):
     default) overlaps only in graph capture (eager: one stream). The same ops on the same values:
     every output equals the in-order run's bit for bit, for both weight layouts, and is like the
     float64 reference."""
-    inputs, runs = _cuda_fused_step_under("CARE_EXT_STEP_OVERLAP", ("0", "1", "auto", ""), B, G,
-                                          dims, split, B * 7 + G, monkeypatch)
-    for layout, (plain, *others) in runs:
-        for value, outs in zip(("1", "auto", "(default)"), others):
-            for k, (a, b) in enumerate(zip(outs, plain)):
-                assert torch.equal(a, b), (layout, value, k)
-        assert_step_like_reference(others[0], *inputs)
+    _assert_same_bits_under("CARE_EXT_STEP_OVERLAP", ("0", "1", "auto", ""), B, G, dims, split,
+                            B * 7 + G, monkeypatch)
 
 
 @pytest.mark.cuda
