@@ -36,7 +36,14 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 # The device tool brings back at most 8 files from $OUT: every stage writes into a work folder, and
 # each stamp refreshes two files in $OUT, summary.txt and gpu_check.tar.gz (all logs and results).
 RESULTS=${OUT:-$REPO/bench/out/gpu}
-OUT=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
+OUT=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.$(date +%s).XXXXXX")
+# it must start empty: on 2026-11-28 both calls' archives also held a 2026-11-28 morning session's
+# A/B files (bench_ab_*, ncu_ab_*, profile_ab_*), as if the machine's /tmp and mktemp's name had
+# come back; whatever is there is dropped, and said
+if [ -n "$(ls -A "$OUT")" ]; then
+  echo "gpu_check: $OUT was not empty ($(ls -A "$OUT" | wc -l) entries): removed" >&2
+  rm -rf "${OUT:?}"/* "${OUT:?}"/.[!.]* 2> /dev/null
+fi
 mkdir -p "$RESULTS"
 export PYTHONUNBUFFERED=1
 t0=$(date +%s)
