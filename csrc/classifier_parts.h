@@ -57,8 +57,8 @@ inline bool tail_stage_r2w_requested() { return env_switch("CARE_EXT_TAIL_STAGE_
 // CARE_EXT_TAIL_STAGE_H2 (run time): "1" (the default: also when unset or empty) makes each
 // one-prompt block of the fused step's tail issue the copies of its head layer-2 weight (K x C
 // floats, stage_h2w) into shared memory at its start (cp.async: they land during the branches),
-// where it fits beside the scratch in the limit the launch has (the CUDA launch skips it
-// elsewhere: at G = 64 the 65 KB do not fit in 48 KB; the CPU's _acquisition_step_fused_block: a
+// where the block's whole shared memory stays within the default 48 KB (the CUDA launch skips it
+// elsewhere: at G = 64 the 65 KB alone are too much; the CPU's _acquisition_step_fused_block: a
 // buffer of the block's), and head layer 2 reads it there; "0" reads it where it is. Same values,
 // so the same bits. On the H200 (2026-11-28, bench/RESULTS.md, twenty-first session; split2 step,
 // 0 / 1 alternated twice) head layer 2 went from 2.9 / 3.1 to 1.5 / 1.3 us (Stage-I / Stage-II,

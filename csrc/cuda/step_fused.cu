@@ -439,15 +439,17 @@ StepTuple acquisition_step_fused_split_cuda(const Tensor& ids, const Tensor& len
   const dim3 grid(static_cast<unsigned>(blocks), 2);  // blocks of prompts, one per stage
   const int r2w_offset = staged ? static_cast<int>(scratch_floats()) : 0;
   // CARE_EXT_TAIL_STAGE_H2=1: head layer 2's weight after the rest, with one prompt per block and
-  // where it fits in the limit the launch already has (it never lowers the prompts per block: at
-  // G = 64 its 65 KB do not fit in the default 48 KB); the split head leaves the tail no head
+  // where the whole still fits in the default 48 KB (and the launch's limit): it never lowers the
+  // prompts per block nor opts a launch in to more shared memory, which could cost the SM its
+  // second block (at G = 64 its 65 KB alone are too much); the split head leaves the tail no head
   // layer 2
   const int64_t h2w_floats =
       tail_stage_h2w_requested() && !head_buf.defined() && args.prompts_per_block == 1
           ? step_tail_staged_h2w_floats(args)
           : 0;
   const int64_t h2w_bytes = h2w_floats * static_cast<int64_t>(sizeof(float));
-  const bool staged_h2 = h2w_floats > 0 && smem + h2w_bytes <= limit_of();
+  const bool staged_h2 =
+      h2w_floats > 0 && smem + h2w_bytes <= std::min<int64_t>(limit_of(), kMaxTailSmem);
   const int h2w_offset = staged_h2 ? static_cast<int>(smem / 4) : 0;  // in floats
   const int64_t launch_smem = smem + (staged_h2 ? h2w_bytes : 0);
   // CARE_EXT_TAIL_STAMPS=1: phase stamps of every block (not while the stream is captured: the
