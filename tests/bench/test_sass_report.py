@@ -178,6 +178,21 @@ def test_every_instantiation_of_the_tail_is_checked():
     assert "step_tail_kernel<4>: l2-fma: 2.812" in rules["address-arithmetic"].detail
 
 
+def test_the_pipelined_dots_have_their_own_integer_cap():
+    """step_tail_kernel<M, false, true> (CARE_EXT_TAIL_DOT_AHEAD) may spend up to
+    DOT_AHEAD_INT_PER_FFMA integer instructions per FFMA in its dot products (a 64-bit add per
+    weight address), the plain tail only INT_PER_FFMA's; past that cap it fails too."""
+    per = lambda r: round(r * 64)  # noqa: E731  (integer instructions for 64 FFMAs)
+    between = (S.INT_PER_FFMA["dot-fma"] + S.DOT_AHEAD_INT_PER_FFMA) / 2
+    plain, ahead = _tail(dot_int=per(between)), _tail(dot_int=per(between))
+    plain.name, ahead.name = "step_tail_kernel<1, false, false>", "step_tail_kernel<1, false, true>"
+    assert not _verdicts([plain, *_shufflers()])["address-arithmetic"]
+    assert _verdicts([ahead, *_shufflers()])["address-arithmetic"]
+    over = _tail(dot_int=per(S.DOT_AHEAD_INT_PER_FFMA + 0.5))
+    over.name = "step_tail_kernel<1, false, true>"
+    assert not _verdicts([over, *_shufflers()])["address-arithmetic"]
+
+
 def _loops(tail, l2=True, dot=True, mma=True):
     """tail's instructions less the blocks of the loops left out (each block starts at a label)."""
     keep, cut = [], {"step_tail.h:130": not l2, "step_tail.h:105": not dot, "step_tail.h:319": not mma}
@@ -221,6 +236,10 @@ def test_a_split_head_is_checked_in_the_head_kernel():
         ["l2-tile", "address-arithmetic"]
     assert S.expected_loops("step_tail_kernel<4, true>") == {"l2-fma", "l2-mma"}
     assert S.expected_loops("step_tail_kernel<4>") == {"l2-fma", "dot-fma", "l2-mma"}
+    # the third argument (kAhead, CARE_EXT_TAIL_DOT_AHEAD) does not make a tail a split one
+    assert S.expected_loops("step_tail_kernel<4, true, false>") == {"l2-fma", "l2-mma"}
+    assert S.expected_loops("step_tail_kernel<1, false, true>") == {"l2-fma", "dot-fma",
+                                                                     "l2-mma"}
     assert S.expected_loops("step_head_kernel") == {"head-fma"}
     assert S.LOOP_MARKER["head-fma"] == "head-fma"
 
