@@ -332,13 +332,14 @@ def acquisition_step(ids: Tensor, lengths: Tensor, h_prompt: Tensor, h_resp: Ten
         raise ValueError("acquisition_step: pass first_layer_split or packed_weights, not both "
                          "(they are packings of different first-layer GEMMs)")
     fused = os.environ.get("CARE_EXT_FUSED_STEP") == "1"
-    if native_available(ids.device) and packed_weights is not None and ids.device.type != "cpu":
-        raise ValueError(f"acquisition_step: packed_weights serves the CPU step; the inputs are "
-                         f"on {ids.device}")
-    if native_available(ids.device) and packed_weights is not None and not fused:
-        return AcquisitionOutputs(*torch.ops.care_ext._acquisition_step_f32_packed(
-            ids, lengths, h_prompt, h_resp, list(stage1), list(stage2), max_len, cag_eps,
-            cag_unbiased, adv_eps, adv_unbiased, packed_weights))
+    if native_available(ids.device) and packed_weights is not None:
+        if ids.device.type != "cpu":
+            raise ValueError(f"acquisition_step: packed_weights serves the CPU step; the inputs "
+                             f"are on {ids.device}")
+        if not fused:
+            return AcquisitionOutputs(*torch.ops.care_ext._acquisition_step_f32_packed(
+                ids, lengths, h_prompt, h_resp, list(stage1), list(stage2), max_len, cag_eps,
+                cag_unbiased, adv_eps, adv_unbiased, packed_weights))
     if native_available(ids.device) and first_layer_split is not None:
         op = (torch.ops.care_ext._acquisition_step_split if ids.device.type == "cpu"
               else torch.ops.care_ext._acquisition_step_fused_split)

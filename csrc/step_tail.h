@@ -264,7 +264,8 @@ CARE_HD void stage_r2w(const Mat& r2w, int R1, int R2, float* dst, int tid, int 
 // CUDA kernel may issue them at its start (CARE_EXT_TAIL_STAGE_H2=1), so they land during the
 // branches and head layer 1, and head layer 2 (classifier_tail: async_wait, then the barrier
 // after layer 1) reads shared memory instead of a chain of L2 round trips: C threads each run K
-// multiply-adds while the others wait at the barrier. Same values, so the same sums.
+// multiply-adds while the others wait at the barrier. Same values, so the same sums. The split
+// head's finish (head_finish) stages its layer-2 weight with it too.
 CARE_HD void stage_h2w(const Mat& h2w, int K, int C, float* dst, int tid, int nth) {
   for (int i = tid; i < K * C; i += nth) {
     const int k = i / C, c = i - k * C;
@@ -1117,8 +1118,8 @@ CARE_HD void step_tail(const StepTailArgs& a, int64_t b0, int nb, int stage, flo
   // a run-time reference made nvcc copy the kernel's parameters to local memory (spills)
   if (stage == 0) {
     const HeadScratch s = head_scratch(scratch, a.w1, G, nb, r2w_staged, h2w_staged);
-    classifier_tail<M, kAhead>(a.w1, G, b0, nb, a.pre_r1, a.len_norm, nullptr, a.pre_p1, a.prompt_feat, s,
-                       a.l2_mma, tid, nth, sync, head, stamp);
+    classifier_tail<M, kAhead>(a.w1, G, b0, nb, a.pre_r1, a.len_norm, nullptr, a.pre_p1,
+                               a.prompt_feat, s, a.l2_mma, tid, nth, sync, head, stamp);
     if (head) {
       stage_outputs<M>(a, 0, b0, nb, s.logits, s.e, tid, nth, sync);
       stamp(4, tid);
@@ -1127,8 +1128,8 @@ CARE_HD void step_tail(const StepTailArgs& a, int64_t b0, int nb, int stage, flo
     }
   } else {
     const HeadScratch s = head_scratch(scratch, a.w2, G, nb, r2w_staged, h2w_staged);
-    classifier_tail<M, kAhead>(a.w2, G, b0, nb, a.pre_r2, nullptr, a.minority, a.pre_p2, a.prompt_feat, s,
-                       a.l2_mma, tid, nth, sync, head, stamp);
+    classifier_tail<M, kAhead>(a.w2, G, b0, nb, a.pre_r2, nullptr, a.minority, a.pre_p2,
+                               a.prompt_feat, s, a.l2_mma, tid, nth, sync, head, stamp);
     if (head) {
       stage_outputs<M>(a, 1, b0, nb, s.logits, s.e, tid, nth, sync);
       stamp(4, tid);
@@ -1381,11 +1382,7 @@ CARE_HD void head_finish(const StepTailArgs& a, int stage, int g, float* scratch
   double* e = reinterpret_cast<double*>(scratch + l.e);
   const float* rows = a.head_z + (stage * a.head_rows + b0) * ldz;
   for (int i = 4 * tid; i < nb * ldz; i += 4 * nth) copy_async_f4_l2(z + i, rows + i);
-  for (int i = tid; i < w.K * C; i += nth) {  // k-major: a column-major weight reads in order
-    const int k = i / C, c = i - k * C;
-    copy_async_f32(w2s + i, w.h2w.row(c) + k * w.h2w.cs);
-  }
-  async_commit();
+  stage_h2w(w.h2w, w.K, C, w2s, tid, nth);  // k-major; commits the z copies' group with its own
   async_wait<0>();
   sync();
   const int nsub = (nb + kHeadSub - 1) / kHeadSub;

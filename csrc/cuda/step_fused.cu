@@ -204,19 +204,23 @@ void print_tail_stamps(const Tensor& stamps, int64_t blocks, int64_t B, int G, i
                        " prompts/block=" + std::to_string(per_block) + " stage=" +
                        std::to_string(stage + 1) + " (cycles median/max, us at " +
                        std::to_string(khz / 1000) + " MHz):";
-    for (int ph = 0; ph < kTailStampSlots; ++ph) {
-      std::vector<int64_t> d;
-      for (int64_t b = 0; b < blocks; ++b) {
-        const int64_t* row = t + (stage * blocks + b) * kTailStampSlots;
-        int last = kTailStampSlots - 1;
-        while (last > 0 && row[last] == 0) --last;
-        const bool whole = ph == kTailStampSlots - 1;  // the block: its first stamp to its last
-        const int lo = whole ? 0 : ph, hi = whole ? last : ph + 1;
-        if (hi <= last && row[lo] != 0 && row[hi] != 0) d.push_back(row[hi] - row[lo]);
+    // per phase the blocks' durations: phase ph from slot ph to ph + 1, the last entry the whole
+    // block (its first stamp to its last)
+    std::vector<int64_t> d[kTailStampSlots];
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t* row = t + (stage * blocks + b) * kTailStampSlots;
+      int last = kTailStampSlots - 1;
+      while (last > 0 && row[last] == 0) --last;
+      for (int ph = 0; ph < last; ++ph) {
+        if (row[ph] != 0 && row[ph + 1] != 0) d[ph].push_back(row[ph + 1] - row[ph]);
       }
-      if (d.empty()) continue;
-      std::sort(d.begin(), d.end());
-      const int64_t med = d[d.size() / 2], mx = d.back();
+      if (row[0] != 0 && row[last] != 0) d[kTailStampSlots - 1].push_back(row[last] - row[0]);
+    }
+    for (int ph = 0; ph < kTailStampSlots; ++ph) {
+      std::vector<int64_t>& d_ph = d[ph];
+      if (d_ph.empty()) continue;
+      std::sort(d_ph.begin(), d_ph.end());
+      const int64_t med = d_ph[d_ph.size() / 2], mx = d_ph.back();
       char buf[160];
       std::snprintf(buf, sizeof buf, " %s %lld/%lld (%.2f/%.2f us)", kNames[ph],
                     static_cast<long long>(med), static_cast<long long>(mx), med / per_us,
